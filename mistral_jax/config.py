@@ -1,0 +1,257 @@
+"""Model configuration: a frozen, validated dataclass with presets and HF / Mistral conversions.
+
+The model config describes the network (shapes, RoPE, window, experts) and how it is computed (dtypes,
+attention and MoE backends, scan/remat). The *run* config (optimizer, data, mesh) is an ml_collections
+ConfigDict under ``configs/``; model code never sees it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+AttentionImpl = Literal["auto", "reference", "blocked", "cudnn", "splash"]
+MoEImpl = Literal["dense", "ragged"]
+RematPolicy = Literal["none", "full", "save_dots", "save_qkv_proj", "save_dots_no_batch"]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _bad(field: str, value: Any, why: str, fix: str) -> ValueError:
+    return ValueError(f"ModelConfig.{field}={value!r}: {why}. Fix: {fix}.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Architecture and numerics of a Mistral / Mixtral decoder.
+
+    Attributes mirror HF ``MistralConfig`` / ``MixtralConfig`` (names in comments).
+    """
+
+    vocab_size: int = 32000  # vocab_size
+    dim: int = 4096  # hidden_size
+    n_layers: int = 32  # num_hidden_layers
+    n_heads: int = 32  # num_attention_heads
+    n_kv_heads: int = 8  # num_key_value_heads (GQA groups = n_heads // n_kv_heads)
+    head_dim: int = 128  # head_dim
+    hidden_dim: int = 14336  # intermediate_size (per expert for MoE)
+    norm_eps: float = 1e-5  # rms_norm_eps
+    rope_theta: float = 10000.0  # rope_theta
+    sliding_window: int | None = 4096  # sliding_window; None = plain causal attention
+    max_seq_len: int = 32768  # max_position_embeddings (bounds caches and the rope table)
+    tie_embeddings: bool = False  # tie_word_embeddings
+    # Mixture of experts (num_experts == 0 -> dense SwiGLU MLP).
+    num_experts: int = 0  # num_local_experts
+    num_experts_per_tok: int = 2  # num_experts_per_tok (top-k)
+    router_aux_loss_coef: float = 0.02  # router_aux_loss_coef (HF units, see moe.load_balancing_loss)
+    router_z_loss_coef: float = 0.0  # ST-MoE router z-loss weight (0 = off)
+    # Numerics and execution.
+    dtype: str = "float32"  # activation / matmul dtype
+    param_dtype: str = "float32"  # parameter (master weight) dtype
+    attention_impl: AttentionImpl = "auto"  # see model/attention.py
+    attention_block_size: int = 512  # query/key block for the blocked banded backend
+    moe_impl: MoEImpl = "ragged"  # "dense" oracle or dropless sort + ragged_dot
+    scan_layers: bool = True  # lax.scan over stacked layers (one compiled layer) vs a Python loop
+    remat: RematPolicy = "none"  # activation checkpointing policy per layer
+    initializer_range: float = 0.02  # std of the normal init of weights
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise _bad(name, value, "must be a positive integer", f"set {name} to an integer > 0")
+        if self.n_heads % self.n_kv_heads:
+            raise _bad(
+                "n_heads",
+                self.n_heads,
+                f"not divisible by n_kv_heads={self.n_kv_heads} (GQA needs whole groups)",
+                "choose n_kv_heads dividing n_heads, e.g. 8 for 32 heads",
+            )
+        if self.head_dim % 2:
+            raise _bad("head_dim", self.head_dim, "must be even for rotary embeddings", "use an even head_dim")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise _bad("sliding_window", self.sliding_window, "must be a positive integer or None",
+                       "use None for full causal attention or W >= 1")
+        if self.num_experts < 0:
+            raise _bad("num_experts", self.num_experts, "must be >= 0", "use 0 for a dense MLP")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise _bad("num_experts_per_tok", self.num_experts_per_tok,
+                       f"top-k must be in [1, num_experts={self.num_experts}]", "lower num_experts_per_tok")
+        if self.norm_eps <= 0:
+            raise _bad("norm_eps", self.norm_eps, "must be > 0", "use 1e-5 as Mistral does")
+        if self.rope_theta <= 0:
+            raise _bad("rope_theta", self.rope_theta, "must be > 0", "use 1e4 (Mistral v0.1) or 1e6 (v0.2+, Mixtral)")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise _bad(name, getattr(self, name), f"unknown dtype, expected one of {sorted(_DTYPES)}",
+                           "pass the dtype name as a string")
+        if self.attention_impl not in ("auto", "reference", "blocked", "cudnn", "splash"):
+            raise _bad("attention_impl", self.attention_impl, "unknown attention backend",
+                       "use auto, reference, blocked, cudnn or splash")
+        if self.attention_block_size <= 0:
+            raise _bad("attention_block_size", self.attention_block_size, "must be > 0", "use e.g. 512")
+        if self.moe_impl not in ("dense", "ragged"):
+            raise _bad("moe_impl", self.moe_impl, "unknown MoE backend", "use dense or ragged")
+        if self.remat not in ("none", "full", "save_dots", "save_qkv_proj", "save_dots_no_batch"):
+            raise _bad("remat", self.remat, "unknown remat policy",
+                       "use none, full, save_dots, save_qkv_proj or save_dots_no_batch")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def jnp_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def jnp_param_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"ModelConfig has no field(s) {sorted(unknown)}. "
+                             f"Fix: use one of {sorted(f.name for f in dataclasses.fields(self))}.")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {sorted(unknown)}. Fix: use one of {sorted(names)}.")
+        return cls(**d)
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def mistral_7b_v01(cls, **kw: Any) -> ModelConfig:
+        """Mistral 7B v0.1: 4096-token sliding window, theta 1e4 (7,241,732,096 parameters)."""
+        return cls(**{**dict(sliding_window=4096, rope_theta=1e4, max_seq_len=32768), **kw})
+
+    @classmethod
+    def mistral_7b_v02(cls, **kw: Any) -> ModelConfig:
+        """Mistral 7B v0.2/v0.3 geometry: no window, theta 1e6, 32k context."""
+        return cls(**{**dict(sliding_window=None, rope_theta=1e6, max_seq_len=32768), **kw})
+
+    @classmethod
+    def mixtral_8x7b(cls, **kw: Any) -> ModelConfig:
+        """Mixtral 8x7B: 8 experts, top-2, no window, theta 1e6 (46,702,792,704 parameters)."""
+        return cls(**{**dict(sliding_window=None, rope_theta=1e6, max_seq_len=32768, num_experts=8,
+                             num_experts_per_tok=2, router_aux_loss_coef=0.02), **kw})
+
+    @classmethod
+    def tiny(cls, **kw: Any) -> ModelConfig:
+        """A CPU-sized Mistral for tests and the demo (window 16, 2 layers)."""
+        return cls(**{**dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                             hidden_dim=128, sliding_window=16, rope_theta=1e4, max_seq_len=512,
+                             attention_block_size=16), **kw})
+
+    @classmethod
+    def tiny_mixtral(cls, **kw: Any) -> ModelConfig:
+        """A CPU-sized Mixtral (4 experts, top-2) for tests."""
+        return cls.tiny(**{**dict(num_experts=4, num_experts_per_tok=2, sliding_window=None, rope_theta=1e6), **kw})
+
+    @classmethod
+    def preset(cls, name: str, **kw: Any) -> ModelConfig:
+        """Look a preset up by name (``mistral_7b_v01``, ``mixtral_8x7b``, ``tiny`` ...)."""
+        presets = {n: getattr(cls, n) for n in ("mistral_7b_v01", "mistral_7b_v02", "mixtral_8x7b", "tiny",
+                                                  "tiny_mixtral")}
+        if name not in presets:
+            raise ValueError(f"unknown model preset {name!r}. Fix: use one of {sorted(presets)}.")
+        return presets[name](**kw)
+
+    # ------------------------------------------------------------------ HF
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any] | Any, **kw: Any) -> ModelConfig:
+        """Build from an HF ``MistralConfig`` / ``MixtralConfig`` (object or ``config.json`` dict)."""
+        d = hf if isinstance(hf, dict) else hf.to_dict()
+        model_type = d.get("model_type")
+        if model_type not in ("mistral", "mixtral"):
+            raise ValueError(f"HF config has model_type={model_type!r}; only 'mistral' and 'mixtral' are supported. "
+                             "Fix: point at a Mistral or Mixtral checkpoint.")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"HF config hidden_act={d.get('hidden_act')!r}; Mistral uses 'silu'.")
+        n_heads = d["num_attention_heads"]
+        head_dim = d.get("head_dim") or d["hidden_size"] // n_heads
+        rope_theta = d.get("rope_theta")
+        if rope_theta is None:  # transformers >= 5 nests it under rope_parameters
+            rope_theta = (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        window = d.get("sliding_window")
+        fields = dict(
+            vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=n_heads,
+            n_kv_heads=d.get("num_key_value_heads") or n_heads, head_dim=head_dim,
+            hidden_dim=d["intermediate_size"], norm_eps=d.get("rms_norm_eps", 1e-5), rope_theta=float(rope_theta),
+            sliding_window=int(window) if window else None,
+            max_seq_len=d.get("max_position_embeddings", 32768),
+            tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+            initializer_range=d.get("initializer_range", 0.02),
+        )
+        if model_type == "mixtral":
+            fields.update(num_experts=d["num_local_experts"], num_experts_per_tok=d["num_experts_per_tok"],
+                          router_aux_loss_coef=d.get("router_aux_loss_coef", 0.02))
+        fields.update(kw)
+        return cls(**fields)
+
+    def to_hf(self, dtype: str | None = None) -> dict[str, Any]:
+        """The HF ``config.json`` dict (MistralConfig or MixtralConfig) for this model."""
+        d: dict[str, Any] = dict(
+            vocab_size=self.vocab_size, hidden_size=self.dim, intermediate_size=self.hidden_dim,
+            num_hidden_layers=self.n_layers, num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads,
+            head_dim=self.head_dim, hidden_act="silu", max_position_embeddings=self.max_seq_len,
+            initializer_range=self.initializer_range, rms_norm_eps=self.norm_eps, use_cache=True,
+            rope_theta=self.rope_theta, sliding_window=self.sliding_window, attention_dropout=0.0,
+            tie_word_embeddings=self.tie_embeddings, bos_token_id=1, eos_token_id=2,
+            torch_dtype=dtype or self.param_dtype,
+        )
+        if self.is_moe:
+            d.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=self.num_experts,
+                     num_experts_per_tok=self.num_experts_per_tok, router_aux_loss_coef=self.router_aux_loss_coef,
+                     output_router_logits=False, router_jitter_noise=0.0)
+        else:
+            d.update(model_type="mistral", architectures=["MistralForCausalLM"])
+        return d
+
+    # ------------------------------------------------------------------ Mistral consolidated
+    @classmethod
+    def from_mistral_params(cls, p: dict[str, Any], **kw: Any) -> ModelConfig:
+        """Build from Mistral's consolidated ``params.json``."""
+        try:
+            fields = dict(
+                dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p.get("n_kv_heads", p["n_heads"]),
+                head_dim=p.get("head_dim") or p["dim"] // p["n_heads"], hidden_dim=p["hidden_dim"],
+                norm_eps=p.get("norm_eps", 1e-5), vocab_size=p["vocab_size"], rope_theta=float(p.get("rope_theta", 1e4)),
+                sliding_window=p.get("sliding_window") or None,
+                tie_embeddings=bool(p.get("tied_embeddings", False)),
+            )
+        except KeyError as e:
+            raise ValueError(f"params.json lacks required key {e}; keys present: {sorted(p)}. "
+                             "Fix: use a Mistral consolidated params.json.") from e
+        if p.get("max_seq_len"):
+            fields["max_seq_len"] = p["max_seq_len"]
+        moe = p.get("moe")
+        if moe:
+            fields.update(num_experts=moe["num_experts"], num_experts_per_tok=moe["num_experts_per_tok"])
+        fields.update(kw)
+        return cls(**fields)
+
+    def to_mistral_params(self) -> dict[str, Any]:
+        """Mistral's consolidated ``params.json``."""
+        p: dict[str, Any] = dict(dim=self.dim, n_layers=self.n_layers, head_dim=self.head_dim,
+                                 hidden_dim=self.hidden_dim, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+                                 norm_eps=self.norm_eps, vocab_size=self.vocab_size, rope_theta=self.rope_theta,
+                                 max_seq_len=self.max_seq_len)
+        if self.sliding_window is not None:
+            p["sliding_window"] = self.sliding_window
+        if self.tie_embeddings:
+            p["tied_embeddings"] = True
+        if self.is_moe:
+            p["moe"] = dict(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok)
+        return p

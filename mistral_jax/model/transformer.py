@@ -1,0 +1,245 @@
+"""RMSNorm, SwiGLU MLP, decoder layer and the Transformer (layers stacked and scanned over depth).
+
+Legend: B batch, T sequence, D model dim, F MLP hidden dim, V vocab, L layers, E experts.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from mistral_jax import sharding
+from mistral_jax.config import ModelConfig
+from mistral_jax.model import kv_cache as kvc
+from mistral_jax.model import moe as moe_lib
+from mistral_jax.model.attention import Attention
+from mistral_jax.model.moe import MoE
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None):
+        self.eps = cfg.norm_eps
+        self.weight = nnx.Param(jnp.ones((cfg.dim,), cfg.jnp_param_dtype), logical_axes=("embed",))
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        # float32 statistics: the mean of squares of bfloat16 activations is badly rounded.
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        init = nnx.initializers.normal(cfg.initializer_range)
+        d, f, pd = cfg.dim, cfg.hidden_dim, cfg.jnp_param_dtype
+        self.w1 = nnx.Param(init(rngs.params(), (d, f), pd), logical_axes=("embed", "mlp"))
+        self.w3 = nnx.Param(init(rngs.params(), (d, f), pd), logical_axes=("embed", "mlp"))
+        self.w2 = nnx.Param(init(rngs.params(), (f, d), pd), logical_axes=("mlp", "embed"))
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        dt = self.cfg.jnp_dtype
+        h = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, self.w1[...].astype(dt)))
+        h = h * jnp.einsum("BTD,DF->BTF", x, self.w3[...].astype(dt))
+        h = sharding.constrain(h, ("batch", "seq", "act_mlp"))
+        return jnp.einsum("BTF,FD->BTD", h, self.w2[...].astype(dt))
+
+
+def empty_router_stats(cfg: ModelConfig) -> dict[str, Array]:
+    e = max(cfg.num_experts, 1)
+    zero = jnp.zeros((), jnp.float32)
+    return dict(counts=jnp.zeros((e,), jnp.float32), prob_sum=jnp.zeros((e,), jnp.float32), z_sum=zero, tokens=zero)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.attention_norm = RMSNorm(cfg)
+        self.attention = Attention(cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg)
+        self.feed_forward = MoE(cfg, rngs=rngs) if cfg.is_moe else MLP(cfg, rngs=rngs)
+
+    def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"], segment_ids: Int[Array, "B T"] | None,
+                 cache: tuple | None = None):
+        """Returns ``(x, router stats, updated (k, v) cache or None)``."""
+        attn, new_cache = self.attention(self.attention_norm(x), positions, segment_ids, cache)
+        h = x + attn
+        normed = self.ffn_norm(h)
+        if self.cfg.is_moe:
+            valid = None if segment_ids is None else segment_ids != 0  # segment 0 = padding
+            ff, stats = self.feed_forward(normed, valid)
+        else:
+            ff, stats = self.feed_forward(normed), empty_router_stats(self.cfg)
+        out = sharding.constrain(h + ff, ("batch", "seq", "act_embed"))
+        return out, stats, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv_proj"),
+}
+
+
+class Transformer(nnx.Module):
+    """Mistral / Mixtral decoder-only language model.
+
+    ``model(tokens)`` -> float32 logits ``[B, T, V]``. Layer parameters are stacked with a leading ``L``
+    axis (logical axis ``layers``) so the forward pass scans one compiled layer over depth.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = cfg.jnp_param_dtype
+        init = nnx.initializers.normal(cfg.initializer_range)
+        self.embed = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.dim), pd), logical_axes=("vocab", "embed"))
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(cfg, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        for _, var in nnx.iter_graph(self.layers):  # the stacked axis is the logical axis "layers"
+            if isinstance(var, nnx.Variable) and "logical_axes" in var.get_metadata():
+                var.set_metadata("logical_axes", ("layers", *var.get_metadata()["logical_axes"]))
+        self.norm = RMSNorm(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = nnx.Param(init(rngs.params(), (cfg.dim, cfg.vocab_size), pd),
+                                     logical_axes=("embed", "vocab"))
+
+    # ------------------------------------------------------------------ layers
+    def _run_layers(self, x, positions, segment_ids, cache: kvc.KVCache | None):
+        cfg = self.cfg
+        graphdef, state = nnx.split(self.layers)
+
+        def body(h, xs):
+            layer_state, layer_cache = xs
+            layer = nnx.merge(graphdef, layer_state)
+            h, stats, new_cache = layer(h, positions, segment_ids, layer_cache)
+            return h, (stats, new_cache)
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        layer_caches = None if cache is None else (cache.k, cache.v, jnp.broadcast_to(cache.pos, (cfg.n_layers,
+                                                                                                   *cache.pos.shape)))
+        if cfg.scan_layers:
+            x, (stats, new_kv) = jax.lax.scan(body, x, (state, layer_caches))
+        else:
+            outs = []
+            for i in range(cfg.n_layers):
+                x, out = body(x, jax.tree.map(lambda a, i=i: a[i], (state, layer_caches)))
+                outs.append(out)
+            stats, new_kv = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        return x, stats, new_kv
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None,
+                 segment_ids: Int[Array, "B T"] | None = None, *, return_aux: bool = False,
+                 cache: kvc.KVCache | None = None) -> Any:
+        """Logits for ``tokens``.
+
+        Args:
+          tokens: int32 ``[B, T]``.
+          positions: absolute positions ``[B, T]`` (default ``arange(T)``); restart per packed document.
+            With a cache, a negative position marks padding (neither attended to nor stored).
+          segment_ids: ``[B, T]`` document ids for packed rows; tokens attend within their segment only;
+            segment 0 is padding (excluded from the router statistics).
+          return_aux: also return the aux dict ``load_balancing_loss``, ``router_z_loss`` (scalars, HF units)
+            and ``expert_load`` ``[L, E]`` (fraction of each layer's assignments per expert).
+          cache: a ``KVCache``; when given, returns ``(logits, new_cache)`` (plus aux if asked).
+
+        Returns:
+          float32 logits ``[B, T, V]``, then the new cache if ``cache`` was given, then aux if ``return_aux``.
+        """
+        cfg = self.cfg
+        b, t = tokens.shape
+        if positions is None:
+            if cache is not None:
+                raise ValueError("decoding with a cache needs explicit `positions` [B, T] (absolute positions).")
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.jnp_dtype)  # [B, T, D]
+        x = sharding.constrain(x, ("batch", "seq", "act_embed"))
+        x, stats, new_kv = self._run_layers(x, positions, segment_ids, cache)
+        x = self.norm(x)
+        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]  # [D, V]
+        # float32 logits: the loss and sampling need them; accumulate the matmul in float32 too.
+        logits = jnp.einsum("BTD,DV->BTV", x, head.astype(cfg.jnp_dtype), preferred_element_type=jnp.float32)
+        logits = sharding.constrain(logits, ("batch", "seq", "act_vocab"))
+        outputs: list[Any] = [logits]
+        if cache is not None:
+            new_pos = kvc.write(cache.pos, positions, kvc.slots_for(positions, cache.size))
+            outputs.append(kvc.KVCache(k=new_kv[0], v=new_kv[1], pos=new_pos))
+        if return_aux:
+            outputs.append(aux_from_stats(cfg, stats))
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def aux_from_stats(cfg: ModelConfig, stats: dict[str, Array]) -> dict[str, Array]:
+    """Aux losses from per-layer router statistics (leading L axis), pooled over layers as HF does."""
+    if not cfg.is_moe:
+        zero = jnp.zeros((), jnp.float32)
+        return dict(load_balancing_loss=zero, router_z_loss=zero, expert_load=jnp.zeros((cfg.n_layers, 0)))
+    lb = moe_lib.load_balancing_loss(stats["counts"], stats["prob_sum"], stats["tokens"])
+    z = moe_lib.z_loss(stats["z_sum"], stats["tokens"])
+    load = stats["counts"] / jnp.maximum(stats["counts"].sum(-1, keepdims=True), 1.0)  # [L, E]
+    return dict(load_balancing_loss=lb, router_z_loss=z, expert_load=load)
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract_state(cfg: ModelConfig):
+    return nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Total parameters, from ``nnx.eval_shape`` (no memory is allocated)."""
+    return sum(x.size for x in jax.tree.leaves(_abstract_state(cfg)))
+
+
+def count_active_params(cfg: ModelConfig) -> int:
+    """Parameters used per token: all but the (E - top_k) unrouted experts of each MoE layer."""
+    total = count_params(cfg)
+    if not cfg.is_moe:
+        return total
+    state = _abstract_state(cfg)
+    ff = state["layers"]["feed_forward"]
+    expert = sum(ff[name].value.size for name in ("w1", "w2", "w3"))  # all layers, all experts
+    return total - expert * (cfg.num_experts - cfg.num_experts_per_tok) // cfg.num_experts
+
+
+def params_dict(model: Transformer) -> dict[str, Any]:
+    """The model's parameters as a plain nested dict of arrays (the layout of every checkpoint)."""
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+    """A Transformer whose parameters are ``ShapeDtypeStruct``s (no memory); fill it with ``nnx.update``."""
+    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
+def from_params(cfg: ModelConfig, params: dict[str, Any]) -> Transformer:
+    """A Transformer holding ``params`` (a ``params_dict`` layout); shapes are checked, all errors at once."""
+    model = abstract_model(cfg)
+    state = nnx.state(model, nnx.Param)
+    expected = {"/".join(map(str, k)): v.shape for k, v in nnx.to_flat_state(state)}
+    given = {"/".join(map(str, k)): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
+             for k in [tuple(getattr(p, "key", p) for p in k)]}
+    problems = [f"missing {k} {s}" for k, s in expected.items() if k not in given]
+    problems += [f"unexpected {k} {s}" for k, s in given.items() if k not in expected]
+    problems += [f"shape of {k}: expected {s}, got {given[k]}" for k, s in expected.items()
+                 if k in given and tuple(given[k]) != tuple(s)]
+    if problems:
+        raise ValueError("parameters do not fit the model config:\n  " + "\n  ".join(problems))
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    return model

@@ -1,0 +1,83 @@
+"""Shared defaults of every pretraining run. Other configs start from ``base.get_config()`` and change fields.
+
+Every field changes behaviour; unknown keys are rejected (``--config.optimzer.lr=...`` fails naming the key).
+"""
+
+import dataclasses
+
+from ml_collections import ConfigDict, config_dict
+
+from mistral_jax.config import ModelConfig
+
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def model_fields() -> ConfigDict:
+    """``config.model``: a preset name plus every ModelConfig field as an override (None = the preset's value)."""
+    m = ConfigDict()
+    m.preset = "tiny"  # ModelConfig preset (tiny, tiny_mixtral, mistral_7b_v01, mistral_7b_v02, mixtral_8x7b) or ""
+    for f in dataclasses.fields(ModelConfig):  # each ModelConfig field; None keeps the preset's value
+        base = str(f.type).split("|")[0].strip()
+        setattr(m, f.name, config_dict.placeholder(_TYPES.get(base, str)))
+    return m
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0  # parameter init and data shuffling seed
+    c.num_steps = 1000  # optimizer steps in the run (also the LR decay horizon)
+    c.batch_size = 8  # global batch in rows of data.seq_len tokens per optimizer step (all processes, all micro-batches)
+    c.grad_accum_steps = 1  # micro-batches per optimizer step (scan over batch_size // grad_accum_steps rows each)
+    c.model = model_fields()  # the network: preset + overrides -> ModelConfig (see trainer.model_config_from)
+    c.remat = ""  # activation checkpointing per layer (none, full, save_dots, ...); "" keeps model.remat
+
+    c.data = ConfigDict()
+    c.data.train = ""  # local file / dir / glob (.jsonl .json .txt .parquet) or an HF hub dataset name (streamed)
+    c.data.train_split = "train"  # split of a hub dataset used for training
+    c.data.validation = ""  # held-out data, same forms as `train`; "" = no periodic eval
+    c.data.validation_split = "validation"  # split of a hub dataset used for eval
+    c.data.hub_config = ""  # hub dataset configuration name (e.g. "en" for allenai/c4)
+    c.data.text_field = "text"  # column / JSON key holding the document text
+    c.data.tokenizer = ""  # sentencepiece .model; "" = train one on the train data into {workdir}/tokenizer.model
+    c.data.tokenizer_vocab_size = 512  # vocabulary of a tokenizer trained by the run (when data.tokenizer == "")
+    c.data.seq_len = 64  # tokens per packed row
+    c.data.add_bos = True  # prepend <s> to every document (Mistral's default)
+    c.data.add_eos = True  # append </s> to every document so the model learns where documents end
+    c.data.shuffle = True  # shuffle document order each epoch (seed + epoch): deterministic
+    c.data.shuffle_buffer = 10_000  # shuffle buffer of streamed hub datasets
+    c.data.on_decode_error = "replace"  # non-UTF-8 input: "replace" (U+FFFD + one warning per file) or "error"
+
+    c.optimizer = ConfigDict()
+    c.optimizer.name = "adamw"  # only AdamW (decoupled weight decay)
+    c.optimizer.learning_rate = 3e-4  # peak learning rate after warmup
+    c.optimizer.schedule = "cosine"  # after warmup: cosine | linear (decay to min_lr_ratio * peak) | constant
+    c.optimizer.warmup_steps = 100  # linear warmup from 0
+    c.optimizer.min_lr_ratio = 0.1  # final LR as a fraction of the peak
+    c.optimizer.b1 = 0.9  # Adam beta1
+    c.optimizer.b2 = 0.95  # Adam beta2
+    c.optimizer.eps = 1e-8  # Adam epsilon
+    c.optimizer.weight_decay = 0.1  # decoupled weight decay
+    c.optimizer.decay_norms = False  # apply weight decay to RMSNorm scales too
+    c.optimizer.decay_embeddings = False  # apply weight decay to the token embedding too
+    c.optimizer.grad_clip_norm = 1.0  # clip gradients to this global norm (0 = off)
+
+    c.mesh = ConfigDict()
+    c.mesh.data = 1  # pure data parallelism (replicated params); -1 = fill the devices
+    c.mesh.fsdp = -1  # fully sharded data parallelism; -1 = fill the devices
+    c.mesh.tensor = 1  # tensor parallelism (heads / mlp / vocab)
+    c.mesh.expert = 1  # expert parallelism (Mixtral experts)
+    c.mesh.rules = "fsdp"  # logical -> mesh axis rule preset (sharding.RULE_PRESETS)
+
+    c.checkpoint = ConfigDict()
+    c.checkpoint.every_steps = 200  # save every N steps (and at the end, and on SIGTERM / SIGINT)
+    c.checkpoint.keep = 3  # keep the newest K checkpoints
+    c.checkpoint.async_save = True  # write checkpoints in the background while training continues
+    c.checkpoint.resume = True  # resume from the newest intact checkpoint in {workdir}/checkpoints
+
+    c.log_every = 10  # write metrics (JSONL + TensorBoard) every N steps
+    c.eval_every = 200  # held-out eval every N steps (needs data.validation); 0 = only at the end
+    c.eval_steps = 10  # batches per eval (fewer if the split is smaller)
+    c.nan_policy = "stop"  # non-finite loss: "stop" (raise, params untouched) or "skip" (drop the update)
+    c.progress_bar = True  # tqdm progress bar on process 0
+    c.peak_flops = 0.0  # device peak FLOP/s for MFU; 0 = built-in table, or a measured matmul peak on CPU
+    return c

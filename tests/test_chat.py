@@ -1,0 +1,154 @@
+"""Mistral chat template: exact ids and answer-only loss masks, validation, truncation, packing, resumable batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mistral_jax.data import chat
+
+
+class WordTokenizer:
+    """Whitespace tokenizer with a fixed vocabulary, so expected ids can be written by hand."""
+
+    bos_id, eos_id, pad_id = 1, 2, 0
+    VOCAB = {"[INST]": 3, "[/INST]": 4, "hi": 5, "hello": 6, "how": 7, "are": 8, "you?": 9, "fine.": 10, "be": 11,
+             "brief.": 12, "ok": 13}
+
+    def encode(self, text, bos=True, eos=False):
+        return [self.bos_id] * bos + [self.VOCAB[w] for w in text.split()] + [self.eos_id] * eos
+
+
+TOK = WordTokenizer()
+U = lambda t: {"role": "user", "content": t}  # noqa: E731
+A = lambda t: {"role": "assistant", "content": t}  # noqa: E731
+S = lambda t: {"role": "system", "content": t}  # noqa: E731
+
+SINGLE = [U("hi"), A("hello")]
+MULTI = [U("hi"), A("hello"), U("how are you?"), A("fine.")]
+SYSTEM = [S("be brief."), U("hi"), A("hello"), U("ok"), A("fine.")]
+
+
+# Hand-written: <s> [INST] user [/INST] answer </s> [INST] ... ; the loss covers answers and their </s>.
+@pytest.mark.parametrize("messages, ids, mask", [
+    (SINGLE, [1, 3, 5, 4, 6, 2],
+             [0, 0, 0, 0, 1, 1]),
+    (MULTI, [1, 3, 5, 4, 6, 2, 3, 7, 8, 9, 4, 10, 2],
+            [0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 1, 1]),
+    # the system prompt is folded into the first user turn only
+    (SYSTEM, [1, 3, 11, 12, 5, 4, 6, 2, 3, 13, 4, 10, 2],
+             [0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 1, 1]),
+], ids=["single", "multi_turn", "system_prompt"])
+def test_render_exact_ids_and_mask(messages, ids, mask):
+    r = chat.render(messages, TOK)
+    assert r.ids == ids
+    assert [int(m) for m in r.loss_mask] == mask
+
+
+def test_example_arrays_shift_mask_to_targets():
+    d = chat.example_arrays(chat.render(SINGLE, TOK))
+    np.testing.assert_array_equal(d["tokens"], [1, 3, 5, 4, 6])
+    np.testing.assert_array_equal(d["targets"], [3, 5, 4, 6, 2])
+    np.testing.assert_array_equal(d["weights"], [0, 0, 0, 1, 1])  # predict "hello" and </s> only
+    np.testing.assert_array_equal(d["positions"], [0, 1, 2, 3, 4])
+
+
+def test_render_prompt_ends_with_open_instruction():
+    assert chat.render_prompt([S("be brief."), U("hi")], TOK) == [1, 3, 11, 12, 5, 4]
+    assert chat.render_prompt([U("hi"), A("hello"), U("ok")], TOK) == [1, 3, 5, 4, 6, 2, 3, 13, 4]
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([A("hello")], r"conversation 7, message 0: expected role 'user' but got 'assistant'"),
+    ([U("hi"), U("hi"), A("hello")], r"conversation 7, message 1: expected role 'assistant' but got 'user'"),
+    ([S("be brief."), U("hi"), A("hello"), A("hello")], r"conversation 7, message 3: expected role 'user'"),
+    ([U("hi"), A("hello"), U("ok")], r"conversation 7: the last message must be the assistant's answer"),
+    ([U("hi"), {"role": "bot", "content": "x"}], r"conversation 7, message 1: unknown role 'bot'"),
+    ([U("hi"), A("  ")], r"conversation 7, message 1 \(assistant\): content must be a non-empty string"),
+    ([S("be brief.")], r"conversation 7: has a system message but no user message"),
+    ([], r"conversation 7: expected a non-empty list"),
+])
+def test_validation_errors_name_the_conversation(messages, match):
+    with pytest.raises(ValueError, match=match):
+        chat.render(messages, TOK, index=7)
+
+
+def test_truncation_keeps_whole_turns_and_never_a_bare_prompt():
+    r = chat.render(MULTI, TOK)  # 13 ids; first turn ends at 6
+    t = chat.truncate(r, 9)  # room for turn 1 only: turn 2 dropped whole
+    assert t.ids == [1, 3, 5, 4, 6, 2] and [int(m) for m in t.loss_mask] == [0, 0, 0, 0, 1, 1]
+    t = chat.truncate(r, 5)  # first turn does not fit: keep its prompt + the first answer token
+    assert t.ids == [1, 3, 5, 4, 6] and [int(m) for m in t.loss_mask] == [0, 0, 0, 0, 1]
+    assert chat.truncate(r, 4) is None  # the prompt alone would fit: dropped instead
+    assert chat.truncate(r, 13) is r
+
+
+def test_pack_segments_positions_weights():
+    stats = chat.PackStats()
+    rows = list(chat.pack([chat.render(SINGLE, TOK)] * 2 + [chat.render(MULTI, TOK)], seq_len=12, stats=stats))
+    assert len(rows) == 2  # two singles (5 + 5 positions) share a row; the 12-position multi-turn needs its own
+    r0, r1 = rows
+    np.testing.assert_array_equal(r0["tokens"], [1, 3, 5, 4, 6, 1, 3, 5, 4, 6, 0, 0])
+    np.testing.assert_array_equal(r0["targets"], [3, 5, 4, 6, 2, 3, 5, 4, 6, 2, 0, 0])
+    np.testing.assert_array_equal(r0["weights"], [0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(r0["positions"], [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 0])
+    np.testing.assert_array_equal(r0["segment_ids"], [1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 0, 0])
+    np.testing.assert_array_equal(r1["tokens"], [1, 3, 5, 4, 6, 2, 3, 7, 8, 9, 4, 10])
+    np.testing.assert_array_equal(r1["weights"], [0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(r1["segment_ids"], [1] * 12)
+    assert {k: v.dtype for k, v in r0.items()} == {k: np.dtype(v) for k, v in chat.BATCH_DTYPES.items()}
+    assert (stats.conversations, stats.truncated, stats.dropped) == (3, 0, 0)
+
+
+def test_pack_truncates_and_drops():
+    stats = chat.PackStats()
+    rows = list(chat.pack([chat.render(MULTI, TOK), chat.render(SINGLE, TOK)], seq_len=8, stats=stats))
+    assert (stats.truncated, stats.dropped) == (1, 0)
+    np.testing.assert_array_equal(rows[0]["tokens"], [1, 3, 5, 4, 6, 0, 0, 0])  # multi-turn cut to its first turn
+    stats = chat.PackStats()
+    assert list(chat.pack([chat.render(SYSTEM, TOK)], seq_len=5, stats=stats)) == []  # 6-id prompt cannot fit
+    assert stats.dropped == 1
+
+
+def test_chat_batches_resume_and_process_split():
+    convs = [SINGLE, MULTI, SYSTEM] * 5
+    it = chat.ChatBatches(convs, TOK, seq_len=16, batch_size=2, seed=3)
+    n = it.batches_per_epoch()
+    seen = [next(it) for _ in range(n + 2)]  # crosses into epoch 1
+    assert it.state() == {"epoch": 1, "batch_in_epoch": 2}
+    resumed = chat.ChatBatches(convs, TOK, seq_len=16, batch_size=2, seed=3)
+    resumed.restore({"epoch": 0, "batch_in_epoch": n - 1})
+    for want in seen[n - 1:]:
+        got = next(resumed)
+        for k in chat.BATCH_DTYPES:
+            np.testing.assert_array_equal(got[k], want[k])
+    assert seen[0]["tokens"].shape == (2, 16)
+    # every answer token of the epoch appears exactly once: 5 * (2 + 4 + 4) weighted targets
+    assert sum(float(b["weights"].sum()) for b in seen[:n]) == 50
+    # two processes each keep one row of every global batch
+    halves = [chat.ChatBatches(convs, TOK, seq_len=16, batch_size=2, seed=3, process_index=i, process_count=2)
+              for i in range(2)]
+    a, b = next(halves[0]), next(halves[1])
+    np.testing.assert_array_equal(np.concatenate([a["tokens"], b["tokens"]]), seen[0]["tokens"])
+
+
+def test_bundled_set_with_sentencepiece(tmp_path):
+    from mistral_jax.data.tokenizer import Tokenizer
+    from mistral_jax.data.train_tokenizer import train_tokenizer
+
+    convs = list(chat.load_conversations("bundled"))
+    assert len(convs) >= 100 and len(list(chat.load_conversations("bundled", "validation"))) >= 10
+    texts = [m["content"] for c in convs for m in c]
+    tok = Tokenizer(train_tokenizer(texts, str(tmp_path / "t.model"), 512, extra_symbols=("[INST]", "[/INST]")))
+    messages = [S("You are a polite assistant."), U("Say hello."), A("Hello!"), U("Say goodbye."), A("Goodbye!")]
+    r = chat.render(messages, tok)
+    enc = lambda s: tok.encode(s, bos=False)  # noqa: E731
+    assert r.ids == ([tok.bos_id] + enc("[INST] You are a polite assistant.\n\nSay hello. [/INST]") + enc("Hello!")
+                     + [tok.eos_id] + enc("[INST] Say goodbye. [/INST]") + enc("Goodbye!") + [tok.eos_id])
+    ids = np.asarray(r.ids)
+    mask = np.asarray(r.loss_mask)
+    assert (ids[mask] == tok.eos_id).sum() == 2 and ids[-1] == tok.eos_id
+    assert tok.decode([i for i in ids[mask] if i != tok.eos_id]) == "Hello! Goodbye!"
+    prompts = "[INST] You are a polite assistant.\n\nSay hello. [/INST] [INST] Say goodbye. [/INST]"
+    assert tok.decode(ids[~mask]) == prompts
+    assert tok.piece_to_id("[INST]") in ids[~mask] and tok.piece_to_id("[INST]") not in ids[mask]

@@ -5,3 +5,8 @@ from mistral_jax.model.kv_cache import KVCache
 from mistral_jax.model.transformer import Transformer, count_active_params, count_params
 
 __all__ = ["KVCache", "ModelConfig", "Transformer", "count_active_params", "count_params"]
+
+from mistral_jax.convert import ConversionError, convert, save_hf, save_jax, save_mistral  # noqa: E402
+from mistral_jax.loading import load_pretrained  # noqa: E402
+
+__all__ += ["ConversionError", "convert", "load_pretrained", "save_hf", "save_jax", "save_mistral"]

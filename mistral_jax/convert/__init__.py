@@ -1,0 +1,141 @@
+"""Checkpoint conversion between HF transformers, Mistral consolidated and mistral_jax formats.
+
+``convert("hf", "mistral", in_dir, out_dir)`` streams tensor by tensor between the file formats (host
+memory: about one tensor; the output is written shard by shard); converting to or from ``jax`` goes through
+the model's parameters (placed sharded on a ``mesh`` when one is given). Every output directory is written
+to a temporary sibling and renamed into place, so a failed conversion leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+from mistral_jax import sharding
+from mistral_jax.convert import common, hf, mistral, native
+from mistral_jax.convert.common import ConversionError
+
+__all__ = ["ConversionError", "convert", "save_hf", "save_jax", "save_mistral"]
+
+
+def _source_of(model: Any) -> common.ParamsSource:
+    from mistral_jax.loading import _cfg_of
+    from mistral_jax.model.transformer import params_dict
+
+    return common.ParamsSource(_cfg_of(model), params_dict(model))
+
+
+def _tokenizer(model: Any, tokenizer: Any) -> Any:
+    if tokenizer is not None:
+        return tokenizer
+    from mistral_jax.loading import known_tokenizer
+
+    return known_tokenizer(model)
+
+
+def save_hf(model: Any, out_dir: str | os.PathLike, *, dtype: str | None = None, tokenizer: Any = None,
+            max_shard_size: int | str = "5GB", overwrite: bool = False) -> str:
+    """Export ``model`` as an HF transformers checkpoint (loadable with ``AutoModelForCausalLM.from_pretrained``).
+
+    Writes ``config.json`` (MistralConfig / MixtralConfig), ``model.safetensors`` or shards
+    ``model-0000N-of-0000M.safetensors`` + ``model.safetensors.index.json``, ``generation_config.json`` and,
+    when a tokenizer is known, ``tokenizer.model`` + ``tokenizer_config.json`` (LlamaTokenizer).
+
+    Args:
+      model: a ``Transformer``.
+      out_dir: the directory to create (must be absent or empty unless ``overwrite``).
+      dtype: ``"float32"`` / ``"bfloat16"`` / ``"float16"``; None keeps the parameters' dtype.
+      tokenizer: a ``Tokenizer``, a ``tokenizer.model`` path or a directory; default: the one of the
+        directory the model was loaded from, if any.
+      max_shard_size: bytes per shard (int, or ``"5GB"`` / ``"500MiB"``).
+      overwrite: replace an existing non-empty ``out_dir``.
+
+    Returns:
+      ``out_dir``.
+    """
+    source = _source_of(model)
+    with common.atomic_dir(out_dir, overwrite) as tmp:
+        hf.write(tmp, source, dtype=dtype, tokenizer=_tokenizer(model, tokenizer), max_shard_size=max_shard_size)
+    return os.fspath(out_dir)
+
+
+def save_mistral(model: Any, out_dir: str | os.PathLike, *, dtype: str | None = None, tokenizer: Any = None,
+                 overwrite: bool = False) -> str:
+    """Export ``model`` in Mistral's consolidated format (``params.json`` + ``consolidated.safetensors``).
+
+    Args:
+      model: a ``Transformer``.
+      out_dir: the directory to create (absent or empty unless ``overwrite``).
+      dtype: output dtype; None keeps the parameters' dtype.
+      tokenizer: as for :func:`save_hf`; copied as ``tokenizer.model``.
+      overwrite: replace an existing non-empty ``out_dir``.
+
+    Returns:
+      ``out_dir``.
+    """
+    source = _source_of(model)
+    with common.atomic_dir(out_dir, overwrite) as tmp:
+        mistral.write(tmp, source, dtype=dtype, tokenizer=_tokenizer(model, tokenizer))
+    return os.fspath(out_dir)
+
+
+def save_jax(model: Any, out_dir: str | os.PathLike, tokenizer: Any = None, *, overwrite: bool = False) -> str:
+    """Export ``model`` as a mistral_jax export dir (``model_config.json`` + Orbax ``params/``).
+
+    Args:
+      model: a ``Transformer``.
+      out_dir: the directory to create (absent or empty unless ``overwrite``).
+      tokenizer: as for :func:`save_hf`; copied as ``tokenizer.model``.
+      overwrite: replace an existing non-empty ``out_dir``.
+
+    Returns:
+      ``out_dir``.
+    """
+    source = _source_of(model)
+    with common.atomic_dir(out_dir, overwrite) as tmp:
+        native.write(tmp, source.cfg, source.params, tokenizer=_tokenizer(model, tokenizer))
+    return os.fspath(out_dir)
+
+
+def convert(src: str, dst: str, input_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
+            dtype: str | None = None, max_shard_size: int | str = "5GB", overwrite: bool = False,
+            mesh: jax.sharding.Mesh | None = None, rules: sharding.ShardingRules | None = None) -> str:
+    """Convert a checkpoint directory between formats ``hf``, ``mistral`` and ``jax``.
+
+    Args:
+      src: format of ``input_dir`` (checked against its files).
+      dst: format to write.
+      input_dir: the checkpoint to read.
+      output_dir: the directory to create, atomically (absent or empty unless ``overwrite``).
+      dtype: output dtype; None keeps the stored one.
+      max_shard_size: HF shard size (bytes, or ``"5GB"``).
+      overwrite: replace an existing non-empty ``output_dir``.
+      mesh: for ``jax`` sources / destinations, place parameters sharded on this mesh.
+      rules: sharding rules for ``mesh``.
+
+    Returns:
+      ``output_dir``.
+    """
+    from mistral_jax.loading import FORMATS, open_source, tokenizer_path
+
+    for name, value in (("src", src), ("dst", dst)):
+        if value not in FORMATS:
+            raise ValueError(f"{name}={value!r} is not a format. Fix: use one of {FORMATS}.")
+    if dtype is not None:
+        common.np_dtype(dtype)  # validate before reading anything
+    source = open_source(input_dir, src, dtype=dtype if src == "jax" else None, mesh=mesh, rules=rules)  # type: ignore[arg-type]
+    tok = tokenizer_path(input_dir, src)
+    with common.atomic_dir(output_dir, overwrite) as tmp:
+        if dst == "hf":
+            hf.write(tmp, source, dtype=dtype, tokenizer=tok, max_shard_size=max_shard_size)
+        elif dst == "mistral":
+            mistral.write(tmp, source, dtype=dtype, tokenizer=tok)
+        else:
+            if isinstance(source, common.ParamsSource):
+                cfg, params = source.cfg, source.params
+            else:
+                cfg, params = common.build_params(source.cfg, source, dtype, mesh, rules)
+            native.write(tmp, cfg, params, tokenizer=tok)
+    return os.fspath(output_dir)

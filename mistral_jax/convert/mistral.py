@@ -1,0 +1,64 @@
+"""Mistral's consolidated format: ``params.json`` + ``consolidated.safetensors`` (mistral-inference), both ways.
+
+Names and layout are those of mistral-inference (see :mod:`mistral_jax.convert.keys`): ``tok_embeddings``,
+``layers.N.attention.wq`` (interleaved RoPE rows), ``feed_forward.w1`` or, for MoE,
+``feed_forward.gate`` + ``feed_forward.experts.E.w1``, ``norm``, ``output``. mistral-inference loads one
+``consolidated.safetensors``; reading also accepts several ``consolidated*.safetensors`` files.
+Legacy ``consolidated.00.pth`` pickles are not read (they need torch): convert them with
+``safetensors.torch.save_file(torch.load(...), "consolidated.safetensors")`` first.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any
+
+from mistral_jax.config import ModelConfig
+from mistral_jax.convert import common
+
+PARAMS = "params.json"
+WEIGHTS = "consolidated.safetensors"
+
+
+def read_config(path: str) -> ModelConfig:
+    """``ModelConfig`` from ``params.json``."""
+    p = os.path.join(path, PARAMS)
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"{p!r} not found: not a Mistral consolidated directory. Fix: point at the directory "
+                                "holding params.json and consolidated.safetensors.")
+    try:
+        with open(p) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p!r} is not valid JSON ({e}). Fix: repair or re-download it.") from e
+    try:
+        return ModelConfig.from_mistral_params(d)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{p}: {e}") from e
+
+
+def open_source(path: str, cfg: ModelConfig | None = None) -> common.FileSource:
+    """A checked tensor source over a consolidated directory; one ``ConversionError`` lists every problem."""
+    path = os.fspath(path)
+    cfg = cfg or read_config(path)
+    files = sorted(glob.glob(os.path.join(path, "consolidated*.safetensors")))
+    if not files:
+        have = sorted(os.listdir(path))
+        pth = [f for f in have if f.endswith(".pth")]
+        fix = ("convert the .pth file to safetensors first: safetensors.torch.save_file(torch.load(f), "
+               f"'{WEIGHTS}')" if pth else f"point at a directory holding {WEIGHTS}")
+        raise FileNotFoundError(f"{path!r} has no {WEIGHTS} (files: {have}). Fix: {fix}.")
+    index = common.TensorIndex(files)
+    common.check_or_raise(index.check(cfg, "mistral"), f"Mistral checkpoint {path}",
+                          "the tensors must match params.json; re-download or re-export the checkpoint")
+    return common.FileSource(cfg, index, "mistral")
+
+
+def write(out_dir: str, source: common.Source, *, dtype: str | None = None, tokenizer: Any = None) -> None:
+    """Write ``params.json`` + ``consolidated.safetensors`` (streamed) into the (temporary) ``out_dir``."""
+    common.write_tensors(out_dir, source, "mistral", dtype, [WEIGHTS], None)
+    with open(os.path.join(out_dir, PARAMS), "w") as f:
+        json.dump(source.cfg.to_mistral_params(), f, indent=2)
+    common.copy_tokenizer(tokenizer, out_dir)

@@ -1,0 +1,161 @@
+"""mistral_jax's own directories: the export dir and the training workdir (Orbax).
+
+* export dir: ``model_config.json`` (``ModelConfig.to_dict()``), ``params/`` (Orbax ``StandardCheckpointer`` of
+  the ``params_dict`` pytree), optional ``tokenizer.model``.
+* training workdir: ``model_config.json``, optional ``tokenizer.model``, ``checkpoints/<step>/`` written by
+  ``ocp.CheckpointManager`` with a ``params`` item (``StandardSave``) among others.
+* a step dir ``checkpoints/<step>/`` (its ``model_config.json`` two levels up).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any
+
+import jax
+
+from mistral_jax import sharding
+from mistral_jax.config import ModelConfig
+from mistral_jax.convert import common
+from mistral_jax.convert import keys as keys_lib
+
+MODEL_CONFIG = "model_config.json"
+PARAMS = "params"
+CHECKPOINTS = "checkpoints"
+
+
+def _ocp():
+    import orbax.checkpoint as ocp  # imported lazily: slow, and only this format needs it
+
+    return ocp
+
+
+def read_config(path: str) -> ModelConfig:
+    p = os.path.join(path, MODEL_CONFIG)
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"{p!r} not found. Fix: point at a mistral_jax export dir or training workdir.")
+    with open(p) as f:
+        d = json.load(f)
+    try:
+        return ModelConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{p}: {e}") from e
+
+
+def step_dirs(workdir: str) -> list[str]:
+    """``checkpoints/<step>`` directories of a training workdir, newest first (temporary dirs skipped)."""
+    root = os.path.join(workdir, CHECKPOINTS)
+    if not os.path.isdir(root):
+        return []
+    steps = sorted((int(n) for n in os.listdir(root) if n.isdigit() and os.path.isdir(os.path.join(root, n))),
+                   reverse=True)
+    return [os.path.join(root, str(s)) for s in steps]
+
+
+def config_and_params_dirs(path: str) -> tuple[str, list[str]]:
+    """(directory holding ``model_config.json``, candidate ``params`` dirs in the order to try)."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isfile(os.path.join(path, MODEL_CONFIG)):
+        if os.path.isdir(os.path.join(path, PARAMS)):  # export dir
+            return path, [os.path.join(path, PARAMS)]
+        steps = step_dirs(path)
+        if steps:
+            return path, [os.path.join(s, PARAMS) for s in steps]
+        raise FileNotFoundError(f"{path!r} has {MODEL_CONFIG} but neither {PARAMS}/ nor {CHECKPOINTS}/<step>/. "
+                                "Fix: train until a checkpoint is written, or point at an export dir.")
+    if os.path.isdir(os.path.join(path, PARAMS)):  # a step dir
+        root = os.path.dirname(os.path.dirname(path))
+        if os.path.isfile(os.path.join(root, MODEL_CONFIG)):
+            return root, [os.path.join(path, PARAMS)]
+        raise FileNotFoundError(f"{path!r} looks like a checkpoint step but {root}/{MODEL_CONFIG} is missing. "
+                                "Fix: keep the step inside its training workdir.")
+    raise FileNotFoundError(f"{path!r} is not a mistral_jax directory (no {MODEL_CONFIG}).")
+
+
+def _check_tree(cfg: ModelConfig, params_dir: str) -> dict[tuple[str, ...], Any]:
+    """Compare the stored tree with the config's parameter shapes; one error listing every mismatch."""
+    ocp = _ocp()
+    try:
+        md = ocp.StandardCheckpointer().metadata(params_dir)
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable dirs
+        raise ValueError(f"cannot read checkpoint metadata of {params_dir!r}: {e}") from e
+    tree = getattr(getattr(md, "item_metadata", md), "tree", None)
+    if tree is None:
+        tree = md
+    stored = {tuple(str(getattr(k, "key", k)) for k in path): leaf
+              for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    expected = keys_lib.param_shapes(cfg)
+    problems = [f"{params_dir}: missing parameter {'/'.join(k)} {s}" for k, s in expected.items() if k not in stored]
+    problems += [f"{params_dir}: unexpected parameter {'/'.join(k)} {tuple(v.shape)}" for k, v in stored.items()
+                 if k not in expected]
+    problems += [f"{params_dir}: parameter {'/'.join(k)} has shape {tuple(stored[k].shape)}, the config needs {s}"
+                 for k, s in expected.items() if k in stored and tuple(stored[k].shape) != tuple(s)]
+    common.check_or_raise(problems, f"checkpoint {params_dir}", f"the parameters must match {MODEL_CONFIG}")
+    return stored
+
+
+def restore_params(cfg: ModelConfig, params_dir: str, dtype: str | None = None,
+                   mesh: jax.sharding.Mesh | None = None, rules: sharding.ShardingRules | None = None
+                   ) -> tuple[ModelConfig, dict[str, Any]]:
+    """Restore a ``params`` item, cast to ``dtype`` and placed with ``mesh`` (sharded as read) if given."""
+    from flax import nnx
+
+    from mistral_jax.model.transformer import abstract_model
+
+    stored = _check_tree(cfg, params_dir)
+    if dtype is None:
+        dtype = common.dtype_name(stored[("embed",)].dtype)
+    cfg = cfg.replace(param_dtype=dtype)
+    state = nnx.state(abstract_model(cfg), nnx.Param)
+    if mesh is not None:
+        shardings = sharding.state_shardings(state, mesh, rules or sharding.DEFAULT_RULES)
+        flat_sh = {tuple(map(str, k)): getattr(v, "value", v) for k, v in nnx.to_flat_state(shardings)}
+    else:
+        flat_sh = {}
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target: dict[str, Any] = {}
+    for path, shape in keys_lib.param_shapes(cfg).items():
+        node = target
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = jax.ShapeDtypeStruct(shape, common.np_dtype(dtype), sharding=flat_sh.get(path, default))
+    params = _ocp().StandardCheckpointer().restore(params_dir, target)
+    return cfg, params
+
+
+def load(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
+         rules: sharding.ShardingRules | None = None, config_overrides: dict[str, Any] | None = None
+         ) -> tuple[ModelConfig, dict[str, Any], str]:
+    """(config, params, config dir) of an export dir, workdir (newest restorable step) or step dir."""
+    root, candidates = config_and_params_dirs(path)
+    cfg = read_config(root)
+    if config_overrides:
+        cfg = cfg.replace(**config_overrides)
+    errors = []
+    for i, params_dir in enumerate(candidates):
+        try:
+            cfg_out, params = restore_params(cfg, params_dir, dtype, mesh, rules)
+        except common.ConversionError:
+            raise  # a config / shape mismatch is not corruption: older steps would fail the same way
+        except Exception as e:  # noqa: BLE001 - a corrupt step: fall back to the previous one
+            errors.append(f"{params_dir}: {type(e).__name__}: {e}")
+            if i + 1 < len(candidates):
+                warnings.warn(f"checkpoint {params_dir} could not be restored ({type(e).__name__}: {e}); "
+                              f"falling back to {candidates[i + 1]}", stacklevel=3)
+            continue
+        return cfg_out, params, root
+    raise ValueError(f"no checkpoint under {path!r} could be restored:\n  " + "\n  ".join(errors) +
+                     "\nFix: point at an intact checkpoint (or re-run training to write one).")
+
+
+def write(out_dir: str, cfg: ModelConfig, params: dict[str, Any], tokenizer: Any = None) -> None:
+    """Write an export dir (``model_config.json``, ``params/``, ``tokenizer.model``) into ``out_dir``."""
+    ckpt = _ocp().StandardCheckpointer()
+    ckpt.save(os.path.join(out_dir, PARAMS), params)
+    ckpt.wait_until_finished()
+    ckpt.close()
+    with open(os.path.join(out_dir, MODEL_CONFIG), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+    common.copy_tokenizer(tokenizer, out_dir)

@@ -1,0 +1,150 @@
+"""Streaming safetensors reading and writing, one tensor at a time.
+
+The format (https://github.com/huggingface/safetensors): 8-byte little-endian header length ``N``, a JSON
+header ``{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}``, then the raw tensor
+bytes. ``safetensors.safe_open(framework="numpy")`` cannot return bfloat16, and the core package must not
+need torch, so this module reads the (tiny) format itself with ``ml_dtypes`` for bfloat16: each
+``read`` allocates exactly one tensor and fills it with ``readinto``. The writer is given every tensor's
+name, dtype and shape up front, writes the header, then streams the tensors in order, so a shard is never
+assembled in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Sequence
+
+import ml_dtypes
+import numpy as np
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100_000_000  # the safetensors limit
+
+
+def dtype_code(dtype) -> str:
+    """``np.float32`` / ``"bfloat16"`` ... -> the safetensors dtype code (``F32``, ``BF16`` ...)."""
+    dt = np.dtype(ml_dtypes.bfloat16) if str(dtype) == "bfloat16" else np.dtype(dtype)
+    if dt not in _NAMES:
+        raise ValueError(f"dtype {dtype} cannot be stored: supported are float64, float32, float16, bfloat16.")
+    return _NAMES[dt]
+
+
+class SafetensorsFile:
+    """The header of one ``.safetensors`` file plus on-demand tensor reads.
+
+    Construction reads only the header. ``problems`` lists what is wrong with the file (truncated data,
+    unknown dtypes, offsets inconsistent with shapes), each naming the file and the tensor.
+
+    Raises:
+      FileNotFoundError: the file does not exist.
+      ValueError: the header cannot be parsed (not a safetensors file, or truncated inside the header).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"safetensors file {self.path!r} does not exist. Fix: check the directory holds "
+                                    "every file its index names (re-download or re-export it).")
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError(f"{self.path!r} is not a safetensors file (only {size} bytes, no header). "
+                                 "Fix: re-download or re-export it.")
+            (n,) = struct.unpack("<Q", raw)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise ValueError(f"{self.path!r}: the header claims {n} bytes but the file holds {size} bytes in all; "
+                                 "it is truncated or not a safetensors file. Fix: re-download or re-export it.")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{self.path!r}: unreadable safetensors header ({e}). Fix: re-download or "
+                                 "re-export it.") from e
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        self.size = size
+        self.tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        self.problems: list[str] = []
+        available = size - self.data_start
+        for name, info in header.items():
+            try:
+                code, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                self.problems.append(f"{self.path}: tensor {name!r} has a malformed header entry {info!r}")
+                continue
+            if code not in DTYPES:
+                self.problems.append(f"{self.path}: tensor {name!r} has dtype {code}; supported: {sorted(DTYPES)}")
+                continue
+            nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[code].itemsize
+            if end - begin != nbytes:
+                self.problems.append(f"{self.path}: tensor {name!r} shape {shape} {code} needs {nbytes} bytes but "
+                                     f"its offsets span {end - begin}")
+            elif end > available:
+                self.problems.append(f"{self.path}: truncated: tensor {name!r} ends at byte {self.data_start + end} "
+                                     f"but the file has {size} bytes. Fix: re-download or re-export the file")
+            self.tensors[name] = (code, shape, int(begin), int(end))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name][1]
+
+    def dtype(self, name: str) -> np.dtype:
+        return DTYPES[self.tensors[name][0]]
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor as a fresh numpy array (bfloat16 via ``ml_dtypes``)."""
+        code, shape, begin, end = self.tensors[name]
+        out = np.empty(shape, DTYPES[code])
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            got = f.readinto(out.reshape(-1).view(np.uint8)) if out.size else 0
+        if got != end - begin:
+            raise ValueError(f"{self.path}: truncated while reading tensor {name!r}: expected {end - begin} bytes, got "
+                             f"{got}. Fix: re-download or re-export the file.")
+        return out
+
+
+def header_bytes(specs: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> bytes:
+    """The length prefix + JSON header for tensors ``(name, dtype code, shape)`` stored in this order."""
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, code, shape in specs:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[code].itemsize
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # 8-byte alignment of the data, as safetensors writes it
+    return struct.pack("<Q", len(text)) + text
+
+
+def tensor_nbytes(code: str, shape: Sequence[int]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * DTYPES[code].itemsize
+
+
+def write_file(path: str | os.PathLike, specs: Sequence[tuple[str, str, tuple[int, ...]]],
+               arrays: Iterable[np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file whose tensors are produced one at a time by ``arrays`` (same order as ``specs``).
+
+    Each produced array is cast to its spec's dtype, checked against its shape, written and dropped.
+    """
+    with open(path, "wb") as f:
+        f.write(header_bytes(specs, metadata))
+        it = iter(arrays)
+        for name, code, shape in specs:
+            try:
+                arr = next(it)
+            except StopIteration:
+                raise RuntimeError(f"{path}: the producer stopped before tensor {name!r}") from None
+            arr = np.ascontiguousarray(np.asarray(arr).astype(DTYPES[code], copy=False))
+            if arr.shape != tuple(shape):
+                raise ValueError(f"{path}: tensor {name!r} has shape {arr.shape}, the header says {tuple(shape)}")
+            if arr.size:
+                f.write(arr.reshape(-1).view(np.uint8).data)
+            del arr

@@ -6,6 +6,10 @@ from mistral_jax.model.transformer import Transformer, count_active_params, coun
 
 __all__ = ["KVCache", "ModelConfig", "Transformer", "count_active_params", "count_params"]
 
+from mistral_jax.inference.generate import generate  # noqa: E402
+
+__all__ += ["generate"]
+
 from mistral_jax.convert import ConversionError, convert, save_hf, save_jax, save_mistral  # noqa: E402
 from mistral_jax.loading import load_pretrained  # noqa: E402
 

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Float, Int
 
+from mistral_jax import sharding
+
 EMPTY = -1  # position of a slot that holds nothing yet
 
 
@@ -38,6 +40,23 @@ class KVCache:
         shape = (cfg.n_layers, batch, size, cfg.n_kv_heads, cfg.head_dim)  # [L, B, S, K, H]
         dtype = dtype or cfg.jnp_dtype
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), pos=jnp.full((batch, size), EMPTY, jnp.int32))
+
+    @staticmethod
+    def logical_axes() -> KVCache:
+        """The logical axes of each field (a KVCache of tuples): sharded over batch and kv heads."""
+        kv = ("layers", "batch", "seq", "act_kv_heads", "head_dim")  # [L, B, S, K, H]
+        return KVCache(k=kv, v=kv, pos=("batch", "seq"))
+
+    def shardings(self, mesh, rules=sharding.DEFAULT_RULES) -> KVCache:
+        """``NamedSharding`` of each field on ``mesh`` (for ``jax.device_put`` / ``out_shardings``)."""
+        return jax.tree.map(lambda axes: sharding.named_sharding(mesh, axes, rules), self.logical_axes(),
+                            is_leaf=lambda x: isinstance(x, tuple))
+
+    def constrain(self) -> KVCache:
+        """Pin the cache to its logical sharding when a mesh is active (``sharding.use_mesh``); else identity."""
+        axes = self.logical_axes()
+        return KVCache(k=sharding.constrain(self.k, axes.k), v=sharding.constrain(self.v, axes.v),
+                       pos=sharding.constrain(self.pos, axes.pos))
 
 
 def slots_for(positions: Int[Array, "B T"], size: int) -> Int[Array, "B T"]:

@@ -1,0 +1,141 @@
+"""Generate text from a checkpoint, streaming tokens as they are decoded.
+
+    python -m mistral_jax.generate --checkpoint PATH --prompt "..." [--max_new_tokens N] [--temperature T]
+        [--top_k K] [--top_p P] [--seed S] [--instruct] [--stop STR ...] [--chunk_size C] [--tokenizer PATH]
+
+``--checkpoint`` is anything ``mistral_jax.load_pretrained`` reads (HF dir, Mistral consolidated dir, mistral_jax
+export dir, training workdir). The tokenizer is ``tokenizer.model`` in that directory unless ``--tokenizer`` is
+given. ``--instruct`` wraps the prompt in Mistral's instruction template ``<s>[INST] {prompt} [/INST]``.
+
+Note: this module shares its name with the function ``mistral_jax.generate``. Importing it would normally replace
+that function by the module on the package, so the module is made callable and forwards to the function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import types
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from mistral_jax.inference.generate import generate as _generate
+
+
+def instruct_prompt_ids(prompt: str, tokenizer: Any) -> list[int]:
+    """Ids of ``<s>[INST] {prompt} [/INST]`` (Mistral's instruction template, via ``data.chat`` when present)."""
+    try:
+        from mistral_jax.data.chat import render_prompt
+    except ImportError:  # chat.py absent: the single-turn template, rendered the way mistral-common does
+        return [tokenizer.bos_id] + tokenizer.encode(f"[INST] {prompt} [/INST]", bos=False, eos=False)
+    return render_prompt([{"role": "user", "content": prompt}], tokenizer)
+
+
+class _TextStream:
+    """Turns growing id lists into printable text increments (never splits a UTF-8 character or a stop string)."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], out: TextIO | None):
+        self.tokenizer, self.stop, self.out = tokenizer, tuple(stop), out
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def text(self, final: bool = False) -> str:
+        text = self.tokenizer.decode(self.ids)
+        cuts = [text.find(s) for s in self.stop if s in text]
+        if cuts:
+            return text[: min(cuts)]
+        if not final:
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its other bytes
+                text = text.rstrip("\ufffd")
+            hold = max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+            text = text[: len(text) - hold]  # may be the start of a stop string
+        return text
+
+    def push(self, new: list[int]) -> None:
+        self.ids.extend(new)
+        self.flush()
+
+    def flush(self, final: bool = False) -> None:
+        text = self.text(final)
+        if self.out is not None and len(text) > self.printed:
+            self.out.write(text[self.printed:])
+            self.out.flush()
+            self.printed = len(text)
+
+
+def run(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0,
+        top_k: int | None = None, top_p: float | None = None, seed: int = 0, instruct: bool = False,
+        stop: Sequence[str] = (), chunk_size: int | None = None, out: TextIO | None = sys.stdout) -> str:
+    """Generate a continuation of ``prompt``, writing it to ``out`` token by token; returns the full text.
+
+    The text is cut before the first stop string. Generation stops at the tokenizer's EOS.
+    """
+    ids = instruct_prompt_ids(prompt, tokenizer) if instruct else tokenizer.encode(prompt, bos=True)
+    stream = _TextStream(tokenizer, stop, out)
+    _generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+              seed=seed, eos_id=tokenizer.eos_id, chunk_size=chunk_size, stop=tuple(stop),
+              tokenizer=tokenizer if stop else None, stream=lambda rows: stream.push(rows[0]))
+    stream.flush(final=True)
+    if out is not None:
+        out.write("\n")
+        out.flush()
+    return stream.text(final=True)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m mistral_jax.generate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="HF / Mistral / mistral_jax export dir or training workdir")
+    ap.add_argument("--prompt", required=True, help="the prompt text")
+    ap.add_argument("--max_new_tokens", type=int, default=128, help="at most this many new tokens")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    ap.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens")
+    ap.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--instruct", action="store_true", help="wrap the prompt in <s>[INST] ... [/INST]")
+    ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    ap.add_argument("--chunk_size", type=int, default=None, help="prefill chunk (default: the sliding window)")
+    ap.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: CHECKPOINT/tokenizer.model)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype override")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """CLI entry point; returns the generated text."""
+    args = parse_args(argv)
+    from mistral_jax.data.tokenizer import Tokenizer
+
+    try:
+        from mistral_jax.loading import load_pretrained
+    except ImportError as e:
+        raise SystemExit(f"mistral_jax.loading is not available ({e}). Fix: update mistral_jax.") from e
+    if args.tokenizer:
+        tokenizer = Tokenizer(args.tokenizer)
+    else:
+        tokenizer = Tokenizer.find(args.checkpoint)
+        if tokenizer is None:
+            raise SystemExit(f"no {Tokenizer.FILENAME} in {args.checkpoint!r}. "
+                             "Fix: pass --tokenizer PATH_TO/tokenizer.model.")
+    model = load_pretrained(args.checkpoint, dtype=args.dtype)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise SystemExit(f"tokenizer has {tokenizer.vocab_size} pieces but the model only {model.cfg.vocab_size} "
+                         "embeddings. Fix: pass the tokenizer the model was trained with (--tokenizer).")
+    start = time.perf_counter()
+    text = run(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+               top_k=args.top_k, top_p=args.top_p, seed=args.seed, instruct=args.instruct, stop=args.stop,
+               chunk_size=args.chunk_size)
+    print(f"[{time.perf_counter() - start:.1f}s including compilation]", file=sys.stderr)
+    return text
+
+
+class _CallableModule(types.ModuleType):
+    """``import mistral_jax.generate`` rebinds ``mistral_jax.generate`` to this module; keep it callable."""
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return _generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
+    main()

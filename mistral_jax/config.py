@@ -13,7 +13,7 @@ from typing import Any, Literal
 import jax.numpy as jnp
 
 AttentionImpl = Literal["auto", "reference", "blocked", "cudnn", "splash"]
-MoEImpl = Literal["dense", "ragged"]
+MoEImpl = Literal["dense", "ragged", "expert_parallel"]
 RematPolicy = Literal["none", "full", "save_dots", "save_qkv_proj", "save_dots_no_batch"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -52,7 +52,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # parameter (master weight) dtype
     attention_impl: AttentionImpl = "auto"  # see model/attention.py
     attention_block_size: int = 512  # query/key block for the blocked banded backend
-    moe_impl: MoEImpl = "ragged"  # "dense" oracle or dropless sort + ragged_dot
+    moe_impl: MoEImpl = "ragged"  # "dense" oracle, dropless sort + ragged_dot, or "expert_parallel" (shard_map)
     scan_layers: bool = True  # lax.scan over stacked layers (one compiled layer) vs a Python loop
     remat: RematPolicy = "none"  # activation checkpointing policy per layer
     initializer_range: float = 0.02  # std of the normal init of weights
@@ -92,8 +92,8 @@ class ModelConfig:
                        "use auto, reference, blocked, cudnn or splash")
         if self.attention_block_size <= 0:
             raise _bad("attention_block_size", self.attention_block_size, "must be > 0", "use e.g. 512")
-        if self.moe_impl not in ("dense", "ragged"):
-            raise _bad("moe_impl", self.moe_impl, "unknown MoE backend", "use dense or ragged")
+        if self.moe_impl not in ("dense", "ragged", "expert_parallel"):
+            raise _bad("moe_impl", self.moe_impl, "unknown MoE backend", "use dense, ragged or expert_parallel")
         if self.remat not in ("none", "full", "save_dots", "save_qkv_proj", "save_dots_no_batch"):
             raise _bad("remat", self.remat, "unknown remat policy",
                        "use none, full, save_dots, save_qkv_proj or save_dots_no_batch")
@@ -225,9 +225,10 @@ class ModelConfig:
         """Build from Mistral's consolidated ``params.json``."""
         try:
             fields = dict(
-                dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p.get("n_kv_heads", p["n_heads"]),
-                head_dim=p.get("head_dim") or p["dim"] // p["n_heads"], hidden_dim=p["hidden_dim"],
-                norm_eps=p.get("norm_eps", 1e-5), vocab_size=p["vocab_size"], rope_theta=float(p.get("rope_theta", 1e4)),
+                dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
+                n_kv_heads=p.get("n_kv_heads", p["n_heads"]), head_dim=p.get("head_dim") or p["dim"] // p["n_heads"],
+                hidden_dim=p["hidden_dim"], norm_eps=p.get("norm_eps", 1e-5), vocab_size=p["vocab_size"],
+                rope_theta=float(p.get("rope_theta", 1e4)),
                 sliding_window=p.get("sliding_window") or None,
                 tie_embeddings=bool(p.get("tied_embeddings", False)),
             )

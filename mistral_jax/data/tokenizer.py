@@ -22,14 +22,16 @@ class Tokenizer:
         if os.path.isdir(path):
             path = os.path.join(path, self.FILENAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"sentencepiece model not found at {path!r}. Fix: pass the path of a .model file "
-                                    f"or a directory containing {self.FILENAME} (train one with scripts/train_tokenizer.py).")
+            raise FileNotFoundError(
+                f"sentencepiece model not found at {path!r}. Fix: pass the path of a .model file or a directory "
+                f"containing {self.FILENAME} (train one with python -m mistral_jax.data.train_tokenizer).")
         self.path = path
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(path)
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"{path!r} is not a valid sentencepiece model ({e}). Fix: re-train or re-download it.") from e
+            raise ValueError(f"{path!r} is not a valid sentencepiece model ({e}). "
+                             "Fix: re-train or re-download it.") from e
 
     @classmethod
     def find(cls, directory: str | os.PathLike) -> Tokenizer | None:
@@ -56,7 +58,8 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         if not isinstance(text, str):
-            raise TypeError(f"Tokenizer.encode expects str, got {type(text).__name__}. Fix: decode bytes as UTF-8 first.")
+            raise TypeError(f"Tokenizer.encode expects str, got {type(text).__name__}. "
+                            "Fix: decode bytes as UTF-8 first.")
         ids = self.sp.EncodeAsIds(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 

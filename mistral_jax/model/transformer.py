@@ -196,7 +196,7 @@ def aux_from_stats(cfg: ModelConfig, stats: dict[str, Array]) -> dict[str, Array
     return dict(load_balancing_loss=lb, router_z_loss=z, expert_load=load)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _abstract_state(cfg: ModelConfig):
     return nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
 
@@ -213,7 +213,7 @@ def count_active_params(cfg: ModelConfig) -> int:
         return total
     state = _abstract_state(cfg)
     ff = state["layers"]["feed_forward"]
-    expert = sum(ff[name].value.size for name in ("w1", "w2", "w3"))  # all layers, all experts
+    expert = sum(ff[name].get_value().size for name in ("w1", "w2", "w3"))  # all layers, all experts
     return total - expert * (cfg.num_experts - cfg.num_experts_per_tok) // cfg.num_experts
 
 

@@ -31,7 +31,7 @@ def loss_fn(model, batch: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
     ce = ce_sum / jnp.maximum(n, 1.0)
     loss = ce
     if cfg.is_moe:
-        loss = loss + cfg.router_aux_loss_coef * aux["load_balancing_loss"] + cfg.router_z_loss_coef * aux["router_z_loss"]
+        loss += cfg.router_aux_loss_coef * aux["load_balancing_loss"] + cfg.router_z_loss_coef * aux["router_z_loss"]
     metrics = dict(loss=loss, ce_loss=ce, tokens=n, aux_loss=aux["load_balancing_loss"], z_loss=aux["router_z_loss"],
                    expert_load=aux["expert_load"])
     return loss, metrics

@@ -1,0 +1,236 @@
+"""ModelConfig: presets, parameter counts, validation, HF round trip, and one test per field that it is read."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import mistral_jax as mj
+from mistral_jax.model.transformer import from_params, params_dict
+from mistral_jax.training.loss import loss_fn
+
+# ----------------------------------------------------------------------------- counts (Mistral paper numbers)
+
+
+def test_parameter_counts_match_the_paper():
+    assert mj.count_params(mj.ModelConfig.mistral_7b_v01()) == 7_241_732_096
+    assert mj.count_params(mj.ModelConfig.mixtral_8x7b()) == 46_702_792_704
+    assert mj.count_active_params(mj.ModelConfig.mixtral_8x7b()) == 12_879_925_248
+    assert mj.count_active_params(mj.ModelConfig.mistral_7b_v01()) == 7_241_732_096
+
+
+def test_presets():
+    v01, v02, mx = mj.ModelConfig.mistral_7b_v01(), mj.ModelConfig.mistral_7b_v02(), mj.ModelConfig.mixtral_8x7b()
+    assert (v01.sliding_window, v01.rope_theta) == (4096, 1e4)
+    assert (v02.sliding_window, v02.rope_theta, v02.max_seq_len) == (None, 1e6, 32768)
+    assert (mx.num_experts, mx.num_experts_per_tok, mx.sliding_window, mx.rope_theta) == (8, 2, None, 1e6)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    "changes,words",
+    [
+        (dict(n_heads=6, n_kv_heads=4), ["n_heads=6", "n_kv_heads=4"]),
+        (dict(num_experts=4, num_experts_per_tok=5), ["num_experts_per_tok=5", "num_experts=4"]),
+        (dict(sliding_window=0), ["sliding_window=0"]),
+        (dict(sliding_window=-3), ["sliding_window=-3"]),
+        (dict(head_dim=15), ["head_dim=15"]),
+        (dict(dtype="float8"), ["dtype='float8'"]),
+        (dict(vocab_size=0), ["vocab_size=0"]),
+        (dict(attention_impl="flash"), ["attention_impl='flash'"]),
+        (dict(remat="most"), ["remat='most'"]),
+    ],
+)
+def test_invalid_configs_raise_with_values_and_fix(changes, words):
+    with pytest.raises(ValueError) as e:
+        mj.ModelConfig.tiny(**changes)
+    for w in words:
+        assert w in str(e.value)
+    assert "Fix:" in str(e.value)
+
+
+def test_replace_rejects_unknown_field():
+    with pytest.raises(ValueError, match="slidin_window"):
+        mj.ModelConfig.tiny().replace(slidin_window=3)
+
+
+@pytest.mark.parametrize("preset", ["mistral_7b_v01", "mistral_7b_v02", "mixtral_8x7b", "tiny", "tiny_mixtral"])
+def test_hf_and_mistral_config_round_trip(preset):
+    import transformers
+
+    cfg = mj.ModelConfig.preset(preset)
+    hf_cls = transformers.MixtralConfig if cfg.is_moe else transformers.MistralConfig
+    hc = hf_cls(**cfg.to_hf())  # transformers accepts our dict ...
+    back = mj.ModelConfig.from_hf(hc)  # ... and we read transformers' own object back
+    keep = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in (
+        "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "norm_eps", "rope_theta",
+        "sliding_window", "max_seq_len", "num_experts", "num_experts_per_tok", "router_aux_loss_coef")}
+    assert {k: getattr(back, k) for k in keep} == keep
+    again = mj.ModelConfig.from_mistral_params(cfg.to_mistral_params())
+    assert {k: getattr(again, k) for k in keep if k != "router_aux_loss_coef"} == {
+        k: v for k, v in keep.items() if k != "router_aux_loss_coef"}
+
+
+def test_from_hf_rejects_other_architectures():
+    with pytest.raises(ValueError, match="model_type='llama'"):
+        mj.ModelConfig.from_hf({"model_type": "llama"})
+
+
+# ----------------------------------------------------------------------------- every field is read
+
+T = 24
+TOKENS = np.random.default_rng(0).integers(0, 512, (2, T)).astype(np.int32)
+
+
+def _logits(cfg, params=None, seed=0):
+    model = mj.Transformer(cfg, rngs=nnx.Rngs(seed)) if params is None else from_params(cfg, params)
+    return np.asarray(model(TOKENS)), model
+
+
+def _same_params_differ(base: mj.ModelConfig, **changes):
+    """Same weights, one field flipped: the logits must change."""
+    a, model = _logits(base)
+    b, _ = _logits(base.replace(**changes), params_dict(model))
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() > 1e-4, changes
+
+
+def _same_output_other_program(base: mj.ModelConfig, fn=None, **changes):
+    """Implementation fields: the compiled program changes, the numbers do not."""
+    fn = fn or (lambda m, x: m(x))
+    texts, outs = [], []
+    for cfg in (base, base.replace(**changes)):
+        model = mj.Transformer(cfg, rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+        pure = lambda s, x, g=graphdef: fn(nnx.merge(g, s), x)
+        texts.append(jax.jit(pure).lower(state, TOKENS).as_text())
+        outs.append(jax.jit(pure)(state, TOKENS))
+    assert texts[0] != texts[1], changes
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5), *outs)
+    return texts
+
+
+DENSE = mj.ModelConfig.tiny(sliding_window=6)
+MOE = mj.ModelConfig.tiny_mixtral()
+
+
+def _shape_field(field, value):
+    def check():
+        cfg = DENSE.replace(**{field: value})
+        assert mj.count_params(cfg) != mj.count_params(DENSE)
+        a, _ = _logits(DENSE)
+        b, _ = _logits(cfg)
+        assert a.shape != b.shape or np.abs(a - b).max() > 1e-4
+    return check
+
+
+def _loss_coef(field):
+    def check():
+        batch = dict(tokens=TOKENS, targets=np.roll(TOKENS, -1, 1), weights=np.ones(TOKENS.shape, np.float32))
+        model = mj.Transformer(MOE.replace(**{field: 0.0}), rngs=nnx.Rngs(0))
+        l0 = float(loss_fn(model, batch)[0])
+        l1 = float(loss_fn(from_params(MOE.replace(**{field: 0.5}), params_dict(model)), batch)[0])
+        assert abs(l1 - l0) > 1e-3
+    return check
+
+
+def _max_seq_len():
+    nowin = DENSE.replace(sliding_window=None)
+    assert mj.KVCache.init(nowin.replace(max_seq_len=64), 1).k.shape[2] == 64
+    assert mj.KVCache.init(nowin.replace(max_seq_len=128), 1).k.shape[2] == 128
+
+
+def _tie_embeddings():
+    cfg = DENSE.replace(tie_embeddings=True)
+    assert mj.count_params(DENSE) - mj.count_params(cfg) == DENSE.dim * DENSE.vocab_size
+    logits, model = _logits(cfg)  # tied: logits = h @ embed^T, so a zero embedding row gives zero logits
+    params = params_dict(model)
+    params["embed"] = params["embed"].at[7].set(0.0)
+    zeroed, _ = _logits(cfg, params)
+    np.testing.assert_allclose(zeroed[..., 7], 0.0, atol=1e-6)
+    assert np.abs(logits[..., 7]).max() > 1e-4
+
+
+def _dtype():
+    a, model = _logits(DENSE)
+    b, _ = _logits(DENSE.replace(dtype="bfloat16"), params_dict(model))
+    assert b.dtype == np.float32  # logits stay float32
+    assert 1e-4 < np.abs(a - b).max() < 0.5
+
+
+def _param_dtype():
+    model = mj.Transformer(DENSE.replace(param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+    assert {x.dtype for x in jax.tree.leaves(params_dict(model))} == {jnp.dtype(jnp.bfloat16)}
+
+
+def _initializer_range():
+    std = lambda r: float(jnp.std(params_dict(mj.Transformer(DENSE.replace(initializer_range=r), rngs=nnx.Rngs(0)))[
+        "layers"]["attention"]["wq"]))
+    assert abs(std(0.02) - 0.02) < 2e-3 and abs(std(0.1) - 0.1) < 1e-2
+
+
+def _remat():
+    """Every policy rewrites the backward program; two of them are run and give the same gradients."""
+    def grad_fn(m, x):
+        return nnx.grad(lambda m: m(x).sum())(m)
+
+    def lowered(policy):
+        graphdef, state = nnx.split(mj.Transformer(DENSE.replace(remat=policy), rngs=nnx.Rngs(0)))
+        return jax.jit(lambda s, x: grad_fn(nnx.merge(graphdef, s), x)).lower(state, TOKENS).as_text()
+
+    texts = {p: lowered(p) for p in ("none", "full", "save_dots", "save_qkv_proj", "save_dots_no_batch")}
+    assert len(set(texts.values())) == len(texts)
+    _same_output_other_program(DENSE.replace(remat="none"), grad_fn, remat="save_qkv_proj")
+
+
+def _moe_impl():
+    _same_output_other_program(MOE.replace(moe_impl="dense"), moe_impl="ragged")
+    jaxpr = lambda impl: str(jax.make_jaxpr(lambda x: mj.Transformer(MOE.replace(moe_impl=impl), rngs=nnx.Rngs(0))(x))(
+        TOKENS))
+    assert "ragged_dot" in jaxpr("ragged") and "ragged_dot" not in jaxpr("dense")
+
+
+FIELD_CHECKS = {
+    "vocab_size": _shape_field("vocab_size", 256),
+    "dim": _shape_field("dim", 32),
+    "n_layers": _shape_field("n_layers", 3),
+    "n_heads": _shape_field("n_heads", 8),
+    "n_kv_heads": _shape_field("n_kv_heads", 4),
+    "head_dim": _shape_field("head_dim", 8),
+    "hidden_dim": _shape_field("hidden_dim", 96),
+    "norm_eps": lambda: _same_params_differ(DENSE, norm_eps=0.5),
+    "rope_theta": lambda: _same_params_differ(DENSE, rope_theta=50.0),
+    "sliding_window": lambda: _same_params_differ(DENSE, sliding_window=3),
+    "max_seq_len": _max_seq_len,
+    "tie_embeddings": _tie_embeddings,
+    "num_experts": _shape_field("num_experts", 2),
+    "num_experts_per_tok": lambda: _same_params_differ(MOE, num_experts_per_tok=1),
+    "router_aux_loss_coef": _loss_coef("router_aux_loss_coef"),
+    "router_z_loss_coef": _loss_coef("router_z_loss_coef"),
+    "dtype": _dtype,
+    "param_dtype": _param_dtype,
+    "attention_impl": lambda: _same_output_other_program(DENSE.replace(attention_impl="reference"),
+                                                         attention_impl="blocked"),
+    "attention_block_size": lambda: _same_output_other_program(DENSE.replace(attention_impl="blocked"),
+                                                               attention_block_size=4),
+    "moe_impl": _moe_impl,
+    "scan_layers": lambda: _same_output_other_program(DENSE, scan_layers=False),
+    "remat": _remat,
+    "initializer_range": _initializer_range,
+}
+
+
+def test_every_field_has_a_check():
+    assert set(FIELD_CHECKS) == {f.name for f in dataclasses.fields(mj.ModelConfig)}
+
+
+@pytest.mark.parametrize("field", sorted(FIELD_CHECKS))
+def test_field_changes_behaviour(field):
+    FIELD_CHECKS[field]()  # each check asserts

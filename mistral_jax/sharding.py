@@ -45,9 +45,20 @@ _BASE: dict[str, MeshAxes] = {
     "act_vocab": "tensor",
 }
 
+# Presets. Mesh axes of size 1 are dropped from every spec, so one table serves every mesh shape; the presets
+# pin down which parallelism a run means (and `rules_for_mesh` checks the mesh agrees with it).
+#   fsdp:        parameters sharded on `embed` over fsdp, nothing tensor- or expert-parallel; every mesh axis
+#                shards the batch.
+#   fsdp_tp:     + heads / kv_heads / mlp / vocab over `tensor` (Megatron column/row split); experts replicated.
+#   fsdp_tp_ep:  + experts over `expert` (MoE blocks use the expert-parallel path in model/moe.py).
+_FSDP: dict[str, MeshAxes] = {**_BASE, "vocab": None, "heads": None, "kv_heads": None, "mlp": None, "experts": None,
+                              "act_heads": None, "act_kv_heads": None, "act_mlp": None, "act_vocab": None,
+                              "batch": ("data", "fsdp", "tensor", "expert")}
+_FSDP_TP: dict[str, MeshAxes] = {**_BASE, "experts": None}
+
 RULE_PRESETS: dict[str, dict[str, MeshAxes]] = {
-    "fsdp": _BASE,
-    "fsdp_tp": _BASE,
+    "fsdp": _FSDP,
+    "fsdp_tp": _FSDP_TP,
     "fsdp_tp_ep": _BASE,
 }
 
@@ -184,6 +195,7 @@ def create_sharded(make_module, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES
     abstract = nnx.eval_shape(make_module)
     graphdef, abstract_state = nnx.split(abstract)
     shardings = state_shardings(abstract_state, mesh, rules)
+    check_divisible(abstract_state, shardings)
 
     @jax.jit
     def init():
@@ -192,3 +204,137 @@ def create_sharded(make_module, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES
     with use_mesh(mesh, rules):
         state = jax.jit(init, out_shardings=shardings)()
     return nnx.merge(graphdef, state)
+
+
+# ---------------------------------------------------------------------------------------------- from run config
+def rules_preset(name: str) -> ShardingRules:
+    """The ``ShardingRules`` of a preset: ``fsdp``, ``fsdp_tp`` or ``fsdp_tp_ep``."""
+    if name not in RULE_PRESETS:
+        raise ValueError(f"unknown sharding preset {name!r}. Fix: use one of {sorted(RULE_PRESETS)}.")
+    return ShardingRules(RULE_PRESETS[name])
+
+
+def _get(cfg, key: str, default):
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default) if not hasattr(cfg, "get") else cfg.get(key, default)
+
+
+def mesh_from_config(mesh_cfg, devices=None) -> Mesh:
+    """The mesh of a run config's ``config.mesh`` (fields ``data, fsdp, tensor, expert``; -1 = fill).
+
+    Args:
+      mesh_cfg: a ConfigDict or mapping; missing fields default to ``data=1, fsdp=-1, tensor=1, expert=1``.
+      devices: the devices to lay out (default: all global devices, every process's).
+
+    Returns:
+      A ``Mesh`` with Auto axis types over ``MESH_AXES``.
+    """
+    sizes = {a: int(_get(mesh_cfg, a, -1 if a == "fsdp" else 1)) for a in MESH_AXES}
+    return make_mesh(**sizes, devices=devices)
+
+
+def rules_from_config(mesh_cfg, mesh: Mesh | None = None) -> ShardingRules:
+    """The rules of ``config.mesh.rules`` (a preset name; default ``auto``: the preset matching the mesh shape).
+
+    ``auto`` picks ``fsdp_tp_ep`` when the mesh has an expert axis > 1, else ``fsdp_tp`` when tensor > 1, else
+    ``fsdp``. An explicit preset is checked against the mesh: a preset that ignores a mesh axis of size > 1 for
+    the parameters it would shard is fine (that axis then shards the batch only), so no check is needed there.
+    """
+    name = _get(mesh_cfg, "rules", "auto") or "auto"
+    if name != "auto":
+        return rules_preset(name)
+    shape = dict(mesh.shape) if mesh is not None else {a: int(_get(mesh_cfg, a, 1)) for a in MESH_AXES}
+    if shape.get("expert", 1) > 1:
+        return rules_preset("fsdp_tp_ep")
+    if shape.get("tensor", 1) > 1:
+        return rules_preset("fsdp_tp")
+    return rules_preset("fsdp")
+
+
+# ---------------------------------------------------------------------------------------------- state shardings
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A fully replicated sharding on ``mesh``."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def check_divisible(state, shardings) -> None:
+    """Raise (listing every offender) if a sharded dimension is not divisible by its mesh axes' total size."""
+    problems = []
+    flat_s = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]
+    flat_x = jax.tree.leaves(state, is_leaf=_is_var)
+    for (path, sh), x in zip(flat_s, flat_x, strict=True):
+        shape = tuple(x.shape)
+        for dim, axes in zip(shape, tuple(sh.spec) + (None,) * (len(shape) - len(sh.spec)), strict=False):
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            n = math.prod(sh.mesh.shape[a] for a in axes)
+            if dim % n:
+                problems.append(f"{jax.tree_util.keystr(path)} shape {shape} spec {sh.spec}: {dim} % {n} != 0")
+    if problems:
+        raise ValueError("parameters cannot be sharded evenly on mesh " + str(dict(next(iter(
+            flat_s))[1].mesh.shape)) + ":\n  " + "\n  ".join(problems) +
+            "\nFix: choose mesh sizes that divide these dimensions (or map the logical axis to None in the rules).")
+
+
+def opt_state_shardings(tx, abstract_params, param_shardings, mesh: Mesh):
+    """Shardings for ``tx.init(params)``: each params-shaped part gets the parameters' shardings, the rest
+    (step counts, schedule state) is replicated.
+
+    Args:
+      tx: the optax ``GradientTransformation``.
+      abstract_params: the parameters (arrays or ``ShapeDtypeStruct``s; a pytree or ``nnx.State``).
+      param_shardings: the same structure of ``NamedSharding``s (``state_shardings``).
+      mesh: the mesh (for the replicated leaves).
+    """
+    import optax
+
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    return optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                 transform_non_params=lambda _: replicated(mesh),
+                                 is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def batch_sharding(mesh: Mesh, rules: ShardingRules = DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
+    """The sharding of a ``[B, T, ...]`` batch array: batch over the rules' batch axes, the rest replicated."""
+    return NamedSharding(mesh, rules.spec(("batch",) + (None,) * (ndim - 1), mesh))
+
+
+# ---------------------------------------------------------------------------------------------- expert parallel
+@dataclasses.dataclass(frozen=True)
+class ExpertParallel:
+    """Where the MoE block runs expert-parallel: resolved from the active mesh and rules (``expert_parallel()``)."""
+
+    mesh: Mesh
+    expert_axis: str  # mesh axis that shards the experts dimension
+    tensor_axis: str | None  # mesh axis that shards the expert hidden (mlp) dimension, if any
+    batch_axes: tuple[str, ...]  # mesh axes that shard the token (batch) dimension
+
+    @property
+    def tokens_split_over_experts(self) -> bool:
+        return self.expert_axis in self.batch_axes
+
+
+def expert_parallel() -> ExpertParallel | None:
+    """The expert-parallel layout if a mesh is active and the rules shard ``experts`` over an axis of size > 1."""
+    ctx = current()
+    if ctx is None:
+        return None
+    mesh, rules = ctx
+    (e_axes,) = rules.spec(("experts",), mesh)
+    if e_axes is None:
+        return None
+    if not isinstance(e_axes, str):
+        raise ValueError(f"experts are sharded over several mesh axes {e_axes}; expert parallelism needs one. "
+                         "Fix: map `experts` to a single mesh axis in the rules table.")
+    (t_axes,) = rules.spec(("mlp",), mesh)
+    if t_axes is not None and not isinstance(t_axes, str):
+        raise ValueError(f"`mlp` is sharded over several mesh axes {t_axes}; the expert-parallel MoE supports one. "
+                         "Fix: map `mlp` to a single mesh axis (or None).")
+    (b_axes,) = rules.spec(("batch",), mesh)
+    b_axes = () if b_axes is None else (b_axes,) if isinstance(b_axes, str) else tuple(b_axes)
+    if t_axes is not None and t_axes in b_axes:
+        raise ValueError(f"mesh axis {t_axes!r} shards both the batch and `mlp`; the expert-parallel MoE needs "
+                         "them disjoint. Fix: change the rules table.")
+    return ExpertParallel(mesh=mesh, expert_axis=e_axes, tensor_axis=t_axes, batch_axes=b_axes)

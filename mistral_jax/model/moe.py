@@ -9,6 +9,9 @@ Backends (``ModelConfig.moe_impl``):
   * ``dense``: every expert on every token, combined with the (mostly zero) routing weights. The oracle.
   * ``ragged``: dropless: sort the A assignments by expert and run three grouped matmuls
     (``jax.lax.ragged_dot``), so compute is proportional to X, not to E.
+  * ``expert_parallel``: ``ragged`` inside a ``shard_map`` over the mesh axis that shards the experts (see
+    ``expert_parallel_experts``). ``ragged`` switches to it by itself when the active rules shard ``experts``
+    over a mesh axis of size > 1; without such a mesh, ``expert_parallel`` computes ``ragged``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from jaxtyping import Array, Bool, Float, Int
 from mistral_jax import sharding
 
 
-def route(logits: Float[Array, "M E"], top_k: int) -> tuple[Float[Array, "M E"], Float[Array, "M X"], Int[Array, "M X"]]:
+def route(logits: Float[Array, "M E"], top_k: int
+          ) -> tuple[Float[Array, "M E"], Float[Array, "M X"], Int[Array, "M X"]]:
     """Softmax in float32 (small logit gaps decide the top-k), top-k, renormalised weights."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # [M, E]
     top_w, top_idx = jax.lax.top_k(probs, top_k)  # [M, X]
@@ -92,6 +96,61 @@ def ragged_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "M X"
     return jnp.zeros_like(x).at[token].add(y * weights[:, None])  # [M, D]
 
 
+def expert_parallel_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "M X"],
+                            top_idx: Int[Array, "M X"], ep: sharding.ExpertParallel) -> Float[Array, "M D"]:
+    """Dropless expert parallelism: each expert shard runs only its own E/P experts.
+
+    Inside a ``shard_map`` (P = size of the expert mesh axis, F sharded over the tensor axis if any):
+      1. tokens (and their routing) are all-gathered over the expert axis when the batch is split over it, so
+         every expert shard sees every token of its group;
+      2. each shard keeps the assignments routed to its experts, sorts them by local expert and runs the
+         ragged grouped matmuls (other assignments get weight 0 and an empty group);
+      3. the partial outputs are summed back: ``psum`` over the tensor axis (the F contraction of w2) and
+         ``psum_scatter`` over the expert axis (each token's experts live on different shards), which returns
+         every token to the shard that owns it. Communication: one all-gather + one reduce-scatter of [M, D]
+         per layer (the all-to-all pair's volume up to the factor X), no capacity factor, no dropped tokens.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    m, top_k = top_idx.shape
+    num_experts = w1.shape[0]
+    ea, ta = ep.expert_axis, ep.tensor_axis
+    n_shards = ep.mesh.shape[ea]
+    if num_experts % n_shards:
+        raise ValueError(f"{num_experts} experts cannot be split over the expert mesh axis of size {n_shards}. "
+                         "Fix: choose mesh.expert dividing num_experts.")
+    e_local = num_experts // n_shards
+    batch = ep.batch_axes if ep.batch_axes else None
+    tok_spec = P(batch, None)
+    w_in_spec, w_out_spec = P(ea, None, ta), P(ea, ta, None)
+
+    def local(xl, w1l, w3l, w2l, wl, il):  # per shard: xl [m, D], w1l/w3l [e, D, f], w2l [e, f, D]
+        if ep.tokens_split_over_experts:  # gather the expert group's tokens: [P*m, ...]
+            xl, wl, il = (jax.lax.all_gather(a, ea, axis=0, tiled=True) for a in (xl, wl, il))
+        lo = jax.lax.axis_index(ea) * e_local
+        mine = (il >= lo) & (il < lo + e_local)  # [mg, X] assignments routed to this shard's experts
+        flat = jnp.where(mine, il - lo, e_local).reshape(-1)  # [A] local expert id, e_local = elsewhere
+        order = jnp.argsort(flat, stable=True)  # [A] this shard's assignments first, grouped by expert
+        token = order // top_k  # [A]
+        group_sizes = jnp.bincount(flat, length=e_local + 1)[:e_local].astype(jnp.int32)  # [e]
+        xs = xl[token]  # [A, D]
+        h = jax.nn.silu(jax.lax.ragged_dot(xs, w1l, group_sizes)) * jax.lax.ragged_dot(xs, w3l, group_sizes)
+        y = jax.lax.ragged_dot(h, w2l, group_sizes)  # [A, D] (rows past the groups are not ours)
+        keep = mine.reshape(-1)[order]  # [A]
+        weights = jnp.where(keep, wl.reshape(-1)[order], 0).astype(y.dtype)  # [A]
+        y = jnp.where(keep[:, None], y * weights[:, None], 0)
+        out = jnp.zeros_like(xl).at[token].add(y)  # [mg, D] partial: this shard's experts (and F slice)
+        if ta is not None:
+            out = jax.lax.psum(out, ta)
+        if ep.tokens_split_over_experts:
+            return jax.lax.psum_scatter(out, ea, scatter_dimension=0, tiled=True)  # [m, D]
+        return jax.lax.psum(out, ea)
+
+    fn = jax.shard_map(local, mesh=ep.mesh, in_specs=(tok_spec, w_in_spec, w_in_spec, w_out_spec, tok_spec, tok_spec),
+                       out_specs=tok_spec, check_vma=False)
+    return fn(x, w1, w3, w2, top_w, top_idx)
+
+
 class MoE(nnx.Module):
     """Mixtral's sparse MoE block (HF ``MixtralSparseMoeBlock``)."""
 
@@ -118,7 +177,13 @@ class MoE(nnx.Module):
         probs, top_w, top_idx = route(logits, cfg.num_experts_per_tok)
         valid_m = jnp.ones((b * t,), bool) if valid is None else valid.reshape(b * t)  # [M]
         stats = router_stats(logits, probs, top_idx, valid_m)
-        experts = dense_experts if cfg.moe_impl == "dense" else ragged_experts
-        y = experts(xf, self.w1[...].astype(dt), self.w3[...].astype(dt), self.w2[...].astype(dt),
-                    top_w.astype(dt), top_idx)
+        args = (xf, self.w1[...].astype(dt), self.w3[...].astype(dt), self.w2[...].astype(dt), top_w.astype(dt),
+                top_idx)
+        ep = sharding.expert_parallel() if cfg.moe_impl in ("ragged", "expert_parallel") else None
+        if cfg.moe_impl == "dense":
+            y = dense_experts(*args)
+        elif ep is not None:
+            y = expert_parallel_experts(*args, ep=ep)
+        else:
+            y = ragged_experts(*args)
         return sharding.constrain(y.reshape(b, t, d), ("batch", "seq", "act_embed")), stats

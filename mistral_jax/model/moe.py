@@ -22,6 +22,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from mistral_jax import sharding
+from mistral_jax.model.grouped_matmul import grouped_matmul
 
 
 def route(logits: Float[Array, "M E"], top_k: int
@@ -82,7 +83,8 @@ def dense_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "M X"]
 
 def ragged_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "M X"], top_idx: Int[Array, "M X"]
                    ) -> Float[Array, "M D"]:
-    """Dropless grouped matmul: sort the A = M*X assignments by expert, ragged_dot per expert group."""
+    """Dropless grouped matmul: sort the A = M*X assignments by expert, one grouped matmul per projection
+    (``ragged_dot`` on accelerators, block-sparse on CPU: see ``grouped_matmul``)."""
     m, top_k = top_idx.shape
     num_experts = w1.shape[0]
     flat_expert = top_idx.reshape(-1)  # [A]
@@ -90,8 +92,8 @@ def ragged_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "M X"
     token = order // top_k  # [A] source token of each sorted assignment
     group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)  # [E]
     xs = x[token]  # [A, D]
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, w1, group_sizes)) * jax.lax.ragged_dot(xs, w3, group_sizes)  # [A, F]
-    y = jax.lax.ragged_dot(h, w2, group_sizes)  # [A, D]
+    h = jax.nn.silu(grouped_matmul(xs, w1, group_sizes)) * grouped_matmul(xs, w3, group_sizes)  # [A, F]
+    y = grouped_matmul(h, w2, group_sizes)  # [A, D]
     weights = top_w.reshape(-1)[order].astype(y.dtype)  # [A]
     return jnp.zeros_like(x).at[token].add(y * weights[:, None])  # [M, D]
 

@@ -296,7 +296,7 @@ def test_dtype_cast_matches_torch(hf_dirs, tmp_path):
     _assert_bit_identical(_torch_tensors(dirs["mixtral", "bfloat16"]), _torch_tensors(str(tmp_path / "bf16")))
 
 
-def test_load_with_mesh_places_params_sharded(hf_dirs, loaded):
+def test_load_with_mesh_places_params_sharded(hf_dirs, loaded, tmp_path):
     dirs, _ = hf_dirs
     mesh = sharding.make_mesh(fsdp=2, tensor=2, expert=2)
     model = mj.load_pretrained(dirs["mixtral", "float32"], mesh=mesh)
@@ -307,6 +307,25 @@ def test_load_with_mesh_places_params_sharded(hf_dirs, loaded):
     ref = params_dict(loaded["mixtral"])
     for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    mj.save_hf(model, tmp_path / "from_sharded")  # export reads the sharded arrays slice by slice
+    _assert_bit_identical(_torch_tensors(dirs["mixtral", "float32"]), _torch_tensors(str(tmp_path / "from_sharded")))
+
+
+def test_tied_embeddings(tmp_path):
+    cfg = EXPORT_CONFIGS["mistral_window"].replace(tie_embeddings=True)
+    model = mj.Transformer(cfg, rngs=nnx.Rngs(1))
+    mj.save_hf(model, tmp_path / "hf")
+    assert "lm_head.weight" not in _torch_tensors(str(tmp_path / "hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    assert hf.config.tie_word_embeddings
+    np.testing.assert_array_equal(hf.lm_head.weight.detach().numpy(), np.asarray(params_dict(model)["embed"]))
+    mj.save_mistral(model, tmp_path / "m")
+    assert json.load(open(tmp_path / "m" / "params.json"))["tied_embeddings"] is True
+    for d in ("hf", "m"):
+        back = mj.load_pretrained(tmp_path / d)
+        assert back.cfg.tie_embeddings
+        for a, b in zip(jax.tree.leaves(params_dict(back)), jax.tree.leaves(params_dict(model)), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_cli_hf_to_mistral_to_hf(hf_dirs, tmp_path, capsys):

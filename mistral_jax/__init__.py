@@ -1,10 +1,11 @@
 """mistral_jax: Mistral 7B and Mixtral 8x7B in JAX / Flax NNX."""
 
 from mistral_jax.config import ModelConfig
+from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.model.kv_cache import KVCache
 from mistral_jax.model.transformer import Transformer, count_active_params, count_params
 
-__all__ = ["KVCache", "ModelConfig", "Transformer", "count_active_params", "count_params"]
+__all__ = ["KVCache", "ModelConfig", "Tokenizer", "Transformer", "count_active_params", "count_params"]
 
 from mistral_jax.inference.generate import generate  # noqa: E402
 

@@ -1,0 +1,190 @@
+"""Run lm-evaluation-harness tasks or a benchmark suite on a mistral_jax checkpoint (the library side of eval.py)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mistral_jax.evals import presets
+from mistral_jax.evals.lm import MistralJaxLM, xla_compile_count
+
+log = logging.getLogger(__name__)
+
+
+class DatasetUnavailableError(RuntimeError):
+    """A task's dataset could not be fetched (offline, or not in the local datasets cache)."""
+
+
+def _dataset_hint(task_manager: Any, spec: Any) -> str:
+    """``dataset_path[/dataset_name]`` of a task spec, read from its YAML, or '' if unknown."""
+    try:
+        entry = task_manager._entry(spec) if isinstance(spec, str) else None  # noqa: SLF001 - best effort only
+        path = getattr(entry, "yaml_path", None)
+        if path:
+            import yaml
+
+            with open(path) as f:
+                cfg = yaml.load(f, Loader=yaml.BaseLoader) or {}
+            return "/".join(str(cfg[k]) for k in ("dataset_path", "dataset_name") if cfg.get(k) not in (None, "null"))
+    except Exception:  # noqa: BLE001 - only used to improve the message
+        pass
+    return ""
+
+
+def load_tasks(task_manager: Any, specs: Sequence[str | Mapping[str, Any]]) -> list[Any]:
+    """Build lm-eval Task / Group objects for ``specs`` (names, tags or inline group dicts), one spec at a time,
+    so a failure names the task it belongs to.
+
+    Raises:
+      ValueError: an unknown task name (with close matches).
+      DatasetUnavailableError: a task whose dataset cannot be fetched, with how to pre-download it.
+    """
+    import datasets
+
+    built = []
+    for spec in specs:
+        name = spec if isinstance(spec, str) else spec.get("group") or spec.get("task")
+        try:
+            loaded = task_manager.load(spec if isinstance(spec, str) else dict(spec))
+        except KeyError as e:
+            import difflib
+
+            close = difflib.get_close_matches(str(name), list(task_manager.all_tasks), n=5)
+            raise ValueError(f"unknown lm-eval task {name!r}; close matches: {close}. Fix: check the name "
+                             "(`lm_eval ls tasks`), or pass --include_path DIR holding its YAML.") from e
+        except (OSError, datasets.exceptions.DatasetNotFoundError) as e:
+            ds = _dataset_hint(task_manager, spec)
+            raise DatasetUnavailableError(
+                f"task {name!r}: its dataset{f' {ds!r}' if ds else ''} cannot be loaded ({type(e).__name__}: {e}). "
+                "The run is offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE set, or no network) and the dataset is "
+                "not in the local cache. Fix: pre-download it once on a machine with network access, with the same "
+                "datasets cache (HF_HOME / HF_DATASETS_CACHE) as this run: `HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0 "
+                f"python -c \"from lm_eval.tasks import TaskManager; TaskManager().load(['{name}'])\"`, then copy "
+                "the cache here; or evaluate on local files with a task YAML (`dataset_path: json`, "
+                "`dataset_kwargs: {data_files: {test: FILE}}`) passed through --include_path.") from e
+        if name in loaded["groups"]:
+            built.append(loaded["groups"][name])
+        elif name in loaded["tasks"]:
+            built.append(loaded["tasks"][name])
+        else:  # a tag: its tasks
+            built.extend(loaded["tasks"].values())
+    return built
+
+
+def _leaf_tasks(obj: Any) -> list[Any]:
+    return list(obj.get_all_tasks()) if hasattr(obj, "get_all_tasks") else [obj]
+
+
+def evaluate(*, checkpoint: str | None = None, lm: MistralJaxLM | None = None, tasks: str | Sequence[str] = (),
+             suite: str | None = None, num_fewshot: int | None = None, limit: float | None = None,
+             batch_size: int = 8, include_path: str | None = None, output_path: str | None = None,
+             log_samples: bool = False, seed: Sequence[int] = (0, 1234, 1234, 1234),
+             apply_chat_template: bool = False, confirm_run_unsafe_code: bool = False,
+             gen_kwargs: str | None = None, tokenizer: str | None = None, dtype: str | None = None,
+             max_length: int | None = None, task_manager: Any = None, verbose: bool = True) -> dict[str, Any]:
+    """Evaluate with lm-evaluation-harness through the ``mistral_jax`` backend.
+
+    Args:
+      checkpoint: a directory ``load_pretrained`` accepts (or pass ``lm``).
+      lm: a ready ``MistralJaxLM`` (e.g. over an in-memory model).
+      tasks: lm-eval task / group / tag names (comma-separated string or list).
+      suite: a preset suite (``mistral_paper``) run with its own shot counts, printed grouped by category.
+      num_fewshot: shots for every task (overrides the suite's).
+      limit: examples per task (a fraction if < 1), as lm-eval's ``--limit``.
+      batch_size: rows per compiled batch.
+      include_path: extra directory of task YAMLs.
+      output_path: write ``results_<date>.json`` (and ``samples_<task>_<date>.jsonl`` with ``log_samples``)
+        under ``output_path/<model name>/`` exactly as lm-eval does.
+      log_samples: keep per-sample inputs, responses and metrics.
+      seed: python, numpy, torch and few-shot seeds (lm-eval's ``--seed``).
+      apply_chat_template: wrap prompts in Mistral's instruct template (for instruct models).
+      confirm_run_unsafe_code: allow tasks that execute generated code (HumanEval, MBPP).
+      gen_kwargs: generation overrides, ``"temperature=0,max_gen_toks=64"``.
+      tokenizer: a tokenizer.model path when the checkpoint has none.
+      dtype: parameter dtype for loading (``bfloat16`` / ``float32``).
+      max_length: context length (default the model's ``max_seq_len``).
+      task_manager: a ready ``lm_eval.tasks.TaskManager`` (it indexes every task YAML: slow to build).
+      verbose: print the result tables.
+
+    Returns:
+      lm-eval's results dict, plus ``config["mistral_jax"]`` with compilation counts and timings.
+    """
+    import lm_eval
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
+
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t and t.strip()]
+    benchmarks = presets.suite(suite) if suite else ()
+    if not names and not benchmarks:
+        raise ValueError("nothing to evaluate: give --tasks (comma-separated lm-eval names) or --suite mistral_paper.")
+    if lm is None:
+        if checkpoint is None:
+            raise ValueError("evaluate() needs checkpoint=<dir> or lm=<MistralJaxLM>. Fix: pass --checkpoint DIR.")
+        lm = MistralJaxLM(checkpoint, tokenizer=tokenizer, batch_size=batch_size, dtype=dtype,
+                          max_length=max_length, seed=seed[0])
+    task_manager = task_manager or TaskManager(include_path=include_path)
+
+    skipped = [b for b in benchmarks if b.task is None]
+    for b in skipped:
+        log.warning("suite %s: %s skipped (%s)", suite, b.name, b.note)
+    objs = load_tasks(task_manager, names)
+    for b in (b for b in benchmarks if b.task is not None):
+        if isinstance(b.task, str) and b.task in names:
+            continue  # asked for explicitly through --tasks: run with its own settings once
+        for obj in load_tasks(task_manager, [b.task]):
+            for t in _leaf_tasks(obj):
+                if b.num_fewshot is not None and num_fewshot is None:
+                    t.set_config(key="num_fewshot", value=b.num_fewshot)
+                if b.repeats is not None:
+                    t.set_config(key="repeats", value=b.repeats)
+            objs.append(obj)
+
+    tracker = EvaluationTracker(output_path=output_path) if output_path else None
+    compiles0, t0 = xla_compile_count(), time.perf_counter()
+    score0 = lm.n_compilations
+    results = lm_eval.simple_evaluate(
+        model=lm, model_args={"pretrained": checkpoint or "in-memory"}, tasks=objs, num_fewshot=num_fewshot,
+        batch_size=lm.batch_size, limit=limit, log_samples=log_samples, evaluation_tracker=tracker,
+        apply_chat_template=apply_chat_template, fewshot_as_multiturn=bool(apply_chat_template),
+        gen_kwargs=gen_kwargs, task_manager=task_manager, random_seed=seed[0], numpy_random_seed=seed[1],
+        torch_random_seed=seed[2], fewshot_random_seed=seed[3], confirm_run_unsafe_code=confirm_run_unsafe_code,
+        bootstrap_iters=0 if limit is not None else 100000)
+    info = {"score_compilations": lm.n_compilations - score0, "score_shapes": [s for _, s in lm.compile_log[score0:]],
+            "xla_compilations": xla_compile_count() - compiles0, "seconds": round(time.perf_counter() - t0, 2),
+            "batch_size": lm.batch_size, "devices": 1 if lm.mesh is None else lm.mesh.size}
+    results["config"]["mistral_jax"] = info
+    log.info("mistral_jax eval: %s", json.dumps(info))
+    if benchmarks:
+        table, averages = presets.paper_table(results["results"], benchmarks)
+        results["mistral_jax_suite"] = {"suite": suite, "category_averages": averages, "table": table}
+    if tracker is not None:
+        samples = results.pop("samples", None) if log_samples else None
+        written = copy.deepcopy(samples)  # the tracker rewrites samples in place as it serialises them
+        tracker.save_results_aggregated(results=results, samples=written)
+        for task_name in (results["configs"] if written else ()):
+            tracker.save_results_samples(task_name=task_name, samples=written[task_name])
+        if samples is not None:
+            results["samples"] = samples
+    if verbose:
+        print(make_table(results))
+        if "groups" in results:
+            print(make_table(results, "groups"))
+        if benchmarks:
+            print(results["mistral_jax_suite"]["table"])
+        print(f"compilations: {info['score_compilations']} scoring step(s) {info['score_shapes']}, "
+              f"{info['xla_compilations']} XLA in total; {info['seconds']} s on {info['devices']} device(s)")
+    return results
+
+
+def output_files(output_path: str | os.PathLike) -> list[str]:
+    """Every file an ``evaluate(output_path=...)`` run wrote (for checks and scripts)."""
+    out = []
+    for root, _, files in os.walk(output_path):
+        out += [os.path.join(root, f) for f in files]
+    return sorted(out)

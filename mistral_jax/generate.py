@@ -66,11 +66,14 @@ class _TextStream:
 
 def run(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0,
         top_k: int | None = None, top_p: float | None = None, seed: int = 0, instruct: bool = False,
-        stop: Sequence[str] = (), chunk_size: int | None = None, out: TextIO | None = sys.stdout) -> str:
+        stop: Sequence[str] = (), chunk_size: int | None = None, out: TextIO | None | str = "stdout") -> str:
     """Generate a continuation of ``prompt``, writing it to ``out`` token by token; returns the full text.
+
+    ``out``: a text stream, ``"stdout"`` (the current ``sys.stdout``) or None (print nothing).
 
     The text is cut before the first stop string. Generation stops at the tokenizer's EOS.
     """
+    out = sys.stdout if out == "stdout" else out
     ids = instruct_prompt_ids(prompt, tokenizer) if instruct else tokenizer.encode(prompt, bos=True)
     stream = _TextStream(tokenizer, stop, out)
     _generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -96,7 +99,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     ap.add_argument("--chunk_size", type=int, default=None, help="prefill chunk (default: the sliding window)")
     ap.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: CHECKPOINT/tokenizer.model)")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype override")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="parameter and compute dtype (default: as stored)")
     return ap.parse_args(argv)
 
 
@@ -116,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         if tokenizer is None:
             raise SystemExit(f"no {Tokenizer.FILENAME} in {args.checkpoint!r}. "
                              "Fix: pass --tokenizer PATH_TO/tokenizer.model.")
-    model = load_pretrained(args.checkpoint, dtype=args.dtype)
+    model = load_pretrained(args.checkpoint, dtype=args.dtype,
+                            config_overrides=dict(dtype=args.dtype) if args.dtype else None)
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise SystemExit(f"tokenizer has {tokenizer.vocab_size} pieces but the model only {model.cfg.vocab_size} "
                          "embeddings. Fix: pass the tokenizer the model was trained with (--tokenizer).")

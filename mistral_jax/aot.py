@@ -1,0 +1,251 @@
+"""Ahead-of-time proof of fit: compile the real train step for a TPU topology from a CPU machine.
+
+    python -m mistral_jax.aot --config configs/mixtral_8x7b.py --topology v5p-128 [--config.key=value ...]
+
+Needs libtpu (the ``tpu`` extra: ``pip install "jax[tpu]"``), which compiles for TPU topologies without TPU
+hardware. The step is ``training.step.jit_train_step`` on the run config's model, mesh (``config.mesh``, -1 =
+fill the topology's chips), rules, batch and remat, lowered on abstract (sharded) state and batch. Prints the
+per-chip memory of the compiled program (arguments, outputs, temporaries, total vs HBM), FLOPs per step and
+whether it fits.
+
+Topologies: ``v5p-N`` / ``v4-N`` (N TensorCores, 2 per chip), ``v5e-N`` / ``v6e-N`` (N chips), or an explicit
+``v5p:4x4x4``-style chip grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from typing import Any
+
+import jax
+
+from mistral_jax import sharding
+
+GiB = 1024**3
+
+# HBM per chip (bytes) and the chip grids of the common slice sizes.
+_HBM = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB}
+_CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
+_GRIDS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+             512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+_GRIDS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A TPU slice: generation, chip grid (``libtpu`` topology name) and HBM per chip."""
+
+    name: str  # as given, e.g. v5p-128
+    generation: str  # v4 | v5e | v5p | v6e
+    grid: str  # e.g. 4x4x4
+    hbm_bytes: int
+
+    @property
+    def chips(self) -> int:
+        return math.prod(int(x) for x in self.grid.split("x"))
+
+    @property
+    def libtpu_name(self) -> str:
+        return f"{self.generation}:{self.grid}"
+
+
+def parse_topology(name: str) -> Topology:
+    """``v5p-128`` / ``v6e-256`` / ``v5p:4x4x4`` -> ``Topology``; raises listing the accepted forms."""
+    gen, sep, rest = name.replace(":", "-", 1).partition("-")
+    gen = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v5": "v5p"}.get(gen, gen)
+    if gen not in _HBM or not sep or not rest:
+        raise ValueError(f"unknown TPU topology {name!r}. Fix: use v4-N, v5p-N (N TensorCores, 2 per chip), "
+                         f"v5e-N, v6e-N (N chips) or generation:grid such as v5p:4x4x4.")
+    if "x" in rest:
+        grid = rest
+    else:
+        n = int(rest)
+        chips = n // _CORES_PER_CHIP[gen]
+        grids = _GRIDS_3D if gen in ("v4", "v5p") else _GRIDS_2D
+        if n % _CORES_PER_CHIP[gen] or chips not in grids:
+            raise ValueError(f"no known chip grid for {name!r} ({chips} chips). Fix: give the grid explicitly, "
+                             f"e.g. {gen}:{next(iter(grids.values()))}, or use one of "
+                             f"{[f'{gen}-{c * _CORES_PER_CHIP[gen]}' for c in grids]}.")
+        grid = grids[chips]
+    return Topology(name=name, generation=gen, grid=grid, hbm_bytes=_HBM[gen])
+
+
+def topology_devices(topology: Topology) -> list[Any]:
+    """Compile-only devices of ``topology`` (needs libtpu; no TPU hardware)."""
+    import os
+
+    from jax.experimental import topologies
+
+    # Compiling needs no TPU, so several compiling processes may share libtpu (else: a lockfile error).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        desc = topologies.get_topology_desc(topology.libtpu_name, "tpu")
+    except Exception as e:  # noqa: BLE001 - missing libtpu surfaces as various errors
+        raise RuntimeError(f"cannot describe TPU topology {topology.libtpu_name!r}: {type(e).__name__}: {e}. "
+                           "Fix: install the tpu extra (pip install 'mistral_jax[tpu]' or 'jax[tpu]') of the same "
+                           "jax version; for a libtpu lockfile error set ALLOW_MULTIPLE_LIBTPU_LOAD=1.") from e
+    return list(desc.devices)
+
+
+def libtpu_available() -> bool:
+    """True if libtpu can be imported (AOT compilation for TPU topologies is possible)."""
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def memory_report(compiled: Any, hbm_bytes: int | None = None) -> dict[str, Any]:
+    """Per-device memory and FLOPs of a compiled program (``jax.jit(...).lower(...).compile()``).
+
+    Args:
+      compiled: the compiled executable.
+      hbm_bytes: device memory to compare against (None: report without a verdict).
+
+    Returns:
+      Bytes of ``arguments``, ``outputs``, ``aliased`` (donated outputs reusing argument buffers), ``temps``,
+      ``code``, ``total`` (= arguments + outputs - aliased + temps + code: the peak the program needs), and
+      ``flops`` (per device, from XLA's cost analysis), ``hbm`` and ``fits`` (``total <= hbm``).
+    """
+    ma = compiled.memory_analysis()
+    if ma is None:
+        raise RuntimeError("this backend gives no memory analysis for compiled programs; use a CPU or TPU compile.")
+    args, outs = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
+    alias, temps = int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes)
+    code = int(getattr(ma, "generated_code_size_in_bytes", 0) or 0)
+    total = args + outs - alias + temps + code
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    flops = float((cost or {}).get("flops", float("nan")))
+    return dict(arguments=args, outputs=outs, aliased=alias, temps=temps, code=code, total=total, flops=flops,
+                hbm=hbm_bytes, fits=None if hbm_bytes is None else total <= hbm_bytes)
+
+
+def _oom_report(err: Exception) -> dict[str, Any]:
+    """The TPU compiler rejects a program that cannot fit: report its stated requirement instead of a crash."""
+    import re
+
+    msg = str(err)
+    m = re.search(r"memory required for HLO temporaries \(([\d.]+)([GMK])\)", msg) or re.search(
+        r"Used ([\d.]+)([GMK]) of [\d.]+[GMK] hbm", msg)
+    if "RESOURCE_EXHAUSTED" not in msg or m is None:
+        raise err
+    scale = {"G": GiB, "M": 1024**2, "K": 1024}[m.group(2)]
+    need = int(float(m.group(1)) * scale)
+    return dict(arguments=0, outputs=0, aliased=0, temps=need, code=0, total=need, flops=float("nan"), hbm=None,
+                fits=False, compiler_error=msg.splitlines()[0][:300])
+
+
+def model_flops_per_step(model_cfg: Any, batch_size: int, seq_len: int) -> float:
+    """Training FLOPs of one step, 6 * active params * tokens + attention (12 * L * T_eff * N * H per token)."""
+    from mistral_jax.model.transformer import count_active_params
+
+    tokens = batch_size * seq_len
+    t_eff = min(seq_len, model_cfg.sliding_window or seq_len) / (1 if model_cfg.sliding_window else 2)
+    attn = 12 * model_cfg.n_layers * t_eff * model_cfg.n_heads * model_cfg.head_dim * tokens
+    return 6.0 * count_active_params(model_cfg) * tokens + attn
+
+
+def compile_train_step(run_cfg: Any, devices: list[Any], *, tpu_attention: bool = False) -> dict[str, Any]:
+    """Lower and compile ``jit_train_step`` of ``run_cfg`` on ``devices``; returns the report dict.
+
+    ``tpu_attention``: resolve ``attention_impl="auto"`` to ``splash`` as a TPU run does (the compiling
+    process's default backend is the CPU, where ``auto`` means ``blocked`` for windowed models and
+    ``reference`` otherwise). Off by default: the splash backend is a Mosaic kernel that XLA cannot partition
+    over a multi-chip mesh until model/attention.py wraps it in a ``shard_map``.
+    """
+    from mistral_jax.training import step as step_lib
+    from mistral_jax.training.optimizer import make_optimizer
+    from mistral_jax.training.trainer import model_config_from
+
+    model_cfg = model_config_from(run_cfg.model)
+    if run_cfg.get("remat"):
+        model_cfg = model_cfg.replace(remat=run_cfg.remat)
+    if tpu_attention and model_cfg.attention_impl == "auto":
+        model_cfg = model_cfg.replace(attention_impl="splash")
+    mesh = sharding.mesh_from_config(run_cfg.mesh, devices=devices)
+    rules = sharding.rules_from_config(run_cfg.mesh, mesh)
+    tx, schedule = make_optimizer(run_cfg.optimizer, int(run_cfg.num_steps))
+    t0 = time.time()
+    graphdef, state, shardings = step_lib.make_train_state(model_cfg, run_cfg, mesh, rules, abstract=True)
+    batch = step_lib.abstract_batch(int(run_cfg.batch_size), int(run_cfg.data.seq_len), mesh, rules)
+    fn = step_lib.jit_train_step(graphdef, tx, shardings, mesh, rules, grad_accum_steps=int(run_cfg.grad_accum_steps),
+                                 schedule=schedule)
+    with sharding.use_mesh(mesh, rules):
+        lowered = fn.lower(state, batch)
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # noqa: BLE001 - the TPU compiler refuses programs that exceed HBM
+            report = _oom_report(e)
+        else:
+            report = memory_report(compiled)
+    n = len(devices)
+    model_flops = model_flops_per_step(model_cfg, int(run_cfg.batch_size), int(run_cfg.data.seq_len))
+    report.update(
+        devices=n, mesh={k: int(v) for k, v in mesh.shape.items()}, rules=run_cfg.mesh.get("rules", "auto"),
+        batch_size=int(run_cfg.batch_size), seq_len=int(run_cfg.data.seq_len),
+        grad_accum_steps=int(run_cfg.grad_accum_steps), remat=model_cfg.remat, dtype=model_cfg.dtype,
+        attention_impl=model_cfg.attention_impl, moe_impl=model_cfg.moe_impl,
+        model_flops_per_chip=model_flops / n, compile_s=round(time.time() - t0, 1),
+    )
+    return report
+
+
+def format_report(r: dict[str, Any], title: str) -> str:
+    def gib(x):
+        return f"{x / GiB:8.2f} GiB"
+
+    lines = [title,
+             f"  mesh {r['mesh']} ({r['devices']} chips), rules {r['rules']}, batch {r['batch_size']} x {r['seq_len']}"
+             f" (grad_accum {r['grad_accum_steps']}), remat {r['remat']}, dtype {r['dtype']}, attention "
+             f"{r['attention_impl']}, moe {r['moe_impl']}",
+             f"  per chip: arguments {gib(r['arguments'])}  outputs {gib(r['outputs'])}  aliased {gib(r['aliased'])}"
+             f"  temps {gib(r['temps'])}",
+             f"  per chip: total {gib(r['total'])} of HBM {gib(r['hbm'])} -> "
+             + ("FITS" if r["fits"] else "DOES NOT FIT"),
+             *([f"  compiler: {r['compiler_error']} (temps alone; arguments not counted)"] if "compiler_error" in r
+               else []),
+             f"  FLOPs per step per chip: XLA {r['flops']:.3e}, model (6N + attention) {r['model_flops_per_chip']:.3e}",
+             f"  compiled in {r['compile_s']} s"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from absl import flags
+
+    f = flags.FLAGS
+    topo = parse_topology(f.topology)
+    run_cfg = f.config
+    devices = topology_devices(topo)
+    report = compile_train_step(run_cfg, devices, tpu_attention=f.splash)
+    report.update(hbm=topo.hbm_bytes, fits=report["fits"] is not False and report["total"] <= topo.hbm_bytes,
+                  topology=topo.name,
+                  libtpu_topology=topo.libtpu_name)
+    print(format_report(report, f"AOT train step for {topo.name} ({topo.libtpu_name})"))
+    if f.json:
+        print(json.dumps(report))
+
+
+def _run() -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "run config file (configs/X.py)", lock_config=True)
+    flags.DEFINE_string("topology", "v5p-128", "TPU topology: v5p-N, v4-N (TensorCores), v5e-N, v6e-N (chips), or "
+                        "generation:grid (v5p:4x4x4)")
+    flags.DEFINE_bool("json", False, "also print the report as one JSON line")
+    flags.DEFINE_bool("splash", False, "resolve attention_impl=auto to splash (what a TPU run picks) instead of the "
+                      "CPU choice (blocked / reference)")
+    flags.mark_flags_as_required(["config"])
+    if not jax.config.jax_platforms:  # compile for the TPU topology from this host's CPU; never grab a local TPU
+        jax.config.update("jax_platforms", "cpu")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    _run()

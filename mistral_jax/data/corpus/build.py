@@ -2,7 +2,7 @@
 
 Source: ``pydoc_data.topics.topics`` (the text behind ``help('topic')``, shipped with every CPython install),
 Copyright Python Software Foundation, PSF License Agreement version 2 (see ``LICENSE``). Each topic is cut into
-documents of whole paragraphs (up to ~1,500 characters); every 20th document goes to the validation split.
+documents of whole paragraphs (up to ~1,500 characters), exact duplicates dropped; every 20th document goes to the validation split.
 The output depends on the Python version that builds it; the committed files were built with CPython 3.11.
 """
 
@@ -32,6 +32,7 @@ def documents() -> list[dict[str, str]]:
             chunk.append(p)
         if chunk:
             docs.append("\n\n".join(chunk))
+    docs = list(dict.fromkeys(docs))  # some topics repeat paragraphs: drop exact duplicates (no train/val leak)
     return [{"id": f"pydoc-{i:05d}", "text": d} for i, d in enumerate(docs)]
 
 

@@ -30,6 +30,7 @@ def get_config() -> ConfigDict:
     c.grad_accum_steps = 1  # micro-batches per optimizer step (scan over batch_size // grad_accum_steps rows each)
     c.model = model_fields()  # the network: preset + overrides -> ModelConfig (see trainer.model_config_from)
     c.remat = ""  # activation checkpointing per layer (none, full, save_dots, ...); "" keeps model.remat
+    c.init_from = ""  # start from this checkpoint dir (HF / Mistral consolidated / mistral_jax); "" = random init
 
     c.data = ConfigDict()
     c.data.train = ""  # local file / dir / glob (.jsonl .json .txt .parquet) or an HF hub dataset name (streamed)
@@ -46,6 +47,15 @@ def get_config() -> ConfigDict:
     c.data.shuffle = True  # shuffle document order each epoch (seed + epoch): deterministic
     c.data.shuffle_buffer = 10_000  # shuffle buffer of streamed hub datasets
     c.data.on_decode_error = "replace"  # non-UTF-8 input: "replace" (U+FFFD + one warning per file) or "error"
+    # instruction fine-tuning (issue 8: mistral_jax/data/chat.py, mistral_jax/lora.py, training/sft.py)
+    c.data.format = "text"  # "text": documents (pretraining); "chat": messages lists, Mistral template, answer loss
+    c.data.messages_field = "messages"  # chat: column holding the messages (also reads ShareGPT / Alpaca layouts)
+    c.data.max_conversations = 0  # chat: read at most this many conversations (0 = all)
+
+    c.lora = ConfigDict()
+    c.lora.rank = 0  # LoRA adapter rank; 0 = no LoRA (every weight trains)
+    c.lora.alpha = 16.0  # LoRA scale numerator: the update is (alpha / rank) * A @ B
+    c.lora.targets = "all"  # adapted weights: comma list of wq,wk,wv,wo,w1,w2,w3 (or q_proj..down_proj) or "all"
 
     c.optimizer = ConfigDict()
     c.optimizer.name = "adamw"  # only AdamW (decoupled weight decay)

@@ -115,9 +115,9 @@ def test_chat_batches_resume_and_process_split():
     it = chat.ChatBatches(convs, TOK, seq_len=16, batch_size=2, seed=3)
     n = it.batches_per_epoch()
     seen = [next(it) for _ in range(n + 2)]  # crosses into epoch 1
-    assert it.state() == {"epoch": 1, "batch_in_epoch": 2}
+    assert it.get_state() == {"epoch": 1, "batch_in_epoch": 2}
     resumed = chat.ChatBatches(convs, TOK, seq_len=16, batch_size=2, seed=3)
-    resumed.restore({"epoch": 0, "batch_in_epoch": n - 1})
+    resumed.set_state({"epoch": 0, "batch_in_epoch": n - 1})
     for want in seen[n - 1:]:
         got = next(resumed)
         for k in chat.BATCH_DTYPES:
@@ -130,6 +130,9 @@ def test_chat_batches_resume_and_process_split():
               for i in range(2)]
     a, b = next(halves[0]), next(halves[1])
     np.testing.assert_array_equal(np.concatenate([a["tokens"], b["tokens"]]), seen[0]["tokens"])
+    # eval mode: one pass, then StopIteration
+    once = chat.ChatBatches(convs, TOK, seq_len=16, batch_size=2, seed=3, loop=False)
+    assert len(list(once)) == n
 
 
 def test_bundled_set_with_sentencepiece(tmp_path):

@@ -318,9 +318,10 @@ class ChatBatches:
     """Resumable iterator of packed SFT batches (``[batch_size, seq_len]`` numpy dicts) over epochs of a chat set.
 
     Conversations are rendered once and kept in memory (instruction sets are small next to pretraining data);
-    each epoch shuffles their order with ``seed + epoch`` and packs them. ``state()`` / ``restore()`` capture the
-    position (epoch, batches emitted in the epoch), so a resumed run sees exactly the batches it would have seen.
-    With several processes, each one keeps rows ``process_index::process_count`` of every global batch.
+    each epoch shuffles their order with ``seed + epoch`` and packs them. ``get_state()`` / ``set_state()`` (the
+    ``data.pipeline.PackedBatches`` interface) capture the position (epoch, batches emitted in the epoch), so a
+    resumed run sees exactly the batches it would have seen. With several processes, each one yields rows
+    ``process_index::process_count`` of every global batch (``batch_size // process_count`` rows).
 
     Args:
       conversations: ``messages`` lists.
@@ -329,12 +330,13 @@ class ChatBatches:
       batch_size: global rows per batch.
       shuffle: shuffle conversation order each epoch.
       seed: shuffling seed.
+      loop: start another epoch at the end (training); else stop after one (eval).
       process_index: this host's index (``jax.process_index()``).
       process_count: number of hosts.
     """
 
     def __init__(self, conversations: Iterable[Sequence[Mapping[str, Any]]], tokenizer: TokenizerLike, seq_len: int,
-                 batch_size: int, *, shuffle: bool = True, seed: int = 0, process_index: int = 0,
+                 batch_size: int, *, shuffle: bool = True, seed: int = 0, loop: bool = True, process_index: int = 0,
                  process_count: int = 1):
         if batch_size % process_count:
             raise ValueError(f"batch_size={batch_size} is not divisible by the {process_count} processes. "
@@ -342,7 +344,7 @@ class ChatBatches:
         self.rendered = [render(m, tokenizer, index=i) for i, m in enumerate(conversations)]
         if not self.rendered:
             raise ValueError("the chat dataset is empty. Fix: check config.data.train and its split.")
-        self.seq_len, self.batch_size, self.shuffle, self.seed = seq_len, batch_size, shuffle, seed
+        self.seq_len, self.batch_size, self.shuffle, self.seed, self.loop = seq_len, batch_size, shuffle, seed, loop
         self.process_index, self.process_count = process_index, process_count
         self.pad_id = getattr(tokenizer, "pad_id", 0)
         self.epoch, self.batch_in_epoch = 0, 0
@@ -371,6 +373,8 @@ class ChatBatches:
         if self._epoch_batches is None:
             self._epoch_batches = self._build_epoch()
         if self.batch_in_epoch >= len(self._epoch_batches):
+            if not self.loop:
+                raise StopIteration
             self.epoch, self.batch_in_epoch, self._epoch_batches = self.epoch + 1, 0, None
             return next(self)
         batch = self._epoch_batches[self.batch_in_epoch]
@@ -382,18 +386,18 @@ class ChatBatches:
             self._epoch_batches = self._build_epoch()
         return len(self._epoch_batches)
 
-    def state(self) -> dict[str, int]:
-        """The iterator position (JSON-serialisable)."""
+    def get_state(self) -> dict[str, int]:
+        """The iterator position (JSON-serialisable; saved with each checkpoint)."""
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
-    def restore(self, state: Mapping[str, int]) -> None:
-        """Continue from a ``state()``."""
+    def set_state(self, state: Mapping[str, int]) -> None:
+        """Continue from a ``get_state()``."""
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
         self._epoch_batches = None
 
 
 def chat_batches(data_cfg: Any, tokenizer: TokenizerLike, batch_size: int, *, split: str = "train", seed: int = 0,
-                 process_index: int = 0, process_count: int = 1) -> ChatBatches:
+                 loop: bool = True, process_index: int = 0, process_count: int = 1) -> ChatBatches:
     """``ChatBatches`` from a run config's ``data`` block (``format == "chat"``).
 
     Reads ``data.train`` / ``data.validation`` (see ``load_conversations``), ``data.train_split`` /
@@ -407,5 +411,5 @@ def chat_batches(data_cfg: Any, tokenizer: TokenizerLike, batch_size: int, *, sp
     if max_conv:
         convs = itertools.islice(convs, max_conv)
     return ChatBatches(convs, tokenizer, int(data_cfg.seq_len), batch_size,
-                       shuffle=bool(data_cfg.shuffle) and split == "train", seed=seed,
+                       shuffle=bool(data_cfg.shuffle) and split == "train", seed=seed, loop=loop,
                        process_index=process_index, process_count=process_count)

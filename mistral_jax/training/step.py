@@ -123,11 +123,13 @@ def train_step(graphdef: Any, tx: optax.GradientTransformation, state: dict[str,
       ``aux_loss``, ``z_loss``, ``tokens``, ``grad_norm``, ``learning_rate``, ``nonfinite``.
     """
     params = state["params"]
+    frozen = state.get("frozen")  # LoRA (issue 8): frozen base weights, merged in but never differentiated
+    extra = () if frozen is None else (frozen,)
     micro = _micro_batches(batch, grad_accum_steps)
     total = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
 
     def micro_loss(p, mb):
-        loss, metrics = loss_fn(nnx.merge(graphdef, p), mb)
+        loss, metrics = loss_fn(nnx.merge(graphdef, p, *extra), mb)
         share = metrics["tokens"] / total  # this micro-batch's fraction of the step's tokens
         return loss * share, (metrics, share)
 
@@ -154,16 +156,19 @@ def train_step(graphdef: Any, tx: optax.GradientTransformation, state: dict[str,
     # A non-finite step keeps the previous params and optimizer state (the checkpoint stays clean).
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_state = {"params": keep(new_params, params), "opt_state": keep(new_opt, state["opt_state"]),
-                 "step": state["step"] + 1}
+                 "step": state["step"] + 1, **({"frozen": frozen} if frozen is not None else {})}
     metrics.update(grad_norm=grad_norm, nonfinite=(~finite).astype(jnp.int32))
     if schedule is not None:
         metrics["learning_rate"] = jnp.asarray(schedule(state["step"]), jnp.float32)
     return new_state, metrics
 
 
-def eval_step(graphdef: Any, params: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Sums for held-out loss: ``ce_sum`` (weighted token cross-entropy) and ``tokens`` (sum of weights)."""
-    model = nnx.merge(graphdef, params)
+def eval_step(graphdef: Any, params: dict[str, Any] | tuple, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Sums for held-out loss: ``ce_sum`` (weighted token cross-entropy) and ``tokens`` (sum of weights).
+
+    ``params`` is the state's ``params``, or ``(params, frozen)`` for a LoRA state (``training.sft``).
+    """
+    model = nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)  # LoRA: pair
     logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
     ce_sum, n = cross_entropy(logits, batch["targets"], batch["weights"])
     return {"ce_sum": ce_sum, "tokens": n}
@@ -185,5 +190,6 @@ def jit_eval_step(graphdef: Any, shardings: dict[str, Any], mesh: Mesh,
     """``eval_step`` jitted once: ``fn(params, batch) -> {"ce_sum", "tokens"}``."""
     bs = batch_sharding(mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(functools.partial(eval_step, graphdef), in_shardings=(shardings["params"], {k: bs for k in BATCH_KEYS}),
+    params_sh = (shardings["params"], shardings["frozen"]) if "frozen" in shardings else shardings["params"]
+    return jax.jit(functools.partial(eval_step, graphdef), in_shardings=(params_sh, {k: bs for k in BATCH_KEYS}),
                    out_shardings=replicated)

@@ -39,6 +39,7 @@ from mistral_jax.config import ModelConfig
 from mistral_jax.data import pipeline
 from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.data.train_tokenizer import train_tokenizer
+from mistral_jax.training import sft
 from mistral_jax.training import step as step_lib
 from mistral_jax.training.checkpoint import Checkpointer
 from mistral_jax.training.metrics import MetricsWriter, flops_per_token, peak_flops
@@ -225,6 +226,8 @@ def _global_batch(local: dict[str, np.ndarray], bsharding) -> dict[str, jax.Arra
 
 
 def _batches(cfg: ConfigDict, source, tok: Tokenizer, batch_size: int, *, train: bool) -> pipeline.PackedBatches:
+    if sft.is_chat(cfg):  # issue 8: chat data (source = "train" / "validation"), see data/chat.py
+        return sft.batches(cfg, source, tok, batch_size, train=train)
     return pipeline.PackedBatches(
         source, tok, cfg.data.seq_len, batch_size // jax.process_count(), seed=cfg.seed,
         shuffle=cfg.data.shuffle and train, add_bos=cfg.data.add_bos, add_eos=cfg.data.add_eos, loop=train,
@@ -281,10 +284,10 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
     Returns:
       ``{"status": "done" | "preempted", "step", "signal", "last_metrics", "eval"}``.
     """
-    model_cfg = validate_config(cfg)
+    model_cfg = sft.model_config(cfg, validate_config(cfg))  # issue 8: init_from's network
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    tok = _tokenizer(cfg, workdir)
+    tok = sft.tokenizer(cfg, workdir) or _tokenizer(cfg, workdir)  # issue 8: data.tokenizer / init_from's
     if tok.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but config.model.vocab_size="
                           f"{model_cfg.vocab_size}. Fix: set --config.model.vocab_size={tok.vocab_size} or larger.")
@@ -293,11 +296,14 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
             f.write(cfg.to_json_best_effort(indent=2))
         with open(os.path.join(workdir, "model_config.json"), "w") as f:
             json.dump(model_cfg.to_dict(), f, indent=2)
-    train_src = pipeline.open_source(cfg.data.train, split=cfg.data.train_split, hub_config=cfg.data.hub_config,
-                                     text_field=cfg.data.text_field, on_decode_error=cfg.data.on_decode_error,
-                                     shuffle_buffer=cfg.data.shuffle_buffer)
-    eval_src = None
-    if cfg.data.validation:
+    if sft.is_chat(cfg):  # issue 8: chat conversations are read by data/chat.py
+        train_src, eval_src = "train", ("validation" if cfg.data.validation else None)
+    else:
+        train_src = pipeline.open_source(cfg.data.train, split=cfg.data.train_split, hub_config=cfg.data.hub_config,
+                                         text_field=cfg.data.text_field, on_decode_error=cfg.data.on_decode_error,
+                                         shuffle_buffer=cfg.data.shuffle_buffer)
+        eval_src = None
+    if cfg.data.validation and not sft.is_chat(cfg):
         eval_src = pipeline.open_source(cfg.data.validation, split=cfg.data.validation_split,
                                         hub_config=cfg.data.hub_config, text_field=cfg.data.text_field,
                                         on_decode_error=cfg.data.on_decode_error)
@@ -308,15 +314,21 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
     tx, schedule = make_optimizer(cfg.optimizer, cfg.num_steps)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
                         keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    graphdef, abstract_state, shardings = step_lib.make_train_state(model_cfg, cfg, mesh, rules, abstract=True)
+    if sft.custom_state(cfg):  # issue 8: init_from a checkpoint and/or LoRA adapters (training/sft.py)
+        graphdef, abstract_state, shardings, make_state = sft.train_state(cfg, model_cfg, mesh, rules)
+    else:
+        graphdef, abstract_state, shardings = step_lib.make_train_state(model_cfg, cfg, mesh, rules, abstract=True)
+        make_state = lambda: step_lib.make_train_state(model_cfg, cfg, mesh, rules)[1]  # noqa: E731
     restored = ckpt.restore_latest(abstract_state) if cfg.checkpoint.resume else None
     if restored is not None:
         start, state, data_state, _ = restored
+        if "frozen" in abstract_state:  # LoRA checkpoints hold the adapters only: reload the frozen base
+            state["frozen"] = make_state()["frozen"]
         data_it.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, start)
     else:
         start = 0
-        _, state, _ = step_lib.make_train_state(model_cfg, cfg, mesh, rules)
+        state = make_state()
     meta = {"seed": cfg.seed, "model_config": model_cfg.to_dict()}
 
     bsharding = step_lib.batch_sharding(mesh, rules)
@@ -366,7 +378,7 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
                     window_tokens, window_start = 0.0, time.perf_counter()
                 bar.update(1)
                 if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
-                    result["eval"] = writer.write(step, evaluate(cfg, eval_fn, state["params"], eval_src, tok,
+                    result["eval"] = writer.write(step, evaluate(cfg, eval_fn, sft.eval_params(state), eval_src, tok,
                                                                  bsharding), prefix="eval/")
                 ckpt.save(step, state, data_state, meta, force=bool(preempt.signum) or step == cfg.num_steps)
                 if preempt.signum:
@@ -377,8 +389,8 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
                     return result
             result["step"] = step
             if eval_fn is not None and step > start:
-                result["eval"] = writer.write(step, evaluate(cfg, eval_fn, state["params"], eval_src, tok, bsharding),
-                                              prefix="eval/")
+                result["eval"] = writer.write(step, evaluate(cfg, eval_fn, sft.eval_params(state), eval_src, tok,
+                                                             bsharding), prefix="eval/")
             return result
     finally:
         bar.close()

@@ -1,0 +1,219 @@
+"""LoRA adapters for the Transformer without touching the model code; merge back into plain weights for export.
+
+Legend: L layers, E experts, D model dim, N heads, K kv heads, H head_dim, F MLP hidden dim, R rank.
+
+``apply_lora(model, rank, alpha, targets)`` replaces each targeted weight attribute (``attention.wq`` ...) by a
+``LoRAWeight`` module holding the frozen base ``W`` and two adapters ``A`` [in..., R], ``B`` [R, out...] (B starts at
+zero, so the wrapped model first computes exactly what the base model did). Model code reads weights as
+``self.wq[...]``; ``LoRAWeight.__getitem__`` answers with the effective weight ``W + (alpha / R) * A @ B``. The layers
+are stacked and scanned, so each layer's effective weights are formed inside the scan body (one layer at a time)
+and its weight cotangent is never stacked over depth.
+
+Every other parameter (embedding, norms, router, untargeted projections) becomes a ``Frozen`` variable, which is
+not an ``nnx.Param``: ``nnx.state(model, nnx.Param)`` -- what the optimizer and gradients see, and what a LoRA
+checkpoint saves -- is exactly the adapters. ``merge_lora`` folds ``A @ B`` into ``W`` and turns everything back into
+``nnx.Param``, giving a plain ``Transformer`` that ``save_hf`` / ``save_mistral`` export.
+
+Targets (HF PEFT names accepted as aliases): ``wq`` (q_proj), ``wk`` (k_proj), ``wv`` (v_proj), ``wo`` (o_proj),
+``w1`` (gate_proj), ``w3`` (up_proj), ``w2`` (down_proj). For Mixtral, ``w1 w2 w3`` are the expert projections
+(one adapter pair per expert); the router ``gate`` is never adapted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from mistral_jax import sharding
+
+# name -> (number of input dims, number of output dims); leading dims (layers, experts) are batch dims.
+_IN_OUT = {"wq": (1, 2), "wk": (1, 2), "wv": (1, 2), "wo": (2, 1), "w1": (1, 1), "w3": (1, 1), "w2": (1, 1)}
+ALIASES = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "q_proj": "wq", "k_proj": "wk", "v_proj": "wv",
+           "o_proj": "wo", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", **{n: n for n in _IN_OUT}}
+ALL_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+_OWNERS = ("Attention", "MLP", "MoE")  # module classes whose weight attributes may be adapted
+
+
+class LoRAParam(nnx.Param):
+    """An adapter matrix: the only trainable parameters of a LoRA model."""
+
+
+class Frozen(nnx.Variable):
+    """A base-model weight that LoRA training leaves untouched (not an ``nnx.Param``, so no gradient / optimizer)."""
+
+
+class LoRAWeight(nnx.Module):
+    """A frozen weight plus a low-rank update; indexing gives the effective weight ``W + scale * A @ B``.
+
+    Attributes:
+      base: the frozen ``W`` [lead..., in..., out...].
+      a: ``A`` [lead..., in..., R] (random init, PEFT's kaiming-uniform bound ``1/sqrt(fan_in)``).
+      b: ``B`` [lead..., R, out...] (zeros).
+      scale: ``alpha / rank``.
+      n_in: number of input dims of ``W`` (2 for ``wo`` [N, H, D], else 1).
+    """
+
+    def __init__(self, base: Frozen, a: LoRAParam, b: LoRAParam, scale: float, n_in: int):
+        self.base, self.a, self.b, self.scale, self.n_in = base, a, b, float(scale), int(n_in)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.base.shape
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    def delta(self) -> jax.Array:
+        """``scale * A @ B`` in float32, shaped like ``W``."""
+        a, b = self.a[...], self.b[...]
+        r = a.shape[-1]
+        lead = a.shape[: a.ndim - 1 - self.n_in]
+        ins, outs = a.shape[len(lead):-1], b.shape[len(lead) + 1:]
+        a2 = a.astype(jnp.float32).reshape(*lead, math.prod(ins), r)  # [lead, I, R]
+        b2 = b.astype(jnp.float32).reshape(*lead, r, math.prod(outs))  # [lead, R, O]
+        return (self.scale * jnp.matmul(a2, b2)).reshape(*lead, *ins, *outs)  # [lead, in..., out...]
+
+    def merged(self) -> jax.Array:
+        """The effective weight in the base dtype."""
+        w = self.base[...]
+        # float32 sum: a bfloat16 base would round away most of a small low-rank update.
+        return (w.astype(jnp.float32) + self.delta()).astype(w.dtype)
+
+    def __getitem__(self, index: Any) -> jax.Array:
+        return self.merged()[index]
+
+
+def resolve_targets(targets: Sequence[str] | str) -> tuple[str, ...]:
+    """Canonical target names (``wq wk wv wo w1 w2 w3``) from our names, HF PEFT names or ``"all"``."""
+    if isinstance(targets, str):
+        targets = ALL_TARGETS if targets == "all" else [t.strip() for t in targets.split(",") if t.strip()]
+    out = []
+    for t in targets:
+        if t == "all":
+            out += ALL_TARGETS
+        elif t in ALIASES:
+            out.append(ALIASES[t])
+        else:
+            raise ValueError(f"unknown LoRA target {t!r}. Fix: use some of {sorted(ALIASES)} or 'all'.")
+    if not out:
+        raise ValueError("LoRA needs at least one target module. Fix: set config.lora.targets, e.g. 'wq,wk,wv,wo'.")
+    return tuple(dict.fromkeys(out))
+
+
+def _place(x: jax.Array, like: Any, axes: tuple[str | None, ...]) -> jax.Array:
+    """Put a new adapter on the mesh of its base weight, sharded by its logical axes."""
+    sh = getattr(like, "sharding", None)
+    if isinstance(sh, NamedSharding):
+        rules = sharding.current()[1] if sharding.current() else sharding.DEFAULT_RULES
+        return jax.device_put(x, NamedSharding(sh.mesh, rules.spec(axes, sh.mesh)))
+    return x
+
+
+def _weight_owners(model: nnx.Module) -> list[tuple[nnx.Module, str, nnx.Variable]]:
+    found = []
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module) and not isinstance(node, LoRAWeight):
+            for name, value in list(vars(node).items()):
+                if isinstance(value, nnx.Variable):
+                    found.append((node, name, value))
+    return found
+
+
+def is_lora(model: nnx.Module) -> bool:
+    """Whether ``apply_lora`` has wrapped ``model``."""
+    return any(isinstance(node, LoRAWeight) for _, node in nnx.iter_graph(model))
+
+
+def apply_lora(model: nnx.Module, rank: int, alpha: float, targets: Sequence[str] | str = ALL_TARGETS, *,
+               seed: int = 0) -> nnx.Module:
+    """Wrap ``model``'s target weights with LoRA adapters and freeze everything else (in place).
+
+    Args:
+      model: a ``Transformer`` (parameters may be sharded: adapters follow their base weight's mesh).
+      rank: adapter rank R (> 0).
+      alpha: scale numerator; the update is ``(alpha / rank) * A @ B``.
+      targets: weights to adapt (see module docstring), a comma-separated string, or ``"all"``.
+      seed: init seed of the ``A`` matrices.
+
+    Returns:
+      ``model`` itself. ``nnx.state(model, nnx.Param)`` now holds only the adapters.
+    """
+    if not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"LoRA rank={rank!r} must be a positive integer. Fix: set config.lora.rank, e.g. 16.")
+    if alpha <= 0:
+        raise ValueError(f"LoRA alpha={alpha!r} must be > 0. Fix: set config.lora.alpha, e.g. 2 * rank.")
+    if is_lora(model):
+        raise ValueError("model already has LoRA adapters. Fix: call merge_lora(model) first, or apply LoRA once.")
+    names = resolve_targets(targets)
+    key = jax.random.key(seed)
+    wrapped = 0
+    for i, (owner, name, var) in enumerate(_weight_owners(model)):
+        if not isinstance(var, nnx.Param):
+            continue
+        md = var.get_metadata()
+        frozen = Frozen(var[...], **md)
+        if type(owner).__name__ not in _OWNERS or name not in names:
+            setattr(owner, name, frozen)
+            continue
+        n_in, n_out = _IN_OUT[name]
+        shape, axes = var.shape, tuple(md.get("logical_axes") or (None,) * var.ndim)
+        n_lead = len(shape) - n_in - n_out
+        lead, ins, outs = shape[:n_lead], shape[n_lead:n_lead + n_in], shape[n_lead + n_in:]
+        a_axes = (*axes[: n_lead + n_in], None)
+        b_axes = (*axes[:n_lead], None, *axes[n_lead + n_in:])
+        bound = 1.0 / math.sqrt(math.prod(ins))  # PEFT: kaiming_uniform(a=sqrt(5)) on A
+        a = jax.random.uniform(jax.random.fold_in(key, i), (*lead, *ins, rank), jnp.float32, -bound, bound)
+        b = jnp.zeros((*lead, rank, *outs), jnp.float32)
+        adapter = LoRAWeight(frozen, LoRAParam(_place(a, var[...], a_axes), logical_axes=a_axes),
+                             LoRAParam(_place(b, var[...], b_axes), logical_axes=b_axes), alpha / rank, n_in)
+        setattr(owner, name, adapter)
+        wrapped += 1
+    if not wrapped:
+        raise ValueError(f"no weight of the model matched LoRA targets {names}. Fix: pick targets the model has "
+                         f"({ALL_TARGETS}).")
+    return model
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """Fold every adapter into its weight (``W + scale * A @ B``) and unfreeze: a plain model again (in place).
+
+    Returns:
+      ``model``, now with only ``nnx.Param`` weights (the same tree as before ``apply_lora``), ready for export.
+    """
+    for _, node in list(nnx.iter_graph(model)):
+        if not isinstance(node, nnx.Module) or isinstance(node, LoRAWeight):
+            continue
+        for name, value in list(vars(node).items()):
+            if isinstance(value, LoRAWeight):
+                setattr(node, name, nnx.Param(value.merged(), **value.base.get_metadata()))
+            elif isinstance(value, Frozen):
+                setattr(node, name, nnx.Param(value[...], **value.get_metadata()))
+    return model
+
+
+def adapter_state(model: nnx.Module) -> nnx.State:
+    """The adapters (``LoRAParam``) of a LoRA model: what training updates and a LoRA checkpoint stores."""
+    return nnx.state(model, LoRAParam)
+
+
+def count_adapter_params(model: nnx.Module) -> int:
+    """Number of adapter parameters."""
+    return sum(x.size for x in jax.tree.leaves(adapter_state(model)))
+
+
+def trainable_mask(state: Any) -> Any:
+    """Optax mask for a full-model param pytree: True on adapter leaves (paths through ``.../a`` or ``.../b`` of
+    a LoRA weight), False elsewhere. For trainers that keep all weights in one pytree (``optax.masked``)."""
+
+    def is_adapter(path, _) -> bool:
+        names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+        return len(names) >= 2 and names[-1] in ("a", "b") and names[-2] in _IN_OUT
+
+    return jax.tree_util.tree_map_with_path(is_adapter, state)

@@ -1,0 +1,255 @@
+"""Instruction fine-tuning: LoRA wrap / train / merge, and tiny SFT runs from a pretrained checkpoint."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import mistral_jax as mj
+from mistral_jax import lora
+
+TOKENS = np.random.default_rng(0).integers(3, 512, (2, 24)).astype(np.int32)
+
+
+CFGS = {"mistral": mj.ModelConfig.tiny(), "mixtral": mj.ModelConfig.tiny_mixtral()}
+
+
+@pytest.fixture(scope="module")
+def base_models():
+    """One base model per config (init is the slow part on CPU); tests work on clones."""
+    out = {}
+    for name, cfg in CFGS.items():
+        model = mj.Transformer(cfg, rngs=nnx.Rngs(1))
+        out[name] = (model, np.asarray(model(TOKENS)))
+    return out
+
+
+def _lora_model(base_models, name="mistral", targets="all", rank=4, alpha=8.0):
+    model, base_logits = base_models[name]
+    model = nnx.clone(model)
+    base = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    lora.apply_lora(model, rank, alpha, targets, seed=2)
+    return model, base, base_logits
+
+
+def _randomise_adapters(model, seed=3):
+    state = lora.adapter_state(model)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noise = [0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    nnx.update(model, jax.tree.unflatten(treedef, noise))
+
+
+@pytest.mark.parametrize("name", sorted(CFGS))
+def test_lora_starts_at_base_and_exposes_only_adapters(base_models, name):
+    cfg = CFGS[name]
+    model, _, base_logits = _lora_model(base_models, name)
+    if name == "mistral":  # (one forward is enough: the merge test runs both configs)
+        np.testing.assert_array_equal(np.asarray(model(TOKENS)), base_logits)  # B = 0: the base function
+    flat = {"/".join(map(str, k)): v.shape for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    lead = (2, 4) if cfg.is_moe else (2,)  # [L] or [L, E]
+    assert flat == {
+        "layers/attention/wq/a": (2, 64, 4), "layers/attention/wq/b": (2, 4, 4, 16),
+        "layers/attention/wk/a": (2, 64, 4), "layers/attention/wk/b": (2, 4, 2, 16),
+        "layers/attention/wv/a": (2, 64, 4), "layers/attention/wv/b": (2, 4, 2, 16),
+        "layers/attention/wo/a": (2, 4, 16, 4), "layers/attention/wo/b": (2, 4, 64),
+        "layers/feed_forward/w1/a": (*lead, 64, 4), "layers/feed_forward/w1/b": (*lead, 4, 128),
+        "layers/feed_forward/w3/a": (*lead, 64, 4), "layers/feed_forward/w3/b": (*lead, 4, 128),
+        "layers/feed_forward/w2/a": (*lead, 128, 4), "layers/feed_forward/w2/b": (*lead, 4, 64),
+    }
+    assert lora.count_adapter_params(model) == sum(np.prod(s) for s in flat.values())
+
+
+def test_lora_targets_and_errors(base_models):
+    model, _, _ = _lora_model(base_models, targets="q_proj,v_proj", rank=2)
+    flat = [k for k, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    assert sorted("/".join(k) for k in flat) == ["layers/attention/wq/a", "layers/attention/wq/b",
+                                                  "layers/attention/wv/a", "layers/attention/wv/b"]
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        lora.apply_lora(model, 2, 4.0, "wq")
+    fresh = nnx.clone(base_models["mistral"][0])
+    with pytest.raises(ValueError, match="unknown LoRA target 'qproj'"):
+        lora.apply_lora(fresh, 2, 4.0, "qproj")
+    with pytest.raises(ValueError, match="rank=0 must be a positive integer"):
+        lora.apply_lora(fresh, 0, 4.0)
+
+
+@pytest.mark.parametrize("name", sorted(CFGS))
+def test_merge_equals_base_plus_scaled_update(base_models, name):
+    cfg = CFGS[name]
+    model, base, base_logits = _lora_model(base_models, name, rank=4, alpha=8.0)
+    _randomise_adapters(model)
+    ad = jax.tree.map(np.asarray, nnx.to_pure_dict(lora.adapter_state(model)))["layers"]
+    lora_logits = np.asarray(model(TOKENS))
+    lora.merge_lora(model)
+    assert not lora.is_lora(model)
+    merged = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    scale = 8.0 / 4
+    att, ff = ad["attention"], ad["feed_forward"]
+    expect = {
+        ("attention", "wq"): np.einsum("LDr,LrNH->LDNH", att["wq"]["a"], att["wq"]["b"]),
+        ("attention", "wo"): np.einsum("LNHr,LrD->LNHD", att["wo"]["a"], att["wo"]["b"]),
+    }
+    if cfg.is_moe:
+        expect[("feed_forward", "w2")] = np.einsum("LEFr,LErD->LEFD", ff["w2"]["a"], ff["w2"]["b"])
+    else:
+        expect[("feed_forward", "w2")] = np.einsum("LFr,LrD->LFD", ff["w2"]["a"], ff["w2"]["b"])
+    for (blk, name), delta in expect.items():
+        np.testing.assert_allclose(merged["layers"][blk][name], base["layers"][blk][name] + scale * delta,
+                                   atol=1e-6, rtol=1e-6)
+    # untargeted weights come back unchanged
+    np.testing.assert_array_equal(merged["embed"], base["embed"])
+    norm = ("layers", "attention_norm", "weight")
+    np.testing.assert_array_equal(merged[norm[0]][norm[1]][norm[2]], base[norm[0]][norm[1]][norm[2]])
+    # the merged plain model computes what the LoRA model computed
+    np.testing.assert_allclose(np.asarray(model(TOKENS)), lora_logits, atol=1e-5, rtol=0)
+    assert np.abs(lora_logits - base_logits).max() > 1e-3  # the adapters do change the function
+
+
+# ------------------------------------------------------------------------------------------ runs through train.py
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny checkpoint in HF format (config.json + model.safetensors + tokenizer.model) to fine-tune from."""
+    from mistral_jax.convert import save_hf
+    from mistral_jax.data import chat, corpus
+    from mistral_jax.data.pipeline import load_texts
+    from mistral_jax.data.tokenizer import Tokenizer
+    from mistral_jax.data.train_tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("pretrained")
+    texts = load_texts(corpus.TRAIN)[:200] + [m["content"] for c in chat.load_conversations("bundled") for m in c]
+    tok = Tokenizer(train_tokenizer(texts, str(root / "tok" / "tokenizer.model"), 512))
+    model = mj.Transformer(mj.ModelConfig.tiny(), rngs=nnx.Rngs(0))
+    save_hf(model, root / "hf", tokenizer=tok)
+    return root / "hf", tok
+
+
+def _sft_config(init_from, **kw):
+    from configs import tiny_sft
+
+    c = tiny_sft.get_config()
+    c.init_from = str(init_from)
+    c.num_steps, c.log_every, c.eval_every = 30, 5, 0
+    c.data.validation = ""
+    c.progress_bar = False
+    c.checkpoint.async_save = False
+    for k, v in kw.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def _metrics(workdir):
+    import json
+
+    with open(workdir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_chat_batches_weight_only_answers(pretrained):
+    """The batches the trainer sees: every weighted target is an answer token or its </s>, every prompt token 0."""
+    from mistral_jax.data import chat
+    from mistral_jax.training import sft
+
+    _, tok = pretrained
+    cfg = _sft_config("unused")
+    batch = next(sft.batches(cfg, "train", tok, 8, train=True))
+    by_answers = {}
+    for c in chat.load_conversations("bundled"):
+        by_answers.setdefault(tuple(m["content"] for m in c if m["role"] == "assistant"), []).append(c)
+    n_docs = 0
+    for row in range(8):
+        seg = batch["segment_ids"][row]
+        for s_id in set(seg[seg > 0].tolist()):
+            at = seg == s_id
+            ids = np.concatenate([batch["tokens"][row][at][:1], batch["targets"][row][at]])  # the rendered ids
+            w = np.concatenate([[0.0], batch["weights"][row][at]]) > 0
+            assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+            answer_ids = ids[w]
+            ends = np.flatnonzero(answer_ids == tok.eos_id)  # each answer ends with </s>
+            answers, start = [], 0
+            for e in ends:
+                answers.append(tok.decode(answer_ids[start:e]))
+                start = e + 1
+            assert start == len(answer_ids)
+            convs = by_answers[tuple(answers)]  # the weighted tokens are exactly some conversation's answers
+            users = [m["content"] for m in convs[0] if m["role"] == "user"]
+            system = [m["content"] for m in convs[0] if m["role"] == "system"]
+            first = (system[0] + "\n\n" + users[0]) if system else users[0]
+            prompt = " ".join(f"[INST] {u} [/INST]" for u in [first, *users[1:]])
+            assert tok.decode(ids[~w]) == prompt  # and the unweighted ones are exactly its prompts (+ <s>)
+            n_docs += 1
+    assert n_docs > 8  # rows are packed with several conversations
+
+
+def test_full_sft_from_checkpoint_answer_loss_falls(pretrained, tmp_path):
+    from mistral_jax.loading import load_pretrained
+    from mistral_jax.training import trainer
+
+    hf_dir, _ = pretrained
+    result = trainer.train(_sft_config(hf_dir), str(tmp_path))
+    assert result["status"] == "done" and result["step"] == 30
+    ce = [m["ce_loss"] for m in _metrics(tmp_path) if "ce_loss" in m]
+    # answer-token loss falls by more than a nat in 30 steps (it starts near ln 512 = 6.2: a random-init checkpoint)
+    assert len(ce) == 6 and ce[-1] < ce[0] - 1.0, ce
+    tuned = load_pretrained(tmp_path)  # the workdir is a full checkpoint again
+    base = load_pretrained(hf_dir)
+    diff = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                        nnx.to_pure_dict(nnx.state(tuned, nnx.Param)), nnx.to_pure_dict(nnx.state(base, nnx.Param)))
+    assert min(jax.tree.leaves(diff)) > 0  # full fine-tuning moves every weight
+
+
+def test_lora_sft_trains_only_adapters_and_merges(pretrained, tmp_path):
+    from mistral_jax.convert import save_hf
+    from mistral_jax.loading import load_pretrained
+    from mistral_jax.training import sft, trainer
+    from mistral_jax.training.checkpoint import restore_params
+
+    hf_dir, _ = pretrained
+    cfg = _sft_config(hf_dir, num_steps=20, **{"lora.rank": 4, "lora.alpha": 8.0, "lora.targets": "wq,wv,w2",
+                                               "optimizer.learning_rate": 1e-2, "data.validation": "bundled"})
+    result = trainer.train(cfg, str(tmp_path))
+    assert result["eval"]["eval/loss"] < 6.0  # the end-of-run eval runs on (adapters, frozen base)
+    ce = [m["ce_loss"] for m in _metrics(tmp_path) if "ce_loss" in m]
+    assert ce[-1] < ce[0] - 0.1, ce  # adapters alone learn too (slowly: rank 4 on a random-init model)
+
+    # the checkpoint holds only the adapters
+    base = load_pretrained(hf_dir)
+    like = lora.apply_lora(nnx.clone(base), 4, 8.0, "wq,wv,w2")
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            nnx.to_pure_dict(lora.adapter_state(like)))
+    adapters, step = restore_params(str(tmp_path / "checkpoints"), abstract)
+    assert step == 20 and sorted(adapters["layers"]["attention"]) == ["wq", "wv"]
+    assert float(np.abs(adapters["layers"]["attention"]["wq"]["b"]).max()) > 0  # B moved off zero
+
+    # the LoRA model (base + trained adapters) and its merge
+    state = lora.adapter_state(like)
+    nnx.replace_by_pure_dict(state, adapters)
+    nnx.update(like, state)
+    lora_logits = np.asarray(like(TOKENS))
+    merged = sft.merged_model(str(tmp_path))
+    np.testing.assert_allclose(np.asarray(merged(TOKENS)), lora_logits, atol=1e-5, rtol=0)
+    b = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(base, nnx.Param)))
+    m = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(merged, nnx.Param)))
+    a = jax.tree.map(np.asarray, adapters)
+    att, ff = a["layers"]["attention"], a["layers"]["feed_forward"]
+    scale = 8.0 / 4
+    np.testing.assert_allclose(m["layers"]["attention"]["wq"], b["layers"]["attention"]["wq"]
+                               + scale * np.einsum("LDr,LrNH->LDNH", att["wq"]["a"], att["wq"]["b"]), atol=1e-6)
+    np.testing.assert_allclose(m["layers"]["feed_forward"]["w2"], b["layers"]["feed_forward"]["w2"]
+                               + scale * np.einsum("LFr,LrD->LFD", ff["w2"]["a"], ff["w2"]["b"]), atol=1e-6)
+    # everything that is not adapted is bit-identical to the base checkpoint
+    for path in (("embed",), ("lm_head",), ("layers", "attention", "wk"), ("layers", "attention", "wo"),
+                 ("layers", "feed_forward", "w1"), ("layers", "attention_norm", "weight")):
+        x, y = m, b
+        for p in path:
+            x, y = x[p], y[p]
+        np.testing.assert_array_equal(x, y)
+    # export: the merged model written as HF loads back with the same logits
+    out = save_hf(merged, tmp_path / "export")
+    np.testing.assert_allclose(np.asarray(load_pretrained(out)(TOKENS)), lora_logits, atol=1e-5, rtol=0)

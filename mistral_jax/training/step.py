@@ -149,7 +149,7 @@ def train_step(graphdef: Any, tx: optax.GradientTransformation, state: dict[str,
     (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), micro)
     metrics["tokens"] = jnp.sum(batch["weights"].astype(jnp.float32))
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)

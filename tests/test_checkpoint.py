@@ -1,0 +1,161 @@
+"""Checkpoints that survive faults: SIGTERM + resume is bit-identical, a corrupt newest step falls back,
+keep-last-K, restore onto a different mesh."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from mistral_jax import sharding
+from mistral_jax.data.corpus import TRAIN
+from mistral_jax.data.train_tokenizer import train_tokenizer
+from mistral_jax.training.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    import json
+
+    texts = [json.loads(line)["text"] for line in open(TRAIN, encoding="utf-8")]
+    return train_tokenizer(texts, str(tmp_path_factory.mktemp("tok") / "tokenizer.model"), 512)
+
+
+def _cmd(workdir, tokenizer, steps=STEPS):
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/tiny.py"),
+            f"--workdir={workdir}", f"--config.num_steps={steps}", "--config.batch_size=8", "--config.data.seq_len=32",
+            "--config.log_every=1", "--config.checkpoint.every_steps=4", "--config.checkpoint.keep=2",
+            "--config.optimizer.warmup_steps=2", f"--config.data.tokenizer={tokenizer}", "--config.data.validation=",
+            "--config.progress_bar=False"]
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               JAX_DEFAULT_MATMUL_PRECISION="float32", PYTHONPATH=ROOT)
+    return env
+
+
+def _losses(workdir):
+    out = {}
+    for rec in read_metrics(workdir):  # later records of a step win (a resumed run appends)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tokenizer_path):
+    workdir = str(tmp_path_factory.mktemp("ref"))
+    proc = subprocess.run(_cmd(workdir, tokenizer_path), env=_env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+def test_uninterrupted_run_keeps_last_k(reference_run):
+    losses = _losses(reference_run)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    steps = sorted(int(d) for d in os.listdir(os.path.join(reference_run, "checkpoints")) if d.isdigit())
+    assert steps == [8, 12]  # every 4 steps, keep=2
+    for name in ("model_config.json", "run_config.json", "tokenizer.model"):
+        assert os.path.isfile(os.path.join(reference_run, name))
+    assert not os.path.exists(os.path.join(reference_run, "config.json"))
+
+
+def test_sigterm_then_resume_is_bit_identical(reference_run, tokenizer_path, tmp_path):
+    workdir = str(tmp_path / "run")
+    proc = subprocess.Popen(_cmd(workdir, tokenizer_path), env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and len(_losses(workdir)) >= 5:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stdout.read()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    killed_at = max(_losses(workdir))
+    assert 5 <= killed_at < STEPS
+    ckpts = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert ckpts[-1] == killed_at  # saved on SIGTERM, not only at the periodic steps
+
+    proc = subprocess.run(_cmd(workdir, tokenizer_path), env=_env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_metrics(workdir)
+    resumed_steps = [r["step"] for r in records if "loss" in r][killed_at:]
+    assert resumed_steps == list(range(killed_at + 1, STEPS + 1))  # continued, did not start over
+    ref, got = _losses(reference_run), _losses(workdir)
+    assert got == ref  # bit-identical per-step losses, data order included
+
+
+def test_corrupt_newest_checkpoint_falls_back(reference_run, tokenizer_path, tmp_path, caplog):
+    from mistral_jax.training import trainer
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference_run, workdir)
+    params_dir = os.path.join(workdir, "checkpoints", "12", "params")
+    victims = [os.path.join(r, f) for r, _, fs in os.walk(params_dir) for f in fs if "ocdbt" in r or f.startswith("d")]
+    assert victims, os.listdir(params_dir)
+    for v in victims:  # truncate the data files of the params item
+        with open(v, "r+b") as f:
+            f.truncate(os.path.getsize(v) // 3)
+    cfg = trainer.load_config_file(os.path.join(ROOT, "configs/tiny.py"))
+    for arg in _cmd(workdir, tokenizer_path)[5:]:  # the same overrides as the subprocess runs
+        key, value = arg[len("--config."):].split("=", 1)
+        node = cfg
+        for part in key.split(".")[:-1]:
+            node = node[part]
+        leaf = key.split(".")[-1]
+        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
+    with caplog.at_level("WARNING"):
+        result = trainer.train(cfg, workdir)
+    assert result["status"] == "done" and result["step"] == STEPS
+    assert any("cannot be restored" in r.getMessage() for r in caplog.records)
+    quarantined = os.listdir(os.path.join(workdir, "corrupt_checkpoints"))
+    assert len(quarantined) == 1 and quarantined[0].startswith("12-")
+    records = [r for r in read_metrics(workdir) if "loss" in r]
+    assert [r["step"] for r in records[STEPS:]] == list(range(9, STEPS + 1))  # resumed from step 8
+    ref, got = _losses(reference_run), _losses(workdir)
+    np.testing.assert_allclose([got[s] for s in range(9, STEPS + 1)], [ref[s] for s in range(9, STEPS + 1)],
+                               rtol=1e-5)
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+    from mistral_jax.config import ModelConfig
+    from mistral_jax.training import step as step_lib
+    from mistral_jax.training.checkpoint import Checkpointer
+    from mistral_jax.training.trainer import base_config
+
+    cfg = base_config()
+    model_cfg = ModelConfig.tiny()
+    mesh_a = sharding.make_mesh(fsdp=8)
+    _, state, _ = step_lib.make_train_state(model_cfg, cfg, mesh_a)
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), every_steps=1, keep=2)
+    ckpt.save(3, state, {"epoch": 0, "index": 5, "offset": 7}, {"seed": 0}, force=True)
+    ckpt.close()
+
+    mesh_b = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    _, abstract_b, shardings_b = step_lib.make_train_state(model_cfg, cfg, mesh_b, abstract=True)
+    step, restored, data_state, meta = Checkpointer(str(tmp_path / "ckpt")).restore_latest(abstract_b)
+    assert step == 3 and data_state["index"] == 5 and meta["step"] == 3
+    wq = restored["params"]["layers"]["attention"]["wq"]
+    assert wq.sharding == shardings_b["params"]["layers"]["attention"]["wq"]
+    assert wq.sharding.spec != state["params"]["layers"]["attention"]["wq"].sharding.spec
+    saved = {k: state[k] for k in ("params", "opt_state")}
+    got = {k: restored[k] for k in ("params", "opt_state")}
+    assert jax.tree.structure(saved) == jax.tree.structure(got)
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(restored["step"]) == 3  # the step counter comes from the checkpoint's meta

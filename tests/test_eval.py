@@ -82,7 +82,7 @@ def _ensure_accelerate() -> None:
     import importlib.util
     import types
 
-    if importlib.util.find_spec("accelerate") is not None or "accelerate" in sys.modules:
+    if "accelerate" in sys.modules or importlib.util.find_spec("accelerate") is not None:
         return
     import torch
 

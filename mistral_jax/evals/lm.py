@@ -164,6 +164,7 @@ class MistralJaxLM(TemplateLM):
             state = jax.device_put(state, sharding.state_shardings(state, mesh, self.rules))
             self._batch_sharding = sharding.batch_sharding(mesh, self.rules)
         self._state = state
+        self._model_on_mesh = nnx.merge(self._graphdef, state)  # the model with its parameters on the mesh
 
         def traced(graphdef, state, tokens, targets, weights, valid):
             self.compile_log.append(("score", tuple(tokens.shape)))
@@ -375,10 +376,14 @@ class MistralJaxLM(TemplateLM):
                 chunk = idx[s:s + self.batch_size]
                 rows = [prompts[i] for i in chunk]
                 rows += [rows[-1]] * (self.batch_size - len(rows))  # fixed batch: dummy rows reuse a prompt
-                new = generate(self.model, rows, max_new_tokens=max_gen, temperature=temperature,
-                               top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"),
-                               seed=self.seed + 1000 * n_group + s, eos_id=self.eot_token_id,
-                               stop=[u for u in until if u], tokenizer=self, mesh=self.mesh)
+                # The parameters are already placed on the mesh; the active mesh (use_mesh) shards the batch
+                # through the model's logical constraints. generate(mesh=...) is not used: it re-jits its cache
+                # initialiser on every call (one compilation per batch).
+                with sharding.use_mesh(self.mesh, self.rules) if self.mesh is not None else _nullcontext():
+                    new = generate(self._model_on_mesh, rows, max_new_tokens=max_gen, temperature=temperature,
+                                   top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"),
+                                   seed=self.seed + 1000 * n_group + s, eos_id=self.eot_token_id,
+                                   stop=[u for u in until if u], tokenizer=self)
                 for i, ids in zip(chunk, new, strict=False):
                     if self.eot_token_id in ids:
                         ids = ids[:ids.index(self.eot_token_id)]

@@ -174,10 +174,32 @@ def _by_doc(samples):
     return {s["doc_id"]: s for s in samples}
 
 
-def test_backend_is_registered():
+def test_backend_is_registered_and_built_from_model_args(env):
     from lm_eval.api.registry import get_model
 
     assert get_model("mistral_jax") is MistralJaxLM
+    lm = MistralJaxLM.create_from_arg_string(f"pretrained={env['export']},max_length=64",
+                                             {"batch_size": 3, "max_batch_size": None, "device": "cpu"})
+    assert lm.cfg.to_hf() == env["cfg"].to_hf() and lm.max_length == 64 and lm.batch_size == 8  # rounded up to the 8 devices
+    with pytest.raises(TypeError, match="unknown model_args"):
+        MistralJaxLM(model=env["model"], tokenizer=env["tok_path"], temprature=0.5)
+
+
+def test_tokenisation_matches_hf_tokenizer(env):
+    """Encode and decode agree with the HF tokenizer lm-eval's hf backend loads from the export (random ids
+    include byte-fallback runs that are invalid UTF-8, control and unknown ids)."""
+    import transformers
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(env["export"])
+    lm = MistralJaxLM(model=env["model"], tokenizer=env["tok_path"])
+    rng = random.Random(1)
+    texts = [_sentence(rng, rng.randint(1, 20)) + rng.choice(["", ".", "?", "\n", " 42", " café"]) for _ in range(200)]
+    for text in texts:
+        assert lm.tok_encode(text) == hf_tok.encode(text)
+    n = lm.tokenizer.vocab_size
+    for _ in range(500):
+        ids = [rng.randrange(n) for _ in range(rng.randint(1, 12))]
+        assert lm.tok_decode(ids) == hf_tok.decode(ids, skip_special_tokens=True), ids
 
 
 def test_multiple_choice_matches_hf(ours, ref):

@@ -106,6 +106,7 @@ class MistralJaxLM(TemplateLM):
     Args:
       checkpoint: a directory ``mistral_jax.load_pretrained`` accepts (HF, Mistral consolidated, mistral_jax);
         its ``tokenizer.model`` is used unless ``tokenizer`` is given. Alternatively pass ``model``.
+        ``pretrained=`` (lm-eval's name, as in ``--model_args pretrained=DIR``) is accepted too.
       model: an in-memory ``Transformer`` (instead of ``checkpoint``).
       tokenizer: a ``Tokenizer``, a ``.model`` path or a directory holding ``tokenizer.model``.
       batch_size: rows per compiled batch (rounded up to a multiple of the device count); lm-eval's
@@ -126,7 +127,9 @@ class MistralJaxLM(TemplateLM):
                  devices: Sequence[Any] | None = None, mesh: jax.sharding.Mesh | None = None,
                  rules: sharding.ShardingRules | None = None, **unused: Any) -> None:
         super().__init__()
-        unused = {k: v for k, v in unused.items() if k not in ("device", "max_batch_size", "pretrained")}
+        if checkpoint is None and model is None:
+            checkpoint = unused.pop("pretrained", None)  # lm-eval's usual name for the model directory
+        unused = {k: v for k, v in unused.items() if k not in ("device", "max_batch_size")}
         if unused:
             raise TypeError(f"mistral_jax backend: unknown model_args {sorted(unused)}. Fix: use checkpoint=, "
                             "tokenizer=, batch_size=, max_length=, max_gen_toks=, dtype=, add_bos_token=, seed=.")

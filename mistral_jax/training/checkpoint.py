@@ -56,13 +56,13 @@ class Checkpointer:
     def save(self, step: int, state: dict[str, Any], data_state: dict[str, Any], meta: dict[str, Any], *,
              force: bool = False) -> bool:
         """Save (asynchronously) if ``step`` is due or ``force``; returns whether a save started."""
-        if step in self.manager.all_steps():
-            return False
+        if step in self.manager.all_steps() or not (force or step % self.every_steps == 0):
+            return False  # orbax alone would also save the first step of every run
         args = ocp.args.Composite(params=ocp.args.StandardSave(state["params"]),
                                   opt_state=ocp.args.StandardSave(state["opt_state"]),
                                   data_state=ocp.args.JsonSave(data_state),
                                   meta=ocp.args.JsonSave({**meta, "step": int(step)}))
-        return self.manager.save(step, args=args, force=force)
+        return self.manager.save(step, args=args, force=True)
 
     def restore(self, step: int, abstract_state: dict[str, Any]) -> tuple[dict[str, Any], dict, dict]:
         """``(state, data_state, meta)`` of ``step``, placed on the shardings of ``abstract_state``'s leaves."""

@@ -15,3 +15,7 @@ from mistral_jax.convert import ConversionError, convert, save_hf, save_jax, sav
 from mistral_jax.loading import load_pretrained  # noqa: E402
 
 __all__ += ["ConversionError", "convert", "load_pretrained", "save_hf", "save_jax", "save_mistral"]
+
+from mistral_jax.lora import apply_lora, merge_lora  # noqa: E402
+
+__all__ += ["apply_lora", "merge_lora"]

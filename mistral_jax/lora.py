@@ -14,6 +14,10 @@ not an ``nnx.Param``: ``nnx.state(model, nnx.Param)`` -- what the optimizer and 
 checkpoint saves -- is exactly the adapters. ``merge_lora`` folds ``A @ B`` into ``W`` and turns everything back into
 ``nnx.Param``, giving a plain ``Transformer`` that ``save_hf`` / ``save_mistral`` export.
 
+Export a LoRA run (base from its ``init_from`` + adapters from its newest checkpoint, merged)::
+
+    python -m mistral_jax.lora --workdir runs/tiny_lora --output exports/tiny_lora_hf [--to hf|mistral|jax]
+
 Targets (HF PEFT names accepted as aliases): ``wq`` (q_proj), ``wk`` (k_proj), ``wv`` (v_proj), ``wo`` (o_proj),
 ``w1`` (gate_proj), ``w3`` (up_proj), ``w2`` (down_proj). For Mixtral, ``w1 w2 w3`` are the expert projections
 (one adapter pair per expert); the router ``gate`` is never adapted.
@@ -21,12 +25,16 @@ Targets (HF PEFT names accepted as aliases): ``wq`` (q_proj), ``wk`` (k_proj), `
 
 from __future__ import annotations
 
+import argparse
+import functools
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
@@ -38,6 +46,27 @@ ALIASES = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "q_proj": "wq", "k_proj":
            "o_proj": "wo", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", **{n: n for n in _IN_OUT}}
 ALL_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 _OWNERS = ("Attention", "MLP", "MoE")  # module classes whose weight attributes may be adapted
+
+
+def _delta(a: jax.Array, b: jax.Array, scale: float, n_in: int) -> jax.Array:
+    """``scale * A @ B`` for ``A`` [lead..., in..., R], ``B`` [lead..., R, out...] -> [lead..., in..., out...]."""
+    r = a.shape[-1]
+    lead = a.shape[: a.ndim - 1 - n_in]
+    ins, outs = a.shape[len(lead):-1], b.shape[len(lead) + 1:]
+    a2 = a.astype(jnp.float32).reshape(*lead, math.prod(ins), r)  # [lead, I, R]
+    b2 = b.astype(jnp.float32).reshape(*lead, r, math.prod(outs))  # [lead, R, O]
+    return (scale * jnp.matmul(a2, b2)).reshape(*lead, *ins, *outs)  # [lead, in..., out...]
+
+
+def _merged(w: jax.Array, a: jax.Array, b: jax.Array, scale: float, n_in: int) -> jax.Array:
+    # float32 sum: a bfloat16 base would round away most of a small low-rank update.
+    return (w.astype(jnp.float32) + _delta(a, b, scale, n_in)).astype(w.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _merge_all(arrays: list[tuple[jax.Array, jax.Array, jax.Array]], statics: tuple[tuple[float, int], ...]):
+    """Every merged weight in one compiled program (sharded weights stay sharded)."""
+    return [_merged(w, a, b, scale, n_in) for (w, a, b), (scale, n_in) in zip(arrays, statics, strict=True)]
 
 
 class LoRAParam(nnx.Param):
@@ -72,19 +101,11 @@ class LoRAWeight(nnx.Module):
 
     def delta(self) -> jax.Array:
         """``scale * A @ B`` in float32, shaped like ``W``."""
-        a, b = self.a[...], self.b[...]
-        r = a.shape[-1]
-        lead = a.shape[: a.ndim - 1 - self.n_in]
-        ins, outs = a.shape[len(lead):-1], b.shape[len(lead) + 1:]
-        a2 = a.astype(jnp.float32).reshape(*lead, math.prod(ins), r)  # [lead, I, R]
-        b2 = b.astype(jnp.float32).reshape(*lead, r, math.prod(outs))  # [lead, R, O]
-        return (self.scale * jnp.matmul(a2, b2)).reshape(*lead, *ins, *outs)  # [lead, in..., out...]
+        return _delta(self.a[...], self.b[...], self.scale, self.n_in)
 
     def merged(self) -> jax.Array:
         """The effective weight in the base dtype."""
-        w = self.base[...]
-        # float32 sum: a bfloat16 base would round away most of a small low-rank update.
-        return (w.astype(jnp.float32) + self.delta()).astype(w.dtype)
+        return _merged(self.base[...], self.a[...], self.b[...], self.scale, self.n_in)
 
     def __getitem__(self, index: Any) -> jax.Array:
         return self.merged()[index]
@@ -107,13 +128,15 @@ def resolve_targets(targets: Sequence[str] | str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def _place(x: jax.Array, like: Any, axes: tuple[str | None, ...]) -> jax.Array:
+def _place(x: np.ndarray, like: Any, axes: tuple[str | None, ...]) -> jax.Array:
     """Put a new adapter on the mesh of its base weight, sharded by its logical axes."""
     sh = getattr(like, "sharding", None)
     if isinstance(sh, NamedSharding):
         rules = sharding.current()[1] if sharding.current() else sharding.DEFAULT_RULES
         return jax.device_put(x, NamedSharding(sh.mesh, rules.spec(axes, sh.mesh)))
-    return x
+    if isinstance(like, jax.core.Tracer):  # under nnx.eval_shape / jit
+        return jnp.asarray(x)
+    return jax.device_put(x, sh) if sh is not None else jnp.asarray(x)
 
 
 def _weight_owners(model: nnx.Module) -> list[tuple[nnx.Module, str, nnx.Variable]]:
@@ -152,9 +175,9 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float, targets: Sequence[str
     if is_lora(model):
         raise ValueError("model already has LoRA adapters. Fix: call merge_lora(model) first, or apply LoRA once.")
     names = resolve_targets(targets)
-    key = jax.random.key(seed)
+    rng = np.random.default_rng(seed)  # host-side init: adapters are small, and eager jax.random compiles per shape
     wrapped = 0
-    for i, (owner, name, var) in enumerate(_weight_owners(model)):
+    for owner, name, var in _weight_owners(model):
         if not isinstance(var, nnx.Param):
             continue
         md = var.get_metadata()
@@ -169,8 +192,8 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float, targets: Sequence[str
         a_axes = (*axes[: n_lead + n_in], None)
         b_axes = (*axes[:n_lead], None, *axes[n_lead + n_in:])
         bound = 1.0 / math.sqrt(math.prod(ins))  # PEFT: kaiming_uniform(a=sqrt(5)) on A
-        a = jax.random.uniform(jax.random.fold_in(key, i), (*lead, *ins, rank), jnp.float32, -bound, bound)
-        b = jnp.zeros((*lead, rank, *outs), jnp.float32)
+        a = rng.uniform(-bound, bound, (*lead, *ins, rank)).astype(np.float32)
+        b = np.zeros((*lead, rank, *outs), np.float32)
         adapter = LoRAWeight(frozen, LoRAParam(_place(a, var[...], a_axes), logical_axes=a_axes),
                              LoRAParam(_place(b, var[...], b_axes), logical_axes=b_axes), alpha / rank, n_in)
         setattr(owner, name, adapter)
@@ -187,14 +210,19 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     Returns:
       ``model``, now with only ``nnx.Param`` weights (the same tree as before ``apply_lora``), ready for export.
     """
+    found = []
     for _, node in list(nnx.iter_graph(model)):
         if not isinstance(node, nnx.Module) or isinstance(node, LoRAWeight):
             continue
         for name, value in list(vars(node).items()):
             if isinstance(value, LoRAWeight):
-                setattr(node, name, nnx.Param(value.merged(), **value.base.get_metadata()))
+                found.append((node, name, value))
             elif isinstance(value, Frozen):
                 setattr(node, name, nnx.Param(value[...], **value.get_metadata()))
+    merged = _merge_all([(w.base[...], w.a[...], w.b[...]) for _, _, w in found],
+                        tuple((w.scale, w.n_in) for _, _, w in found))
+    for (node, name, w), value in zip(found, merged, strict=True):
+        setattr(node, name, nnx.Param(value, **w.base.get_metadata()))
     return model
 
 
@@ -217,3 +245,32 @@ def trainable_mask(state: Any) -> Any:
         return len(names) >= 2 and names[-1] in ("a", "b") and names[-2] in _IN_OUT
 
     return jax.tree_util.tree_map_with_path(is_adapter, state)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: merge a LoRA training run into its base model and export it."""
+    ap = argparse.ArgumentParser(description="Merge the adapters of a LoRA run (train.py with config.lora.rank > 0) "
+                                             "into its init_from base model and export the result.")
+    ap.add_argument("--workdir", required=True, help="the LoRA run's --workdir")
+    ap.add_argument("--output", required=True, help="directory to write (must be absent or empty)")
+    ap.add_argument("--to", choices=("hf", "mistral", "jax"), default="hf", help="export format")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest that restores)")
+    ap.add_argument("--dtype", default=None, help="hf / mistral output dtype (float32, bfloat16, float16)")
+    args = ap.parse_args(argv)
+    from mistral_jax.convert import save_hf, save_jax, save_mistral
+    from mistral_jax.training.sft import merged_model
+
+    mesh = sharding.make_mesh() if jax.device_count() > 1 else None  # fsdp over the local devices
+    model = merged_model(args.workdir, args.step, mesh=mesh)
+    tok = os.path.join(args.workdir, "tokenizer.model")
+    tok = tok if os.path.isfile(tok) else None
+    if args.to == "jax":
+        out = save_jax(model, args.output, tokenizer=tok)
+    else:
+        save = save_hf if args.to == "hf" else save_mistral
+        out = save(model, args.output, dtype=args.dtype, tokenizer=tok)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -19,35 +19,33 @@ CFGS = {"mistral": mj.ModelConfig.tiny(), "mixtral": mj.ModelConfig.tiny_mixtral
 @pytest.fixture(scope="module")
 def base_models():
     """One base model per config (init is the slow part on CPU); tests work on clones."""
-    out = {}
-    for name, cfg in CFGS.items():
-        model = mj.Transformer(cfg, rngs=nnx.Rngs(1))
-        out[name] = (model, np.asarray(model(TOKENS)))
-    return out
+    return {name: mj.Transformer(cfg, rngs=nnx.Rngs(1)) for name, cfg in CFGS.items()}
 
 
 def _lora_model(base_models, name="mistral", targets="all", rank=4, alpha=8.0):
-    model, base_logits = base_models[name]
-    model = nnx.clone(model)
+    model = nnx.clone(base_models[name])
     base = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     lora.apply_lora(model, rank, alpha, targets, seed=2)
-    return model, base, base_logits
+    return model, base
 
 
 def _randomise_adapters(model, seed=3):
     state = lora.adapter_state(model)
     leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noise = [0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
-    nnx.update(model, jax.tree.unflatten(treedef, noise))
+    rng = np.random.default_rng(seed)
+    nnx.update(model, jax.tree.unflatten(treedef, [(0.05 * rng.standard_normal(x.shape)).astype(np.float32)
+                                                   for x in leaves]))
 
 
 @pytest.mark.parametrize("name", sorted(CFGS))
 def test_lora_starts_at_base_and_exposes_only_adapters(base_models, name):
     cfg = CFGS[name]
-    model, _, base_logits = _lora_model(base_models, name)
-    if name == "mistral":  # (one forward is enough: the merge test runs both configs)
-        np.testing.assert_array_equal(np.asarray(model(TOKENS)), base_logits)  # B = 0: the base function
+    model, base = _lora_model(base_models, name)
+    wrapped = [node for _, node in nnx.iter_graph(model) if isinstance(node, lora.LoRAWeight)]
+    assert len(wrapped) == 7
+    effective = nnx.jit(lambda m: [w[...] for _, w in nnx.iter_graph(m) if isinstance(w, lora.LoRAWeight)])(model)
+    for w, eff in zip(wrapped, effective, strict=True):  # B = 0: each effective weight is exactly the base weight
+        np.testing.assert_array_equal(np.asarray(eff), np.asarray(w.base[...]))
     flat = {"/".join(map(str, k)): v.shape for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     lead = (2, 4) if cfg.is_moe else (2,)  # [L] or [L, E]
     assert flat == {
@@ -63,13 +61,13 @@ def test_lora_starts_at_base_and_exposes_only_adapters(base_models, name):
 
 
 def test_lora_targets_and_errors(base_models):
-    model, _, _ = _lora_model(base_models, targets="q_proj,v_proj", rank=2)
+    model, _ = _lora_model(base_models, targets="q_proj,v_proj", rank=2)
     flat = [k for k, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
     assert sorted("/".join(k) for k in flat) == ["layers/attention/wq/a", "layers/attention/wq/b",
                                                   "layers/attention/wv/a", "layers/attention/wv/b"]
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         lora.apply_lora(model, 2, 4.0, "wq")
-    fresh = nnx.clone(base_models["mistral"][0])
+    fresh = nnx.clone(base_models["mistral"])
     with pytest.raises(ValueError, match="unknown LoRA target 'qproj'"):
         lora.apply_lora(fresh, 2, 4.0, "qproj")
     with pytest.raises(ValueError, match="rank=0 must be a positive integer"):
@@ -79,10 +77,10 @@ def test_lora_targets_and_errors(base_models):
 @pytest.mark.parametrize("name", sorted(CFGS))
 def test_merge_equals_base_plus_scaled_update(base_models, name):
     cfg = CFGS[name]
-    model, base, base_logits = _lora_model(base_models, name, rank=4, alpha=8.0)
+    model, base = _lora_model(base_models, name, rank=4, alpha=8.0)
     _randomise_adapters(model)
     ad = jax.tree.map(np.asarray, nnx.to_pure_dict(lora.adapter_state(model)))["layers"]
-    lora_logits = np.asarray(model(TOKENS))
+    lora_logits = np.asarray(model(TOKENS)) if cfg.is_moe else None  # (the LoRA run test checks Mistral's logits)
     lora.merge_lora(model)
     assert not lora.is_lora(model)
     merged = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
@@ -96,16 +94,15 @@ def test_merge_equals_base_plus_scaled_update(base_models, name):
         expect[("feed_forward", "w2")] = np.einsum("LEFr,LErD->LEFD", ff["w2"]["a"], ff["w2"]["b"])
     else:
         expect[("feed_forward", "w2")] = np.einsum("LFr,LrD->LFD", ff["w2"]["a"], ff["w2"]["b"])
-    for (blk, name), delta in expect.items():
-        np.testing.assert_allclose(merged["layers"][blk][name], base["layers"][blk][name] + scale * delta,
+    for (blk, wname), delta in expect.items():
+        np.testing.assert_allclose(merged["layers"][blk][wname], base["layers"][blk][wname] + scale * delta,
                                    atol=1e-6, rtol=1e-6)
     # untargeted weights come back unchanged
     np.testing.assert_array_equal(merged["embed"], base["embed"])
     norm = ("layers", "attention_norm", "weight")
     np.testing.assert_array_equal(merged[norm[0]][norm[1]][norm[2]], base[norm[0]][norm[1]][norm[2]])
-    # the merged plain model computes what the LoRA model computed
-    np.testing.assert_allclose(np.asarray(model(TOKENS)), lora_logits, atol=1e-5, rtol=0)
-    assert np.abs(lora_logits - base_logits).max() > 1e-3  # the adapters do change the function
+    if lora_logits is not None:  # the merged plain model computes what the LoRA model computed
+        np.testing.assert_allclose(np.asarray(model(TOKENS)), lora_logits, atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------ runs through train.py
@@ -205,9 +202,8 @@ def test_full_sft_from_checkpoint_answer_loss_falls(pretrained, tmp_path):
 
 
 def test_lora_sft_trains_only_adapters_and_merges(pretrained, tmp_path):
-    from mistral_jax.convert import save_hf
     from mistral_jax.loading import load_pretrained
-    from mistral_jax.training import sft, trainer
+    from mistral_jax.training import trainer
     from mistral_jax.training.checkpoint import restore_params
 
     hf_dir, _ = pretrained
@@ -232,7 +228,9 @@ def test_lora_sft_trains_only_adapters_and_merges(pretrained, tmp_path):
     nnx.replace_by_pure_dict(state, adapters)
     nnx.update(like, state)
     lora_logits = np.asarray(like(TOKENS))
-    merged = sft.merged_model(str(tmp_path))
+    # export CLI (python -m mistral_jax.lora -> training.sft.merged_model + save_hf), loaded back from HF files
+    lora.main(["--workdir", str(tmp_path), "--output", str(tmp_path / "export"), "--to", "hf"])
+    merged = load_pretrained(tmp_path / "export")
     np.testing.assert_allclose(np.asarray(merged(TOKENS)), lora_logits, atol=1e-5, rtol=0)
     b = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(base, nnx.Param)))
     m = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(merged, nnx.Param)))
@@ -250,6 +248,3 @@ def test_lora_sft_trains_only_adapters_and_merges(pretrained, tmp_path):
         for p in path:
             x, y = x[p], y[p]
         np.testing.assert_array_equal(x, y)
-    # export: the merged model written as HF loads back with the same logits
-    out = save_hf(merged, tmp_path / "export")
-    np.testing.assert_allclose(np.asarray(load_pretrained(out)(TOKENS)), lora_logits, atol=1e-5, rtol=0)

@@ -109,7 +109,7 @@ def model_config(cfg: Any, preset_cfg: ModelConfig) -> ModelConfig:
     if not path:
         return preset_cfg
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"config.init_from={path!r} is not a directory. Fix: point at an HF, Mistral "
+        raise ValueError(f"config.init_from={path!r} is not a directory. Fix: point at an HF, Mistral "
                                 "consolidated or mistral_jax checkpoint directory (or a training workdir).")
     # float32 master weights unless config.model.param_dtype says otherwise (checkpoints are often bfloat16)
     return checkpoint_config(path).replace(**{"param_dtype": "float32", **_overrides(cfg)})
@@ -124,7 +124,7 @@ def tokenizer(cfg: Any, workdir: str) -> Tokenizer | None:
         src = init_from(cfg)
         path = loading.tokenizer_path(src, loading.detect_format(src))
         if path is None:
-            raise FileNotFoundError(f"config.init_from={src!r} has no tokenizer.model. Fix: set "
+            raise ValueError(f"config.init_from={src!r} has no tokenizer.model. Fix: set "
                                     "--config.data.tokenizer=PATH to the checkpoint's sentencepiece model.")
     if not path:
         if is_chat(cfg):

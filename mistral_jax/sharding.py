@@ -46,19 +46,20 @@ _BASE: dict[str, MeshAxes] = {
 }
 
 # Presets. Mesh axes of size 1 are dropped from every spec, so one table serves every mesh shape; the presets
-# pin down which parallelism a run means (and `rules_for_mesh` checks the mesh agrees with it).
-#   fsdp:        parameters sharded on `embed` over fsdp, nothing tensor- or expert-parallel; every mesh axis
-#                shards the batch.
-#   fsdp_tp:     + heads / kv_heads / mlp / vocab over `tensor` (Megatron column/row split); experts replicated.
-#   fsdp_tp_ep:  + experts over `expert` (MoE blocks use the expert-parallel path in model/moe.py).
-_FSDP: dict[str, MeshAxes] = {**_BASE, "vocab": None, "heads": None, "kv_heads": None, "mlp": None, "experts": None,
+# say what the `tensor` axis means, and experts always follow the `expert` axis (an expert axis > 1 *is* expert
+# parallelism; a run config that sets mesh.expert=8 gets EP whatever preset it names, never 8 replicas).
+#   fsdp:        parameters sharded on `embed` over fsdp; no tensor parallelism: a `tensor` axis > 1 is one
+#                more batch axis.
+#   fsdp_tp:     + heads / kv_heads / mlp / vocab over `tensor` (Megatron column/row split).
+#   fsdp_tp_ep:  the same table, named for Mixtral runs with mesh.expert > 1 (MoE blocks then run the
+#                expert-parallel path of model/moe.py).
+_FSDP: dict[str, MeshAxes] = {**_BASE, "vocab": None, "heads": None, "kv_heads": None, "mlp": None,
                               "act_heads": None, "act_kv_heads": None, "act_mlp": None, "act_vocab": None,
                               "batch": ("data", "fsdp", "tensor", "expert")}
-_FSDP_TP: dict[str, MeshAxes] = {**_BASE, "experts": None}
 
 RULE_PRESETS: dict[str, dict[str, MeshAxes]] = {
     "fsdp": _FSDP,
-    "fsdp_tp": _FSDP_TP,
+    "fsdp_tp": _BASE,
     "fsdp_tp_ep": _BASE,
 }
 
@@ -240,8 +241,7 @@ def rules_from_config(mesh_cfg, mesh: Mesh | None = None) -> ShardingRules:
     """The rules of ``config.mesh.rules`` (a preset name; default ``auto``: the preset matching the mesh shape).
 
     ``auto`` picks ``fsdp_tp_ep`` when the mesh has an expert axis > 1, else ``fsdp_tp`` when tensor > 1, else
-    ``fsdp``. An explicit preset is checked against the mesh: a preset that ignores a mesh axis of size > 1 for
-    the parameters it would shard is fine (that axis then shards the batch only), so no check is needed there.
+    ``fsdp``.
     """
     name = _get(mesh_cfg, "rules", "auto") or "auto"
     if name != "auto":

@@ -26,7 +26,7 @@ def get_config() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0  # parameter init and data shuffling seed
     c.num_steps = 1000  # optimizer steps in the run (also the LR decay horizon)
-    c.batch_size = 8  # global batch in rows of data.seq_len tokens per optimizer step (all processes, all micro-batches)
+    c.batch_size = 8  # global rows of data.seq_len tokens per optimizer step (all processes and micro-batches)
     c.grad_accum_steps = 1  # micro-batches per optimizer step (scan over batch_size // grad_accum_steps rows each)
     c.model = model_fields()  # the network: preset + overrides -> ModelConfig (see trainer.model_config_from)
     c.remat = ""  # activation checkpointing per layer (none, full, save_dots, ...); "" keeps model.remat

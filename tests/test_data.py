@@ -92,7 +92,7 @@ def test_empty_and_malformed_inputs(tmp_path):
 
 def test_non_utf8_replace_warns_with_count_or_errors(tmp_path, caplog):
     path = tmp_path / "latin1.txt"
-    path.write_bytes("good line\n".encode() + "caf\xe9 one\n".encode("latin-1") + b"ok\n" + b"\xff\xfe two\n")
+    path.write_bytes(b"good line\n" + "caf\xe9 one\n".encode("latin-1") + b"ok\n" + b"\xff\xfe two\n")
     with caplog.at_level(logging.WARNING):
         src = P.open_source(str(path))
     assert src.texts == ["good line", "caf\ufffd one", "ok", "\ufffd\ufffd two"]
@@ -156,7 +156,7 @@ def test_shuffle_is_deterministic_per_seed_and_epoch(tok):
     b = _take(P.PackedBatches(src, tok, 32, 2, seed=3), 3)
     c = _take(P.PackedBatches(src, tok, 32, 2, seed=4), 3)
     plain = _take(P.PackedBatches(src, tok, 32, 2, shuffle=False), 1)
-    assert all(_eq(x, y) for x, y in zip(a, b))
+    assert all(_eq(x, y) for x, y in zip(a, b, strict=True))
     assert not _eq(a[0], c[0])
     np.testing.assert_array_equal(plain[0]["tokens"][0][:8], tok.encode(src.texts[0])[:8])
     order0 = list(src.documents(0, 0, 3, True, 0, 1))
@@ -184,7 +184,7 @@ def test_resume_mid_document_and_across_epochs(tok, tmp_path):
     assert it.get_state()["epoch"] >= 1
     resumed = P.PackedBatches(src, tok, 16, 2, seed=1)
     resumed.set_state(json.loads(json.dumps(state)))  # survives the JSON round trip of the checkpoint
-    assert all(_eq(x, y) for x, y in zip(expected, _take(resumed, 12)))
+    assert all(_eq(x, y) for x, y in zip(expected, _take(resumed, 12), strict=True))
 
 
 def test_changed_settings_warn_on_resume(tok, caplog):

@@ -202,11 +202,13 @@ def test_grad_accumulation_matches_one_big_batch(one_device_state):
     np.testing.assert_allclose(m1["ce_loss"], m2["ce_loss"], rtol=1e-5)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
     assert float(m2["tokens"]) == float(batch["weights"].sum())
-    for a, b, p in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"]), jax.tree.leaves(state["params"])):
+    leaves = [jax.tree.leaves(s["params"]) for s in (s1, s2, state)]
+    for a, b, p in zip(*leaves, strict=True):
         g1, g2 = np.asarray(p - a), np.asarray(p - b)
         np.testing.assert_allclose(g1, g2, atol=2e-5 * max(1.0, float(np.abs(g1).max())))
     assert m1["expert_load"].shape == (2, 4) and float(m1["z_loss"]) > 0
-    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(s1["params"]))]
+    before, after = jax.tree.leaves(state["params"]), jax.tree.leaves(s1["params"])
+    changed = [not np.array_equal(a, b) for a, b in zip(before, after, strict=True)]
     assert all(changed) and int(s1["step"]) == 1
 
 
@@ -216,7 +218,7 @@ def test_nonfinite_step_leaves_state_untouched(one_device_state):
     new, m = jax.jit(lambda s, b: step_lib.train_step(graphdef, tx, s, b, schedule=schedule))(state, bad)
     assert int(m["nonfinite"]) == 1 and int(new["step"]) == 1
     for a, b in zip(jax.tree.leaves({k: state[k] for k in ("params", "opt_state")}),
-                    jax.tree.leaves({k: new[k] for k in ("params", "opt_state")})):
+                    jax.tree.leaves({k: new[k] for k in ("params", "opt_state")}), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -250,6 +252,7 @@ def test_flops_are_window_aware():
     windowed, full = ModelConfig.tiny(sliding_window=16), ModelConfig.tiny(sliding_window=None)
     diff = flops_per_token(full, 64) - flops_per_token(windowed, 64)
     cfg = windowed
-    np.testing.assert_allclose(diff, 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * (32.5 - mean_attended_keys(64, 16)))
+    per_key = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim
+    np.testing.assert_allclose(diff, per_key * (32.5 - mean_attended_keys(64, 16)))
     moe = ModelConfig.tiny_mixtral()
     assert flops_per_token(moe, 64) < flops_per_token(moe.replace(num_experts_per_tok=4), 64)

@@ -125,7 +125,7 @@ def restore_params(checkpoint_dir: str, abstract_params: Any, step: int | None =
                                     options=ocp.CheckpointManagerOptions(create=False, read_only=True))
     steps = sorted(manager.all_steps()) if step is None else [step]
     if not steps:
-        raise FileNotFoundError(f"no checkpoints in {checkpoint_dir!r}. Fix: train first, or pass the workdir of a run.")
+        raise FileNotFoundError(f"no checkpoints in {checkpoint_dir!r}. Fix: train first, or pass a run's workdir.")
     errors = []
     for s in reversed(steps):
         try:

@@ -128,7 +128,7 @@ def mesh_sizes(mesh_cfg: Any, n_devices: int) -> dict[str, int]:
     shown = ", ".join(f"mesh.{k}={v}" for k, v in sizes.items())
     for k, v in sizes.items():
         if not isinstance(v, int) or (v < 1 and v != -1):
-            raise ConfigError(f"config.mesh.{k}={v!r} must be a positive integer or -1 (fill). Fix: set config.mesh.{k}.")
+            raise ConfigError(f"config.mesh.{k}={v!r} must be a positive integer or -1 (fill). Fix: set mesh.{k}.")
     fill = [k for k, v in sizes.items() if v == -1]
     if len(fill) > 1:
         raise ConfigError(f"config.mesh: {shown}: only one axis may be -1. Fix: give all but one size explicitly.")
@@ -177,8 +177,9 @@ def validate_config(cfg: ConfigDict, n_devices: int | None = None, process_count
         raise ConfigError(f"config.batch_size={b} is not divisible by config.grad_accum_steps={acc}. "
                           "Fix: make batch_size a multiple of grad_accum_steps.")
     if (b // acc) % dp:
-        raise ConfigError(f"config.batch_size={b} (micro-batch {b // acc} with grad_accum_steps={acc}) is not divisible "
-                          f"by the data-parallel size {dp} = {' x '.join(f'mesh.{a}={sizes[a]}' for a in batch_axes)}. "
+        axes = " x ".join(f"mesh.{a}={sizes[a]}" for a in batch_axes)
+        raise ConfigError(f"config.batch_size={b} (micro-batch {b // acc} with grad_accum_steps={acc}) is not divisible"
+                          f" by the data-parallel size {dp} = {axes}. "
                           f"Fix: use a batch_size that is a multiple of {dp * acc}, or change the mesh.")
     if b % process_count:
         raise ConfigError(f"config.batch_size={b} is not divisible by the {process_count} processes. "

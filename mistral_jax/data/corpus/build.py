@@ -2,14 +2,14 @@
 
 Source: ``pydoc_data.topics.topics`` (the text behind ``help('topic')``, shipped with every CPython install),
 Copyright Python Software Foundation, PSF License Agreement version 2 (see ``LICENSE``). Each topic is cut into
-documents of whole paragraphs (up to ~1,500 characters), exact duplicates dropped; every 20th document goes to the validation split.
+documents of whole paragraphs (up to ~1,500 characters), exact duplicates dropped; every 20th document goes
+to the validation split.
 The output depends on the Python version that builds it; the committed files were built with CPython 3.11.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from mistral_jax.data.corpus import TRAIN, VALIDATION

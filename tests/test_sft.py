@@ -184,6 +184,34 @@ def test_chat_batches_weight_only_answers(pretrained):
     assert n_docs > 8  # rows are packed with several conversations
 
 
+@pytest.mark.parametrize("rank", [0, 4], ids=["full", "lora"])
+def test_init_from_state_is_loaded_sharded_on_the_training_mesh(pretrained, rank):
+    from jax.sharding import PartitionSpec as P
+
+    from mistral_jax import sharding
+    from mistral_jax.loading import load_pretrained
+    from mistral_jax.training import sft
+
+    hf_dir, _ = pretrained
+    cfg = _sft_config(hf_dir, **{"lora.rank": rank})
+    model_cfg = sft.model_config(cfg, None)
+    assert model_cfg.to_hf() == mj.ModelConfig.tiny().to_hf()  # the network is the checkpoint's
+    mesh = sharding.make_mesh(fsdp=-1)
+    _, abstract, shardings, make_state = sft.train_state(cfg, model_cfg, mesh, sharding.DEFAULT_RULES)
+    state = make_state()
+    weights = state["frozen"] if rank else state["params"]
+    embed = weights["embed"]
+    assert embed.sharding.spec == P(None, "fsdp") and len(embed.addressable_shards) == 8
+    assert embed.addressable_shards[0].data.shape == (512, 64 // 8)  # each device holds 1/8 of the table
+    np.testing.assert_array_equal(np.asarray(embed), np.asarray(load_pretrained(hf_dir).embed[...]))
+    if rank:  # LoRA: the optimizer sees only the adapters
+        assert set(state) == {"params", "frozen", "opt_state", "step"}
+        n_opt = sum(x.size for x in jax.tree.leaves(state["opt_state"]))
+        n_adapters = sum(x.size for x in jax.tree.leaves(state["params"]))
+        assert 2 * n_adapters <= n_opt < 2 * n_adapters + 8  # Adam mu and nu (+ scalar step counters)
+    assert jax.tree.map(lambda x: x.shape, abstract["params"]) == jax.tree.map(lambda x: x.shape, state["params"])
+
+
 def test_full_sft_from_checkpoint_answer_loss_falls(pretrained, tmp_path):
     from mistral_jax.loading import load_pretrained
     from mistral_jax.training import trainer

@@ -51,6 +51,7 @@ def get_config() -> ConfigDict:
     c.data.format = "text"  # "text": documents (pretraining); "chat": messages lists, Mistral template, answer loss
     c.data.messages_field = "messages"  # chat: column holding the messages (also reads ShareGPT / Alpaca layouts)
     c.data.max_conversations = 0  # chat: read at most this many conversations (0 = all)
+    c.data.skip_invalid = False  # chat: drop conversations with bad roles / empty turns (counted) instead of failing
 
     c.lora = ConfigDict()
     c.lora.rank = 0  # LoRA adapter rank; 0 = no LoRA (every weight trains)

@@ -30,6 +30,7 @@ def get_config():
     c.data.validation = "HuggingFaceH4/ultrachat_200k"  # held-out conversations of the same set
     c.data.validation_split = "test_sft"  # UltraChat's SFT test split
     c.data.messages_field = "messages"  # column holding the conversation
+    c.data.skip_invalid = True  # a few web conversations break the role rules: drop them (count logged)
     c.data.tokenizer = ""  # "" = init_from's tokenizer.model
     c.data.seq_len = 4096  # tokens per packed row
     c.optimizer.learning_rate = 2e-4  # LoRA peak (use ~1e-5 for full fine-tuning)

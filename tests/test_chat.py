@@ -135,6 +135,15 @@ def test_chat_batches_resume_and_process_split():
     assert len(list(once)) == n
 
 
+def test_invalid_conversations_raise_or_are_skipped():
+    convs = [SINGLE, [U("hi")], MULTI]
+    with pytest.raises(ValueError, match="conversation 1: the last message must be the assistant's answer"):
+        chat.ChatBatches(convs, TOK, seq_len=16, batch_size=1)
+    it = chat.ChatBatches(convs, TOK, seq_len=16, batch_size=1, skip_invalid=True)
+    assert it.invalid == 1
+    assert [r.ids for r in it.rendered] == [[1, 3, 5, 4, 6, 2], [1, 3, 5, 4, 6, 2, 3, 7, 8, 9, 4, 10, 2]]
+
+
 def test_bundled_set_with_sentencepiece(tmp_path):
     from mistral_jax.data.tokenizer import Tokenizer
     from mistral_jax.data.train_tokenizer import train_tokenizer

@@ -24,6 +24,7 @@ import dataclasses
 import glob
 import itertools
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -32,6 +33,7 @@ import numpy as np
 
 ROLES = ("system", "user", "assistant")
 BATCH_DTYPES = dict(tokens=np.int32, targets=np.int32, weights=np.float32, positions=np.int32, segment_ids=np.int32)
+log = logging.getLogger(__name__)
 BUNDLED_TRAIN = os.path.join(os.path.dirname(__file__), "corpus", "instruct_train.jsonl")
 BUNDLED_VALIDATION = os.path.join(os.path.dirname(__file__), "corpus", "instruct_validation.jsonl")
 
@@ -331,17 +333,30 @@ class ChatBatches:
       shuffle: shuffle conversation order each epoch.
       seed: shuffling seed.
       loop: start another epoch at the end (training); else stop after one (eval).
+      skip_invalid: drop conversations that fail ``validate`` (counted in ``self.invalid``, first error logged)
+        instead of raising.
       process_index: this host's index (``jax.process_index()``).
       process_count: number of hosts.
     """
 
     def __init__(self, conversations: Iterable[Sequence[Mapping[str, Any]]], tokenizer: TokenizerLike, seq_len: int,
                  batch_size: int, *, shuffle: bool = True, seed: int = 0, loop: bool = True, process_index: int = 0,
-                 process_count: int = 1):
+                 process_count: int = 1, skip_invalid: bool = False):
         if batch_size % process_count:
             raise ValueError(f"batch_size={batch_size} is not divisible by the {process_count} processes. "
                              "Fix: make config.batch_size a multiple of jax.process_count().")
-        self.rendered = [render(m, tokenizer, index=i) for i, m in enumerate(conversations)]
+        self.rendered, self.invalid = [], 0
+        for i, m in enumerate(conversations):
+            try:
+                self.rendered.append(render(m, tokenizer, index=i))
+            except ValueError as e:
+                if not skip_invalid:
+                    raise
+                if not self.invalid:
+                    log.warning("skipping invalid conversations (config.data.skip_invalid); first: %s", e)
+                self.invalid += 1
+        if self.invalid:
+            log.warning("skipped %d invalid conversations of %d", self.invalid, self.invalid + len(self.rendered))
         if not self.rendered:
             raise ValueError("the chat dataset is empty. Fix: check config.data.train and its split.")
         self.seq_len, self.batch_size, self.shuffle, self.seed, self.loop = seq_len, batch_size, shuffle, seed, loop
@@ -412,4 +427,5 @@ def chat_batches(data_cfg: Any, tokenizer: TokenizerLike, batch_size: int, *, sp
         convs = itertools.islice(convs, max_conv)
     return ChatBatches(convs, tokenizer, int(data_cfg.seq_len), batch_size,
                        shuffle=bool(data_cfg.shuffle) and split == "train", seed=seed, loop=loop,
-                       process_index=process_index, process_count=process_count)
+                       process_index=process_index, process_count=process_count,
+                       skip_invalid=bool(data_cfg.get("skip_invalid", False)))

@@ -109,7 +109,8 @@ def memory_report(compiled: Any, hbm_bytes: int | None = None) -> dict[str, Any]
     Returns:
       Bytes of ``arguments``, ``outputs``, ``aliased`` (donated outputs reusing argument buffers), ``temps``,
       ``code``, ``total`` (= arguments + outputs - aliased + temps + code: the peak the program needs), and
-      ``flops`` (per device, from XLA's cost analysis), ``hbm`` and ``fits`` (``total <= hbm``).
+      ``flops`` (per device, from XLA's cost analysis, which counts a while-loop body once: with scanned layers
+      or gradient accumulation use ``model_flops_per_step``), ``hbm`` and ``fits`` (``total <= hbm``).
     """
     ma = compiled.memory_analysis()
     if ma is None:
@@ -209,7 +210,8 @@ def format_report(r: dict[str, Any], title: str) -> str:
              + ("FITS" if r["fits"] else "DOES NOT FIT"),
              *([f"  compiler: {r['compiler_error']} (temps alone; arguments not counted)"] if "compiler_error" in r
                else []),
-             f"  FLOPs per step per chip: XLA {r['flops']:.3e}, model (6N + attention) {r['model_flops_per_chip']:.3e}",
+             f"  FLOPs per step per chip: model (6N + attention) {r['model_flops_per_chip']:.3e}; XLA cost analysis "
+             f"{r['flops']:.3e} (counts each scan / while-loop body once)",
              f"  compiled in {r['compile_s']} s"]
     return "\n".join(lines)
 

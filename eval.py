@@ -52,13 +52,18 @@ def main(argv: list[str]) -> int:
         raise app.UsageError("--checkpoint DIR is required (a directory mistral_jax.load_pretrained accepts).")
     if FLAGS.log_samples and not FLAGS.output_path:
         raise app.UsageError("--log_samples needs --output_path DIR to write the samples to.")
-    from mistral_jax.evals.run import evaluate
+    from mistral_jax.evals.run import TaskLoadError, evaluate
 
-    evaluate(checkpoint=FLAGS.checkpoint, tasks=FLAGS.tasks, suite=FLAGS.suite, num_fewshot=FLAGS.num_fewshot,
-             limit=FLAGS.limit, batch_size=FLAGS.batch_size, include_path=FLAGS.include_path,
-             output_path=FLAGS.output_path, log_samples=FLAGS.log_samples, seed=parse_seed(FLAGS.seed),
-             apply_chat_template=FLAGS.apply_chat_template, confirm_run_unsafe_code=FLAGS.confirm_run_unsafe_code,
-             gen_kwargs=FLAGS.gen_kwargs, tokenizer=FLAGS.tokenizer, dtype=FLAGS.dtype, max_length=FLAGS.max_length)
+    try:
+        evaluate(checkpoint=FLAGS.checkpoint, tasks=FLAGS.tasks, suite=FLAGS.suite, num_fewshot=FLAGS.num_fewshot,
+                 limit=FLAGS.limit, batch_size=FLAGS.batch_size, include_path=FLAGS.include_path,
+                 output_path=FLAGS.output_path, log_samples=FLAGS.log_samples, seed=parse_seed(FLAGS.seed),
+                 apply_chat_template=FLAGS.apply_chat_template, confirm_run_unsafe_code=FLAGS.confirm_run_unsafe_code,
+                 gen_kwargs=FLAGS.gen_kwargs, tokenizer=FLAGS.tokenizer, dtype=FLAGS.dtype,
+                 max_length=FLAGS.max_length)
+    except TaskLoadError as e:  # an expected, explained failure: the message, not a traceback
+        print(f"eval.py: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -16,7 +16,11 @@ from mistral_jax.evals.lm import MistralJaxLM, xla_compile_count
 log = logging.getLogger(__name__)
 
 
-class DatasetUnavailableError(RuntimeError):
+class TaskLoadError(RuntimeError):
+    """Tasks that cannot be built here: a missing dataset or a missing Python package (all listed at once)."""
+
+
+class DatasetUnavailableError(TaskLoadError):
     """A task's dataset could not be fetched (offline, or not in the local datasets cache)."""
 
 
@@ -36,21 +40,37 @@ def _dataset_hint(task_manager: Any, spec: Any) -> str:
     return ""
 
 
+def _yaml_file(config: Mapping[str, Any]) -> str:
+    """An inline task / group config written to a YAML file (lm-eval 0.4.13 builds inline group dicts wrongly:
+    it passes the group's keys to every child task; a YAML path loads correctly)."""
+    import tempfile
+
+    import yaml
+
+    directory = tempfile.mkdtemp(prefix="mistral_jax_tasks_")
+    path = os.path.join(directory, f"{config.get('group') or config.get('task')}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(dict(config), f)
+    return path
+
+
 def load_tasks(task_manager: Any, specs: Sequence[str | Mapping[str, Any]]) -> list[Any]:
     """Build lm-eval Task / Group objects for ``specs`` (names, tags or inline group dicts), one spec at a time,
     so a failure names the task it belongs to.
 
     Raises:
       ValueError: an unknown task name (with close matches).
-      DatasetUnavailableError: a task whose dataset cannot be fetched, with how to pre-download it.
+      DatasetUnavailableError: every task whose dataset cannot be fetched (all listed at once, with any task
+        missing a Python package), with how to pre-download them.
+      TaskLoadError: tasks whose code needs a Python package that is not installed (lm-eval's extras).
     """
     import datasets
 
-    built = []
+    built, missing, packages = [], [], []
     for spec in specs:
         name = spec if isinstance(spec, str) else spec.get("group") or spec.get("task")
         try:
-            loaded = task_manager.load(spec if isinstance(spec, str) else dict(spec))
+            loaded = task_manager.load(spec if isinstance(spec, str) else _yaml_file(spec))
         except KeyError as e:
             import difflib
 
@@ -59,20 +79,33 @@ def load_tasks(task_manager: Any, specs: Sequence[str | Mapping[str, Any]]) -> l
                              "(`lm_eval ls tasks`), or pass --include_path DIR holding its YAML.") from e
         except (OSError, datasets.exceptions.DatasetNotFoundError) as e:
             ds = _dataset_hint(task_manager, spec)
-            raise DatasetUnavailableError(
-                f"task {name!r}: its dataset{f' {ds!r}' if ds else ''} cannot be loaded ({type(e).__name__}: {e}). "
-                "The run is offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE set, or no network) and the dataset is "
-                "not in the local cache. Fix: pre-download it once on a machine with network access, with the same "
-                "datasets cache (HF_HOME / HF_DATASETS_CACHE) as this run: `HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0 "
-                f"python -c \"from lm_eval.tasks import TaskManager; TaskManager().load(['{name}'])\"`, then copy "
-                "the cache here; or evaluate on local files with a task YAML (`dataset_path: json`, "
-                "`dataset_kwargs: {data_files: {test: FILE}}`) passed through --include_path.") from e
+            missing.append((name, f"task {name!r}: its dataset{f' {ds!r}' if ds else ''} cannot be loaded "
+                                  f"({type(e).__name__}: {e})"))
+            continue
+        except ImportError as e:  # task utils import optional packages (lm-eval[math], evaluate, ...)
+            packages.append(f"task {name!r} needs a Python package that is not installed: {e}")
+            continue
         if name in loaded["groups"]:
             built.append(loaded["groups"][name])
         elif name in loaded["tasks"]:
             built.append(loaded["tasks"][name])
         else:  # a tag: its tasks
             built.extend(loaded["tasks"].values())
+    fix_packages = ("Fix: install the package(s) named above (lm-eval's extras: `pip install \"lm-eval[math]\"`, "
+                    "`pip install evaluate` for code tasks), or drop these tasks.")
+    if missing:
+        names = [n for n, _ in missing]
+        raise DatasetUnavailableError(
+            "\n  ".join([f"{len(missing)} task(s) cannot load their datasets:"] + [m for _, m in missing] + packages) +
+            "\nThe run is offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE set, or no network) and these datasets are "
+            "not in the local cache. Fix: pre-download them once on a machine with network access, with the same "
+            "datasets cache (HF_HOME / HF_DATASETS_CACHE) as this run: `HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0 "
+            f"python -c \"from lm_eval.tasks import TaskManager; TaskManager().load({names!r})\"`, then copy the "
+            "cache here; or evaluate on local files with a task YAML (`dataset_path: json`, "
+            "`dataset_kwargs: {data_files: {test: FILE}}`) passed through --include_path." +
+            (f"\n{fix_packages}" if packages else ""))
+    if packages:
+        raise TaskLoadError("\n  ".join(["tasks cannot be built:"] + packages) + "\n" + fix_packages)
     return built
 
 
@@ -133,17 +166,14 @@ def evaluate(*, checkpoint: str | None = None, lm: MistralJaxLM | None = None, t
     skipped = [b for b in benchmarks if b.task is None]
     for b in skipped:
         log.warning("suite %s: %s skipped (%s)", suite, b.name, b.note)
-    objs = load_tasks(task_manager, names)
-    for b in (b for b in benchmarks if b.task is not None):
-        if isinstance(b.task, str) and b.task in names:
-            continue  # asked for explicitly through --tasks: run with its own settings once
-        for obj in load_tasks(task_manager, [b.task]):
-            for t in _leaf_tasks(obj):
-                if b.num_fewshot is not None and num_fewshot is None:
-                    t.set_config(key="num_fewshot", value=b.num_fewshot)
-                if b.repeats is not None:
-                    t.set_config(key="repeats", value=b.repeats)
-            objs.append(obj)
+    wanted = [b for b in benchmarks if b.task is not None and not (isinstance(b.task, str) and b.task in names)]
+    objs = load_tasks(task_manager, names + [b.task for b in wanted])  # one error listing every missing dataset
+    for b, obj in zip(wanted, objs[len(objs) - len(wanted):], strict=True):  # suite entries are tasks or groups
+        for t in _leaf_tasks(obj):
+            if b.num_fewshot is not None and num_fewshot is None:
+                t.set_config(key="num_fewshot", value=b.num_fewshot)
+            if b.repeats is not None:
+                t.set_config(key="repeats", value=b.repeats)
 
     tracker = EvaluationTracker(output_path=output_path) if output_path else None
     compiles0, t0 = xla_compile_count(), time.perf_counter()

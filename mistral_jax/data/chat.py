@@ -8,7 +8,8 @@ Every segment is tokenised on its own and the ids are concatenated (as mistral-c
 mask comes from which segment an id belongs to, never from searching the rendered string:
 
 * ``[BOS]``                                        -> no loss
-* ``encode("[INST] {user} [/INST]")`` per user turn -> no loss (the system prompt is folded into the first one)
+* ``encode("[INST] {user} [/INST]")`` per user turn -> no loss (the system prompt is folded into the first one, as
+  Mixtral-8x7B-Instruct-v0.1's chat template does; the v0.3-era templates put it before the last user turn)
 * ``encode("{answer}") + [EOS]`` per assistant turn -> loss (the model learns to answer and to stop)
 
 A rendered conversation of ``n`` ids becomes one packed document of ``n - 1`` positions: ``tokens = ids[:-1]``,

@@ -34,6 +34,8 @@ def _dataset_hint(task_manager: Any, spec: Any) -> str:
 
             with open(path) as f:
                 cfg = yaml.load(f, Loader=yaml.BaseLoader) or {}
+            if cfg.get("dataset_path") in (None, "null"):  # set in an included base YAML: let the error name it
+                return ""
             return "/".join(str(cfg[k]) for k in ("dataset_path", "dataset_name") if cfg.get(k) not in (None, "null"))
     except Exception:  # noqa: BLE001 - only used to improve the message
         pass
@@ -79,8 +81,9 @@ def load_tasks(task_manager: Any, specs: Sequence[str | Mapping[str, Any]]) -> l
                              "(`lm_eval ls tasks`), or pass --include_path DIR holding its YAML.") from e
         except (OSError, datasets.exceptions.DatasetNotFoundError) as e:
             ds = _dataset_hint(task_manager, spec)
-            missing.append((name, f"task {name!r}: its dataset{f' {ds!r}' if ds else ''} cannot be loaded "
-                                  f"({type(e).__name__}: {e})"))
+            fetch = [spec] if isinstance(spec, str) else list(spec.get("task", [name]))  # registered names
+            missing.append((fetch, f"task {name!r}{f' (dataset {ds!r})' if ds else ''} cannot be loaded: "
+                                   f"{type(e).__name__}: {e}"))
             continue
         except ImportError as e:  # task utils import optional packages (lm-eval[math], evaluate, ...)
             packages.append(f"task {name!r} needs a Python package that is not installed: {e}")
@@ -94,9 +97,10 @@ def load_tasks(task_manager: Any, specs: Sequence[str | Mapping[str, Any]]) -> l
     fix_packages = ("Fix: install the package(s) named above (lm-eval's extras: `pip install \"lm-eval[math]\"`, "
                     "`pip install evaluate` for code tasks), or drop these tasks.")
     if missing:
-        names = [n for n, _ in missing]
+        names = [n for fetch, _ in missing for n in fetch]
         raise DatasetUnavailableError(
-            "\n  ".join([f"{len(missing)} task(s) cannot load their datasets:"] + [m for _, m in missing] + packages) +
+            "\n  ".join([f"{len(missing)} task(s) cannot load their datasets (or metric modules):"]
+                        + [m for _, m in missing] + packages) +
             "\nThe run is offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE set, or no network) and these datasets are "
             "not in the local cache. Fix: pre-download them once on a machine with network access, with the same "
             "datasets cache (HF_HOME / HF_DATASETS_CACHE) as this run: `HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0 "

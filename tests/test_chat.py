@@ -144,6 +144,37 @@ def test_invalid_conversations_raise_or_are_skipped():
     assert [r.ids for r in it.rendered] == [[1, 3, 5, 4, 6, 2], [1, 3, 5, 4, 6, 2, 3, 7, 8, 9, 4, 10, 2]]
 
 
+def test_dataset_layouts_and_data_config_fields(tmp_path):
+    import json
+
+    from ml_collections import ConfigDict
+
+    rows = [
+        {"dialog": [U("hi"), A("hello")]},  # custom column, set by data.messages_field
+        {"dialog": [{"from": "system", "value": "be brief."}, {"from": "human", "value": "hi"},
+                    {"from": "gpt", "value": "hello"}]},  # ShareGPT
+        {"instruction": "hi", "input": "ok", "output": "fine."},  # Alpaca: input appended after a blank line
+        {"dialog": [U("hi"), U("hi")]},  # invalid: dropped with data.skip_invalid
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert list(chat.load_conversations(str(path), messages_field="dialog"))[1:3] == [
+        [S("be brief."), U("hi"), A("hello")], [U("hi\n\nok"), A("fine.")]]
+    data = ConfigDict(dict(train=str(path), train_split="train", hub_config="", messages_field="dialog", seq_len=16,
+                           shuffle=False, max_conversations=0, skip_invalid=True))
+    it = chat.chat_batches(data, TOK, batch_size=1)
+    assert it.invalid == 1 and [r.ids for r in it.rendered] == [
+        [1, 3, 5, 4, 6, 2], [1, 3, 11, 12, 5, 4, 6, 2], [1, 3, 5, 13, 4, 10, 2]]
+    data.max_conversations = 2
+    assert len(chat.chat_batches(data, TOK, batch_size=1).rendered) == 2
+    data.max_conversations, data.skip_invalid = 0, False
+    with pytest.raises(ValueError, match="conversation 3, message 1: expected role 'assistant'"):
+        chat.chat_batches(data, TOK, batch_size=1)
+    data.messages_field = "messages"
+    with pytest.raises(ValueError, match=r"example has no 'messages'.*Fix: set config.data.messages_field"):
+        chat.chat_batches(data, TOK, batch_size=1)
+
+
 def test_bundled_set_with_sentencepiece(tmp_path):
     from mistral_jax.data.tokenizer import Tokenizer
     from mistral_jax.data.train_tokenizer import train_tokenizer

@@ -236,17 +236,6 @@ def count_adapter_params(model: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(adapter_state(model)))
 
 
-def trainable_mask(state: Any) -> Any:
-    """Optax mask for a full-model param pytree: True on adapter leaves (paths through ``.../a`` or ``.../b`` of
-    a LoRA weight), False elsewhere. For trainers that keep all weights in one pytree (``optax.masked``)."""
-
-    def is_adapter(path, _) -> bool:
-        names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
-        return len(names) >= 2 and names[-1] in ("a", "b") and names[-2] in _IN_OUT
-
-    return jax.tree_util.tree_map_with_path(is_adapter, state)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: merge a LoRA training run into its base model and export it."""
     ap = argparse.ArgumentParser(description="Merge the adapters of a LoRA run (train.py with config.lora.rank > 0) "

@@ -23,6 +23,7 @@ over the same devices when the model dim divides, else replicated).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -136,17 +137,18 @@ class MistralJaxLM(TemplateLM):
         if (checkpoint is None) == (model is None):
             raise ValueError("mistral_jax backend needs exactly one of checkpoint=<dir> or model=<Transformer>; "
                              f"got checkpoint={checkpoint!r}, model={type(model).__name__ if model else None}.")
+        rules = rules or sharding.rules_preset("fsdp")
         if model is None:
             from mistral_jax.loading import load_pretrained
 
             cfg0 = _peek_config(checkpoint)
             if mesh is None:
-                mesh, rules = eval_mesh(cfg0, devices) if cfg0 is not None else (None, None)
+                mesh, rules = eval_mesh(cfg0, devices) if cfg0 is not None else (None, rules)
             model = load_pretrained(checkpoint, dtype=dtype, mesh=mesh, rules=rules)
         elif mesh is None:
             mesh, rules = eval_mesh(model.cfg, devices)
         self.cfg = model.cfg
-        self.mesh, self.rules = mesh, rules or sharding.rules_preset("fsdp")
+        self.mesh, self.rules = mesh, rules
         self.model = model
         self.tokenizer = _resolve_tokenizer(tokenizer, checkpoint)
         if self.tokenizer.vocab_size > self.cfg.vocab_size:
@@ -303,7 +305,7 @@ class MistralJaxLM(TemplateLM):
             inp, tgt = ids[:-1], ids[1:]
             tokens[i, :len(inp)], targets[i, :len(tgt)], valid[i, :len(inp)] = inp, tgt, True
             weights[i, len(inp) - n_cont:len(inp)] = True
-        with sharding.use_mesh(self.mesh, self.rules) if self.mesh is not None else _nullcontext():
+        with sharding.use_mesh(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext():
             total, greedy = self._score(self._graphdef, self._state, *map(self._put, (tokens, targets, weights,
                                                                                        valid)))
         total, greedy = jax.device_get((total, greedy))
@@ -382,7 +384,7 @@ class MistralJaxLM(TemplateLM):
                 # The parameters are already placed on the mesh; the active mesh (use_mesh) shards the batch
                 # through the model's logical constraints. generate(mesh=...) is not used: it re-jits its cache
                 # initialiser on every call (one compilation per batch).
-                with sharding.use_mesh(self.mesh, self.rules) if self.mesh is not None else _nullcontext():
+                with sharding.use_mesh(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext():
                     new = generate(self._model_on_mesh, rows, max_new_tokens=max_gen, temperature=temperature,
                                    top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"),
                                    seed=self.seed + 1000 * n_group + s, eos_id=self.eot_token_id,
@@ -402,14 +404,6 @@ class MistralJaxLM(TemplateLM):
 
         return {"model_num_parameters": count_params(self.cfg), "model_dtype": self.cfg.param_dtype,
                 "model_config": self.cfg.to_dict()}
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _peek_config(checkpoint: str):

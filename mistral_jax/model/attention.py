@@ -123,20 +123,43 @@ def cudnn_attention(q, k, v, positions, segment_ids, window):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local, implementation="cudnn")
 
 
-def splash_attention(q, k, v, positions, segment_ids, window):  # pragma: no cover - needs a TPU
-    """TPU: Pallas splash attention with a causal (and local) mask."""
+def _splash_local(q, k, v, segment_ids, window):  # pragma: no cover - needs a TPU
+    """Splash attention on one device's shard: q [B, T, N, H], k/v [B, T, K, H]."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     b, t, n, h = q.shape
+    kv_heads = k.shape[2]
     mask = sm.CausalMask((t, t)) if window is None else sm.LocalMask((t, t), (window - 1, 0), offset=0)
-    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([mask] * (n // k.shape[2])))
+    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([mask] * (n // kv_heads)))
     seg = None if segment_ids is None else sk.SegmentIds(q=segment_ids, kv=segment_ids)
-    qg = (q * h**-0.5).reshape(b, t, k.shape[2], n // k.shape[2], h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    qg = (q * h**-0.5).reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
     run = jax.vmap(jax.vmap(kernel, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, 0 if seg is not None else None))
     out = run(qg, kt, vt, seg)  # [B, K, G, T, H]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def splash_attention(q, k, v, positions, segment_ids, window):
+    """TPU: Pallas splash attention with a causal (and local) mask.
+
+    Mosaic kernels are not partitioned by XLA, so under a mesh the kernel runs in a ``shard_map`` over the
+    batch and head axes the rules give (contiguous head shards keep whole GQA groups together).
+    """
+    ctx = sharding.current()
+    if ctx is None:
+        return _splash_local(q, k, v, segment_ids, window)
+    mesh, rules = ctx
+    q_spec = rules.spec(("batch", "seq", "act_heads", "head_dim"), mesh)
+    kv_spec = rules.spec(("batch", "seq", "act_kv_heads", "head_dim"), mesh)
+    if segment_ids is None:
+        local = lambda q, k, v: _splash_local(q, k, v, None, window)
+        return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                             check_vma=False)(q, k, v)
+    local = lambda q, k, v, s: _splash_local(q, k, v, s, window)
+    seg_spec = rules.spec(("batch", "seq"), mesh)
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v, segment_ids)
 
 
 def pick_backend(impl: str, *, self_attention: bool, seq_len: int, window: int | None, block: int,

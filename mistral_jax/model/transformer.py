@@ -168,7 +168,10 @@ class Transformer(nnx.Module):
             if cache is not None:
                 raise ValueError("decoding with a cache needs explicit `positions` [B, T] (absolute positions).")
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.jnp_dtype)  # [B, T, D]
+        # Gather from a replicated table: a gather from a vocab/fsdp-sharded table makes XLA replicate and
+        # re-split it ("involuntary full rematerialization"); FSDP all-gathers every weight anyway.
+        table = sharding.constrain(self.embed[...], (None, None))  # [V, D]
+        x = jnp.take(table, tokens, axis=0).astype(cfg.jnp_dtype)  # [B, T, D]
         x = sharding.constrain(x, ("batch", "seq", "act_embed"))
         x, stats, new_kv = self._run_layers(x, positions, segment_ids, cache)
         x = self.norm(x)

@@ -75,35 +75,6 @@ metric_list:
 """
 
 
-def _ensure_accelerate() -> None:
-    """lm-eval's hf backend imports ``accelerate`` (lm-eval's ``[hf]`` extra) at module level. When it is not
-    installed, register a stand-in for the single-process CPU path the oracle takes: one process on the CPU;
-    the multi-GPU / auto-batch-size helpers raise if ever called."""
-    import importlib.util
-    import types
-
-    if "accelerate" in sys.modules or importlib.util.find_spec("accelerate") is not None:
-        return
-    import torch
-
-    def unavailable(*args, **kwargs):
-        raise RuntimeError("accelerate is not installed (stand-in from tests/test_eval.py)")
-
-    class Accelerator:
-        num_processes, local_process_index, is_local_main_process = 1, 0, True
-        device = torch.device("cpu")
-
-        def __init__(self, *args, **kwargs):
-            pass
-
-    mod = types.ModuleType("accelerate")
-    mod.Accelerator, mod.InitProcessGroupKwargs, mod.find_executable_batch_size = Accelerator, dict, unavailable
-    utils = types.ModuleType("accelerate.utils")
-    utils.get_max_memory = unavailable
-    mod.utils = utils
-    sys.modules.update({"accelerate": mod, "accelerate.utils": utils})
-
-
 def _sentence(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
@@ -146,20 +117,12 @@ def ours(env):
 
 
 def hf_lm(path: str):
-    """lm-eval's ``hf`` backend (``HFLM``) over the HF export at ``path``, float32 on the CPU.
+    """lm-eval's own ``hf`` backend over the HF export at ``path`` (``--model hf --model_args
+    pretrained=PATH,dtype=float32,device=cpu``): model, tokenizer and every request handled by lm-eval's code."""
+    from lm_eval.api.registry import get_model
 
-    The model and tokenizer are loaded with ``from_pretrained`` and handed to ``HFLM`` (what ``--model hf
-    --model_args pretrained=PATH,dtype=float32,device=cpu`` does, minus the ``device_map`` that needs
-    ``accelerate``); every request is then handled by lm-eval's own hf code.
-    """
-    import torch
-    import transformers
-
-    _ensure_accelerate()
-    from lm_eval.models.huggingface import HFLM
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return HFLM(pretrained=model, tokenizer=transformers.AutoTokenizer.from_pretrained(path), batch_size=8)
+    return get_model("hf").create_from_arg_string(f"pretrained={path},dtype=float32,device=cpu",
+                                                  {"batch_size": 8})
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ cache of ``S >= prompt + new tokens`` slots.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -240,6 +241,13 @@ def _stop_at(ids: list[int], tokenizer, stop: Sequence[str]) -> int | None:
     return len(ids)
 
 
+
+@functools.lru_cache(maxsize=16)
+def _sharded_cache_init(cfg, batch: int, n_slots: int, shardings: KVCache):
+    """A jitted constructor of an empty cache created in its shards; cached so repeated calls do not recompile."""
+    return jax.jit(lambda: KVCache.init(cfg, batch, n_slots), out_shardings=shardings)
+
+
 def generate(model: nnx.Module, prompt_ids: Any, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0, eos_id: int | None = 2,
              chunk_size: int | None = None, *, stop: Sequence[str] = (), tokenizer: Any = None,
@@ -303,7 +311,7 @@ def generate(model: nnx.Module, prompt_ids: Any, max_new_tokens: int = 64, tempe
             batch_sharding = sharding.named_sharding(mesh, ("batch", "seq"), rules)
             tokens, positions = (jax.device_put(x, batch_sharding) for x in (tokens, positions))
             abstract = jax.eval_shape(lambda: KVCache.init(cfg, batch, n_slots))
-            cache = jax.jit(lambda: KVCache.init(cfg, batch, n_slots), out_shardings=abstract.shardings(mesh, rules))()
+            cache = _sharded_cache_init(cfg, batch, n_slots, abstract.shardings(mesh, rules))()
         else:
             cache = KVCache.init(cfg, batch, n_slots)
         key = jax.random.key(seed)

@@ -12,8 +12,8 @@ def get_config():
     c.model.preset = "tiny"  # ModelConfig.tiny(): vocab 512, dim 64, 2 layers, 4 heads / 2 kv heads, window 16
     c.num_steps = 300  # ~76k tokens/100 steps: a few epochs' worth of the 225k-token corpus in a couple of minutes
     c.batch_size = 16  # rows per step (16 x 64 = 1,024 tokens)
-    c.data.train = corpus.TRAIN  # bundled CPython documentation (PSF-2.0), 336 documents
-    c.data.validation = corpus.VALIDATION  # held-out 18 documents of the same source
+    c.data.train = corpus.TRAIN  # bundled CPython documentation (PSF-2.0), 337 documents
+    c.data.validation = corpus.VALIDATION  # held-out 17 documents of the same source
     c.data.tokenizer = ""  # train a 512-piece BPE tokenizer on the corpus into {workdir}/tokenizer.model
     c.data.tokenizer_vocab_size = 512  # = model vocab_size
     c.data.seq_len = 64  # tokens per packed row (4 sliding windows of 16)

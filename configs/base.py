@@ -77,7 +77,7 @@ def get_config() -> ConfigDict:
     c.mesh.fsdp = -1  # fully sharded data parallelism; -1 = fill the devices
     c.mesh.tensor = 1  # tensor parallelism (heads / mlp / vocab)
     c.mesh.expert = 1  # expert parallelism (Mixtral experts)
-    c.mesh.rules = "fsdp"  # logical -> mesh axis rule preset (sharding.RULE_PRESETS)
+    c.mesh.rules = "auto"  # logical -> mesh axis rules: auto (EP if expert>1, TP if tensor>1, else FSDP) or a preset
 
     c.checkpoint = ConfigDict()
     c.checkpoint.every_steps = 200  # save every N steps (and at the end, and on SIGTERM / SIGINT)

@@ -145,11 +145,12 @@ def mesh_sizes(mesh_cfg: Any, n_devices: int) -> dict[str, int]:
 
 
 def rules_from(cfg: ConfigDict) -> sharding.ShardingRules:
+    """``config.mesh.rules``: a preset name or ``auto`` (the preset matching the mesh: EP, TP or FSDP)."""
     name = cfg.mesh.rules
-    if name not in sharding.RULE_PRESETS:
-        raise ConfigError(f"config.mesh.rules={name!r} is unknown. Fix: use one of {sorted(sharding.RULE_PRESETS)}.")
-    rules = sharding.RULE_PRESETS[name]
-    return rules if isinstance(rules, sharding.ShardingRules) else sharding.ShardingRules(rules)
+    if name != "auto" and name not in sharding.RULE_PRESETS:
+        raise ConfigError(f"config.mesh.rules={name!r} is unknown. "
+                          f"Fix: use auto or one of {sorted(sharding.RULE_PRESETS)}.")
+    return sharding.rules_from_config(cfg.mesh)
 
 
 def validate_config(cfg: ConfigDict, n_devices: int | None = None, process_count: int | None = None,

@@ -10,6 +10,7 @@ destination is a model.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -316,3 +317,26 @@ def build_params(cfg: ModelConfig, source: Source, dtype: str | None = None, mes
             node = node.setdefault(p, {})
         node[path[-1]] = arr
     return cfg, params
+
+
+def read_json_config(directory: str, filename: str, parse: Any, where: str) -> Any:
+    """``parse(json of directory/filename)``; every failure names the file and says how to fix it.
+
+    Args:
+      directory: the checkpoint directory.
+      filename: ``config.json``, ``params.json`` or ``model_config.json``.
+      parse: dict -> ModelConfig (``ModelConfig.from_hf`` ...).
+      where: what the directory should be, for the missing-file message.
+    """
+    path = os.path.join(directory, filename)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} not found: not {where}. Fix: point at the directory holding {filename}.")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path!r} is not valid JSON ({e}). Fix: repair or re-download it.") from e
+    try:
+        return parse(d)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from e

@@ -21,19 +21,8 @@ SINGLE = "model.safetensors"
 
 def read_config(path: str) -> ModelConfig:
     """``ModelConfig`` from an HF directory's ``config.json`` (model_type must be mistral or mixtral)."""
-    cfg_path = os.path.join(path, CONFIG)
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{cfg_path!r} not found: not an HF checkpoint directory. Fix: point at the directory "
-                                "holding config.json and model*.safetensors.")
-    try:
-        with open(cfg_path) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path!r} is not valid JSON ({e}). Fix: repair or re-download it.") from e
-    try:
-        return ModelConfig.from_hf(d)
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"{cfg_path}: {e}") from e
+    return common.read_json_config(path, CONFIG, ModelConfig.from_hf,
+                                   "an HF checkpoint directory (config.json + model*.safetensors)")
 
 
 def stored_dtype(path: str) -> str | None:

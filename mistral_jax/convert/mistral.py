@@ -24,19 +24,8 @@ WEIGHTS = "consolidated.safetensors"
 
 def read_config(path: str) -> ModelConfig:
     """``ModelConfig`` from ``params.json``."""
-    p = os.path.join(path, PARAMS)
-    if not os.path.isfile(p):
-        raise FileNotFoundError(f"{p!r} not found: not a Mistral consolidated directory. Fix: point at the directory "
-                                "holding params.json and consolidated.safetensors.")
-    try:
-        with open(p) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p!r} is not valid JSON ({e}). Fix: repair or re-download it.") from e
-    try:
-        return ModelConfig.from_mistral_params(d)
-    except (KeyError, ValueError, TypeError) as e:
-        raise ValueError(f"{p}: {e}") from e
+    return common.read_json_config(path, PARAMS, ModelConfig.from_mistral_params,
+                                   "a Mistral consolidated directory (params.json + consolidated.safetensors)")
 
 
 def open_source(path: str, cfg: ModelConfig | None = None) -> common.FileSource:

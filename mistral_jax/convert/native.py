@@ -33,15 +33,9 @@ def _ocp():
 
 
 def read_config(path: str) -> ModelConfig:
-    p = os.path.join(path, MODEL_CONFIG)
-    if not os.path.isfile(p):
-        raise FileNotFoundError(f"{p!r} not found. Fix: point at a mistral_jax export dir or training workdir.")
-    with open(p) as f:
-        d = json.load(f)
-    try:
-        return ModelConfig.from_dict(d)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{p}: {e}") from e
+    """``ModelConfig`` from a mistral_jax export dir or training workdir (``model_config.json``)."""
+    return common.read_json_config(path, MODEL_CONFIG, ModelConfig.from_dict,
+                                   "a mistral_jax export dir or training workdir")
 
 
 def step_dirs(workdir: str) -> list[str]:

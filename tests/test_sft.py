@@ -108,7 +108,8 @@ def test_merge_equals_base_plus_scaled_update(base_models, name):
 # ------------------------------------------------------------------------------------------ runs through train.py
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """A tiny checkpoint in HF format (config.json + model.safetensors + tokenizer.model) to fine-tune from."""
+    """A pretrained tiny checkpoint in HF format (config.json + model.safetensors + tokenizer.model): 40 steps of
+    train.py's trainer on the bundled corpus, then exported, as a user's released base model would be."""
     from mistral_jax.convert import save_hf
     from mistral_jax.data import chat, corpus
     from mistral_jax.data.pipeline import load_texts
@@ -118,8 +119,17 @@ def pretrained(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrained")
     texts = load_texts(corpus.TRAIN)[:200] + [m["content"] for c in chat.load_conversations("bundled") for m in c]
     tok = Tokenizer(train_tokenizer(texts, str(root / "tok" / "tokenizer.model"), 512))
-    model = mj.Transformer(mj.ModelConfig.tiny(), rngs=nnx.Rngs(0))
-    save_hf(model, root / "hf", tokenizer=tok)
+    from configs import tiny
+    from mistral_jax.training import trainer
+
+    c = tiny.get_config()
+    c.num_steps, c.log_every, c.eval_every, c.checkpoint.every_steps = 40, 10, 0, 40
+    c.data.tokenizer, c.data.validation = tok.path, ""
+    c.progress_bar, c.checkpoint.async_save = False, False
+    trainer.train(c, str(root / "pre"))
+    losses = [r["loss"] for r in _metrics(root / "pre") if "loss" in r]
+    assert losses[-1] < losses[0] - 0.5, losses  # really pretrained, not a random init
+    save_hf(mj.load_pretrained(str(root / "pre")), root / "hf", tokenizer=tok)
     return root / "hf", tok
 
 

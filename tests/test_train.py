@@ -127,7 +127,7 @@ def test_model_overrides_and_presets():
     assert trainer.validate_config(tiny_config(remat="full")).remat == "full"
     for name in ("mistral_7b", "mixtral_8x7b"):
         big = trainer.load_config_file(os.path.join(ROOT, f"configs/{name}.py"))
-        m = trainer.validate_config(big, n_devices=256)
+        m = trainer.validate_config(big, n_devices=64)  # v5p-128: where the README's AOT table shows them fit
         assert m.dtype == "bfloat16" and m.param_dtype == "float32" and m.remat == "full"
         assert (m.num_experts == 8) == (name == "mixtral_8x7b")
 

@@ -44,9 +44,20 @@ def block_grouped_matmul(x: Float[Array, "A D"], w: Float[Array, "E D F"], group
     return out.reshape(nb * block, -1)[dest]  # [A, F]
 
 
+def default_block(rows: int, groups: int) -> int:
+    """Block rows for the CPU path: about a quarter of an average group, a power of two in [64, 512].
+
+    Measured on a 2-core CPU (8 experts, 8192 assignments, D=1024, F=2048, forward+backward vs a dense MLP
+    with the same active parameters): block 64 -> 1.42x, 128 -> 1.18x, 256 -> 1.14x, 512 -> 1.23x,
+    1024 -> 1.50x. Small blocks run many small matmuls; large ones pad more rows.
+    """
+    target = max(rows // (4 * groups), 1)
+    return int(min(512, max(64, 1 << (target.bit_length() - 1))))
+
+
 def grouped_matmul(x: Float[Array, "A D"], w: Float[Array, "E D F"], group_sizes: Int[Array, " E"],
-                   block: int = 64) -> Float[Array, "A F"]:
+                   block: int | None = None) -> Float[Array, "A F"]:
     """Dispatch: ``ragged_dot`` on accelerators, the block-sparse form on CPU."""
     if jax.default_backend() == "cpu":
-        return block_grouped_matmul(x, w, group_sizes, block)
+        return block_grouped_matmul(x, w, group_sizes, block or default_block(x.shape[0], w.shape[0]))
     return jax.lax.ragged_dot(x, w, group_sizes)

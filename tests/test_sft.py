@@ -9,6 +9,7 @@ from flax import nnx
 
 import mistral_jax as mj
 from mistral_jax import lora
+from mistral_jax.training.metrics import read_metrics
 
 TOKENS = np.random.default_rng(0).integers(3, 512, (2, 24)).astype(np.int32)
 
@@ -127,7 +128,7 @@ def pretrained(tmp_path_factory):
     c.data.tokenizer, c.data.validation = tok.path, ""
     c.progress_bar, c.checkpoint.async_save = False, False
     trainer.train(c, str(root / "pre"))
-    losses = [r["loss"] for r in _metrics(root / "pre") if "loss" in r]
+    losses = [r["loss"] for r in read_metrics(str(root / "pre")) if "loss" in r]
     assert losses[-1] < losses[0] - 0.5, losses  # really pretrained, not a random init
     save_hf(mj.load_pretrained(str(root / "pre")), root / "hf", tokenizer=tok)
     return root / "hf", tok
@@ -142,20 +143,8 @@ def _sft_config(init_from, **kw):
     c.data.validation = ""
     c.progress_bar = False
     c.checkpoint.async_save = False
-    for k, v in kw.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
+    c.update_from_flattened_dict(kw)  # dotted keys: {"lora.rank": 4}
     return c
-
-
-def _metrics(workdir):
-    import json
-
-    with open(workdir / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
 
 
 def test_chat_batches_weight_only_answers(pretrained):
@@ -229,7 +218,7 @@ def test_full_sft_from_checkpoint_answer_loss_falls(pretrained, tmp_path):
     hf_dir, _ = pretrained
     result = trainer.train(_sft_config(hf_dir), str(tmp_path))
     assert result["status"] == "done" and result["step"] == 30
-    ce = [m["ce_loss"] for m in _metrics(tmp_path) if "ce_loss" in m]
+    ce = [m["ce_loss"] for m in read_metrics(str(tmp_path)) if "ce_loss" in m]
     # answer-token loss falls by more than a nat in 30 steps (it starts near ln 512 = 6.2: a random-init checkpoint)
     assert len(ce) == 6 and ce[-1] < ce[0] - 1.0, ce
     tuned = load_pretrained(tmp_path)  # the workdir is a full checkpoint again
@@ -249,7 +238,7 @@ def test_lora_sft_trains_only_adapters_and_merges(pretrained, tmp_path):
                                                "optimizer.learning_rate": 1e-2, "data.validation": "bundled"})
     result = trainer.train(cfg, str(tmp_path))
     assert result["eval"]["eval/loss"] < 6.0  # the end-of-run eval runs on (adapters, frozen base)
-    ce = [m["ce_loss"] for m in _metrics(tmp_path) if "ce_loss" in m]
+    ce = [m["ce_loss"] for m in read_metrics(str(tmp_path)) if "ce_loss" in m]
     assert ce[-1] < ce[0] - 0.1, ce  # adapters alone learn too (slowly: rank 4 on a random-init model)
 
     # the checkpoint holds only the adapters

@@ -26,12 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_config(**overrides):
     cfg = trainer.load_config_file(os.path.join(ROOT, "configs/tiny.py"))
     cfg.progress_bar = False
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    cfg.update_from_flattened_dict(overrides)  # dotted keys: {"optimizer.learning_rate": 1e-3}
     return cfg
 
 

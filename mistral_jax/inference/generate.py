@@ -18,8 +18,6 @@ stays S = W per layer however long the prompt. Models without a window use the s
 cache of ``S >= prompt + new tokens`` slots.
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "B T" are not forward references)
-
 from __future__ import annotations
 
 import contextlib

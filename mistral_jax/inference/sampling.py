@@ -7,8 +7,6 @@ then keep the smallest set of the most likely tokens whose probability mass reac
 ``temperature == 0`` is greedy (argmax) and ignores ``top_k`` / ``top_p``.
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "B T" are not forward references)
-
 from __future__ import annotations
 
 import jax

@@ -7,7 +7,8 @@ in float32, greedy, EOS disabled, on this machine's default JAX / torch device, 
 weights through ``mj.save_hf`` + ``AutoModelForCausalLM.from_pretrained`` (sdpa attention, its default).
 
 Timing (medians of ``--repeats`` after one warm-up that compiles):
-  * prefill: ours = chunked prefill + first sample; HF = ``generate(max_new_tokens=1)``.
+  * prefill: ours = per-layer weight copies on CPU (``serving_layers``) + chunked prefill + first sample;
+    HF = ``generate(max_new_tokens=1)``.
     prefill tokens/s = batch * prompt_len / time.
   * decode: ours = the remaining ``new_tokens - 1`` steps (device loop, one host sync per 32 steps);
     HF = ``generate(max_new_tokens=new_tokens)`` time minus its prefill time.
@@ -50,7 +51,8 @@ def ours_run(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, float,
     key = jax.random.key(0)
     jax.block_until_ready(cache)
     start = time.perf_counter()
-    logits, cache = gen.prefill(graphdef, state, cache, prompts, positions)
+    layers = jax.block_until_ready(gen.serving_layers(model, state=state))  # as generate() does, once per call
+    logits, cache = gen.prefill(graphdef, state, cache, prompts, positions, layers=layers)
     tok = gen._sample(logits, key, temperature=0.0, top_k=None, top_p=None)
     tok.block_until_ready()
     mid = time.perf_counter()
@@ -59,7 +61,8 @@ def ours_run(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, float,
     while step < new_tokens:
         block, taken, cache, tok, pos, done = gen._decode_loop(
             graphdef, state, cache, tok, pos, done, key, jnp.int32(step), jnp.int32(new_tokens - step),
-            block=gen.DECODE_BLOCK, temperature=0.0, top_k=None, top_p=None, eos_id=gen.NO_EOS, pad_id=0)
+            block=gen.DECODE_BLOCK, temperature=0.0, top_k=None, top_p=None, eos_id=gen.NO_EOS, pad_id=0,
+            layers=layers)
         taken = int(taken)  # host sync, as generate() does once per block
         out.append(np.asarray(block)[:, :taken])
         step += taken

@@ -269,6 +269,55 @@ def test_stop_string(mistral, tokenizer):
     assert stop_str in tokenizer.decode(out) and stop_str not in tokenizer.decode(out[:-1])
 
 
+# ----------------------------------------------------------------------------- per-layer weights, logits_to_keep
+@pytest.mark.parametrize("which", ["mistral", "mixtral"])
+def test_per_layer_weights_give_the_same_numbers(which, request):
+    """Prefill and decode through ``serving_layers`` copies == through the stacked, scanned weights."""
+    model = request.getfixturevalue(which)
+    cfg = model.cfg
+    graphdef, state = nnx.split(model)
+    layers = gen.serving_layers(model, True)
+    assert len(layers) == cfg.n_layers
+    for i in (0, cfg.n_layers - 1):  # copies of the stacked weights, layer by layer
+        np.testing.assert_array_equal(layers[i]["attention"]["wq"][...], state["layers"]["attention"]["wq"][...][i])
+    prompts = [_prompt(cfg, n, 70 + n) for n in (13, 5)]
+    tokens, positions = gen.pad_prompts(prompts, 16)
+
+    def run(layers):
+        cache = KVCache.init(cfg, 2, gen.cache_length(cfg, 16 + 3))
+        logits, cache = gen.prefill(graphdef, state, cache, tokens, positions, chunk_size=W, return_all_logits=True,
+                                    layers=layers)
+        out, tok, pos = [logits], jnp.argmax(logits[:, -1], -1).astype(jnp.int32), jnp.asarray([13, 5], jnp.int32)
+        for i in range(3):
+            tok, step_logits, cache = gen._decode_step(graphdef, state, cache, tok, pos + i, jax.random.key(i),
+                                                       layers=layers)
+            out.append(step_logits[:, None])
+        return np.concatenate([np.asarray(x) for x in out], axis=1), cache
+
+    (ref, ref_cache), (got, got_cache) = run(None), run(layers)
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_cache.k), np.asarray(ref_cache.k), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got_cache.pos), np.asarray(ref_cache.pos))
+    with pytest.raises(ValueError, match="layer_states holds 1 layers"):
+        model(jnp.asarray(tokens), layer_states=layers[:1])
+
+
+def test_serving_layers_choice_and_generate_agree(mistral):
+    assert gen.serving_layers(mistral, False) is None
+    auto = gen.serving_layers(mistral)  # CPU backend, a tiny model: copies
+    assert jax.default_backend() == "cpu" and auto is not None and len(auto) == MISTRAL.n_layers
+    prompts = [_prompt(MISTRAL, n, 80 + n) for n in (11, 6)]
+    kw = dict(max_new_tokens=12, eos_id=None, temperature=0.8, top_k=20, seed=3)
+    assert mj.generate(mistral, prompts, unstack=True, **kw) == mj.generate(mistral, prompts, unstack=False, **kw)
+
+
+def test_logits_to_keep(mistral):
+    tokens = jnp.asarray([_prompt(MISTRAL, 12, 90)], jnp.int32)
+    full = mistral(tokens)
+    np.testing.assert_allclose(np.asarray(mistral(tokens, logits_to_keep=3)), np.asarray(full[:, -3:]), atol=1e-6)
+    assert mistral(tokens, logits_to_keep=1).shape == (1, 1, MISTRAL.vocab_size)
+
+
 # ----------------------------------------------------------------------------- compile once, sharded
 def test_compiled_once_per_shape(mistral):
     prompts = [_prompt(MISTRAL, 20, 40)]
@@ -295,11 +344,15 @@ def test_sharded_decode_equals_unsharded(mistral):
             st = jax.device_put(state, sharding.state_shardings(state, mesh))
             cache = jax.device_put(cache, cache.shardings(mesh))
             tok, pos = (jax.device_put(x, sharding.named_sharding(mesh, ("batch", "seq"))) for x in (tok, pos))
-        logits, cache = gen.prefill(graphdef, st, cache, tok, pos, chunk_size=W, return_all_logits=True)
+        # sharded: also through per-layer weight copies (serving_layers keeps their shardings)
+        layers = None if mesh is None else gen.serving_layers(model, True, st)
+        logits, cache = gen.prefill(graphdef, st, cache, tok, pos, chunk_size=W, return_all_logits=True,
+                                    layers=layers)
         out = [np.asarray(logits)]
         nxt, p = jnp.argmax(logits[:, -1], -1).astype(jnp.int32), jnp.asarray([len(q) for q in prompts], jnp.int32)
         for i in range(steps):
-            nxt, step_logits, cache = gen._decode_step(graphdef, st, cache, nxt, p + i, jax.random.key(i))
+            nxt, step_logits, cache = gen._decode_step(graphdef, st, cache, nxt, p + i, jax.random.key(i),
+                                                       layers=layers)
             out.append(np.asarray(step_logits))
         return out, cache
 

@@ -214,9 +214,12 @@ class Attention(nnx.Module):
         Returns ``(out [B, T, D], (k_new, v_new) or None)``: the layer's updated cache buffers.
         """
         cfg, dt = self.cfg, self.cfg.jnp_dtype
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dt))
-        k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dt))
-        v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(dt))
+        b, t, d = x.shape
+        # The projections as plain [.., D] x [D, heads * H] matmuls: reshaping a weight is free, while an
+        # einsum over the split heads axes lets XLA's CPU backend transpose the weight on every call.
+        q = (x @ self.wq[...].astype(dt).reshape(d, -1)).reshape(b, t, cfg.n_heads, cfg.head_dim)
+        k = (x @ self.wk[...].astype(dt).reshape(d, -1)).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        v = (x @ self.wv[...].astype(dt).reshape(d, -1)).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
         q = checkpoint_name(apply_rope(q, positions, cfg.rope_theta), "qkv_proj")
         k = checkpoint_name(apply_rope(k, positions, cfg.rope_theta), "qkv_proj")
         v = checkpoint_name(v, "qkv_proj")
@@ -236,5 +239,5 @@ class Attention(nnx.Module):
             out = reference_attention(q, keys.astype(dt), values.astype(dt), mask)
             slots = kvc.slots_for(positions, ck.shape[1])
             new_cache = (kvc.write(ck, k.astype(ck.dtype), slots), kvc.write(cv, v.astype(cv.dtype), slots))
-        out = jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dt))
+        out = out.reshape(b, t, -1) @ self.wo[...].astype(dt).reshape(-1, d)  # [B, T, D]
         return out, new_cache

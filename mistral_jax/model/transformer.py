@@ -119,7 +119,7 @@ class Transformer(nnx.Module):
                                      logical_axes=("embed", "vocab"))
 
     # ------------------------------------------------------------------ layers
-    def _run_layers(self, x, positions, segment_ids, cache: kvc.KVCache | None):
+    def _run_layers(self, x, positions, segment_ids, cache: kvc.KVCache | None, layer_states=None):
         cfg = self.cfg
         graphdef, state = nnx.split(self.layers)
 
@@ -133,7 +133,16 @@ class Transformer(nnx.Module):
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         layer_caches = None if cache is None else (cache.k, cache.v, jnp.broadcast_to(cache.pos, (cfg.n_layers,
                                                                                                    *cache.pos.shape)))
-        if cfg.scan_layers:
+        if layer_states is not None:  # separate per-layer weights: no slicing of the stacked ones (see unstack_layers)
+            if len(layer_states) != cfg.n_layers:
+                raise ValueError(f"layer_states holds {len(layer_states)} layers but the model has {cfg.n_layers}. "
+                                 "Fix: pass unstack_layers(model) of this model.")
+            outs = []
+            for i, layer_state in enumerate(layer_states):
+                x, out = body(x, (layer_state, jax.tree.map(lambda a, i=i: a[i], layer_caches)))
+                outs.append(out)
+            stats, new_kv = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        elif cfg.scan_layers:
             x, (stats, new_kv) = jax.lax.scan(body, x, (state, layer_caches))
         else:
             outs = []
@@ -146,7 +155,8 @@ class Transformer(nnx.Module):
     # ------------------------------------------------------------------ forward
     def __call__(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None,
                  segment_ids: Int[Array, "B T"] | None = None, *, return_aux: bool = False,
-                 cache: kvc.KVCache | None = None) -> Any:
+                 cache: kvc.KVCache | None = None, layer_states: tuple[nnx.State, ...] | None = None,
+                 logits_to_keep: int = 0) -> Any:
         """Logits for ``tokens``.
 
         Args:
@@ -158,9 +168,14 @@ class Transformer(nnx.Module):
           return_aux: also return the aux dict ``load_balancing_loss``, ``router_z_loss`` (scalars, HF units)
             and ``expert_load`` ``[L, E]`` (fraction of each layer's assignments per expert).
           cache: a ``KVCache``; when given, returns ``(logits, new_cache)`` (plus aux if asked).
+          layer_states: ``unstack_layers(model)``: the layer weights as L separate per-layer states, used
+            instead of the stacked ones. Same numbers; for CPU inference, where XLA copies a layer's weights
+            out of the stacked arrays on every step (more time than the matmuls at small batch).
+          logits_to_keep: compute the logits of the last ``logits_to_keep`` columns only (0 = all), as HF's
+            argument of that name: prefill needs only the last one, and the LM head is a large matmul.
 
         Returns:
-          float32 logits ``[B, T, V]``, then the new cache if ``cache`` was given, then aux if ``return_aux``.
+          float32 logits ``[B, T, V]`` (``[B, logits_to_keep, V]``), then the new cache if ``cache`` was given, then aux if ``return_aux``.
         """
         cfg = self.cfg
         b, t = tokens.shape
@@ -173,7 +188,9 @@ class Transformer(nnx.Module):
         table = sharding.constrain(self.embed[...], (None, None))  # [V, D]
         x = jnp.take(table, tokens, axis=0).astype(cfg.jnp_dtype)  # [B, T, D]
         x = sharding.constrain(x, ("batch", "seq", "act_embed"))
-        x, stats, new_kv = self._run_layers(x, positions, segment_ids, cache)
+        x, stats, new_kv = self._run_layers(x, positions, segment_ids, cache, layer_states)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         x = self.norm(x)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]  # [D, V]
         # float32 logits: the loss and sampling need them; accumulate the matmul in float32 too.
@@ -186,6 +203,18 @@ class Transformer(nnx.Module):
         if return_aux:
             outputs.append(aux_from_stats(cfg, stats))
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def unstack_layers(model: Transformer, state: nnx.State | None = None) -> tuple[nnx.State, ...]:
+    """The stacked layer weights as ``n_layers`` separate per-layer states (copies), for ``layer_states=``.
+
+    A scanned (or indexed) layer reads its weights through a slice of the ``[L, ...]`` arrays. On TPU/GPU
+    the slice fuses into the matmul; XLA's CPU backend copies it instead, on every call, which costs more
+    than the matmuls in small-batch decoding. ``state``: the model's state to copy from (default
+    ``nnx.state(model)``; pass a resharded one to keep its shardings).
+    """
+    layers = (nnx.state(model) if state is None else state)["layers"]
+    return tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(model.cfg.n_layers))
 
 
 def aux_from_stats(cfg: ModelConfig, stats: dict[str, Array]) -> dict[str, Array]:

@@ -175,7 +175,8 @@ class Transformer(nnx.Module):
             argument of that name: prefill needs only the last one, and the LM head is a large matmul.
 
         Returns:
-          float32 logits ``[B, T, V]`` (``[B, logits_to_keep, V]``), then the new cache if ``cache`` was given, then aux if ``return_aux``.
+          float32 logits ``[B, T, V]`` (``[B, logits_to_keep, V]``), then the new cache if ``cache`` was given,
+          then aux if ``return_aux``.
         """
         cfg = self.cfg
         b, t = tokens.shape

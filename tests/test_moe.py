@@ -10,24 +10,32 @@ from flax import nnx
 
 import mistral_jax as mj
 from mistral_jax.model import moe
-from mistral_jax.model.grouped_matmul import block_grouped_matmul
+from mistral_jax.model.grouped_matmul import looped_grouped_matmul
 
 
-@pytest.mark.parametrize("rows,groups,block", [(37, 4, 8), (100, 8, 64), (5, 3, 64), (64, 2, 16), (50, 6, 1)])
-def test_block_grouped_matmul_equals_per_group_products(rows, groups, block):
+@pytest.mark.parametrize("rows,groups,blocks,short", [(37, 4, (8,), 0), (100, 8, (64, 16), 0), (5, 3, (64, 8), 0),
+                                                      (64, 2, (16, 4), 0), (50, 6, (1,), 0), (40, 5, (8, 2), 7),
+                                                      (300, 3, (64, 16, 4), 0)])
+def test_looped_grouped_matmul_equals_per_group_products(rows, groups, blocks, short):
+    """Forward and both gradients against per-group products and ``ragged_dot``, with an empty group, blocks
+    larger than groups, one to three block sizes, and (``short``) rows past the last group, which must be 0."""
     rng = np.random.default_rng(rows)
     sizes = np.bincount(rng.integers(0, groups, rows), minlength=groups)
     sizes[0] = 0  # an empty group
-    sizes[-1] += rows - sizes.sum()
+    sizes[-1] += rows - short - sizes.sum()
     x = rng.standard_normal((rows, 6)).astype(np.float32)
     w = rng.standard_normal((groups, 6, 5)).astype(np.float32)
-    expected = np.concatenate([x[s:e] @ w[g] for g, (s, e) in enumerate(zip(np.cumsum(sizes) - sizes,
-                                                                          np.cumsum(sizes), strict=True))])
-    got = block_grouped_matmul(jnp.asarray(x), jnp.asarray(w), jnp.asarray(sizes, jnp.int32), block)
+    ends = np.cumsum(sizes)
+    expected = np.concatenate([x[e - n:e] @ w[g] for g, (n, e) in enumerate(zip(sizes, ends, strict=True))]
+                              + [np.zeros((short, 5), np.float32)])
+    gs = jnp.asarray(sizes, jnp.int32)
+    got = looped_grouped_matmul(jnp.asarray(x), jnp.asarray(w), gs, blocks)
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
-    grad = jax.grad(lambda w: block_grouped_matmul(jnp.asarray(x), w, jnp.asarray(sizes, jnp.int32), block).sum())
-    ref = jax.grad(lambda w: jax.lax.ragged_dot(jnp.asarray(x), w, jnp.asarray(sizes, jnp.int32)).sum())
-    np.testing.assert_allclose(np.asarray(grad(jnp.asarray(w))), np.asarray(ref(jnp.asarray(w))), atol=1e-4)
+    dy = jnp.asarray(rng.standard_normal((rows, 5)).astype(np.float32))
+    grads = jax.grad(lambda x, w: (looped_grouped_matmul(x, w, gs, blocks) * dy).sum(), argnums=(0, 1))
+    ref = jax.grad(lambda x, w: (jax.lax.ragged_dot(x, w, gs) * dy).sum(), argnums=(0, 1))
+    for g, r in zip(grads(jnp.asarray(x), jnp.asarray(w)), ref(jnp.asarray(x), jnp.asarray(w)), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-4)
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])

@@ -142,20 +142,28 @@ def train_step(graphdef: Any, tx: optax.GradientTransformation, state: dict[str,
         m_acc = jax.tree.map(lambda a, m: a + m * share, m_acc, {k: v for k, v in metrics.items() if k != "tokens"})
         return (g_acc, m_acc), None
 
-    zeros_g = jax.tree.map(jnp.zeros_like, params)
     mb0 = jax.tree.map(lambda x: x[0], micro)
-    m_shape = jax.eval_shape(lambda: grad_fn(params, mb0)[0][1][0])
-    zeros_m = {k: jnp.zeros(v.shape, v.dtype) for k, v in m_shape.items() if k != "tokens"}
-    (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), micro)
+    if grad_accum_steps == 1:  # no accumulators to zero and add into
+        (_, (metrics, _)), grads = grad_fn(params, mb0)
+        metrics = {k: v for k, v in metrics.items() if k != "tokens"}
+    else:
+        zeros_g = jax.tree.map(jnp.zeros_like, params)
+        m_shape = jax.eval_shape(lambda: grad_fn(params, mb0)[0][1][0])
+        zeros_m = {k: jnp.zeros(v.shape, v.dtype) for k, v in m_shape.items() if k != "tokens"}
+        (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), micro)
     metrics["tokens"] = jnp.sum(batch["weights"].astype(jnp.float32))
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    # A non-finite step keeps the previous params and optimizer state (the checkpoint stays clean).
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    new_state = {"params": keep(new_params, params), "opt_state": keep(new_opt, state["opt_state"]),
+
+    def apply(params, opt_state):
+        updates, new_opt = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt
+
+    # A non-finite step keeps the previous params and optimizer state (the checkpoint stays clean); a branch
+    # rather than a per-element select, so a finite step reads and writes every array once.
+    new_params, new_opt = jax.lax.cond(finite, apply, lambda p, o: (p, o), params, state["opt_state"])
+    new_state = {"params": new_params, "opt_state": new_opt,
                  "step": state["step"] + 1, **({"frozen": frozen} if frozen is not None else {})}
     metrics.update(grad_norm=grad_norm, nonfinite=(~finite).astype(jnp.int32))
     if schedule is not None:

@@ -113,14 +113,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--models", default="mistral,mixtral")
+    ap.add_argument("--window", type=int, default=0, help="sliding window of both shapes (0: the shape's own)")
     args = ap.parse_args()
     peak, how = peak_flops()
     out: dict = {"benchmark": "train_throughput", "device": jax.devices()[0].device_kind,
                  "n_devices": jax.device_count(),
-                 "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
+                 "batch": args.batch, "seq": args.seq, "window": args.window or None, "steps": args.steps,
+                 "warmup": args.warmup,
                  "peak_flops": peak, "peak_source": how}
     for name in args.models.split(","):
-        cfg = ModelConfig(**SHAPES[name])
+        cfg = ModelConfig(**{**SHAPES[name], **({"sliding_window": args.window} if args.window else {})})
         batch = batch_arrays(args.batch, args.seq, cfg.vocab_size)
         tokens = args.batch * args.seq
         fpt = flops_per_token(cfg, args.seq)

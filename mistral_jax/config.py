@@ -51,7 +51,7 @@ class ModelConfig:
     dtype: str = "float32"  # activation / matmul dtype
     param_dtype: str = "float32"  # parameter (master weight) dtype
     attention_impl: AttentionImpl = "auto"  # see model/attention.py
-    attention_block_size: int = 512  # query/key block for the blocked banded backend
+    attention_block_size: int = 512  # query block of the blocked banded backend (at most max(64, W/4))
     moe_impl: MoEImpl = "ragged"  # "dense" oracle, dropless sort + ragged_dot, or "expert_parallel" (shard_map)
     scan_layers: bool = True  # lax.scan over stacked layers (one compiled layer) vs a Python loop
     remat: RematPolicy = "none"  # activation checkpointing policy per layer

@@ -17,7 +17,7 @@ from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
 from mistral_jax.model import kv_cache as kvc
 from mistral_jax.model import moe as moe_lib
-from mistral_jax.model.attention import Attention
+from mistral_jax.model.attention import Attention, project
 from mistral_jax.model.moe import MoE
 
 
@@ -46,10 +46,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
         dt = self.cfg.jnp_dtype
-        h = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, self.w1[...].astype(dt)))
-        h = h * jnp.einsum("BTD,DF->BTF", x, self.w3[...].astype(dt))
+        h = jax.nn.silu(project(x, self.w1[...].astype(dt))) * project(x, self.w3[...].astype(dt))  # [B, T, F]
         h = sharding.constrain(h, ("batch", "seq", "act_mlp"))
-        return jnp.einsum("BTF,FD->BTD", h, self.w2[...].astype(dt))
+        return project(h, self.w2[...].astype(dt))  # [B, T, D]
 
 
 def empty_router_stats(cfg: ModelConfig) -> dict[str, Array]:
@@ -195,7 +194,7 @@ class Transformer(nnx.Module):
         x = self.norm(x)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]  # [D, V]
         # float32 logits: the loss and sampling need them; accumulate the matmul in float32 too.
-        logits = jnp.einsum("BTD,DV->BTV", x, head.astype(cfg.jnp_dtype), preferred_element_type=jnp.float32)
+        logits = project(x, head.astype(cfg.jnp_dtype), preferred_element_type=jnp.float32)  # [B, T, V]
         logits = sharding.constrain(logits, ("batch", "seq", "act_vocab"))
         outputs: list[Any] = [logits]
         if cache is not None:

@@ -193,7 +193,9 @@ def test_loglikelihood_rolling_matches_hf(ours, ref, env):
     a, b = _by_doc(ours["samples"]["local_ppl"]), _by_doc(ref["samples"]["local_ppl"])
     ll_a = np.array([float(a[d]["resps"][0][0]) for d in sorted(a)])
     ll_b = np.array([float(b[d]["resps"][0][0]) for d in sorted(b)])
-    np.testing.assert_allclose(ll_a, ll_b, atol=ATOL, rtol=0)
+    # Each value sums the log-probs of a whole document (hundreds of tokens), so float32 rounding grows with
+    # its size: a relative tolerance of 1e-6 on top of the per-token atol (seen: 1.2e-4 on -575.29).
+    np.testing.assert_allclose(ll_a, ll_b, atol=ATOL, rtol=1e-6)
     lm = MistralJaxLM(model=env["model"], tokenizer=env["tok_path"])
     assert max(len(lm.tok_encode(a[d]["doc"]["text"])) for d in a) > lm.max_length  # some docs span 2+ windows
     np.testing.assert_allclose(ours["results"]["local_ppl"]["word_perplexity,none"],

@@ -254,14 +254,20 @@ class Attention(nnx.Module):
             new_cache = None
         else:
             ck, cv, cpos = cache
-            # Attend over [cache before this chunk ; this chunk], then write: a chunk may overwrite slots
-            # that its own earlier queries still need.
-            keys = jnp.concatenate([ck, k.astype(ck.dtype)], axis=1)  # [B, S + T, K, H]
-            values = jnp.concatenate([cv, v.astype(cv.dtype)], axis=1)  # [B, S + T, K, H]
-            k_pos = jnp.concatenate([cpos, positions], axis=1)  # [B, S + T]
-            mask = make_mask(positions, k_pos, window=cfg.sliding_window)
-            out = reference_attention(q, keys.astype(dt), values.astype(dt), mask)
             slots = kvc.slots_for(positions, ck.shape[1])
             new_cache = (kvc.write(ck, k.astype(ck.dtype), slots), kvc.write(cv, v.astype(cv.dtype), slots))
+            if t == 1:
+                # Decoding: write, then attend over the S slots (no copy of the cache). The slot written held
+                # position p - S: outside the window when S = W, never written when S covers the sequence.
+                keys, values = new_cache
+                k_pos = kvc.write(cpos, positions, slots)  # [B, S]
+            else:
+                # A chunk attends over [cache before it ; the chunk], then writes: it may overwrite slots that
+                # its own earlier queries still need.
+                keys = jnp.concatenate([ck, k.astype(ck.dtype)], axis=1)  # [B, S + T, K, H]
+                values = jnp.concatenate([cv, v.astype(cv.dtype)], axis=1)  # [B, S + T, K, H]
+                k_pos = jnp.concatenate([cpos, positions], axis=1)  # [B, S + T]
+            mask = make_mask(positions, k_pos, window=cfg.sliding_window)
+            out = reference_attention(q, keys.astype(dt), values.astype(dt), mask)
         out = project(out.reshape(b, t, -1), self.wo[...].astype(dt).reshape(-1, d))  # [B, T, D]
         return out, new_cache

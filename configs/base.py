@@ -92,3 +92,34 @@ def get_config() -> ConfigDict:
     c.progress_bar = True  # tqdm progress bar on process 0
     c.peak_flops = 0.0  # device peak FLOP/s for MFU; 0 = built-in table, or a measured matmul peak on CPU
     return c
+
+
+def instruct_sft(c: ConfigDict) -> ConfigDict:
+    """The instruction fine-tuning recipe shared by the instruct configs: UltraChat-200k with Mistral's chat
+    template (loss on assistant answers), packed 4096-token rows, 0.5M tokens per step, from ``init_from``."""
+    c.remat = "full"  # recompute each layer in the backward pass
+    c.init_from = config_dict.placeholder(str)  # REQUIRED: --config.init_from=PATH of the base checkpoint
+    c.num_steps = 1500  # ~3 epochs of UltraChat-200k (~250M tokens) at 0.5M tokens per step
+    c.batch_size = 128  # packed rows per step: 128 x 4096 = 0.5M tokens
+    c.grad_accum_steps = 1  # raise if the per-chip micro-batch does not fit
+    c.data.format = "chat"  # Mistral template, loss on assistant answers and their </s>
+    c.data.train = "HuggingFaceH4/ultrachat_200k"  # HF hub chat dataset with a `messages` column (or local .jsonl)
+    c.data.train_split = "train_sft"  # UltraChat's SFT training split
+    c.data.validation = "HuggingFaceH4/ultrachat_200k"  # held-out conversations of the same set
+    c.data.validation_split = "test_sft"  # UltraChat's SFT test split
+    c.data.messages_field = "messages"  # column holding the conversation
+    c.data.skip_invalid = True  # a few web conversations break the role rules: drop them (count logged)
+    c.data.tokenizer = ""  # "" = init_from's tokenizer.model (Mistral's 32k sentencepiece)
+    c.data.seq_len = 4096  # tokens per packed row (the sliding window); longer conversations are cut at turns
+    c.optimizer.warmup_steps = 50  # ~3% warmup
+    c.optimizer.min_lr_ratio = 0.1  # cosine to 10% of the peak
+    c.optimizer.weight_decay = 0.0  # no decay when fine-tuning
+    c.lora.alpha = 32.0  # LoRA scale numerator (update = alpha / rank * A @ B)
+    c.lora.targets = "all"  # attention q,k,v,o and the MLP (or every expert's w1,w2,w3)
+    c.mesh.fsdp = -1  # shard params and optimizer state over every chip (the remaining ones with mesh.expert)
+    c.checkpoint.every_steps = 250  # ~6 checkpoints
+    c.log_every = 10  # metrics every 10 steps
+    c.eval_every = 250  # held-out answer loss with every checkpoint
+    c.eval_steps = 20  # 20 x 128 rows
+    c.progress_bar = False  # logs only on clusters
+    return c

@@ -27,10 +27,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 
-def _starts(group_sizes: Int[Array, " E"]) -> Int[Array, " E"]:
-    return jnp.cumsum(group_sizes) - group_sizes
-
-
 def _valid_rows(x: Float[Array, "A K"], group_sizes: Int[Array, " E"]) -> Float[Array, "A K"]:
     """Zero the rows past the last group (``ragged_dot`` semantics)."""
     return jnp.where((jnp.arange(x.shape[0]) < group_sizes.sum())[:, None], x, 0)

@@ -128,27 +128,24 @@ class Transformer(nnx.Module):
             h, stats, new_cache = layer(h, positions, segment_ids, layer_cache)
             return h, (stats, new_cache)
 
+        looped = layer_states is not None or not cfg.scan_layers  # a Python loop over the layers, not a scan
         if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=looped)
         layer_caches = None if cache is None else (cache.k, cache.v, jnp.broadcast_to(cache.pos, (cfg.n_layers,
                                                                                                    *cache.pos.shape)))
-        if layer_states is not None:  # separate per-layer weights: no slicing of the stacked ones (see unstack_layers)
-            if len(layer_states) != cfg.n_layers:
-                raise ValueError(f"layer_states holds {len(layer_states)} layers but the model has {cfg.n_layers}. "
-                                 "Fix: pass unstack_layers(model) of this model.")
-            outs = []
-            for i, layer_state in enumerate(layer_states):
-                x, out = body(x, (layer_state, jax.tree.map(lambda a, i=i: a[i], layer_caches)))
-                outs.append(out)
-            stats, new_kv = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        elif cfg.scan_layers:
+        if layer_states is not None and len(layer_states) != cfg.n_layers:
+            raise ValueError(f"layer_states holds {len(layer_states)} layers but the model has {cfg.n_layers}. "
+                             "Fix: pass unstack_layers(model) of this model.")
+        if not looped:
             x, (stats, new_kv) = jax.lax.scan(body, x, (state, layer_caches))
-        else:
-            outs = []
-            for i in range(cfg.n_layers):
-                x, out = body(x, jax.tree.map(lambda a, i=i: a[i], (state, layer_caches)))
-                outs.append(out)
-            stats, new_kv = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+            return x, stats, new_kv
+        outs = []
+        for i in range(cfg.n_layers):
+            # separate per-layer weights (see unstack_layers) or a slice of the stacked ones
+            layer_state = layer_states[i] if layer_states is not None else jax.tree.map(lambda a, i=i: a[i], state)
+            x, out = body(x, (layer_state, jax.tree.map(lambda a, i=i: a[i], layer_caches)))
+            outs.append(out)
+        stats, new_kv = jax.tree.map(lambda *a: jnp.stack(a), *outs)
         return x, stats, new_kv
 
     # ------------------------------------------------------------------ forward

@@ -2,14 +2,18 @@ PYTHON ?= python3
 
 .PHONY: install demo test lint
 
-install:  ## install the package with its test extra (torch pinned to the CPU build)
+# Both `make demo` and `make test` start with `make install`, so each works on its own in a fresh virtualenv:
+#   python3 -m venv .venv && . .venv/bin/activate && make demo && make test
+install:  ## the package with its test extra (eval + tpu extras, torch pinned to the CPU build, the oracles)
+	@$(PYTHON) -c 'import os, sys; sys.exit(0 if sys.prefix != sys.base_prefix or os.environ.get("CONDA_PREFIX") or os.environ.get("MISTRAL_JAX_SYSTEM_INSTALL") else "make install: $(PYTHON) is not in a virtualenv, and installing would change the system Python. Fix: python3 -m venv .venv && . .venv/bin/activate, then run make again (or set MISTRAL_JAX_SYSTEM_INSTALL=1 to install anyway).")'
+	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet -e ".[test]"
 
 demo: install  ## train a tiny model on the bundled corpus, evaluate it, export it
-	bash scripts/demo.sh
+	PYTHON=$(PYTHON) bash scripts/demo.sh
 
-test:  ## the test suite (8 fake CPU devices, see tests/conftest.py)
+test: install  ## the test suite (8 fake CPU devices, see tests/conftest.py)
 	$(PYTHON) -m pytest -q tests
 
 lint:
-	$(PYTHON) -m ruff check mistral_jax tests configs train.py eval.py
+	$(PYTHON) -m ruff check .

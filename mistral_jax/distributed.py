@@ -92,6 +92,32 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     return True
 
 
+def skip_absent_tpu() -> bool:
+    """Keep JAX from starting libtpu on a host without TPU chips (libtpu installed for AOT compiles, say).
+
+    With ``libtpu`` installed and no chips, JAX still tries the TPU backend first; that fails (JAX falls back to
+    the next backend) after libtpu printed a dozen lines about TPU worker hostnames. Compiling for a TPU
+    topology (``mistral_jax.aot``) loads libtpu on its own path and is unaffected. Does nothing when
+    ``JAX_PLATFORMS`` names the platforms, when backends are already up, or on a host with TPU chips.
+
+    Returns:
+      True if the TPU backend was taken out of JAX's list for this process.
+    """
+    if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
+        return False
+    try:
+        from jax._src import hardware_utils, xla_bridge
+
+        if xla_bridge.backends_are_initialized() or "tpu" not in xla_bridge._backend_factories:
+            return False
+        if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
+            return False
+        del xla_bridge._backend_factories["tpu"]
+    except (ImportError, AttributeError):  # a JAX whose internals moved: the only cost is libtpu's chatter
+        return False
+    return True
+
+
 def is_main_process() -> bool:
     """True on process 0: the one that logs, writes metrics files and checkpoint metadata."""
     return jax.process_index() == 0

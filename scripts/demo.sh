@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The README's main command (`make demo`): train the tiny Mistral on the bundled CPython-docs corpus (offline,
 # ~1-3 minutes on 2 CPU cores), evaluate its held-out perplexity with lm-eval through eval.py, and export it to
-# HF format with `python -m mistral_jax.convert`. Everything lands in $WORKDIR (default runs/demo).
+# HF format with `python -m mistral_jax.convert`. The run lands in $WORKDIR (default runs/demo), the export in
+# $EXPORT (default runs/demo-hf).
 #
 #   bash scripts/demo.sh [extra train.py flags, e.g. --config.num_steps=100]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 WORKDIR=${WORKDIR:-runs/demo}
+EXPORT=${EXPORT:-$WORKDIR-hf}
 export HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
 
 echo "== 1/3 train: tiny Mistral on mistral_jax/data/corpus (tokenizer trained into $WORKDIR/tokenizer.model)"
@@ -41,18 +43,12 @@ metric_list:
   - metric: byte_perplexity
   - metric: bits_per_byte
 YAML
-if [ -f eval.py ]; then
-  "$PYTHON" eval.py --checkpoint "$WORKDIR" --tasks pydoc_ppl --include_path "$TASKS" --limit 8 \
-    --output_path "$WORKDIR/eval"
-else
-  echo "eval.py is not in this checkout (issue 7): skipping evaluation" >&2
-fi
+"$PYTHON" eval.py --checkpoint "$WORKDIR" --tasks pydoc_ppl --include_path "$TASKS" --limit 8 \
+  --output_path "$WORKDIR/eval"
 
-echo "== 3/3 export: HF safetensors + config.json in $WORKDIR/hf"
-if "$PYTHON" -c "import mistral_jax.convert" 2>/dev/null; then
-  "$PYTHON" -m mistral_jax.convert --from jax --to hf --input "$WORKDIR" --output "$WORKDIR/hf" --overwrite
-  ls -l "$WORKDIR/hf"
-else
-  echo "mistral_jax.convert is not in this checkout (issue 3): skipping export" >&2
-fi
-echo "demo done: $WORKDIR"
+echo "== 3/3 export: HF safetensors + config.json in $EXPORT"
+# The export goes beside the run, never inside it (convert refuses an output inside its input); a rerun
+# replaces the previous export (--overwrite replaces only an earlier export, never a training run).
+"$PYTHON" -m mistral_jax.convert --from jax --to hf --input "$WORKDIR" --output "$EXPORT" --overwrite
+ls -l "$EXPORT"
+echo "demo done: run in $WORKDIR, HF export in $EXPORT"

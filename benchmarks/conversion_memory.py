@@ -1,4 +1,4 @@
-"""Peak host memory of conversions vs the model size: ``python -m mistral_jax.convert.memory_check``.
+"""Peak host memory of conversions vs the model size: ``python benchmarks/conversion_memory.py``.
 
 Writes a random HF checkpoint of a mid-size Mistral (default ~440M parameters, float32, 200 MB shards) with
 the streaming writer, then runs each conversion in a fresh subprocess and prints one JSON line per case with

@@ -3,7 +3,7 @@
 Usage: python tests/multihost_worker.py OUT_DIR NUM_PROCESSES PROCESS_ID PORT LOCAL_DEVICES
 Trains the tiny Mixtral for 3 steps on an FSDP+TP+EP mesh over all processes' devices, saves an Orbax
 checkpoint, restores it onto fresh shardings, trains a 4th step from the restored state, and (process 0)
-writes ``result.json`` with the losses and per-parameter sums.
+writes ``result.json`` with the losses, per-parameter sums and whether the restored state is identical.
 """
 
 import json
@@ -75,6 +75,14 @@ with sh.use_mesh(mesh, rules):
     step, restored, data_state, meta = ckpt.restore_latest(abstract)
     ckpt.close()
     after = sums(restored["params"])
+    # every element of params and optimizer state equal, compared as global arrays (a swapped or misplaced shard
+    # keeps the per-parameter sums but fails this)
+    same = jax.jit(lambda a, b: jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda x, y: jnp.all(x == y), a, b)))
+    identical = {k: bool(same(state[k], restored[k])) for k in ("params", "opt_state")}
+    # the check can fail: rolling each parameter by half its rows (what swapped shards do) keeps every sum
+    rolled = jax.tree.map(lambda x: jnp.roll(x, x.shape[0] // 2, 0), restored["params"])
+    identical["rolled_params"] = bool(same(state["params"], rolled))
+    rolled_sums = sums(rolled)
     specs_ok = all(a.sharding.spec == s.spec for a, s in zip(jax.tree.leaves(restored["params"]),
                                                              jax.tree.leaves(shardings["params"]), strict=True))
     restored, metrics = train_step(restored, batch_for(3))
@@ -84,6 +92,7 @@ with sh.use_mesh(mesh, rules):
 if distributed.is_main_process():
     with open(os.path.join(out_dir, "result.json"), "w") as f:
         json.dump(dict(losses=losses, before=before, after=after, final=final, restored_step=step,
-                       data_state=data_state, meta_step=meta["step"], specs_ok=specs_ok,
+                       data_state=data_state, meta_step=meta["step"], specs_ok=specs_ok, identical=identical,
+                       rolled_sums=rolled_sums,
                        process_count=jax.process_count(), local_devices=jax.local_device_count()), f)
 distributed.sync("done")

@@ -126,10 +126,18 @@ def test_blocked_skips_out_of_window_work():
     assert blocked < 0.2 * full, (blocked, full)
 
 
-def test_auto_backend_choice():
-    pick = attn.pick_backend
-    assert pick("auto", self_attention=True, seq_len=4096, window=512, block=512, has_segments=False) in (
-        "blocked", "cudnn", "splash")
-    assert pick("auto", self_attention=True, seq_len=600, window=512, block=512, has_segments=False) in (
-        "reference", "cudnn", "splash")
-    assert pick("blocked", self_attention=False, seq_len=1, window=512, block=512, has_segments=False) == "reference"
+@pytest.mark.parametrize("platform", ["cpu", "gpu", "tpu"])
+def test_auto_backend_choice(monkeypatch, platform):
+    """``auto`` picks exactly one backend per platform and shape (each case pinned, no "any of three")."""
+    monkeypatch.setattr(attn.jax, "default_backend", lambda: platform)
+    pick = lambda seq_len, window=512, segments=False, self_attention=True: attn.pick_backend(
+        "auto", self_attention=self_attention, seq_len=seq_len, window=window, block=512, has_segments=segments)
+    banded = {"cpu": "blocked", "gpu": "cudnn", "tpu": "splash"}[platform]
+    assert pick(4096) == banded  # T > W + block: the band skips work
+    assert pick(600) == {"cpu": "reference", "gpu": "cudnn", "tpu": "splash"}[platform]  # band no cheaper
+    assert pick(4096, window=None) == {"cpu": "reference", "gpu": "cudnn", "tpu": "splash"}[platform]
+    # packed rows (segment ids): cuDNN's path takes none, so GPU falls back to the pure-JAX choice
+    assert pick(4096, segments=True) == {"cpu": "blocked", "gpu": "blocked", "tpu": "splash"}[platform]
+    assert pick(1, self_attention=False) == "reference"  # cached decoding: the cache buffer already is the band
+    assert attn.pick_backend("blocked", self_attention=False, seq_len=1, window=512, block=512,
+                             has_segments=False) == "reference"

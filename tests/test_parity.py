@@ -1,6 +1,13 @@
-"""Parity with HF transformers' PyTorch Mistral / Mixtral (float32, atol 1e-4), per module and end to end."""
+"""Parity with HF transformers' PyTorch Mistral / Mixtral (float32, atol 1e-4), per module and end to end.
+
+The random models use ``initializer_range`` 0.2 (not the 0.02 default): with 0.02 attention is nearly uniform and
+logits stay below 1, so zeroing ``wk`` or a 1% ``rope_theta`` error moved them by less than the tolerance.
+``test_oracle_sees_attention`` checks that such errors are now far above it.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -14,13 +21,17 @@ from tests.torch_ref import hf_model
 
 ATOL = 1e-4
 
+INIT = 0.2  # weights large enough that attention patterns and RoPE phases show in the logits (see above)
 CONFIGS = {
     # window 16 with T = 40 > 2W; blocked backend (block 8) and the reference oracle
-    "mistral_blocked": mj.ModelConfig.tiny(attention_impl="blocked", attention_block_size=8),
-    "mistral_reference": mj.ModelConfig.tiny(attention_impl="reference", sliding_window=7, rope_theta=1e6),
-    "mistral_nowindow_gqa1": mj.ModelConfig.tiny(sliding_window=None, n_kv_heads=1, norm_eps=1e-6),
-    "mixtral_ragged": mj.ModelConfig.tiny_mixtral(moe_impl="ragged"),
-    "mixtral_dense_window": mj.ModelConfig.tiny_mixtral(moe_impl="dense", sliding_window=9, num_experts_per_tok=1),
+    "mistral_blocked": mj.ModelConfig.tiny(attention_impl="blocked", attention_block_size=8, initializer_range=INIT),
+    "mistral_reference": mj.ModelConfig.tiny(attention_impl="reference", sliding_window=7, rope_theta=1e6,
+                                             initializer_range=INIT),
+    "mistral_nowindow_gqa1": mj.ModelConfig.tiny(sliding_window=None, n_kv_heads=1, norm_eps=1e-6,
+                                                 initializer_range=INIT),
+    "mixtral_ragged": mj.ModelConfig.tiny_mixtral(moe_impl="ragged", initializer_range=INIT),
+    "mixtral_dense_window": mj.ModelConfig.tiny_mixtral(moe_impl="dense", sliding_window=9, num_experts_per_tok=1,
+                                                        initializer_range=INIT),
 }
 
 
@@ -41,6 +52,28 @@ def test_logits_match_hf(name, seed):
         ref = hf(torch.from_numpy(tokens).long()).logits.numpy()
     assert ours.shape == ref.shape == (3, 40, cfg.vocab_size)
     np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["mistral_blocked", "mixtral_ragged"])
+def test_oracle_sees_attention(name):
+    """The parity tolerance is tight enough to catch attention bugs: each broken variant misses it by >= 100x."""
+    cfg = CONFIGS[name]
+    model = mj.Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens = torch.from_numpy(_tokens(cfg, 0)).long()
+    ours = np.asarray(model(tokens.numpy()))
+
+    def gap(hf):
+        with torch.no_grad():
+            return float(np.abs(hf(tokens).logits.numpy() - ours).max())
+
+    assert gap(hf_model(cfg, model)) < ATOL
+    assert gap(hf_model(dataclasses.replace(cfg, rope_theta=cfg.rope_theta * 1.01), model)) > 100 * ATOL
+    window = cfg.sliding_window + 1 if cfg.sliding_window else 20  # off by one, or a window where there is none
+    assert gap(hf_model(dataclasses.replace(cfg, sliding_window=window), model)) > 100 * ATOL
+    hf = hf_model(cfg, model)
+    with torch.no_grad():
+        hf.model.layers[0].self_attn.k_proj.weight.zero_()  # uniform attention in layer 0
+    assert gap(hf) > 100 * ATOL
 
 
 def _capture(hf, tokens, attention_mask=None):

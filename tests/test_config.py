@@ -121,13 +121,21 @@ DENSE = mj.ModelConfig.tiny(sliding_window=6)
 MOE = mj.ModelConfig.tiny_mixtral()
 
 
-def _shape_field(field, value):
+def _shape_field(field, value, base=DENSE):
+    """Shape fields: the changed model is HF's model with that field changed (same count, same logits)."""
     def check():
-        cfg = DENSE.replace(**{field: value})
-        assert mj.count_params(cfg) != mj.count_params(DENSE)
-        a, _ = _logits(DENSE)
-        b, _ = _logits(cfg)
-        assert a.shape != b.shape or np.abs(a - b).max() > 1e-4
+        import torch
+
+        from tests.torch_ref import hf_model
+
+        cfg = base.replace(**{field: value}, initializer_range=0.2)
+        assert mj.count_params(cfg) != mj.count_params(base)
+        model = mj.Transformer(cfg, rngs=nnx.Rngs(0))
+        hf = hf_model(cfg, model)  # HF built from cfg.to_hf(): a field we ignored would not fit its shapes
+        assert mj.count_params(cfg) == sum(p.numel() for p in hf.parameters())
+        with torch.no_grad():
+            ref = hf(torch.from_numpy(TOKENS % cfg.vocab_size).long()).logits.numpy()
+        np.testing.assert_allclose(np.asarray(model(TOKENS % cfg.vocab_size)), ref, atol=1e-4, rtol=0)
     return check
 
 
@@ -211,7 +219,7 @@ FIELD_CHECKS = {
     "sliding_window": lambda: _same_params_differ(DENSE, sliding_window=3),
     "max_seq_len": _max_seq_len,
     "tie_embeddings": _tie_embeddings,
-    "num_experts": _shape_field("num_experts", 2),
+    "num_experts": _shape_field("num_experts", 2, MOE),
     "num_experts_per_tok": lambda: _same_params_differ(MOE, num_experts_per_tok=1),
     "router_aux_loss_coef": _loss_coef("router_aux_loss_coef"),
     "router_z_loss_coef": _loss_coef("router_z_loss_coef"),

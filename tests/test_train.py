@@ -86,10 +86,19 @@ def test_finished_run_resumes_without_training_again(tiny_run):
     (dict(nan_policy="ignore"), r"config.nan_policy='ignore'"),
 ])
 def test_bad_config_fails_before_compiling(change, match, tmp_path):
-    cfg = tiny_config(**change)
-    with pytest.raises(trainer.ConfigError, match=match):
-        trainer.train(cfg, str(tmp_path / "w"))
-    assert not os.path.exists(tmp_path / "w")  # nothing written, nothing compiled
+    compiles = []  # every XLA compilation in this process reports its duration under this event
+    listener = lambda event, secs, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        cfg = tiny_config(**change)
+        with pytest.raises(trainer.ConfigError, match=match):
+            trainer.train(cfg, str(tmp_path / "w"))
+        assert not os.path.exists(tmp_path / "w")  # nothing written
+        assert compiles == []  # nothing compiled (not even an init program)
+        jax.jit(lambda x: x * 3.0 + len(compiles))(np.float32(2))  # the counter works: a new program counts
+        assert len(compiles) == 1
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_unknown_config_keys_are_named(tmp_path):

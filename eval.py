@@ -7,12 +7,13 @@
 
 DIR is anything ``mistral_jax.load_pretrained`` accepts (HF, Mistral consolidated, mistral_jax export or
 training workdir). Results are written like lm-eval's (``results_<date>.json``, ``samples_<task>_<date>.jsonl``).
+
+Before anything loads, the flag values are checked, then the paths (checkpoint, tokenizer, --include_path), then
+the task names against lm-eval's index (with close matches); a bad one is one line on stderr naming the flag, the
+value and the fix, exit status 2 (``--verbose`` or ``MISTRAL_JAX_DEBUG=1`` also shows the traceback).
 """
 
 from __future__ import annotations
-
-import os
-import sys
 
 from absl import app, flags
 
@@ -32,41 +33,47 @@ flags.DEFINE_string("gen_kwargs", None, "Generation overrides, e.g. 'temperature
 flags.DEFINE_string("tokenizer", None, "tokenizer.model to use when the checkpoint has none.")
 flags.DEFINE_string("dtype", None, "Parameter dtype: float32 or bfloat16 (default: as stored).")
 flags.DEFINE_integer("max_length", None, "Context length (default: the model's max_seq_len).")
+flags.DEFINE_bool("verbose", False, "Show the traceback of argument errors too (as MISTRAL_JAX_DEBUG=1 does).")
 FLAGS = flags.FLAGS
+PROG = "eval.py"
 
 
-def parse_seed(text: str) -> tuple[int, int, int, int]:
-    """lm-eval's --seed: one integer for all four seeds, or four comma-separated ones."""
-    parts = [int(p) for p in text.split(",")]
-    if len(parts) == 1:
-        return (parts[0],) * 4
-    if len(parts) != 4:
-        raise app.UsageError(f"--seed={text!r}: give 1 or 4 comma-separated integers, e.g. 0,1234,1234,1234.")
-    return tuple(parts)  # type: ignore[return-value]
+def _main(argv: list[str]) -> int:
+    from mistral_jax import cli
+    from mistral_jax.evals import args
 
+    cli.quiet_libraries()
+    names = args.check_flags(FLAGS, argv[1:])  # flag values first, then paths, then task names: before any load
+    args.check_paths(FLAGS)
+    from lm_eval.tasks import TaskManager
 
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag.")
-    if not FLAGS.checkpoint:
-        raise app.UsageError("--checkpoint DIR is required (a directory mistral_jax.load_pretrained accepts).")
-    if FLAGS.log_samples and not FLAGS.output_path:
-        raise app.UsageError("--log_samples needs --output_path DIR to write the samples to.")
-    from mistral_jax.evals.run import TaskLoadError, evaluate
+    task_manager = TaskManager(include_path=FLAGS.include_path)  # indexes every task YAML (seconds)
+    args.check_task_names(task_manager, names, FLAGS.tasks)
+    from mistral_jax.evals.run import evaluate
 
-    try:
-        evaluate(checkpoint=FLAGS.checkpoint, tasks=FLAGS.tasks, suite=FLAGS.suite, num_fewshot=FLAGS.num_fewshot,
-                 limit=FLAGS.limit, batch_size=FLAGS.batch_size, include_path=FLAGS.include_path,
-                 output_path=FLAGS.output_path, log_samples=FLAGS.log_samples, seed=parse_seed(FLAGS.seed),
-                 apply_chat_template=FLAGS.apply_chat_template, confirm_run_unsafe_code=FLAGS.confirm_run_unsafe_code,
-                 gen_kwargs=FLAGS.gen_kwargs, tokenizer=FLAGS.tokenizer, dtype=FLAGS.dtype,
-                 max_length=FLAGS.max_length)
-    except TaskLoadError as e:  # an expected, explained failure: the message, not a traceback
-        print(f"eval.py: {e}", file=sys.stderr)
-        return 2
+    evaluate(checkpoint=FLAGS.checkpoint, tasks=names, suite=FLAGS.suite, num_fewshot=FLAGS.num_fewshot,
+             limit=FLAGS.limit, batch_size=FLAGS.batch_size, include_path=FLAGS.include_path,
+             output_path=FLAGS.output_path, log_samples=FLAGS.log_samples, seed=args.parse_seed(FLAGS.seed),
+             apply_chat_template=FLAGS.apply_chat_template, confirm_run_unsafe_code=FLAGS.confirm_run_unsafe_code,
+             gen_kwargs=FLAGS.gen_kwargs, tokenizer=FLAGS.tokenizer, dtype=FLAGS.dtype,
+             max_length=FLAGS.max_length, task_manager=task_manager)
     return 0
 
 
+def main(argv: list[str]) -> int:
+    """Check the flags, then evaluate; a bad value or an unloadable task is one message on stderr, exit status 2."""
+    from mistral_jax import cli
+    from mistral_jax.evals.run import TaskLoadError
+
+    return cli.run(lambda: _main(argv), PROG, expected=(TaskLoadError,))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing; its errors (an unknown flag, a value of the wrong type) are one line, exit status 2."""
+    from mistral_jax.cli import absl_flags_parser
+
+    return absl_flags_parser(PROG, FLAGS)(argv)
+
+
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(app.run(main))
+    app.run(main, flags_parser=parse_flags)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from typing import Any
 
@@ -61,6 +62,12 @@ def parse_topology(name: str) -> Topology:
                          f"v5e-N, v6e-N (N chips) or generation:grid such as v5p:4x4x4.")
     if "x" in rest:
         grid = rest
+        if not all(x.isdigit() and int(x) > 0 for x in grid.split("x")):
+            raise ValueError(f"bad chip grid {grid!r} in TPU topology {name!r}. Fix: give positive chip counts per "
+                             f"axis, e.g. {gen}:4x4x4.")
+    elif not rest.isdigit():
+        raise ValueError(f"TPU topology {name!r} has no core / chip count. Fix: use {gen}-N with a number N, e.g. "
+                         f"{gen}-8, or a grid such as {gen}:2x2x1.")
     else:
         n = int(rest)
         chips = n // _CORES_PER_CHIP[gen]
@@ -216,13 +223,60 @@ def format_report(r: dict[str, Any], title: str) -> str:
     return "\n".join(lines)
 
 
+PROG = "aot"
+
+
+def _topology_arg(name: str) -> Topology:
+    """``--topology`` parsed, or a ``UsageError`` naming the flag."""
+    from mistral_jax.cli import UsageError
+
+    try:
+        return parse_topology(name)
+    except ValueError as e:
+        problem, _, fix = str(e).partition(" Fix: ")
+        raise UsageError("--topology", name, f"is not usable ({problem.rstrip('.')})", fix.rstrip(".")) from e
+
+
+def _check_config_file(path: str) -> None:
+    """``--config`` names an existing file (a ``file.py:arg`` suffix allowed), or a ``UsageError``."""
+    from mistral_jax.cli import UsageError
+
+    file = path.split(":", 1)[0]
+    if not os.path.isfile(file):
+        raise UsageError("--config", path, "does not exist" if not os.path.exists(file) else "is not a file",
+                         "pass a run config file such as --config configs/tiny.py (see configs/)")
+
+
+def _config_arg(flag: Any) -> Any:
+    """The loaded ``--config``, or a ``UsageError`` saying the file is missing or could not be loaded."""
+    from ml_collections import config_flags
+
+    from mistral_jax.cli import UsageError
+
+    path = config_flags.get_config_filename(flag)
+    _check_config_file(path)
+    try:
+        cfg = flag.value
+        cfg.keys()  # a config that failed to load raises on first use
+    except OSError as e:
+        raise UsageError("--config", path, f"could not be loaded ({str(e).splitlines()[0]})",
+                         "fix the config file: it must define get_config() returning a ConfigDict") from e
+    return cfg
+
+
 def main(argv: list[str]) -> None:
-    del argv
+    """Check the flags (topology, then the config file), then compile; a bad value is one line, exit status 2."""
     from absl import flags
 
+    from mistral_jax.cli import UsageError, quiet_libraries
+
+    quiet_libraries()
     f = flags.FLAGS
-    topo = parse_topology(f.topology)
-    run_cfg = f.config
+    if len(argv) > 1:
+        raise UsageError("positional arguments", " ".join(argv[1:]), "are not accepted",
+                         "pass --config FILE, --topology NAME and --config.key=value overrides as flags")
+    topo = _topology_arg(f.topology)
+    run_cfg = _config_arg(f["config"])
     devices = topology_devices(topo)
     report = compile_train_step(run_cfg, devices, tpu_attention=f.splash)
     report.update(hbm=topo.hbm_bytes, fits=report["fits"] is not False and report["total"] <= topo.hbm_bytes,
@@ -233,9 +287,49 @@ def main(argv: list[str]) -> None:
         print(json.dumps(report))
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing; its errors (unknown flag, bad value, an override naming no config field) as one line
+    and exit status 2."""
+    import re
+
+    from absl import flags
+
+    from mistral_jax import cli
+
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - absl errors, and config_dict's for an override naming no field
+        if cli.debug_enabled(argv):
+            raise
+        if not isinstance(e, flags.Error | AttributeError | KeyError | OSError):
+            raise
+        given = [argv[i + 1] if a == "--config" and i + 1 < len(argv) else a.partition("=")[2]
+                 for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")]
+        try:
+            for path in given[-1:]:  # overrides on a config that did not load: name the file instead
+                _check_config_file(path)
+        except cli.UsageError as bad_config:
+            cli.fail(PROG, str(bad_config))
+        if isinstance(e, flags.Error):
+            m = re.match(r"flag (--[\w.]+)=", str(e))
+            fix = (f"pass a valid value for {m.group(1)} (`python -m mistral_jax.aot --helpfull` shows each flag)"
+                   if m else "check the flag names (`python -m mistral_jax.aot --helpfull` lists them)")
+            if m and m.group(1) == "--config":
+                fix = "pass a run config file such as --config configs/tiny.py (see configs/)"
+            cli.fail(PROG, f"{str(e).rstrip(' .?')}. Fix: {fix}")
+        overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        key = str(e).strip("'\"")
+        named = [o for o in overrides if key in o.split(".")] or overrides
+        cli.fail(PROG, f"{', '.join(named) or '--config.KEY'} names no field of the run config ({key!r}). Fix: "
+                       "check the field name against the config file (every field has a comment there)")
+        raise  # unreachable: fail exits
+
+
 def _run() -> None:
     from absl import app, flags
     from ml_collections import config_flags
+
+    from mistral_jax import cli
 
     config_flags.DEFINE_config_file("config", None, "run config file (configs/X.py)", lock_config=True)
     flags.DEFINE_string("topology", "v5p-128", "TPU topology: v5p-N, v4-N (TensorCores), v5e-N, v6e-N (chips), or "
@@ -243,10 +337,11 @@ def _run() -> None:
     flags.DEFINE_bool("json", False, "also print the report as one JSON line")
     flags.DEFINE_bool("splash", False, "resolve attention_impl=auto to splash (what a TPU run picks) instead of the "
                       "CPU choice (blocked / reference)")
+    flags.DEFINE_bool("verbose", False, "show the traceback of argument errors too (as MISTRAL_JAX_DEBUG=1 does)")
     flags.mark_flags_as_required(["config"])
     if not jax.config.jax_platforms:  # compile for the TPU topology from this host's CPU; never grab a local TPU
         jax.config.update("jax_platforms", "cpu")
-    app.run(main)
+    app.run(lambda argv: cli.run(lambda: main(argv), PROG), flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

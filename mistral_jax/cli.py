@@ -8,16 +8,23 @@ A tool validates its arguments before it loads anything slow, and reports a bad 
 ``run(main, prog)`` calls ``main()`` and turns a ``UsageError`` (or any exception type listed in ``expected``)
 into that single line and exit status 2; other exceptions keep their traceback. Setting ``MISTRAL_JAX_DEBUG=1``
 (or passing ``--verbose`` to tools that define it) shows the traceback of expected errors too.
+
+Also here, so every tool checks the same way: ``Parser`` (argparse, its errors as ``UsageError``),
+``absl_flags_parser`` (the same for absl flags), ``number`` / ``check_dtype`` (flag values), and
+``check_dir`` / ``check_checkpoint_dir`` / ``check_tokenizer`` (paths, read by name only, nothing loaded).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
+import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 DEBUG_ENV = "MISTRAL_JAX_DEBUG"
 
@@ -71,3 +78,140 @@ def run(main: Callable[[], Any], prog: str, expected: tuple[type[BaseException],
         if debug_enabled():
             raise
         fail(prog, str(e))
+
+
+# ------------------------------------------------------------------------------------------ parsing
+class ArgparseError(UsageError):
+    """argparse's own complaint (unknown flag, bad choice, missing flag) as a one-line ``UsageError``."""
+
+    def __init__(self, message: str, prog: str):
+        flag = message[len("argument "):].split(":", 1)[0] if message.startswith("argument ") else "arguments"
+        self.flag, self.value, self.problem, self.fix = flag, None, message, f"see {prog} --help"
+        ValueError.__init__(self, f"{message}. Fix: see {prog} --help")
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors raise :class:`ArgparseError` (one line, exit status 2 via :func:`run`)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ArgparseError(message, self.prog)
+
+
+def absl_flags_parser(prog: str, flag_values: Any) -> Callable[[list[str]], list[str]]:
+    """A ``flags_parser`` for ``absl.app.run``: absl's own errors (an unknown flag, a value of the wrong type) as
+    one line and exit status 2, like ``UsageError``."""
+    from absl import flags
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return flag_values(argv)
+        except flags.Error as e:
+            if debug_enabled(argv):
+                raise
+            m = re.match(r"flag --(\w+)=", str(e))
+            kind = flag_values[m.group(1)].flag_type() if m and m.group(1) in flag_values else ""
+            wanted = {"int": "an integer", "float": "a number"}.get(kind, "a valid value")
+            fix = f"give --{m.group(1)} {wanted}" if m else f"check the flag names (`{prog} --helpfull` lists them)"
+            fail(prog, f"{str(e).rstrip(' .?')}. Fix: {fix}")
+            raise  # unreachable: fail exits
+
+    return parse
+
+
+# ------------------------------------------------------------------------------------------ argument checks
+# Flag values first, then paths, before anything loads.
+CHECKPOINT_KINDS = ("an HF dir (config.json + model.safetensors or model.safetensors.index.json + shards), a "
+                    "Mistral consolidated dir (params.json + consolidated.safetensors) or a mistral_jax export dir / "
+                    "training workdir (model_config.json + params/ or checkpoints/<step>/)")
+DTYPES = ("float32", "bfloat16")  # model dtypes; conversion also writes float16
+
+
+def number(flag: str, text: Any, kind: type, ok: Callable[[Any], bool], problem: str, fix: str) -> Any:
+    """``text`` parsed as ``kind`` (int / float) and checked with ``ok``; a ``UsageError`` naming ``flag`` if not."""
+    if text is None or isinstance(text, kind) and not isinstance(text, bool):
+        value = text
+    else:
+        try:
+            value = kind(str(text).strip())
+        except ValueError:
+            raise UsageError(flag, str(text), f"is not {'an integer' if kind is int else 'a number'}", fix) from None
+    if value is not None and not math.isfinite(value):
+        raise UsageError(flag, value, "is not a finite number", fix)
+    if value is not None and not ok(value):
+        raise UsageError(flag, value, problem, fix)
+    return value
+
+
+def check_dtype(flag: str, value: str | None, allowed: tuple[str, ...] = DTYPES) -> str | None:
+    """None or one of ``allowed``."""
+    if value is not None and value not in allowed:
+        raise UsageError(flag, value, f"is not a supported dtype {list(allowed)}",
+                         f"pass {flag} bfloat16 (half the memory) or {flag} float32, or omit it to keep the "
+                         "stored dtype")
+    return value
+
+
+def check_checkpoint_dir(path: str | None, flag: str = "--checkpoint") -> str:
+    """The format (``hf`` / ``mistral`` / ``jax``) of the checkpoint directory ``path``, read from its file names only.
+
+    Raises:
+      UsageError: ``path`` is missing, not a directory, or holds no checkpoint (says what one must contain).
+    """
+    if not path:
+        raise UsageError(flag, None, "is required", f"pass {flag} DIR: {CHECKPOINT_KINDS}")
+    if not os.path.exists(path):
+        raise UsageError(flag, path, "does not exist", f"check the path; {flag} takes {CHECKPOINT_KINDS}")
+    if not os.path.isdir(path):
+        raise UsageError(flag, path, "is a file, not a checkpoint directory",
+                         f"pass the directory holding the checkpoint ({os.path.dirname(path) or '.'}?): "
+                         f"{CHECKPOINT_KINDS}")
+    from mistral_jax.convert import hf, mistral, native
+    from mistral_jax.loading import formats_of
+
+    found = formats_of(path)
+    names = sorted(os.listdir(path))
+    listing = f"it holds {names[:8] + ['...'] if len(names) > 8 else names}"
+    if not found:
+        if os.path.isfile(os.path.join(path, native.MODEL_CONFIG)):
+            raise UsageError(flag, path, f"has {native.MODEL_CONFIG} but neither {native.PARAMS}/ nor "
+                             f"{native.CHECKPOINTS}/<step>/{native.PARAMS}/ ({listing})",
+                             "train until a checkpoint is written, or point at a mistral_jax export dir")
+        raise UsageError(flag, path, f"is not a checkpoint directory ({listing})", f"pass {CHECKPOINT_KINDS}")
+    fmt = found[0]
+    weights = {"hf": (hf.SINGLE, hf.INDEX), "mistral": (mistral.WEIGHTS,)}.get(fmt, ())
+    if weights and not any(os.path.isfile(os.path.join(path, w)) for w in weights):
+        marker = hf.CONFIG if fmt == "hf" else mistral.PARAMS
+        torch_bin = any(n.endswith(".bin") for n in names)
+        raise UsageError(flag, path, f"has {marker} but no weights ({' or '.join(weights)}; {listing})",
+                         "re-save the PyTorch .bin weights as safetensors (transformers: save_pretrained("
+                         "safe_serialization=True))" if torch_bin else
+                         f"pass the directory holding the weights too: {CHECKPOINT_KINDS}")
+    return fmt
+
+
+def check_tokenizer(path: str | None, checkpoint: str, fmt: str, flag: str = "--tokenizer") -> str:
+    """The tokenizer.model to use: ``path`` (a file, or a directory holding tokenizer.model) or the checkpoint's."""
+    from mistral_jax.data.tokenizer import Tokenizer
+
+    if path is not None:
+        file = os.path.join(path, Tokenizer.FILENAME) if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise UsageError(flag, path, "does not exist" if not os.path.exists(path) else
+                             f"is a directory without {Tokenizer.FILENAME}",
+                             f"pass the path of a sentencepiece {Tokenizer.FILENAME} (or a directory holding one)")
+        return file
+    from mistral_jax.loading import tokenizer_path
+
+    found = tokenizer_path(checkpoint, fmt)
+    if found is None:
+        raise UsageError(flag, None, f"is needed: checkpoint {checkpoint!r} holds no {Tokenizer.FILENAME}",
+                         f"pass {flag} PATH/{Tokenizer.FILENAME} (the tokenizer the model was trained with)")
+    return found
+
+
+def check_dir(flag: str, value: str, what: str) -> None:
+    """``value`` must be an existing directory."""
+    if not os.path.exists(value):
+        raise UsageError(flag, value, "does not exist", f"pass {what}")
+    if not os.path.isdir(value):
+        raise UsageError(flag, value, "is not a directory", f"pass {what}")

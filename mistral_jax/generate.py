@@ -2,10 +2,15 @@
 
     python -m mistral_jax.generate --checkpoint PATH --prompt "..." [--max_new_tokens N] [--temperature T]
         [--top_k K] [--top_p P] [--seed S] [--instruct] [--stop STR ...] [--chunk_size C] [--tokenizer PATH]
+        [--dtype float32|bfloat16] [--verbose]
 
 ``--checkpoint`` is anything ``mistral_jax.load_pretrained`` reads (HF dir, Mistral consolidated dir, mistral_jax
 export dir, training workdir). The tokenizer is ``tokenizer.model`` in that directory unless ``--tokenizer`` is
 given. ``--instruct`` wraps the prompt in Mistral's instruction template ``<s>[INST] {prompt} [/INST]``.
+
+Every flag value is checked first, then the paths, then the tokenizer and the model load: a bad value is one line
+on stderr naming the flag, the value and the fix, exit status 2 (``--verbose`` or ``MISTRAL_JAX_DEBUG=1`` also
+shows the traceback).
 
 Note: this module shares its name with the function ``mistral_jax.generate``. Importing it would normally replace
 that function by the module on the package, so the module is made callable and forwards to the function.
@@ -20,6 +25,17 @@ import types
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from mistral_jax.cli import (
+    CHECKPOINT_KINDS,
+    Parser,
+    UsageError,
+    check_checkpoint_dir,
+    check_dtype,
+    check_tokenizer,
+    number,
+    quiet_libraries,
+)
+from mistral_jax.cli import run as cli_run
 from mistral_jax.inference.generate import generate as _generate
 
 
@@ -86,45 +102,75 @@ def run(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 128, t
     return stream.text(final=True)
 
 
+# ------------------------------------------------------------------------------------------------------ CLI
+PROG = "generate"
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m mistral_jax.generate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="HF / Mistral / mistral_jax export dir or training workdir")
-    ap.add_argument("--prompt", required=True, help="the prompt text")
-    ap.add_argument("--max_new_tokens", type=int, default=128, help="at most this many new tokens")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
-    ap.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens")
-    ap.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    """Parse and check every flag value (no file is opened); raises ``UsageError`` naming a bad flag."""
+    ap = Parser(prog="python -m mistral_jax.generate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", help="HF / Mistral / mistral_jax export dir or training workdir (required)")
+    ap.add_argument("--prompt", help="the prompt text (required)")
+    ap.add_argument("--max_new_tokens", default="128", help="at most this many new tokens (>= 1)")
+    ap.add_argument("--temperature", default="0.0", help="0 = greedy; > 0 samples")
+    ap.add_argument("--top_k", default=None, help="sample among the k most likely tokens (>= 1)")
+    ap.add_argument("--top_p", default=None, help="nucleus sampling mass in (0, 1]")
+    ap.add_argument("--seed", default="0", help="sampling seed (an integer >= 0)")
     ap.add_argument("--instruct", action="store_true", help="wrap the prompt in <s>[INST] ... [/INST]")
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    ap.add_argument("--chunk_size", type=int, default=None, help="prefill chunk (default: the sliding window)")
+    ap.add_argument("--chunk_size", default=None, help="prefill chunk (>= 1; default: the sliding window)")
     ap.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: CHECKPOINT/tokenizer.model)")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                    help="parameter and compute dtype (default: as stored)")
-    return ap.parse_args(argv)
+    ap.add_argument("--dtype", default=None, help="parameter and compute dtype: float32 or bfloat16 "
+                    "(default: as stored)")
+    ap.add_argument("--verbose", action="store_true", help="show tracebacks of argument errors too")
+    args = ap.parse_args(argv)
+    if args.checkpoint is None:
+        raise UsageError("--checkpoint", None, "is required", f"pass --checkpoint DIR: {CHECKPOINT_KINDS}")
+    if args.prompt is None:
+        raise UsageError("--prompt", None, "is required", 'pass --prompt "TEXT" (the text to continue)')
+    args.max_new_tokens = number("--max_new_tokens", args.max_new_tokens, int, lambda v: v >= 1,
+                                 "must be at least 1", "pass a positive count, e.g. --max_new_tokens 128")
+    args.temperature = number("--temperature", args.temperature, float, lambda v: v >= 0, "must be >= 0",
+                              "pass 0 for greedy decoding or a positive value such as --temperature 0.7")
+    args.top_k = number("--top_k", args.top_k, int, lambda v: v >= 1, "must be at least 1",
+                        "pass a positive count such as --top_k 50, or omit it to sample from every token")
+    args.top_p = number("--top_p", args.top_p, float, lambda v: 0 < v <= 1, "must be in (0, 1]",
+                        "pass a probability mass such as --top_p 0.9, or omit it (= 1: no nucleus cut)")
+    args.seed = number("--seed", args.seed, int, lambda v: 0 <= v < 2**32, "must be in [0, 2**32)",
+                       "pass a non-negative integer such as --seed 0")
+    args.chunk_size = number("--chunk_size", args.chunk_size, int, lambda v: v >= 1, "must be at least 1",
+                             "pass a positive prefill chunk such as --chunk_size 512, or omit it (the window)")
+    check_dtype("--dtype", args.dtype)
+    for s in args.stop:
+        if not s:
+            raise UsageError("--stop", s, "is empty (it would cut every output to nothing)",
+                             'pass a non-empty stop string such as --stop "\\n\\n", or drop the flag')
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    """CLI entry point; returns the generated text."""
+    """CLI entry point; returns the generated text.
+
+    Order: every flag value is checked, then the paths (checkpoint directory, tokenizer file), then the tokenizer
+    and the model are loaded; a bad value stops the run with a ``UsageError`` before anything loads.
+    """
+    quiet_libraries()
     args = parse_args(argv)
+    fmt = check_checkpoint_dir(args.checkpoint)
+    tokenizer_file = check_tokenizer(args.tokenizer, args.checkpoint, fmt)
     from mistral_jax.data.tokenizer import Tokenizer
+    from mistral_jax.loading import load_pretrained
 
     try:
-        from mistral_jax.loading import load_pretrained
-    except ImportError as e:
-        raise SystemExit(f"mistral_jax.loading is not available ({e}). Fix: update mistral_jax.") from e
-    if args.tokenizer:
-        tokenizer = Tokenizer(args.tokenizer)
-    else:
-        tokenizer = Tokenizer.find(args.checkpoint)
-        if tokenizer is None:
-            raise SystemExit(f"no {Tokenizer.FILENAME} in {args.checkpoint!r}. "
-                             "Fix: pass --tokenizer PATH_TO/tokenizer.model.")
+        tokenizer = Tokenizer(tokenizer_file)
+    except ValueError as e:  # not a sentencepiece model
+        raise UsageError("--tokenizer", tokenizer_file, "is not a valid sentencepiece model",
+                         "pass the tokenizer.model the checkpoint was trained with") from e
     model = load_pretrained(args.checkpoint, dtype=args.dtype,
                             config_overrides=dict(dtype=args.dtype) if args.dtype else None)
     if tokenizer.vocab_size > model.cfg.vocab_size:
-        raise SystemExit(f"tokenizer has {tokenizer.vocab_size} pieces but the model only {model.cfg.vocab_size} "
-                         "embeddings. Fix: pass the tokenizer the model was trained with (--tokenizer).")
+        raise UsageError("--tokenizer", tokenizer_file, f"has {tokenizer.vocab_size} pieces but the model only "
+                         f"{model.cfg.vocab_size} embeddings", "pass the tokenizer the model was trained with")
     start = time.perf_counter()
     text = run(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                top_k=args.top_k, top_p=args.top_p, seed=args.seed, instruct=args.instruct, stop=args.stop,
@@ -143,4 +189,4 @@ class _CallableModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
-    main()
+    cli_run(main, PROG)

@@ -138,6 +138,7 @@ class MistralJaxLM(TemplateLM):
             raise ValueError("mistral_jax backend needs exactly one of checkpoint=<dir> or model=<Transformer>; "
                              f"got checkpoint={checkpoint!r}, model={type(model).__name__ if model else None}.")
         rules = rules or sharding.rules_preset("fsdp")
+        self.tokenizer = _resolve_tokenizer(tokenizer, checkpoint)  # a missing tokenizer fails before the load
         if model is None:
             from mistral_jax.loading import load_pretrained
 
@@ -150,7 +151,6 @@ class MistralJaxLM(TemplateLM):
         self.cfg = model.cfg
         self.mesh, self.rules = mesh, rules
         self.model = model
-        self.tokenizer = _resolve_tokenizer(tokenizer, checkpoint)
         if self.tokenizer.vocab_size > self.cfg.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} pieces but the model's vocab_size is "
                              f"{self.cfg.vocab_size}. Fix: pass the tokenizer the checkpoint was trained with.")

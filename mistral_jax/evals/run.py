@@ -56,6 +56,23 @@ def _yaml_file(config: Mapping[str, Any]) -> str:
     return path
 
 
+def unknown_tasks(task_manager: Any, names: Sequence[str]) -> dict[str, list[str]]:
+    """The names that are no task, group or tag of ``task_manager``, each with its closest known names (difflib).
+
+    Cheap once the task manager is built (a lookup in its index): callers check names before loading a model.
+    """
+    import difflib
+
+    known = set(task_manager.all_tasks)
+    return {n: difflib.get_close_matches(n, known, n=5) for n in names if n not in known}
+
+
+def _unknown_error(unknown: Mapping[str, list[str]]) -> ValueError:
+    listed = "; ".join(f"{n!r} (close matches: {', '.join(c) or 'none'})" for n, c in unknown.items())
+    return ValueError(f"unknown lm-eval task(s): {listed}. Fix: correct the name (`lm_eval ls tasks` lists them "
+                      "all), or pass --include_path DIR holding its YAML.")
+
+
 def load_tasks(task_manager: Any, specs: Sequence[str | Mapping[str, Any]]) -> list[Any]:
     """Build lm-eval Task / Group objects for ``specs`` (names, tags or inline group dicts), one spec at a time,
     so a failure names the task it belongs to.
@@ -74,11 +91,7 @@ def load_tasks(task_manager: Any, specs: Sequence[str | Mapping[str, Any]]) -> l
         try:
             loaded = task_manager.load(spec if isinstance(spec, str) else _yaml_file(spec))
         except KeyError as e:
-            import difflib
-
-            close = difflib.get_close_matches(str(name), list(task_manager.all_tasks), n=5)
-            raise ValueError(f"unknown lm-eval task {name!r}; close matches: {close}. Fix: check the name "
-                             "(`lm_eval ls tasks`), or pass --include_path DIR holding its YAML.") from e
+            raise _unknown_error(unknown_tasks(task_manager, [str(name)]) or {str(name): []}) from e
         except (OSError, datasets.exceptions.DatasetNotFoundError) as e:
             ds = _dataset_hint(task_manager, spec)
             fetch = [spec] if isinstance(spec, str) else list(spec.get("task", [name]))  # registered names
@@ -160,12 +173,12 @@ def evaluate(*, checkpoint: str | None = None, lm: MistralJaxLM | None = None, t
     benchmarks = presets.suite(suite) if suite else ()
     if not names and not benchmarks:
         raise ValueError("nothing to evaluate: give --tasks (comma-separated lm-eval names) or --suite mistral_paper.")
-    if lm is None:
-        if checkpoint is None:
-            raise ValueError("evaluate() needs checkpoint=<dir> or lm=<MistralJaxLM>. Fix: pass --checkpoint DIR.")
-        lm = MistralJaxLM(checkpoint, tokenizer=tokenizer, batch_size=batch_size, dtype=dtype,
-                          max_length=max_length, seed=seed[0])
+    if lm is None and checkpoint is None:
+        raise ValueError("evaluate() needs checkpoint=<dir> or lm=<MistralJaxLM>. Fix: pass --checkpoint DIR.")
     task_manager = task_manager or TaskManager(include_path=include_path)
+    unknown = unknown_tasks(task_manager, names)  # names and datasets are checked before the model loads
+    if unknown:
+        raise _unknown_error(unknown)
 
     skipped = [b for b in benchmarks if b.task is None]
     for b in skipped:
@@ -178,6 +191,9 @@ def evaluate(*, checkpoint: str | None = None, lm: MistralJaxLM | None = None, t
                 t.set_config(key="num_fewshot", value=b.num_fewshot)
             if b.repeats is not None:
                 t.set_config(key="repeats", value=b.repeats)
+    if lm is None:
+        lm = MistralJaxLM(checkpoint, tokenizer=tokenizer, batch_size=batch_size, dtype=dtype,
+                          max_length=max_length, seed=seed[0])
 
     tracker = EvaluationTracker(output_path=output_path) if output_path else None
     compiles0, t0 = xla_compile_count(), time.perf_counter()

@@ -1,0 +1,357 @@
+"""Command-line tools check their arguments before loading anything: a bad value is one line naming the flag, the
+value and the fix, exit status 2, no traceback (unless MISTRAL_JAX_DEBUG=1 / --verbose).
+
+Order in every tool: flag values first, then paths (checkpoint directory, tokenizer, config file, task YAMLs),
+then lm-eval task names, then the model. Most cases run the tools' entry functions in-process with the model
+loader replaced by a tripwire (``ModelLoaded``): reaching it fails the test, so each case proves the error came
+before any load. A few subprocess runs check the real ``python -m`` / ``python eval.py`` paths end to end.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mistral_jax import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ModelLoaded(Exception):
+    """Raised by the tripwire that replaces ``load_pretrained``: the tool got as far as loading the model."""
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    import mistral_jax.loading
+
+    def tripwire(*args, **kwargs):
+        raise ModelLoaded(f"load_pretrained{args} was called")
+
+    monkeypatch.setattr(mistral_jax.loading, "load_pretrained", tripwire)
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+
+
+@pytest.fixture
+def fake_ckpt(tmp_path):
+    """A directory that looks like an HF checkpoint by its file names but holds garbage: loading it would fail
+    with some other error, so a flag error reported for it proves nothing was loaded."""
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"not safetensors")
+    (d / "tokenizer.model").write_bytes(b"not sentencepiece")
+    return str(d)
+
+
+def _one_line(err: str, prog: str, *expected: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    (line,) = lines
+    assert line.startswith(f"{prog}: ") and "Fix: " in line and "Traceback" not in err, line
+    for text in expected:
+        assert text in line, (text, line)
+    return line
+
+
+# ----------------------------------------------------------------------------------------------------- generate
+def _generate(argv, monkeypatch, capsys) -> str:
+    """``python -m mistral_jax.generate ARGV`` in-process (the module's ``__main__`` line); returns stderr."""
+    import mistral_jax.generate as gen
+
+    monkeypatch.setattr(sys, "argv", ["generate", *argv])
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: gen.main(argv), gen.PROG)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+GENERATE_FLAG_CASES = [  # (extra argv, expected text: the flag and the value)
+    (["--temperature", "-1"], "--temperature=-1.0"),
+    (["--temperature", "nan"], "--temperature=nan"),
+    (["--top_p", "1.5"], "--top_p=1.5"),
+    (["--top_p", "0"], "--top_p=0.0"),
+    (["--max_new_tokens", "0"], "--max_new_tokens=0"),
+    (["--max_new_tokens", "ten"], "--max_new_tokens='ten'"),
+    (["--top_k", "0"], "--top_k=0"),
+    (["--chunk_size", "0"], "--chunk_size=0"),
+    (["--chunk_size", "-4"], "--chunk_size=-4"),
+    (["--seed", "1.5"], "--seed='1.5'"),
+    (["--seed", "-1"], "--seed=-1"),
+    (["--dtype", "fp8"], "--dtype='fp8'"),
+    (["--stop", ""], "--stop=''"),
+]
+
+
+@pytest.mark.parametrize("extra,expected", GENERATE_FLAG_CASES, ids=[" ".join(c[0]) for c in GENERATE_FLAG_CASES])
+def test_generate_bad_flag_value(extra, expected, fake_ckpt, no_model_load, monkeypatch, capsys):
+    err = _generate(["--checkpoint", fake_ckpt, "--prompt", "hi", *extra], monkeypatch, capsys)
+    _one_line(err, "generate", expected)
+
+
+def test_generate_flags_are_checked_before_paths(no_model_load, monkeypatch, capsys):
+    err = _generate(["--checkpoint", "/nope/ckpt", "--prompt", "hi", "--top_p", "1.5"], monkeypatch, capsys)
+    _one_line(err, "generate", "--top_p=1.5")
+
+
+def test_generate_missing_checkpoint_says_so(no_model_load, monkeypatch, capsys):
+    line = _one_line(_generate(["--checkpoint", "/nope/ckpt", "--prompt", "hi"], monkeypatch, capsys), "generate",
+                     "--checkpoint='/nope/ckpt'", "does not exist", "config.json", "params.json", "model_config.json")
+    assert "--tokenizer" not in line  # the old message blamed the tokenizer
+
+
+@pytest.mark.parametrize("kind", ["not_a_checkpoint", "a_file", "no_weights", "workdir_without_steps"])
+def test_generate_checkpoint_that_is_not_one(kind, tmp_path, no_model_load, monkeypatch, capsys):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "notes.txt").write_text("x")
+    path, problem = str(d), "is not a checkpoint directory"
+    if kind == "a_file":
+        path, problem = str(d / "notes.txt"), "is a file"
+    elif kind == "no_weights":
+        (d / "config.json").write_text("{}")
+        problem = "has config.json but no weights"
+    elif kind == "workdir_without_steps":
+        (d / "model_config.json").write_text("{}")
+        problem = "has model_config.json but neither params/"
+    err = _generate(["--checkpoint", path, "--prompt", "hi"], monkeypatch, capsys)
+    _one_line(err, "generate", f"--checkpoint={path!r}", problem)
+
+
+def test_generate_tokenizer_paths(fake_ckpt, tmp_path, no_model_load, monkeypatch, capsys):
+    err = _generate(["--checkpoint", fake_ckpt, "--prompt", "hi", "--tokenizer", "/nope/tok.model"],
+                    monkeypatch, capsys)
+    _one_line(err, "generate", "--tokenizer='/nope/tok.model'", "does not exist")
+    os.remove(os.path.join(fake_ckpt, "tokenizer.model"))
+    err = _generate(["--checkpoint", fake_ckpt, "--prompt", "hi"], monkeypatch, capsys)
+    _one_line(err, "generate", "--tokenizer=(not given)", "holds no tokenizer.model")
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"not sentencepiece")  # loaded (cheaply) before the model, and refused
+    err = _generate(["--checkpoint", fake_ckpt, "--prompt", "hi", "--tokenizer", str(bad)], monkeypatch, capsys)
+    _one_line(err, "generate", f"--tokenizer={str(bad)!r}", "not a valid sentencepiece model")
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--prompt", "hi"], "--checkpoint=(not given) is required"),
+    (["--checkpoint", "/nope"], "--prompt=(not given) is required"),
+    (["--checkpoint", "/nope", "--prompt", "hi", "--top-p", "0.9"], "unrecognized arguments: --top-p 0.9"),
+])
+def test_generate_missing_or_unknown_flags(argv, expected, no_model_load, monkeypatch, capsys):
+    _one_line(_generate(argv, monkeypatch, capsys), "generate", expected)
+
+
+# --------------------------------------------------------------------------------------------------------- eval
+class _StubTaskManager:
+    """lm-eval's TaskManager without the 7-15 s index build (the real one is exercised by a subprocess test)."""
+
+    all_tasks = ["hellaswag", "arc_easy", "arc_challenge", "mmlu"]
+
+    def __init__(self, include_path=None, **kw):
+        pass
+
+
+@pytest.fixture
+def eval_cli(no_model_load, monkeypatch, capsys):
+    """``python eval.py ARGV`` in-process (absl flag parsing, then ``main``); returns stderr."""
+    import lm_eval.tasks
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", _StubTaskManager)
+    monkeypatch.syspath_prepend(ROOT)
+    ev = importlib.import_module("eval")
+
+    def run(argv):
+        monkeypatch.setattr(sys, "argv", ["eval.py", *argv])
+        ev.FLAGS.unparse_flags()
+        try:
+            with pytest.raises(SystemExit) as e:
+                ev.main(ev.parse_flags(["eval.py", *argv]))
+        finally:
+            ev.FLAGS.unparse_flags()
+        assert e.value.code == 2
+        return capsys.readouterr().err
+
+    return run
+
+
+EVAL_FLAG_CASES = [  # (argv after --checkpoint CKPT, expected text)
+    (["--tasks", "hellaswag", "--limit", "0"], "--limit=0.0"),
+    (["--tasks", "hellaswag", "--limit", "-3"], "--limit=-3.0"),
+    (["--tasks", "hellaswag", "--limit", "2.5"], "--limit=2.5"),
+    (["--tasks", "hellaswag", "--batch_size", "0"], "--batch_size=0"),
+    (["--tasks", "hellaswag", "--batch_size", "eight"], "--batch_size=eight"),
+    (["--tasks", "hellaswag", "--num_fewshot", "-1"], "--num_fewshot=-1"),
+    (["--tasks", "hellaswag", "--max_length", "0"], "--max_length=0"),
+    (["--tasks", "hellaswag", "--dtype", "fp16"], "--dtype='fp16'"),
+    (["--tasks", "hellaswag", "--seed", "1,2"], "--seed='1,2'"),
+    (["--tasks", "hellaswag", "--seed", "abc"], "--seed='abc'"),
+    (["--tasks", "hellaswag", "--gen_kwargs", "temperature"], "--gen_kwargs='temperature'"),
+    (["--tasks", "hellaswag", "--log_samples"], "--output_path=(not given) is needed by --log_samples"),
+    ([], "--tasks='' names no task"),
+    (["--tasks", " , "], "--tasks=' , ' names no task"),
+    (["--suite", "mistral_paperz"], "--suite='mistral_paperz'"),
+    (["--tasks", "hellaswag", "extra"], "positional arguments='extra'"),
+    (["--tasks", "hellaswag", "--tsks", "x"], "Unknown command line flag 'tsks'"),
+    (["--tasks", "hellaswg,arc_easy"], "--tasks='hellaswg,arc_easy' names unknown lm-eval task(s): 'hellaswg' "
+                                       "(close matches: hellaswag"),
+]
+
+
+@pytest.mark.parametrize("extra,expected", EVAL_FLAG_CASES, ids=[" ".join(c[0]) or "none" for c in EVAL_FLAG_CASES])
+def test_eval_bad_flag_value(extra, expected, fake_ckpt, eval_cli):
+    _one_line(eval_cli(["--checkpoint", fake_ckpt, *extra]), "eval.py", expected)
+
+
+def test_eval_flags_are_checked_before_paths(eval_cli):
+    _one_line(eval_cli(["--checkpoint", "/nope/ckpt", "--tasks", "hellaswag", "--batch_size", "0"]), "eval.py",
+              "--batch_size=0")
+    _one_line(eval_cli(["--checkpoint", "/nope/ckpt", "--tasks", "hellaswg"]), "eval.py",
+              "--checkpoint='/nope/ckpt' does not exist")  # paths before task names (their index takes seconds)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--tasks", "hellaswag"], "--checkpoint=(not given) is required"),
+    (["--checkpoint", "/nope/ckpt", "--tasks", "hellaswag"], "--checkpoint='/nope/ckpt' does not exist"),
+    (["--checkpoint", "{tmp}", "--tasks", "hellaswag"], "is not a checkpoint directory"),
+    (["--checkpoint", "{ckpt}", "--tasks", "hellaswag", "--tokenizer", "/nope/t.model"],
+     "--tokenizer='/nope/t.model' does not exist"),
+    (["--checkpoint", "{ckpt}", "--tasks", "hellaswag", "--include_path", "/nope/tasks"],
+     "--include_path='/nope/tasks' does not exist"),
+    (["--checkpoint", "{ckpt}", "--tasks", "hellaswag", "--output_path", "{ckpt}/config.json"], "is a file"),
+])
+def test_eval_bad_paths(argv, expected, fake_ckpt, tmp_path, eval_cli):
+    argv = [a.format(tmp=tmp_path, ckpt=fake_ckpt) for a in argv]
+    _one_line(eval_cli(argv), "eval.py", expected)
+
+
+def test_eval_checkpoint_without_tokenizer(fake_ckpt, eval_cli):
+    os.remove(os.path.join(fake_ckpt, "tokenizer.model"))
+    _one_line(eval_cli(["--checkpoint", fake_ckpt, "--tasks", "hellaswag"]), "eval.py", "--tokenizer=(not given)",
+              "holds no tokenizer.model")
+
+
+def test_evaluate_checks_task_names_before_loading(fake_ckpt, no_model_load):
+    from mistral_jax.evals.run import evaluate
+
+    with pytest.raises(ValueError, match=r"unknown lm-eval task\(s\): 'arc_esay' \(close matches: arc_easy"):
+        evaluate(checkpoint=fake_ckpt, tasks="arc_esay", task_manager=_StubTaskManager(), verbose=False)
+
+
+# ------------------------------------------------------------------------------------------------- subprocesses
+def _subprocess(argv: list[str], debug: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop(cli.DEBUG_ENV, None)
+    if debug:
+        env[cli.DEBUG_ENV] = "1"
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("argv,prog,expected", [
+    (["-m", "mistral_jax.generate", "--checkpoint", "{ckpt}", "--prompt", "hi", "--temperature", "-1"], "generate",
+     "--temperature=-1.0"),
+    (["-m", "mistral_jax.generate", "--checkpoint", "/nope/ckpt", "--prompt", "hi"], "generate",
+     "--checkpoint='/nope/ckpt' does not exist"),
+    (["eval.py", "--checkpoint", "{ckpt}", "--tasks", "hellaswag", "--batch_size", "0"], "eval.py", "--batch_size=0"),
+    (["eval.py", "--checkpoint", "{ckpt}", "--tasks", "hellaswag", "--batch_size", "x"], "eval.py", "--batch_size=x"),
+    (["-m", "mistral_jax.aot", "--config", "configs/tiny.py", "--topology", "h100-8"], "aot", "--topology='h100-8'"),
+    (["-m", "mistral_jax.aot", "--config", "configs/tiny.py", "--topology", "v5p-abc"], "aot", "--topology='v5p-abc'"),
+    (["-m", "mistral_jax.aot", "--config", "/nope/x.py", "--topology", "v5p-8"], "aot",
+     "--config='/nope/x.py' does not exist"),
+    (["-m", "mistral_jax.aot", "--config", "/nope/x.py", "--config.batch_size=4"], "aot",
+     "--config='/nope/x.py' does not exist"),
+    (["-m", "mistral_jax.aot", "--topology", "v5p-8"], "aot", "--config=None"),
+    (["-m", "mistral_jax.aot", "--config", "configs/tiny.py", "--config.nope=3"], "aot", "--config.nope"),
+])
+def test_command_line_argument_errors(argv, prog, expected, fake_ckpt):
+    """The real entry points. The checkpoint is garbage behind valid file names: had the tool read it, the error
+    would be about its contents, not the flag."""
+    res = _subprocess([a.format(ckpt=fake_ckpt) for a in argv])
+    assert res.returncode == 2, res.stderr
+    _one_line(res.stderr, prog, expected)
+
+
+def test_unknown_lm_eval_task_is_reported_before_the_model_loads(fake_ckpt):
+    """The real lm-eval task index; the checkpoint is garbage, so reaching the model load would fail otherwise."""
+    res = _subprocess(["eval.py", "--checkpoint", fake_ckpt, "--tasks", "arc_easy,hellaswg"])
+    assert res.returncode == 2, res.stderr
+    _one_line(res.stderr, "eval.py", "--tasks='arc_easy,hellaswg'", "'hellaswg' (close matches: hellaswag")
+
+
+@pytest.mark.parametrize("argv", [
+    ["-m", "mistral_jax.generate", "--checkpoint", "/nope", "--prompt", "hi", "--top_p", "1.5"],
+    ["eval.py", "--checkpoint", "/nope", "--tasks", "hellaswag", "--limit", "0"],
+    ["-m", "mistral_jax.aot", "--config", "configs/tiny.py", "--topology", "h100-8"],
+])
+def test_debug_shows_the_traceback(argv):
+    res = _subprocess(argv, debug=True)
+    assert res.returncode != 0
+    assert "Traceback" in res.stderr and "UsageError" in res.stderr, res.stderr
+    res = _subprocess(argv + ["--verbose"])
+    assert res.returncode != 0
+    assert "Traceback" in res.stderr and "UsageError" in res.stderr, res.stderr
+
+
+MC_YAML = """task: local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """A tiny mistral_jax export (Orbax params: the format whose loader logs the most) with a tokenizer."""
+    import json
+
+    import numpy as np
+    from flax import nnx
+
+    import mistral_jax as mj
+    from mistral_jax.data.train_tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    syllables = "ka ri to mo na se lu pi da ve go ha ne ti ro su ma ky be zo".split()
+    words = ["".join(rng.choice(syllables, rng.integers(1, 4))) for _ in range(400)]
+    cfg = mj.ModelConfig.tiny()
+    tok = train_tokenizer([" ".join(rng.choice(words, 12)) for _ in range(2000)], str(root / "tok" / "tokenizer.model"),
+                          vocab_size=cfg.vocab_size)  # every id the model emits decodes
+    mj.save_jax(mj.Transformer(cfg, rngs=nnx.Rngs(0)), str(root / "export"), tokenizer=tok)
+    (root / "tasks").mkdir()
+    with open(root / "mc.jsonl", "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"question": " ".join(words[i:i + 5]), "choices": words[:3], "label": i % 3}) + "\n")
+    (root / "tasks" / "local_mc.yaml").write_text(MC_YAML.format(data=root / "mc.jsonl"))
+    return root
+
+
+def _chatter(stderr: str) -> list[str]:
+    """Library log lines: absl INFO lines (``I1129 23:04:09.742455 ...``), Orbax messages, metadata warnings."""
+    import re
+
+    return [line for line in stderr.splitlines() if re.match(r"\s*I\d{4} ", line) or "orbax" in line.lower()
+            or "etadata file does not exist" in line]
+
+
+def test_normal_path_prints_no_library_chatter(tiny_export):
+    res = _subprocess(["-m", "mistral_jax.generate", "--checkpoint", str(tiny_export / "export"), "--prompt",
+                          "ka ri", "--max_new_tokens", "4"])
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "including compilation" in res.stderr
+    res = _subprocess(["eval.py", "--checkpoint", str(tiny_export / "export"), "--tasks", "local_mc",
+                          "--include_path", str(tiny_export / "tasks"), "--limit", "2", "--batch_size", "2"])
+    assert res.returncode == 0, res.stderr
+    assert "local_mc" in res.stdout and not _chatter(res.stderr), _chatter(res.stderr)

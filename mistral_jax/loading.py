@@ -6,11 +6,16 @@ Kinds of directory (``detect_format``):
   * ``jax``: an export dir (``model_config.json`` + ``params/``), a training workdir
     (``model_config.json`` + ``checkpoints/<step>/params``; the newest step that restores is used, a corrupt
     newest step falls back to the previous one with a warning) or a step dir ``checkpoints/<step>``.
+    A LoRA training workdir (``run_config.json`` with ``lora.rank > 0``: its checkpoints hold only the adapters)
+    or one of its step dirs loads as its base model (``init_from``) with the adapters merged in, the model that
+    ``python -m mistral_jax.lora`` exports.
 A directory holding both HF and consolidated files (as some hub repos do) loads as ``hf``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import weakref
 from typing import Any, Literal
@@ -25,8 +30,12 @@ from mistral_jax.model.transformer import Transformer, from_params
 Format = Literal["hf", "mistral", "jax"]
 FORMATS: tuple[str, ...] = ("hf", "mistral", "jax")
 
+RUN_CONFIG = "run_config.json"
+
 # tokenizer.model of the directory each loaded model came from (used by save_* when no tokenizer is given)
 _TOKENIZER_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# directories each loaded model was read from (save_* never writes over them)
+_INPUTS_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def formats_of(path: str | os.PathLike) -> list[str]:
@@ -59,6 +68,47 @@ def detect_format(path: str | os.PathLike) -> Format:
     return found[0]  # type: ignore[return-value]
 
 
+def lora_run(path: str | os.PathLike) -> tuple[str, dict[str, Any], int | None] | None:
+    """``(workdir, run config, step)`` when ``path`` is a LoRA training workdir or a step dir of one, else None.
+
+    A LoRA run (``train.py`` with ``config.lora.rank > 0``) writes ``run_config.json`` and checkpoints holding only
+    the adapters; ``step`` is None for the workdir (newest step) and the step number for ``checkpoints/<step>``.
+    """
+    path = os.path.abspath(os.fspath(path))
+    root, step = path, None
+    if not os.path.isfile(os.path.join(path, RUN_CONFIG)):
+        up = os.path.dirname(path)
+        if not (os.path.basename(path).isdigit() and os.path.basename(up) == native.CHECKPOINTS
+                and os.path.isfile(os.path.join(os.path.dirname(up), RUN_CONFIG))):
+            return None
+        root, step = os.path.dirname(up), int(os.path.basename(path))
+    try:
+        with open(os.path.join(root, RUN_CONFIG)) as f:
+            run = json.load(f)
+        rank = int((run.get("lora") or {}).get("rank") or 0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None  # not a run config we can read: not recognisably a LoRA run
+    return (root, run, step) if rank > 0 else None
+
+
+def input_dirs(path: str | os.PathLike, fmt: str | None = None) -> list[str]:
+    """Every directory that reading checkpoint ``path`` touches: itself, the workdir of a step dir, and the base
+    model of a LoRA run. An output must not overlap any of them (``convert.paths``)."""
+    path = os.fspath(path)
+    out = [path]
+    if fmt in (None, "jax") and os.path.isdir(path):
+        try:
+            out.append(native.config_and_params_dirs(path)[0])
+        except FileNotFoundError:
+            pass
+        run = lora_run(path)
+        if run:
+            out.append(run[0])
+            if run[1].get("init_from"):
+                out.append(os.fspath(run[1]["init_from"]))
+    return list(dict.fromkeys(out))
+
+
 def tokenizer_path(path: str | os.PathLike, fmt: str) -> str | None:
     """The ``tokenizer.model`` belonging to a checkpoint directory, if any."""
     root = native.config_and_params_dirs(path)[0] if fmt == "jax" else os.fspath(path)
@@ -83,6 +133,12 @@ def open_source(path: str | os.PathLike, fmt: Format | None = None, *, dtype: st
                          (f"; it looks like {found}. Fix: use --from {found[0]}." if found else
                           f" (files: {sorted(os.listdir(path))[:20]}). Fix: check the path."))
     if fmt == "jax":
+        run = lora_run(path)
+        if run:
+            from mistral_jax.model.transformer import params_dict
+
+            model = _load_lora_run(*run, dtype=dtype, mesh=mesh, rules=rules, config_overrides=config_overrides)
+            return common.ParamsSource(model.cfg, params_dict(model))
         cfg, params, _ = native.load(path, dtype, mesh, rules, config_overrides)
         return common.ParamsSource(cfg, params)
     reader = hf if fmt == "hf" else mistral
@@ -117,16 +173,89 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None, mesh: 
     """
     path = os.fspath(path)
     fmt = fmt or detect_format(path)
-    source = open_source(path, fmt, dtype=dtype, mesh=mesh, rules=rules, config_overrides=config_overrides)
-    if isinstance(source, common.ParamsSource):
-        cfg, params = source.cfg, source.params
+    run = lora_run(path) if fmt == "jax" and fmt in formats_of(path) else None
+    if run:
+        model = _load_lora_run(*run, dtype=dtype, mesh=mesh, rules=rules, config_overrides=config_overrides)
     else:
-        cfg, params = common.build_params(source.cfg, source, dtype, mesh, rules)
-    model = from_params(cfg, params)
+        source = open_source(path, fmt, dtype=dtype, mesh=mesh, rules=rules, config_overrides=config_overrides)
+        if isinstance(source, common.ParamsSource):
+            cfg, params = source.cfg, source.params
+        else:
+            cfg, params = common.build_params(source.cfg, source, dtype, mesh, rules)
+        model = from_params(cfg, params)
     tok = tokenizer_path(path, fmt)
     if tok:
         _TOKENIZER_OF[model] = tok
+    _INPUTS_OF[model] = input_dirs(path, fmt)
     return model
+
+
+def _load_lora_run(root: str, run: dict[str, Any], step: int | None, *, dtype: str | None = None,
+                   mesh: jax.sharding.Mesh | None = None, rules: sharding.ShardingRules | None = None,
+                   config_overrides: dict[str, Any] | None = None) -> Transformer:
+    """The merged model of a LoRA run: its base (``init_from``, or the seeded init) + the adapters of ``step``.
+
+    The base is loaded as the run trained it (``model_config.json``: the base's network with the run's numerics,
+    float32 master weights), the adapters of the newest (or ``step``) checkpoint are restored into it and folded
+    into the weights (``lora.merge_lora``), exactly as ``python -m mistral_jax.lora`` exports it.
+    """
+    from flax import nnx
+
+    from mistral_jax import lora as lora_lib
+    from mistral_jax.model.transformer import params_dict
+    from mistral_jax.training.checkpoint import restore_params
+
+    cfg = native.read_config(root)  # the network the run trained
+    base = os.fspath(run.get("init_from") or "")
+    export = f"python -m mistral_jax.lora --workdir {root} --output DIR"
+    if base:
+        if not os.path.isdir(base):
+            raise FileNotFoundError(
+                f"{root!r} is a LoRA training workdir: its checkpoints hold only adapters for the base model "
+                f"init_from={base!r}, which is not a directory (from {os.getcwd()!r}). Fix: make the base model "
+                f"readable at that path (or correct init_from in {os.path.join(root, RUN_CONFIG)}); then this "
+                f"workdir loads merged, and `{export}` exports it.")
+        same = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "param_dtype"}
+        model = load_pretrained(base, dtype=cfg.param_dtype, mesh=mesh, rules=rules, config_overrides=same)
+    else:  # a LoRA run on a fresh init: the frozen base is the seeded init, rebuilt the way the trainer built it
+        seed = int(run.get("seed", 0))
+        if mesh is None:
+            model = Transformer(cfg, rngs=nnx.Rngs(seed))
+        else:
+            model = sharding.create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)), mesh,
+                                            rules or sharding.DEFAULT_RULES)
+    lora = run["lora"]
+    lora_lib.apply_lora(model, int(lora["rank"]), float(lora["alpha"]), lora.get("targets", "all"),
+                        seed=int(run.get("seed", 0)))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            nnx.to_pure_dict(lora_lib.adapter_state(model)))
+    try:
+        with native.quiet_orbax():
+            adapters, _ = restore_params(os.path.join(root, native.CHECKPOINTS), abstract, step)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"{root!r} is a LoRA training workdir whose adapters could not be restored: {e}. Fix: point "
+                         f"at a step that holds them (checkpoints/<step>), or export with `{export} --step N`.") from e
+    state = lora_lib.adapter_state(model)
+    nnx.replace_by_pure_dict(state, adapters)
+    nnx.update(model, state)
+    model = lora_lib.merge_lora(model)
+    if dtype is not None or config_overrides:
+        params = params_dict(model)
+        new = model.cfg.replace(**(config_overrides or {}))
+        if dtype is not None:
+            dt = common.np_dtype(dtype)
+            params = jax.tree.map(lambda a: a.astype(dt), params)
+            new = new.replace(param_dtype=common.dtype_name(dt))
+        model = from_params(new, params)
+    return model
+
+
+def sources_of(model: Transformer) -> list[str]:
+    """The directories ``model`` was loaded from (empty if unknown): exports must not overwrite them."""
+    try:
+        return list(_INPUTS_OF.get(model, []))
+    except TypeError:
+        return []
 
 
 def known_tokenizer(model: Transformer) -> str | None:

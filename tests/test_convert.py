@@ -476,10 +476,10 @@ def test_failure_mid_write_leaves_no_output(hf_dirs, tmp_path, monkeypatch):
         mj.convert("hf", "hf", dirs["mixtral", "float32"], tmp_path / "out", max_shard_size=10_000)
     assert len(calls) == 3 and os.listdir(tmp_path) == []
     (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "keep.txt").write_text("previous export")
+    (tmp_path / "old" / "config.json").write_text("previous export")  # --overwrite replaces only an export
     with pytest.raises(FileExistsError, match="not empty"):
         mj.convert("hf", "hf", dirs["mixtral", "float32"], tmp_path / "old")
     calls.clear()
     with pytest.raises(OSError, match="disk full"):
         mj.convert("hf", "hf", dirs["mixtral", "float32"], tmp_path / "old", max_shard_size=10_000, overwrite=True)
-    assert os.listdir(tmp_path) == ["old"] and os.listdir(tmp_path / "old") == ["keep.txt"]
+    assert os.listdir(tmp_path) == ["old"] and os.listdir(tmp_path / "old") == ["config.json"]

@@ -3,7 +3,12 @@
 ``convert("hf", "mistral", in_dir, out_dir)`` streams tensor by tensor between the file formats (host
 memory: about one tensor; the output is written shard by shard); converting to or from ``jax`` goes through
 the model's parameters (placed sharded on a ``mesh`` when one is given). Every output directory is written
-to a temporary sibling and renamed into place, so a failed conversion leaves nothing behind.
+to a temporary sibling and renamed into place, so a failed conversion leaves nothing behind (and one that was
+killed leaves a temporary directory that the next conversion into the same place removes).
+
+Nothing is lost (``convert.paths``): an output may not be an input, lie inside one or contain one (real paths,
+symlinks resolved), and ``overwrite`` only replaces a previous export of the same kind, never a training run or
+any other directory. Tokenizers are checked to be sentencepiece / tekken models before they are copied.
 """
 
 from __future__ import annotations
@@ -14,10 +19,10 @@ from typing import Any
 import jax
 
 from mistral_jax import sharding
-from mistral_jax.convert import common, hf, mistral, native
+from mistral_jax.convert import common, hf, mistral, native, paths
 from mistral_jax.convert.common import ConversionError
 
-__all__ = ["ConversionError", "convert", "save_hf", "save_jax", "save_mistral"]
+__all__ = ["ConversionError", "convert", "paths", "save_hf", "save_jax", "save_mistral"]
 
 
 def _source_of(model: Any) -> common.ParamsSource:
@@ -35,6 +40,14 @@ def _tokenizer(model: Any, tokenizer: Any) -> Any:
     return known_tokenizer(model)
 
 
+def _guard(model: Any, tokenizer: Any) -> dict[str, Any]:
+    """What an export of ``model`` must not overwrite: the directories it was loaded from, and the tokenizer file."""
+    from mistral_jax.loading import sources_of
+
+    tok = None if tokenizer is None else os.fspath(getattr(tokenizer, "path", tokenizer))
+    return {"inputs": sources_of(model), "files": [tok] if tok else []}
+
+
 def save_hf(model: Any, out_dir: str | os.PathLike, *, dtype: str | None = None, tokenizer: Any = None,
             max_shard_size: int | str = "5GB", overwrite: bool = False) -> str:
     """Export ``model`` as an HF transformers checkpoint (loadable with ``AutoModelForCausalLM.from_pretrained``).
@@ -45,19 +58,28 @@ def save_hf(model: Any, out_dir: str | os.PathLike, *, dtype: str | None = None,
 
     Args:
       model: a ``Transformer``.
-      out_dir: the directory to create (must be absent or empty unless ``overwrite``).
+      out_dir: the directory to create (absent or empty unless ``overwrite``); never the directory the model was
+        loaded from, inside it or a parent of it.
       dtype: ``"float32"`` / ``"bfloat16"`` / ``"float16"``; None keeps the parameters' dtype.
       tokenizer: a ``Tokenizer``, a ``tokenizer.model`` path or a directory; default: the one of the
         directory the model was loaded from, if any.
       max_shard_size: bytes per shard (int, or ``"5GB"`` / ``"500MiB"``).
-      overwrite: replace an existing non-empty ``out_dir``.
+      overwrite: replace a previous HF export at ``out_dir`` (anything else is never replaced).
 
     Returns:
       ``out_dir``.
+
+    Raises:
+      convert.paths.OutputPathError: ``out_dir`` overlaps the model's source directory or the tokenizer.
+      convert.paths.OutputExistsError: ``out_dir`` is not empty (without ``overwrite``), or not a previous HF
+        export (a training run, another checkpoint...).
     """
-    source = _source_of(model)
-    with common.atomic_dir(out_dir, overwrite) as tmp:
-        hf.write(tmp, source, dtype=dtype, tokenizer=_tokenizer(model, tokenizer), max_shard_size=max_shard_size)
+    tok = _tokenizer(model, tokenizer)
+    if dtype is not None:
+        common.np_dtype(dtype)  # validate before writing anything
+    with common.atomic_dir(out_dir, overwrite, "hf", **_guard(model, tok)) as tmp:
+        source = _source_of(model)
+        hf.write(tmp, source, dtype=dtype, tokenizer=tok, max_shard_size=max_shard_size)
     return os.fspath(out_dir)
 
 
@@ -70,14 +92,17 @@ def save_mistral(model: Any, out_dir: str | os.PathLike, *, dtype: str | None = 
       out_dir: the directory to create (absent or empty unless ``overwrite``).
       dtype: output dtype; None keeps the parameters' dtype.
       tokenizer: as for :func:`save_hf`; copied as ``tokenizer.model``.
-      overwrite: replace an existing non-empty ``out_dir``.
+      overwrite: replace a previous Mistral export at ``out_dir`` (as for :func:`save_hf`).
 
     Returns:
       ``out_dir``.
     """
-    source = _source_of(model)
-    with common.atomic_dir(out_dir, overwrite) as tmp:
-        mistral.write(tmp, source, dtype=dtype, tokenizer=_tokenizer(model, tokenizer))
+    tok = _tokenizer(model, tokenizer)
+    if dtype is not None:
+        common.np_dtype(dtype)  # validate before writing anything
+    with common.atomic_dir(out_dir, overwrite, "mistral", **_guard(model, tok)) as tmp:
+        source = _source_of(model)
+        mistral.write(tmp, source, dtype=dtype, tokenizer=tok)
     return os.fspath(out_dir)
 
 
@@ -88,14 +113,15 @@ def save_jax(model: Any, out_dir: str | os.PathLike, tokenizer: Any = None, *, o
       model: a ``Transformer``.
       out_dir: the directory to create (absent or empty unless ``overwrite``).
       tokenizer: as for :func:`save_hf`; copied as ``tokenizer.model``.
-      overwrite: replace an existing non-empty ``out_dir``.
+      overwrite: replace a previous mistral_jax export at ``out_dir`` (as for :func:`save_hf`).
 
     Returns:
       ``out_dir``.
     """
-    source = _source_of(model)
-    with common.atomic_dir(out_dir, overwrite) as tmp:
-        native.write(tmp, source.cfg, source.params, tokenizer=_tokenizer(model, tokenizer))
+    tok = _tokenizer(model, tokenizer)
+    with common.atomic_dir(out_dir, overwrite, "jax", **_guard(model, tok)) as tmp:
+        source = _source_of(model)
+        native.write(tmp, source.cfg, source.params, tokenizer=tok)
     return os.fspath(out_dir)
 
 
@@ -108,26 +134,35 @@ def convert(src: str, dst: str, input_dir: str | os.PathLike, output_dir: str | 
       src: format of ``input_dir`` (checked against its files).
       dst: format to write.
       input_dir: the checkpoint to read.
-      output_dir: the directory to create, atomically (absent or empty unless ``overwrite``).
+      output_dir: the directory to create, atomically (absent or empty unless ``overwrite``); never the input,
+        inside it or a parent of it.
       dtype: output dtype; None keeps the stored one.
       max_shard_size: HF shard size (bytes, or ``"5GB"``).
-      overwrite: replace an existing non-empty ``output_dir``.
+      overwrite: replace a previous ``dst`` export at ``output_dir`` (never a training run or anything else).
       mesh: for ``jax`` sources / destinations, place parameters sharded on this mesh.
       rules: sharding rules for ``mesh``.
 
     Returns:
       ``output_dir``.
     """
-    from mistral_jax.loading import FORMATS, open_source, tokenizer_path
+    from mistral_jax.loading import FORMATS, input_dirs, open_source, tokenizer_path
 
     for name, value in (("src", src), ("dst", dst)):
         if value not in FORMATS:
             raise ValueError(f"{name}={value!r} is not a format. Fix: use one of {FORMATS}.")
     if dtype is not None:
         common.np_dtype(dtype)  # validate before reading anything
+    if dst == "hf":
+        common.parse_size(max_shard_size)
+    if not os.path.isdir(input_dir):
+        raise FileNotFoundError(f"input directory {os.fspath(input_dir)!r} does not exist. Fix: check the path.")
+    guard = {"inputs": input_dirs(input_dir, src)}
+    paths.check_output(output_dir, dst, overwrite, **guard)  # before reading: a refused output costs nothing
     source = open_source(input_dir, src, dtype=dtype if src == "jax" else None, mesh=mesh, rules=rules)  # type: ignore[arg-type]
     tok = tokenizer_path(input_dir, src)
-    with common.atomic_dir(output_dir, overwrite) as tmp:
+    if tok:
+        common.tokenizer_kind(tok)  # a tokenizer.model that is not one (e.g. a symlink to any file) fails here
+    with common.atomic_dir(output_dir, overwrite, dst, **guard) as tmp:
         if dst == "hf":
             hf.write(tmp, source, dtype=dtype, tokenizer=tok, max_shard_size=max_shard_size)
         elif dst == "mistral":

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
@@ -26,6 +25,7 @@ import numpy as np
 from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
 from mistral_jax.convert import keys as keys_lib
+from mistral_jax.convert import paths
 from mistral_jax.convert import safetensors_io as st
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -72,28 +72,37 @@ def parse_size(size: int | str) -> int:
 
 # ----------------------------------------------------------------------------- atomic output
 @contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
+def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, kind: str | None = None,
+               inputs: Sequence[str | os.PathLike] = (), files: Sequence[str | os.PathLike] = ()) -> Iterator[str]:
     """Yield a temporary sibling of ``out_dir`` to write into; on success it replaces ``out_dir`` at once.
 
     On any exception the temporary directory is removed and ``out_dir`` is left as it was (absent, or the old
-    contents when overwriting), so a failed conversion never leaves a half-written checkpoint.
+    contents when overwriting), so a failed conversion never leaves a half-written checkpoint. Before anything
+    is written, ``paths.check_output`` refuses an ``out_dir`` that overlaps ``inputs`` / ``files`` or that is not
+    a previous ``kind`` export (``overwrite`` never replaces anything else), and temporary siblings left by
+    killed conversions are cleaned up (``paths.clean_stale``).
+
+    Args:
+      out_dir: the directory to create (symlinks resolved: the export lands where the path really points).
+      overwrite: replace a previous ``kind`` export at ``out_dir``.
+      kind: ``hf`` / ``mistral`` / ``jax``: what is written (what may be replaced). None: only an absent or
+        empty ``out_dir`` is accepted.
+      inputs: directories read by the conversion (the output may not be, be inside or contain one).
+      files: files read by the conversion (the output may not contain one).
     """
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise FileExistsError(f"output {out_dir!r} exists and is a file. Fix: choose a directory path.")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"output directory {out_dir!r} exists and is not empty. Fix: choose a new path, remove "
-                              "it, or pass overwrite=True (--overwrite).")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
+    paths.check_not_overlapping(out_dir, inputs, files)
+    paths.clean_stale(out_dir)  # first: it may put back a previous export parked by a killed conversion
+    out_dir = paths.check_output(out_dir, kind, overwrite, inputs, files)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = paths.temp_name(out_dir, "tmp")
     os.makedirs(tmp)
     try:
         yield tmp
         old = None
         if os.path.isdir(out_dir):
             if os.listdir(out_dir):
-                old = os.path.join(parent, f".{os.path.basename(out_dir)}.old-{uuid.uuid4().hex[:8]}")
+                paths.check_output(out_dir, kind, overwrite, inputs, files)  # still replaceable after writing?
+                old = paths.temp_name(out_dir, "old")
                 os.replace(out_dir, old)
             else:
                 os.rmdir(out_dir)
@@ -239,19 +248,71 @@ def write_tensors(out_dir: str, source: Source, fmt: keys_lib.Format, dtype: str
     return weight_map
 
 
-def copy_tokenizer(tokenizer: Any, out_dir: str) -> bool:
-    """Copy a tokenizer (``Tokenizer``, a ``.model`` path or a directory holding one) as ``tokenizer.model``."""
-    if tokenizer is None:
-        return False
-    path = getattr(tokenizer, "path", tokenizer)
+TOKENIZER_FILES = ("tokenizer.model", "tekken.json")
+_MAX_TOKENIZER_BYTES = 256 * 2**20  # real sentencepiece / tekken files are a few MB; never load a stray 10 GB file
+
+
+def tokenizer_kind(path: str | os.PathLike) -> str:
+    """``"sentencepiece"`` or ``"tekken"`` for a valid tokenizer file; raises naming the file and the fix otherwise.
+
+    A sentencepiece model is a protobuf that sentencepiece loads (with at least one piece); a tekken tokenizer
+    is a JSON file named ``tekken.json`` with a ``vocab`` list. Symlinks are followed: what is checked is what
+    would be copied.
+    """
     path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.model")
+    shown = path if os.path.realpath(path) == os.path.abspath(path) else f"{path} (-> {os.path.realpath(path)})"
+    fix = "pass a sentencepiece tokenizer.model or a tekken.json (or no tokenizer)"
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer {path!r} not found. "
-                                "Fix: pass a Tokenizer, a tokenizer.model path, or None.")
-    shutil.copyfile(path, os.path.join(out_dir, "tokenizer.model"))
-    return True
+        raise FileNotFoundError(f"tokenizer {shown!r} is not a file. Fix: {fix}.")
+    size = os.path.getsize(path)
+    if size > _MAX_TOKENIZER_BYTES:
+        raise ValueError(f"tokenizer {shown!r} has {size} bytes: too big for a tokenizer model. Fix: {fix}.")
+    if os.path.basename(path) == "tekken.json":
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"tokenizer {shown!r} is not a tekken tokenizer (unreadable JSON: {e}). Fix: {fix}.") \
+                from e
+        if not isinstance(d, dict) or not isinstance(d.get("vocab"), list) or not d["vocab"]:
+            raise ValueError(f"tokenizer {shown!r} is not a tekken tokenizer (no 'vocab' list). Fix: {fix}.")
+        return "tekken"
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    try:
+        with open(path, "rb") as f:
+            ok = sp.LoadFromSerializedProto(f.read())
+    except (OSError, RuntimeError, TypeError) as e:
+        raise ValueError(f"tokenizer {shown!r} is not a sentencepiece model ({e}). Fix: {fix}.") from e
+    if ok is False or sp.GetPieceSize() <= 0:
+        raise ValueError(f"tokenizer {shown!r} is not a sentencepiece model. Fix: {fix}.")
+    return "sentencepiece"
+
+
+def copy_tokenizer(tokenizer: Any, out_dir: str) -> str | None:
+    """Copy a checked tokenizer into ``out_dir``: a sentencepiece model as ``tokenizer.model``, a tekken one as
+    ``tekken.json``.
+
+    Args:
+      tokenizer: a ``Tokenizer``, a ``tokenizer.model`` / ``tekken.json`` path, a directory holding one, or None.
+      out_dir: the (temporary) export directory.
+
+    Returns:
+      ``"sentencepiece"`` / ``"tekken"``, or None when there is no tokenizer.
+    """
+    if tokenizer is None:
+        return None
+    path = os.fspath(getattr(tokenizer, "path", tokenizer))
+    if os.path.isdir(path):
+        found = [os.path.join(path, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))]
+        if not found:
+            raise FileNotFoundError(f"tokenizer directory {path!r} holds neither of {TOKENIZER_FILES}. "
+                                    "Fix: pass a Tokenizer, a tokenizer.model path, or None.")
+        path = found[0]
+    kind = tokenizer_kind(path)
+    shutil.copyfile(path, os.path.join(out_dir, "tekken.json" if kind == "tekken" else "tokenizer.model"))
+    return kind
 
 
 # ----------------------------------------------------------------------------- building the model

@@ -32,6 +32,18 @@ def stored_dtype(path: str) -> str | None:
     return d.get("dtype") or d.get("torch_dtype")
 
 
+def inside_dir(name: str) -> bool:
+    """Whether an index entry names a file inside the checkpoint directory: relative, no ``..``, not empty.
+
+    The check is on the name only: a shard that is itself a symlink (as in the HF hub cache, whose snapshot
+    files point into ``../../blobs/``) is still read.
+    """
+    if not name or os.path.isabs(name) or name.startswith(("/", "\\")) or ":" in name:
+        return False
+    parts = name.replace("\\", "/").split("/")
+    return ".." not in parts and os.path.normpath(name) not in (".", "")
+
+
 def open_source(path: str, cfg: ModelConfig | None = None) -> common.FileSource:
     """A checked tensor source over an HF directory. Raises one ``ConversionError`` listing every problem."""
     path = os.fspath(path)
@@ -44,6 +56,14 @@ def open_source(path: str, cfg: ModelConfig | None = None) -> common.FileSource:
                 weight_map = json.load(f)["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise ValueError(f"{index_path!r} is not a safetensors index ({e!r}). Fix: re-download it.") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index_path!r}: 'weight_map' must map tensor names to file names. Fix: re-download "
+                             "or re-export the checkpoint.")
+        outside = sorted({f for f in weight_map.values() if not inside_dir(f)})
+        common.check_or_raise([f"{index_path}: the index names {f!r}, which is not a file of the checkpoint directory"
+                               for f in outside], f"HF checkpoint {path}",
+                              "an index may only name shard files inside its own directory (plain file names such "
+                              "as model-00001-of-00002.safetensors); re-download or re-export the checkpoint")
         files = [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
     elif os.path.isfile(os.path.join(path, SINGLE)):
         files = [os.path.join(path, SINGLE)]
@@ -93,7 +113,7 @@ def write(out_dir: str, source: common.Source, *, dtype: str | None = None, toke
         json.dump(hf_config(cfg, out_dtype), f, indent=2, sort_keys=True)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": 1, "eos_token_id": 2}, f, indent=2)
-    if common.copy_tokenizer(tokenizer, out_dir):
+    if common.copy_tokenizer(tokenizer, out_dir) == "sentencepiece":  # LlamaTokenizer reads tokenizer.model
         with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
             json.dump(tokenizer_config(cfg), f, indent=2)
         with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:

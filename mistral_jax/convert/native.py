@@ -9,9 +9,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -24,6 +27,34 @@ from mistral_jax.convert import keys as keys_lib
 MODEL_CONFIG = "model_config.json"
 PARAMS = "params"
 CHECKPOINTS = "checkpoints"
+
+
+_HARMLESS = ("Metadata file does not exist", "read_only=True, setting save_interval_steps",
+             "Given directory is read only")
+
+
+class _DropHarmless(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(h in record.getMessage() for h in _HARMLESS)
+
+
+@contextlib.contextmanager
+def quiet_orbax() -> Iterator[None]:
+    """Drop Orbax's warnings that every read of a params item prints and that mean nothing here (a params dir
+    restored on its own has no step-level ``_CHECKPOINT_METADATA``; a read-only manager saves nothing)."""
+    f = _DropHarmless()
+    loggers = [logging.getLogger("absl")]
+    for lg in loggers:
+        lg.addFilter(f)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(f)
+
+
+class AdaptersOnlyError(ValueError):
+    """A checkpoint of a LoRA run (adapters only) was read as a model."""
 
 
 def _ocp():
@@ -72,7 +103,8 @@ def _check_tree(cfg: ModelConfig, params_dir: str) -> dict[tuple[str, ...], Any]
     """Compare the stored tree with the config's parameter shapes; one error listing every mismatch."""
     ocp = _ocp()
     try:
-        md = ocp.StandardCheckpointer().metadata(params_dir)
+        with quiet_orbax():
+            md = ocp.StandardCheckpointer().metadata(params_dir)
     except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable dirs
         raise ValueError(f"cannot read checkpoint metadata of {params_dir!r}: {e}") from e
     tree = getattr(getattr(md, "item_metadata", md), "tree", None)
@@ -81,6 +113,12 @@ def _check_tree(cfg: ModelConfig, params_dir: str) -> dict[tuple[str, ...], Any]
     stored = {tuple(str(getattr(k, "key", k)) for k in path): leaf
               for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
     expected = keys_lib.param_shapes(cfg)
+    if stored and all(len(k) >= 2 and k[-1] in ("a", "b") for k in stored):  # LoRA adapters (lora.LoRAWeight)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(params_dir))))
+        raise AdaptersOnlyError(f"checkpoint {params_dir!r} holds only LoRA adapters ({len(stored)} arrays), not "
+                                f"a model: {root!r} is a LoRA training workdir. Fix: keep its run_config.json (which "
+                                "names the base model) so it loads merged, or export it with `python -m "
+                                f"mistral_jax.lora --workdir {root} --output DIR`.")
     problems = [f"{params_dir}: missing parameter {'/'.join(k)} {s}" for k, s in expected.items() if k not in stored]
     problems += [f"{params_dir}: unexpected parameter {'/'.join(k)} {tuple(v.shape)}" for k, v in stored.items()
                  if k not in expected]
@@ -115,7 +153,8 @@ def restore_params(cfg: ModelConfig, params_dir: str, dtype: str | None = None,
         for p in path[:-1]:
             node = node.setdefault(p, {})
         node[path[-1]] = jax.ShapeDtypeStruct(shape, common.np_dtype(dtype), sharding=flat_sh.get(path, default))
-    params = _ocp().StandardCheckpointer().restore(params_dir, target)
+    with quiet_orbax():
+        params = _ocp().StandardCheckpointer().restore(params_dir, target)
     return cfg, params
 
 
@@ -131,7 +170,7 @@ def load(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = N
     for i, params_dir in enumerate(candidates):
         try:
             cfg_out, params = restore_params(cfg, params_dir, dtype, mesh, rules)
-        except common.ConversionError:
+        except (common.ConversionError, AdaptersOnlyError):
             raise  # a config / shape mismatch is not corruption: older steps would fail the same way
         except Exception as e:  # noqa: BLE001 - a corrupt step: fall back to the previous one
             errors.append(f"{params_dir}: {type(e).__name__}: {e}")

@@ -1,0 +1,216 @@
+"""Where a conversion or export may write, so that nothing is lost.
+
+* An output never overlaps what is read: it may not be an input directory, lie inside one, or contain one
+  (compared as real paths, symlinks resolved), nor contain a file that is read (e.g. the tokenizer).
+* ``overwrite`` only ever replaces a *previous export of the same kind*: a directory holding nothing but the
+  files that export writes (an HF export: ``config.json`` + ``model*.safetensors`` ...). A training workdir
+  (``checkpoints/``, ``metrics.jsonl``, ``tb/``...), a downloaded checkpoint with other files, an export of
+  another kind or a directory of sibling runs is refused, whatever ``overwrite`` says.
+* Outputs are written to a temporary sibling ``.<name>.tmp-<host>-<pid>-<random>`` and renamed into place (see
+  ``common.atomic_dir``); the replaced export is parked in ``.<name>.old-<host>-<pid>-<random>`` until the rename
+  is done. A killed conversion leaves those behind: the next conversion into the same place removes them when
+  their owning process (same host, pid from the name) is gone, and puts a parked export back if the kill came
+  between the two renames. Directories of a live process, of another host, or not named by this pattern are
+  never touched.
+
+This module imports nothing heavy, so command-line tools can validate their arguments before loading anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import socket
+import uuid
+from collections.abc import Iterable
+
+log = logging.getLogger(__name__)
+
+# what each kind of export writes (and nothing else); ``dirs`` are sub-directories, ``required`` must be present
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_TOKENIZER_FILES = {"tokenizer.model", "tekken.json"}
+EXPORT_FILES: dict[str, dict[str, set[str]]] = {
+    "hf": {"files": {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                     "tokenizer_config.json", "special_tokens_map.json", *_TOKENIZER_FILES},
+           "dirs": set(), "required": {"config.json"}},
+    "mistral": {"files": {"params.json", "consolidated.safetensors", *_TOKENIZER_FILES}, "dirs": set(),
+                "required": {"params.json", "consolidated.safetensors"}},
+    "jax": {"files": {"model_config.json", *_TOKENIZER_FILES}, "dirs": {"params"},
+            "required": {"model_config.json", "params"}},
+}
+# signs of a training run (never replaced)
+RUN_MARKERS = ("checkpoints", "run_config.json", "metrics.jsonl", "tb", "corrupt_checkpoints", ".lock", "archive")
+
+
+class OutputPathError(ValueError):
+    """The output path overlaps an input; ``problem`` and ``fix`` are the two halves of the message."""
+
+    def __init__(self, out_dir: str, problem: str, fix: str):
+        self.out_dir, self.problem, self.fix = out_dir, problem, fix
+        super().__init__(f"output {out_dir!r} {problem}. Fix: {fix}.")
+
+
+class OutputExistsError(FileExistsError):
+    """The output exists and may not be replaced; ``problem`` and ``fix`` as for :class:`OutputPathError`."""
+
+    def __init__(self, out_dir: str, problem: str, fix: str):
+        self.out_dir, self.problem, self.fix = out_dir, problem, fix
+        super().__init__(f"output directory {out_dir!r} {problem}. Fix: {fix}.")
+
+
+def real(path: str | os.PathLike) -> str:
+    """The absolute path with every symlink resolved (also for a path that does not exist yet)."""
+    return os.path.realpath(os.path.abspath(os.fspath(path)))
+
+
+def _within(path: str, root: str) -> bool:
+    """``path`` is ``root`` or lies below it (both real paths)."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def check_not_overlapping(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
+                          files: Iterable[str | os.PathLike] = ()) -> None:
+    """Raise :class:`OutputPathError` if ``out_dir`` is an input dir, inside one, a parent of one, or holds a file
+    that is read (``files``, e.g. a tokenizer). Paths are compared after resolving symlinks."""
+    out = real(out_dir)
+    shown = os.fspath(out_dir)
+    for d in inputs:
+        if d is None:
+            continue
+        d_real = real(d)
+        where = f" (real path {out})" if out != os.path.abspath(shown) else ""
+        if out == d_real:
+            raise OutputPathError(shown, f"is the input directory {os.fspath(d)!r}{where}",
+                                  "write the output to a new directory outside the input, e.g. "
+                                  f"{os.path.basename(d_real.rstrip(os.sep)) or 'out'}_export next to it")
+        if _within(out, d_real):
+            raise OutputPathError(shown, f"lies inside the input directory {os.fspath(d)!r}{where}",
+                                  "write the output to a directory outside the input")
+        if _within(d_real, out):
+            raise OutputPathError(shown, f"contains the input directory {os.fspath(d)!r}{where}; replacing it "
+                                  "would delete the input", "write the output to a new directory that does not "
+                                  "contain the input")
+    for f in files:
+        if f is not None and _within(real(f), out):
+            raise OutputPathError(shown, f"contains {os.fspath(f)!r}, which the export reads",
+                                  "write the output to a directory that does not contain its inputs")
+
+
+def replace_problem(out_dir: str | os.PathLike, kind: str) -> str | None:
+    """Why an existing, non-empty ``out_dir`` may not be replaced by a ``kind`` export (None: it may).
+
+    Only a previous export of the same kind may be replaced: nothing but the files that kind of export writes,
+    and its required ones present.
+    """
+    out = os.fspath(out_dir)
+    names = sorted(os.listdir(out))
+    run = [n for n in names if n in RUN_MARKERS]
+    if run:
+        return f"holds a training run ({', '.join(run)})"  # checked first: a workdir has a model_config.json too
+    spec = EXPORT_FILES[kind]
+    other = [n for n in names
+             if not ((n in spec["files"] or (kind == "hf" and _SHARD.fullmatch(n)))
+                     and os.path.isfile(os.path.join(out, n)) and not os.path.islink(os.path.join(out, n)))
+             and not (n in spec["dirs"] and os.path.isdir(os.path.join(out, n))
+                      and not os.path.islink(os.path.join(out, n)))]
+    if other:
+        shown = other[:8] + (["..."] if len(other) > 8 else [])
+        return f"holds what a {kind} export does not write: {', '.join(shown)}"
+    missing = sorted(spec["required"] - set(names))
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    return None
+
+
+def check_output(out_dir: str | os.PathLike, kind: str | None, overwrite: bool = False,
+                 inputs: Iterable[str | os.PathLike] = (), files: Iterable[str | os.PathLike] = ()) -> str:
+    """Check that a ``kind`` export may be written at ``out_dir``; returns its real path.
+
+    Raises:
+      OutputPathError: ``out_dir`` overlaps an input (see :func:`check_not_overlapping`).
+      OutputExistsError: ``out_dir`` is a file, or a non-empty directory and not ``overwrite``, or one that is not
+        a previous ``kind`` export (a training run, another checkpoint, sibling runs...) even with ``overwrite``.
+        ``kind=None`` accepts only an absent or empty directory.
+    """
+    if kind is not None and kind not in EXPORT_FILES:
+        raise ValueError(f"unknown export kind {kind!r}. Fix: use one of {sorted(EXPORT_FILES)}.")
+    check_not_overlapping(out_dir, inputs, files)
+    out = real(out_dir)
+    shown = os.fspath(out_dir)
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise OutputExistsError(shown, "exists and is not a directory", "choose a directory path")
+    if os.path.isdir(out) and os.listdir(out):
+        if kind is None:
+            raise OutputExistsError(shown, "exists and is not empty", "choose a new path or remove it")
+        problem = replace_problem(out, kind)
+        if problem:
+            raise OutputExistsError(shown, f"exists and is not empty, and it is not a previous {kind} export (it "
+                                    f"{problem}); overwrite only ever replaces a previous {kind} export",
+                                    "choose a new output path (or remove that directory yourself if it is "
+                                    "really to go)")
+        if not overwrite:
+            raise OutputExistsError(shown, f"exists and is not empty (a previous {kind} export)",
+                                    "choose a new path, remove it, or pass overwrite=True (--overwrite) to "
+                                    "replace it")
+    return out
+
+
+# ----------------------------------------------------------------------------- temporary directories
+def _host() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def temp_name(out_dir: str, what: str = "tmp") -> str:
+    """A fresh hidden sibling of ``out_dir`` owned by this process: ``.<name>.<what>-<host>-<pid>-<random>``."""
+    parent, base = os.path.split(out_dir.rstrip(os.sep))
+    return os.path.join(parent, f".{base}.{what}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _pattern(base: str) -> re.Pattern:
+    return re.compile(rf"\.{re.escape(base)}\.(?P<what>tmp|old)-(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)-[0-9a-f]{{8}}")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (a pid we may not signal counts as alive)."""
+    if pid == os.getpid():
+        return True
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def clean_stale(out_dir: str | os.PathLike) -> list[str]:
+    """Remove the temporary siblings of ``out_dir`` left by killed conversions on this host; returns their paths.
+
+    Only directories named by :func:`temp_name`'s pattern whose process is dead are touched. A parked previous
+    export (``.old-``) is moved back to ``out_dir`` when ``out_dir`` is missing (the kill came between the two
+    renames), and removed otherwise.
+    """
+    out = real(out_dir)
+    parent, base = os.path.split(out.rstrip(os.sep))
+    if not os.path.isdir(parent):
+        return []
+    pat, host, done = _pattern(base), _host(), []
+    for name in sorted(os.listdir(parent)):
+        m = pat.fullmatch(name)
+        path = os.path.join(parent, name)
+        if not m or m["host"] != host or pid_alive(int(m["pid"])) or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        if m["what"] == "old" and not os.path.lexists(out):
+            os.replace(path, out)
+            log.warning("restored %s from %s, parked there by a conversion (pid %s) that was killed",
+                        out, path, m["pid"])
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            log.warning("removed %s, left by a conversion (pid %s) that was killed", path, m["pid"])
+        done.append(path)
+    return done

@@ -1,40 +1,100 @@
 """Pretrain Mistral / Mixtral: ``python train.py --config configs/tiny.py --workdir runs/tiny [--config.a.b=v]``.
 
 Resumes from ``{workdir}/checkpoints`` when present. On SIGTERM / SIGINT it saves and exits with 128 + signal.
+A bad argument or config value is one line naming it, its value and the fix (exit status 2), checked before anything
+is loaded; a run that fails (a checkpoint save, a non-finite loss) is one line too (exit status 1). Tracebacks only
+with ``MISTRAL_JAX_DEBUG=1`` or ``--verbose``. The last line is a summary: status, step, final loss, newest checkpoint.
 """
 
 import logging
+import os
+import re
 import sys
 
-from absl import app, flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
+from mistral_jax import cli
 
-from mistral_jax.training import trainer
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "run config file (configs/*.py)", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, tokenizer)")
-flags.mark_flags_as_required(["config", "workdir"])
+PROG = "train"
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.a.b=value for config overrides.")
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
+def _flag_value(argv: list[str], name: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith(f"--{name}="):
+            return a.split("=", 1)[1]
+        if a == f"--{name}":
+            return argv[i + 1] if i + 1 < len(argv) else ""
+    return None
+
+
+def check_args(argv: list[str]) -> None:
+    """The checks that need nothing loaded: required flags, the config file, the workdir, override names."""
+    from mistral_jax.training import trainer
+
+    config = _flag_value(argv, "config")
+    if not config:
+        raise cli.UsageError("--config", config, "is required", "pass --config configs/tiny.py (or another config)")
+    path = config.split(":")[0]
+    if not os.path.isfile(path):
+        names = sorted(n for n in os.listdir(trainer.CONFIG_DIR) if n.endswith(".py") and not n.startswith("_"))
+        raise cli.UsageError("--config", config, "does not exist", f"pass one of configs/{{{','.join(names)}}}")
+    workdir = _flag_value(argv, "workdir")
+    if not workdir:
+        raise cli.UsageError("--workdir", workdir, "is required",
+                             "pass --workdir DIR (a new directory, or a run's workdir to resume it)")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise cli.UsageError("--workdir", workdir, "is a file", "pass a directory (a new one, or a run's workdir)")
+    trainer.check_cli_overrides(argv)
+
+
+def main(argv: list[str]) -> None:
+    from mistral_jax.training import checkpoint, trainer
+
+    cli.quiet_libraries()  # again: absl's flag parsing resets the verbosity (Orbax logs every save at INFO)
     logging.getLogger("mistral_jax").setLevel(logging.INFO)
+    cfg, workdir = _CONFIG.value, _WORKDIR.value
     try:
-        result = trainer.train(_CONFIG.value, _WORKDIR.value)
-    except (trainer.ConfigError, FloatingPointError, ValueError) as e:
-        logging.error("%s: %s", type(e).__name__, e)
-        sys.exit(2)
-    logging.info("%s at step %d: %s", result["status"], result["step"], result["last_metrics"])
+        result = trainer.train(cfg, workdir)
+    except (trainer.ConfigError, checkpoint.WorkdirBusy, ValueError) as e:
+        if cli.debug_enabled():
+            raise
+        named = isinstance(e, (trainer.ConfigError, checkpoint.WorkdirBusy))  # their message names the field
+        cli.fail(PROG, str(e) if named else f"{type(e).__name__}: {e}", 2)
+    except (checkpoint.CheckpointSaveError, FloatingPointError) as e:
+        if cli.debug_enabled():
+            raise
+        cli.fail(PROG, f"{type(e).__name__}: {e}", 1)
+    loss = result["last_metrics"].get("loss")
+    how = result["status"] if result["status"] == "done" else f"preempted by signal {result['signal']}"
+    print(f"{PROG}: {how} at step {result['step']}/{cfg.num_steps}; final loss "
+          f"{'n/a' if loss is None else f'{loss:.4f}'}; newest checkpoint {result['checkpoint'] or 'none'}",
+          flush=True)
     if result["status"] == "preempted":
         sys.exit(128 + result["signal"])
 
 
-if __name__ == "__main__":
+def _parse_flags(argv: list[str]) -> list[str]:
+    from absl import flags
+
     try:
-        trainer.check_cli_overrides(sys.argv[1:])
-    except trainer.ConfigError as e:
-        sys.exit(f"ConfigError: {e}")
-    app.run(main)
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        m = re.match(r"flag --([\w.]+)=(.*?): (.*)", str(e), re.S)
+        flag, value, problem = m.groups() if m else ("flags", None, str(e))
+        problem = " ".join(problem.split())
+        cli.fail(PROG, f"--{flag}={value}: {problem}. Fix: pass a value of the field's type (see the config file)."
+                 if m else f"{problem}. Fix: see python train.py --help.", 2)
+    if len(rest) > 1:
+        cli.fail(PROG, f"unexpected arguments {rest[1:]}. Fix: pass flags only; config overrides are "
+                 "--config.a.b=value.", 2)
+    return rest
+
+
+if __name__ == "__main__":
+    cli.quiet_libraries()
+    cli.run(lambda: check_args(sys.argv[1:]), PROG, expected=(ValueError,))
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "run config file (configs/*.py)", lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, tokenizer)")
+    flags.DEFINE_bool("verbose", False, f"show tracebacks of expected errors (as {cli.DEBUG_ENV}=1)")
+    app.run(main, flags_parser=_parse_flags)

@@ -84,6 +84,9 @@ def get_config() -> ConfigDict:
     c.checkpoint.keep = 3  # keep the newest K checkpoints
     c.checkpoint.async_save = True  # write checkpoints in the background while training continues
     c.checkpoint.resume = True  # resume from the newest intact checkpoint in {workdir}/checkpoints
+    # start over: move the workdir's run (checkpoints, configs, metrics) to {workdir}/archive/<time>/, never
+    # deleted; a requeued job with the same config resumes instead of archiving again
+    c.checkpoint.reset = False
 
     c.log_every = 10  # write metrics (JSONL + TensorBoard) every N steps
     c.eval_every = 200  # held-out eval every N steps (needs data.validation); 0 = only at the end

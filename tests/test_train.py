@@ -237,6 +237,7 @@ def test_nan_policy(policy, tokenizer_path, tmp_path, monkeypatch):
     monkeypatch.setattr(step_lib, "train_step", poisoned)
     cfg = tiny_config(num_steps=4, batch_size=8, log_every=1, nan_policy=policy,
                       **{"checkpoint.every_steps": 2, "data.tokenizer": tokenizer_path, "data.validation": "",
+                         "optimizer.warmup_steps": 1,
                          "data.seq_len": 32})
     workdir = str(tmp_path / policy)
     if policy == "stop":

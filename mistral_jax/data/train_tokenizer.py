@@ -1,25 +1,63 @@
-"""Train a sentencepiece BPE model with Mistral's special ids: ``python -m mistral_jax.data.train_tokenizer``."""
+"""Train a sentencepiece BPE model with Mistral's special ids: ``python -m mistral_jax.data.train_tokenizer``.
+
+Every character of the data gets a piece (``character_coverage=1.0``), plus the word-boundary piece ``▁``, 256
+byte-fallback pieces and the 3 special ones, so the vocabulary must be at least ``distinct characters + 260``: text in
+a large script (CJK) needs more than the 512 pieces that suit Latin text. Too small a vocabulary raises
+``VocabularyTooSmall`` naming that minimum.
+"""
 
 from __future__ import annotations
 
 import argparse
 import io
 import os
+import re
+import sys
 from collections.abc import Iterable
 
 import sentencepiece as spm
 
+BYTE_PIECES, SPECIAL_PIECES = 256, 3  # byte_fallback <0x00>..<0xFF>; <unk> <s> </s>
+_TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+
+
+class VocabularyTooSmall(ValueError):
+    """The requested vocabulary cannot hold every character of the data; ``needed`` is the minimum."""
+
+    def __init__(self, vocab_size: int, needed: int, n_chars: int, n_extra: int = 0):
+        self.vocab_size, self.needed, self.n_chars = vocab_size, needed, n_chars
+        parts = (f"the word-boundary piece \u2581, {BYTE_PIECES} byte-fallback, {SPECIAL_PIECES} special and {n_extra} "
+                 "extra" if n_extra else f"the word-boundary piece \u2581, {BYTE_PIECES} byte-fallback and "
+                 f"{SPECIAL_PIECES} special")
+        super().__init__(f"a {vocab_size}-piece vocabulary is too small for this data: its {n_chars:,} distinct "
+                         f"characters (each gets a piece) plus {parts} pieces need at least {needed:,}")
+
 
 def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int = 512, extra_symbols: tuple[str, ...] = ()
                     ) -> str:
-    """Train on ``texts`` and write ``out_path`` (a ``.model`` file). Returns the path."""
+    """Train on ``texts`` and write ``out_path`` (a ``.model`` file). Returns the path.
+
+    Raises:
+      VocabularyTooSmall: ``vocab_size`` is below what the data's characters need (``.needed`` says how many).
+    """
+    texts = list(texts)
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size={vocab_size!r} must be a positive integer")
     model = io.BytesIO()
-    spm.SentencePieceTrainer.Train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=1.0,
-        user_defined_symbols=list(extra_symbols), hard_vocab_limit=False, minloglevel=2,
-        split_digits=True, allow_whitespace_only_pieces=True, normalization_rule_name="identity",
-    )
+    try:
+        spm.SentencePieceTrainer.Train(
+            sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=1.0,
+            user_defined_symbols=list(extra_symbols), hard_vocab_limit=False, minloglevel=2,
+            split_digits=True, allow_whitespace_only_pieces=True, normalization_rule_name="identity",
+        )
+    except RuntimeError as e:
+        m = _TOO_SMALL.search(str(e))
+        if not m:
+            raise
+        needed = int(m.group(2))  # sentencepiece's own count: required characters + meta pieces
+        n_chars = needed - 1 - BYTE_PIECES - SPECIAL_PIECES - len(extra_symbols)  # 1: the "\u2581" (space) piece
+        raise VocabularyTooSmall(vocab_size, needed, n_chars, len(extra_symbols)) from None
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "wb") as f:
         f.write(model.getvalue())
@@ -32,13 +70,23 @@ def main() -> None:
     ap.add_argument("--output", required=True, help="where to write the .model file")
     ap.add_argument("--vocab_size", type=int, default=512)
     args = ap.parse_args()
+    if args.vocab_size < 1:
+        ap.exit(2, f"train_tokenizer: --vocab_size={args.vocab_size} must be >= 1. Fix: pass e.g. --vocab_size 512\n")
+    for path in args.input:
+        if not os.path.isfile(path):
+            ap.exit(2, f"train_tokenizer: --input {path!r} does not exist. Fix: pass UTF-8 text files.\n")
 
     def lines():
         for path in args.input:
             with open(path, encoding="utf-8", errors="replace") as f:
                 yield from (line.rstrip("\n") for line in f if line.strip())
 
-    print(train_tokenizer(lines(), args.output, args.vocab_size))
+    try:
+        print(train_tokenizer(lines(), args.output, args.vocab_size))
+    except VocabularyTooSmall as e:
+        print(f"train_tokenizer: --vocab_size={args.vocab_size}: {e}. Fix: pass --vocab_size {e.needed} or more "
+              "(and a model vocab_size at least as large).", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -6,25 +6,201 @@
 * ``meta``: ``{"step", "seed", "model_config", ...}`` (JsonSave).
 
 Saves are asynchronous (training continues while the files are written), every ``every_steps`` steps, keeping
-the newest ``keep``. ``restore_latest`` restores the newest step that reads back intact, onto whatever
-shardings the abstract target carries (so a run may resume on a different mesh); a newest step that fails to
-restore is moved to ``{workdir}/corrupt_checkpoints/`` with a warning and the previous one is used.
+the newest ``keep``. A save that fails (disk full, permission denied, any I/O error) raises
+``CheckpointSaveError`` at the next ``check()`` / ``save()`` naming the error, the step and the newest intact
+checkpoint; checkpoints already on disk are left alone.
+
+Nothing destroys a run by accident (DESIGN 16): ``layout_differences`` compares what Orbax wrote (its array
+metadata: tree, shapes, dtypes) with the train state the current config builds. A step whose metadata differs is
+a *mismatch* (``CheckpointMismatch``: a different run, never moved); a step whose metadata or data cannot be read
+is *corrupt* and ``restore_latest`` moves it to ``{workdir}/corrupt_checkpoints/`` with a warning and falls back
+to the previous one. ``WorkdirLock`` gives a workdir one owner; ``archive_run`` moves a finished or abandoned run
+aside (``{workdir}/archive/<time>/``) instead of deleting it.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import shutil
+import socket
+import sys
+import threading
 import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
 ITEMS = ("params", "opt_state", "data_state", "meta")
+ARRAY_ITEMS = ("params", "opt_state")  # the items whose layout must match the train state
+LOCK_NAME = ".lock"
+ARCHIVE_DIR = "archive"
+# what Orbax says when a restore target's tree / shapes / dtypes differ from the saved ones (a mismatch, not damage)
+_MISMATCH_HINTS = ("tree structures do not match", "not compatible with the stored shape", "shape mismatch",
+                   "dtype mismatch", "does not match the stored")
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that reads fine but was written for a different train state (tree, shapes or dtypes).
+
+    ``differences``: human-readable lines, e.g. ``"params/embed: shape (512, 64) saved, (512, 128) now"``.
+    """
+
+    def __init__(self, directory: str, step: int, differences: list[str]):
+        self.directory, self.step, self.differences = directory, step, list(differences)
+        shown = "; ".join(differences[:6]) + (f"; ... ({len(differences) - 6} more)" if len(differences) > 6 else "")
+        super().__init__(f"checkpoint step {step} in {directory} does not match the train state of this config: "
+                         f"{shown}")
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint save that failed; the message names the error, the step and the newest intact checkpoint."""
+
+    def __init__(self, directory: str, step: int, error: BaseException | str, newest: int | None,
+                 stopped_at: int | None = None):
+        self.directory, self.step, self.error, self.newest = directory, step, error, newest
+        err = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+        code = getattr(error, "errno", None)
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            fix = f"free space on the filesystem of {directory} (or raise the quota)"
+        elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fix = f"make {directory} writable by this user"
+        else:
+            fix = f"fix the I/O error on {directory}"
+        where = f"; training stopped at step {stopped_at}" if stopped_at is not None else ""
+        if newest is None:
+            kept = "there is no earlier checkpoint"
+            resume = "then rerun the same command (it starts from step 0)"
+        else:
+            kept = f"the newest intact checkpoint is step {newest} ({os.path.join(directory, str(newest))})"
+            resume = f"then rerun the same command to resume from step {newest}"
+        super().__init__(f"saving checkpoint step {step} failed: {err}{where}. Checkpoints already saved were not "
+                         f"touched; {kept}. Fix: {fix}, {resume}.")
+
+
+class WorkdirBusy(RuntimeError):
+    """Another live process holds the workdir's lock."""
+
+
+# --------------------------------------------------------------------------------------------- layout
+def _key(k: Any) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _leaves(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{"a/b/0": (shape, dtype)}`` of the array leaves of ``tree`` (abstract values or Orbax metadata)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+        if shape is None and dtype is None:
+            shape, dtype = np.shape(leaf), np.asarray(leaf).dtype
+        out["/".join(_key(k) for k in path)] = (tuple(shape or ()), str(np.dtype(dtype)) if dtype is not None else "?")
+    return out
+
+
+def _fmt(shape_dtype: tuple[tuple[int, ...], str]) -> str:
+    return f"{shape_dtype[1]}{list(shape_dtype[0])}"
+
+
+def compare_layouts(saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """Differences between two ``{item: pytree}`` layouts (missing / extra arrays, shapes, dtypes)."""
+    out = []
+    for item in ARRAY_ITEMS:
+        if item not in expected:
+            continue
+        s, e = _leaves(saved.get(item)), _leaves(expected[item])
+        only_saved, only_now = sorted(set(s) - set(e)), sorted(set(e) - set(s))
+        if only_saved or only_now:
+            def few(keys):
+                return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+            out.append(f"{item}: tree differs ({len(s)} arrays saved, {len(e)} now; only in the checkpoint: "
+                       f"[{few(only_saved)}]; only in this config: [{few(only_now)}])")
+        for k in sorted(set(s) & set(e)):
+            if s[k] != e[k]:
+                out.append(f"{item}/{k}: {_fmt(s[k])} saved, {_fmt(e[k])} now")
+    return out
+
+
+def looks_like_mismatch(err: BaseException) -> bool:
+    """Whether an Orbax restore error says the target's tree / shapes / dtypes differ (not unreadable data)."""
+    text = str(err).lower()
+    return any(h in text for h in _MISMATCH_HINTS)
+
+
+# --------------------------------------------------------------------------------------------- checkpointer
+_TEARDOWN_NOISE = ("Event loop is closed", "cannot schedule new futures after interpreter shutdown")
+_NOISY_LOGGERS = ("absl", "concurrent.futures", "asyncio")
+
+
+class _OrbaxErrors(logging.Filter):
+    """Keeps Orbax's ERROR records (with their tracebacks) off stderr and remembers them: the checkpointer reports
+    a failed save itself, once. Also drops the teardown noise of Orbax's background threads after a failed save
+    (``Event loop is closed``). ``MISTRAL_JAX_DEBUG=1`` lets everything through."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if os.environ.get("MISTRAL_JAX_DEBUG", "") not in ("", "0") or record.levelno < logging.ERROR:
+            return True
+        if "orbax" in (record.pathname or ""):
+            self.records.append(record)
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        return not _is_teardown_noise(exc)
+
+
+def _is_teardown_noise(value: BaseException | None) -> bool:
+    return isinstance(value, RuntimeError) and any(n in str(value) for n in _TEARDOWN_NOISE)
+
+
+def _silence_teardown_noise() -> None:
+    """After a failed save, TensorStore's write callbacks may still reach the event loop Orbax already closed; they
+    report ``RuntimeError: Event loop is closed`` through ``sys.unraisablehook`` / ``sys.excepthook``, one
+    traceback per array. Drop exactly those (idempotent; ``MISTRAL_JAX_DEBUG=1`` keeps them)."""
+    if os.environ.get("MISTRAL_JAX_DEBUG", "") not in ("", "0"):
+        return
+    if not getattr(sys.unraisablehook, "_mistral_jax_teardown", False):
+        previous_unraisable = sys.unraisablehook
+
+        def unraisable(u):
+            if not _is_teardown_noise(u.exc_value):
+                previous_unraisable(u)
+
+        unraisable._mistral_jax_teardown = True
+        sys.unraisablehook = unraisable
+    if not getattr(sys.excepthook, "_mistral_jax_teardown", False):
+        previous_except = sys.excepthook
+
+        def excepthook(kind, value, tb):
+            if not _is_teardown_noise(value):
+                previous_except(kind, value, tb)
+
+        excepthook._mistral_jax_teardown = True
+        sys.excepthook = excepthook
+
+
+def _join_background_threads(timeout: float = 30.0) -> None:
+    """Wait for Orbax's writer threads of a failed save (the first error does not wait for the other writes)."""
+    deadline = time.time() + timeout
+    for t in threading.enumerate():
+        if t is threading.current_thread() or t is threading.main_thread() or not t.is_alive():
+            continue
+        if "orbax" in type(t).__module__ or t.name in ("async_save", "save_finalize"):
+            try:
+                t.join(max(0.0, deadline - time.time()))
+            except Exception:  # noqa: BLE001, S110 - Orbax's threads re-raise their write error on join
+                pass
 
 
 class Checkpointer:
@@ -43,26 +219,133 @@ class Checkpointer:
                              "Fix: set them to positive integers.")
         self.directory = os.path.abspath(directory)
         self.every_steps, self.keep, self.async_save = every_steps, keep, async_save
+        self._pending: int | None = None  # the step of the last save started and not yet checked
+        self._failed: CheckpointSaveError | None = None
+        self._errors = _OrbaxErrors()
+        for name in _NOISY_LOGGERS:
+            logging.getLogger(name).addFilter(self._errors)
+        _silence_teardown_noise()  # a background save can fail (and leave this noise) before check() sees it
         self._open()
 
     def _open(self) -> None:
         options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, save_interval_steps=self.every_steps,
                                                enable_async_checkpointing=self.async_save, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+                    "data_state": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def finalized_steps(self) -> list[int]:
+        """Steps whose directory Orbax finished (renamed from its temporary name), read from disk."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(int(n) for n in os.listdir(self.directory)
+                      if n.isdigit() and os.path.isdir(os.path.join(self.directory, n)))
+
+    # ----------------------------------------------------------------------------------------- save
     def save(self, step: int, state: dict[str, Any], data_state: dict[str, Any], meta: dict[str, Any], *,
              force: bool = False) -> bool:
-        """Save (asynchronously) if ``step`` is due or ``force``; returns whether a save started."""
+        """Save (asynchronously) if ``step`` is due or ``force``; returns whether a save started.
+
+        Raises:
+          CheckpointSaveError: this save, or the previous one, failed.
+        """
         if step in self.manager.all_steps() or not (force or step % self.every_steps == 0):
             return False  # orbax alone would also save the first step of every run
+        self.check(block=True, current_step=step)  # orbax waits for the previous save here anyway
         args = ocp.args.Composite(params=ocp.args.StandardSave(state["params"]),
                                   opt_state=ocp.args.StandardSave(state["opt_state"]),
                                   data_state=ocp.args.JsonSave(data_state),
                                   meta=ocp.args.JsonSave({**meta, "step": int(step)}))
-        return self.manager.save(step, args=args, force=True)
+        self._pending = int(step)
+        self._errors.records.clear()  # what Orbax logs from here on belongs to this save
+        try:
+            started = self.manager.save(step, args=args, force=True)
+        except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way
+            self._fail(step, e, step)
+        if not started:
+            self._pending = None
+        elif not self.async_save:
+            self.check(block=True, current_step=step)
+        return started
+
+    def check(self, block: bool = False, current_step: int | None = None) -> None:
+        """Raise ``CheckpointSaveError`` if the last save failed (``block``: wait for a save in progress first).
+
+        Without ``block`` a save still in progress is left running and checked at a later call.
+        """
+        if self._failed is not None:
+            raise self._failed
+        step = self._pending
+        if step is None or (not block and self.manager.is_saving_in_progress()):
+            return
+        self._pending = None
+        err: BaseException | None = None
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            err = e
+        if err is None and not os.path.isdir(os.path.join(self.directory, str(step))):
+            logged = self._logged_error()
+            err = logged if isinstance(logged, BaseException) else RuntimeError(
+                logged or f"Orbax did not finalize {os.path.join(self.directory, str(step))}")
+        if err is not None:
+            self._fail(step, err, current_step)
+
+    def _logged_error(self) -> BaseException | str | None:
+        for r in reversed(self._errors.records):
+            if r.exc_info and r.exc_info[1] is not None:
+                return r.exc_info[1]
+        return self._errors.records[-1].getMessage() if self._errors.records else None
+
+    def _fail(self, step: int, err: BaseException, current_step: int | None) -> None:
+        cause = err
+        while cause.__cause__ is not None and not isinstance(cause, OSError):  # name the OSError at the root
+            cause = cause.__cause__
+        if not isinstance(cause, OSError):
+            logged = self._logged_error()
+            cause = logged if isinstance(logged, OSError) else err
+        _join_background_threads()
+        newest = max([s for s in self.finalized_steps() if s != step], default=None)
+        self._failed = CheckpointSaveError(self.directory, step, cause, newest, current_step)
+        raise self._failed from err
+
+    # ----------------------------------------------------------------------------------------- restore
+    def saved_layout(self, step: int) -> dict[str, Any]:
+        """What Orbax wrote for ``step``: ``{"params": metadata tree, "opt_state": metadata tree}`` (reads no data).
+
+        Raises whatever Orbax raises when the metadata is missing or unreadable (a damaged checkpoint).
+        """
+        md = self.manager.item_metadata(step)
+        out = {item: md[item] for item in ARRAY_ITEMS}
+        for item, tree in out.items():
+            if tree is None or not jax.tree.leaves(tree):
+                raise FileNotFoundError(f"checkpoint step {step} has no readable {item!r} metadata")
+        return out
+
+    def layout_differences(self, step: int, abstract_state: dict[str, Any]) -> list[str]:
+        """``[]`` if ``step``'s saved tree / shapes / dtypes match ``abstract_state``, else the differences.
+
+        Raises (whatever Orbax raises) when ``step``'s metadata cannot be read: corruption, not a mismatch.
+        """
+        return compare_layouts(self.saved_layout(step), {k: abstract_state[k] for k in ARRAY_ITEMS})
+
+    def check_compatible(self, abstract_state: dict[str, Any]) -> dict[int, BaseException]:
+        """Read-only pass over every step: raise ``CheckpointMismatch`` (newest mismatching step) if any step was
+        written for a different train state; returns ``{step: error}`` of steps whose metadata is unreadable."""
+        unreadable: dict[int, BaseException] = {}
+        for step in reversed(self.all_steps()):
+            try:
+                diffs = self.layout_differences(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 - unreadable metadata: damage, handled by restore_latest
+                unreadable[step] = e
+                continue
+            if diffs:
+                raise CheckpointMismatch(self.directory, step, diffs)
+        return unreadable
 
     def restore(self, step: int, abstract_state: dict[str, Any]) -> tuple[dict[str, Any], dict, dict]:
         """``(state, data_state, meta)`` of ``step``, placed on the shardings of ``abstract_state``'s leaves."""
@@ -78,19 +361,28 @@ class Checkpointer:
     def restore_latest(self, abstract_state: dict[str, Any]) -> tuple[int, dict[str, Any], dict, dict] | None:
         """Restore the newest intact step: ``(step, state, data_state, meta)``, or None if there is none.
 
-        A step that fails to restore (truncated or missing files) is moved to ``corrupt_checkpoints/`` next to
-        the checkpoint directory, with a warning, and the next older step is tried.
+        First a read-only pass (``check_compatible``): a step written for a different train state raises
+        ``CheckpointMismatch`` and nothing is moved. Then, newest first, a step that fails to restore (missing or
+        unreadable metadata, truncated data) is moved to ``corrupt_checkpoints/`` next to the checkpoint
+        directory, with a warning, and the next older step is tried.
         """
+        unreadable = self.check_compatible(abstract_state)
         for step in reversed(self.all_steps()):
+            if step in unreadable:
+                self._quarantine(step, unreadable[step])
+                continue
             try:
                 state, data_state, meta = self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
+                if looks_like_mismatch(e):
+                    said = " ".join(str(e).split())[:300]  # one line
+                    raise CheckpointMismatch(self.directory, step, [f"{type(e).__name__}: {said}"]) from e
                 self._quarantine(step, e)
                 continue
             return step, state, data_state, meta
         return None
 
-    def _quarantine(self, step: int, err: Exception) -> None:
+    def _quarantine(self, step: int, err: BaseException) -> None:
         dest = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints", f"{step}-{int(time.time())}")
         log.warning("checkpoint step %d in %s cannot be restored (%s: %s); moving it to %s and falling back to the "
                     "previous checkpoint.", step, self.directory, type(err).__name__, str(err)[:300], dest)
@@ -102,12 +394,136 @@ class Checkpointer:
         self._open()
 
     def wait(self) -> None:
-        """Block until background saves are on disk."""
-        self.manager.wait_until_finished()
+        """Block until background saves are on disk (raises ``CheckpointSaveError`` if one failed)."""
+        self.check(block=True)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for background saves and release the manager; a failure already reported is not raised again."""
+        try:
+            if self._failed is None:
+                self.check(block=True)
+        finally:
+            try:
+                self.manager.close()
+            except Exception as e:  # noqa: BLE001 - a failed save is already reported (CheckpointSaveError)
+                if self._failed is None:
+                    raise
+                log.debug("closing the checkpoint manager after a failed save: %s", e)
+            if self._failed is not None:  # let Orbax's writer threads of the failed save finish (and log) first
+                _join_background_threads(10.0)
+            for name in _NOISY_LOGGERS:
+                logging.getLogger(name).removeFilter(self._errors)
+
+
+# --------------------------------------------------------------------------------------------- workdir
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    try:  # a zombie (exited, not yet reaped) is dead for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class WorkdirLock:
+    """``{workdir}/.lock``: the workdir's single owner (process 0 of a run), created with ``O_EXCL``.
+
+    The file holds ``{"pid", "host", "started", "command"}``. A lock whose process is dead (same host) is stale:
+    reported and taken over. A live holder, or one on another host, raises ``WorkdirBusy``. ``release()`` removes
+    the file if it is still ours.
+    """
+
+    def __init__(self, workdir: str):
+        self.workdir = os.path.abspath(workdir)
+        self.path = os.path.join(self.workdir, LOCK_NAME)
+        self.held = False
+        self.info = {"pid": os.getpid(), "host": socket.gethostname(),
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:500]}
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self) -> WorkdirLock:
+        os.makedirs(self.workdir, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read()
+                if holder is None:  # being written right now, or garbage: give a writer a moment
+                    time.sleep(0.2)
+                    holder = self._read()
+                    if holder is None and time.time() - os.path.getmtime(self.path) < 10:
+                        continue
+                    holder = holder or {"pid": None, "host": "?", "started": "?", "command": "?"}
+                pid, host = holder.get("pid"), holder.get("host")
+                dead = host == self.info["host"] and isinstance(pid, int) and not _pid_alive(pid)
+                if holder.get("pid") is None or dead:
+                    log.warning("removing the stale lock %s of process %s on %s (started %s), which is no longer "
+                                "running; this run takes the workdir over.", self.path, pid, host,
+                                holder.get("started"))
+                    try:
+                        os.remove(self.path)
+                    except FileNotFoundError:
+                        pass
+                    continue
+                raise WorkdirBusy(
+                    f"workdir {self.workdir} is in use by process {pid} on host {host} (started "
+                    f"{holder.get('started')}: {holder.get('command')}); two runs cannot share a workdir. Fix: wait "
+                    f"for that run to end (or stop it), or pass another --workdir; if that process is gone for good "
+                    f"(e.g. its host died), delete {self.path}.") from None
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.info, f)
+            self.held = True
+            return self
+        raise WorkdirBusy(f"could not take the lock {self.path} (it keeps changing). Fix: make sure no other run "
+                          "uses this workdir, or pass another --workdir.")
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        holder = self._read()
+        if holder is not None and holder.get("pid") == self.info["pid"] and holder.get("host") == self.info["host"]:
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> WorkdirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def archive_run(workdir: str, keep: tuple[str, ...] = (LOCK_NAME, ARCHIVE_DIR)) -> str | None:
+    """Move everything in ``workdir`` (but the lock and earlier archives) to ``{workdir}/archive/<time>/``.
+
+    Returns the archive directory, or None if there was nothing to move. Nothing is deleted.
+    """
+    names = sorted(n for n in os.listdir(workdir) if n not in keep) if os.path.isdir(workdir) else []
+    if not names:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = os.path.join(workdir, ARCHIVE_DIR, stamp)
+    n = 1
+    while os.path.exists(dest):
+        n += 1
+        dest = os.path.join(workdir, ARCHIVE_DIR, f"{stamp}-{n}")
+    os.makedirs(dest)
+    for name in names:
+        os.rename(os.path.join(workdir, name), os.path.join(dest, name))
+    return dest
 
 
 def restore_params(checkpoint_dir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:

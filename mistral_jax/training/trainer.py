@@ -8,6 +8,14 @@ Workdir layout (read by ``load_pretrained``, eval and generate)::
     {workdir}/checkpoints/<step>/  params, opt_state, data_state, meta (training.checkpoint)
     {workdir}/metrics.jsonl        one JSON object per logged step (train and "eval/" metrics)
     {workdir}/tb/                  TensorBoard events
+    {workdir}/.lock                pid + host of the run using the workdir (process 0), removed on exit
+    {workdir}/corrupt_checkpoints/ steps that could not be read back (moved here, never deleted)
+    {workdir}/archive/<time>/      earlier runs moved aside by ``checkpoint.reset`` (never deleted)
+
+Nothing is destroyed by accident: a config that cannot continue the workdir's run (its checkpoints hold another
+tree / shapes / dtypes, or its model_config.json or tokenizer differ) fails before anything is written, naming the
+fields and the fix; ``resume=False`` on a workdir holding a run fails unless ``checkpoint.reset`` archives it; a
+failed checkpoint save stops the run at the next step naming the newest intact checkpoint.
 
 Fault handling: SIGTERM / SIGINT finish the current step, save a checkpoint, wait for it and exit with
 ``128 + signal`` (so schedulers requeue); a rerun with the same workdir resumes bit-exactly (params, optimizer,
@@ -38,11 +46,18 @@ from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
 from mistral_jax.data import pipeline
 from mistral_jax.data.tokenizer import Tokenizer
-from mistral_jax.data.train_tokenizer import train_tokenizer
+from mistral_jax.data.train_tokenizer import VocabularyTooSmall, train_tokenizer
 from mistral_jax.training import sft
 from mistral_jax.training import step as step_lib
-from mistral_jax.training.checkpoint import Checkpointer
+from mistral_jax.training.checkpoint import (
+    ARCHIVE_DIR,
+    Checkpointer,
+    CheckpointMismatch,
+    WorkdirLock,
+    archive_run,
+)
 from mistral_jax.training.metrics import MetricsWriter, flops_per_token, peak_flops
+from mistral_jax.training.optimizer import check_config as check_optimizer_config
 from mistral_jax.training.optimizer import make_optimizer
 
 log = logging.getLogger(__name__)
@@ -52,6 +67,11 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pat
 
 class ConfigError(ValueError):
     """A run config that cannot work (the message names the field, its value and the fix)."""
+
+
+class RunMismatch(ConfigError):
+    """The workdir holds a run this config cannot continue (different model, optimizer, tokenizer...)."""
+
 
 
 # --------------------------------------------------------------------------- config
@@ -194,6 +214,7 @@ def validate_config(cfg: ConfigDict, n_devices: int | None = None, process_count
         raise ConfigError(f"config.data.on_decode_error={cfg.data.on_decode_error!r}. "
                           f"Fix: use one of {pipeline.DECODE_POLICIES}.")
     try:
+        check_optimizer_config(cfg.optimizer, cfg.num_steps)
         make_optimizer(cfg.optimizer, cfg.num_steps)
     except ValueError as e:
         raise ConfigError(str(e)) from e
@@ -204,7 +225,7 @@ def validate_config(cfg: ConfigDict, n_devices: int | None = None, process_count
 
 
 # --------------------------------------------------------------------------- helpers
-def _tokenizer(cfg: ConfigDict, workdir: str) -> Tokenizer:
+def _tokenizer(cfg: ConfigDict, workdir: str, model_cfg: ModelConfig) -> Tokenizer:
     dest = os.path.join(workdir, Tokenizer.FILENAME)
     if cfg.data.tokenizer:
         tok = Tokenizer(cfg.data.tokenizer)
@@ -216,10 +237,22 @@ def _tokenizer(cfg: ConfigDict, workdir: str) -> Tokenizer:
     if jax.process_count() > 1:
         raise ConfigError("config.data.tokenizer='' (train one) is single-process only. "
                           "Fix: train it first (python -m mistral_jax.data.train_tokenizer) and set data.tokenizer.")
+    vocab = cfg.data.tokenizer_vocab_size
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1 or vocab > model_cfg.vocab_size:
+        raise ConfigError(f"config.data.tokenizer_vocab_size={vocab!r} must be an integer in [1, config.model."
+                          f"vocab_size={model_cfg.vocab_size}] (the model embeds every piece). Fix: set "
+                          f"--config.data.tokenizer_vocab_size={model_cfg.vocab_size}, or raise "
+                          "--config.model.vocab_size as well.")
     texts = pipeline.load_texts(cfg.data.train, cfg.data.text_field, cfg.data.on_decode_error)
-    log.info("training a %d-piece sentencepiece tokenizer on %d documents of %s", cfg.data.tokenizer_vocab_size,
-             len(texts), cfg.data.train)
-    train_tokenizer(texts, dest, cfg.data.tokenizer_vocab_size)
+    log.info("training a %d-piece sentencepiece tokenizer on %d documents of %s", vocab, len(texts), cfg.data.train)
+    try:
+        train_tokenizer(texts, dest, vocab)
+    except VocabularyTooSmall as e:
+        raise ConfigError(
+            f"config.data.tokenizer_vocab_size={vocab}: {e} (config.data.train={cfg.data.train!r}). Fix: set "
+            f"--config.data.tokenizer_vocab_size={e.needed} --config.model.vocab_size={e.needed} (or larger;"
+            " model.vocab_size must be >= the tokenizer's), or pass a trained tokenizer with "
+            "--config.data.tokenizer=PATH.") from None
     return Tokenizer(dest)
 
 
@@ -275,29 +308,241 @@ def evaluate(cfg: ConfigDict, eval_fn, params, source, tok: Tokenizer, bsharding
     return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "tokens": n}
 
 
+# --------------------------------------------------------------------------- the workdir's run
+RUN_FILES = ("run_config.json", "metrics.jsonl")  # with checkpoints: a workdir holding these holds a run
+# config fields that shape the train state or its meaning; a resumed run must keep them (the others may change)
+STATE_FIELDS = ("model.", "optimizer.", "lora.", "init_from", "remat", "data.tokenizer", "data.format")
+# ModelConfig fields a resumed run may change: how it is computed, not what it is (and the init scale, used once)
+MAY_CHANGE_ON_RESUME = (*sft.NUMERICS, "initializer_range")
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _as_json(cfg: ConfigDict) -> dict[str, Any]:
+    return json.loads(cfg.to_json_best_effort())
+
+
+def previous_run(workdir: str) -> dict[str, Any]:
+    """What a workdir holds: ``{"steps": finished checkpoint steps, "files": run files, "holds_run": bool}``."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    steps = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) if os.path.isdir(ckpt_dir) else []
+    files = [n for n in RUN_FILES if os.path.isfile(os.path.join(workdir, n))]
+    return {"steps": steps, "files": files, "holds_run": bool(steps or files)}
+
+
+def _describe(prev: dict[str, Any]) -> str:
+    parts = []
+    if prev["steps"]:
+        parts.append(f"checkpoints at steps {prev['steps']}")
+    parts += prev["files"]
+    return ", ".join(parts) or "no run files"
+
+
+def config_differences(saved: dict[str, Any], cfg: ConfigDict) -> list[tuple[str, Any, Any]]:
+    """``[(dotted field, saved value, current value)]`` between a saved ``run_config.json`` and ``cfg``."""
+    old, now = _flat(saved), _flat(_as_json(cfg))
+    missing = object()
+    return [(k, old.get(k, missing), now.get(k, missing)) for k in sorted(set(old) | set(now))
+            if old.get(k, missing) != now.get(k, missing) and not k.startswith("checkpoint.")]
+
+
+def _flag(key: str, value: Any) -> str:
+    if value is None:
+        return f"drop --config.{key}"
+    if isinstance(value, bool):
+        return f"--config.{key}={str(value).lower()}"
+    return f"--config.{key}={value}"
+
+
+def _identity_differences(cfg: ConfigDict, model_cfg: ModelConfig, workdir: str) -> list[str]:
+    """Read-only comparison of a resumed workdir's ``model_config.json`` and ``tokenizer.model`` with ``cfg``."""
+    out = []
+    saved = _read_json(os.path.join(workdir, "model_config.json"))
+    if isinstance(saved, dict):
+        now = model_cfg.to_dict()
+        for k in sorted(set(saved) | set(now)):
+            if k not in MAY_CHANGE_ON_RESUME and saved.get(k) != now.get(k):
+                out.append(f"model_config.json: {k}={saved.get(k)!r} saved, {now.get(k)!r} now")
+    src = _tokenizer_source(cfg)
+    dest = os.path.join(workdir, Tokenizer.FILENAME)
+    if src and os.path.isfile(src) and os.path.isfile(dest) and os.path.abspath(src) != dest:
+        with open(src, "rb") as a, open(dest, "rb") as b:
+            if a.read() != b.read():
+                out.append(f"the tokenizer {src} differs from the run's {dest}")
+    return out
+
+
+def _tokenizer_source(cfg: ConfigDict) -> str | None:
+    """The sentencepiece file this config reads (``data.tokenizer`` or ``init_from``'s), or None (the run's own)."""
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    if sft.init_from(cfg):
+        from mistral_jax import loading
+
+        try:
+            return loading.tokenizer_path(sft.init_from(cfg), loading.detect_format(sft.init_from(cfg)))
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def _layout_reason(e: CheckpointMismatch) -> str:
+    more = f"; {len(e.differences) - 3} more" if len(e.differences) > 3 else ""
+    return f"checkpoint step {e.step} holds a different train state ({'; '.join(e.differences[:3])}{more})"
+
+
+def _mismatch(workdir: str, prev: dict[str, Any], reasons: list[str], cfg: ConfigDict) -> RunMismatch:
+    saved = _read_json(os.path.join(workdir, "run_config.json"))
+    diffs = [d for d in config_differences(saved, cfg) if d[0].startswith(STATE_FIELDS)] if saved else []
+    shown = "; ".join(reasons[:6]) + (f"; ... ({len(reasons) - 6} more)" if len(reasons) > 6 else "")
+    if diffs:
+        changed = ", ".join(f"{k}={old!r} saved, {new!r} now" for k, old, new in diffs[:8])
+        how = "rerun with the saved values (" + " ".join(_flag(k, old) for k, old, _ in diffs[:8]) + ")"
+        changed = f" Config fields that differ from its run_config.json: {changed}."
+    else:
+        changed, how = "", f"rerun with the config in {os.path.join(workdir, 'run_config.json')}"
+    return RunMismatch(
+        f"workdir {workdir} holds a run ({_describe(prev)}) that this config cannot continue: {shown}.{changed} "
+        f"Nothing in {workdir} was changed. Fix: {how}, or pass another --workdir, or pass "
+        f"--config.checkpoint.reset=true to move the old run (checkpoints and configs) to "
+        f"{os.path.join(workdir, ARCHIVE_DIR)}/<time>/ and start over.")
+
+
+def _start_over_or_resume(cfg: ConfigDict, workdir: str, prev: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    """Apply ``checkpoint.resume`` / ``checkpoint.reset`` to a workdir's previous run: ``(resume, prev)``.
+
+    ``reset`` archives the previous run (moved, never deleted), except when that run was started by this very
+    config (a requeued job re-running its command): then it resumes. ``resume=False`` on a workdir holding a run
+    without ``reset`` is a ``ConfigError``: a new run would mix with the old one.
+    """
+    resume, reset = bool(cfg.checkpoint.resume), bool(cfg.checkpoint.reset)
+    if not prev["holds_run"]:
+        return resume, prev
+    if reset:
+        if _read_json(os.path.join(workdir, "run_config.json")) == _as_json(cfg):
+            log.warning("config.checkpoint.reset=True, but %s holds the run this same config started (a requeued "
+                        "job): resuming it. To start over again, pass another --workdir.", workdir)
+            return True, prev
+        dest = archive_run(workdir) if jax.process_index() == 0 else None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("mistral_jax.archive_run")
+        log.warning("config.checkpoint.reset=True: moved the previous run in %s (%s) to %s; starting over at step 0.",
+                    workdir, _describe(prev), dest)
+        return resume, previous_run(workdir)
+    if not resume:
+        raise ConfigError(
+            f"config.checkpoint.resume=False, but workdir {workdir} holds a run ({_describe(prev)}); a new run would "
+            f"mix with it (its saves skipped, its run_config.json overwritten). Nothing in {workdir} was changed. "
+            "Fix: drop --config.checkpoint.resume=false to resume that run, or pass another --workdir, or pass "
+            f"--config.checkpoint.reset=true to move the old run to {os.path.join(workdir, ARCHIVE_DIR)}/<time>/ and "
+            "start over.")
+    return resume, prev
+
+
 # --------------------------------------------------------------------------- loop
 def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
     """Run (or resume) the pretraining described by ``cfg`` in ``workdir``.
+
+    Nothing in a workdir is destroyed by accident: the workdir is locked (``{workdir}/.lock``, process 0) so two
+    runs cannot share it; a previous run this config cannot continue (``RunMismatch``: model, optimizer or
+    tokenizer differ from its checkpoints or configs) fails before anything is written; ``resume=False`` on a
+    workdir holding a run fails unless ``checkpoint.reset`` moves the old run to ``{workdir}/archive/<time>/``.
 
     Args:
       cfg: the run ConfigDict (``configs/*.py``).
       workdir: output directory (created; an existing run there is resumed when ``checkpoint.resume``).
 
     Returns:
-      ``{"status": "done" | "preempted", "step", "signal", "last_metrics", "eval"}``.
+      ``{"status": "done" | "preempted", "step", "signal", "last_metrics", "eval", "checkpoint"}`` (``checkpoint``:
+      the newest checkpoint directory, or None).
+
+    Raises:
+      ConfigError: a bad config (before anything is written); ``RunMismatch`` for a workdir this config cannot
+        continue.
+      checkpoint.WorkdirBusy: another live run holds the workdir.
+      checkpoint.CheckpointSaveError: a checkpoint save failed (training stops at the next step).
+      FloatingPointError: a non-finite loss with ``nan_policy="stop"``.
     """
     model_cfg = sft.model_config(cfg, validate_config(cfg))  # issue 8: init_from's network
     workdir = os.path.abspath(workdir)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir={workdir} is a file, not a directory. Fix: pass a directory (new or a run's).")
     os.makedirs(workdir, exist_ok=True)
-    tok = sft.tokenizer(cfg, workdir) or _tokenizer(cfg, workdir)  # issue 8: data.tokenizer / init_from's
-    if tok.vocab_size > model_cfg.vocab_size:
-        raise ConfigError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but config.model.vocab_size="
-                          f"{model_cfg.vocab_size}. Fix: set --config.model.vocab_size={tok.vocab_size} or larger.")
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "run_config.json"), "w") as f:
-            f.write(cfg.to_json_best_effort(indent=2))
-        with open(os.path.join(workdir, "model_config.json"), "w") as f:
-            json.dump(model_cfg.to_dict(), f, indent=2)
+    lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+    try:
+        return _train(cfg, model_cfg, workdir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: ConfigDict, model_cfg: ModelConfig, workdir: str) -> dict[str, Any]:
+    prev = previous_run(workdir)
+    resume, prev = _start_over_or_resume(cfg, workdir, prev)
+    resuming = resume and bool(prev["steps"])
+    if resume and prev["holds_run"] and not prev["steps"]:
+        log.warning("%s holds a run without a checkpoint (%s): starting at step 0.", workdir, _describe(prev))
+    reasons = _identity_differences(cfg, model_cfg, workdir) if resuming else []
+
+    rules = rules_from(cfg)
+    mesh = sharding.make_mesh(**{a: cfg.mesh[a] for a in sharding.MESH_AXES})
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.num_steps)
+    if sft.custom_state(cfg):  # issue 8: init_from a checkpoint and/or LoRA adapters (training/sft.py)
+        graphdef, abstract_state, shardings, make_state = sft.train_state(cfg, model_cfg, mesh, rules)
+    else:
+        graphdef, abstract_state, shardings = step_lib.make_train_state(model_cfg, cfg, mesh, rules, abstract=True)
+        make_state = lambda: step_lib.make_train_state(model_cfg, cfg, mesh, rules)[1]  # noqa: E731
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
+                        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    try:
+        if resuming:  # read-only: what Orbax wrote (tree, shapes, dtypes) against this config's train state
+            try:
+                ckpt.check_compatible(abstract_state)
+            except CheckpointMismatch as e:
+                reasons.append(_layout_reason(e))
+            if reasons:
+                raise _mismatch(workdir, prev, reasons, cfg)
+        tok = sft.tokenizer(cfg, workdir) or _tokenizer(cfg, workdir, model_cfg)  # issue 8: init_from's
+        if tok.vocab_size > model_cfg.vocab_size:
+            raise ConfigError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but config.model.vocab_size="
+                              f"{model_cfg.vocab_size}. Fix: set --config.model.vocab_size={tok.vocab_size} or larger.")
+        restored = None
+        if resuming:
+            try:
+                restored = ckpt.restore_latest(abstract_state)
+            except CheckpointMismatch as e:
+                raise _mismatch(workdir, prev, [_layout_reason(e)], cfg) from e
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "run_config.json"), "w") as f:
+                f.write(cfg.to_json_best_effort(indent=2))
+            with open(os.path.join(workdir, "model_config.json"), "w") as f:
+                json.dump(model_cfg.to_dict(), f, indent=2)
+        return _loop(cfg, model_cfg, workdir, tok, ckpt, restored, graphdef, abstract_state, shardings, make_state,
+                     mesh, rules, tx, schedule)
+    finally:
+        ckpt.close()
+
+
+def _loop(cfg, model_cfg, workdir, tok, ckpt, restored, graphdef, abstract_state, shardings, make_state, mesh, rules,
+          tx, schedule) -> dict[str, Any]:
     if sft.is_chat(cfg):  # issue 8: chat conversations are read by data/chat.py
         train_src, eval_src = "train", ("validation" if cfg.data.validation else None)
     else:
@@ -310,18 +555,6 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
                                         hub_config=cfg.data.hub_config, text_field=cfg.data.text_field,
                                         on_decode_error=cfg.data.on_decode_error)
     data_it = _batches(cfg, train_src, tok, cfg.batch_size, train=True)
-
-    rules = rules_from(cfg)
-    mesh = sharding.make_mesh(**{a: cfg.mesh[a] for a in sharding.MESH_AXES})
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.num_steps)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
-                        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    if sft.custom_state(cfg):  # issue 8: init_from a checkpoint and/or LoRA adapters (training/sft.py)
-        graphdef, abstract_state, shardings, make_state = sft.train_state(cfg, model_cfg, mesh, rules)
-    else:
-        graphdef, abstract_state, shardings = step_lib.make_train_state(model_cfg, cfg, mesh, rules, abstract=True)
-        make_state = lambda: step_lib.make_train_state(model_cfg, cfg, mesh, rules)[1]  # noqa: E731
-    restored = ckpt.restore_latest(abstract_state) if cfg.checkpoint.resume else None
     if restored is not None:
         start, state, data_state, _ = restored
         if "frozen" in abstract_state:  # LoRA checkpoints hold the adapters only: reload the frozen base
@@ -341,7 +574,13 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
     peak, peak_how = peak_flops(cfg.peak_flops)
     log.info("model FLOPs/token %.3g; peak %.3g FLOP/s (%s)", flops_tok, peak, peak_how)
     writer = MetricsWriter(workdir)
-    result: dict[str, Any] = {"status": "done", "step": start, "signal": None, "last_metrics": {}, "eval": None}
+
+    def newest() -> str | None:
+        steps = ckpt.finalized_steps()
+        return os.path.join(ckpt.directory, str(steps[-1])) if steps else None
+
+    result: dict[str, Any] = {"status": "done", "step": start, "signal": None, "last_metrics": {}, "eval": None,
+                              "checkpoint": None}
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.num_steps, initial=start, disable=not cfg.progress_bar or jax.process_index() != 0,
@@ -351,6 +590,7 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
         with _Preemption() as preempt, sharding.use_mesh(mesh, rules):
             step = start
             while step < cfg.num_steps:
+                ckpt.check(current_step=step)  # a failed background save stops the run here, at the next step
                 local = next(data_it)
                 data_state = data_it.get_state()
                 state, metrics = step_fn(state, _global_batch(local, bsharding))
@@ -387,14 +627,15 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
                     ckpt.wait()
                     log.warning("preempted by signal %d at step %d; checkpoint saved in %s.", preempt.signum, step,
                                 ckpt.directory)
-                    result.update(status="preempted", signal=preempt.signum, step=step)
+                    result.update(status="preempted", signal=preempt.signum, step=step, checkpoint=newest())
                     return result
             result["step"] = step
             if eval_fn is not None and step > start:
                 result["eval"] = writer.write(step, evaluate(cfg, eval_fn, sft.eval_params(state), eval_src, tok,
                                                              bsharding), prefix="eval/")
+            ckpt.wait()
+            result["checkpoint"] = newest()
             return result
     finally:
         bar.close()
         writer.close()
-        ckpt.close()

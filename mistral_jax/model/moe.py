@@ -3,7 +3,8 @@
 Legend: B batch, T sequence, D model dim, F expert hidden dim, E experts, X top-k (experts per token),
 M = B*T tokens, A = M*X routed assignments.
 
-Routing: router logits -> softmax (float32) -> top-k -> renormalise the k weights (HF ``MixtralTopKRouter``).
+Routing: router logits (a float32 matmul) -> softmax (float32) -> top-k -> renormalise the k weights (HF
+``MixtralTopKRouter``; HF computes the logits in the model dtype, so bfloat16 routing can differ from HF's).
 
 Backends (``ModelConfig.moe_impl``):
   * ``dense``: every expert on every token, combined with the (mostly zero) routing weights. The oracle.
@@ -175,7 +176,9 @@ class MoE(nnx.Module):
         cfg, dt = self.cfg, self.cfg.jnp_dtype
         b, t, d = x.shape
         xf = x.reshape(b * t, d)  # [M, D]
-        logits = jnp.einsum("MD,DE->ME", xf, self.gate[...].astype(dt))
+        # router logits from a float32 matmul (ST-MoE's selective precision): in bfloat16, small logit gaps that
+        # decide the top-k are lost before the float32 softmax sees them; the [D, E] matmul costs ~nothing
+        logits = jnp.einsum("MD,DE->ME", xf.astype(jnp.float32), self.gate[...].astype(jnp.float32))
         probs, top_w, top_idx = route(logits, cfg.num_experts_per_tok)
         valid_m = jnp.ones((b * t,), bool) if valid is None else valid.reshape(b * t)  # [M]
         stats = router_stats(logits, probs, top_idx, valid_m)

@@ -39,7 +39,7 @@ def get_config() -> ConfigDict:
     c.data.validation_split = "validation"  # split of a hub dataset used for eval
     c.data.hub_config = ""  # hub dataset configuration name (e.g. "en" for allenai/c4)
     c.data.text_field = "text"  # column / JSON key holding the document text
-    c.data.tokenizer = ""  # sentencepiece .model; "" = train one on the train data into {workdir}/tokenizer.model
+    c.data.tokenizer = ""  # sentencepiece .model or Mistral's mistral:v1 (32k) / mistral:v3; "" = train one (workdir)
     c.data.tokenizer_vocab_size = 512  # vocabulary of a tokenizer trained by the run (when data.tokenizer == "")
     c.data.seq_len = 64  # tokens per packed row
     c.data.add_bos = True  # prepend <s> to every document (Mistral's default)
@@ -77,6 +77,10 @@ def get_config() -> ConfigDict:
     c.mesh.fsdp = -1  # fully sharded data parallelism; -1 = fill the devices
     c.mesh.tensor = 1  # tensor parallelism (heads / mlp / vocab)
     c.mesh.expert = 1  # expert parallelism (Mixtral experts)
+    # multi-slice TPU: data/fsdp/tensor/expert above lay out one slice (ICI); dcn_* repeat data / fsdp over the
+    # slices (DCN): the mesh's data axis is dcn_data * data, fsdp is dcn_fsdp * fsdp; dcn_data * dcn_fsdp = slices
+    c.mesh.dcn_data = 1  # data parallelism across slices (the usual multi-slice choice)
+    c.mesh.dcn_fsdp = 1  # FSDP across slices (parameter all-gathers over DCN: for models one slice cannot hold)
     c.mesh.rules = "auto"  # logical -> mesh axis rules: auto (EP if expert>1, TP if tensor>1, else FSDP) or a preset
 
     c.checkpoint = ConfigDict()
@@ -112,7 +116,7 @@ def instruct_sft(c: ConfigDict) -> ConfigDict:
     c.data.validation_split = "test_sft"  # UltraChat's SFT test split
     c.data.messages_field = "messages"  # column holding the conversation
     c.data.skip_invalid = True  # a few web conversations break the role rules: drop them (count logged)
-    c.data.tokenizer = ""  # "" = init_from's tokenizer.model (Mistral's 32k sentencepiece)
+    c.data.tokenizer = ""  # "" = init_from's tokenizer.model (= mistral:v1 for the v0.1 bases); set one to override
     c.data.seq_len = 4096  # tokens per packed row (the sliding window); longer conversations are cut at turns
     c.optimizer.warmup_steps = 50  # ~3% warmup
     c.optimizer.min_lr_ratio = 0.1  # cosine to 10% of the peak

@@ -4,8 +4,10 @@ Hyper-parameters follow Llama-2 / Mistral-style 7B recipes: AdamW (0.9, 0.95), p
 10%, weight decay 0.1 (not on norms / embeddings), clip 1.0, 4M-token batches (512 x 8192), bf16 compute with
 float32 master weights, full remat.
 
-    python train.py --config configs/mistral_7b.py --workdir gs://bucket/runs/m7b \
-        --config.data.tokenizer=/path/to/mistral/tokenizer.model
+    python train.py --config configs/mistral_7b.py --workdir gs://bucket/runs/m7b
+
+The tokenizer is Mistral's own 32k sentencepiece model (``data.tokenizer = "mistral:v1"``, the file mistral-common
+ships), so the run's ids are those of the released Mistral 7B and its exports load in Mistral's tooling.
 """
 
 from configs import base
@@ -23,8 +25,8 @@ def get_config():
     c.data.hub_config = "en"  # c4 configuration
     c.data.validation = "allenai/c4"  # held-out split of the same dataset
     c.data.validation_split = "validation"  # c4 validation split
-    c.data.tokenizer = ""  # set to Mistral's 32k tokenizer.model (a 32k tokenizer is trained if left empty)
-    c.data.tokenizer_vocab_size = 32000  # = model vocab_size
+    c.data.tokenizer = "mistral:v1"  # Mistral's 32k sentencepiece tokenizer (shipped in mistral-common, offline)
+    c.data.tokenizer_vocab_size = 32000  # = model vocab_size (only read if data.tokenizer = "": train one)
     c.data.seq_len = 8192  # tokens per packed row (two sliding windows)
     c.optimizer.learning_rate = 3e-4  # peak
     c.optimizer.warmup_steps = 2000  # linear warmup

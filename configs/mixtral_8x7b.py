@@ -24,8 +24,8 @@ def get_config():
     c.data.hub_config = "en"  # c4 configuration
     c.data.validation = "allenai/c4"  # held-out split of the same dataset
     c.data.validation_split = "validation"  # c4 validation split
-    c.data.tokenizer = ""  # set to Mistral's 32k tokenizer.model
-    c.data.tokenizer_vocab_size = 32000  # = model vocab_size
+    c.data.tokenizer = "mistral:v1"  # Mistral's 32k sentencepiece tokenizer (shipped in mistral-common, offline)
+    c.data.tokenizer_vocab_size = 32000  # = model vocab_size (only read if data.tokenizer = "": train one)
     c.data.seq_len = 8192  # tokens per packed row
     c.optimizer.learning_rate = 2e-4  # peak (MoE: a little lower than dense)
     c.optimizer.warmup_steps = 2000  # linear warmup

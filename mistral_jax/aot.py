@@ -1,6 +1,7 @@
 """Ahead-of-time proof of fit: compile the real train step for a TPU topology from a CPU machine.
 
     python -m mistral_jax.aot --config configs/mixtral_8x7b.py --topology v5p-128 [--config.key=value ...]
+    python -m mistral_jax.aot --config configs/mixtral_8x7b.py --topology v5p-128 --num_slices 2   # multi-slice
 
 Needs libtpu (the ``tpu`` extra: ``pip install "jax[tpu]"``), which compiles for TPU topologies without TPU
 hardware. The step is ``training.step.jit_train_step`` on the run config's model, mesh (``config.mesh``, -1 =
@@ -9,7 +10,9 @@ per-chip memory of the compiled program (arguments, outputs, temporaries, total 
 whether it fits.
 
 Topologies: ``v5p-N`` / ``v4-N`` (N TensorCores, 2 per chip), ``v5e-N`` / ``v6e-N`` (N chips), or an explicit
-``v5p:4x4x4``-style chip grid.
+``v5p:4x4x4``-style chip grid. ``--num_slices N`` compiles for N such slices joined by the data-center network
+(DCN): the devices carry their ``slice_index`` and the mesh puts ``mesh.dcn_data = N`` (unless the config sets
+``mesh.dcn_data`` / ``mesh.dcn_fsdp``), so data parallelism spans the slices and memory per chip is one slice's.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ _CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
 _GRIDS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
              512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
 _GRIDS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+
+
+class MeshConfigError(ValueError):
+    """The run config's mesh or batch does not lay out on the topology's devices (one line with the fix)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +87,11 @@ def parse_topology(name: str) -> Topology:
     return Topology(name=name, generation=gen, grid=grid, hbm_bytes=_HBM[gen])
 
 
-def topology_devices(topology: Topology) -> list[Any]:
-    """Compile-only devices of ``topology`` (needs libtpu; no TPU hardware)."""
+def topology_devices(topology: Topology, num_slices: int = 1) -> list[Any]:
+    """Compile-only devices of ``num_slices`` copies of ``topology`` (needs libtpu; no TPU hardware).
+
+    With ``num_slices > 1`` each device carries the ``slice_index`` of its slice, as on a multi-slice job.
+    """
     import os
 
     from jax.experimental import topologies
@@ -89,7 +99,8 @@ def topology_devices(topology: Topology) -> list[Any]:
     # Compiling needs no TPU, so several compiling processes may share libtpu (else: a lockfile error).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
-        desc = topologies.get_topology_desc(topology.libtpu_name, "tpu")
+        desc = topologies.get_topology_desc(topology.libtpu_name, "tpu",
+                                            **({"num_slices": num_slices} if num_slices > 1 else {}))
     except Exception as e:  # noqa: BLE001 - missing libtpu surfaces as various errors
         raise RuntimeError(f"cannot describe TPU topology {topology.libtpu_name!r}: {type(e).__name__}: {e}. "
                            "Fix: install the tpu extra (pip install 'mistral_jax[tpu]' or 'jax[tpu]') of the same "
@@ -158,6 +169,21 @@ def model_flops_per_step(model_cfg: Any, batch_size: int, seq_len: int) -> float
     return 6.0 * count_active_params(model_cfg) * tokens + attn
 
 
+def _check_batch(run_cfg: Any, mesh: Any, rules: sharding.ShardingRules) -> None:
+    """The micro-batch must split evenly over the data-parallel mesh axes, as ``train.py`` requires."""
+    (axes,) = rules.spec(("batch",), mesh)
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    dp = math.prod(mesh.shape[a] for a in axes)
+    b, acc = int(run_cfg.batch_size), int(run_cfg.grad_accum_steps)
+    if b % acc or (b // acc) % dp:
+        shown = " x ".join(f"{a} {mesh.shape[a]}" for a in axes)
+        fit = [a for a in range(1, acc + 1) if b % a == 0 and (b // a) % dp == 0]
+        fix = (f"set --config.grad_accum_steps={fit[-1]}" if fit else f"use a batch_size that is a multiple of {dp}")
+        raise MeshConfigError(f"config.batch_size={b} with grad_accum_steps={acc} gives micro-batches of {b / acc:g} "
+                              f"rows, which do not split over the data-parallel size {dp} = {shown}. Fix: {fix} "
+                              "(or change the mesh).")
+
+
 def compile_train_step(run_cfg: Any, devices: list[Any], *, tpu_attention: bool = False) -> dict[str, Any]:
     """Lower and compile ``jit_train_step`` of ``run_cfg`` on ``devices``; returns the report dict.
 
@@ -175,8 +201,15 @@ def compile_train_step(run_cfg: Any, devices: list[Any], *, tpu_attention: bool 
         model_cfg = model_cfg.replace(remat=run_cfg.remat)
     if tpu_attention and model_cfg.attention_impl == "auto":
         model_cfg = model_cfg.replace(attention_impl="splash")
-    mesh = sharding.mesh_from_config(run_cfg.mesh, devices=devices)
-    rules = sharding.rules_from_config(run_cfg.mesh, mesh)
+    mesh_cfg, n_slices = run_cfg.mesh, sharding.num_slices(devices)
+    if n_slices > 1 and all(int(mesh_cfg.get(f"dcn_{a}", 1)) == 1 for a in sharding.DCN_AXES):
+        mesh_cfg = {**mesh_cfg.to_dict(), "dcn_data": n_slices}  # data parallelism across the slices
+    try:
+        mesh = sharding.mesh_from_config(mesh_cfg, devices=devices)
+        rules = sharding.rules_from_config(mesh_cfg, mesh)
+    except ValueError as e:
+        raise MeshConfigError(f"config.mesh on {len(devices)} chips ({n_slices} slice(s)): {e}") from e
+    _check_batch(run_cfg, mesh, rules)
     tx, schedule = make_optimizer(run_cfg.optimizer, int(run_cfg.num_steps))
     t0 = time.time()
     graphdef, state, shardings = step_lib.make_train_state(model_cfg, run_cfg, mesh, rules, abstract=True)
@@ -194,7 +227,9 @@ def compile_train_step(run_cfg: Any, devices: list[Any], *, tpu_attention: bool 
     n = len(devices)
     model_flops = model_flops_per_step(model_cfg, int(run_cfg.batch_size), int(run_cfg.data.seq_len))
     report.update(
-        devices=n, mesh={k: int(v) for k, v in mesh.shape.items()}, rules=run_cfg.mesh.get("rules", "auto"),
+        devices=n, slices=n_slices, mesh={k: int(v) for k, v in mesh.shape.items()},
+        dcn={f"dcn_{a}": int(mesh_cfg.get(f"dcn_{a}", 1)) for a in sharding.DCN_AXES},
+        rules=run_cfg.mesh.get("rules", "auto"),
         batch_size=int(run_cfg.batch_size), seq_len=int(run_cfg.data.seq_len),
         grad_accum_steps=int(run_cfg.grad_accum_steps), remat=model_cfg.remat, dtype=model_cfg.dtype,
         attention_impl=model_cfg.attention_impl, moe_impl=model_cfg.moe_impl,
@@ -207,9 +242,10 @@ def format_report(r: dict[str, Any], title: str) -> str:
     def gib(x):
         return f"{x / GiB:8.2f} GiB"
 
+    slices = f", {r['slices']} slices: {r['dcn']}" if r.get("slices", 1) > 1 else ""
     lines = [title,
-             f"  mesh {r['mesh']} ({r['devices']} chips), rules {r['rules']}, batch {r['batch_size']} x {r['seq_len']}"
-             f" (grad_accum {r['grad_accum_steps']}), remat {r['remat']}, dtype {r['dtype']}, attention "
+             f"  mesh {r['mesh']} ({r['devices']} chips{slices}), rules {r['rules']}, batch {r['batch_size']} x "
+             f"{r['seq_len']} (grad_accum {r['grad_accum_steps']}), remat {r['remat']}, dtype {r['dtype']}, attention "
              f"{r['attention_impl']}, moe {r['moe_impl']}",
              f"  per chip: arguments {gib(r['arguments'])}  outputs {gib(r['outputs'])}  aliased {gib(r['aliased'])}"
              f"  temps {gib(r['temps'])}",
@@ -276,13 +312,17 @@ def main(argv: list[str]) -> None:
         raise UsageError("positional arguments", " ".join(argv[1:]), "are not accepted",
                          "pass --config FILE, --topology NAME and --config.key=value overrides as flags")
     topo = _topology_arg(f.topology)
+    if f.num_slices < 1:
+        raise UsageError("--num_slices", f.num_slices, "must be at least 1",
+                         "pass the number of TPU slices the job spans, e.g. --num_slices 2")
     run_cfg = _config_arg(f["config"])
-    devices = topology_devices(topo)
+    devices = topology_devices(topo, f.num_slices)
     report = compile_train_step(run_cfg, devices, tpu_attention=f.splash)
     report.update(hbm=topo.hbm_bytes, fits=report["fits"] is not False and report["total"] <= topo.hbm_bytes,
                   topology=topo.name,
                   libtpu_topology=topo.libtpu_name)
-    print(format_report(report, f"AOT train step for {topo.name} ({topo.libtpu_name})"))
+    slices = f" x {f.num_slices} slices" if f.num_slices > 1 else ""
+    print(format_report(report, f"AOT train step for {topo.name}{slices} ({topo.libtpu_name})"))
     if f.json:
         print(json.dumps(report))
 
@@ -334,6 +374,8 @@ def _run() -> None:
     config_flags.DEFINE_config_file("config", None, "run config file (configs/X.py)", lock_config=True)
     flags.DEFINE_string("topology", "v5p-128", "TPU topology: v5p-N, v4-N (TensorCores), v5e-N, v6e-N (chips), or "
                         "generation:grid (v5p:4x4x4)")
+    flags.DEFINE_integer("num_slices", 1, "compile for this many copies of --topology joined over DCN (a multi-slice "
+                         "job); the mesh gets mesh.dcn_data = num_slices unless the config sets its dcn_* axes")
     flags.DEFINE_bool("json", False, "also print the report as one JSON line")
     flags.DEFINE_bool("splash", False, "resolve attention_impl=auto to splash (what a TPU run picks) instead of the "
                       "CPU choice (blocked / reference)")
@@ -341,7 +383,7 @@ def _run() -> None:
     flags.mark_flags_as_required(["config"])
     if not jax.config.jax_platforms:  # compile for the TPU topology from this host's CPU; never grab a local TPU
         jax.config.update("jax_platforms", "cpu")
-    app.run(lambda argv: cli.run(lambda: main(argv), PROG), flags_parser=_parse_flags)
+    app.run(lambda argv: cli.run(lambda: main(argv), PROG, expected=(MeshConfigError,)), flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

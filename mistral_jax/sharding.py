@@ -104,30 +104,103 @@ DEFAULT_RULES = ShardingRules(_BASE)
 _state = threading.local()
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, expert: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, tensor, expert) mesh with Auto axis types; one axis may be -1 (= fill the devices)."""
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert}
+DCN_AXES = ("data", "fsdp")  # the mesh axes that may span TPU slices (over the data-center network)
+
+
+def slice_groups(devices: Sequence) -> dict[int, list] | None:
+    """Devices grouped by ``slice_index`` (sorted by slice), or None when the devices carry none (CPU, GPU)."""
+    devices = list(devices)
+    if not devices or not all(hasattr(d, "slice_index") for d in devices):
+        return None
+    groups: dict[int, list] = {}
+    for d in devices:
+        groups.setdefault(int(d.slice_index), []).append(d)
+    return dict(sorted(groups.items()))
+
+
+def num_slices(devices: Sequence | None = None) -> int:
+    """How many TPU slices ``devices`` (default: all global devices) span; 1 for devices without a slice_index."""
+    groups = slice_groups(jax.devices() if devices is None else devices)
+    return 1 if groups is None else len(groups)
+
+
+def _fill_sizes(sizes: dict[str, int], n_devices: int, where: str) -> dict[str, int]:
+    """Check the (data, fsdp, tensor, expert) sizes and resolve the one -1 against ``n_devices``."""
+    sizes = dict(sizes)
     fill = [k for k, v in sizes.items() if v == -1]
     if len(fill) > 1:
         raise ValueError(f"mesh sizes {sizes}: only one axis may be -1 (fill). Fix: give the others explicitly.")
     for k, v in sizes.items():
-        if v != -1 and (not isinstance(v, int) or v < 1):
+        if v != -1 and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise ValueError(f"mesh.{k}={v!r} must be a positive integer or -1. Fix: set mesh.{k}.")
     known = math.prod(v for v in sizes.values() if v != -1)
     if fill:
-        if len(devices) % known:
-            raise ValueError(f"mesh sizes {sizes}: {len(devices)} devices are not divisible by {known}. "
+        if n_devices % known:
+            raise ValueError(f"mesh sizes {sizes}: {n_devices} devices{where} are not divisible by {known}. "
                              "Fix: choose sizes whose product divides the device count.")
-        sizes[fill[0]] = len(devices) // known
-    if math.prod(sizes.values()) != len(devices):
-        raise ValueError(f"mesh sizes {sizes} multiply to {math.prod(sizes.values())} but there are {len(devices)} "
-                         "devices. Fix: make the product equal the device count, or set one axis to -1.")
-    shape = tuple(sizes[a] for a in MESH_AXES)
+        sizes[fill[0]] = n_devices // known
+    if math.prod(sizes.values()) != n_devices:
+        raise ValueError(f"mesh sizes {sizes} multiply to {math.prod(sizes.values())} but there are {n_devices} "
+                         f"devices{where}. Fix: make the product equal the device count, or set one axis to -1.")
+    return sizes
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, expert: int = 1, devices=None, *,
+              dcn_data: int = 1, dcn_fsdp: int = 1) -> Mesh:
+    """A (data, fsdp, tensor, expert) mesh with Auto axis types; one axis may be -1 (= fill the devices).
+
+    Multi-slice (``dcn_data * dcn_fsdp > 1``): ``data, fsdp, tensor, expert`` lay out the devices of one slice
+    (ICI; -1 fills a slice) and ``dcn_data, dcn_fsdp`` the slices (DCN), grouped by the devices' ``slice_index``
+    (``mesh_utils.create_hybrid_device_mesh``). The mesh keeps the same four axes: ``data`` has
+    ``dcn_data * data`` entries and ``fsdp`` ``dcn_fsdp * fsdp``, slice-major, so only the data / FSDP
+    collectives cross slices while tensor and expert parallelism stay inside one.
+
+    Raises:
+      ValueError: sizes that do not lay out the devices, or DCN axes that do not match the devices' slices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert}
+    dcn = {"dcn_data": dcn_data, "dcn_fsdp": dcn_fsdp}
+    for k, v in dcn.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"mesh.{k}={v!r} must be a positive integer (the number of slices along it). "
+                             f"Fix: set mesh.{k}=1 on one slice.")
+    n_slices = dcn_data * dcn_fsdp
+    if n_slices == 1:  # one slice (or no slices at all: CPU, GPU): a plain ICI mesh
+        sizes = _fill_sizes(sizes, len(devices), "")
+        shape = tuple(sizes[a] for a in MESH_AXES)
+        try:
+            dev_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+        except Exception:  # noqa: BLE001 - CPU / odd topologies: plain reshape is fine
+            dev_array = np.asarray(devices).reshape(shape)
+        return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+    groups = slice_groups(devices)
+    shown = f"mesh.dcn_data={dcn_data}, mesh.dcn_fsdp={dcn_fsdp}"
+    if groups is None or len(groups) == 1:
+        why = (f"have no slice_index ({devices[0].platform} devices are one slice)" if groups is None
+               else "are all on one slice")
+        raise ValueError(f"{shown} spread the mesh over {n_slices} TPU slices, but the {len(devices)} devices {why}. "
+                         "Fix: set mesh.dcn_data=1 and mesh.dcn_fsdp=1 on one slice, or run on "
+                         f"{n_slices} slices (a multi-slice TPU job).")
+    if len(groups) != n_slices:
+        raise ValueError(f"{shown} multiply to {n_slices} slices, but the devices span {len(groups)} slices. "
+                         f"Fix: make mesh.dcn_data x mesh.dcn_fsdp equal {len(groups)} (e.g. "
+                         f"mesh.dcn_data={len(groups)}, mesh.dcn_fsdp=1).")
+    per_slice = {len(g) for g in groups.values()}
+    if len(per_slice) != 1:
+        raise ValueError(f"the slices hold different numbers of devices "
+                         f"{ {k: len(g) for k, g in groups.items()} }. Fix: run on identical slices.")
+    sizes = _fill_sizes(sizes, per_slice.pop(), " per slice")
+    ici_shape = tuple(sizes[a] for a in MESH_AXES)
+    dcn_shape = tuple({"data": dcn_data, "fsdp": dcn_fsdp}.get(a, 1) for a in MESH_AXES)
     try:
-        dev_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # noqa: BLE001 - CPU / odd topologies: plain reshape is fine
-        dev_array = np.asarray(devices).reshape(shape)
+        dev_array = jax.experimental.mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices=devices)
+    except Exception:  # noqa: BLE001 - shapes the physical layout cannot take: reshape each slice, same blocks
+        blocks = np.empty(dcn_shape, dtype=object)
+        for i, g in enumerate(groups.values()):
+            blocks[np.unravel_index(i, dcn_shape)] = np.asarray(g).reshape(ici_shape)
+        dev_array = np.block(blocks.tolist())
     return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -224,17 +297,63 @@ def _get(cfg, key: str, default):
 
 
 def mesh_from_config(mesh_cfg, devices=None) -> Mesh:
-    """The mesh of a run config's ``config.mesh`` (fields ``data, fsdp, tensor, expert``; -1 = fill).
+    """The mesh of a run config's ``config.mesh``.
+
+    Fields ``data, fsdp, tensor, expert`` (one slice's layout; -1 = fill) and ``dcn_data, dcn_fsdp`` (how the data
+    and fsdp axes repeat over TPU slices; see ``make_mesh``).
 
     Args:
-      mesh_cfg: a ConfigDict or mapping; missing fields default to ``data=1, fsdp=-1, tensor=1, expert=1``.
+      mesh_cfg: a ConfigDict or mapping; missing fields default to ``data=1, fsdp=-1, tensor=1, expert=1,
+        dcn_data=1, dcn_fsdp=1``.
       devices: the devices to lay out (default: all global devices, every process's).
 
     Returns:
       A ``Mesh`` with Auto axis types over ``MESH_AXES``.
+
+    Raises:
+      ValueError: as ``make_mesh``; also when the devices span several slices but the DCN axes are 1 (FSDP over
+        the data-center network is never what a run wants).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {a: int(_get(mesh_cfg, a, -1 if a == "fsdp" else 1)) for a in MESH_AXES}
+    dcn = {f"dcn_{a}": int(_get(mesh_cfg, f"dcn_{a}", 1)) for a in DCN_AXES}
+    n = num_slices(devices)
+    if n > 1 and all(v == 1 for v in dcn.values()):
+        raise ValueError(f"the {len(devices)} devices span {n} TPU slices but mesh.dcn_data=1 and mesh.dcn_fsdp=1 "
+                         f"(one slice). Fix: set --config.mesh.dcn_data={n} (data parallelism across slices).")
+    return make_mesh(**sizes, **dcn, devices=devices)
+
+
+def mesh_shape(mesh_cfg, n_devices: int, n_slices: int = 1) -> dict[str, int]:
+    """The axis sizes ``mesh_from_config(mesh_cfg)`` gives on ``n_devices`` devices in ``n_slices`` TPU slices,
+    computed without devices (to check a run config before anything is built).
+
+    Raises:
+      ValueError: as ``mesh_from_config`` (one line naming the field, the value and the fix).
     """
     sizes = {a: int(_get(mesh_cfg, a, -1 if a == "fsdp" else 1)) for a in MESH_AXES}
-    return make_mesh(**sizes, devices=devices)
+    dcn = {a: int(_get(mesh_cfg, f"dcn_{a}", 1)) for a in DCN_AXES}
+    for a, v in dcn.items():
+        if v < 1:
+            raise ValueError(f"mesh.dcn_{a}={v!r} must be a positive integer (the number of slices along it). "
+                             f"Fix: set mesh.dcn_{a}=1 on one slice.")
+    n_dcn = math.prod(dcn.values())
+    shown = f"mesh.dcn_data={dcn['data']}, mesh.dcn_fsdp={dcn['fsdp']}"
+    if n_dcn == 1 and n_slices > 1:
+        raise ValueError(f"the {n_devices} devices span {n_slices} TPU slices but mesh.dcn_data=1 and mesh.dcn_fsdp=1 "
+                         f"(one slice). Fix: set --config.mesh.dcn_data={n_slices} (data parallelism across slices).")
+    if n_dcn > 1 and n_slices == 1:
+        raise ValueError(f"{shown} spread the mesh over {n_dcn} TPU slices, but the {n_devices} devices are one slice. "
+                         f"Fix: set mesh.dcn_data=1 and mesh.dcn_fsdp=1 on one slice, or run on {n_dcn} slices "
+                         "(a multi-slice TPU job).")
+    if n_dcn != n_slices:
+        raise ValueError(f"{shown} multiply to {n_dcn} slices, but the devices span {n_slices} slices. "
+                         f"Fix: make mesh.dcn_data x mesh.dcn_fsdp equal {n_slices} (e.g. "
+                         f"mesh.dcn_data={n_slices}, mesh.dcn_fsdp=1).")
+    if n_devices % n_slices:
+        raise ValueError(f"{n_devices} devices do not split into {n_slices} equal slices. Fix: use identical slices.")
+    sizes = _fill_sizes(sizes, n_devices // n_slices, " per slice" if n_slices > 1 else "")
+    return {a: v * dcn.get(a, 1) for a, v in sizes.items()}
 
 
 def rules_from_config(mesh_cfg, mesh: Mesh | None = None) -> ShardingRules:

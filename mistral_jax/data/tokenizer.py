@@ -1,4 +1,9 @@
-"""SentencePiece tokenizer with Mistral's conventions (``<unk>``=0, ``<s>``=1, ``</s>``=2, BOS on, EOS off)."""
+"""SentencePiece tokenizer with Mistral's conventions (``<unk>``=0, ``<s>``=1, ``</s>``=2, BOS on, EOS off).
+
+A tokenizer is a sentencepiece ``.model`` file, a directory holding ``tokenizer.model``, or the name of one of
+Mistral's released tokenizers, ``mistral:v1`` (the 32k vocabulary of Mistral 7B and Mixtral 8x7B), resolved
+offline to the file the ``mistral-common`` package ships (``MistralTokenizer.v1()``'s).
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,65 @@ from collections.abc import Sequence
 
 import sentencepiece as spm
 
+NAME_PREFIX = "mistral:"
+
+# Mistral's sentencepiece tokenizers that mistral-common ships: name -> (MistralTokenizer constructor, pieces,
+# the models that use it). Tekken (tiktoken) tokenizers are not sentencepiece files and are not listed.
+MISTRAL_TOKENIZERS: dict[str, tuple[str, int, str]] = {
+    "mistral:v1": ("v1", 32000, "Mistral 7B v0.1 / v0.2, Mixtral 8x7B v0.1"),
+    "mistral:v2": ("v2", 32768, "v1 + control tokens ([INST], tools): Mistral Small / Large 2402"),
+    "mistral:v3": ("v3", 32768, "Mistral 7B v0.3, Mixtral 8x22B"),
+    "mistral:v7": ("v7", 32768, "v3 + system prompt tokens: Mistral Large 2411"),
+}
+
+
+def is_named(tokenizer: str | os.PathLike) -> bool:
+    """True if ``tokenizer`` is a Mistral tokenizer name (``mistral:...``) rather than a path."""
+    return isinstance(tokenizer, str) and tokenizer.startswith(NAME_PREFIX)
+
+
+def named_tokenizer_path(name: str) -> str:
+    """The sentencepiece file of a Mistral tokenizer name (``mistral:v1`` ...), shipped in ``mistral-common``.
+
+    Offline: the files are package data. Raises ``ValueError`` (one line with the fix) for an unknown name or when
+    mistral-common is not installed.
+    """
+    if name not in MISTRAL_TOKENIZERS:
+        known = ", ".join(f"{k} ({v[1]} pieces: {v[2]})" for k, v in MISTRAL_TOKENIZERS.items())
+        raise ValueError(f"unknown Mistral tokenizer {name!r}. Fix: use one of {known}, or the path of a "
+                         "sentencepiece .model file.")
+    try:
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+    except ImportError as e:
+        raise ValueError(f"tokenizer {name!r} needs the mistral-common package, which ships Mistral's tokenizer files "
+                         f"({type(e).__name__}: {e}). Fix: pip install 'mistral-common>=1.13' (a dependency of "
+                         "mistral_jax: pip install -e .), or pass the path of a sentencepiece .model file.") from None
+    inner = getattr(MistralTokenizer, MISTRAL_TOKENIZERS[name][0])().instruct_tokenizer.tokenizer
+    return os.fspath(inner.file_path)
+
+
+def resolve(tokenizer: str | os.PathLike) -> str:
+    """The sentencepiece file a tokenizer argument names: a ``mistral:`` name's shipped file, a directory's
+    ``tokenizer.model``, or the path itself (not checked: ``Tokenizer`` does that)."""
+    if is_named(tokenizer):
+        return named_tokenizer_path(tokenizer)
+    path = os.fspath(tokenizer)
+    return os.path.join(path, Tokenizer.FILENAME) if os.path.isdir(path) else path
+
 
 class Tokenizer:
     """A thin wrapper over ``sentencepiece.SentencePieceProcessor``.
 
     Args:
-      path: a ``.model`` file, or a directory holding ``tokenizer.model``.
+      path: a ``.model`` file, a directory holding ``tokenizer.model``, or a Mistral tokenizer name such as
+        ``mistral:v1`` (``MISTRAL_TOKENIZERS``; the file ships in mistral-common, no download).
     """
 
     FILENAME = "tokenizer.model"
 
     def __init__(self, path: str | os.PathLike):
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, self.FILENAME)
+        self.name = path if is_named(path) else None  # the mistral:... name, if one was given
+        path = resolve(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"sentencepiece model not found at {path!r}. Fix: pass the path of a .model file or a directory "

@@ -1,0 +1,100 @@
+"""Named Mistral tokenizers (``mistral:v1`` ...): resolved offline to the files mistral-common ships, encoding as
+mistral-common's own tokenizer does; the production configs name Mistral's real 32k tokenizer."""
+
+import os
+import sys
+
+import pytest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+import mistral_jax as mj
+from configs import mistral_7b, mistral_7b_instruct, mixtral_8x7b, mixtral_8x7b_instruct
+from mistral_jax.data import tokenizer as tok_lib
+from mistral_jax.training import sft, trainer
+
+TEXTS = ["Hello, world!", "  leading spaces and\ttabs\nnewlines", "[INST] What is 2 + 2? [/INST]",
+         "Ünïcödé — 東京 🙂", "def f(x):\n    return x ** 2", ""]
+
+
+@pytest.mark.parametrize("name, version, pieces", [("mistral:v1", "v1", 32000), ("mistral:v3", "v3", 32768)])
+def test_named_tokenizer_resolves_offline_and_encodes_like_mistral_common(name, version, pieces, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = mj.Tokenizer(name)
+    ref = getattr(MistralTokenizer, version)().instruct_tokenizer.tokenizer  # mistral-common's SentencePieceTokenizer
+    assert tok.name == name and os.path.isfile(tok.path)
+    assert os.path.samefile(tok.path, ref.file_path)  # the file shipped inside the mistral_common package
+    package_dir = os.path.dirname(sys.modules["mistral_common"].__file__)
+    assert os.path.commonpath([os.path.realpath(tok.path), os.path.realpath(package_dir)]) == os.path.realpath(
+        package_dir)
+    assert tok.vocab_size == ref.n_words == pieces
+    assert (tok.bos_id, tok.eos_id) == (ref.bos_id, ref.eos_id) == (1, 2)
+    for text in TEXTS:
+        for bos, eos in ((True, False), (False, True)):
+            ids = tok.encode(text, bos=bos, eos=eos)
+            assert ids == ref.encode(text, bos=bos, eos=eos), text
+        assert tok.decode(tok.encode(text, bos=False)) == ref.decode(ref.encode(text, bos=False, eos=False))
+    assert tok_lib.resolve(name) == tok.path
+
+
+def test_mistral_v1_is_the_32k_vocabulary_of_mistral_7b():
+    tok = mj.Tokenizer("mistral:v1")
+    assert tok.vocab_size == mj.ModelConfig.mistral_7b_v01().vocab_size == mj.ModelConfig.mixtral_8x7b().vocab_size
+    assert [tok.id_to_piece(i) for i in range(3)] == ["<unk>", "<s>", "</s>"]
+    assert tok.encode("Hello") == [1, 22557]  # Mistral 7B's ids (the same as HF's LlamaTokenizer for the model)
+
+
+@pytest.mark.parametrize("name", ["mistral:v4", "mistral:", "mistral:tekken"])
+def test_unknown_name_is_one_line_with_the_fix(name):
+    with pytest.raises(ValueError, match=rf"^unknown Mistral tokenizer '{name}'\. Fix: use one of mistral:v1 "
+                                         r"\(32000 pieces.*mistral:v3 \(32768.*or the path of a sentencepiece") as e:
+        mj.Tokenizer(name)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_mistral_common_is_one_line_with_the_fix(monkeypatch):
+    for mod in [m for m in sys.modules if m == "mistral_common" or m.startswith("mistral_common.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setitem(sys.modules, "mistral_common", None)  # import mistral_common -> ImportError
+    with pytest.raises(ValueError, match=r"^tokenizer 'mistral:v1' needs the mistral-common package.*"
+                                         r"Fix: pip install 'mistral-common>=1.13'") as e:
+        mj.Tokenizer("mistral:v1")
+    assert "\n" not in str(e.value)
+
+
+def test_paths_still_work(tmp_path):
+    path = mj.Tokenizer("mistral:v1").path
+    assert mj.Tokenizer(path).encode("Hello") == [1, 22557]
+    with pytest.raises(FileNotFoundError, match="sentencepiece model not found"):
+        mj.Tokenizer(tmp_path / "nope.model")
+
+
+@pytest.mark.parametrize("module, n_devices", [(mistral_7b, 64), (mixtral_8x7b, 64)])
+def test_production_configs_name_mistral_v1_and_validate(module, n_devices):
+    cfg = module.get_config()
+    assert cfg.data.tokenizer == "mistral:v1"
+    model_cfg = trainer.validate_config(cfg, n_devices=n_devices, process_count=16)  # v5p-128: 64 chips, 16 hosts
+    assert mj.Tokenizer(cfg.data.tokenizer).vocab_size == model_cfg.vocab_size == 32000
+
+
+@pytest.mark.parametrize("module", [mistral_7b_instruct, mixtral_8x7b_instruct])
+def test_instruct_configs_take_the_base_checkpoints_tokenizer(module, tmp_path):
+    # Fine-tuning keeps the ids the base weights were trained with: data.tokenizer = "" reads init_from's
+    # tokenizer.model (for Mistral-7B-v0.1 / Mixtral-8x7B-v0.1 that file is mistral:v1); a name overrides it.
+    cfg = module.get_config()
+    assert cfg.data.tokenizer == "" and cfg.data.format == "chat"
+    ckpt = tmp_path / "base"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")  # an HF checkpoint dir, as far as finding its tokenizer goes
+    (ckpt / "model.safetensors").write_bytes(b"")
+    with open(mj.Tokenizer("mistral:v1").path, "rb") as f:
+        (ckpt / "tokenizer.model").write_bytes(f.read())
+    cfg.init_from = str(ckpt)
+    work = tmp_path / "work"
+    work.mkdir()
+    tok = sft.tokenizer(cfg, str(work))
+    assert tok.vocab_size == 32000 and tok.encode("Hello") == [1, 22557]
+    assert (work / "tokenizer.model").read_bytes() == (ckpt / "tokenizer.model").read_bytes()
+    cfg.data.tokenizer = "mistral:v1"  # named explicitly: the same file, copied into the workdir as the run's
+    tok = sft.tokenizer(cfg, str(tmp_path / "work"))
+    assert tok.name == "mistral:v1" and tok.vocab_size == 32000
+

@@ -190,9 +190,16 @@ def check_checkpoint_dir(path: str | None, flag: str = "--checkpoint") -> str:
 
 
 def check_tokenizer(path: str | None, checkpoint: str, fmt: str, flag: str = "--tokenizer") -> str:
-    """The tokenizer.model to use: ``path`` (a file, or a directory holding tokenizer.model) or the checkpoint's."""
-    from mistral_jax.data.tokenizer import Tokenizer
+    """The tokenizer.model to use: ``path`` (a file, a directory holding tokenizer.model, or a named Mistral tokenizer
+    such as ``mistral:v1``) or the checkpoint's."""
+    from mistral_jax.data.tokenizer import Tokenizer, is_named, named_tokenizer_path
 
+    if path is not None and is_named(path):
+        try:
+            return named_tokenizer_path(path)
+        except ValueError as e:  # "<what is wrong>. Fix: <how>"
+            problem, _, fix = str(e).partition(". Fix: ")
+            raise UsageError(flag, path, f"cannot be used: {problem}", fix or "pass a tokenizer.model path") from None
     if path is not None:
         file = os.path.join(path, Tokenizer.FILENAME) if os.path.isdir(path) else path
         if not os.path.isfile(file):

@@ -98,3 +98,12 @@ def test_instruct_configs_take_the_base_checkpoints_tokenizer(module, tmp_path):
     tok = sft.tokenizer(cfg, str(tmp_path / "work"))
     assert tok.name == "mistral:v1" and tok.vocab_size == 32000
 
+
+
+def test_command_line_tools_accept_named_tokenizers():
+    """``--tokenizer mistral:v1`` (generate, eval.py) resolves to the shipped file; an unknown name is one line."""
+    from mistral_jax import cli
+
+    assert cli.check_tokenizer("mistral:v1", "unused", "hf") == tok_lib.named_tokenizer_path("mistral:v1")
+    with pytest.raises(cli.UsageError, match=r"--tokenizer='mistral:v9' cannot be used: unknown .*Fix: use one of"):
+        cli.check_tokenizer("mistral:v9", "unused", "hf")

@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import random
+import shutil
 import sys
 
 import jax
@@ -262,6 +263,48 @@ def test_offline_hub_task_error_names_task(env):
     assert "TaskManager().load([" in str(err.value)
 
 
+# Mistral's v1 instruct format as an HF chat template; test_chat_template_is_mistral_commons checks it against
+# mistral-common (Mistral's own library), so the HF oracle below uses Mistral's format, not one of ours.
+MISTRAL_V1_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+CONVERSATIONS = [
+    [{"role": "user", "content": "what color is the cat"}],
+    [{"role": "user", "content": "what color is the cat"}, {"role": "assistant", "content": "red"},
+     {"role": "user", "content": "which dog runs"}],
+    [{"role": "user", "content": "Ünïcödé 東京 ✓ and code: def f(x): return x"},
+     {"role": "assistant", "content": "Ok, 42."}, {"role": "user", "content": "Again, shorter?"}],
+]
+
+
+def test_chat_template_is_mistral_commons(tmp_path):
+    """Our eval chat path, the SFT renderer and MISTRAL_V1_TEMPLATE (through transformers) give mistral-common's
+    ``encode_chat_completion`` ids with Mistral's real v1 tokenizer."""
+    import transformers
+    from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from mistral_jax.data.chat import render_prompt
+
+    mistral = MistralTokenizer.v1()
+    tok = mj.Tokenizer("mistral:v1")
+    model = mj.Transformer(mj.ModelConfig.tiny(vocab_size=32000), rngs=nnx.Rngs(0))
+    lm = MistralJaxLM(model=model, tokenizer="mistral:v1")
+    shutil.copy(tok.path, tmp_path / "tokenizer.model")  # the files an HF export carries (legacy spacing)
+    with open(tmp_path / "tokenizer_config.json", "w") as f:
+        json.dump(dict(tokenizer_class="LlamaTokenizer", legacy=True, add_bos_token=False, add_eos_token=False,
+                       bos_token="<s>", eos_token="</s>", unk_token="<unk>"), f)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for conv in CONVERSATIONS:
+        messages = [(UserMessage if m["role"] == "user" else AssistantMessage)(content=m["content"]) for m in conv]
+        ref = mistral.encode_chat_completion(ChatCompletionRequest(messages=messages)).tokens
+        assert render_prompt(conv, tok) == ref, conv
+        assert lm.tok_encode(lm.apply_chat_template(conv, add_generation_prompt=True)) == ref, conv
+        hf = hf_tok.apply_chat_template(conv, chat_template=MISTRAL_V1_TEMPLATE, tokenize=True)
+        assert list(hf["input_ids"] if hasattr(hf, "keys") else hf) == ref, conv
+
+
 def test_chat_template_matches_training_template_and_hf(env):
     from mistral_jax.data.chat import render_prompt
 
@@ -273,15 +316,13 @@ def test_chat_template_matches_training_template_and_hf(env):
     assert text == "<s>[INST] what color is the cat [/INST] red</s>[INST] which dog runs [/INST]"
     assert lm.tok_encode(text) == render_prompt(conv, tok)  # same ids as the SFT template
 
-    # lm-eval --apply_chat_template: the hf backend with the same template (legacy spacing, as Mistral's tokenizer)
+    # lm-eval --apply_chat_template: the hf backend with Mistral's v1 template (checked against mistral-common above)
     import lm_eval
 
     cfg_path = os.path.join(env["export"], "tokenizer_config.json")
     with open(cfg_path) as f:
         tcfg = json.load(f)
-    tcfg.update(legacy=True, chat_template=(
-        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
-        "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"))
+    tcfg.update(legacy=True, chat_template=MISTRAL_V1_TEMPLATE)
     chat_dir = str(env["root"] / "hf_chat")
     os.makedirs(chat_dir)
     for name in os.listdir(env["export"]):

@@ -5,6 +5,9 @@
                  [--apply_chat_template]
   python eval.py --checkpoint DIR --suite mistral_paper     # the paper's categories, shots and metrics
 
+Several processes (a TPU slice, SLURM / Open MPI, or ``MISTRAL_JAX_COORDINATOR`` / ``_NUM_PROCESSES`` /
+``_PROCESS_ID``) run the same command: each scores every request on the global mesh; process 0 writes and prints.
+
 DIR is anything ``mistral_jax.load_pretrained`` accepts (HF, Mistral consolidated, mistral_jax export or
 training workdir). Results are written like lm-eval's (``results_<date>.json``, ``samples_<task>_<date>.jsonl``).
 
@@ -49,6 +52,9 @@ def _main(argv: list[str]) -> int:
 
     task_manager = TaskManager(include_path=FLAGS.include_path)  # indexes every task YAML (seconds)
     args.check_task_names(task_manager, names, FLAGS.tasks)
+    from mistral_jax import distributed
+
+    distributed.initialize()  # several processes (TPU slice, SLURM, MISTRAL_JAX_*): before any device is used
     from mistral_jax.evals.run import evaluate
 
     evaluate(checkpoint=FLAGS.checkpoint, tasks=names, suite=FLAGS.suite, num_fewshot=FLAGS.num_fewshot,

@@ -1,6 +1,9 @@
 """Pretrain Mistral / Mixtral: ``python train.py --config configs/tiny.py --workdir runs/tiny [--config.a.b=v]``.
 
 Resumes from ``{workdir}/checkpoints`` when present. On SIGTERM / SIGINT it saves and exits with 128 + signal.
+Several processes (a TPU slice, SLURM, Open MPI, or the ``MISTRAL_JAX_*`` variables of ``mistral_jax.distributed``)
+run the same command; ``jax.distributed`` starts after the argument checks, before any device is used.
+``--dry_run`` compiles the train step on the real devices, prints memory per device and FLOPs, and writes nothing.
 A bad argument or config value is one line naming it, its value and the fix (exit status 2), checked before anything
 is loaded; a run that fails (a checkpoint save, a non-finite loss) is one line too (exit status 1). Tracebacks only
 with ``MISTRAL_JAX_DEBUG=1`` or ``--verbose``. The last line is a summary: status, step, final loss, newest checkpoint.
@@ -46,27 +49,41 @@ def check_args(argv: list[str]) -> None:
 
 
 def main(argv: list[str]) -> None:
+    import jax
+
+    from mistral_jax import distributed
     from mistral_jax.training import checkpoint, trainer
 
     cli.quiet_libraries()  # again: absl's flag parsing resets the verbosity (Orbax logs every save at INFO)
     logging.getLogger("mistral_jax").setLevel(logging.INFO)
     cfg, workdir = _CONFIG.value, _WORKDIR.value
     try:
+        trainer.check_processes(cfg, workdir, distributed.expected_process_count())  # before any device
+        distributed.initialize()
+        if _DRY_RUN.value:
+            report = trainer.format_dry_run(trainer.dry_run(cfg, workdir))
+            return print(report, flush=True) if jax.process_index() == 0 else None
         result = trainer.train(cfg, workdir)
     except (trainer.ConfigError, checkpoint.WorkdirBusy, ValueError) as e:
         if cli.debug_enabled():
             raise
         named = isinstance(e, (trainer.ConfigError, checkpoint.WorkdirBusy))  # their message names the field
         cli.fail(PROG, str(e) if named else f"{type(e).__name__}: {e}", 2)
-    except (checkpoint.CheckpointSaveError, FloatingPointError) as e:
+    except (checkpoint.CheckpointSaveError, FloatingPointError, distributed.DistributedStartError) as e:
         if cli.debug_enabled():
             raise
         cli.fail(PROG, f"{type(e).__name__}: {e}", 1)
+    except jax.errors.JaxRuntimeError as e:
+        if cli.debug_enabled() or jax.process_count() == 1:
+            raise
+        cli.fail(PROG, f"process {jax.process_index()}: a step across the {jax.process_count()} processes failed, "
+                 f"most likely because another process died (see its log): {str(e).splitlines()[0][:300]}", 1)
     loss = result["last_metrics"].get("loss")
     how = result["status"] if result["status"] == "done" else f"preempted by signal {result['signal']}"
-    print(f"{PROG}: {how} at step {result['step']}/{cfg.num_steps}; final loss "
-          f"{'n/a' if loss is None else f'{loss:.4f}'}; newest checkpoint {result['checkpoint'] or 'none'}",
-          flush=True)
+    if jax.process_index() == 0:
+        print(f"{PROG}: {how} at step {result['step']}/{cfg.num_steps}; final loss "
+              f"{'n/a' if loss is None else f'{loss:.4f}'}; newest checkpoint {result['checkpoint'] or 'none'}",
+              flush=True)
     if result["status"] == "preempted":
         sys.exit(128 + result["signal"])
 
@@ -96,5 +113,6 @@ if __name__ == "__main__":
 
     _CONFIG = config_flags.DEFINE_config_file("config", None, "run config file (configs/*.py)", lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, tokenizer)")
+    _DRY_RUN = flags.DEFINE_bool("dry_run", False, "compile the step, print memory and FLOPs; no training")
     flags.DEFINE_bool("verbose", False, f"show tracebacks of expected errors (as {cli.DEBUG_ENV}=1)")
     app.run(main, flags_parser=_parse_flags)

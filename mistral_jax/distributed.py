@@ -4,7 +4,14 @@ On a TPU pod slice every host runs the same command; ``initialize()`` calls ``ja
 which auto-detects the coordinator, the process count and this process's id from the TPU metadata. Elsewhere
 (GPU clusters, several CPU processes in tests) pass them explicitly or set the environment variables
 ``MISTRAL_JAX_COORDINATOR`` (``host:port``), ``MISTRAL_JAX_NUM_PROCESSES`` and ``MISTRAL_JAX_PROCESS_ID``
-(SLURM / Open MPI environments are auto-detected by JAX itself).
+(SLURM / Open MPI environments are auto-detected by JAX itself). Multi-node GPU: one process per host sees all its
+GPUs; one process per GPU sets ``MISTRAL_JAX_LOCAL_DEVICE_IDS`` (e.g. ``0`` or ``0,1``) to the GPUs it owns.
+
+A process that dies is noticed by the others through the coordination service's heartbeats: after
+``MISTRAL_JAX_HEARTBEAT_TIMEOUT`` seconds (default 60) every other process is terminated by JAX with a message
+naming the lost task (``The following tasks are unhealthy (stopped sending heartbeats): 1``), or naming the leader
+when process 0 died; none hangs. ``MISTRAL_JAX_INIT_TIMEOUT`` (default 300 s) bounds the wait for all processes
+to connect at start-up.
 
 Each process then loads only its share of the data (the pipelines take ``process_index`` / ``process_count``:
 rows ``process_index::process_count`` of each global batch) and ``global_batch`` assembles the global
@@ -28,19 +35,90 @@ log = logging.getLogger(__name__)
 ENV_COORDINATOR = "MISTRAL_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "MISTRAL_JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "MISTRAL_JAX_PROCESS_ID"
+ENV_LOCAL_DEVICE_IDS = "MISTRAL_JAX_LOCAL_DEVICE_IDS"
+ENV_HEARTBEAT_TIMEOUT = "MISTRAL_JAX_HEARTBEAT_TIMEOUT"
+ENV_INIT_TIMEOUT = "MISTRAL_JAX_INIT_TIMEOUT"
+DEFAULT_HEARTBEAT_TIMEOUT = 60  # seconds without heartbeats before the others stop (JAX's own default: 100)
+DEFAULT_INIT_TIMEOUT = 300  # seconds to wait for every process to connect
 
 _initialized = False
 
 
+def _env_int(name: str, *, minimum: int = 0) -> int | None:
+    """``int(os.environ[name])`` or None if unset / empty; a ``ValueError`` naming the variable if malformed."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ValueError(f"{name}={text!r} is not an integer >= {minimum}. Fix: set {name} to one (or unset it).")
+    return value
+
+
+def _cluster_size() -> int | None:
+    """Process count announced by a cluster environment (TPU slice, multi-slice, SLURM, Open MPI), or None."""
+    tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    slices = _soft_int("MEGASCALE_NUM_SLICES") or 1
+    if len(tpu_hosts) > 1 or (tpu_hosts and slices > 1):
+        return len(tpu_hosts) * slices
+    if "SLURM_JOB_ID" in os.environ and (_soft_int("SLURM_NTASKS") or 1) > 1:
+        return _soft_int("SLURM_NTASKS")
+    if (_soft_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
+        return _soft_int("OMPI_COMM_WORLD_SIZE")
+    return None
+
+
+def _soft_int(name: str) -> int | None:
+    try:
+        return int(os.environ.get(name, ""))
+    except ValueError:
+        return None
+
+
 def _cluster_detected() -> bool:
-    """A multi-host TPU slice (the TPU VM runtime lists every worker), multi-slice, or a multi-task SLURM job."""
-    tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    slurm = "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    return "," in tpu_hosts or bool(os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")) or slurm
+    """A multi-host TPU slice (the TPU VM runtime lists every worker), multi-slice, a multi-task SLURM job or an
+    Open MPI launch of several processes (``mpirun -n N``)."""
+    return _cluster_size() is not None or bool(os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
+
+
+def expected_process_count() -> int:
+    """How many processes this run will have, read from the environment only (no device is touched).
+
+    ``MISTRAL_JAX_NUM_PROCESSES`` if set, else what a cluster environment announces (TPU worker list times
+    slices, ``SLURM_NTASKS``, ``OMPI_COMM_WORLD_SIZE``), else 1. Lets entry points reject a multi-process run's
+    config before ``initialize()`` (which waits for every process) or any device use.
+    """
+    if jax.distributed.is_initialized():
+        return jax.process_count()
+    explicit = _env_int(ENV_NUM_PROCESSES, minimum=1)
+    if explicit is not None:
+        return explicit
+    return _cluster_size() or 1
+
+
+def _local_device_ids(value: Any) -> Any:
+    if value is not None:
+        return value
+    text = os.environ.get(ENV_LOCAL_DEVICE_IDS, "").strip()
+    if not text:
+        return None
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        ids = []
+    if not ids or any(i < 0 for i in ids):
+        raise ValueError(f"{ENV_LOCAL_DEVICE_IDS}={text!r} is not a comma-separated list of device ids. Fix: set it "
+                         f"to the local GPUs this process owns, e.g. {ENV_LOCAL_DEVICE_IDS}=0 (one process per GPU) "
+                         "or unset it (one process per host uses every local GPU).")
+    return ids
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, local_device_ids: Any = None, force: bool = False) -> bool:
+               process_id: int | None = None, *, local_device_ids: Any = None, force: bool = False,
+               heartbeat_timeout: int | None = None, init_timeout: int | None = None) -> bool:
     """Start ``jax.distributed`` when this is one process of several; a no-op for a single process.
 
     Must run before anything touches a JAX device. Arguments default to the ``MISTRAL_JAX_*`` environment
@@ -50,20 +128,29 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       coordinator_address: ``host:port`` of process 0's coordinator service.
       num_processes: total number of processes.
       process_id: this process's index in ``[0, num_processes)``.
-      local_device_ids: restrict this process to these local devices (GPU clusters).
+      local_device_ids: restrict this process to these local devices (GPU clusters; default
+        ``MISTRAL_JAX_LOCAL_DEVICE_IDS``, e.g. ``0,1``).
       force: call ``jax.distributed.initialize()`` even without arguments (cluster auto-detection).
+      heartbeat_timeout: seconds after which a process that stopped sending heartbeats (killed, host lost) makes
+        every other process stop with an error naming it (default ``MISTRAL_JAX_HEARTBEAT_TIMEOUT`` or 60).
+      init_timeout: seconds to wait for every process to connect (default ``MISTRAL_JAX_INIT_TIMEOUT`` or 300).
 
     Returns:
       True if ``jax.distributed`` was initialised (now or by an earlier call).
     """
     global _initialized
-    if _initialized:
+    if _initialized or jax.distributed.is_initialized():
+        _initialized = True
         return True
     coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
-    if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
-        num_processes = int(os.environ[ENV_NUM_PROCESSES])
-    if process_id is None and os.environ.get(ENV_PROCESS_ID):
-        process_id = int(os.environ[ENV_PROCESS_ID])
+    if num_processes is None:
+        num_processes = _env_int(ENV_NUM_PROCESSES, minimum=1)
+    if process_id is None:
+        process_id = _env_int(ENV_PROCESS_ID)
+    local_device_ids = _local_device_ids(local_device_ids)
+    heartbeat = heartbeat_timeout or _env_int(ENV_HEARTBEAT_TIMEOUT, minimum=1) or DEFAULT_HEARTBEAT_TIMEOUT
+    init = init_timeout or _env_int(ENV_INIT_TIMEOUT, minimum=1) or DEFAULT_INIT_TIMEOUT
+    timeouts = dict(heartbeat_timeout_seconds=int(heartbeat), initialization_timeout=int(init))
     explicit = coordinator_address is not None or num_processes is not None or process_id is not None
     if explicit:
         missing = [n for n, v in (("coordinator_address", coordinator_address), ("num_processes", num_processes),
@@ -78,18 +165,46 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                              "Fix: number the processes 0 .. num_processes - 1.")
         if num_processes == 1:
             return False
-        # CPU processes need a cross-process collectives backend (gloo ships with jaxlib); TPU / GPU ignore it.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id, local_device_ids=local_device_ids)
+        if ":" not in coordinator_address:
+            raise ValueError(f"{ENV_COORDINATOR}={coordinator_address!r} has no port. Fix: give host:port of "
+                             "process 0 (a free port on that host, the same for every process), e.g. 10.0.0.1:8476.")
+        where = f"coordinator {coordinator_address}, process {process_id} of {num_processes}"
+        _use_gloo_on_cpu()
+        _start(where, init, coordinator_address=coordinator_address, num_processes=num_processes,
+               process_id=process_id, local_device_ids=local_device_ids, **timeouts)
     elif force or _cluster_detected():
-        jax.distributed.initialize(local_device_ids=local_device_ids)
+        _use_gloo_on_cpu()
+        _start("cluster auto-detection (TPU slice / SLURM / Open MPI)", init, local_device_ids=local_device_ids,
+               **timeouts)
     else:
         return False
     _initialized = True
-    log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
-             jax.process_count(), jax.local_device_count(), jax.device_count())
+    (log.info if jax.process_index() == 0 else log.debug)(
+        "jax.distributed: process %d of %d, %d local / %d global devices (%s); a lost process stops the others "
+        "within ~%d s", jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+        jax.devices()[0].platform, heartbeat)
     return True
+
+
+class DistributedStartError(RuntimeError):
+    """``jax.distributed`` could not start (coordinator unreachable, processes missing, ...)."""
+
+
+def _use_gloo_on_cpu() -> None:
+    """CPU processes need a cross-process collectives backend (gloo ships with jaxlib); TPU / GPU ignore it."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def _start(where: str, init_timeout: int, **kwargs: Any) -> None:
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as e:  # noqa: BLE001 - JAX raises several types (timeouts, RPC errors, RuntimeError)
+        first = " ".join(str(e).split())[:400]
+        raise DistributedStartError(
+            f"jax.distributed could not start ({where}): {type(e).__name__}: {first}. Fix: start every process "
+            f"within {init_timeout} s ({ENV_INIT_TIMEOUT}) with the same {ENV_COORDINATOR} (host:port of process "
+            f"0, reachable from every host) and {ENV_NUM_PROCESSES}, and distinct {ENV_PROCESS_ID}s; call it "
+            "before anything touches a device.") from e
 
 
 def skip_absent_tpu() -> bool:
@@ -159,6 +274,38 @@ def local_rows(x: jax.Array) -> np.ndarray:
             seen.add(start)
             rows.append(np.asarray(s.data))
     return np.concatenate(rows, axis=0)
+
+
+def any_process(flag: int) -> int:
+    """The largest ``flag`` over all processes (a tiny all-gather; with one process: ``flag``, no collective).
+
+    Every process must call it at the same point: the agreement behind a coordinated stop (a signal that reached
+    only some hosts) or a shared decision (a checkpoint step that fails to restore on any host).
+    """
+    if jax.process_count() == 1:
+        return int(flag)
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.asarray([int(flag)], np.int32))))
+
+
+def allgather_json(obj: Any) -> list[Any]:
+    """``[obj of process 0, obj of process 1, ...]`` for a JSON-able ``obj`` (e.g. each process's data position).
+
+    Two small all-gathers (the lengths, then the padded UTF-8 bytes); with one process ``[obj]``.
+    """
+    if jax.process_count() == 1:
+        return [obj]
+    import json
+
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj, sort_keys=True).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int32))).reshape(-1)
+    padded = np.zeros((int(sizes.max()),), np.uint8)
+    padded[:data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(bytes(rows[i, :int(n)]).decode()) for i, n in enumerate(sizes)]
 
 
 def sync(name: str) -> None:

@@ -158,9 +158,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
     fmt = check_checkpoint_dir(args.checkpoint)
     tokenizer_file = check_tokenizer(args.tokenizer, args.checkpoint, fmt)
+    from mistral_jax import distributed
     from mistral_jax.data.tokenizer import Tokenizer
     from mistral_jax.loading import load_pretrained
 
+    distributed.initialize()  # several processes (TPU slice, SLURM, MISTRAL_JAX_*): before any device is used
     try:
         tokenizer = Tokenizer(tokenizer_file)
     except ValueError as e:  # not a sentencepiece model
@@ -174,8 +176,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     start = time.perf_counter()
     text = run(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                top_k=args.top_k, top_p=args.top_p, seed=args.seed, instruct=args.instruct, stop=args.stop,
-               chunk_size=args.chunk_size)
-    print(f"[{time.perf_counter() - start:.1f}s including compilation]", file=sys.stderr)
+               chunk_size=args.chunk_size, out="stdout" if distributed.is_main_process() else None)
+    if distributed.is_main_process():  # every process of a multi-host launch generates the same text
+        print(f"[{time.perf_counter() - start:.1f}s including compilation]", file=sys.stderr)
     return text
 
 

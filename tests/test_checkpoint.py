@@ -183,3 +183,18 @@ def test_restore_onto_a_different_mesh(tmp_path):
     for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(got), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(restored["step"]) == 3  # the step counter comes from the checkpoint's meta
+
+
+def test_train_py_resumes_on_a_different_mesh(reference_run, tokenizer_path, tmp_path):
+    """The README's "a run can resume on a different mesh", through train.py: FSDP over 8 -> data 2 x FSDP 2 x TP 2."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference_run, workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", str(STEPS)))  # resume from step 8
+    proc = subprocess.run(_cmd(workdir, tokenizer_path) + ["--config.mesh.data=2", "--config.mesh.fsdp=2",
+                                                           "--config.mesh.tensor=2"],
+                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = [r["step"] for r in read_metrics(workdir) if "loss" in r][STEPS:]
+    assert resumed == list(range(9, STEPS + 1))  # continued from step 8 on the new mesh
+    ref, got = _losses(reference_run), _losses(workdir)
+    np.testing.assert_allclose([got[s] for s in resumed], [ref[s] for s in resumed], rtol=1e-5)

@@ -19,7 +19,9 @@ end of a non-looping source, i.e. in eval).
 
 Order: each epoch visits the documents in a permutation drawn from ``seed + epoch`` (``shuffle``), and
 process ``p`` of ``P`` takes every P-th document of it. Hub datasets use ``datasets``' seeded shuffle buffer
-and ``split_dataset_by_node``.
+and ``split_dataset_by_node`` (so a streamed dataset's global batch depends on the process count). Training on
+local files uses ``RowReaders``: row ``r`` of the global batch reads documents ``r::rows``, so the global batch is
+the same on any number of processes and each process reads only the documents of its own rows.
 
 Resumable state: ``{"epoch", "index", "offset"}`` (the next document of this process and the number of its
 pairs already emitted), plus a ``fingerprint`` of the settings that define the order. ``get_state()`` after a
@@ -329,6 +331,73 @@ class PackedBatches:
         while len(rows) < self.batch_size:  # end of a non-looping source: all-padding rows
             rows.append({k: np.zeros_like(v) for k, v in rows[0].items()})
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+class RowReaders:
+    """Packed batches whose row ``r`` of every global batch is its own document stream: the global batch does not
+    depend on how many processes read it.
+
+    Row ``r`` of ``total_rows`` reads the documents ``r::total_rows`` of each epoch's order (a ``PackedBatches`` of
+    one row per batch); a process builds only its own ``rows`` (the global row ids it holds, see
+    ``trainer._process_rows``) and reads only their documents. One process of 8 devices and 2 processes of 4 therefore
+    train on identical global batches, and a run resumed on another process count continues every row's stream.
+    With fewer documents ``n`` than rows, row ``r`` reads the documents ``r % n :: n`` (rows repeat).
+
+    The state is ``{"epoch": oldest row's epoch, "rows": {row id: PackedBatches state}}``.
+    """
+
+    def __init__(self, source: LocalSource, tokenizer: Tokenizer, seq_len: int, rows: Sequence[int],
+                 total_rows: int, *, seed: int = 0, shuffle: bool = True, add_bos: bool = True, add_eos: bool = True,
+                 loop: bool = True):
+        if not rows or total_rows < 1 or any(not 0 <= r < total_rows for r in rows):
+            raise DataError(f"rows={list(rows)[:8]} of total_rows={total_rows}: row ids must lie in [0, total_rows).")
+        readers = min(total_rows, len(source))
+        self.rows = [int(r) for r in rows]
+        self.streams = [PackedBatches(source, tokenizer, seq_len, 1, seed=seed, shuffle=shuffle, add_bos=add_bos,
+                                      add_eos=add_eos, loop=loop, process_index=r % readers, process_count=readers)
+                        for r in self.rows]
+        self._ended = [False] * len(self.rows)
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-able position of every row's stream."""
+        states = [s.get_state() for s in self.streams]
+        return {"epoch": min(st["epoch"] for st in states), "rows": {str(r): st for r, st in zip(self.rows, states,
+                                                                                                  strict=True)}}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (from ``get_state``; of this or another process count)."""
+        saved = state.get("rows")
+        missing = [r for r in self.rows if str(r) not in (saved or {})]
+        if missing:
+            raise DataError(f"the saved data position has no stream for rows {missing[:8]} (it holds "
+                            f"{sorted(saved or {}, key=int)[:8]}...): the checkpoint was written with another "
+                            "config.batch_size or data layout. Fix: resume with the batch_size it was written with.")
+        for r, s in zip(self.rows, self.streams, strict=True):
+            s.set_state(saved[str(r)])
+        self._ended = [False] * len(self.rows)
+
+    def __iter__(self) -> RowReaders:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        out: list[dict[str, np.ndarray] | None] = []
+        for i, s in enumerate(self.streams):
+            row = None if self._ended[i] else next(s, None)
+            self._ended[i] = row is None
+            out.append(row)
+        first = next((r for r in out if r is not None), None)
+        if first is None:  # every row's stream ended (eval): the caller pads with empty batches
+            raise StopIteration
+        return {k: np.concatenate([(r if r is not None else first)[k] * (r is not None) for r in out]).astype(v.dtype)
+                for k, v in first.items()}
+
+
+def merge_row_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One ``RowReaders`` state holding every row of ``states`` (the processes' states of one step)."""
+    rows: dict[str, Any] = {}
+    for st in states:
+        rows.update(st["rows"])
+    return {"epoch": min(st["epoch"] for st in states), "rows": dict(sorted(rows.items(), key=lambda kv: int(kv[0])))}
 
 
 def empty_batch(batch_size: int, seq_len: int) -> dict[str, np.ndarray]:

@@ -177,7 +177,9 @@ class MistralJaxLM(TemplateLM):
                      tuple(tokens.shape), len(self.compile_log))
             return _score_batch(graphdef, state, tokens, targets, weights, valid)
 
-        self._score = jax.jit(traced, static_argnums=0)  # one jit per backend: compile_log counts its traces
+        # outputs replicated: every process reads the scores (a batch-sharded output spans several hosts)
+        out = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self._score = jax.jit(traced, static_argnums=0, out_shardings=out)  # one jit per backend (compile_log)
 
     # ------------------------------------------------------------------ lm-eval properties
     @property
@@ -291,7 +293,10 @@ class MistralJaxLM(TemplateLM):
 
     # ------------------------------------------------------------------ scoring
     def _put(self, x: np.ndarray) -> jax.Array:
-        return jax.device_put(x, self._batch_sharding) if self.mesh is not None else jnp.asarray(x)
+        if self.mesh is None:
+            return jnp.asarray(x)
+        # every process holds the whole batch (lm-eval runs the same requests on each); each places its own shards
+        return jax.make_array_from_callback(x.shape, self._batch_sharding, lambda index: x[index])
 
     def _run_score(self, rows: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
         """Score ``rows`` = (input ids, n scored continuation tokens) for one batch of <= ``batch_size`` rows."""

@@ -10,6 +10,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+
 from mistral_jax.evals import presets
 from mistral_jax.evals.lm import MistralJaxLM, xla_compile_count
 
@@ -195,7 +197,8 @@ def evaluate(*, checkpoint: str | None = None, lm: MistralJaxLM | None = None, t
         lm = MistralJaxLM(checkpoint, tokenizer=tokenizer, batch_size=batch_size, dtype=dtype,
                           max_length=max_length, seed=seed[0])
 
-    tracker = EvaluationTracker(output_path=output_path) if output_path else None
+    main = jax.process_index() == 0  # several processes run the same requests in lock-step; process 0 writes
+    tracker = EvaluationTracker(output_path=output_path) if output_path and main else None
     compiles0, t0 = xla_compile_count(), time.perf_counter()
     score0 = lm.n_compilations
     results = lm_eval.simple_evaluate(
@@ -221,7 +224,7 @@ def evaluate(*, checkpoint: str | None = None, lm: MistralJaxLM | None = None, t
             tracker.save_results_samples(task_name=task_name, samples=written[task_name])
         if samples is not None:
             results["samples"] = samples
-    if verbose:
+    if verbose and main:
         print(make_table(results))
         if "groups" in results:
             print(make_table(results, "groups"))

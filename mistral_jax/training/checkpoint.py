@@ -16,6 +16,10 @@ a *mismatch* (``CheckpointMismatch``: a different run, never moved); a step whos
 is *corrupt* and ``restore_latest`` moves it to ``{workdir}/corrupt_checkpoints/`` with a warning and falls back
 to the previous one. ``WorkdirLock`` gives a workdir one owner; ``archive_run`` moves a finished or abandoned run
 aside (``{workdir}/archive/<time>/``) instead of deleting it.
+
+Several processes: every process calls ``save`` / ``restore_latest`` at the same steps (Orbax writes each
+process's shards and synchronises them); the processes agree on which step restores (a step that fails on any
+process is quarantined by process 0 while the others wait), so they never resume from different steps.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from mistral_jax import distributed
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +251,10 @@ class Checkpointer:
                       if n.isdigit() and os.path.isdir(os.path.join(self.directory, n)))
 
     # ----------------------------------------------------------------------------------------- save
+    def due(self, step: int, *, force: bool = False) -> bool:
+        """Whether ``save(step, ..., force=force)`` would start a save (the same answer on every process)."""
+        return step not in self.manager.all_steps() and (force or step % self.every_steps == 0)
+
     def save(self, step: int, state: dict[str, Any], data_state: dict[str, Any], meta: dict[str, Any], *,
              force: bool = False) -> bool:
         """Save (asynchronously) if ``step`` is due or ``force``; returns whether a save started.
@@ -252,7 +262,7 @@ class Checkpointer:
         Raises:
           CheckpointSaveError: this save, or the previous one, failed.
         """
-        if step in self.manager.all_steps() or not (force or step % self.every_steps == 0):
+        if not self.due(step, force=force):
             return False  # orbax alone would also save the first step of every run
         self.check(block=True, current_step=step)  # orbax waits for the previous save here anyway
         args = ocp.args.Composite(params=ocp.args.StandardSave(state["params"]),
@@ -368,16 +378,17 @@ class Checkpointer:
         """
         unreadable = self.check_compatible(abstract_state)
         for step in reversed(self.all_steps()):
-            if step in unreadable:
-                self._quarantine(step, unreadable[step])
-                continue
-            try:
-                state, data_state, meta = self.restore(step, abstract_state)
-            except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
-                if looks_like_mismatch(e):
-                    said = " ".join(str(e).split())[:300]  # one line
-                    raise CheckpointMismatch(self.directory, step, [f"{type(e).__name__}: {said}"]) from e
-                self._quarantine(step, e)
+            err = unreadable.get(step)
+            if err is None:
+                try:
+                    state, data_state, meta = self.restore(step, abstract_state)
+                except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
+                    if looks_like_mismatch(e):
+                        said = " ".join(str(e).split())[:300]  # one line
+                        raise CheckpointMismatch(self.directory, step, [f"{type(e).__name__}: {said}"]) from e
+                    err = e
+            if distributed.any_process(err is not None):  # unusable on any process: every process moves on
+                self._quarantine(step, err or RuntimeError("another process could not restore it"))
                 continue
             return step, state, data_state, meta
         return None
@@ -390,6 +401,7 @@ class Checkpointer:
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             shutil.move(os.path.join(self.directory, str(step)), dest)
+        distributed.sync(f"mistral_jax.quarantine_{step}")  # the others reopen after process 0 moved it
         self.manager.close()
         self._open()
 

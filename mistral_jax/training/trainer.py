@@ -22,6 +22,15 @@ Fault handling: SIGTERM / SIGINT finish the current step, save a checkpoint, wai
 data position). A non-finite loss or gradient never reaches the params (``training.step``); with
 ``nan_policy="stop"`` the run raises ``FloatingPointError`` without saving that step, with ``"skip"`` it
 counts the skipped update (``skipped_steps`` metric) and continues.
+
+Several processes (``distributed.initialize()``, called by ``train.py`` before any device use): every process
+runs this same loop on its share of the data (rows ``process_index::process_count``) and takes part in every
+Orbax save and restore; only process 0 holds the lock, writes ``run_config.json`` / ``model_config.json`` /
+``metrics.jsonl`` / TensorBoard and shows the progress bar. A signal that reaches only some processes stops all
+of them at the same step: each step the processes agree on the signals seen (a 4-byte all-gather, skipped with
+one process), save that step and exit with ``128 + signal`` together. The checkpoint's ``data_state`` holds every
+process's data position (``{"process_count", "processes": [...]}``), so a resumed run continues each process's
+stream exactly.
 """
 
 from __future__ import annotations
@@ -42,9 +51,10 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from mistral_jax import sharding
+from mistral_jax import distributed, sharding
 from mistral_jax.config import ModelConfig
 from mistral_jax.data import pipeline
+from mistral_jax.data import tokenizer as tokenizer_lib
 from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.data.train_tokenizer import VocabularyTooSmall, train_tokenizer
 from mistral_jax.training import sft
@@ -53,6 +63,7 @@ from mistral_jax.training.checkpoint import (
     ARCHIVE_DIR,
     Checkpointer,
     CheckpointMismatch,
+    WorkdirBusy,
     WorkdirLock,
     archive_run,
 )
@@ -142,8 +153,14 @@ def model_config_from(model: Any) -> ModelConfig:
         raise ConfigError(f"config.model (preset={preset!r}, overrides={overrides}): {e}") from e
 
 
-def mesh_sizes(mesh_cfg: Any, n_devices: int) -> dict[str, int]:
+def mesh_sizes(mesh_cfg: Any, n_devices: int, n_slices: int = 1) -> dict[str, int]:
     """The mesh axis sizes of ``config.mesh`` on ``n_devices`` devices (one -1 fills), or ConfigError."""
+    dcn = (mesh_cfg.get("dcn_data", 1), mesh_cfg.get("dcn_fsdp", 1))
+    if n_slices > 1 or dcn != (1, 1):  # multi-slice: mesh.{data,...} lay out one slice, dcn_* the slices
+        try:
+            return sharding.mesh_shape(mesh_cfg, n_devices, n_slices)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"config.mesh: {e}") from None
     sizes = {a: mesh_cfg[a] for a in sharding.MESH_AXES}
     shown = ", ".join(f"mesh.{k}={v}" for k, v in sizes.items())
     for k, v in sizes.items():
@@ -174,7 +191,7 @@ def rules_from(cfg: ConfigDict) -> sharding.ShardingRules:
 
 
 def validate_config(cfg: ConfigDict, n_devices: int | None = None, process_count: int | None = None,
-                    schema: ConfigDict | None = None) -> ModelConfig:
+                    schema: ConfigDict | None = None, n_slices: int | None = None) -> ModelConfig:
     """Check the run config before anything is compiled; returns its ModelConfig. Raises ``ConfigError``."""
     schema = base_config() if schema is None else schema
     unknown = _unknown_keys(cfg, schema)
@@ -188,7 +205,7 @@ def validate_config(cfg: ConfigDict, n_devices: int | None = None, process_count
     for name in ("num_steps", "batch_size", "grad_accum_steps", "log_every"):
         if not isinstance(cfg[name], int) or cfg[name] < 1:
             raise ConfigError(f"config.{name}={cfg[name]!r} must be an integer >= 1. Fix: set --config.{name}.")
-    sizes = mesh_sizes(cfg.mesh, n_devices)
+    sizes = mesh_sizes(cfg.mesh, n_devices, sharding.num_slices() if n_slices is None else n_slices)
     rules = rules_from(cfg)
     batch_axes = rules.mesh_axes("batch")
     batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
@@ -222,6 +239,35 @@ def validate_config(cfg: ConfigDict, n_devices: int | None = None, process_count
         raise ConfigError(f"config.checkpoint.every_steps={cfg.checkpoint.every_steps}, keep={cfg.checkpoint.keep}: "
                           "both must be >= 1.")
     return model_cfg
+
+
+def check_processes(cfg: ConfigDict, workdir: str, process_count: int) -> None:
+    """Checks of a run of ``process_count`` processes that need no device: raise ``ConfigError`` before
+    ``jax.distributed`` starts (each process would otherwise train its own, different, tokenizer)."""
+    if process_count <= 1 or cfg.data.tokenizer or sft.init_from(cfg) or sft.is_chat(cfg):
+        return
+    if os.path.isfile(os.path.join(workdir, Tokenizer.FILENAME)):  # a resumed run keeps the tokenizer it trained
+        return
+    raise ConfigError(
+        f"config.data.tokenizer='' asks the run to train a tokenizer, which a run of {process_count} processes "
+        "cannot do (each process would train its own). Fix: pass --config.data.tokenizer=PATH (a sentencepiece "
+        ".model, e.g. trained once with mistral_jax.data.train_tokenizer, or the tokenizer.model of a single-process"
+        " run) or a named Mistral tokenizer such as --config.data.tokenizer=mistral:v1.")
+
+
+def resolve_mesh(cfg: ConfigDict) -> tuple[Any, sharding.ShardingRules]:
+    """``(mesh, rules)`` of ``config.mesh`` on every global device; process 0 logs the shape and the rules."""
+    rules = rules_from(cfg)
+    mesh = sharding.mesh_from_config(cfg.mesh)  # DCN axes too: data / fsdp across TPU slices
+    if jax.process_index() == 0:
+        log.info("mesh %s over %d devices (%d processes); rules %s: %s",
+                 " x ".join(f"{k}={v}" for k, v in mesh.shape.items()), mesh.size, jax.process_count(),
+                 cfg.mesh.rules, _describe_rules(rules))
+    return mesh, rules
+
+
+def _describe_rules(rules: sharding.ShardingRules) -> str:
+    return ", ".join(f"{k}->{v}" for k, v in rules.rules.items() if v)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -260,13 +306,50 @@ def _global_batch(local: dict[str, np.ndarray], bsharding) -> dict[str, jax.Arra
     return {k: jax.make_array_from_process_local_data(bsharding, local[k]) for k in step_lib.BATCH_KEYS}
 
 
-def _batches(cfg: ConfigDict, source, tok: Tokenizer, batch_size: int, *, train: bool) -> pipeline.PackedBatches:
+def _process_rows(bsharding, batch_size: int) -> list[int]:
+    """The global batch rows this process holds (and so reads), from the batch sharding."""
+    index = bsharding.addressable_devices_indices_map((batch_size, 1))
+    return sorted({r for sl in index.values() for r in range(*sl[0].indices(batch_size))})
+
+
+def _batches(cfg: ConfigDict, source, tok: Tokenizer, batch_size: int, *, train: bool, bsharding):
+    """This process's rows of every ``batch_size``-row global batch (``RowReaders`` for local files)."""
     if sft.is_chat(cfg):  # issue 8: chat data (source = "train" / "validation"), see data/chat.py
         return sft.batches(cfg, source, tok, batch_size, train=train)
+    if isinstance(source, pipeline.LocalSource):  # the same global batches on any number of processes
+        return pipeline.RowReaders(source, tok, cfg.data.seq_len, _process_rows(bsharding, batch_size), batch_size,
+                                   seed=cfg.seed, shuffle=cfg.data.shuffle and train, add_bos=cfg.data.add_bos,
+                                   add_eos=cfg.data.add_eos, loop=train)
     return pipeline.PackedBatches(
         source, tok, cfg.data.seq_len, batch_size // jax.process_count(), seed=cfg.seed,
         shuffle=cfg.data.shuffle and train, add_bos=cfg.data.add_bos, add_eos=cfg.data.add_eos, loop=train,
         process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _saved_data_state(local: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's ``data_state``: every process's position. ``RowReaders`` states merge into one (resumable
+    on any process count); other streams (hub datasets, chat) are kept per process."""
+    if jax.process_count() == 1:
+        return local
+    states = distributed.allgather_json(local)
+    if all("rows" in st for st in states):
+        return pipeline.merge_row_states(states)
+    return {"process_count": jax.process_count(), "processes": states}
+
+
+def _local_data_state(saved: dict[str, Any]) -> dict[str, Any]:
+    """This process's data position from a checkpoint's ``data_state`` (see ``_saved_data_state``)."""
+    if "processes" not in saved:
+        if jax.process_count() > 1:
+            log.warning("the checkpoint holds one data position (a run of 1 process) for %d processes: each "
+                        "process resumes from it, so the data order differs from an uninterrupted run.",
+                        jax.process_count())
+        return saved
+    per = saved["processes"]
+    if len(per) != jax.process_count():
+        log.warning("the checkpoint holds the data positions of %d processes, this run has %d: the data order "
+                    "differs from an uninterrupted run.", len(per), jax.process_count())
+    return per[jax.process_index() % len(per)]
 
 
 class _Preemption:
@@ -297,11 +380,12 @@ class _Preemption:
 def evaluate(cfg: ConfigDict, eval_fn, params, source, tok: Tokenizer, bsharding) -> dict[str, float]:
     """Held-out token loss over ``cfg.eval_steps`` batches of the validation split (from its start)."""
     micro = cfg.batch_size // cfg.grad_accum_steps
-    it = _batches(cfg, source, tok, micro, train=False)
+    it = _batches(cfg, source, tok, micro, train=False, bsharding=bsharding)
+    rows = len(_process_rows(bsharding, micro)) if isinstance(it, pipeline.RowReaders) else micro // jax.process_count()
     ce, n = 0.0, 0.0
     for _ in range(cfg.eval_steps):
         local = next(it, None)
-        local = local if local is not None else pipeline.empty_batch(micro // jax.process_count(), cfg.data.seq_len)
+        local = local if local is not None else pipeline.empty_batch(rows, cfg.data.seq_len)
         out = eval_fn(params, _global_batch(local, bsharding))
         ce, n = ce + float(out["ce_sum"]), n + float(out["tokens"])
     loss = ce / max(n, 1.0)
@@ -391,7 +475,10 @@ def _identity_differences(cfg: ConfigDict, model_cfg: ModelConfig, workdir: str)
 def _tokenizer_source(cfg: ConfigDict) -> str | None:
     """The sentencepiece file this config reads (``data.tokenizer`` or ``init_from``'s), or None (the run's own)."""
     if cfg.data.tokenizer:
-        return cfg.data.tokenizer
+        try:  # a named tokenizer (mistral:v1) compares as its file
+            return tokenizer_lib.resolve(cfg.data.tokenizer)
+        except ValueError:
+            return cfg.data.tokenizer
     if sft.init_from(cfg):
         from mistral_jax import loading
 
@@ -457,6 +544,85 @@ def _start_over_or_resume(cfg: ConfigDict, workdir: str, prev: dict[str, Any]) -
     return resume, prev
 
 
+# --------------------------------------------------------------------------- dry run
+def dry_run(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
+    """Everything a run does before its first step, without training or writing anything.
+
+    Validates the config, resolves the mesh on the real global devices, opens the data (and packs one batch
+    when the tokenizer is known: ``data.tokenizer``, ``init_from``'s, or the workdir's), builds the abstract
+    train state (no allocation), compiles the train step on abstract inputs and reports the per-device memory
+    of the compiled program (``aot.memory_report``) and the model FLOPs per step (``metrics.flops_per_token``,
+    the numerator of the MFU the run logs). Nothing is created in ``workdir``; nothing is locked.
+
+    Returns:
+      ``aot.memory_report``'s dict (bytes per device) plus ``mesh``, ``rules``, ``processes``, ``devices``,
+      ``model_flops_per_step`` (all devices), ``model_flops_per_device``, ``data`` (what was checked) and
+      ``workdir`` (what a real run would do there).
+    """
+    from mistral_jax import aot
+
+    model_cfg = sft.model_config(cfg, validate_config(cfg))
+    workdir = os.path.abspath(workdir)
+    mesh, rules = resolve_mesh(cfg)
+    data = _dry_run_data(cfg, workdir, step_lib.batch_sharding(mesh, rules))
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.num_steps)
+    if sft.custom_state(cfg):
+        graphdef, abstract_state, shardings, _ = sft.train_state(cfg, model_cfg, mesh, rules)
+    else:
+        graphdef, abstract_state, shardings = step_lib.make_train_state(model_cfg, cfg, mesh, rules, abstract=True)
+    batch = step_lib.abstract_batch(cfg.batch_size, cfg.data.seq_len, mesh, rules)
+    fn = step_lib.jit_train_step(graphdef, tx, shardings, mesh, rules, grad_accum_steps=cfg.grad_accum_steps,
+                                 schedule=schedule)
+    t0 = time.perf_counter()
+    with sharding.use_mesh(mesh, rules):
+        compiled = fn.lower(abstract_state, batch).compile()
+    report = aot.memory_report(compiled)
+    flops = flops_per_token(model_cfg, cfg.data.seq_len) * cfg.batch_size * cfg.data.seq_len
+    prev = previous_run(workdir) if os.path.isdir(workdir) else {"steps": [], "holds_run": False}
+    report.update(mesh={k: int(v) for k, v in mesh.shape.items()}, rules=cfg.mesh.rules,
+                  processes=jax.process_count(), devices=jax.device_count(), compile_s=time.perf_counter() - t0,
+                  model_flops_per_step=flops, model_flops_per_device=flops / jax.device_count(), data=data,
+                  workdir=(f"would resume {workdir} from step {prev['steps'][-1]}" if prev["steps"] and
+                           cfg.checkpoint.resume else f"holds a run ({_describe(prev)})" if prev["holds_run"]
+                           else f"would start a new run in {workdir}"))
+    return report
+
+
+def _dry_run_data(cfg: ConfigDict, workdir: str, bsharding) -> str:
+    """Open the training data (and pack one batch of this process when the tokenizer is known): what was done."""
+    path = _tokenizer_source(cfg) or os.path.join(workdir, Tokenizer.FILENAME)
+    tok = Tokenizer(path) if _tokenizer_source(cfg) or os.path.isfile(path) else None  # as the run would
+    if sft.is_chat(cfg):
+        if tok is None:
+            return "chat data not read (no tokenizer yet)"
+        source = "train"
+    else:
+        source = pipeline.open_source(cfg.data.train, split=cfg.data.train_split, hub_config=cfg.data.hub_config,
+                                      text_field=cfg.data.text_field, on_decode_error=cfg.data.on_decode_error,
+                                      shuffle_buffer=cfg.data.shuffle_buffer)
+        if tok is None:
+            return f"opened {cfg.data.train} (no tokenizer yet: a real run trains one; no batch packed)"
+    local = next(_batches(cfg, source, tok, cfg.batch_size, train=True, bsharding=bsharding))
+    return (f"opened {cfg.data.train}; packed this process's {local['tokens'].shape[0]} x {local['tokens'].shape[1]}"
+            f" rows ({int(local['weights'].sum())} target tokens) with {tok.path}")
+
+
+def format_dry_run(r: dict[str, Any]) -> str:
+    """The dry run's report, a few lines."""
+    def gib(x: float) -> str:
+        unit = next((u for u in ("GiB", "MiB", "KiB") if x >= 1024 ** (3 - ("GiB", "MiB", "KiB").index(u))), "B")
+        return f"{x / 1024 ** (3 - ('GiB', 'MiB', 'KiB', 'B').index(unit)):.2f} {unit}"
+
+    return "\n".join([
+        f"dry run: mesh {r['mesh']} over {r['devices']} devices ({r['processes']} processes), rules {r['rules']}",
+        f"  data: {r['data']}",
+        f"  compiled the train step in {r['compile_s']:.1f} s; per device: arguments {gib(r['arguments'])}, outputs "
+        f"{gib(r['outputs'])} (aliased {gib(r['aliased'])}), temporaries {gib(r['temps'])}, total {gib(r['total'])}",
+        f"  model FLOPs per step: {r['model_flops_per_step']:.4g} ({r['model_flops_per_device']:.4g} per device); "
+        f"XLA cost analysis {r['flops']:.4g} per device (counts a scanned layer once)",
+        f"  workdir: {r['workdir']}; nothing written"])
+
+
 # --------------------------------------------------------------------------- loop
 def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
     """Run (or resume) the pretraining described by ``cfg`` in ``workdir``.
@@ -486,7 +652,16 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir={workdir} is a file, not a directory. Fix: pass a directory (new or a run's).")
     os.makedirs(workdir, exist_ok=True)
-    lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+    lock, busy = None, None
+    if jax.process_index() == 0:  # process 0 owns the workdir; the others wait for its verdict here
+        try:
+            lock = WorkdirLock(workdir).acquire()
+        except WorkdirBusy as e:
+            busy = e
+    if distributed.any_process(busy is not None):
+        raise busy or WorkdirBusy(f"workdir {workdir} is in use by another run (process 0 could not take "
+                                  f"{os.path.join(workdir, '.lock')}; its message names the holder). Fix: wait for "
+                                  "that run to end, or pass another --workdir.")
     try:
         return _train(cfg, model_cfg, workdir)
     finally:
@@ -502,8 +677,7 @@ def _train(cfg: ConfigDict, model_cfg: ModelConfig, workdir: str) -> dict[str, A
         log.warning("%s holds a run without a checkpoint (%s): starting at step 0.", workdir, _describe(prev))
     reasons = _identity_differences(cfg, model_cfg, workdir) if resuming else []
 
-    rules = rules_from(cfg)
-    mesh = sharding.make_mesh(**{a: cfg.mesh[a] for a in sharding.MESH_AXES})
+    mesh, rules = resolve_mesh(cfg)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.num_steps)
     if sft.custom_state(cfg):  # issue 8: init_from a checkpoint and/or LoRA adapters (training/sft.py)
         graphdef, abstract_state, shardings, make_state = sft.train_state(cfg, model_cfg, mesh, rules)
@@ -530,6 +704,7 @@ def _train(cfg: ConfigDict, model_cfg: ModelConfig, workdir: str) -> dict[str, A
                 restored = ckpt.restore_latest(abstract_state)
             except CheckpointMismatch as e:
                 raise _mismatch(workdir, prev, [_layout_reason(e)], cfg) from e
+        distributed.sync("mistral_jax.workdir_read")  # every process has read the workdir before it changes
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "run_config.json"), "w") as f:
                 f.write(cfg.to_json_best_effort(indent=2))
@@ -554,19 +729,19 @@ def _loop(cfg, model_cfg, workdir, tok, ckpt, restored, graphdef, abstract_state
         eval_src = pipeline.open_source(cfg.data.validation, split=cfg.data.validation_split,
                                         hub_config=cfg.data.hub_config, text_field=cfg.data.text_field,
                                         on_decode_error=cfg.data.on_decode_error)
-    data_it = _batches(cfg, train_src, tok, cfg.batch_size, train=True)
+    bsharding = step_lib.batch_sharding(mesh, rules)
+    data_it = _batches(cfg, train_src, tok, cfg.batch_size, train=True, bsharding=bsharding)
     if restored is not None:
         start, state, data_state, _ = restored
         if "frozen" in abstract_state:  # LoRA checkpoints hold the adapters only: reload the frozen base
             state["frozen"] = make_state()["frozen"]
-        data_it.set_state(data_state)
+        data_it.set_state(_local_data_state(data_state))
         log.info("resumed from %s at step %d", ckpt.directory, start)
     else:
         start = 0
         state = make_state()
     meta = {"seed": cfg.seed, "model_config": model_cfg.to_dict()}
 
-    bsharding = step_lib.batch_sharding(mesh, rules)
     step_fn = step_lib.jit_train_step(graphdef, tx, shardings, mesh, rules, grad_accum_steps=cfg.grad_accum_steps,
                                       schedule=schedule)
     eval_fn = step_lib.jit_eval_step(graphdef, shardings, mesh, rules) if eval_src is not None else None
@@ -595,6 +770,7 @@ def _loop(cfg, model_cfg, workdir, tok, ckpt, restored, graphdef, abstract_state
                 data_state = data_it.get_state()
                 state, metrics = step_fn(state, _global_batch(local, bsharding))
                 step += 1
+                stop = distributed.any_process(preempt.signum or 0)  # a signal on any process stops all here
                 if int(metrics["nonfinite"]):  # one scalar sync per step: a bad update is caught at once
                     if cfg.nan_policy == "stop":
                         ckpt.wait()
@@ -605,8 +781,8 @@ def _loop(cfg, model_cfg, workdir, tok, ckpt, restored, graphdef, abstract_state
                             "optimizer.learning_rate, check the data, or set nan_policy='skip'.")
                     skipped += 1
                     log.warning("non-finite loss at step %d: update skipped (%d so far).", step, skipped)
-                window_tokens += float(local["weights"].sum()) * jax.process_count()
-                if step % cfg.log_every == 0 or step == cfg.num_steps or preempt.signum:
+                window_tokens += float(local["weights"].sum()) * cfg.batch_size / len(local["weights"])  # global
+                if step % cfg.log_every == 0 or step == cfg.num_steps or stop:
                     m = jax.device_get(metrics)
                     dt = time.perf_counter() - window_start
                     tps = window_tokens / max(dt, 1e-9)
@@ -622,12 +798,15 @@ def _loop(cfg, model_cfg, workdir, tok, ckpt, restored, graphdef, abstract_state
                 if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
                     result["eval"] = writer.write(step, evaluate(cfg, eval_fn, sft.eval_params(state), eval_src, tok,
                                                                  bsharding), prefix="eval/")
-                ckpt.save(step, state, data_state, meta, force=bool(preempt.signum) or step == cfg.num_steps)
-                if preempt.signum:
+                force = bool(stop) or step == cfg.num_steps
+                if ckpt.due(step, force=force):  # every process's data position goes into the checkpoint
+                    ckpt.save(step, state, _saved_data_state(data_state), meta, force=force)
+                if stop:
                     ckpt.wait()
-                    log.warning("preempted by signal %d at step %d; checkpoint saved in %s.", preempt.signum, step,
+                    how = "" if preempt.signum else " (received by another process)"
+                    log.warning("preempted by signal %d%s at step %d; checkpoint saved in %s.", stop, how, step,
                                 ckpt.directory)
-                    result.update(status="preempted", signal=preempt.signum, step=step, checkpoint=newest())
+                    result.update(status="preempted", signal=stop, step=step, checkpoint=newest())
                     return result
             result["step"] = step
             if eval_fn is not None and step > start:

@@ -64,3 +64,26 @@ def test_eval_batches_are_sharded_over_the_mesh():
         assert s.mesh.size == 8 and s.spec[0] is not None
         assert len({d for d in s.device_set}) == 8 and not s.is_fully_replicated
     assert any(not s.is_fully_replicated for s in params)  # the weights are sharded too (FSDP)
+
+
+def test_init_from_streams_one_slice_at_a_time(tmp_path, monkeypatch):
+    """``load_pretrained(..., mesh=...)`` (what ``init_from`` uses) reads one tensor (one layer's / one expert's
+    slice) at a time from the files and puts it straight into its shards: no read ever returns a stacked
+    parameter, and the result is sharded over the 8 devices."""
+    from mistral_jax.convert import common, keys
+
+    cfg = mj.ModelConfig.tiny_mixtral()
+    mj.save_hf(mj.Transformer(cfg, rngs=nnx.Rngs(0)), str(tmp_path / "hf"))
+    reads = []
+    real = common.FileSource.read
+    monkeypatch.setattr(common.FileSource, "read", lambda self, e: reads.append(real(self, e)) or reads[-1])
+    mesh = sharding.make_mesh(fsdp=-1)
+    model = mj.load_pretrained(str(tmp_path / "hf"), mesh=mesh, rules=sharding.rules_preset("fsdp"))
+    assert len(reads) == len(keys.entries(cfg))  # every file tensor read once
+    params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    stacked = [v.value for k, v in params if k[0] == "layers"]
+    biggest_slice = max([x.size // cfg.n_layers // (cfg.num_experts if x.ndim == 4 else 1) for x in stacked] +
+                        [v.value.size for k, v in params if k[0] != "layers"])
+    assert max(r.size for r in reads) <= biggest_slice  # never a whole [L, ...] stack
+    embed = next(v.value for k, v in params if k == ("embed",))
+    assert not embed.sharding.is_fully_replicated and len(embed.sharding.device_set) == 8

@@ -79,6 +79,12 @@ def main(argv: list[str]) -> None:
         cli.fail(PROG, f"process {jax.process_index()}: a step across the {jax.process_count()} processes failed, "
                  f"most likely because another process died (see its log): {str(e).splitlines()[0][:300]}", 1)
     loss = result["last_metrics"].get("loss")
+    if loss is None and jax.process_index() == 0 and os.path.isfile(os.path.join(workdir, "metrics.jsonl")):
+        # a complete run, rerun: its last logged loss
+        from mistral_jax.training.metrics import read_metrics
+
+        logged = [r["loss"] for r in read_metrics(workdir) if "loss" in r and r.get("step", 0) <= result["step"]]
+        loss = logged[-1] if logged else None
     how = result["status"] if result["status"] == "done" else f"preempted by signal {result['signal']}"
     if jax.process_index() == 0:
         print(f"{PROG}: {how} at step {result['step']}/{cfg.num_steps}; final loss "

@@ -40,8 +40,14 @@ doc_to_text: ""
 doc_to_target: "{{text}}"
 metric_list:
   - metric: word_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
   - metric: byte_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
   - metric: bits_per_byte
+    aggregation: bits_per_byte
+    higher_is_better: false
 YAML
 "$PYTHON" eval.py --checkpoint "$WORKDIR" --tasks pydoc_ppl --include_path "$TASKS" --limit 8 \
   --output_path "$WORKDIR/eval"

@@ -7,6 +7,7 @@ the importing file may rely on:
 
 - the package itself, ``train.py``, ``configs/``, ``scripts/``: the core dependencies only;
 - ``eval.py`` and ``mistral_jax/evals/``: core + ``eval``; ``mistral_jax/aot.py``: core + ``tpu``;
+  ``mistral_jax/serve/``: core + ``serve``;
 - ``benchmarks/`` and ``tests/``: core + ``test`` (which includes ``eval`` and ``tpu``).
 """
 
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GROUPS: list[tuple[str, tuple[str, ...]]] = [
     ("mistral_jax/evals/", ("", "eval")),
     ("mistral_jax/aot.py", ("", "tpu")),
+    ("mistral_jax/serve/", ("", "serve")),
     ("mistral_jax/", ("",)),
     ("eval.py", ("", "eval")),
     ("train.py", ("",)),

@@ -1,0 +1,550 @@
+"""Continuous-batching engine: a fixed set of decode slots over one rolling-buffer cache, one device thread.
+
+Legend: B decode slots (``max_batch``), C prefill chunk, S cache slots per row, V vocab.
+
+The cache is ``KVCache.init(cfg, B, S)``: row ``b`` belongs to the request in decode slot ``b``; inside a row the
+key/value of position ``p`` lives in cache slot ``p mod S`` (``S = W`` with a sliding window, else
+``max_seq_len``), exactly as in ``inference.generate``. Two jitted pure functions run on it, each compiled once:
+
+* ``prefill_chunk``: one chunk ``[1, C]`` of one request's (right-aligned) prompt into row ``b`` (``b`` is a
+  traced index, the row is sliced out, extended and written back); on the first chunk the row's stored positions
+  are cleared so nothing of the previous occupant is attended to. Returns the next token sampled from the last
+  column (used after the last chunk).
+* ``decode_step``: one token for every row ``[B]``; rows that are not decoding (free, or still prefilling) get
+  position -1, so they neither attend nor write (see ``kv_cache.slots_for``).
+
+Per-request sampling settings are arrays ``[B]`` (temperature 0 = greedy), so requests with different settings
+share one compiled step. Row ``b``'s n-th new token is drawn with ``fold_in(key(seed_b), n)`` from the logits
+filtered as ``sampling.filter_logits`` does: the same draws as ``mj.generate(prompt, seed=seed_b)``.
+
+The loop (one thread owns the device): admit waiting requests into free slots, run one prefill chunk (so a long
+prompt never stalls the running requests for more than one chunk), run one decode step for the decoding rows,
+turn new tokens into text (stop strings, EOS, ``max_tokens``) and hand events to the request's ``emit``
+callback. A finished or cancelled request frees its slot at once. Shapes never change, so requests coming and
+going cause no recompilation (``compile_count`` counts XLA compilations).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import math
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mistral_jax.inference.generate import DEFAULT_CHUNK, serving_layers
+from mistral_jax.model.kv_cache import EMPTY, KVCache
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- compile counting
+_COMPILES = [0]
+_LISTENING = [False]
+_LISTEN_LOCK = threading.Lock()
+
+
+def _on_event(event: str, duration: float, **_: Any) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES[0] += 1
+
+
+def compile_count() -> int:
+    """XLA backend compilations in this process since the first call (a ``jax.monitoring`` listener)."""
+    with _LISTEN_LOCK:
+        if not _LISTENING[0]:
+            jax.monitoring.register_event_duration_secs_listener(_on_event)
+            _LISTENING[0] = True
+    return _COMPILES[0]
+
+
+# ----------------------------------------------------------------------------- text
+def decode_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """Text of generated ``ids`` as HF's ``LlamaTokenizer`` decodes them (what OpenAI-API clients and the
+    ``mistral_jax`` lm-eval backend expect): control ids skipped, ``▁`` -> space, a run of byte-fallback pieces
+    UTF-8 decoded as a whole (or one U+FFFD per byte if invalid), one leading space stripped. The same rules as
+    ``evals.lm.MistralJaxLM.tok_decode``; a tokenizer without a sentencepiece model uses its own ``decode``."""
+    sp = getattr(tokenizer, "sp", None)
+    if sp is None:
+        return tokenizer.decode(list(ids))
+    text = _raw_text(sp, ids)
+    return text[1:] if text.startswith(" ") else text
+
+
+def _raw_text(sp: Any, ids: Sequence[int]) -> str:
+    """``decode_text`` before the leading space is stripped: concatenates at every non-byte piece."""
+    n = sp.GetPieceSize()
+    out: list[str] = []
+    run = bytearray()
+
+    def flush() -> None:
+        if run:
+            try:
+                out.append(run.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append("\ufffd" * len(run))
+            run.clear()
+
+    for t in (int(t) for t in ids):
+        if not 0 <= t < n or sp.IsControl(t) or sp.IsUnknown(t):
+            continue
+        piece = sp.IdToPiece(t)
+        if sp.IsByte(t):
+            run.append(int(piece[3:5], 16))  # "<0xAB>"
+            continue
+        flush()
+        out.append(piece.replace("\u2581", " "))
+    flush()
+    return "".join(out)
+
+
+class _Detokenizer:
+    """``decode_text`` of a growing id list in time proportional to the new ids: the raw text is final up to the
+    last normal piece (only a trailing byte-fallback run, skipped ids included, can still change)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer, self.sp = tokenizer, getattr(tokenizer, "sp", None)
+        self.ids: list[int] = []
+        self.done, self.upto = "", 0  # raw text of ids[:upto], final
+
+    def push(self, tok: int) -> str:
+        """Append ``tok``; return the text of all ids so far."""
+        self.ids.append(tok)
+        if self.sp is None:
+            return self.tokenizer.decode(self.ids)
+        pending = _raw_text(self.sp, self.ids[self.upto:])
+        sp = self.sp
+        if 0 <= tok < sp.GetPieceSize() and not (sp.IsByte(tok) or sp.IsControl(tok) or sp.IsUnknown(tok)):
+            self.done, self.upto, pending = self.done + pending, len(self.ids), ""
+        text = self.done + pending
+        return text[1:] if text.startswith(" ") else text
+
+    def pending(self) -> bool:
+        """Whether the end of the text may still change (a byte-fallback run is open)."""
+        return self.sp is not None and self.upto < len(self.ids)
+
+    def text(self) -> str:
+        return decode_text(self.tokenizer, self.ids) if self.sp is None else (
+            lambda t: t[1:] if t.startswith(" ") else t)(self.done + _raw_text(self.sp, self.ids[self.upto:]))
+
+
+# ----------------------------------------------------------------------------- pure device functions
+def sample_rows(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                top_p: jax.Array) -> jax.Array:
+    """One token per row with per-row settings: ``logits [B, V]``; ``seeds, steps, top_k [B]`` int32 (top_k 0 =
+    all); ``temperature, top_p [B]`` float32 (temperature 0 = argmax, top_p 1 = no cut). Row b's draw is
+    ``categorical(fold_in(key(seed_b), step_b), filtered)``, as ``sampling.sample`` on that row alone.
+
+    Each stage runs only when some row needs it (``lax.cond`` on the batch): an all-greedy batch costs one argmax,
+    the vocabulary sorts of top-k / top-p run only when a sampling row asks for them."""
+    vocab = logits.shape[-1]
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampling = temperature > 0  # [B]
+
+    def top_k_filter(x):  # [B, V]; ties at the k-th value are all kept
+        kth = jnp.take_along_axis(jnp.sort(x, axis=-1)[:, ::-1], jnp.clip(top_k - 1, 0, vocab - 1)[:, None], axis=-1)
+        return jnp.where(((top_k > 0) & (top_k < vocab))[:, None] & (x < kth), -jnp.inf, x)
+
+    def top_p_filter(x):  # [B, V]: keep the smallest prefix of the sorted tokens whose mass reaches top_p
+        desc = jnp.sort(x, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        n_keep = jnp.sum(mass_before < top_p[:, None], axis=-1, keepdims=True)  # [B, 1], >= 1
+        threshold = jnp.take_along_axis(desc, jnp.maximum(n_keep - 1, 0), axis=-1)
+        return jnp.where((top_p < 1.0)[:, None] & (x < threshold), -jnp.inf, x)
+
+    def draw(_):
+        # float32: temperature scaling and the top-p cumulative sum need the precision of the raw logits.
+        x = logits.astype(jnp.float32) / jnp.where(sampling, temperature, 1.0)[:, None]
+        x = jax.lax.cond(jnp.any(sampling & (top_k > 0)), top_k_filter, lambda x: x, x)
+        x = jax.lax.cond(jnp.any(sampling & (top_p < 1.0)), top_p_filter, lambda x: x, x)
+
+        def one(row, seed, step):
+            key = jax.random.fold_in(jax.random.key(seed), step)
+            return jax.random.categorical(key, row[None], axis=-1)[0].astype(jnp.int32)
+
+        return jnp.where(sampling, jax.vmap(one)(x, seeds, steps), greedy)
+
+    return jax.lax.cond(jnp.any(sampling), draw, lambda _: greedy, None)
+
+
+def _row(cache: KVCache, b: jax.Array) -> KVCache:
+    return KVCache(k=jax.lax.dynamic_slice_in_dim(cache.k, b, 1, axis=1),
+                   v=jax.lax.dynamic_slice_in_dim(cache.v, b, 1, axis=1),
+                   pos=jax.lax.dynamic_slice_in_dim(cache.pos, b, 1, axis=0))
+
+
+def prefill_chunk(graphdef: nnx.GraphDef, state: nnx.State, layers: Any, cache: KVCache, row: jax.Array,
+                  reset: jax.Array, tokens: jax.Array, positions: jax.Array, sampling: tuple
+                  ) -> tuple[jax.Array, KVCache]:
+    """One prompt chunk ``tokens, positions [1, C]`` into cache row ``row``; ``reset`` clears the row first.
+
+    Returns ``(next token [1] sampled from the last column, cache)``.
+    """
+    model = nnx.merge(graphdef, state)
+    r = _row(cache, row)
+    r = KVCache(k=r.k, v=r.v, pos=jnp.where(reset, EMPTY, r.pos))
+    logits, r = model(tokens, positions, cache=r, layer_states=layers, logits_to_keep=1)
+    nxt = sample_rows(logits[:, -1], *sampling)
+    cache = KVCache(k=jax.lax.dynamic_update_slice_in_dim(cache.k, r.k, row, axis=1),
+                    v=jax.lax.dynamic_update_slice_in_dim(cache.v, r.v, row, axis=1),
+                    pos=jax.lax.dynamic_update_slice_in_dim(cache.pos, r.pos, row, axis=0))
+    return nxt, cache
+
+
+def decode_step(graphdef: nnx.GraphDef, state: nnx.State, layers: Any, cache: KVCache, tokens: jax.Array,
+                positions: jax.Array, sampling: tuple) -> tuple[jax.Array, KVCache]:
+    """One token for every row: ``tokens, positions [B]`` (position -1: an idle row). Returns ``(next [B], cache)``."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(tokens[:, None], positions[:, None], cache=cache, layer_states=layers)
+    return sample_rows(logits[:, 0], *sampling), cache
+
+
+_prefill_chunk = jax.jit(prefill_chunk, static_argnames=("graphdef",), donate_argnames=("cache",))
+_decode_step = jax.jit(decode_step, static_argnames=("graphdef",), donate_argnames=("cache",))
+
+
+# ----------------------------------------------------------------------------- requests
+class QueueFullError(RuntimeError):
+    """The waiting queue holds ``max_queue`` requests already (HTTP 429)."""
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """Per-request generation settings (validated by the HTTP layer or ``Engine.check``)."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = all tokens
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # run to max_tokens / a stop string (vLLM's extension; benchmarks)
+
+
+@dataclasses.dataclass
+class Event:
+    """What the engine tells a request: ``kind`` is ``"delta"`` (new ``text``/``token_ids``), ``"done"`` (the whole
+    ``text``, ``finish_reason`` "stop" / "length", token counts) or ``"error"`` (``text`` holds the message).
+    The deltas join to the final text."""
+
+    kind: str
+    text: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Request:
+    """One generation: prompt ids, settings and an ``emit(Event)`` callback (called from the engine thread)."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, emit: Callable[[Event], None]):
+        self.id = next(Request._ids)
+        self.prompt_ids = [int(x) for x in prompt_ids]
+        self.params = params
+        self.emit = emit
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        # engine-side state
+        self.chunks: list[tuple[np.ndarray, np.ndarray]] = []
+        self.next_chunk = 0
+        self.generated: list[int] = []  # sampled ids (EOS included when sampled)
+        self.detok: _Detokenizer | None = None  # the text of the ids that make it up (no EOS)
+        self.sent = 0  # characters of text already emitted
+        self.finished = False
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request (the client went away); its slot is freed on the next step."""
+        self.cancelled = True
+
+
+# ----------------------------------------------------------------------------- the engine
+class Engine:
+    """Continuous batching over ``max_batch`` decode slots; call ``start()``, then ``submit()`` from any thread.
+
+    Args:
+      model: a ``mistral_jax.Transformer``.
+      tokenizer: a ``mistral_jax.Tokenizer`` (``decode``, ``eos_id``).
+      max_batch: decode slots B (requests decoded together).
+      max_queue: requests waiting for a slot beyond which ``submit`` raises ``QueueFullError``.
+      chunk_size: prefill chunk C (default: the window W, else min(4096, max_seq_len); capped at the cache size).
+      unstack: per-layer weight copies (``serving_layers``); None = on CPU when they fit.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 256,
+                 chunk_size: int | None = None, unstack: bool | None = None):
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch} must be >= 1. Fix: pass e.g. 16.")
+        if max_queue < 0:
+            raise ValueError(f"max_queue={max_queue} must be >= 0. Fix: pass e.g. 256.")
+        self.cfg = cfg = model.cfg
+        self.tokenizer = tokenizer
+        self.eos_id = int(tokenizer.eos_id)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_len = cfg.max_seq_len  # prompt + max_tokens must fit (the positions the model was built for)
+        self.cache_slots = cfg.sliding_window if cfg.sliding_window is not None else cfg.max_seq_len
+        self.chunk = min(chunk_size or cfg.sliding_window or DEFAULT_CHUNK, self.cache_slots)
+        if self.chunk < 1:
+            raise ValueError(f"chunk_size={chunk_size} must be >= 1. Fix: omit it (the window).")
+        self.graphdef, self.state = nnx.split(model)
+        self.layers = serving_layers(model, unstack, self.state)
+        self.cache = KVCache.init(cfg, max_batch, self.cache_slots)
+        self.slots: list[Request | None] = [None] * max_batch
+        self.pos = np.full(max_batch, -1, np.int32)  # position of the token fed next, per decoding row
+        self.last = np.zeros(max_batch, np.int32)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.prefilling: collections.deque[int] = collections.deque()  # rows whose prompt is being fed
+        self.cond = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.running = False
+        self.steps = dict(prefill_chunks=0, decode_steps=0, tokens=0, cancelled=0, peak_rows=0)
+
+    # ------------------------------------------------------------------ public
+    def start(self, warmup: bool = True) -> Engine:
+        """Compile both steps (``warmup``) and start the engine thread."""
+        if warmup:
+            self.warmup()
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, name="mistral-jax-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the engine thread; waiting and running requests get an error event."""
+        with self.cond:
+            self.running = False
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+        for r in [*self.waiting, *(s for s in self.slots if s is not None)]:
+            self._fail(r, "the server is shutting down")
+        self.waiting.clear()
+
+    def warmup(self) -> None:
+        """Compile ``prefill_chunk`` and ``decode_step`` once (on an idle cache: nothing is written)."""
+        tok = np.zeros((1, self.chunk), np.int32)
+        pos = np.full((1, self.chunk), -1, np.int32)
+        _, self.cache = _prefill_chunk(self.graphdef, self.state, self.layers, self.cache, np.int32(0),
+                                       np.bool_(True), tok, pos, self._sampling([None]))
+        nxt, self.cache = _decode_step(self.graphdef, self.state, self.layers, self.cache,
+                                       np.zeros(self.max_batch, np.int32), np.full(self.max_batch, -1, np.int32),
+                                       self._sampling([None] * self.max_batch))
+        jax.block_until_ready(nxt)
+
+    def check(self, n_prompt: int, params: SamplingParams) -> None:
+        """Raise ``ValueError`` (message for the client) when the request cannot be served."""
+        if n_prompt < 1:
+            raise ValueError("the prompt is empty; generation needs at least one token")
+        if n_prompt + params.max_tokens > self.max_len:
+            raise ValueError(f"this model's maximum context length is {self.max_len} tokens, but the prompt has "
+                             f"{n_prompt} tokens and max_tokens is {params.max_tokens} ({n_prompt + params.max_tokens}"
+                             f" in all). Fix: shorten the prompt or lower max_tokens")
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, emit: Callable[[Event], None]) -> Request:
+        """Queue a request; ``emit`` receives its events from the engine thread.
+
+        Raises:
+          ValueError: the request cannot be served (see ``check``), or ids outside the vocabulary.
+          QueueFullError: ``max_queue`` requests are waiting already.
+        """
+        self.check(len(prompt_ids), params)
+        bad = [x for x in prompt_ids if not 0 <= int(x) < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt ids {bad[:5]} are outside [0, vocab_size={self.cfg.vocab_size})")
+        req = Request(prompt_ids, params, emit)
+        with self.cond:
+            if not self.running:
+                raise RuntimeError("the engine is not running")
+            free = sum(r is None for r in self.slots)  # admitted at the engine's next step, not left waiting
+            if len(self.waiting) >= self.max_queue + free:
+                raise QueueFullError(f"{len(self.waiting)} requests are waiting already (max_queue="
+                                     f"{self.max_queue}); retry later")
+            self.waiting.append(req)
+            self.cond.notify_all()
+        return req
+
+    def stats(self) -> dict[str, Any]:
+        """Slots in use, waiting requests, step counters, compilations so far."""
+        return dict(active=sum(s is not None for s in self.slots), waiting=len(self.waiting),
+                    max_batch=self.max_batch, compiles=compile_count(), **self.steps)
+
+    # ------------------------------------------------------------------ host side
+    def _sampling(self, reqs: Sequence[Request | None], steps: Sequence[int] | None = None) -> tuple:
+        n = len(reqs)
+        seeds, top_k = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        temp, top_p = np.zeros(n, np.float32), np.ones(n, np.float32)
+        for i, r in enumerate(reqs):
+            if r is not None:
+                p = r.params
+                seeds[i], top_k[i] = np.int32(p.seed % 2**31), p.top_k
+                temp[i], top_p[i] = p.temperature, p.top_p
+        st = np.zeros(n, np.int32) if steps is None else np.asarray(steps, np.int32)
+        return seeds, st, temp, top_k, top_p
+
+    def _fail(self, req: Request, message: str) -> None:
+        if not req.finished:
+            req.finished = True
+            try:
+                req.emit(Event("error", text=message))
+            except Exception:  # noqa: BLE001 -- a broken callback must not stop the engine
+                log.exception("emit failed")
+
+    def _admit(self) -> None:
+        with self.cond:
+            while self.waiting and self.waiting[0].cancelled:
+                self.waiting.popleft().finished = True
+            for b in range(self.max_batch):
+                if not self.waiting:
+                    break
+                if self.slots[b] is None:
+                    req = self.waiting.popleft()
+                    while req.cancelled and self.waiting:
+                        req.finished = True
+                        req = self.waiting.popleft()
+                    if req.cancelled:
+                        req.finished = True
+                        break
+                    self._place(req, b)
+
+    def _place(self, req: Request, b: int) -> None:
+        n, c = len(req.prompt_ids), self.chunk
+        total = math.ceil(n / c) * c
+        tokens = np.zeros((1, total), np.int32)
+        positions = np.full((1, total), -1, np.int32)
+        tokens[0, total - n:] = req.prompt_ids  # right-aligned: the first chunk holds the padding
+        positions[0, total - n:] = np.arange(n)
+        req.chunks = [(tokens[:, s:s + c], positions[:, s:s + c]) for s in range(0, total, c)]
+        req.next_chunk = 0
+        self.slots[b] = req
+        self.pos[b] = -1
+        self.prefilling.append(b)
+
+    def _free(self, b: int) -> None:
+        self.slots[b] = None
+        self.pos[b] = -1
+        if b in self.prefilling:
+            self.prefilling.remove(b)
+
+    def _drop_cancelled(self) -> None:
+        for b, r in enumerate(self.slots):
+            if r is not None and r.cancelled:
+                self.steps["cancelled"] += not r.finished
+                r.finished = True
+                self._free(b)
+
+    def _prefill_one(self) -> None:
+        b = self.prefilling[0]
+        req = self.slots[b]
+        tokens, positions = req.chunks[req.next_chunk]
+        first, last = req.next_chunk == 0, req.next_chunk == len(req.chunks) - 1
+        nxt, self.cache = _prefill_chunk(self.graphdef, self.state, self.layers, self.cache, np.int32(b),
+                                         np.bool_(first), tokens, positions, self._sampling([req], [0]))
+        self.steps["prefill_chunks"] += 1
+        req.next_chunk += 1
+        if last:
+            self.prefilling.popleft()
+            tok = int(np.asarray(nxt)[0])
+            self.pos[b] = len(req.prompt_ids)
+            self.last[b] = tok
+            self._on_token(b, tok)
+        else:  # round robin between prompts being prefilled
+            self.prefilling.rotate(-1)
+
+    def _decode(self) -> None:
+        rows = [b for b, r in enumerate(self.slots) if r is not None and self.pos[b] >= 0]
+        if not rows:
+            return
+        reqs = [self.slots[b] if b in rows else None for b in range(self.max_batch)]
+        positions = np.where([r is not None for r in reqs], self.pos, -1).astype(np.int32)
+        steps = [len(r.generated) if r is not None else 0 for r in reqs]
+        nxt, self.cache = _decode_step(self.graphdef, self.state, self.layers, self.cache, self.last.copy(),
+                                       positions, self._sampling(reqs, steps))
+        nxt = np.asarray(nxt)
+        self.steps["decode_steps"] += 1
+        self.steps["peak_rows"] = max(self.steps["peak_rows"], len(rows))
+        for b in rows:
+            self.pos[b] += 1
+            self.last[b] = nxt[b]
+            self._on_token(b, int(nxt[b]))
+
+    def _on_token(self, b: int, tok: int) -> None:
+        """Account one sampled token of row ``b``: text delta, EOS / stop string / max_tokens."""
+        req = self.slots[b]
+        req.generated.append(tok)
+        self.steps["tokens"] += 1
+        p = req.params
+        finish = None
+        if req.detok is None:
+            req.detok = _Detokenizer(self.tokenizer)
+        if tok == self.eos_id and not p.ignore_eos:
+            finish = "stop"
+            text = req.detok.text()
+        else:
+            text = req.detok.push(tok)
+        cuts = [text.find(s) for s in p.stop if s in text]
+        if cuts:
+            text, finish = text[:min(cuts)], "stop"
+        elif finish is None and len(req.generated) >= p.max_tokens:
+            finish = "length"
+        shown = text
+        if finish is None:
+            if req.detok.pending():  # a byte-fallback run decodes as a whole: wait for its end
+                shown = text[:req.sent]
+            # hold back an incomplete character and a possible start of a stop string
+            shown = shown.rstrip("\ufffd")
+            hold = max((n for s in p.stop for n in range(1, len(s)) if shown.endswith(s[:n])), default=0)
+            shown = shown[:len(shown) - hold]
+        delta = shown[req.sent:] if len(shown) > req.sent else ""
+        req.sent = max(req.sent, len(shown))
+        try:
+            if delta or finish is None:
+                req.emit(Event("delta", text=delta, token_ids=[tok] if tok != self.eos_id or p.ignore_eos else []))
+            if finish is not None:
+                req.finished = True
+                req.emit(Event("done", text=text, finish_reason=finish, prompt_tokens=len(req.prompt_ids),
+                               completion_tokens=len(req.generated)))
+        except Exception:  # noqa: BLE001 -- the client's side broke: drop the request
+            log.exception("emit failed")
+            req.cancelled = True
+        if finish is None and req.cancelled:
+            self.steps["cancelled"] += 1
+        if finish is not None or req.cancelled:
+            req.finished = True
+            self._free(b)
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                if not self.running:
+                    return
+                idle = not self.waiting and all(s is None for s in self.slots)
+                if idle:
+                    self.cond.wait(timeout=0.1)
+                    continue
+            try:
+                self._drop_cancelled()
+                self._admit()
+                if self.prefilling:
+                    self._prefill_one()
+                self._drop_cancelled()
+                self._decode()
+            except Exception as e:  # noqa: BLE001 -- fail the running requests, keep serving
+                log.error("engine step failed: %s\n%s", e, traceback.format_exc())
+                for b, r in enumerate(self.slots):
+                    if r is not None:
+                        self._fail(r, f"internal error: {type(e).__name__}: {e}")
+                        self._free(b)
+                if any(x.is_deleted() for x in jax.tree.leaves(self.cache)):  # donated into a failed call
+                    self.cache = KVCache.init(self.cfg, self.max_batch, self.cache_slots)

@@ -1,0 +1,370 @@
+"""The OpenAI-compatible server (``mistral_jax.serve``): the official ``openai`` client and lm-eval's
+``local-completions`` model against a server started here on 127.0.0.1 with a tiny model (window 8, so prompts and
+answers wrap the rolling cache); greedy answers equal ``mj.generate``; continuous batching keeps concurrent requests
+apart; disconnects free slots; bad requests get OpenAI-style 4xx answers; nothing recompiles once warm."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+from flax import nnx
+
+import mistral_jax as mj
+from mistral_jax.serve.app import Server, create_app, encode_prompt
+from mistral_jax.serve.engine import Engine, SamplingParams, compile_count, decode_text
+
+W = 8  # sliding window: prompts and answers run past it, so the rolling buffer wraps
+MAX_LEN = 4096  # long enough that a hung-up stream is cancelled long before max_tokens
+NAME = "tiny-serve"
+TIMEOUT = 60  # seconds, per HTTP request
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from mistral_jax.data.corpus import TRAIN
+    from mistral_jax.data.tokenizer import Tokenizer
+    from mistral_jax.data.train_tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("serve")
+    with open(TRAIN, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    tok_path = train_tokenizer(texts, str(root / "tok" / "tokenizer.model"), 512)
+    tok = Tokenizer(tok_path)
+    # initializer_range 0.2: logits spread enough that greedy argmax has no near-ties between batch shapes.
+    cfg = mj.ModelConfig.tiny(sliding_window=W, max_seq_len=MAX_LEN, initializer_range=0.2)
+    ckpt = str(root / "ckpt")
+    mj.save_jax(mj.Transformer(cfg, rngs=nnx.Rngs(0)), ckpt, tokenizer=tok_path)
+    model = mj.load_pretrained(ckpt)  # what the CLI does
+    compile_count()  # start listening before anything compiles
+    engine = Engine(model, tok, max_batch=4, max_queue=8).start()
+    server = Server(create_app(engine, NAME)).start()
+    words = [w for t in texts[:200] for w in t.split()][:5000]
+    yield dict(root=root, ckpt=ckpt, tok=tok, tok_path=tok_path, model=model, engine=engine, server=server,
+               url=server.url, words=words)
+    server.stop()
+    engine.stop()
+
+
+def client(env):
+    import openai
+
+    return openai.OpenAI(base_url=env["url"] + "/v1", api_key="none", timeout=TIMEOUT, max_retries=0)
+
+
+def reference(env, ids, max_tokens, stop=()):
+    """Sequential ``mj.generate`` (greedy, EOS stops) -> (text, finish_reason, completion tokens)."""
+    tok = env["tok"]
+    new = mj.generate(env["model"], ids, max_new_tokens=max_tokens, eos_id=tok.eos_id,
+                      stop=tuple(stop), tokenizer=tok if stop else None)
+    text = decode_text(tok, [t for t in new if t != tok.eos_id])
+    cuts = [text.find(s) for s in stop if s in text]
+    if cuts:
+        return text[:min(cuts)], "stop", len(new)
+    return text, "stop" if new[-1] == tok.eos_id or len(new) < max_tokens else "length", len(new)
+
+
+def prompt_text(env, n_words, seed):
+    rng = random.Random(seed)
+    start = rng.randrange(len(env["words"]) - n_words)
+    return " ".join(env["words"][start:start + n_words])
+
+
+def wait_idle(env, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = requests.get(env["url"] + "/health", timeout=TIMEOUT).json()
+        if s["active"] == 0 and s["waiting"] == 0:
+            return s
+        time.sleep(0.02)
+    raise AssertionError(f"the engine is still busy after {timeout}s: {s}")
+
+
+# ----------------------------------------------------------------------------- the openai client
+def test_openai_completions_equal_generate(env):
+    c = client(env)
+    prompt = prompt_text(env, 12, 0)
+    ids = encode_prompt(env["tok"], prompt)
+    text, finish, n = reference(env, ids, 20)
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=20, temperature=0)
+    assert r.choices[0].text == text and text.strip()
+    assert r.choices[0].finish_reason == finish
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), n, len(ids) + n)
+    # streaming: the chunks join to the same text, the last chunk says why it stopped, then [DONE]
+    chunks = list(c.completions.create(model=NAME, prompt=prompt, max_tokens=20, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == text
+    assert sum(bool(ch.choices and ch.choices[0].text) for ch in chunks) > 3  # token by token, not one blob
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == [finish]
+    assert chunks[-1].usage.completion_tokens == n and chunks[-1].usage.prompt_tokens == len(ids)
+    # stop strings cut the text (the stop string is not returned) and finish with "stop"
+    stop = text[len(text) // 2:][:2]
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=20, temperature=0, stop=[stop])
+    assert r.choices[0].text == text[:text.index(stop)] and r.choices[0].finish_reason == "stop"
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model=NAME, prompt=prompt, max_tokens=20, temperature=0, stop=[stop], stream=True))
+    assert streamed == text[:text.index(stop)]
+    # token-id prompts and several prompts in one request (lm-eval batches this way)
+    r = c.completions.create(model=NAME, prompt=[ids, ids[:5]], max_tokens=20, temperature=0)
+    assert [ch.index for ch in r.choices] == [0, 1] and r.choices[0].text == text
+    assert r.choices[1].text == reference(env, ids[:5], 20)[0]
+
+
+def test_openai_chat_equal_generate(env):
+    from mistral_jax.data.chat import render_prompt
+
+    c = client(env)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt_text(env, 6, 1)},
+                {"role": "assistant", "content": prompt_text(env, 4, 2)},
+                {"role": "user", "content": prompt_text(env, 5, 3)}]
+    ids = render_prompt(messages, env["tok"])  # Mistral's [INST] format
+    text, finish, n = reference(env, ids, 24)
+    r = c.chat.completions.create(model=NAME, messages=messages, max_tokens=24, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == text and text.strip()
+    assert r.choices[0].finish_reason == finish and r.usage.prompt_tokens == len(ids)
+    assert r.usage.completion_tokens == n and r.object == "chat.completion"
+    chunks = list(c.chat.completions.create(model=NAME, messages=messages, max_tokens=24, temperature=0,
+                                            stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == finish and chunks[-1].usage.completion_tokens == n
+    # seeded sampling: the same draws as mj.generate with that seed (per-request settings in one batch)
+    kw = dict(temperature=0.8, top_p=0.9, seed=7)
+    r = c.chat.completions.create(model=NAME, messages=messages, max_tokens=16, extra_body={"top_k": 20}, **kw)
+    want = mj.generate(env["model"], ids, max_new_tokens=16, eos_id=env["tok"].eos_id, top_k=20, **kw)
+    assert r.choices[0].message.content == decode_text(env["tok"], [t for t in want if t != env["tok"].eos_id])
+
+
+def test_models_and_health(env):
+    models = client(env).models.list()
+    assert [m.id for m in models.data] == [NAME]
+    h = requests.get(env["url"] + "/health", timeout=TIMEOUT).json()
+    assert h["status"] == "ok" and h["max_batch"] == 4
+
+
+# ----------------------------------------------------------------------------- continuous batching
+def test_concurrent_requests_equal_sequential(env):
+    """32 requests of different prompt and answer lengths from 8 concurrent clients through 4 slots: each greedy
+    answer equals its sequential ``mj.generate``; none lost or mixed up; no compilation while serving."""
+    rng = random.Random(0)
+    jobs = [(prompt_text(env, rng.randint(1, 40), 100 + i), rng.randint(1, 30)) for i in range(32)]
+    want = [reference(env, encode_prompt(env["tok"], p), m) for p, m in jobs]
+    wait_idle(env)
+    before, steps = compile_count(), env["engine"].stats()
+    c = client(env)
+
+    def ask(i):
+        p, m = jobs[i]
+        if i % 2:  # half streaming, half not
+            chunks = list(c.completions.create(model=NAME, prompt=p, max_tokens=m, temperature=0, stream=True))
+            return ("".join(ch.choices[0].text for ch in chunks if ch.choices), chunks[-1].choices[0].finish_reason,
+                    chunks[-1].usage.completion_tokens)
+        r = c.completions.create(model=NAME, prompt=p, max_tokens=m, temperature=0)
+        return r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens
+
+    start = time.monotonic()
+    with cf.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(ask, range(32), timeout=300))
+    assert time.monotonic() - start < 300
+    assert got == want
+    after = wait_idle(env)
+    assert compile_count() == before, "serving recompiled"
+    assert after["tokens"] - steps["tokens"] == sum(n for _, _, n in want)
+    assert after["decode_steps"] - steps["decode_steps"] < sum(n for _, _, n in want)  # rows shared steps
+    assert after["peak_rows"] >= 3  # several requests decoded in one step
+
+
+def test_disconnect_frees_slot(env):
+    eng = env["engine"]
+    wait_idle(env)
+    before, compiles = eng.stats(), compile_count()
+    body = {"model": NAME, "prompt": prompt_text(env, 5, 9), "max_tokens": MAX_LEN - 20, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    with requests.post(env["url"] + "/v1/completions", json=body, stream=True, timeout=TIMEOUT) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]  # a few events, then hang up mid-stream
+        assert sum(x.startswith(b"data: {\"id\"") for x in got) >= 2, got
+    after = wait_idle(env)
+    assert after["cancelled"] == before["cancelled"] + 1  # cancelled, not run to max_tokens
+    assert after["tokens"] - before["tokens"] < MAX_LEN - 20
+    r = client(env).completions.create(model=NAME, prompt="the", max_tokens=5, temperature=0)  # the slot serves again
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert compile_count() == compiles
+
+
+def _error(r, status):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(env):
+    url = env["url"] + "/v1/completions"
+    compiles = compile_count()
+    ok = {"model": NAME, "prompt": "the", "max_tokens": 4, "temperature": 0}
+    r = requests.post(url, data=b'{"prompt": "the", "max_tokens": ', headers={"Content-Type": "application/json"},
+                      timeout=TIMEOUT)
+    assert _error(r, 400)["code"] == "invalid_json"
+    assert _error(requests.post(url, json={**ok, "max_tokens": -1}, timeout=TIMEOUT), 400)["param"] == "max_tokens"
+    long_prompt = " ".join(env["words"] * (2 * MAX_LEN // len(env["words"]) + 1))
+    err = _error(requests.post(url, json={**ok, "prompt": long_prompt}, timeout=TIMEOUT), 400)
+    assert err["code"] == "context_length_exceeded" and str(MAX_LEN) in err["message"]
+    assert _error(requests.post(url, json={**ok, "temperature": -0.5}, timeout=TIMEOUT), 400)["param"] == "temperature"
+    assert _error(requests.post(url, json={**ok, "top_p": 1.5}, timeout=TIMEOUT), 400)["param"] == "top_p"
+    assert _error(requests.post(url, json={**ok, "model": "gpt-4"}, timeout=TIMEOUT), 400)["code"] == "model_not_found"
+    assert _error(requests.post(url, json={**ok, "prompt": {"x": 1}}, timeout=TIMEOUT), 400)["param"] == "prompt"
+    chat = env["url"] + "/v1/chat/completions"
+    assert _error(requests.post(chat, json={"messages": [{"role": "assistant", "content": "hi"}]}, timeout=TIMEOUT),
+                  400)["param"] == "messages"
+    import openai
+
+    with pytest.raises(openai.BadRequestError):
+        client(env).completions.create(model=NAME, prompt="the", max_tokens=-3)
+    r = requests.post(url, json=ok, timeout=TIMEOUT)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    assert compile_count() == compiles
+
+
+def test_full_queue_answers_429(env):
+    eng = env["engine"]
+    wait_idle(env)
+    ids = encode_prompt(env["tok"], "the")
+    params = SamplingParams(max_tokens=MAX_LEN - 10, ignore_eos=True)
+    held = [eng.submit(ids, params, lambda ev: None) for _ in range(4)]
+    try:
+        deadline = time.monotonic() + 10
+        while eng.stats()["active"] < 4 and time.monotonic() < deadline:  # 4 running ...
+            time.sleep(0.005)
+        held += [eng.submit(ids, params, lambda ev: None) for _ in range(8)]  # ... and 8 waiting
+        assert eng.stats()["waiting"] == 8
+        r = requests.post(env["url"] + "/v1/completions", json={"prompt": "the", "max_tokens": 2}, timeout=TIMEOUT)
+        assert _error(r, 429)["type"] == "rate_limit_error"
+    finally:
+        for h in held:
+            h.cancel()
+    wait_idle(env)
+    assert client(env).completions.create(model=NAME, prompt="the", max_tokens=2, temperature=0).choices[0].text
+
+
+# ----------------------------------------------------------------------------- the engine alone
+def test_engine_without_window_equals_generate():
+    """A model without a sliding window: its cache rows hold max_seq_len positions."""
+    class Tok:  # ids only: the engine decodes text for stop strings and deltas
+        eos_id, bos_id = 2, 1
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    cfg = mj.ModelConfig.tiny(sliding_window=None, max_seq_len=64, initializer_range=0.2)
+    model = mj.Transformer(cfg, rngs=nnx.Rngs(1))
+    eng = Engine(model, Tok(), max_batch=3, chunk_size=16).start()
+    try:
+        assert eng.cache.k.shape[2] == 64 and eng.chunk == 16
+        prompts = [[1] + np.random.default_rng(i).integers(3, cfg.vocab_size, n).tolist() for i, n in
+                   enumerate([3, 20, 40, 9, 1])]
+        out = {i: [] for i in range(len(prompts))}
+        done = threading.Semaphore(0)
+
+        def emit(i):
+            def f(ev):
+                out[i].extend(ev.token_ids)
+                if ev.kind != "delta":
+                    done.release()
+            return f
+
+        for i, p in enumerate(prompts):
+            eng.submit(p, SamplingParams(max_tokens=12), emit(i))
+        for _ in prompts:
+            assert done.acquire(timeout=120)
+        want = mj.generate(model, prompts, max_new_tokens=12, eos_id=2)  # one batch: one compilation
+        assert [out[i] for i in range(len(prompts))] == [[t for t in w if t != 2] for w in want]
+        with pytest.raises(ValueError, match="maximum context length is 64"):
+            eng.submit(prompts[2], SamplingParams(max_tokens=30), lambda ev: None)
+    finally:
+        eng.stop()
+
+
+# ----------------------------------------------------------------------------- the command line
+def test_cli_checks_flags_before_loading(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "mistral_jax.serve", "--checkpoint", str(tmp_path), "--max_batch",
+                          "0"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert "--max_batch=0" in res.stderr and "Fix:" in res.stderr
+
+
+def test_cli_serves_a_checkpoint(env):
+    proc = subprocess.Popen([sys.executable, "-m", "mistral_jax.serve", "--checkpoint", env["ckpt"], "--port", "0",
+                             "--max_batch", "2"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        line = ""
+        deadline = time.monotonic() + 180
+        while "serving" not in line and time.monotonic() < deadline and proc.poll() is None:
+            line = proc.stderr.readline()
+        assert "serving 'ckpt' on http://127.0.0.1:" in line, line
+        url = line.split(" on ")[1].split()[0]
+        r = requests.post(url + "/v1/completions", json={"prompt": "the", "max_tokens": 6, "temperature": 0},
+                          timeout=TIMEOUT).json()
+        ids = encode_prompt(env["tok"], "the")
+        assert r["choices"][0]["text"] == reference(env, ids, 6)[0] and r["model"] == "ckpt"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# ----------------------------------------------------------------------------- lm-eval
+GEN_YAML = """task: serve_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Q: {{{{question}}}}\\nA:"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n", "."]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
+def test_lm_eval_local_completions_equals_in_process_backend(env):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from mistral_jax.evals.lm import MistralJaxLM
+
+    rng = random.Random(1)
+    rows = [{"question": prompt_text(env, rng.randint(2, 12), 200 + i), "answer": rng.choice(env["words"])}
+            for i in range(12)]
+    tasks = env["root"] / "tasks"
+    tasks.mkdir()
+    (tasks / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "serve_gen.yaml").write_text(GEN_YAML.format(data=tasks / "data.jsonl"))
+    tm = TaskManager(include_path=str(tasks), include_defaults=False)
+
+    def samples(model, **kw):
+        out = lm_eval.simple_evaluate(model=model, tasks=["serve_gen"], task_manager=tm, log_samples=True,
+                                      verbosity="ERROR", **kw)
+        return {s["doc_id"]: s["resps"][0][0] for s in out["samples"]["serve_gen"]}
+
+    ours = samples(MistralJaxLM(model=env["model"], tokenizer=env["tok_path"], batch_size=4))
+    served = samples("local-completions", model_args=dict(
+        model=NAME, base_url=env["url"] + "/v1/completions", tokenizer_backend=None, tokenized_requests=False,
+        num_concurrent=4, max_retries=1, timeout=TIMEOUT))
+    assert sorted(served) == sorted(ours) == list(range(12))
+    assert served == ours
+    assert sum(bool(v.strip()) for v in ours.values()) >= 6, ours  # not vacuous

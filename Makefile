@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-fast lint
 
 # Both `make demo` and `make test` start with `make install`, so each works on its own in a fresh virtualenv:
 #   python3 -m venv .venv && . .venv/bin/activate && make demo && make test
@@ -14,6 +14,9 @@ demo: install  ## train a tiny model on the bundled corpus, evaluate it, export 
 
 test: install  ## the test suite (8 fake CPU devices, see tests/conftest.py)
 	$(PYTHON) -m pytest -q tests
+
+test-fast: install  ## the fast tier: every test not marked slow (under 3 minutes on 2 CPU cores)
+	$(PYTHON) -m pytest -q -m "not slow" tests
 
 lint:
 	$(PYTHON) -m ruff check .

@@ -13,3 +13,39 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "float32")
+
+
+# ------------------------------------------------------------------------------------------- shared fixtures
+# Session-scoped and read-only: a test that changes one of these copies it first (tmp_path, shutil.copytree).
+import hashlib  # noqa: E402
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+    """The tokenizer most tests share: sentencepiece BPE, 512 pieces, trained on the bundled corpus's TRAIN split
+    (the vocabulary of ``ModelConfig.tiny()``). A file that needs other data or another size trains its own."""
+    from mistral_jax.data.corpus import TRAIN
+    from mistral_jax.data.train_tokenizer import train_tokenizer
+
+    with open(TRAIN, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    path = train_tokenizer(texts, str(tmp_path_factory.mktemp("tok") / "tokenizer.model"), 512)
+    digest = _sha256(path)
+    yield path
+    assert _sha256(path) == digest, f"a test changed the shared tokenizer {path}: copy it before changing it"
+
+
+@pytest.fixture(scope="session")
+def corpus_tokenizer(tokenizer_path):
+    """``tokenizer_path`` loaded as a ``mistral_jax.data.tokenizer.Tokenizer``."""
+    from mistral_jax.data.tokenizer import Tokenizer
+
+    return Tokenizer(tokenizer_path)

@@ -37,6 +37,7 @@ def test_memory_report_on_cpu():
     assert aot.memory_report(compiled)["fits"] is None
 
 
+@pytest.mark.slow
 def test_aot_compiles_tiny_mixtral_for_a_tpu_topology():
     # libtpu comes with the test extra (jax[tpu] installs and compiles for TPU topologies on any CPU machine), so
     # this test runs everywhere the tests do; a missing libtpu fails here instead of skipping silently.

@@ -87,6 +87,7 @@ def test_rope_matches_hf(theta):
     [(40, 16, 8, False), (37, 5, 8, False), (64, 17, 16, True), (33, 40, 8, False), (50, 1, 8, True),
      (24, 8, 32, False)],
 )
+@pytest.mark.slow
 def test_blocked_equals_reference(t, window, block, segments):
     """The banded backend computes only in-window blocks and still equals the full masked attention."""
     rng = np.random.default_rng(t + window)

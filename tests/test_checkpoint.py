@@ -13,20 +13,10 @@ import numpy as np
 import pytest
 
 from mistral_jax import sharding
-from mistral_jax.data.corpus import TRAIN
-from mistral_jax.data.train_tokenizer import train_tokenizer
 from mistral_jax.training.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    import json
-
-    texts = [json.loads(line)["text"] for line in open(TRAIN, encoding="utf-8")]
-    return train_tokenizer(texts, str(tmp_path_factory.mktemp("tok") / "tokenizer.model"), 512)
 
 
 def _cmd(workdir, tokenizer, steps=STEPS):
@@ -61,6 +51,7 @@ def reference_run(tmp_path_factory, tokenizer_path):
     return workdir
 
 
+@pytest.mark.slow
 def test_uninterrupted_run_keeps_last_k(reference_run):
     losses = _losses(reference_run)
     assert sorted(losses) == list(range(1, STEPS + 1))
@@ -88,6 +79,7 @@ def _saved(workdir, step):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow
 def test_signal_then_resume_is_bit_identical(reference_run, tokenizer_path, tmp_path, sig):
     """SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C): save, exit 128 + signal, resume to the same bits."""
     workdir = str(tmp_path / "run")
@@ -124,6 +116,7 @@ def test_signal_then_resume_is_bit_identical(reference_run, tokenizer_path, tmp_
             np.testing.assert_array_equal(a, b, err_msg=f"{item}{jax.tree_util.keystr(k)}")
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back(reference_run, tokenizer_path, tmp_path, caplog):
     from mistral_jax.training import trainer
 
@@ -156,6 +149,7 @@ def test_corrupt_newest_checkpoint_falls_back(reference_run, tokenizer_path, tmp
                                rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_restore_onto_a_different_mesh(tmp_path):
     from mistral_jax.config import ModelConfig
     from mistral_jax.training import step as step_lib
@@ -185,6 +179,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
     assert int(restored["step"]) == 3  # the step counter comes from the checkpoint's meta
 
 
+@pytest.mark.slow
 def test_train_py_resumes_on_a_different_mesh(reference_run, tokenizer_path, tmp_path):
     """The README's "a run can resume on a different mesh", through train.py: FSDP over 8 -> data 2 x FSDP 2 x TP 2."""
     workdir = str(tmp_path / "run")

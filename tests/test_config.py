@@ -241,5 +241,6 @@ def test_every_field_has_a_check():
 
 
 @pytest.mark.parametrize("field", sorted(FIELD_CHECKS))
+@pytest.mark.slow
 def test_field_changes_behaviour(field):
     FIELD_CHECKS[field]()  # each check asserts

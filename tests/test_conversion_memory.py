@@ -8,9 +8,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_conversion_peak_memory_is_one_tensor_not_the_checkpoint(tmp_path):
     dim, vocab = 512, 32000
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "conversion_memory.py"), "--dim", str(dim),

@@ -110,6 +110,7 @@ def test_key_table_covers_every_parameter_once():
 
 # ----------------------------------------------------------------------------- loading HF
 @pytest.mark.parametrize("arch", sorted(HF_CONFIGS))
+@pytest.mark.slow
 def test_load_hf_matches_torch(hf_dirs, loaded, arch):
     _, models = hf_dirs
     model = loaded[arch]
@@ -225,6 +226,7 @@ def exported(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", sorted(EXPORT_CONFIGS))
+@pytest.mark.slow
 def test_exported_hf_logits_match(exported, name):
     model, hf, d = exported[name]
     cfg = EXPORT_CONFIGS[name]
@@ -251,6 +253,7 @@ def _jax_greedy(model, prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("name", sorted(EXPORT_CONFIGS))
+@pytest.mark.slow
 def test_exported_greedy_generation_matches(exported, name):
     model, hf, _ = exported[name]
     prompt = [1, *(_tokens(9, batch=1, length=11)[0].tolist())]

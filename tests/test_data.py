@@ -8,14 +8,11 @@ import pytest
 
 from mistral_jax.data import pipeline as P
 from mistral_jax.data.corpus import TRAIN, VALIDATION
-from mistral_jax.data.tokenizer import Tokenizer
-from mistral_jax.data.train_tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    texts = [json.loads(line)["text"] for line in open(TRAIN, encoding="utf-8")]
-    return Tokenizer(train_tokenizer(texts, str(tmp_path_factory.mktemp("tok") / "t.model"), 512))
+def tok(corpus_tokenizer):
+    return corpus_tokenizer  # conftest.py: 512 pieces trained on the bundled corpus, shared by the session
 
 
 def _write_jsonl(path, texts):

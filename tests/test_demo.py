@@ -14,10 +14,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_demo_script_trains_evaluates_and_exports(tmp_path):
     workdir, export = tmp_path / "demo", tmp_path / "demo-hf"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}

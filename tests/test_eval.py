@@ -138,6 +138,7 @@ def _by_doc(samples):
     return {s["doc_id"]: s for s in samples}
 
 
+@pytest.mark.slow
 def test_backend_is_registered_and_built_from_model_args(env):
     from lm_eval.api.registry import get_model
 
@@ -149,6 +150,7 @@ def test_backend_is_registered_and_built_from_model_args(env):
         MistralJaxLM(model=env["model"], tokenizer=env["tok_path"], temprature=0.5)
 
 
+@pytest.mark.slow
 def test_tokenisation_matches_hf_tokenizer(env):
     """Encode and decode agree with the HF tokenizer lm-eval's hf backend loads from the export (random ids
     include byte-fallback runs that are invalid UTF-8, control and unknown ids)."""
@@ -166,6 +168,7 @@ def test_tokenisation_matches_hf_tokenizer(env):
         assert lm.tok_decode(ids) == hf_tok.decode(ids, skip_special_tokens=True), ids
 
 
+@pytest.mark.slow
 def test_multiple_choice_matches_hf(ours, ref):
     for metric in ("acc,none", "acc_norm,none"):
         assert ours["results"]["local_mc"][metric] == ref["results"]["local_mc"][metric]
@@ -181,6 +184,7 @@ def test_multiple_choice_matches_hf(ours, ref):
         assert a[d]["arguments"] == b[d]["arguments"]
 
 
+@pytest.mark.slow
 def test_generate_until_matches_hf(ours, ref):
     a, b = _by_doc(ours["samples"]["local_gen"]), _by_doc(ref["samples"]["local_gen"])
     assert sorted(a) == sorted(b) and len(a) == 16
@@ -190,6 +194,7 @@ def test_generate_until_matches_hf(ours, ref):
     assert ours["results"]["local_gen"]["exact_match,none"] == ref["results"]["local_gen"]["exact_match,none"]
 
 
+@pytest.mark.slow
 def test_loglikelihood_rolling_matches_hf(ours, ref, env):
     a, b = _by_doc(ours["samples"]["local_ppl"]), _by_doc(ref["samples"]["local_ppl"])
     ll_a = np.array([float(a[d]["resps"][0][0]) for d in sorted(a)])
@@ -203,6 +208,7 @@ def test_loglikelihood_rolling_matches_hf(ours, ref, env):
                                ref["results"]["local_ppl"]["word_perplexity,none"], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_outputs_written_like_lm_eval(ours, env):
     files = glob.glob(str(env["root"] / "out" / "**" / "*"), recursive=True)
     results = [f for f in files if os.path.basename(f).startswith("results_") and f.endswith(".json")]
@@ -225,6 +231,7 @@ def _run_counting(env, limit):
     return res["config"]["mistral_jax"]
 
 
+@pytest.mark.slow
 def test_compilations_independent_of_sample_count(env):
     few, many = _run_counting(env, 3), _run_counting(env, 16)
     assert few["score_shapes"] == many["score_shapes"]  # one scoring compilation per length bucket
@@ -233,6 +240,7 @@ def test_compilations_independent_of_sample_count(env):
     assert few["xla_compilations"] == many["xla_compilations"]  # generation included (all jit + eager compiles)
 
 
+@pytest.mark.slow
 def test_cli_main(env, monkeypatch, capsys):
     import lm_eval.tasks
 
@@ -252,6 +260,7 @@ def test_cli_main(env, monkeypatch, capsys):
     assert "local_mc" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_offline_hub_task_error_names_task(env):
     with pytest.raises(DatasetUnavailableError, match=r"(?s)task 'arc_easy'.*ai2_arc.*pre-download"):
         load_tasks(env["tm"], ["arc_easy"])
@@ -277,6 +286,7 @@ CONVERSATIONS = [
 ]
 
 
+@pytest.mark.slow
 def test_chat_template_is_mistral_commons(tmp_path):
     """Our eval chat path, the SFT renderer and MISTRAL_V1_TEMPLATE (through transformers) give mistral-common's
     ``encode_chat_completion`` ids with Mistral's real v1 tokenizer."""
@@ -305,6 +315,7 @@ def test_chat_template_is_mistral_commons(tmp_path):
         assert list(hf["input_ids"] if hasattr(hf, "keys") else hf) == ref, conv
 
 
+@pytest.mark.slow
 def test_chat_template_matches_training_template_and_hf(env):
     from mistral_jax.data.chat import render_prompt
 

@@ -68,6 +68,7 @@ def _cached_logits(model, prompts, steps, chunk_size):
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, W, 13])
+@pytest.mark.slow
 def test_cached_equals_full_forward_past_window(mistral, chunk_size):
     """W=8, prompts of 50 and 37 tokens (many wrap-arounds of the 8-slot buffer), 30 decode steps."""
     prompts = [_prompt(MISTRAL, 50, 0), _prompt(MISTRAL, 37, 1)]
@@ -87,6 +88,7 @@ def test_cached_equals_full_forward_past_window(mistral, chunk_size):
         np.testing.assert_array_equal(np.asarray(cache.pos[b]) % W, np.arange(W))
 
 
+@pytest.mark.slow
 def test_cached_equals_full_forward_short_prompt(mistral):
     prompts = [_prompt(MISTRAL, 5, 2), _prompt(MISTRAL, 3, 3)]  # shorter than W, decode past it
     per_row, new, _ = _cached_logits(mistral, prompts, 12, None)
@@ -95,6 +97,7 @@ def test_cached_equals_full_forward_short_prompt(mistral):
         np.testing.assert_allclose(per_row[b], full, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_cached_equals_full_forward_no_window(mixtral):
     """Mixtral (no window): the same code with a plain max-length cache."""
     prompts = [_prompt(MIXTRAL, 20, 4), _prompt(MIXTRAL, 11, 5)]
@@ -120,6 +123,7 @@ def _hf_greedy(cfg, model, prompts, n):
 
 
 @pytest.mark.parametrize("which", ["mistral", "mixtral"])
+@pytest.mark.slow
 def test_greedy_matches_hf_generate(which, request):
     cfg = MISTRAL if which == "mistral" else MIXTRAL
     model = request.getfixturevalue(which)
@@ -178,6 +182,7 @@ def _draws(logits, n, **kw):
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 3, None), (0.7, None, 0.8), (1.0, None, 0.5),
                                                      (1.5, 5, 0.7), (1.0, 1, None)])
+@pytest.mark.slow
 def test_top_k_top_p_stay_in_allowed_set(temperature, top_k, top_p):
     allowed = _allowed(LOGITS[0], temperature, top_k, top_p)
     assert 1 <= len(allowed) < LOGITS.shape[1]
@@ -212,6 +217,7 @@ def test_sampling_settings_are_checked(mistral):
         mj.generate(mistral, [[1, 2], []], max_new_tokens=2)
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_deterministic(mistral):
     prompts = [_prompt(MISTRAL, 12, 20), _prompt(MISTRAL, 9, 21)]
     kw = dict(max_new_tokens=24, temperature=1.0, top_p=0.95, eos_id=None)
@@ -257,6 +263,7 @@ def mj_tokenizer(path):
     return Tokenizer(path)
 
 
+@pytest.mark.slow
 def test_stop_string(mistral, tokenizer):
     prompt = tokenizer.encode("the cat sat on")
     free = mj.generate(mistral, prompt, max_new_tokens=30, eos_id=None)
@@ -271,6 +278,7 @@ def test_stop_string(mistral, tokenizer):
 
 # ----------------------------------------------------------------------------- per-layer weights, logits_to_keep
 @pytest.mark.parametrize("which", ["mistral", "mixtral"])
+@pytest.mark.slow
 def test_per_layer_weights_give_the_same_numbers(which, request):
     """Prefill and decode through ``serving_layers`` copies == through the stacked, scanned weights."""
     model = request.getfixturevalue(which)
@@ -302,6 +310,7 @@ def test_per_layer_weights_give_the_same_numbers(which, request):
         model(jnp.asarray(tokens), layer_states=layers[:1])
 
 
+@pytest.mark.slow
 def test_serving_layers_choice_and_generate_agree(mistral):
     assert gen.serving_layers(mistral, False) is None
     auto = gen.serving_layers(mistral)  # CPU backend, a tiny model: copies
@@ -311,6 +320,7 @@ def test_serving_layers_choice_and_generate_agree(mistral):
     assert mj.generate(mistral, prompts, unstack=True, **kw) == mj.generate(mistral, prompts, unstack=False, **kw)
 
 
+@pytest.mark.slow
 def test_logits_to_keep(mistral):
     tokens = jnp.asarray([_prompt(MISTRAL, 12, 90)], jnp.int32)
     full = mistral(tokens)
@@ -328,6 +338,7 @@ def test_compiled_once_per_shape(mistral):
     assert (gen._forward_chunk._cache_size(), gen._decode_loop._cache_size()) == sizes
 
 
+@pytest.mark.slow
 def test_sharded_decode_equals_unsharded(mistral):
     cfg, model = MISTRAL, mistral
     mesh = sharding.make_mesh(fsdp=4, tensor=2)  # 8 fake CPU devices: batch over fsdp, kv heads over tensor
@@ -405,6 +416,7 @@ def test_cli_streams_tokens_one_by_one(mistral, tokenizer):
     assert Spy.writes > 4  # many increments, not one write at the end
 
 
+@pytest.mark.slow
 def test_cli_main_on_jax_export_dir(mistral, tokenizer, tmp_path, capsys):
     import mistral_jax.generate as cli
 
@@ -414,6 +426,7 @@ def test_cli_main_on_jax_export_dir(mistral, tokenizer, tmp_path, capsys):
     assert text == ref and capsys.readouterr().out == ref + "\n"
 
 
+@pytest.mark.slow
 def test_cli_subprocess_on_hf_export_dir(mistral, tokenizer, tmp_path):
     mj.save_hf(mistral, str(tmp_path), tokenizer=tokenizer)
     res = subprocess.run([sys.executable, "-m", "mistral_jax.generate", "--checkpoint", str(tmp_path), "--prompt",

@@ -51,6 +51,7 @@ def _mixtral_batch(cfg, lengths, T=24):
 
 
 @pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.slow
 def test_mixtral_loss_matches_hf(padded):
     cfg = mj.ModelConfig.tiny_mixtral(moe_impl="ragged", initializer_range=0.2, router_aux_loss_coef=0.3,
                                       router_z_loss_coef=0.05)
@@ -79,6 +80,7 @@ def test_mixtral_loss_matches_hf(padded):
     model.cfg = cfg
 
 
+@pytest.mark.slow
 def test_dense_loss_matches_hf():
     cfg = mj.ModelConfig.tiny(initializer_range=0.2)
     model = mj.Transformer(cfg, rngs=nnx.Rngs(2))

@@ -16,6 +16,7 @@ from mistral_jax.model.grouped_matmul import looped_grouped_matmul
 @pytest.mark.parametrize("rows,groups,blocks,short", [(37, 4, (8,), 0), (100, 8, (64, 16), 0), (5, 3, (64, 8), 0),
                                                       (64, 2, (16, 4), 0), (50, 6, (1,), 0), (40, 5, (8, 2), 7),
                                                       (300, 3, (64, 16, 4), 0)])
+@pytest.mark.slow
 def test_looped_grouped_matmul_equals_per_group_products(rows, groups, blocks, short):
     """Forward and both gradients against per-group products and ``ragged_dot``, with an empty group, blocks
     larger than groups, one to three block sizes, and (``short``) rows past the last group, which must be 0."""
@@ -39,6 +40,7 @@ def test_looped_grouped_matmul_equals_per_group_products(rows, groups, blocks, s
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.slow
 def test_ragged_equals_dense_oracle_with_grads(top_k):
     cfg = mj.ModelConfig.tiny_mixtral(num_experts=5, num_experts_per_tok=top_k)
     layer = moe.MoE(cfg, rngs=nnx.Rngs(top_k))

@@ -56,6 +56,7 @@ def results(tmp_path_factory):
     return {n: json.loads((base / n / "result.json").read_text()) for n in ("two", "one")}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(results):
     two, one = results["two"], results["one"]
     assert (two["process_count"], two["local_devices"]) == (2, 4)
@@ -66,6 +67,7 @@ def test_two_processes_match_one(results):
         np.testing.assert_allclose(two["final"][k], v, rtol=1e-4, atol=1e-4, err_msg=k)
 
 
+@pytest.mark.slow
 def test_checkpoint_restore_across_processes(results):
     two = results["two"]
     assert two["restored_step"] == 3 and two["meta_step"] == 3 and two["data_state"] == {"rows_seen": 24}

@@ -104,6 +104,7 @@ def test_dcn_axes_that_do_not_match_the_slices_fail_in_one_line(two_slices, mesh
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_aot_compiles_tiny_mixtral_for_two_slices(two_slices):
     cfg = tiny.get_config()
     cfg.model.preset = "tiny_mixtral"
@@ -118,6 +119,7 @@ def test_aot_compiles_tiny_mixtral_for_two_slices(two_slices):
     assert "8 chips, 2 slices" in text and "FITS" in text
 
 
+@pytest.mark.slow
 def test_aot_cli_num_slices():
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     cmd = [sys.executable, "-m", "mistral_jax.aot", "--config", "configs/tiny.py", "--topology", "v5p-8",

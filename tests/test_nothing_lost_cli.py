@@ -273,6 +273,7 @@ def test_command_line_argument_errors(argv, prog, expected, fake_ckpt):
     _one_line(res.stderr, prog, expected)
 
 
+@pytest.mark.slow
 def test_unknown_lm_eval_task_is_reported_before_the_model_loads(fake_ckpt):
     """The real lm-eval task index; the checkpoint is garbage, so reaching the model load would fail otherwise."""
     res = _subprocess(["eval.py", "--checkpoint", fake_ckpt, "--tasks", "arc_easy,hellaswg"])
@@ -285,6 +286,7 @@ def test_unknown_lm_eval_task_is_reported_before_the_model_loads(fake_ckpt):
     ["eval.py", "--checkpoint", "/nope", "--tasks", "hellaswag", "--limit", "0"],
     ["-m", "mistral_jax.aot", "--config", "configs/tiny.py", "--topology", "h100-8"],
 ])
+@pytest.mark.slow
 def test_debug_shows_the_traceback(argv):
     res = _subprocess(argv, debug=True)
     assert res.returncode != 0
@@ -346,6 +348,7 @@ def _chatter(stderr: str) -> list[str]:
             or "etadata file does not exist" in line]
 
 
+@pytest.mark.slow
 def test_normal_path_prints_no_library_chatter(tiny_export):
     res = _subprocess(["-m", "mistral_jax.generate", "--checkpoint", str(tiny_export / "export"), "--prompt",
                           "ka ri", "--max_new_tokens", "4"])

@@ -122,6 +122,7 @@ def _refused(capsys, argv, *needles, code=2, main=convert_main):
 
 # ----------------------------------------------------------------------------- output vs input
 @pytest.mark.parametrize("where", ["same", "inside", "parent", "symlink"])
+@pytest.mark.slow
 def test_cli_output_never_input_inside_or_parent(world, capsys, tmp_path, where):
     runs = world["runs"]
     link = tmp_path / "link"
@@ -135,6 +136,7 @@ def test_cli_output_never_input_inside_or_parent(world, capsys, tmp_path, where)
     assert _tree(world["root"]) == before
 
 
+@pytest.mark.slow
 def test_cli_overwrite_never_replaces_a_run_or_another_kind(world, capsys, tmp_path):
     runs = world["runs"]
     before = _tree(world["root"])
@@ -163,6 +165,7 @@ def test_cli_overwrite_never_replaces_a_run_or_another_kind(world, capsys, tmp_p
     assert _tree(world["root"]) == before
 
 
+@pytest.mark.slow
 def test_api_refuses_output_over_input(world, tmp_path):
     runs = world["runs"]
     before = _tree(world["root"])
@@ -185,6 +188,7 @@ def test_api_refuses_output_over_input(world, tmp_path):
 
 
 # ----------------------------------------------------------------------------- argument checks (CLI)
+@pytest.mark.slow
 def test_cli_bad_arguments_one_line_exit_2(world, capsys, tmp_path):
     runs = world["runs"]
     base = ["--from", "hf", "--to", "mistral", "--input", str(runs / "base_hf"), "--output", str(tmp_path / "o")]
@@ -200,6 +204,7 @@ def test_cli_bad_arguments_one_line_exit_2(world, capsys, tmp_path):
         convert_main([*base, "--dtype", "fp8", "--verbose"])  # --verbose: the exception, with its traceback
 
 
+@pytest.mark.slow
 def test_cli_subprocess_exit_status_and_no_noise(world, tmp_path):
     runs = world["runs"]
     before = _tree(world["root"])
@@ -231,6 +236,7 @@ KILLED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_stale_temp_dir_of_dead_process_cleaned_live_one_kept(world, tmp_path):
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-c", KILLED, str(out)], env=ENV, cwd=ROOT, capture_output=True, text=True)
@@ -270,6 +276,7 @@ def test_parked_export_of_killed_conversion_is_restored(tmp_path):
 
 
 # ----------------------------------------------------------------------------- symlinks and index entries
+@pytest.mark.slow
 def test_symlinked_tokenizer_must_be_a_tokenizer(world, tmp_path, capsys):
     src = tmp_path / "hf"
     src.mkdir()
@@ -302,6 +309,7 @@ def test_symlinked_tokenizer_must_be_a_tokenizer(world, tmp_path, capsys):
         mj.save_mistral(mj.Transformer(CFG, rngs=nnx.Rngs(0)), tmp_path / "t2", tokenizer=tekken)
 
 
+@pytest.mark.slow
 def test_index_entries_must_name_files_inside_the_input(world, tmp_path):
     src = tmp_path / "in" / "hf"
     mj.convert("hf", "hf", world["runs"] / "base_hf", src, max_shard_size=20000)
@@ -324,6 +332,7 @@ def test_index_entries_must_name_files_inside_the_input(world, tmp_path):
 
 
 # ----------------------------------------------------------------------------- LoRA workdirs
+@pytest.mark.slow
 def test_lora_workdir_loads_merged(world, tmp_path):
     from mistral_jax.training.sft import merged_model
 
@@ -349,6 +358,7 @@ def test_lora_workdir_loads_merged(world, tmp_path):
     assert _tree(world["root"]) == before
 
 
+@pytest.mark.slow
 def test_lora_workdir_without_base_or_run_config_says_so(world, tmp_path):
     import shutil
 
@@ -366,6 +376,7 @@ def test_lora_workdir_without_base_or_run_config_says_so(world, tmp_path):
     assert "missing parameter" not in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_lora_cli_checks_arguments(world, capsys, tmp_path):
     runs = world["runs"]
     before = _tree(world["root"])

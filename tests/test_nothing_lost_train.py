@@ -23,7 +23,6 @@ import sys
 
 import pytest
 
-from mistral_jax.data.corpus import TRAIN
 from mistral_jax.data.train_tokenizer import train_tokenizer
 from mistral_jax.training import checkpoint as ckpt_lib
 from mistral_jax.training import trainer
@@ -87,13 +86,6 @@ def one_line(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    with open(TRAIN, encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f]
-    return train_tokenizer(texts, str(tmp_path_factory.mktemp("tok") / "tokenizer.model"), 512)
-
-
-@pytest.fixture(scope="module")
 def base_run(tmp_path_factory, tokenizer_path):
     """A finished 4-step run (checkpoints 2 and 4), made in-process."""
     workdir = str(tmp_path_factory.mktemp("base") / "run")
@@ -116,6 +108,7 @@ def run_copy(base_run, tmp_path):
      "--config.optimizer.grad_clip_norm=1.0"),
     ({"model.dim": 128}, "dim=64 saved, 128 now", "drop --config.model.dim"),
 ])
+@pytest.mark.slow
 def test_changed_config_is_a_mismatch_not_corruption(run_copy, tokenizer_path, override, cause, fix):
     before = hashes(run_copy)
     proc = train_py(cli_args(run_copy, tokenizer_path, **{**override, "num_steps": 6}))
@@ -128,6 +121,7 @@ def test_changed_config_is_a_mismatch_not_corruption(run_copy, tokenizer_path, o
     assert not os.path.exists(os.path.join(run_copy, "corrupt_checkpoints"))
 
 
+@pytest.mark.slow
 def test_orbax_mismatch_error_is_not_quarantined(run_copy, tokenizer_path, monkeypatch):
     """Second line of defence: if the metadata comparison missed it, Orbax's own tree-mismatch error on restore
     still counts as a mismatch (not corruption)."""
@@ -139,6 +133,7 @@ def test_orbax_mismatch_error_is_not_quarantined(run_copy, tokenizer_path, monke
     assert hashes(run_copy) == before
 
 
+@pytest.mark.slow
 def test_unreadable_metadata_is_corruption_and_falls_back(run_copy, tokenizer_path, caplog):
     meta = os.path.join(run_copy, "checkpoints", "4", "params", "_METADATA")
     with open(meta, "r+b") as f:
@@ -155,6 +150,7 @@ def test_unreadable_metadata_is_corruption_and_falls_back(run_copy, tokenizer_pa
 
 
 # --------------------------------------------------------------------------------------------- resume / reset
+@pytest.mark.slow
 def test_resume_false_on_a_run_fails(run_copy, tokenizer_path):
     before = hashes(run_copy)
     proc = train_py(cli_args(run_copy, tokenizer_path, **{"checkpoint.resume": False}))
@@ -165,6 +161,7 @@ def test_resume_false_on_a_run_fails(run_copy, tokenizer_path):
     assert hashes(run_copy) == before
 
 
+@pytest.mark.slow
 def test_reset_archives_the_old_run_and_a_requeue_resumes(run_copy, tokenizer_path, tmp_path):
     before = hashes(run_copy)
     args = cli_args(run_copy, tokenizer_path, **{"checkpoint.reset": True,
@@ -194,6 +191,7 @@ def test_reset_archives_the_old_run_and_a_requeue_resumes(run_copy, tokenizer_pa
         {k: v for k, v in after.items() if k.startswith("checkpoints/")}
 
 
+@pytest.mark.slow
 def test_reset_in_process_with_resume_false(run_copy, tokenizer_path):
     before = hashes(run_copy)
     cfg = with_reset(tiny_config(tokenizer_path, **{"checkpoint.resume": False, "num_steps": 2}))
@@ -204,6 +202,7 @@ def test_reset_in_process_with_resume_false(run_copy, tokenizer_path):
 
 
 # --------------------------------------------------------------------------------------------- lock
+@pytest.mark.slow
 def test_a_live_lock_stops_a_second_run(run_copy, tokenizer_path):
     lock = os.path.join(run_copy, ".lock")
     with open(lock, "w") as f:  # this test process: alive, same host
@@ -216,6 +215,7 @@ def test_a_live_lock_stops_a_second_run(run_copy, tokenizer_path):
     assert hashes(run_copy) == before  # the lock and the run untouched, nothing appended to metrics.jsonl
 
 
+@pytest.mark.slow
 def test_a_stale_lock_is_reported_and_taken_over(run_copy, tokenizer_path, caplog):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -239,6 +239,7 @@ def test_lock_is_exclusive_in_process(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- failed saves
+@pytest.mark.slow
 def test_disk_full_during_a_save_stops_with_one_line(tokenizer_path, tmp_path):
     """ENOSPC on every file Orbax writes for step 4: the run stops at the next step with one line naming the
     error, the step and the newest intact checkpoint (2); rerunning resumes from 2."""
@@ -263,6 +264,7 @@ def test_disk_full_during_a_save_stops_with_one_line(tokenizer_path, tmp_path):
         assert {k: v for k, v in hashes(workdir).items() if k.startswith("checkpoints/2/")} == saved
 
 
+@pytest.mark.slow
 def test_permission_denied_during_a_save(tokenizer_path, tmp_path):
     import importlib.util
 

@@ -74,6 +74,7 @@ def test_bf16_loss_keeps_sensitive_math_in_float32(preset, attention):
         assert ops[("dot_general", "bfloat16", cfg.num_experts)] == 0
 
 
+@pytest.mark.slow
 def test_bf16_training_keeps_float32_master_weights():
     rc = base.get_config()
     cfg = mj.ModelConfig.tiny_mixtral(dtype="bfloat16")

@@ -41,6 +41,7 @@ def _tokens(cfg, seed, batch=3, length=40):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.slow
 def test_logits_match_hf(name, seed):
     cfg = CONFIGS[name]
     model = mj.Transformer(cfg, rngs=nnx.Rngs(seed))
@@ -55,6 +56,7 @@ def test_logits_match_hf(name, seed):
 
 
 @pytest.mark.parametrize("name", ["mistral_blocked", "mixtral_ragged"])
+@pytest.mark.slow
 def test_oracle_sees_attention(name):
     """The parity tolerance is tight enough to catch attention bugs: each broken variant misses it by >= 100x."""
     cfg = CONFIGS[name]
@@ -98,6 +100,7 @@ def _capture(hf, tokens, attention_mask=None):
 
 
 @pytest.mark.parametrize("name", ["mistral_reference", "mixtral_ragged", "mixtral_dense_window"])
+@pytest.mark.slow
 def test_module_parity(name):
     cfg = CONFIGS[name]
     model = mj.Transformer(cfg, rngs=nnx.Rngs(7))
@@ -123,6 +126,7 @@ def test_module_parity(name):
 
 
 @pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.slow
 def test_load_balancing_loss_matches_hf(padded):
     cfg = CONFIGS["mixtral_ragged"]
     model = mj.Transformer(cfg, rngs=nnx.Rngs(3))

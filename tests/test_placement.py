@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 import mistral_jax as mj
@@ -16,6 +17,7 @@ def _bytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+@pytest.mark.slow
 def test_parameters_are_created_in_their_shards():
     """The init program's outputs are the shards: per device it outputs about 1/8 of the model and never holds a
     whole parameter as a temporary (a replicated init would output every byte on every device)."""

@@ -19,19 +19,12 @@ from mistral_jax import distributed
 from mistral_jax.data import pipeline
 from mistral_jax.data.corpus import TRAIN
 from mistral_jax.data.tokenizer import Tokenizer
-from mistral_jax.data.train_tokenizer import train_tokenizer
 from mistral_jax.training.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POD_TRAIN = os.path.join(ROOT, "tests", "pod_train.py")
 STEPS = 10
 TIMEOUT = 400  # per launch: every subprocess is bounded
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    texts = [json.loads(line)["text"] for line in open(TRAIN, encoding="utf-8")]
-    return train_tokenizer(texts, str(tmp_path_factory.mktemp("tok") / "tokenizer.model"), 512)
 
 
 def _free_port() -> int:
@@ -107,6 +100,7 @@ def runs(tmp_path_factory, tokenizer_path):
     return {k: str(base / k) for k in shapes}
 
 
+@pytest.mark.slow
 def test_processes_match_one_process(runs):
     ref = _losses(runs["1x8"])
     assert sorted(ref) == list(range(1, STEPS + 1)) and len({round(v, 3) for v in ref.values()}) > 1
@@ -135,6 +129,7 @@ def _wait_for(workdir, procs, pred, timeout=TIMEOUT):
     pytest.fail("the run ended or stalled before it could be interrupted:\n" + procs[0].communicate()[0][-3000:])
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_all_at_the_same_step(runs, tokenizer_path, tmp_path):
     workdir = str(tmp_path / "run")
     args = [POD_TRAIN, *_train_args(workdir, tokenizer_path)]
@@ -153,6 +148,7 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(runs, tokenizer_path,
     assert _losses(workdir) == _losses(runs["2x4"])  # bit-identical to the uninterrupted 2 x 4 run
 
 
+@pytest.mark.slow
 def test_killed_process_stops_the_others_then_resume(runs, tokenizer_path, tmp_path):
     workdir = str(tmp_path / "run")
     args = [POD_TRAIN, *_train_args(workdir, tokenizer_path)]
@@ -202,6 +198,7 @@ metric_list:
 """
 
 
+@pytest.mark.slow
 def test_eval_two_processes_match_one(runs, tmp_path):
     texts = [json.loads(line)["text"] for line in open(TRAIN, encoding="utf-8")][:40]
     rng = np.random.default_rng(0)
@@ -230,6 +227,7 @@ def test_eval_two_processes_match_one(runs, tmp_path):
     assert got["one"]["pod_ppl"]["word_perplexity,none"] > 1
 
 
+@pytest.mark.slow
 def test_dry_run_prints_memory_and_flops_writes_nothing(tokenizer_path, tmp_path):
     workdir = tmp_path / "never"
     results = _wait(_launch([os.path.join(ROOT, "train.py"), *_train_args(workdir, tokenizer_path), "--dry_run"], 2))

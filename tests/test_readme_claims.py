@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import sentencepiece as spm
 
 from mistral_jax.data.corpus import TRAIN
@@ -42,6 +43,7 @@ def test_train_tokenizer_command(tmp_path):
     assert not os.path.exists(tmp_path / "small.model")
 
 
+@pytest.mark.slow
 def test_expert_load_is_logged_per_expert(tmp_path):
     """A Mixtral run writes ``expert_load/e{i}`` to metrics.jsonl: each expert's share of the top-k assignments."""
     cfg = trainer.load_config_file(os.path.join(ROOT, "configs/tiny.py"))

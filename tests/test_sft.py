@@ -76,6 +76,7 @@ def test_lora_targets_and_errors(base_models):
 
 
 @pytest.mark.parametrize("name", sorted(CFGS))
+@pytest.mark.slow
 def test_merge_equals_base_plus_scaled_update(base_models, name):
     cfg = CFGS[name]
     model, base = _lora_model(base_models, name, rank=4, alpha=8.0)
@@ -147,6 +148,7 @@ def _sft_config(init_from, **kw):
     return c
 
 
+@pytest.mark.slow
 def test_chat_batches_weight_only_answers(pretrained):
     """The batches the trainer sees: every weighted target is an answer token or its </s>, every prompt token 0."""
     from mistral_jax.data import chat
@@ -184,6 +186,7 @@ def test_chat_batches_weight_only_answers(pretrained):
 
 
 @pytest.mark.parametrize("rank", [0, 4], ids=["full", "lora"])
+@pytest.mark.slow
 def test_init_from_state_is_loaded_sharded_on_the_training_mesh(pretrained, rank):
     from jax.sharding import PartitionSpec as P
 
@@ -211,6 +214,7 @@ def test_init_from_state_is_loaded_sharded_on_the_training_mesh(pretrained, rank
     assert jax.tree.map(lambda x: x.shape, abstract["params"]) == jax.tree.map(lambda x: x.shape, state["params"])
 
 
+@pytest.mark.slow
 def test_full_sft_from_checkpoint_answer_loss_falls(pretrained, tmp_path):
     from mistral_jax.loading import load_pretrained
     from mistral_jax.training import trainer
@@ -228,6 +232,7 @@ def test_full_sft_from_checkpoint_answer_loss_falls(pretrained, tmp_path):
     assert min(jax.tree.leaves(diff)) > 0  # full fine-tuning moves every weight
 
 
+@pytest.mark.slow
 def test_lora_sft_trains_only_adapters_and_merges(pretrained, tmp_path):
     from mistral_jax.loading import load_pretrained
     from mistral_jax.training import trainer

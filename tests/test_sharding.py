@@ -92,12 +92,14 @@ def _flat(tree):
     return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow
 def test_sharded_init_equals_single_device(reference, sharded):
     got = _flat(sharded["state"]["params"])
     for k, v in _flat(reference["params0"]).items():
         np.testing.assert_array_equal(np.asarray(got[k]), v, err_msg=k)
 
 
+@pytest.mark.slow
 def test_sharded_loss_and_grads_match_single_device(reference, sharded):
     s = sharded
     loss, grads = grads_and_loss(s["graphdef"], s["state"]["params"], reference["batch"], s["shardings"]["params"],
@@ -111,6 +113,7 @@ def test_sharded_loss_and_grads_match_single_device(reference, sharded):
         assert g.sharding.spec == _flat(s["shardings"]["params"])[k].spec, k
 
 
+@pytest.mark.slow
 def test_sharded_train_steps_match_single_device(reference):
     """The real jitted train step (AdamW, clipping, donation), two steps, on the FSDP+TP+EP mesh (compiling the
     full step is the slow part on CPU; the loss/grad test above covers every preset)."""
@@ -131,6 +134,7 @@ def test_sharded_train_steps_match_single_device(reference):
         assert got[k].sharding.spec == _flat(shardings["params"])[k].spec, k
 
 
+@pytest.mark.slow
 def test_param_and_opt_state_shardings_are_the_rules(sharded):
     s = sharded
     mesh, rules = s["mesh"], s["rules"]
@@ -161,6 +165,7 @@ def test_param_and_opt_state_shardings_are_the_rules(sharded):
                   "fsdp_tp_ep": P(None, "expert", "fsdp", "tensor")}[s["preset"]]
 
 
+@pytest.mark.slow
 def test_expert_parallel_block_equals_dense_oracle():
     """The MoE block alone, with and without tokens split over the expert axis, forward and backward."""
     cfg = mj.ModelConfig.tiny_mixtral(moe_impl="expert_parallel", num_experts=8)
@@ -193,6 +198,7 @@ def test_expert_parallel_block_equals_dense_oracle():
             np.testing.assert_allclose(np.asarray(_flat(g)[k]), np.asarray(v), atol=1e-5, err_msg=k)
 
 
+@pytest.mark.slow
 def test_expert_parallel_rejects_indivisible_experts():
     cfg = mj.ModelConfig.tiny_mixtral(num_experts=3, num_experts_per_tok=2)
     block = moe_lib.MoE(cfg, rngs=nnx.Rngs(0))
@@ -256,6 +262,7 @@ def test_constrain_is_identity_without_mesh_and_shards_with_one():
 
 
 # ------------------------------------------------------------------------------------------------ remat policies
+@pytest.mark.slow
 def test_remat_policies_same_loss_and_grads_different_programs():
     cfg0 = mj.ModelConfig.tiny(n_layers=3)
     batch = make_batch(cfg0, seed=7)

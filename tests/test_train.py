@@ -13,8 +13,6 @@ import pytest
 
 from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
-from mistral_jax.data.corpus import TRAIN
-from mistral_jax.data.train_tokenizer import train_tokenizer
 from mistral_jax.training import step as step_lib
 from mistral_jax.training import trainer
 from mistral_jax.training.metrics import flops_per_token, mean_attended_keys, read_metrics
@@ -30,12 +28,6 @@ def tiny_config(**overrides):
     return cfg
 
 
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    texts = [json.loads(line)["text"] for line in open(TRAIN, encoding="utf-8")]
-    return train_tokenizer(texts, str(tmp_path_factory.mktemp("tok") / "tokenizer.model"), 512)
-
-
 # --------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -46,6 +38,7 @@ def tiny_run(tmp_path_factory):
     return workdir, result
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_the_bundled_corpus(tiny_run):
     workdir, result = tiny_run
     assert result["status"] == "done" and result["step"] == 40
@@ -65,6 +58,7 @@ def test_tiny_model_learns_the_bundled_corpus(tiny_run):
     assert ModelConfig.from_dict(json.load(open(os.path.join(workdir, "model_config.json")))) == ModelConfig.tiny()
 
 
+@pytest.mark.slow
 def test_finished_run_resumes_without_training_again(tiny_run):
     workdir, _ = tiny_run
     n = len(read_metrics(workdir))
@@ -112,6 +106,7 @@ def test_unknown_config_keys_are_named(tmp_path):
     trainer.check_cli_overrides(["--config=configs/tiny.py", "--config.optimizer.learning_rate=3"])
 
 
+@pytest.mark.slow
 def test_train_py_reports_bad_config_cleanly(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
     base = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/tiny.py"),
@@ -193,6 +188,7 @@ def one_device_state():
     return mesh, graphdef, state, tx, schedule, {k: jnp.asarray(v) for k, v in batch.items()}
 
 
+@pytest.mark.slow
 def test_grad_accumulation_matches_one_big_batch(one_device_state):
     import optax
 
@@ -216,6 +212,7 @@ def test_grad_accumulation_matches_one_big_batch(one_device_state):
     assert all(changed) and int(s1["step"]) == 1
 
 
+@pytest.mark.slow
 def test_nonfinite_step_leaves_state_untouched(one_device_state):
     _, graphdef, state, tx, schedule, batch = one_device_state
     bad = dict(batch, weights=batch["weights"].at[0, 0].set(jnp.nan))
@@ -227,6 +224,7 @@ def test_nonfinite_step_leaves_state_untouched(one_device_state):
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
+@pytest.mark.slow
 def test_nan_policy(policy, tokenizer_path, tmp_path, monkeypatch):
     real = step_lib.train_step
 

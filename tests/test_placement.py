@@ -83,9 +83,9 @@ def test_init_from_streams_one_slice_at_a_time(tmp_path, monkeypatch):
     model = mj.load_pretrained(str(tmp_path / "hf"), mesh=mesh, rules=sharding.rules_preset("fsdp"))
     assert len(reads) == len(keys.entries(cfg))  # every file tensor read once
     params = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    stacked = [v.value for k, v in params if k[0] == "layers"]
+    stacked = [v[...] for k, v in params if k[0] == "layers"]
     biggest_slice = max([x.size // cfg.n_layers // (cfg.num_experts if x.ndim == 4 else 1) for x in stacked] +
-                        [v.value.size for k, v in params if k[0] != "layers"])
+                        [v[...].size for k, v in params if k[0] != "layers"])
     assert max(r.size for r in reads) <= biggest_slice  # never a whole [L, ...] stack
-    embed = next(v.value for k, v in params if k == ("embed",))
+    embed = next(v[...] for k, v in params if k == ("embed",))
     assert not embed.sharding.is_fully_replicated and len(embed.sharding.device_set) == 8

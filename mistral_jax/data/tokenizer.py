@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import sentencepiece as spm
 
@@ -121,3 +122,41 @@ class Tokenizer:
 
     def piece_to_id(self, piece: str) -> int:
         return self.sp.PieceToId(piece)
+
+
+def hf_raw_text(sp: Any, ids: Sequence[int], skip_unknown: bool = True) -> str:
+    """Text of ``ids`` as HF's ``LlamaTokenizer`` decodes them, before its one leading space is stripped: control
+    ids (and, with ``skip_unknown``, ``<unk>``) are skipped, as are ids the tokenizer does not have; ``▁`` becomes a
+    space; a run of byte-fallback pieces is UTF-8 decoded as a whole or, if invalid, gives one U+FFFD per byte.
+    The raw text concatenates at every non-byte piece, so a growing id list can be decoded incrementally."""
+    n = sp.GetPieceSize()
+    out: list[str] = []
+    run = bytearray()
+
+    def flush() -> None:
+        if run:
+            try:
+                out.append(run.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append("\ufffd" * len(run))
+            run.clear()
+
+    for t in (int(t) for t in ids):
+        if not 0 <= t < n or sp.IsControl(t) or (skip_unknown and sp.IsUnknown(t)):
+            continue
+        piece = sp.IdToPiece(t)
+        if sp.IsByte(t):
+            run.append(int(piece[3:5], 16))  # "<0xAB>"
+            continue
+        flush()
+        out.append(piece.replace("\u2581", " "))
+    flush()
+    return "".join(out)
+
+
+def hf_decode(sp: Any, ids: Sequence[int], skip_unknown: bool = True) -> str:
+    """``hf_raw_text`` with one leading space stripped: what the HF tokenizer's ``decode`` returns (the reference of
+    lm-eval's hf backend and of OpenAI-API clients)."""
+    text = hf_raw_text(sp, ids, skip_unknown)
+    return text[1:] if text.startswith(" ") else text
+

@@ -235,30 +235,9 @@ class MistralJaxLM(TemplateLM):
         unknown ids are skipped (``skip_special_tokens``), ``▁`` becomes a space, a run of byte-fallback pieces
         is UTF-8 decoded as a whole or, if invalid, gives one U+FFFD per byte; one leading space is stripped.
         Ids the tokenizer does not have (a model vocab larger than the tokenizer's) are dropped."""
-        sp, n = self.tokenizer.sp, self.tokenizer.vocab_size
-        out: list[str] = []
-        run = bytearray()
+        from mistral_jax.data.tokenizer import hf_decode
 
-        def flush() -> None:
-            if run:
-                try:
-                    out.append(run.decode("utf-8"))
-                except UnicodeDecodeError:
-                    out.append("\ufffd" * len(run))
-                run.clear()
-
-        for t in (int(t) for t in tokens):
-            if not 0 <= t < n or sp.IsControl(t) or (skip_special_tokens and sp.IsUnknown(t)):
-                continue
-            piece = sp.IdToPiece(t)
-            if sp.IsByte(t):
-                run.append(int(piece[3:5], 16))  # "<0xAB>"
-                continue
-            flush()
-            out.append(piece.replace("\u2581", " "))
-        flush()
-        text = "".join(out)
-        return text[1:] if text.startswith(" ") else text
+        return hf_decode(self.tokenizer.sp, tokens, skip_unknown=skip_special_tokens)
 
     def decode(self, tokens: Sequence[int]) -> str:
         """``tok_decode`` under the name ``mistral_jax.generate`` uses for stop strings."""

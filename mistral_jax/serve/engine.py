@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mistral_jax.data.tokenizer import hf_decode, hf_raw_text
 from mistral_jax.inference.generate import DEFAULT_CHUNK, serving_layers
 from mistral_jax.model.kv_cache import EMPTY, KVCache
 
@@ -71,40 +72,13 @@ def compile_count() -> int:
 def decode_text(tokenizer: Any, ids: Sequence[int]) -> str:
     """Text of generated ``ids`` as HF's ``LlamaTokenizer`` decodes them (what OpenAI-API clients and the
     ``mistral_jax`` lm-eval backend expect): control ids skipped, ``▁`` -> space, a run of byte-fallback pieces
-    UTF-8 decoded as a whole (or one U+FFFD per byte if invalid), one leading space stripped. The same rules as
-    ``evals.lm.MistralJaxLM.tok_decode``; a tokenizer without a sentencepiece model uses its own ``decode``."""
+    UTF-8 decoded as a whole (or one U+FFFD per byte if invalid), one leading space stripped
+    (``data.tokenizer.hf_decode``, shared with the lm-eval backend); a tokenizer without a sentencepiece model uses
+    its own ``decode``."""
     sp = getattr(tokenizer, "sp", None)
     if sp is None:
         return tokenizer.decode(list(ids))
-    text = _raw_text(sp, ids)
-    return text[1:] if text.startswith(" ") else text
-
-
-def _raw_text(sp: Any, ids: Sequence[int]) -> str:
-    """``decode_text`` before the leading space is stripped: concatenates at every non-byte piece."""
-    n = sp.GetPieceSize()
-    out: list[str] = []
-    run = bytearray()
-
-    def flush() -> None:
-        if run:
-            try:
-                out.append(run.decode("utf-8"))
-            except UnicodeDecodeError:
-                out.append("\ufffd" * len(run))
-            run.clear()
-
-    for t in (int(t) for t in ids):
-        if not 0 <= t < n or sp.IsControl(t) or sp.IsUnknown(t):
-            continue
-        piece = sp.IdToPiece(t)
-        if sp.IsByte(t):
-            run.append(int(piece[3:5], 16))  # "<0xAB>"
-            continue
-        flush()
-        out.append(piece.replace("\u2581", " "))
-    flush()
-    return "".join(out)
+    return hf_decode(sp, ids)
 
 
 class _Detokenizer:
@@ -121,7 +95,7 @@ class _Detokenizer:
         self.ids.append(tok)
         if self.sp is None:
             return self.tokenizer.decode(self.ids)
-        pending = _raw_text(self.sp, self.ids[self.upto:])
+        pending = hf_raw_text(self.sp, self.ids[self.upto:])
         sp = self.sp
         if 0 <= tok < sp.GetPieceSize() and not (sp.IsByte(tok) or sp.IsControl(tok) or sp.IsUnknown(tok)):
             self.done, self.upto, pending = self.done + pending, len(self.ids), ""
@@ -134,7 +108,7 @@ class _Detokenizer:
 
     def text(self) -> str:
         return decode_text(self.tokenizer, self.ids) if self.sp is None else (
-            lambda t: t[1:] if t.startswith(" ") else t)(self.done + _raw_text(self.sp, self.ids[self.upto:]))
+            lambda t: t[1:] if t.startswith(" ") else t)(self.done + hf_raw_text(self.sp, self.ids[self.upto:]))
 
 
 # ----------------------------------------------------------------------------- pure device functions

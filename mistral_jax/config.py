@@ -15,8 +15,14 @@ import jax.numpy as jnp
 AttentionImpl = Literal["auto", "reference", "blocked", "cudnn", "splash"]
 MoEImpl = Literal["dense", "ragged", "expert_parallel"]
 RematPolicy = Literal["none", "full", "save_dots", "save_qkv_proj", "save_dots_no_batch"]
+Platform = Literal["", "cpu", "gpu", "tpu"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _runtime(default: Any) -> Any:
+    """A runtime field (dtypes, backends, scan / remat, loss weights): see ``ModelConfig.RUNTIME_FIELDS``."""
+    return dataclasses.field(default=default, metadata={"runtime": True})
 
 
 def _bad(field: str, value: Any, why: str, fix: str) -> ValueError:
@@ -45,17 +51,22 @@ class ModelConfig:
     # Mixture of experts (num_experts == 0 -> dense SwiGLU MLP).
     num_experts: int = 0  # num_local_experts
     num_experts_per_tok: int = 2  # num_experts_per_tok (top-k)
-    router_aux_loss_coef: float = 0.02  # router_aux_loss_coef (HF units, see moe.load_balancing_loss)
-    router_z_loss_coef: float = 0.0  # ST-MoE router z-loss weight (0 = off)
-    # Numerics and execution.
-    dtype: str = "float32"  # activation / matmul dtype
-    param_dtype: str = "float32"  # parameter (master weight) dtype
-    attention_impl: AttentionImpl = "auto"  # see model/attention.py
-    attention_block_size: int = 512  # query block of the blocked banded backend (at most max(64, W/4))
-    moe_impl: MoEImpl = "ragged"  # "dense" oracle, dropless sort + ragged_dot, or "expert_parallel" (shard_map)
-    scan_layers: bool = True  # lax.scan over stacked layers (one compiled layer) vs a Python loop
-    remat: RematPolicy = "none"  # activation checkpointing policy per layer
-    initializer_range: float = 0.02  # std of the normal init of weights
+    # ---- runtime choices (RUNTIME_FIELDS): how the network is computed and trained, not what it is. A run
+    # may change them freely (init_from, resume); they never change which parameters exist.
+    router_aux_loss_coef: float = _runtime(0.02)  # router_aux_loss_coef (HF units, see moe.load_balancing_loss)
+    router_z_loss_coef: float = _runtime(0.0)  # ST-MoE router z-loss weight (0 = off)
+    dtype: str = _runtime("float32")  # activation / matmul dtype
+    param_dtype: str = _runtime("float32")  # parameter (master weight) dtype
+    attention_impl: AttentionImpl = _runtime("auto")  # see model/attention.py (auto: chosen for `platform`)
+    attention_block_size: int = _runtime(512)  # query block of the blocked banded backend (<= max(64, W/4))
+    moe_impl: MoEImpl = _runtime("ragged")  # "dense" oracle, dropless sort + grouped matmul, "expert_parallel"
+    scan_layers: bool = _runtime(True)  # lax.scan over stacked layers (one compiled layer) vs a Python loop
+    remat: RematPolicy = _runtime("none")  # activation checkpointing policy per layer
+    initializer_range: float = _runtime(0.02)  # std of the normal init of weights
+    # The platform the program is built for: "cpu", "gpu" or "tpu"; "" = the host's default backend, filled in
+    # by ``for_platform`` (the Transformer calls it at construction). "auto" backends are resolved from this
+    # field, never from the host, so an ahead-of-time compile for a TPU on a CPU host builds the TPU program.
+    platform: Platform = _runtime("")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "max_seq_len"):
@@ -97,6 +108,38 @@ class ModelConfig:
         if self.remat not in ("none", "full", "save_dots", "save_qkv_proj", "save_dots_no_batch"):
             raise _bad("remat", self.remat, "unknown remat policy",
                        "use none, full, save_dots, save_qkv_proj or save_dots_no_batch")
+        if self.platform not in ("", "cpu", "gpu", "tpu"):
+            raise _bad("platform", self.platform, "unknown platform", "use cpu, gpu or tpu (or '' for the host's)")
+
+    # ------------------------------------------------------------------ architecture vs runtime
+    @classmethod
+    def runtime_fields(cls) -> tuple[str, ...]:
+        """Fields that say how the network is computed (dtypes, backends, scan, remat, loss weights, platform)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("runtime"))
+
+    @classmethod
+    def architecture_fields(cls) -> tuple[str, ...]:
+        """Fields that say what the network is: its parameters' shapes and the function they compute."""
+        return tuple(f.name for f in dataclasses.fields(cls) if not f.metadata.get("runtime"))
+
+    def architecture(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.architecture_fields()}
+
+    def runtime(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.runtime_fields()}
+
+    def with_architecture_of(self, other: ModelConfig) -> ModelConfig:
+        """This config's runtime choices on ``other``'s architecture (``init_from`` keeps the run's numerics)."""
+        return dataclasses.replace(self, **other.architecture())
+
+    def for_platform(self, platform: str | None = None) -> ModelConfig:
+        """This config built for ``platform`` ("cpu", "gpu", "tpu"; None = the host's default backend)."""
+        if platform is None:
+            import jax  # local: importing the config must not start a backend
+
+            platform = jax.default_backend()
+        platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+        return self.replace(platform=platform)
 
     # ------------------------------------------------------------------ derived
     @property

@@ -332,7 +332,7 @@ def test_tied_embeddings(tmp_path):
 
 
 def test_cli_hf_to_mistral_to_hf(hf_dirs, tmp_path, capsys):
-    from mistral_jax.convert.__main__ import main
+    from mistral_jax.cli.convert import main
 
     dirs, _ = hf_dirs
     src = dirs["mistral", "bfloat16"]

@@ -381,7 +381,7 @@ def test_sharded_decode_equals_unsharded(mistral):
 
 # ----------------------------------------------------------------------------- CLI
 def test_cli_run_streams_and_stops(mistral, tokenizer):
-    import mistral_jax.generate as cli
+    import mistral_jax.cli.generate as cli
 
     buf = io.StringIO()
     text = cli.run(mistral, tokenizer, "the cat sat on", max_new_tokens=20, out=buf)
@@ -402,7 +402,7 @@ def test_cli_run_streams_and_stops(mistral, tokenizer):
 
 
 def test_cli_streams_tokens_one_by_one(mistral, tokenizer):
-    import mistral_jax.generate as cli
+    import mistral_jax.cli.generate as cli
 
     class Spy(io.StringIO):
         writes = 0
@@ -418,7 +418,7 @@ def test_cli_streams_tokens_one_by_one(mistral, tokenizer):
 
 @pytest.mark.slow
 def test_cli_main_on_jax_export_dir(mistral, tokenizer, tmp_path, capsys):
-    import mistral_jax.generate as cli
+    import mistral_jax.cli.generate as cli
 
     mj.save_jax(mistral, str(tmp_path / "export"), tokenizer=tokenizer)
     text = cli.main(["--checkpoint", str(tmp_path / "export"), "--prompt", "the cat sat on", "--max_new_tokens", "20"])
@@ -429,7 +429,7 @@ def test_cli_main_on_jax_export_dir(mistral, tokenizer, tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_subprocess_on_hf_export_dir(mistral, tokenizer, tmp_path):
     mj.save_hf(mistral, str(tmp_path), tokenizer=tokenizer)
-    res = subprocess.run([sys.executable, "-m", "mistral_jax.generate", "--checkpoint", str(tmp_path), "--prompt",
+    res = subprocess.run([sys.executable, "-m", "mistral_jax.cli.generate", "--checkpoint", str(tmp_path), "--prompt",
                           "the cat sat on", "--max_new_tokens", "6", "--instruct",
                           "--temperature", "0.8", "--top_k", "20", "--top_p", "0.9", "--seed", "5"],
                          capture_output=True, text=True, timeout=300)

@@ -61,7 +61,7 @@ def _one_line(err: str, prog: str, *expected: str) -> str:
 # ----------------------------------------------------------------------------------------------------- generate
 def _generate(argv, monkeypatch, capsys) -> str:
     """``python -m mistral_jax.generate ARGV`` in-process (the module's ``__main__`` line); returns stderr."""
-    import mistral_jax.generate as gen
+    import mistral_jax.cli.generate as gen
 
     monkeypatch.setattr(sys, "argv", ["generate", *argv])
     with pytest.raises(SystemExit) as e:
@@ -250,9 +250,9 @@ def _subprocess(argv: list[str], debug: bool = False, timeout: float = 300) -> s
 
 
 @pytest.mark.parametrize("argv,prog,expected", [
-    (["-m", "mistral_jax.generate", "--checkpoint", "{ckpt}", "--prompt", "hi", "--temperature", "-1"], "generate",
+    (["-m", "mistral_jax.cli.generate", "--checkpoint", "{ckpt}", "--prompt", "hi", "--temperature", "-1"], "generate",
      "--temperature=-1.0"),
-    (["-m", "mistral_jax.generate", "--checkpoint", "/nope/ckpt", "--prompt", "hi"], "generate",
+    (["-m", "mistral_jax.cli.generate", "--checkpoint", "/nope/ckpt", "--prompt", "hi"], "generate",
      "--checkpoint='/nope/ckpt' does not exist"),
     (["eval.py", "--checkpoint", "{ckpt}", "--tasks", "hellaswag", "--batch_size", "0"], "eval.py", "--batch_size=0"),
     (["eval.py", "--checkpoint", "{ckpt}", "--tasks", "hellaswag", "--batch_size", "x"], "eval.py", "--batch_size=x"),
@@ -282,7 +282,7 @@ def test_unknown_lm_eval_task_is_reported_before_the_model_loads(fake_ckpt):
 
 
 @pytest.mark.parametrize("argv", [
-    ["-m", "mistral_jax.generate", "--checkpoint", "/nope", "--prompt", "hi", "--top_p", "1.5"],
+    ["-m", "mistral_jax.cli.generate", "--checkpoint", "/nope", "--prompt", "hi", "--top_p", "1.5"],
     ["eval.py", "--checkpoint", "/nope", "--tasks", "hellaswag", "--limit", "0"],
     ["-m", "mistral_jax.aot", "--config", "configs/tiny.py", "--topology", "h100-8"],
 ])
@@ -350,7 +350,7 @@ def _chatter(stderr: str) -> list[str]:
 
 @pytest.mark.slow
 def test_normal_path_prints_no_library_chatter(tiny_export):
-    res = _subprocess(["-m", "mistral_jax.generate", "--checkpoint", str(tiny_export / "export"), "--prompt",
+    res = _subprocess(["-m", "mistral_jax.cli.generate", "--checkpoint", str(tiny_export / "export"), "--prompt",
                           "ka ri", "--max_new_tokens", "4"])
     assert res.returncode == 0, res.stderr
     assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "including compilation" in res.stderr
@@ -358,3 +358,27 @@ def test_normal_path_prints_no_library_chatter(tiny_export):
                           "--include_path", str(tiny_export / "tasks"), "--limit", "2", "--batch_size", "2"])
     assert res.returncode == 0, res.stderr
     assert "local_mc" in res.stdout and not _chatter(res.stderr), _chatter(res.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- train_tokenizer
+def test_train_tokenizer_never_replaces_a_file_by_accident(tmp_path, capsys):
+    """An existing --output is refused (byte-identical afterwards) unless --overwrite; bad values are one line."""
+    from mistral_jax.cli import train_tokenizer as tt
+
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"the quick brown fox {i} jumps over the lazy dog\n" for i in range(200)))
+    out = tmp_path / "tok.model"
+    out.write_bytes(b"precious")
+    for argv, flag in ((["--input", str(text), "--output", str(out)], "--output"),
+                       (["--input", str(tmp_path / "nope.txt"), "--output", str(tmp_path / "x.model")], "--input"),
+                       (["--input", str(text), "--output", str(out), "--vocab_size", "0"], "--vocab_size"),
+                       (["--input", str(text), "--output", str(tmp_path)], "--output")):
+        with pytest.raises(SystemExit) as e:
+            cli.run(lambda argv=argv: tt.main(argv), tt.PROG)
+        assert e.value.code == 2
+        _one_line(capsys.readouterr().err, tt.PROG, flag)
+        assert out.read_bytes() == b"precious"
+    assert tt.main(["--input", str(text), "--output", str(out), "--overwrite", "--vocab_size", "300"]) == str(out)
+    from mistral_jax.data.tokenizer import Tokenizer
+
+    assert Tokenizer(str(out)).vocab_size == 300

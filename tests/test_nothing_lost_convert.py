@@ -25,7 +25,7 @@ from flax import nnx
 import mistral_jax as mj
 from mistral_jax import cli, lora
 from mistral_jax.convert import paths
-from mistral_jax.convert.__main__ import main as convert_main
+from mistral_jax.cli.convert import main as convert_main
 from mistral_jax.model.transformer import params_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -351,7 +351,7 @@ def test_lora_workdir_loads_merged(world, tmp_path):
     assert convert_main(["--from", "jax", "--to", "mistral", "--input", str(wd), "--output", str(tmp_path / "m")]) == 0
     np.testing.assert_allclose(_logits(mj.load_pretrained(tmp_path / "m")), _logits(got), atol=1e-6, rtol=0)
     # and so does generate (through load_pretrained), with the workdir's tokenizer
-    generate_cli = importlib.import_module("mistral_jax.generate")  # the module, not mj.generate
+    generate_cli = importlib.import_module("mistral_jax.cli.generate")
     tok = mj.Tokenizer(wd / "tokenizer.model")
     text = generate_cli.main(["--checkpoint", str(wd), "--prompt", "the quick", "--max_new_tokens", "4"])
     assert text == tok.decode(mj.generate(got, tok.encode("the quick"), max_new_tokens=4))

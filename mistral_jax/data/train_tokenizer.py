@@ -1,4 +1,4 @@
-"""Train a sentencepiece BPE model with Mistral's special ids: ``python -m mistral_jax.data.train_tokenizer``.
+"""Train a sentencepiece BPE model with Mistral's special ids (command line: ``mistral-jax-train-tokenizer``).
 
 Every character of the data gets a piece (``character_coverage=1.0``), plus the word-boundary piece ``▁``, 256
 byte-fallback pieces and the 3 special ones, so the vocabulary must be at least ``distinct characters + 260``: text in
@@ -8,11 +8,9 @@ a large script (CJK) needs more than the 512 pieces that suit Latin text. Too sm
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import re
-import sys
 from collections.abc import Iterable
 
 import sentencepiece as spm
@@ -62,32 +60,3 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int = 512, 
     with open(out_path, "wb") as f:
         f.write(model.getvalue())
     return out_path
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--input", required=True, nargs="+", help="UTF-8 text files, one document per line")
-    ap.add_argument("--output", required=True, help="where to write the .model file")
-    ap.add_argument("--vocab_size", type=int, default=512)
-    args = ap.parse_args()
-    if args.vocab_size < 1:
-        ap.exit(2, f"train_tokenizer: --vocab_size={args.vocab_size} must be >= 1. Fix: pass e.g. --vocab_size 512\n")
-    for path in args.input:
-        if not os.path.isfile(path):
-            ap.exit(2, f"train_tokenizer: --input {path!r} does not exist. Fix: pass UTF-8 text files.\n")
-
-    def lines():
-        for path in args.input:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                yield from (line.rstrip("\n") for line in f if line.strip())
-
-    try:
-        print(train_tokenizer(lines(), args.output, args.vocab_size))
-    except VocabularyTooSmall as e:
-        print(f"train_tokenizer: --vocab_size={args.vocab_size}: {e}. Fix: pass --vocab_size {e.needed} or more "
-              "(and a model vocab_size at least as large).", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

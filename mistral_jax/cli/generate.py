@@ -1,6 +1,6 @@
 """Generate text from a checkpoint, streaming tokens as they are decoded.
 
-    python -m mistral_jax.generate --checkpoint PATH --prompt "..." [--max_new_tokens N] [--temperature T]
+    mistral-jax-generate --checkpoint PATH --prompt "..." [--max_new_tokens N] [--temperature T]
         [--top_k K] [--top_p P] [--seed S] [--instruct] [--stop STR ...] [--chunk_size C] [--tokenizer PATH]
         [--dtype float32|bfloat16] [--verbose]
 
@@ -12,8 +12,7 @@ Every flag value is checked first, then the paths, then the tokenizer and the mo
 on stderr naming the flag, the value and the fix, exit status 2 (``--verbose`` or ``MISTRAL_JAX_DEBUG=1`` also
 shows the traceback).
 
-Note: this module shares its name with the function ``mistral_jax.generate``. Importing it would normally replace
-that function by the module on the package, so the module is made callable and forwards to the function.
+Also ``python -m mistral_jax.cli.generate``.
 """
 
 from __future__ import annotations
@@ -21,30 +20,26 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import types
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 from mistral_jax.cli import (
-    CHECKPOINT_KINDS,
     Parser,
     UsageError,
-    check_checkpoint_dir,
-    check_dtype,
-    check_tokenizer,
+    add_checkpoint_flags,
+    check_checkpoint_flags,
+    check_checkpoint_paths,
+    load_checkpoint,
     number,
     quiet_libraries,
 )
 from mistral_jax.cli import run as cli_run
+from mistral_jax.data.chat import render_prompt
 from mistral_jax.inference.generate import generate as _generate
 
 
 def instruct_prompt_ids(prompt: str, tokenizer: Any) -> list[int]:
-    """Ids of ``<s>[INST] {prompt} [/INST]`` (Mistral's instruction template, via ``data.chat`` when present)."""
-    try:
-        from mistral_jax.data.chat import render_prompt
-    except ImportError:  # chat.py absent: the single-turn template, rendered the way mistral-common does
-        return [tokenizer.bos_id] + tokenizer.encode(f"[INST] {prompt} [/INST]", bos=False, eos=False)
+    """Ids of the single-turn instruction prompt in the tokenizer's Mistral chat format (``data.chat``)."""
     return render_prompt([{"role": "user", "content": prompt}], tokenizer)
 
 
@@ -108,8 +103,8 @@ PROG = "generate"
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check every flag value (no file is opened); raises ``UsageError`` naming a bad flag."""
-    ap = Parser(prog="python -m mistral_jax.generate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", help="HF / Mistral / mistral_jax export dir or training workdir (required)")
+    ap = Parser(prog="mistral-jax-generate", description=__doc__.split("\n\n")[0])
+    add_checkpoint_flags(ap)
     ap.add_argument("--prompt", help="the prompt text (required)")
     ap.add_argument("--max_new_tokens", default="128", help="at most this many new tokens (>= 1)")
     ap.add_argument("--temperature", default="0.0", help="0 = greedy; > 0 samples")
@@ -119,13 +114,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--instruct", action="store_true", help="wrap the prompt in <s>[INST] ... [/INST]")
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     ap.add_argument("--chunk_size", default=None, help="prefill chunk (>= 1; default: the sliding window)")
-    ap.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: CHECKPOINT/tokenizer.model)")
-    ap.add_argument("--dtype", default=None, help="parameter and compute dtype: float32 or bfloat16 "
-                    "(default: as stored)")
-    ap.add_argument("--verbose", action="store_true", help="show tracebacks of argument errors too")
     args = ap.parse_args(argv)
-    if args.checkpoint is None:
-        raise UsageError("--checkpoint", None, "is required", f"pass --checkpoint DIR: {CHECKPOINT_KINDS}")
+    check_checkpoint_flags(args)
     if args.prompt is None:
         raise UsageError("--prompt", None, "is required", 'pass --prompt "TEXT" (the text to continue)')
     args.max_new_tokens = number("--max_new_tokens", args.max_new_tokens, int, lambda v: v >= 1,
@@ -140,7 +130,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                        "pass a non-negative integer such as --seed 0")
     args.chunk_size = number("--chunk_size", args.chunk_size, int, lambda v: v >= 1, "must be at least 1",
                              "pass a positive prefill chunk such as --chunk_size 512, or omit it (the window)")
-    check_dtype("--dtype", args.dtype)
     for s in args.stop:
         if not s:
             raise UsageError("--stop", s, "is empty (it would cut every output to nothing)",
@@ -156,23 +145,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     """
     quiet_libraries()
     args = parse_args(argv)
-    fmt = check_checkpoint_dir(args.checkpoint)
-    tokenizer_file = check_tokenizer(args.tokenizer, args.checkpoint, fmt)
+    tokenizer_file = check_checkpoint_paths(args)
     from mistral_jax import distributed
-    from mistral_jax.data.tokenizer import Tokenizer
-    from mistral_jax.loading import load_pretrained
 
     distributed.initialize()  # several processes (TPU slice, SLURM, MISTRAL_JAX_*): before any device is used
-    try:
-        tokenizer = Tokenizer(tokenizer_file)
-    except ValueError as e:  # not a sentencepiece model
-        raise UsageError("--tokenizer", tokenizer_file, "is not a valid sentencepiece model",
-                         "pass the tokenizer.model the checkpoint was trained with") from e
-    model = load_pretrained(args.checkpoint, dtype=args.dtype,
-                            config_overrides=dict(dtype=args.dtype) if args.dtype else None)
-    if tokenizer.vocab_size > model.cfg.vocab_size:
-        raise UsageError("--tokenizer", tokenizer_file, f"has {tokenizer.vocab_size} pieces but the model only "
-                         f"{model.cfg.vocab_size} embeddings", "pass the tokenizer the model was trained with")
+    tokenizer, model = load_checkpoint(args, tokenizer_file)
     start = time.perf_counter()
     text = run(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                top_k=args.top_k, top_p=args.top_p, seed=args.seed, instruct=args.instruct, stop=args.stop,
@@ -182,14 +159,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     return text
 
 
-class _CallableModule(types.ModuleType):
-    """``import mistral_jax.generate`` rebinds ``mistral_jax.generate`` to this module; keep it callable."""
+def entry() -> None:
+    """The console script: ``main`` with one-line errors and exit statuses (``cli.run``)."""
+    cli_run(main, PROG)
 
-    def __call__(self, *args: Any, **kwargs: Any):
-        return _generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
-    cli_run(main, PROG)
+    entry()

@@ -222,3 +222,45 @@ def check_dir(flag: str, value: str, what: str) -> None:
         raise UsageError(flag, value, "does not exist", f"pass {what}")
     if not os.path.isdir(value):
         raise UsageError(flag, value, "is not a directory", f"pass {what}")
+
+
+# ------------------------------------------------------------------ tools that load a checkpoint (generate, serve)
+def add_checkpoint_flags(ap: argparse.ArgumentParser) -> None:
+    """``--checkpoint``, ``--tokenizer``, ``--dtype`` and ``--verbose``, as every model-loading tool spells them."""
+    ap.add_argument("--checkpoint", help="HF / Mistral / mistral_jax export dir or training workdir (required)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer file, directory holding one, or a named Mistral "
+                    "tokenizer such as mistral:v3 (default: the checkpoint's tokenizer)")
+    ap.add_argument("--dtype", default=None, help="parameter and compute dtype: float32 or bfloat16 "
+                    "(default: as stored)")
+    ap.add_argument("--verbose", action="store_true", help="show tracebacks of argument errors too")
+
+
+def check_checkpoint_flags(args: argparse.Namespace) -> None:
+    """The flag values of ``add_checkpoint_flags`` (no file opened)."""
+    if args.checkpoint is None:
+        raise UsageError("--checkpoint", None, "is required", f"pass --checkpoint DIR: {CHECKPOINT_KINDS}")
+    check_dtype("--dtype", args.dtype)
+
+
+def check_checkpoint_paths(args: argparse.Namespace) -> str:
+    """The checkpoint directory and tokenizer (files only, nothing loaded); returns the tokenizer path or name."""
+    fmt = check_checkpoint_dir(args.checkpoint)
+    return check_tokenizer(args.tokenizer, args.checkpoint, fmt)
+
+
+def load_checkpoint(args: argparse.Namespace, tokenizer_file: str, **load_kw: Any) -> tuple[Any, Any]:
+    """(tokenizer, model) of ``add_checkpoint_flags``' values; the tokenizer must fit the model's embeddings."""
+    from mistral_jax.data.tokenizer import Tokenizer
+    from mistral_jax.loading import load_pretrained
+
+    try:
+        tokenizer = Tokenizer(tokenizer_file)
+    except ValueError as e:  # not a tokenizer file
+        raise UsageError("--tokenizer", tokenizer_file, f"is not a valid tokenizer ({e})",
+                         "pass the tokenizer the checkpoint was trained with") from e
+    model = load_pretrained(args.checkpoint, dtype=args.dtype,
+                            config_overrides=dict(dtype=args.dtype) if args.dtype else None, **load_kw)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise UsageError("--tokenizer", tokenizer_file, f"has {tokenizer.vocab_size} pieces but the model only "
+                         f"{model.cfg.vocab_size} embeddings", "pass the tokenizer the model was trained with")
+    return tokenizer, model

@@ -1,0 +1,62 @@
+"""Argument checking shared by the conversion / export command lines (``mistral-jax-convert``,
+``mistral-jax-lora``).
+
+Every bad value is found before anything is loaded and reported as one line naming the flag, the value and the
+fix (``mistral_jax.cli.UsageError``), exit status 2; an error found while reading or writing a checkpoint is
+one message (its own lines, e.g. the list of mismatched tensors) and exit status 1. Tracebacks only with
+``MISTRAL_JAX_DEBUG=1`` or ``--verbose``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mistral_jax import cli
+from mistral_jax.convert import paths
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_dtype(flag: str, value: str | None) -> None:
+    cli.check_dtype(flag, value, DTYPES)
+
+
+def check_shard_size(flag: str, value: str) -> None:
+    from mistral_jax.convert.common import parse_size
+
+    try:
+        parse_size(int(value) if value.strip().isdigit() else value)
+    except ValueError:
+        raise cli.UsageError(flag, value, "is not a size > 0", "pass bytes or a size such as 5GB or 500MiB") from None
+
+
+def check_output(flag: str, value: str, kind: str, overwrite: bool, inputs: Sequence[str]) -> None:
+    """``paths.check_output`` as a one-line ``UsageError`` on ``flag``."""
+    try:
+        paths.check_output(value, kind, overwrite, inputs)
+    except (paths.OutputPathError, paths.OutputExistsError) as e:
+        raise cli.UsageError(flag, value, e.problem.replace(f"output {value!r} ", ""),
+                             e.fix.replace("pass overwrite=True (--overwrite)", "pass --overwrite")) from None
+
+
+def run(prog: str, argv: Sequence[str], body: Callable[[], Any]) -> int:
+    """Run ``body()``: 0 on success, 2 (one line) for a ``UsageError``, 1 for an error reading / writing a checkpoint.
+
+    ``MISTRAL_JAX_DEBUG=1`` or ``--verbose`` in ``argv`` lets the exception (and its traceback) through.
+    """
+    debug = cli.debug_enabled(list(argv))
+    try:
+        body()
+    except cli.UsageError as e:
+        if debug:
+            raise
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:  # FileNotFoundError, FileExistsError, ConversionError ...
+        if debug:
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    return 0

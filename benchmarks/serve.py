@@ -1,4 +1,5 @@
-"""Serving throughput and time to first token: the HTTP server (continuous batching) vs sequential ``mj.generate``.
+"""Serving throughput and time to first token: the HTTP server (continuous batching) vs sequential ``mj.generate``
+and vs HF transformers' PyTorch ``generate`` on the same model and prompts.
 
     python benchmarks/serve.py [--preset small|tiny] [--requests 16] [--prompt_len 128] [--new_tokens 64]
         [--concurrency 1,4,16] [--max_batch 16]
@@ -9,12 +10,16 @@ prompts (token ids, lengths uniform in [prompt_len / 2, prompt_len]) go through:
 
 * sequential ``mj.generate``: one prompt after the other (after a warm-up pass that compiles every shape);
   output tokens/s = all new tokens / total time; TTFT = median time of ``generate(max_new_tokens=1)``.
+* HF transformers ``generate`` (the same weights through ``mj.save_hf``, float32, sdpa attention), one prompt
+  after the other (``hf_sequential``) and all prompts as one left-padded static batch (``hf_batch``: the best
+  throughput a client of ``generate`` gets, every request waiting for the whole batch); TTFT = median time of
+  ``generate(max_new_tokens=1)`` per prompt, and the batch's ``max_new_tokens=1`` time for ``hf_batch``.
 * the server (``mistral_jax.serve`` on 127.0.0.1, a free port, in this process) at each concurrency c: c client
   threads send the prompts as streaming ``/v1/completions`` requests; output tokens/s = all new tokens / wall time
   of the whole batch; TTFT = median time from sending a request to its first streamed chunk (queueing included).
 
-Greedy outputs of both sides are compared token for token. Prints one JSON line, with the XLA compilations the
-server made after its warm-up (0 expected: shapes are fixed).
+Greedy outputs of every side are compared token for token with sequential ``mj.generate``. Prints one JSON line,
+with the XLA compilations the server made after its warm-up (0 expected: shapes are fixed).
 """
 
 from __future__ import annotations
@@ -63,6 +68,63 @@ def sequential(model, prompts, new_tokens):
     return outs, len(prompts) * new_tokens / total, statistics.median(ttft)
 
 
+def hf_sequential(hf, prompts, new_tokens):
+    """(outputs, tokens/s, median TTFT) of HF ``generate`` one prompt at a time."""
+    import torch
+
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    run = lambda p, n: hf.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, **kw)[0, len(p):].tolist()
+    with torch.inference_mode():
+        run(prompts[0], 2)  # warm-up
+        start = time.perf_counter()
+        outs = [run(p, new_tokens) for p in prompts]
+        total = time.perf_counter() - start
+        ttft = []
+        for p in prompts:
+            t = time.perf_counter()
+            run(p, 1)
+            ttft.append(time.perf_counter() - t)
+    return outs, len(prompts) * new_tokens / total, statistics.median(ttft)
+
+
+def hf_batch(hf, prompts, new_tokens):
+    """(outputs, tokens/s, TTFT) of HF ``generate`` on all prompts as one left-padded batch."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=mask)
+    with torch.inference_mode():
+        hf.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+        t = time.perf_counter()
+        hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        ttft = time.perf_counter() - t
+        start = time.perf_counter()
+        out = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        total = time.perf_counter() - start
+    return out[:, width:].tolist(), len(prompts) * new_tokens / total, ttft
+
+
+def load_hf(model):
+    import tempfile
+
+    import torch
+    import transformers
+
+    with tempfile.TemporaryDirectory() as d:
+        mj.save_hf(model, d)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    return hf
+
+
+def _agree(outs, ref):
+    """Fraction of generated tokens equal to the reference's, position by position."""
+    pairs = [(a, b) for o, r in zip(outs, ref, strict=True) for a, b in zip(o, r, strict=True)]
+    return round(sum(a == b for a, b in pairs) / max(len(pairs), 1), 4)
+
+
 def one_request(url, prompt, new_tokens):
     """Stream one completion; returns (seconds to the first chunk, token ids from the text, completion tokens)."""
     import requests
@@ -103,6 +165,9 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--max_batch", type=int, default=16)
     args = ap.parse_args()
+    from mistral_jax.cli import quiet_libraries
+
+    quiet_libraries()
     if not 1 <= args.requests <= 256 or not 2 <= args.prompt_len <= 2048 or not 1 <= args.new_tokens <= 1024:
         ap.error("bounded run: --requests in [1, 256], --prompt_len in [2, 2048], --new_tokens in [1, 1024]")
     from flax import nnx
@@ -117,6 +182,10 @@ def main() -> None:
                                   ).tolist() for _ in range(args.requests)]
 
     seq_out, seq_tps, seq_ttft = sequential(model, prompts, args.new_tokens)
+    hf = load_hf(model)
+    hf_seq_out, hf_seq_tps, hf_seq_ttft = hf_sequential(hf, prompts, args.new_tokens)
+    hf_b_out, hf_b_tps, hf_b_ttft = hf_batch(hf, prompts, args.new_tokens)
+    del hf
 
     compile_count()
     engine = Engine(model, IdsTokenizer(), max_batch=args.max_batch, max_queue=max(args.requests, 1)).start()
@@ -129,7 +198,9 @@ def main() -> None:
             out, tps, ttft = served(server.url, prompts, args.new_tokens, c)
             same &= out == seq_out
             rows[f"c{c}"] = dict(tokens_per_s=round(tps, 1), ttft_ms=round(ttft * 1e3, 1),
-                                 speedup_vs_sequential=round(tps / seq_tps, 2))
+                                 speedup_vs_sequential=round(tps / seq_tps, 2),
+                                 speedup_vs_hf_sequential=round(tps / hf_seq_tps, 2),
+                                 speedup_vs_hf_batch=round(tps / hf_b_tps, 2))
     finally:
         server.stop()
         engine.stop()
@@ -138,6 +209,11 @@ def main() -> None:
         requests=args.requests, prompt_len=f"{args.prompt_len // 2}-{args.prompt_len}", new_tokens=args.new_tokens,
         max_batch=args.max_batch, cache_slots=engine.cache_slots, prefill_chunk=engine.chunk,
         sequential_generate=dict(tokens_per_s=round(seq_tps, 1), ttft_ms=round(seq_ttft * 1e3, 1)),
+        hf_sequential=dict(tokens_per_s=round(hf_seq_tps, 1), ttft_ms=round(hf_seq_ttft * 1e3, 1),
+                           greedy_agree=_agree(hf_seq_out, seq_out)),
+        hf_batch=dict(tokens_per_s=round(hf_b_tps, 1), ttft_ms=round(hf_b_ttft * 1e3, 1),
+                      greedy_agree=_agree(hf_b_out, seq_out)),
+        torch_threads=__import__("torch").get_num_threads(),
         server=rows, greedy_equal=same, compiles_after_warmup=compile_count() - warm,
         engine=dict(decode_steps=engine.steps["decode_steps"], prefill_chunks=engine.steps["prefill_chunks"],
                     peak_rows=engine.steps["peak_rows"]))))

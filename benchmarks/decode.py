@@ -7,7 +7,7 @@ in float32, greedy, EOS disabled, on this machine's default JAX / torch device, 
 weights through ``mj.save_hf`` + ``AutoModelForCausalLM.from_pretrained`` (sdpa attention, its default).
 
 Timing (medians of ``--repeats`` after one warm-up that compiles):
-  * prefill: ours = per-layer weight copies on CPU (``serving_layers``) + chunked prefill + first sample;
+  * prefill: ours = per-layer weight copies on CPU (``per_layer.serving_layers``) + chunked prefill + first sample;
     HF = ``generate(max_new_tokens=1)``.
     prefill tokens/s = batch * prompt_len / time.
   * decode: ours = the remaining ``new_tokens - 1`` steps (device loop, one host sync per 32 steps);
@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mistral_jax as mj  # noqa: E402
 from mistral_jax.inference import generate as gen  # noqa: E402
+from mistral_jax.inference import per_layer  # noqa: E402
 
 CONFIG = mj.ModelConfig(vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1792,
                         sliding_window=256, rope_theta=1e4, max_seq_len=4096)
@@ -51,7 +52,7 @@ def ours_run(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, float,
     key = jax.random.key(0)
     jax.block_until_ready(cache)
     start = time.perf_counter()
-    layers = jax.block_until_ready(gen.serving_layers(model, state=state))  # as generate() does, once per call
+    layers = jax.block_until_ready(per_layer.serving_layers(model, state=state))  # as generate() does, once per call
     logits, cache = gen.prefill(graphdef, state, cache, prompts, positions, layers=layers)
     tok = gen._sample(logits, key, temperature=0.0, top_k=None, top_p=None)
     tok.block_until_ready()

@@ -13,6 +13,8 @@ from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding,
 
 import mistral_jax as mj
 from mistral_jax.model import attention as attn
+from mistral_jax.model import kv_cache as kvc
+from mistral_jax.model.projection import proj
 from mistral_jax.model.rope import apply_rope
 
 
@@ -64,6 +66,39 @@ def test_empty_cache_slots_are_masked():
     q_pos = jnp.array([[5]])
     k_pos = jnp.array([[3, -1, 4, 5]])
     np.testing.assert_array_equal(np.asarray(attn.make_mask(q_pos, k_pos, window=3))[0], [[1, 0, 1, 1]])
+
+
+@pytest.mark.parametrize("spec,x_shape,w_shape", [
+    ("BTD,DNH->BTNH", (2, 3, 8), (8, 4, 5)),  # query heads
+    ("BTNH,NHD->BTD", (2, 3, 4, 5), (4, 5, 8)),  # output projection
+    ("BTD,DF->BTF", (2, 3, 8), (8, 6)),  # MLP
+])
+def test_proj_is_the_einsum(spec, x_shape, w_shape):
+    rng = np.random.default_rng(0)
+    x, w = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (x_shape, w_shape))
+    np.testing.assert_allclose(np.asarray(proj(spec, x, w)), np.asarray(jnp.einsum(spec, x, w)), atol=1e-5)
+    assert proj(spec, x, w, preferred_element_type=jnp.float32).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("spec", ["BTD,NDH->BTNH", "BTD,DNH->BNTH", "BTD,EF->BTEF", "BTD->BTD"])
+def test_proj_rejects_what_is_not_a_projection(spec):
+    with pytest.raises(ValueError, match="Fix"):
+        proj(spec, jnp.zeros((2, 3, 8)), jnp.zeros((8, 4, 5)))
+
+
+def test_layer_cache_update_rolls_and_returns_what_queries_attend_over():
+    """Slot = position mod S; a token returns the written buffer, a chunk [cache ; chunk]; padding is not stored."""
+    s, kv = 4, lambda pos: jnp.asarray(pos, jnp.float32)[..., None, None] * jnp.ones((1, 1, 1, 2))  # [B, T, 1, 2]
+    cache = kvc.LayerCache(k=jnp.zeros((1, s, 1, 2)), v=jnp.zeros((1, s, 1, 2)), pos=jnp.full((1, s), kvc.EMPTY))
+    chunk = jnp.asarray([[-1, 0, 1, 2, 3, 4]])  # a pad column, then 5 tokens: position 0 is overwritten by 4
+    keys, values, k_pos, cache = cache.update(kv(chunk), kv(chunk), chunk)
+    np.testing.assert_array_equal(k_pos, [[-1, -1, -1, -1, -1, 0, 1, 2, 3, 4]])  # [cache before ; chunk]
+    assert keys.shape == (1, s + 6, 1, 2) and np.array_equal(values[0, s:, 0, 0], [-1, 0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(cache.pos, [[4, 1, 2, 3]])
+    np.testing.assert_array_equal(cache.k[0, :, 0, 0], [4, 1, 2, 3])
+    keys, _, k_pos, cache = cache.update(kv([[5]]), kv([[5]]), jnp.asarray([[5]]))
+    np.testing.assert_array_equal(k_pos, [[4, 5, 2, 3]])  # one token: the buffer itself, slot 5 mod 4 written
+    np.testing.assert_array_equal(keys[0, :, 0, 0], [4, 5, 2, 3])
 
 
 @pytest.mark.parametrize("theta", [1e4, 1e6])
@@ -128,17 +163,23 @@ def test_blocked_skips_out_of_window_work():
 
 
 @pytest.mark.parametrize("platform", ["cpu", "gpu", "tpu"])
-def test_auto_backend_choice(monkeypatch, platform):
-    """``auto`` picks exactly one backend per platform and shape (each case pinned, no "any of three")."""
-    monkeypatch.setattr(attn.jax, "default_backend", lambda: platform)
+def test_auto_backend_choice(platform):
+    """``auto`` picks exactly one backend per target platform and shape (each case pinned, no "any of three")."""
     pick = lambda seq_len, window=512, segments=False, self_attention=True: attn.pick_backend(
-        "auto", self_attention=self_attention, seq_len=seq_len, window=window, block=512, has_segments=segments)
+        "auto", platform=platform, self_attention=self_attention, seq_len=seq_len, window=window, block=512,
+        has_segments=segments)
     banded = {"cpu": "blocked", "gpu": "cudnn", "tpu": "splash"}[platform]
     assert pick(4096) == banded  # T > W + block: the band skips work
-    assert pick(600) == {"cpu": "reference", "gpu": "cudnn", "tpu": "splash"}[platform]  # band no cheaper
+    assert pick(640) == {"cpu": "reference", "gpu": "cudnn", "tpu": "splash"}[platform]  # band no cheaper
+    # splash needs whole 128-row blocks: other lengths take the XLA backends on TPU too
+    assert pick(600) == {"cpu": "reference", "gpu": "cudnn", "tpu": "reference"}[platform]
+    assert pick(4100) == {"cpu": "blocked", "gpu": "cudnn", "tpu": "blocked"}[platform]
     assert pick(4096, window=None) == {"cpu": "reference", "gpu": "cudnn", "tpu": "splash"}[platform]
     # packed rows (segment ids): cuDNN's path takes none, so GPU falls back to the pure-JAX choice
     assert pick(4096, segments=True) == {"cpu": "blocked", "gpu": "blocked", "tpu": "splash"}[platform]
     assert pick(1, self_attention=False) == "reference"  # cached decoding: the cache buffer already is the band
-    assert attn.pick_backend("blocked", self_attention=False, seq_len=1, window=512, block=512,
+    assert attn.pick_backend("blocked", platform=platform, self_attention=False, seq_len=1, window=512, block=512,
                              has_segments=False) == "reference"
+    with pytest.raises(ValueError, match="platform=''"):
+        attn.pick_backend("auto", platform="", self_attention=True, seq_len=1, window=512, block=512,
+                          has_segments=False)

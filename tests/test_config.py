@@ -206,6 +206,24 @@ def _moe_impl():
     assert all_experts in jaxpr("dense") and all_experts not in jaxpr("ragged")
 
 
+def _platform():
+    """Backends follow the target platform, not the host: this CPU host traces TPU programs for a "tpu" config."""
+    from mistral_jax.model import attention as attn
+
+    assert mj.Transformer(DENSE, rngs=nnx.Rngs(0)).cfg.platform == jax.default_backend()  # "" = the host's
+    pick = lambda p: attn.pick_backend("auto", platform=p, self_attention=True, seq_len=4096, window=512, block=128,
+                                       has_segments=False)
+    assert (pick("cpu"), pick("gpu"), pick("tpu")) == ("blocked", "cudnn", "splash")
+    jaxpr = lambda cfg, t: str(jax.make_jaxpr(lambda x: mj.Transformer(cfg, rngs=nnx.Rngs(0))(x))(
+        np.zeros((2, t), np.int32)))
+    # the grouped matmul: ragged_dot (megablox on TPU) vs the looped block-sparse form on CPU
+    moe = MOE.replace(attention_impl="reference")
+    assert "ragged_dot" in jaxpr(moe.replace(platform="tpu"), T) and "ragged_dot" not in jaxpr(moe, T)
+    # auto attention: the Pallas splash kernel for TPU (traced here, on a CPU host) vs pure JAX on CPU
+    assert "pallas_call" in jaxpr(DENSE.replace(platform="tpu"), 256)
+    assert "pallas_call" not in jaxpr(DENSE.replace(platform="cpu"), 256)
+
+
 FIELD_CHECKS = {
     "vocab_size": _shape_field("vocab_size", 256),
     "dim": _shape_field("dim", 32),
@@ -233,6 +251,7 @@ FIELD_CHECKS = {
     "scan_layers": lambda: _same_output_other_program(DENSE, scan_layers=False),
     "remat": _remat,
     "initializer_range": _initializer_range,
+    "platform": _platform,
 }
 
 

@@ -17,6 +17,7 @@ from flax import nnx
 import mistral_jax as mj
 from mistral_jax import sharding
 from mistral_jax.inference import generate as gen
+from mistral_jax.inference import per_layer
 from mistral_jax.inference.sampling import filter_logits, sample
 from mistral_jax.model.kv_cache import KVCache
 from tests.torch_ref import hf_model
@@ -284,7 +285,7 @@ def test_per_layer_weights_give_the_same_numbers(which, request):
     model = request.getfixturevalue(which)
     cfg = model.cfg
     graphdef, state = nnx.split(model)
-    layers = gen.serving_layers(model, True)
+    layers = per_layer.serving_layers(model, True)
     assert len(layers) == cfg.n_layers
     for i in (0, cfg.n_layers - 1):  # copies of the stacked weights, layer by layer
         np.testing.assert_array_equal(layers[i]["attention"]["wq"][...], state["layers"]["attention"]["wq"][...][i])
@@ -306,14 +307,14 @@ def test_per_layer_weights_give_the_same_numbers(which, request):
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(got_cache.k), np.asarray(ref_cache.k), atol=1e-5)
     np.testing.assert_array_equal(np.asarray(got_cache.pos), np.asarray(ref_cache.pos))
-    with pytest.raises(ValueError, match="layer_states holds 1 layers"):
-        model(jnp.asarray(tokens), layer_states=layers[:1])
+    with pytest.raises(ValueError, match="per-layer weights hold 1 layers"):
+        per_layer.serving_forward(model, layers[:1], jnp.asarray(tokens), jnp.asarray(positions))
 
 
 @pytest.mark.slow
 def test_serving_layers_choice_and_generate_agree(mistral):
-    assert gen.serving_layers(mistral, False) is None
-    auto = gen.serving_layers(mistral)  # CPU backend, a tiny model: copies
+    assert per_layer.serving_layers(mistral, False) is None
+    auto = per_layer.serving_layers(mistral)  # CPU backend, a tiny model: copies
     assert jax.default_backend() == "cpu" and auto is not None and len(auto) == MISTRAL.n_layers
     prompts = [_prompt(MISTRAL, n, 80 + n) for n in (11, 6)]
     kw = dict(max_new_tokens=12, eos_id=None, temperature=0.8, top_k=20, seed=3)
@@ -356,7 +357,7 @@ def test_sharded_decode_equals_unsharded(mistral):
             cache = jax.device_put(cache, cache.shardings(mesh))
             tok, pos = (jax.device_put(x, sharding.named_sharding(mesh, ("batch", "seq"))) for x in (tok, pos))
         # sharded: also through per-layer weight copies (serving_layers keeps their shardings)
-        layers = None if mesh is None else gen.serving_layers(model, True, st)
+        layers = None if mesh is None else per_layer.serving_layers(model, True, st)
         logits, cache = gen.prefill(graphdef, st, cache, tok, pos, chunk_size=W, return_all_logits=True,
                                     layers=layers)
         out = [np.asarray(logits)]

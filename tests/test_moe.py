@@ -47,7 +47,7 @@ def test_ragged_equals_dense_oracle_with_grads(top_k):
     x = jax.random.normal(jax.random.key(0), (3, 11, cfg.dim))
 
     def run(impl):
-        layer.cfg = cfg.replace(moe_impl=impl)
+        layer.cfg = layer.cfg.replace(moe_impl=impl)  # (layer.cfg: the config with its platform filled in)
         y, stats = layer(x)
         g = nnx.grad(lambda m: (m(x)[0] ** 2).sum())(layer)
         return y, stats, g

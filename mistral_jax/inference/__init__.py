@@ -1,4 +1,5 @@
-"""Inference: chunked prefill and decoding over the rolling-buffer KV cache, sampling, ``generate``.
+"""Inference: chunked prefill and decoding over the rolling-buffer KV cache, sampling, ``generate``, and the
+per-layer serving weights (``per_layer``: the model's forward over separate per-layer weight copies, for CPU).
 
 ``mistral_jax.inference.generate`` is the module; the function is ``mistral_jax.generate`` (or
 ``mistral_jax.inference.generate.generate``).

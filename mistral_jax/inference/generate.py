@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,9 +32,9 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from mistral_jax import sharding
+from mistral_jax.inference.per_layer import serving_forward, serving_layers
 from mistral_jax.inference.sampling import check_sampling, sample
 from mistral_jax.model.kv_cache import KVCache
-from mistral_jax.model.transformer import unstack_layers
 
 DEFAULT_CHUNK = 4096  # prefill chunk for models without a sliding window
 DECODE_BLOCK = 32  # decode steps per device loop between host syncs (when nothing needs every token)
@@ -103,9 +102,9 @@ def forward_chunk(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, toke
 
     ``layers``: optional per-layer weights (``serving_layers``) used instead of the stacked ones.
     """
-    model = nnx.merge(graphdef, state)
-    logits, cache = model(tokens, positions, cache=cache, layer_states=layers, logits_to_keep=int(last_only))
-    return (logits[:, -1] if last_only else logits), cache.constrain()
+    out = serving_forward(nnx.merge(graphdef, state), layers, tokens, positions, cache=cache,
+                          logits_to_keep=int(last_only))
+    return (out.logits[:, -1] if last_only else out.logits), out.cache.constrain()
 
 
 _forward_chunk = jax.jit(forward_chunk, static_argnames=("graphdef", "last_only"), donate_argnames=("cache",))
@@ -157,10 +156,9 @@ def decode_step(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens
     Returns:
       ``(next_tokens [B] int32, logits [B, V] float32, cache)``.
     """
-    model = nnx.merge(graphdef, state)
-    logits, cache = model(tokens[:, None], positions[:, None], cache=cache, layer_states=layers)
-    logits = logits[:, 0]  # [B, V]
-    return sample(logits, key, temperature, top_k, top_p), logits, cache.constrain()
+    out = serving_forward(nnx.merge(graphdef, state), layers, tokens[:, None], positions[:, None], cache=cache)
+    logits = out.logits[:, 0]  # [B, V]
+    return sample(logits, key, temperature, top_k, top_p), logits, out.cache.constrain()
 
 
 _decode_step = jax.jit(decode_step, static_argnames=("graphdef", "temperature", "top_k", "top_p"),
@@ -249,30 +247,6 @@ def _stop_at(ids: list[int], tokenizer, stop: Sequence[str]) -> int | None:
             return n
     return len(ids)
 
-
-
-def serving_layers(model: nnx.Module, unstack: bool | None = None, state: nnx.State | None = None
-                   ) -> tuple[nnx.State, ...] | None:
-    """Per-layer weight copies for inference (``Transformer.__call__(layer_states=)``), or None.
-
-    XLA's CPU backend copies each layer's weights out of the stacked ``[L, ...]`` arrays on every step (on
-    TPU/GPU the slice fuses into the matmul); separate per-layer arrays avoid it. ``unstack=None`` decides
-    by platform: on CPU, when the layer weights take at most a quarter of the machine's memory (the copy
-    lives for the duration of the call). ``state``: the (possibly resharded) state to copy from.
-    """
-    if state is None:
-        state = nnx.state(model)
-    if unstack is None:
-        layer_bytes = sum(x.nbytes for x in jax.tree.leaves(state["layers"]))
-        unstack = jax.default_backend() == "cpu" and layer_bytes <= _physical_memory() // 4
-    return unstack_layers(model, state) if unstack else None
-
-
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not POSIX: assume it does not fit
-        return 0
 
 
 @functools.lru_cache(maxsize=16)

@@ -12,7 +12,8 @@ Backends (``ModelConfig.attention_impl``):
     query block: cost T * (W + Q) instead of T * S. Used for self-attention with a window on CPU/fallback.
   * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn", local_window_size=...)`` on GPU.
   * ``splash``: Pallas splash attention with a local mask on TPU.
-  * ``auto``: cudnn on GPU, splash on TPU, blocked when a window makes it cheaper, else reference.
+  * ``auto``: cudnn on GPU, splash on TPU, blocked when a window makes it cheaper, else reference. The platform
+    is ``ModelConfig.platform`` (the target the program is built for), never the host's backend.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from mistral_jax import sharding
 from mistral_jax.model import kv_cache as kvc
+from mistral_jax.model.projection import proj
 from mistral_jax.model.rope import apply_rope
 
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row gives a uniform row, not NaN
@@ -55,17 +57,6 @@ def make_mask(q_pos, k_pos, q_seg=None, k_seg=None, window: int | None = None) -
     if q_seg is not None:
         mask &= same_segment(q_seg, k_seg)
     return mask
-
-
-def project(x: Float[Array, "... D"], w: Float[Array, "D F"], preferred_element_type=None) -> Float[Array, "... F"]:
-    """``x @ w`` as one 2-D matmul over the flattened leading (batch, sequence) axes.
-
-    Same numbers as the einsum; the point is the backward pass: the weight gradient then contracts one
-    token axis, which XLA's CPU backend turns into a plain matmul, while contracting (B, T) made it write
-    the activation gradient transposed, element by element (a SwiGLU MLP at 2048 tokens: 339 -> 208 ms).
-    """
-    y = jnp.matmul(x.reshape(-1, x.shape[-1]), w, preferred_element_type=preferred_element_type)
-    return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 # ----------------------------------------------------------------------------- backends
@@ -173,14 +164,20 @@ def splash_attention(q, k, v, positions, segment_ids, window):
                          check_vma=False)(q, k, v, segment_ids)
 
 
-def pick_backend(impl: str, *, self_attention: bool, seq_len: int, window: int | None, block: int,
+SPLASH_BLOCK = 128  # splash's default query / key block: sequences of other lengths use the XLA backends
+
+
+def pick_backend(impl: str, *, platform: str, self_attention: bool, seq_len: int, window: int | None, block: int,
                  has_segments: bool) -> str:
-    """Resolve ``auto`` and fall back to ``reference`` where a backend does not apply."""
-    platform = jax.default_backend()
+    """Resolve ``auto`` for the target ``platform`` ("cpu", "gpu", "tpu") and fall back to ``reference`` where a
+    backend does not apply."""
+    if platform not in ("cpu", "gpu", "tpu"):
+        raise ValueError(f"attention backend for platform={platform!r}: expected cpu, gpu or tpu. Fix: build the "
+                         "model from a config with a platform (the Transformer fills it in: cfg.for_platform()).")
     if impl == "auto":
         if platform == "gpu" and not has_segments and self_attention:
             impl = "cudnn"
-        elif platform == "tpu" and self_attention:
+        elif platform == "tpu" and self_attention and seq_len % SPLASH_BLOCK == 0:
             impl = "splash"
         elif window is not None and self_attention and seq_len > window + block:
             impl = "blocked"
@@ -206,7 +203,7 @@ def band_block(cfg) -> int:
 def attend(cfg, q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, *, self_attention: bool) -> Float[Array, "B T N H"]:
     """Dispatch to the configured backend; all backends agree with ``reference_attention``."""
     block = band_block(cfg)
-    impl = pick_backend(cfg.attention_impl, self_attention=self_attention, seq_len=q.shape[1],
+    impl = pick_backend(cfg.attention_impl, platform=cfg.platform, self_attention=self_attention, seq_len=q.shape[1],
                         window=cfg.sliding_window, block=block, has_segments=q_seg is not None)
     if impl == "blocked" and cfg.sliding_window is not None:
         return blocked_attention(q, k, v, q_pos, q_seg, cfg.sliding_window, block)
@@ -222,7 +219,7 @@ class Attention(nnx.Module):
     """Mistral attention: q/k/v projections, RoPE, GQA, output projection (no biases)."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
-        self.cfg = cfg
+        self.cfg = cfg if cfg.platform else cfg.for_platform()  # the Transformer passes it resolved
         d, n, kh, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         init = nnx.initializers.normal(cfg.initializer_range)
         pd = cfg.jnp_param_dtype
@@ -232,18 +229,15 @@ class Attention(nnx.Module):
         self.wo = nnx.Param(init(rngs.params(), (n, h, d), pd), logical_axes=("heads", "head_dim", "embed"))
 
     def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"], segment_ids: Int[Array, "B T"] | None,
-                 cache: tuple | None = None):
-        """Self-attention over ``x``; with ``cache=(k [B,S,K,H], v, pos [B,S])`` also over the cached slots.
+                 cache: kvc.LayerCache | None = None) -> tuple[Float[Array, "B T D"], kvc.LayerCache | None]:
+        """Self-attention over ``x``; with a ``cache`` (this layer's view) also over the cached positions.
 
-        Returns ``(out [B, T, D], (k_new, v_new) or None)``: the layer's updated cache buffers.
+        Returns ``(out [B, T, D], the updated cache or None)``.
         """
         cfg, dt = self.cfg, self.cfg.jnp_dtype
-        b, t, d = x.shape
-        # The projections as plain [B*T, D] x [D, heads * H] matmuls (see `project`): reshaping a weight is
-        # free, while an einsum over the split heads axes lets XLA's CPU backend transpose it on every call.
-        q = project(x, self.wq[...].astype(dt).reshape(d, -1)).reshape(b, t, cfg.n_heads, cfg.head_dim)
-        k = project(x, self.wk[...].astype(dt).reshape(d, -1)).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-        v = project(x, self.wv[...].astype(dt).reshape(d, -1)).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        q = proj("BTD,DNH->BTNH", x, self.wq[...].astype(dt))
+        k = proj("BTD,DKH->BTKH", x, self.wk[...].astype(dt))
+        v = proj("BTD,DKH->BTKH", x, self.wv[...].astype(dt))
         q = checkpoint_name(apply_rope(q, positions, cfg.rope_theta), "qkv_proj")
         k = checkpoint_name(apply_rope(k, positions, cfg.rope_theta), "qkv_proj")
         v = checkpoint_name(v, "qkv_proj")
@@ -251,23 +245,8 @@ class Attention(nnx.Module):
 
         if cache is None:
             out = attend(cfg, q, k, v, positions, positions, segment_ids, segment_ids, self_attention=True)
-            new_cache = None
         else:
-            ck, cv, cpos = cache
-            slots = kvc.slots_for(positions, ck.shape[1])
-            new_cache = (kvc.write(ck, k.astype(ck.dtype), slots), kvc.write(cv, v.astype(cv.dtype), slots))
-            if t == 1:
-                # Decoding: write, then attend over the S slots (no copy of the cache). The slot written held
-                # position p - S: outside the window when S = W, never written when S covers the sequence.
-                keys, values = new_cache
-                k_pos = kvc.write(cpos, positions, slots)  # [B, S]
-            else:
-                # A chunk attends over [cache before it ; the chunk], then writes: it may overwrite slots that
-                # its own earlier queries still need.
-                keys = jnp.concatenate([ck, k.astype(ck.dtype)], axis=1)  # [B, S + T, K, H]
-                values = jnp.concatenate([cv, v.astype(cv.dtype)], axis=1)  # [B, S + T, K, H]
-                k_pos = jnp.concatenate([cpos, positions], axis=1)  # [B, S + T]
-            mask = make_mask(positions, k_pos, window=cfg.sliding_window)
+            keys, values, k_pos, cache = cache.update(k, v, positions)  # [B, S2, K, H], [B, S2, K, H], [B, S2]
+            mask = make_mask(positions, k_pos, window=cfg.sliding_window)  # [B, T, S2]
             out = reference_attention(q, keys.astype(dt), values.astype(dt), mask)
-        out = project(out.reshape(b, t, -1), self.wo[...].astype(dt).reshape(-1, d))  # [B, T, D]
-        return out, new_cache
+        return proj("BTNH,NHD->BTD", out, self.wo[...].astype(dt)), cache

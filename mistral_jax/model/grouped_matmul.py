@@ -114,9 +114,13 @@ looped_grouped_matmul.defvjp(_fwd, _bwd)
 DEFAULT_BLOCKS = (256, 64)  # rows per matmul on CPU: whole blocks of 256, then the rest in blocks of 64
 
 
-def grouped_matmul(x: Float[Array, "A D"], w: Float[Array, "E D F"], group_sizes: Int[Array, " E"],
-                   blocks: tuple[int, ...] = DEFAULT_BLOCKS) -> Float[Array, "A F"]:
-    """Dispatch: ``ragged_dot`` on accelerators, the looped form on CPU."""
-    if jax.default_backend() == "cpu":
+def grouped_matmul(x: Float[Array, "A D"], w: Float[Array, "E D F"], group_sizes: Int[Array, " E"], *,
+                   platform: str, blocks: tuple[int, ...] = DEFAULT_BLOCKS) -> Float[Array, "A F"]:
+    """Dispatch on the target ``platform`` (``ModelConfig.platform``): the looped form on "cpu", ``ragged_dot``
+    (megablox on TPU) on accelerators."""
+    if platform == "cpu":
         return looped_grouped_matmul(x, w, group_sizes, blocks)
-    return jax.lax.ragged_dot(x, w, group_sizes)
+    if platform in ("gpu", "tpu"):
+        return jax.lax.ragged_dot(x, w, group_sizes)
+    raise ValueError(f"grouped_matmul for platform={platform!r}: expected cpu, gpu or tpu. Fix: build the model "
+                     "from a config with a platform (the Transformer fills it in: cfg.for_platform()).")

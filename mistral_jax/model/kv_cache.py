@@ -5,7 +5,12 @@ The key/value of absolute position ``p`` lives in slot ``p mod S``. With a slidi
 maximum length and the same code is a plain cache. Masks are built from the stored positions (empty slots
 hold -1), so cached decoding equals the uncached forward, including past W.
 
-Legend: L layers, B batch, S slots, K kv heads, H head_dim.
+The cache owns its writes: attention hands a layer's new keys and values to ``LayerCache.update``, which
+stores them and returns what the new queries attend over (keys, values and their absolute positions). The
+Transformer runs its layers over ``KVCache.layers()`` (one ``LayerCache`` per layer, stacked) and folds the
+updated views back with ``KVCache.with_layers``.
+
+Legend: L layers, B batch, S slots, T new tokens, K kv heads, H head_dim.
 """
 
 from __future__ import annotations
@@ -29,6 +34,14 @@ class KVCache:
     @property
     def size(self) -> int:
         return self.k.shape[2]
+
+    def layers(self) -> LayerCache:
+        """Every layer's view, stacked over a leading L axis (``jax.lax.scan`` over it, or index it)."""
+        return LayerCache(k=self.k, v=self.v, pos=jnp.broadcast_to(self.pos, (self.k.shape[0], *self.pos.shape)))
+
+    def with_layers(self, layers: LayerCache) -> KVCache:
+        """The cache holding the updated layer views ``layers`` (stacked over L, as ``layers()`` gives them)."""
+        return KVCache(k=layers.k, v=layers.v, pos=layers.pos[-1])  # every layer wrote the same positions
 
     @classmethod
     def init(cls, cfg, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
@@ -57,6 +70,38 @@ class KVCache:
         axes = self.logical_axes()
         return KVCache(k=sharding.constrain(self.k, axes.k), v=sharding.constrain(self.v, axes.v),
                        pos=sharding.constrain(self.pos, axes.pos))
+
+
+@struct.dataclass
+class LayerCache:
+    """One layer's view of a ``KVCache``: its key and value buffers and the position held by each slot."""
+
+    k: Float[Array, "B S K H"]
+    v: Float[Array, "B S K H"]
+    pos: Int[Array, "B S"]
+
+    @property
+    def size(self) -> int:
+        return self.k.shape[1]
+
+    def update(self, k: Float[Array, "B T K H"], v: Float[Array, "B T K H"], positions: Int[Array, "B T"]
+               ) -> tuple[Float[Array, "B S2 K H"], Float[Array, "B S2 K H"], Int[Array, "B S2"], LayerCache]:
+        """Store the keys and values of ``positions`` (slot = position mod S; negative positions are padding and
+        are not stored). Returns ``(keys, values, key_positions, new_cache)``: what the new queries attend over.
+
+        One token (decoding): write, then attend over the S slots (no copy of the cache); the slot written held
+        position p - S: outside the window when S = W, never written when S covers the sequence. A chunk of T
+        tokens attends over ``[cache before it ; the chunk]`` (S2 = S + T): its writes may overwrite slots that
+        its own earlier queries still need.
+        """
+        slots = slots_for(positions, self.size)
+        k, v = k.astype(self.k.dtype), v.astype(self.v.dtype)
+        new = LayerCache(k=write(self.k, k, slots), v=write(self.v, v, slots), pos=write(self.pos, positions, slots))
+        if positions.shape[1] == 1:
+            return new.k, new.v, new.pos, new
+        keys = jnp.concatenate([self.k, k], axis=1)  # [B, S + T, K, H]
+        values = jnp.concatenate([self.v, v], axis=1)  # [B, S + T, K, H]
+        return keys, values, jnp.concatenate([self.pos, positions], axis=1), new
 
 
 def slots_for(positions: Int[Array, "B T"], size: int) -> Int[Array, "B T"]:

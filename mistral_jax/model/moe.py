@@ -82,10 +82,10 @@ def dense_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "M X"]
     return jnp.einsum("MED,ME->MD", y, gates.astype(y.dtype))
 
 
-def ragged_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "M X"], top_idx: Int[Array, "M X"]
-                   ) -> Float[Array, "M D"]:
+def ragged_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "M X"], top_idx: Int[Array, "M X"], *,
+                   platform: str) -> Float[Array, "M D"]:
     """Dropless grouped matmul: sort the A = M*X assignments by expert, one grouped matmul per projection
-    (``ragged_dot`` on accelerators, block-sparse on CPU: see ``grouped_matmul``)."""
+    (``ragged_dot`` on accelerators, block-sparse on CPU: see ``grouped_matmul``; ``platform`` is the target's)."""
     m, top_k = top_idx.shape
     num_experts = w1.shape[0]
     flat_expert = top_idx.reshape(-1)  # [A]
@@ -93,8 +93,9 @@ def ragged_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "M X"
     token = order // top_k  # [A] source token of each sorted assignment
     group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)  # [E]
     xs = x[token]  # [A, D]
-    h = jax.nn.silu(grouped_matmul(xs, w1, group_sizes)) * grouped_matmul(xs, w3, group_sizes)  # [A, F]
-    y = grouped_matmul(h, w2, group_sizes)  # [A, D]
+    gmm = lambda a, w: grouped_matmul(a, w, group_sizes, platform=platform)
+    h = jax.nn.silu(gmm(xs, w1)) * gmm(xs, w3)  # [A, F]
+    y = gmm(h, w2)  # [A, D]
     weights = top_w.reshape(-1)[order].astype(y.dtype)  # [A]
     return jnp.zeros_like(x).at[token].add(y * weights[:, None])  # [M, D]
 
@@ -158,7 +159,7 @@ class MoE(nnx.Module):
     """Mixtral's sparse MoE block (HF ``MixtralSparseMoeBlock``)."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
-        self.cfg = cfg
+        self.cfg = cfg if cfg.platform else cfg.for_platform()  # the Transformer passes it resolved
         d, f, e = cfg.dim, cfg.hidden_dim, cfg.num_experts
         init = nnx.initializers.normal(cfg.initializer_range)
         pd = cfg.jnp_param_dtype
@@ -190,5 +191,5 @@ class MoE(nnx.Module):
         elif ep is not None:
             y = expert_parallel_experts(*args, ep=ep)
         else:
-            y = ragged_experts(*args)
+            y = ragged_experts(*args, platform=cfg.platform)
         return sharding.constrain(y.reshape(b, t, d), ("batch", "seq", "act_embed")), stats

@@ -1,12 +1,17 @@
 """RMSNorm, SwiGLU MLP, decoder layer and the Transformer (layers stacked and scanned over depth).
 
 Legend: B batch, T sequence, D model dim, F MLP hidden dim, V vocab, L layers, E experts.
+
+The forward pass ``Transformer.forward`` returns a ``ModelOutput(logits, cache, aux)``; ``model(tokens)`` is
+its shorthand for the logits. It is three steps that an inference-side transform may recombine (see
+``inference/per_layer.py``): ``embed_tokens`` -> the decoder layers (``DecoderLayer``, scanned over the stacked
+``[L, ...]`` weights) -> ``output`` (final norm, LM head, the updated cache and the aux losses).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +22,9 @@ from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
 from mistral_jax.model import kv_cache as kvc
 from mistral_jax.model import moe as moe_lib
-from mistral_jax.model.attention import Attention, project
+from mistral_jax.model.attention import Attention
 from mistral_jax.model.moe import MoE
+from mistral_jax.model.projection import proj
 
 
 class RMSNorm(nnx.Module):
@@ -46,9 +52,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
         dt = self.cfg.jnp_dtype
-        h = jax.nn.silu(project(x, self.w1[...].astype(dt))) * project(x, self.w3[...].astype(dt))  # [B, T, F]
+        w1, w3, w2 = (w[...].astype(dt) for w in (self.w1, self.w3, self.w2))
+        h = jax.nn.silu(proj("BTD,DF->BTF", x, w1)) * proj("BTD,DF->BTF", x, w3)
         h = sharding.constrain(h, ("batch", "seq", "act_mlp"))
-        return project(h, self.w2[...].astype(dt))  # [B, T, D]
+        return proj("BTF,FD->BTD", h, w2)
 
 
 def empty_router_stats(cfg: ModelConfig) -> dict[str, Array]:
@@ -68,8 +75,9 @@ class DecoderLayer(nnx.Module):
         self.feed_forward = MoE(cfg, rngs=rngs) if cfg.is_moe else MLP(cfg, rngs=rngs)
 
     def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"], segment_ids: Int[Array, "B T"] | None,
-                 cache: tuple | None = None):
-        """Returns ``(x, router stats, updated (k, v) cache or None)``."""
+                 cache: kvc.LayerCache | None = None
+                 ) -> tuple[Float[Array, "B T D"], dict[str, Array], kvc.LayerCache | None]:
+        """Returns ``(x, router stats, the updated cache of this layer or None)``."""
         attn, new_cache = self.attention(self.attention_norm(x), positions, segment_ids, cache)
         h = x + attn
         normed = self.ffn_norm(h)
@@ -90,14 +98,28 @@ _REMAT_POLICIES = {
 }
 
 
+class ModelOutput(NamedTuple):
+    """What ``Transformer.forward`` returns."""
+
+    logits: Float[Array, "B T V"]  # float32; [B, logits_to_keep, V] when asked for the last columns only
+    cache: kvc.KVCache | None  # the updated cache when one was given, else None
+    aux: dict[str, Array]  # load_balancing_loss, router_z_loss (scalars, HF units), expert_load [L, E]
+
+
 class Transformer(nnx.Module):
     """Mistral / Mixtral decoder-only language model.
 
-    ``model(tokens)`` -> float32 logits ``[B, T, V]``. Layer parameters are stacked with a leading ``L``
-    axis (logical axis ``layers``) so the forward pass scans one compiled layer over depth.
+    ``model(tokens)`` -> float32 logits ``[B, T, V]``; ``model.forward(...)`` -> ``ModelOutput``. Layer
+    parameters are stacked with a leading ``L`` axis (logical axis ``layers``) so the forward pass scans one
+    compiled layer over depth.
+
+    ``cfg.platform`` empty is filled with the host's backend here, once: the backends (attention, grouped
+    matmul) are chosen from ``model.cfg.platform``, so a config for another platform builds that platform's
+    program (an ahead-of-time TPU compile on a CPU host).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        cfg = cfg if cfg.platform else cfg.for_platform()
         self.cfg = cfg
         pd = cfg.jnp_param_dtype
         init = nnx.initializers.normal(cfg.initializer_range)
@@ -117,43 +139,60 @@ class Transformer(nnx.Module):
             self.lm_head = nnx.Param(init(rngs.params(), (cfg.dim, cfg.vocab_size), pd),
                                      logical_axes=("embed", "vocab"))
 
-    # ------------------------------------------------------------------ layers
-    def _run_layers(self, x, positions, segment_ids, cache: kvc.KVCache | None, layer_states=None):
+    # ------------------------------------------------------------------ steps of the forward pass
+    def embed_tokens(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+        """The token embeddings in the compute dtype."""
+        # Gather from a replicated table: a gather from a vocab/fsdp-sharded table makes XLA replicate and
+        # re-split it ("involuntary full rematerialization"); FSDP all-gathers every weight anyway.
+        table = sharding.constrain(self.embed[...], (None, None))  # [V, D]
+        x = jnp.take(table, tokens, axis=0).astype(self.cfg.jnp_dtype)  # [B, T, D]
+        return sharding.constrain(x, ("batch", "seq", "act_embed"))
+
+    def _run_layers(self, x, positions, segment_ids, caches: kvc.LayerCache | None):
+        """The decoder layers over the stacked weights; ``caches``: every layer's view (``KVCache.layers()``).
+
+        Returns ``(x, router stats [L, ...], updated views [L, ...] or None)``.
+        """
         cfg = self.cfg
         graphdef, state = nnx.split(self.layers)
 
         def body(h, xs):
             layer_state, layer_cache = xs
-            layer = nnx.merge(graphdef, layer_state)
-            h, stats, new_cache = layer(h, positions, segment_ids, layer_cache)
+            h, stats, new_cache = nnx.merge(graphdef, layer_state)(h, positions, segment_ids, layer_cache)
             return h, (stats, new_cache)
 
-        looped = layer_states is not None or not cfg.scan_layers  # a Python loop over the layers, not a scan
         if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=looped)
-        layer_caches = None if cache is None else (cache.k, cache.v, jnp.broadcast_to(cache.pos, (cfg.n_layers,
-                                                                                                   *cache.pos.shape)))
-        if layer_states is not None and len(layer_states) != cfg.n_layers:
-            raise ValueError(f"layer_states holds {len(layer_states)} layers but the model has {cfg.n_layers}. "
-                             "Fix: pass unstack_layers(model) of this model.")
-        if not looped:
-            x, (stats, new_kv) = jax.lax.scan(body, x, (state, layer_caches))
-            return x, stats, new_kv
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            x, (stats, new_caches) = jax.lax.scan(body, x, (state, caches))
+            return x, stats, new_caches
         outs = []
-        for i in range(cfg.n_layers):
-            # separate per-layer weights (see unstack_layers) or a slice of the stacked ones
-            layer_state = layer_states[i] if layer_states is not None else jax.tree.map(lambda a, i=i: a[i], state)
-            x, out = body(x, (layer_state, jax.tree.map(lambda a, i=i: a[i], layer_caches)))
+        for i in range(cfg.n_layers):  # a Python loop over slices of the stacked weights
+            x, out = body(x, jax.tree.map(lambda a, i=i: a[i], (state, caches)))
             outs.append(out)
-        stats, new_kv = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        return x, stats, new_kv
+        stats, new_caches = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        return x, stats, new_caches
+
+    def output(self, x: Float[Array, "B T D"], stats: dict[str, Array], cache: kvc.KVCache | None,
+               new_caches: kvc.LayerCache | None, logits_to_keep: int = 0) -> ModelOutput:
+        """The ``ModelOutput`` from the last layer's activations ``x``, the per-layer router ``stats`` and the
+        updated per-layer cache views (stacked over L) of ``cache``."""
+        cfg = self.cfg
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        x = self.norm(x)
+        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]  # [D, V]
+        # float32 logits: the loss and sampling need them; accumulate the matmul in float32 too.
+        logits = proj("BTD,DV->BTV", x, head.astype(cfg.jnp_dtype), preferred_element_type=jnp.float32)
+        logits = sharding.constrain(logits, ("batch", "seq", "act_vocab"))
+        new_cache = None if cache is None else cache.with_layers(new_caches)
+        return ModelOutput(logits=logits, cache=new_cache, aux=aux_from_stats(cfg, stats))
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None,
-                 segment_ids: Int[Array, "B T"] | None = None, *, return_aux: bool = False,
-                 cache: kvc.KVCache | None = None, layer_states: tuple[nnx.State, ...] | None = None,
-                 logits_to_keep: int = 0) -> Any:
-        """Logits for ``tokens``.
+    def forward(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None,
+                segment_ids: Int[Array, "B T"] | None = None, *, cache: kvc.KVCache | None = None,
+                logits_to_keep: int = 0) -> ModelOutput:
+        """The forward pass.
 
         Args:
           tokens: int32 ``[B, T]``.
@@ -161,57 +200,37 @@ class Transformer(nnx.Module):
             With a cache, a negative position marks padding (neither attended to nor stored).
           segment_ids: ``[B, T]`` document ids for packed rows; tokens attend within their segment only;
             segment 0 is padding (excluded from the router statistics).
-          return_aux: also return the aux dict ``load_balancing_loss``, ``router_z_loss`` (scalars, HF units)
-            and ``expert_load`` ``[L, E]`` (fraction of each layer's assignments per expert).
-          cache: a ``KVCache``; when given, returns ``(logits, new_cache)`` (plus aux if asked).
-          layer_states: ``unstack_layers(model)``: the layer weights as L separate per-layer states, used
-            instead of the stacked ones. Same numbers; for CPU inference, where XLA copies a layer's weights
-            out of the stacked arrays on every step (more time than the matmuls at small batch).
+          cache: a ``KVCache``: the tokens also attend over it and are written into it (``LayerCache.update``).
           logits_to_keep: compute the logits of the last ``logits_to_keep`` columns only (0 = all), as HF's
             argument of that name: prefill needs only the last one, and the LM head is a large matmul.
 
         Returns:
-          float32 logits ``[B, T, V]`` (``[B, logits_to_keep, V]``), then the new cache if ``cache`` was given,
-          then aux if ``return_aux``.
+          ``ModelOutput(logits, cache, aux)``: float32 logits ``[B, T, V]`` (``[B, logits_to_keep, V]``); the
+          updated cache (None without one); aux: ``load_balancing_loss``, ``router_z_loss`` (scalars, HF
+          units) and ``expert_load`` ``[L, E]`` (fraction of each layer's assignments per expert).
         """
-        cfg = self.cfg
-        b, t = tokens.shape
-        if positions is None:
-            if cache is not None:
-                raise ValueError("decoding with a cache needs explicit `positions` [B, T] (absolute positions).")
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        # Gather from a replicated table: a gather from a vocab/fsdp-sharded table makes XLA replicate and
-        # re-split it ("involuntary full rematerialization"); FSDP all-gathers every weight anyway.
-        table = sharding.constrain(self.embed[...], (None, None))  # [V, D]
-        x = jnp.take(table, tokens, axis=0).astype(cfg.jnp_dtype)  # [B, T, D]
-        x = sharding.constrain(x, ("batch", "seq", "act_embed"))
-        x, stats, new_kv = self._run_layers(x, positions, segment_ids, cache, layer_states)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        x = self.norm(x)
-        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]  # [D, V]
-        # float32 logits: the loss and sampling need them; accumulate the matmul in float32 too.
-        logits = project(x, head.astype(cfg.jnp_dtype), preferred_element_type=jnp.float32)  # [B, T, V]
-        logits = sharding.constrain(logits, ("batch", "seq", "act_vocab"))
-        outputs: list[Any] = [logits]
+        positions = self.default_positions(tokens, positions, cache)
+        x = self.embed_tokens(tokens)
+        x, stats, new_caches = self._run_layers(x, positions, segment_ids, None if cache is None else cache.layers())
+        return self.output(x, stats, cache, new_caches, logits_to_keep)
+
+    def __call__(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None,
+                 segment_ids: Int[Array, "B T"] | None = None, *, return_aux: bool = False, logits_to_keep: int = 0
+                 ) -> Float[Array, "B T V"] | tuple[Float[Array, "B T V"], dict[str, Array]]:
+        """``forward(...).logits``; with ``return_aux=True`` ``(logits, aux)``. See ``forward``."""
+        out = self.forward(tokens, positions, segment_ids, logits_to_keep=logits_to_keep)
+        return (out.logits, out.aux) if return_aux else out.logits
+
+    @staticmethod
+    def default_positions(tokens: Int[Array, "B T"], positions: Int[Array, "B T"] | None,
+                          cache: kvc.KVCache | None) -> Int[Array, "B T"]:
+        """``positions``, or ``arange(T)`` per row when none are given (an error with a cache)."""
+        if positions is not None:
+            return positions
         if cache is not None:
-            new_pos = kvc.write(cache.pos, positions, kvc.slots_for(positions, cache.size))
-            outputs.append(kvc.KVCache(k=new_kv[0], v=new_kv[1], pos=new_pos))
-        if return_aux:
-            outputs.append(aux_from_stats(cfg, stats))
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
-
-
-def unstack_layers(model: Transformer, state: nnx.State | None = None) -> tuple[nnx.State, ...]:
-    """The stacked layer weights as ``n_layers`` separate per-layer states (copies), for ``layer_states=``.
-
-    A scanned (or indexed) layer reads its weights through a slice of the ``[L, ...]`` arrays. On TPU/GPU
-    the slice fuses into the matmul; XLA's CPU backend copies it instead, on every call, which costs more
-    than the matmuls in small-batch decoding. ``state``: the model's state to copy from (default
-    ``nnx.state(model)``; pass a resharded one to keep its shardings).
-    """
-    layers = (nnx.state(model) if state is None else state)["layers"]
-    return tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(model.cfg.n_layers))
+            raise ValueError("decoding with a cache needs explicit `positions` [B, T] (absolute positions).")
+        b, t = tokens.shape
+        return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
 
 def aux_from_stats(cfg: ModelConfig, stats: dict[str, Array]) -> dict[str, Array]:

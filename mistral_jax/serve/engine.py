@@ -43,7 +43,8 @@ import numpy as np
 from flax import nnx
 
 from mistral_jax.data.tokenizer import hf_decode, hf_raw_text
-from mistral_jax.inference.generate import DEFAULT_CHUNK, serving_layers
+from mistral_jax.inference.generate import DEFAULT_CHUNK
+from mistral_jax.inference.per_layer import serving_forward, serving_layers
 from mistral_jax.model.kv_cache import EMPTY, KVCache
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,8 @@ def prefill_chunk(graphdef: nnx.GraphDef, state: nnx.State, layers: Any, cache: 
     model = nnx.merge(graphdef, state)
     r = _row(cache, row)
     r = KVCache(k=r.k, v=r.v, pos=jnp.where(reset, EMPTY, r.pos))
-    logits, r = model(tokens, positions, cache=r, layer_states=layers, logits_to_keep=1)
+    out = serving_forward(model, layers, tokens, positions, cache=r, logits_to_keep=1)
+    logits, r = out.logits, out.cache
     nxt = sample_rows(logits[:, -1], *sampling)
     cache = KVCache(k=jax.lax.dynamic_update_slice_in_dim(cache.k, r.k, row, axis=1),
                     v=jax.lax.dynamic_update_slice_in_dim(cache.v, r.v, row, axis=1),
@@ -179,7 +181,8 @@ def decode_step(graphdef: nnx.GraphDef, state: nnx.State, layers: Any, cache: KV
                 positions: jax.Array, sampling: tuple) -> tuple[jax.Array, KVCache]:
     """One token for every row: ``tokens, positions [B]`` (position -1: an idle row). Returns ``(next [B], cache)``."""
     model = nnx.merge(graphdef, state)
-    logits, cache = model(tokens[:, None], positions[:, None], cache=cache, layer_states=layers)
+    out = serving_forward(model, layers, tokens[:, None], positions[:, None], cache=cache)
+    logits, cache = out.logits, out.cache
     return sample_rows(logits[:, 0], *sampling), cache
 
 

@@ -1,0 +1,61 @@
+"""``proj``: a projection written as an einsum, computed as one 2-D matmul.
+
+Every weight multiply of the model is a projection: the input's leading axes are kept, its trailing axes are
+contracted with the weight's leading axes, and the weight's trailing axes are produced, e.g.
+``proj("BTD,DNH->BTNH", x, wq)`` (the query heads) or ``proj("BTNH,NHD->BTD", o, wo)`` (the output).
+The call site keeps the head structure; inside, ``x`` becomes ``[M, C]`` and ``w`` ``[C, F]`` (reshapes of
+contiguous axes, free) for one ``jnp.matmul``.
+
+Why not ``jnp.einsum``: same numbers, but on XLA's CPU backend an einsum over split head axes transposes the
+weight on every call, and in the backward pass contracting two token axes (B, T) made it write the activation
+gradient transposed, element by element, while the 2-D form is a plain matmul (a SwiGLU MLP at 2048 tokens,
+forward + backward: 339 -> 208 ms).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax.numpy as jnp
+from jaxtyping import Array
+
+
+@functools.cache
+def _plan(spec: str) -> tuple[int, int]:
+    """``(x axes kept, axes contracted)`` of a projection spec; raises for anything that is not a projection."""
+    try:
+        inputs, out = spec.replace(" ", "").split("->")
+        xs, ws = inputs.split(",")
+    except ValueError:
+        raise ValueError(f"proj spec {spec!r} is not of the form 'xs,ws->out'. Fix: e.g. 'BTD,DNH->BTNH'.") from None
+    n = sum(c in ws for c in xs)  # contracted axes
+    kept = xs[: len(xs) - n]
+    if not (0 < n <= len(ws) and xs[len(kept):] == ws[:n] and out == kept + ws[n:]
+            and len(set(xs + ws)) == len(xs) + len(ws) - n):
+        raise ValueError(f"proj spec {spec!r} is not a projection: the input's trailing axes must be the weight's "
+                         "leading axes (contracted, same order) and the output its leading axes followed by the "
+                         "weight's trailing axes. Fix: e.g. 'BTD,DNH->BTNH' or 'BTNH,NHD->BTD'; use jnp.einsum "
+                         "for other contractions.")
+    return len(kept), n
+
+
+def proj(spec: str, x: Array, w: Array, *, preferred_element_type=None) -> Array:
+    """``jnp.einsum(spec, x, w)`` for a projection, computed as one ``[M, C] x [C, F]`` matmul (same numbers).
+
+    Args:
+      spec: uppercase einsum subscripts from the file's legend, e.g. ``"BTD,DNH->BTNH"``: the input's trailing
+        axes are contracted with the weight's leading axes (same order); the output is the input's other axes
+        followed by the weight's other axes.
+      x: the input, e.g. ``[B, T, D]``.
+      w: the weight, e.g. ``[D, N, H]``.
+      preferred_element_type: accumulation / output dtype of the matmul (e.g. float32 logits).
+    """
+    kept, n = _plan(spec)
+    lead, contract, produced = x.shape[:kept], x.shape[kept:], w.shape[n:]
+    if tuple(w.shape[:n]) != tuple(contract):
+        raise ValueError(f"proj {spec!r}: input {tuple(x.shape)} and weight {tuple(w.shape)} disagree on the "
+                         f"contracted axes ({tuple(contract)} vs {tuple(w.shape[:n])}).")
+    c, f = math.prod(contract), math.prod(produced)
+    y = jnp.matmul(x.reshape(-1, c), w.reshape(c, f), preferred_element_type=preferred_element_type)  # [M, F]
+    return y.reshape(*lead, *produced)

@@ -3,6 +3,8 @@
 Resumes from ``{workdir}/checkpoints`` when present. On SIGTERM / SIGINT it saves and exits with 128 + signal.
 Several processes (a TPU slice, SLURM, Open MPI, or the ``MISTRAL_JAX_*`` variables of ``mistral_jax.distributed``)
 run the same command; ``jax.distributed`` starts after the argument checks, before any device is used.
+The run config is resolved once (``mistral_jax.training.run.resolve``: model config for this host's platform, mesh,
+rules, recipe), as the AOT tool resolves it for a TPU topology.
 ``--dry_run`` compiles the train step on the real devices, prints memory per device and FLOPs, and writes nothing.
 A bad argument or config value is one line naming it, its value and the fix (exit status 2), checked before anything
 is loaded; a run that fails (a checkpoint save, a non-finite loss) is one line too (exit status 1). Tracebacks only
@@ -30,14 +32,14 @@ def _flag_value(argv: list[str], name: str) -> str | None:
 
 def check_args(argv: list[str]) -> None:
     """The checks that need nothing loaded: required flags, the config file, the workdir, override names."""
-    from mistral_jax.training import trainer
+    from mistral_jax.training import run
 
     config = _flag_value(argv, "config")
     if not config:
         raise cli.UsageError("--config", config, "is required", "pass --config configs/tiny.py (or another config)")
     path = config.split(":")[0]
     if not os.path.isfile(path):
-        names = sorted(n for n in os.listdir(trainer.CONFIG_DIR) if n.endswith(".py") and not n.startswith("_"))
+        names = sorted(n for n in os.listdir(run.CONFIG_DIR) if n.endswith(".py") and not n.startswith("_"))
         raise cli.UsageError("--config", config, "does not exist", f"pass one of configs/{{{','.join(names)}}}")
     workdir = _flag_value(argv, "workdir")
     if not workdir:
@@ -45,29 +47,29 @@ def check_args(argv: list[str]) -> None:
                              "pass --workdir DIR (a new directory, or a run's workdir to resume it)")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise cli.UsageError("--workdir", workdir, "is a file", "pass a directory (a new one, or a run's workdir)")
-    trainer.check_cli_overrides(argv)
+    run.check_cli_overrides(argv)
 
 
 def main(argv: list[str]) -> None:
     import jax
 
     from mistral_jax import distributed
-    from mistral_jax.training import checkpoint, trainer
+    from mistral_jax.training import checkpoint, run, trainer
 
     cli.quiet_libraries()  # again: absl's flag parsing resets the verbosity (Orbax logs every save at INFO)
     logging.getLogger("mistral_jax").setLevel(logging.INFO)
     cfg, workdir = _CONFIG.value, _WORKDIR.value
     try:
-        trainer.check_processes(cfg, workdir, distributed.expected_process_count())  # before any device
+        run.check_processes(cfg, workdir, distributed.expected_process_count())  # before any device
         distributed.initialize()
         if _DRY_RUN.value:
             report = trainer.format_dry_run(trainer.dry_run(cfg, workdir))
             return print(report, flush=True) if jax.process_index() == 0 else None
         result = trainer.train(cfg, workdir)
-    except (trainer.ConfigError, checkpoint.WorkdirBusy, ValueError) as e:
+    except (run.ConfigError, checkpoint.WorkdirBusy, ValueError) as e:
         if cli.debug_enabled():
             raise
-        named = isinstance(e, (trainer.ConfigError, checkpoint.WorkdirBusy))  # their message names the field
+        named = isinstance(e, (run.ConfigError, checkpoint.WorkdirBusy))  # their message names the field
         cli.fail(PROG, str(e) if named else f"{type(e).__name__}: {e}", 2)
     except (checkpoint.CheckpointSaveError, FloatingPointError, distributed.DistributedStartError) as e:
         if cli.debug_enabled():

@@ -28,9 +28,11 @@ def get_config() -> ConfigDict:
     c.num_steps = 1000  # optimizer steps in the run (also the LR decay horizon)
     c.batch_size = 8  # global rows of data.seq_len tokens per optimizer step (all processes and micro-batches)
     c.grad_accum_steps = 1  # micro-batches per optimizer step (scan over batch_size // grad_accum_steps rows each)
-    c.model = model_fields()  # the network: preset + overrides -> ModelConfig (see trainer.model_config_from)
-    c.remat = ""  # activation checkpointing per layer (none, full, save_dots, ...); "" keeps model.remat
-    c.init_from = ""  # start from this checkpoint dir (HF / Mistral consolidated / mistral_jax); "" = random init
+    c.model = model_fields()  # the network: preset + overrides -> ModelConfig (see training/run.py)
+    c.remat = ""  # command-line shorthand for model.remat (none, full, save_dots, ...); set, it wins; "" = model.remat
+    # start from this checkpoint dir (HF / Mistral consolidated / mistral_jax): its architecture and weights, with
+    # config.model's runtime choices (dtypes, backends, remat; max_seq_len if set); "" = random init
+    c.init_from = ""
 
     c.data = ConfigDict()
     c.data.train = ""  # local file / dir / glob (.jsonl .json .txt .parquet) or an HF hub dataset name (streamed)
@@ -47,7 +49,7 @@ def get_config() -> ConfigDict:
     c.data.shuffle = True  # shuffle document order each epoch (seed + epoch): deterministic
     c.data.shuffle_buffer = 10_000  # shuffle buffer of streamed hub datasets
     c.data.on_decode_error = "replace"  # non-UTF-8 input: "replace" (U+FFFD + one warning per file) or "error"
-    # instruction fine-tuning (issue 8: mistral_jax/data/chat.py, mistral_jax/lora.py, training/sft.py)
+    # instruction fine-tuning (the recipes of training/recipe.py: chat data in data/chat.py, adapters in lora.py)
     c.data.format = "text"  # "text": documents (pretraining); "chat": messages lists, Mistral template, answer loss
     c.data.messages_field = "messages"  # chat: column holding the messages (also reads ShareGPT / Alpaca layouts)
     c.data.max_conversations = 0  # chat: read at most this many conversations (0 = all)
@@ -104,7 +106,7 @@ def get_config() -> ConfigDict:
 def instruct_sft(c: ConfigDict) -> ConfigDict:
     """The instruction fine-tuning recipe shared by the instruct configs: UltraChat-200k with Mistral's chat
     template (loss on assistant answers), packed 4096-token rows, 0.5M tokens per step, from ``init_from``."""
-    c.remat = "full"  # recompute each layer in the backward pass
+    c.model.remat = "full"  # recompute each layer in the backward pass
     c.init_from = config_dict.placeholder(str)  # REQUIRED: --config.init_from=PATH of the base checkpoint
     c.num_steps = 1500  # ~3 epochs of UltraChat-200k (~250M tokens) at 0.5M tokens per step
     c.batch_size = 128  # packed rows per step: 128 x 4096 = 0.5M tokens

@@ -5,7 +5,7 @@
 
 Full fine-tuning of every weight on UltraChat-200k (public, ``messages`` lists) with Mistral's chat template and
 the loss on assistant answers only. LoRA instead: ``--config.lora.rank=16 --config.optimizer.learning_rate=2e-4``
-(adapters only are trained and checkpointed; ``mistral_jax.training.sft.merged_model(workdir)`` merges them).
+(adapters only are trained and checkpointed; ``mj.load_pretrained(workdir)`` loads base + adapters merged).
 """
 
 from configs import base

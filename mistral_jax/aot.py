@@ -4,9 +4,14 @@
     python -m mistral_jax.aot --config configs/mixtral_8x7b.py --topology v5p-128 --num_slices 2   # multi-slice
 
 Needs libtpu (the ``tpu`` extra: ``pip install "jax[tpu]"``), which compiles for TPU topologies without TPU
-hardware. The step is ``training.step.jit_train_step`` on the run config's model, mesh (``config.mesh``, -1 =
-fill the topology's chips), rules, batch and remat, lowered on abstract (sharded) state and batch. Prints the
-per-chip memory of the compiled program (arguments, outputs, temporaries, total vs HBM), FLOPs per step and
+hardware. The run config is resolved as ``train.py`` resolves it (``training.run.resolve``) on the topology's
+devices, so the model's ``auto`` backends resolve for the TPU (``ModelConfig.platform = "tpu"``) and the program
+is the run's recipe: its train state holds what the recipe trains (e.g. only adapters, with the base frozen) and
+the optimizer state covers only that. The step is ``training.step.jit_train_step`` on that state, mesh
+(``config.mesh``, -1 = fill the topology's chips), rules, batch and remat, lowered on abstract (sharded) state
+and batch; nothing is read but ``init_from``'s config file (when it is a directory here; else ``config.model``'s
+architecture is compiled). Prints the per-chip memory of the compiled program (arguments, outputs,
+temporaries, total vs HBM; the train state's params, frozen weights and optimizer state), FLOPs per step and
 whether it fits.
 
 Topologies: ``v5p-N`` / ``v4-N`` (N TensorCores, 2 per chip), ``v5e-N`` / ``v6e-N`` (N chips), or an explicit
@@ -184,37 +189,34 @@ def _check_batch(run_cfg: Any, mesh: Any, rules: sharding.ShardingRules) -> None
                               "(or change the mesh).")
 
 
-def compile_train_step(run_cfg: Any, devices: list[Any], *, tpu_attention: bool = False) -> dict[str, Any]:
-    """Lower and compile ``jit_train_step`` of ``run_cfg`` on ``devices``; returns the report dict.
+def state_bytes(abstract_state: dict[str, Any]) -> dict[str, int]:
+    """Bytes per device of each part of an abstract train state (``ShapeDtypeStruct``s carrying shardings)."""
+    def per_device(x: Any) -> int:
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        return math.prod(shape) * x.dtype.itemsize
 
-    ``tpu_attention``: resolve ``attention_impl="auto"`` to ``splash`` as a TPU run does (the compiling
-    process's default backend is the CPU, where ``auto`` means ``blocked`` for windowed models and
-    ``reference`` otherwise). Off by default: the splash backend is a Mosaic kernel that XLA cannot partition
-    over a multi-chip mesh until model/attention.py wraps it in a ``shard_map``.
+    return {k: sum(per_device(x) for x in jax.tree.leaves(abstract_state[k])) for k in ("params", "frozen",
+                                                                                         "opt_state")}
+
+
+def compile_run(run: Any) -> dict[str, Any]:
+    """Lower and compile the train step of a resolved run (``training.run.resolve``) on abstract inputs.
+
+    Returns:
+      ``memory_report``'s dict (bytes per device; a compiler out-of-memory error becomes a "does not fit" report)
+      plus ``recipe``, ``trainable_params`` / ``frozen_params`` (counts), ``state`` (bytes per device of the
+      train state's ``params``, ``frozen`` and ``opt_state``), ``mesh``, ``rules``, ``devices`` and ``compile_s``.
     """
     from mistral_jax.training import step as step_lib
     from mistral_jax.training.optimizer import make_optimizer
-    from mistral_jax.training.trainer import model_config_from
 
-    model_cfg = model_config_from(run_cfg.model)
-    if run_cfg.get("remat"):
-        model_cfg = model_cfg.replace(remat=run_cfg.remat)
-    if tpu_attention and model_cfg.attention_impl == "auto":
-        model_cfg = model_cfg.replace(attention_impl="splash")
-    mesh_cfg, n_slices = run_cfg.mesh, sharding.num_slices(devices)
-    if n_slices > 1 and all(int(mesh_cfg.get(f"dcn_{a}", 1)) == 1 for a in sharding.DCN_AXES):
-        mesh_cfg = {**mesh_cfg.to_dict(), "dcn_data": n_slices}  # data parallelism across the slices
-    try:
-        mesh = sharding.mesh_from_config(mesh_cfg, devices=devices)
-        rules = sharding.rules_from_config(mesh_cfg, mesh)
-    except ValueError as e:
-        raise MeshConfigError(f"config.mesh on {len(devices)} chips ({n_slices} slice(s)): {e}") from e
-    _check_batch(run_cfg, mesh, rules)
-    tx, schedule = make_optimizer(run_cfg.optimizer, int(run_cfg.num_steps))
-    t0 = time.time()
-    graphdef, state, shardings = step_lib.make_train_state(model_cfg, run_cfg, mesh, rules, abstract=True)
-    batch = step_lib.abstract_batch(int(run_cfg.batch_size), int(run_cfg.data.seq_len), mesh, rules)
-    fn = step_lib.jit_train_step(graphdef, tx, shardings, mesh, rules, grad_accum_steps=int(run_cfg.grad_accum_steps),
+    cfg, mesh, rules, recipe = run.cfg, run.mesh, run.rules, run.recipe
+    tx, schedule = make_optimizer(cfg.optimizer, int(cfg.num_steps))
+    t0 = time.perf_counter()
+    graphdef, state, shardings = step_lib.state_layout(recipe.abstract_model(run.model_cfg), tx, mesh, rules,
+                                                       recipe.trainable)
+    batch = step_lib.abstract_batch(int(cfg.batch_size), int(cfg.data.seq_len), mesh, rules)
+    fn = step_lib.jit_train_step(graphdef, tx, shardings, mesh, rules, grad_accum_steps=int(cfg.grad_accum_steps),
                                  schedule=schedule)
     with sharding.use_mesh(mesh, rules):
         lowered = fn.lower(state, batch)
@@ -224,17 +226,46 @@ def compile_train_step(run_cfg: Any, devices: list[Any], *, tpu_attention: bool 
             report = _oom_report(e)
         else:
             report = memory_report(compiled)
-    n = len(devices)
+    report.update(recipe=recipe.name, trainable_params=sum(x.size for x in jax.tree.leaves(state["params"])),
+                  frozen_params=sum(x.size for x in jax.tree.leaves(state["frozen"])), state=state_bytes(state),
+                  mesh={k: int(v) for k, v in mesh.shape.items()}, rules=cfg.mesh.get("rules", "auto"),
+                  devices=mesh.size, compile_s=round(time.perf_counter() - t0, 1))
+    return report
+
+
+def compile_train_step(run_cfg: Any, devices: list[Any]) -> dict[str, Any]:
+    """Resolve ``run_cfg`` on ``devices`` as ``train.py`` does and compile its train step; returns the report.
+
+    The devices' platform is the target platform (TPU topology devices: ``auto`` backends resolve for the TPU).
+    Multi-slice devices get ``mesh.dcn_data = slices`` unless the config sets its ``dcn_*`` axes.
+    """
+    from mistral_jax.training import run as run_lib
+
+    n_slices = sharding.num_slices(devices)
+    if n_slices > 1 and all(int(run_cfg.mesh.get(f"dcn_{a}", 1)) == 1 for a in sharding.DCN_AXES):
+        run_cfg = run_cfg.copy_and_resolve_references()
+        run_cfg.mesh.dcn_data = n_slices  # data parallelism across the slices
+    try:
+        mesh = sharding.mesh_from_config(run_cfg.mesh, devices=devices)
+        rules = sharding.rules_from_config(run_cfg.mesh, mesh)
+    except ValueError as e:
+        raise MeshConfigError(f"config.mesh on {len(devices)} chips ({n_slices} slice(s)): {e}") from e
+    _check_batch(run_cfg, mesh, rules)
+    run = run_lib.resolve(run_cfg, devices=devices, process_count=1, require_checkpoint=False)
+    report = compile_run(run)
+    model_cfg = run.model_cfg
     model_flops = model_flops_per_step(model_cfg, int(run_cfg.batch_size), int(run_cfg.data.seq_len))
     report.update(
-        devices=n, slices=n_slices, mesh={k: int(v) for k, v in mesh.shape.items()},
-        dcn={f"dcn_{a}": int(mesh_cfg.get(f"dcn_{a}", 1)) for a in sharding.DCN_AXES},
-        rules=run_cfg.mesh.get("rules", "auto"),
+        slices=n_slices, dcn={f"dcn_{a}": int(run_cfg.mesh.get(f"dcn_{a}", 1)) for a in sharding.DCN_AXES},
         batch_size=int(run_cfg.batch_size), seq_len=int(run_cfg.data.seq_len),
         grad_accum_steps=int(run_cfg.grad_accum_steps), remat=model_cfg.remat, dtype=model_cfg.dtype,
-        attention_impl=model_cfg.attention_impl, moe_impl=model_cfg.moe_impl,
-        model_flops_per_chip=model_flops / n, compile_s=round(time.time() - t0, 1),
+        attention_impl=model_cfg.attention_impl, moe_impl=model_cfg.moe_impl, platform=model_cfg.platform,
+        model_flops_per_chip=model_flops / len(devices),
     )
+    start = run.recipe.init_from
+    if start is None or (start and not os.path.isdir(start)):
+        report["note"] = (f"config.init_from={start!r} is not a directory here: compiled config.model's architecture "
+                          f"(preset {run_cfg.model.preset!r})")
     return report
 
 
@@ -246,7 +277,11 @@ def format_report(r: dict[str, Any], title: str) -> str:
     lines = [title,
              f"  mesh {r['mesh']} ({r['devices']} chips{slices}), rules {r['rules']}, batch {r['batch_size']} x "
              f"{r['seq_len']} (grad_accum {r['grad_accum_steps']}), remat {r['remat']}, dtype {r['dtype']}, attention "
-             f"{r['attention_impl']}, moe {r['moe_impl']}",
+             f"{r['attention_impl']}, moe {r['moe_impl']} (for {r['platform']})",
+             f"  recipe: {r['recipe']}: {r['trainable_params']:,} trainable parameters, {r['frozen_params']:,} frozen",
+             *([f"  note: {r['note']}"] if r.get("note") else []),
+             f"  per chip state: params {gib(r['state']['params'])}  frozen {gib(r['state']['frozen'])}  optimizer "
+             f"{gib(r['state']['opt_state'])}",
              f"  per chip: arguments {gib(r['arguments'])}  outputs {gib(r['outputs'])}  aliased {gib(r['aliased'])}"
              f"  temps {gib(r['temps'])}",
              f"  per chip: total {gib(r['total'])} of HBM {gib(r['hbm'])} -> "
@@ -317,7 +352,7 @@ def main(argv: list[str]) -> None:
                          "pass the number of TPU slices the job spans, e.g. --num_slices 2")
     run_cfg = _config_arg(f["config"])
     devices = topology_devices(topo, f.num_slices)
-    report = compile_train_step(run_cfg, devices, tpu_attention=f.splash)
+    report = compile_train_step(run_cfg, devices)
     report.update(hbm=topo.hbm_bytes, fits=report["fits"] is not False and report["total"] <= topo.hbm_bytes,
                   topology=topo.name,
                   libtpu_topology=topo.libtpu_name)
@@ -377,13 +412,14 @@ def _run() -> None:
     flags.DEFINE_integer("num_slices", 1, "compile for this many copies of --topology joined over DCN (a multi-slice "
                          "job); the mesh gets mesh.dcn_data = num_slices unless the config sets its dcn_* axes")
     flags.DEFINE_bool("json", False, "also print the report as one JSON line")
-    flags.DEFINE_bool("splash", False, "resolve attention_impl=auto to splash (what a TPU run picks) instead of the "
-                      "CPU choice (blocked / reference)")
     flags.DEFINE_bool("verbose", False, "show the traceback of argument errors too (as MISTRAL_JAX_DEBUG=1 does)")
     flags.mark_flags_as_required(["config"])
     if not jax.config.jax_platforms:  # compile for the TPU topology from this host's CPU; never grab a local TPU
         jax.config.update("jax_platforms", "cpu")
-    app.run(lambda argv: cli.run(lambda: main(argv), PROG, expected=(MeshConfigError,)), flags_parser=_parse_flags)
+    from mistral_jax.training.recipe import ConfigError
+
+    app.run(lambda argv: cli.run(lambda: main(argv), PROG, expected=(MeshConfigError, ConfigError)),
+            flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

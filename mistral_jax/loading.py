@@ -8,8 +8,12 @@ Kinds of directory (``detect_format``):
     newest step falls back to the previous one with a warning) or a step dir ``checkpoints/<step>``.
     A LoRA training workdir (``run_config.json`` with ``lora.rank > 0``: its checkpoints hold only the adapters)
     or one of its step dirs loads as its base model (``init_from``) with the adapters merged in, the model that
-    ``python -m mistral_jax.lora`` exports.
+    ``mistral-jax-lora`` exports.
 A directory holding both HF and consolidated files (as some hub repos do) loads as ``hf``.
+
+A saved config is built for the platform that loads it: ``ModelConfig.platform`` (which the ``auto`` backends are
+resolved from) becomes this host's (the platform of ``mesh``'s devices when one is given) unless
+``config_overrides`` names one, so a model trained and saved on a TPU runs the CPU / GPU backends here.
 """
 
 from __future__ import annotations
@@ -109,11 +113,34 @@ def input_dirs(path: str | os.PathLike, fmt: str | None = None) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
+    """The ``ModelConfig`` of a checkpoint directory, read from its config file only (no weights), as saved
+    (its ``platform`` is the one it was built for)."""
+    path = os.fspath(path)
+    fmt = detect_format(path)
+    if fmt == "hf":
+        return hf.read_config(path)
+    if fmt == "mistral":
+        return mistral.read_config(path)
+    return native.read_config(native.config_and_params_dirs(path)[0])
+
+
 def tokenizer_path(path: str | os.PathLike, fmt: str) -> str | None:
-    """The ``tokenizer.model`` belonging to a checkpoint directory, if any."""
+    """The tokenizer file belonging to a checkpoint directory (``tokenizer.model``, else ``tekken.json``), if any."""
     root = native.config_and_params_dirs(path)[0] if fmt == "jax" else os.fspath(path)
-    p = os.path.join(root, "tokenizer.model")
-    return p if os.path.isfile(p) else None
+    for name in ("tokenizer.model", "tekken.json"):
+        p = os.path.join(root, name)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def _for_this_host(config_overrides: dict[str, Any] | None, mesh: jax.sharding.Mesh | None) -> dict[str, Any]:
+    """``config_overrides`` plus the platform the model will run on (unless they name one)."""
+    out = dict(config_overrides or {})
+    if "platform" not in out:
+        out["platform"] = ModelConfig.resolve_platform(mesh.devices.flat[0].platform if mesh is not None else None)
+    return out
 
 
 def open_source(path: str | os.PathLike, fmt: Format | None = None, *, dtype: str | None = None,
@@ -124,6 +151,7 @@ def open_source(path: str | os.PathLike, fmt: Format | None = None, *, dtype: st
     File formats are read lazily tensor by tensor; the ``jax`` format is restored (sharded with ``mesh``).
     """
     path = os.fspath(path)
+    config_overrides = _for_this_host(config_overrides, mesh)
     found = formats_of(path)
     fmt = fmt or detect_format(path)
     if fmt not in FORMATS:
@@ -172,6 +200,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None, mesh: 
         missing, unexpected or mis-shaped tensor and every truncated file.
     """
     path = os.fspath(path)
+    config_overrides = _for_this_host(config_overrides, mesh)
     fmt = fmt or detect_format(path)
     run = lora_run(path) if fmt == "jax" and fmt in formats_of(path) else None
     if run:
@@ -197,7 +226,7 @@ def _load_lora_run(root: str, run: dict[str, Any], step: int | None, *, dtype: s
 
     The base is loaded as the run trained it (``model_config.json``: the base's network with the run's numerics,
     float32 master weights), the adapters of the newest (or ``step``) checkpoint are restored into it and folded
-    into the weights (``lora.merge_lora``), exactly as ``python -m mistral_jax.lora`` exports it.
+    into the weights (``lora.merge_lora``), exactly as ``mistral-jax-lora`` exports it.
     """
     from flax import nnx
 
@@ -205,9 +234,10 @@ def _load_lora_run(root: str, run: dict[str, Any], step: int | None, *, dtype: s
     from mistral_jax.model.transformer import params_dict
     from mistral_jax.training.checkpoint import restore_params
 
-    cfg = native.read_config(root)  # the network the run trained
+    cfg = native.read_config(root)  # the network the run trained (built for this host below)
+    cfg = cfg.replace(platform=_for_this_host(config_overrides, mesh)["platform"])
     base = os.fspath(run.get("init_from") or "")
-    export = f"python -m mistral_jax.lora --workdir {root} --output DIR"
+    export = f"mistral-jax-lora --workdir {root} --output DIR"
     if base:
         if not os.path.isdir(base):
             raise FileNotFoundError(
@@ -239,9 +269,9 @@ def _load_lora_run(root: str, run: dict[str, Any], step: int | None, *, dtype: s
     nnx.replace_by_pure_dict(state, adapters)
     nnx.update(model, state)
     model = lora_lib.merge_lora(model)
-    if dtype is not None or config_overrides:
+    new = model.cfg.replace(**(config_overrides or {}))
+    if dtype is not None or new != model.cfg:
         params = params_dict(model)
-        new = model.cfg.replace(**(config_overrides or {}))
         if dtype is not None:
             dt = common.np_dtype(dtype)
             params = jax.tree.map(lambda a: a.astype(dt), params)

@@ -14,12 +14,12 @@ not an ``nnx.Param``: ``nnx.state(model, nnx.Param)`` -- what the optimizer and 
 checkpoint saves -- is exactly the adapters. ``merge_lora`` folds ``A @ B`` into ``W`` and turns everything back into
 ``nnx.Param``, giving a plain ``Transformer`` that ``save_hf`` / ``save_mistral`` export.
 
-Export a LoRA run (base from its ``init_from`` + adapters from its newest checkpoint, merged)::
+A LoRA training run (``config.lora.rank > 0``, ``training/recipe.py``) trains only the adapters and checkpoints
+them; ``mj.load_pretrained(workdir)`` returns its base (``init_from``) + adapters merged, so ``generate``,
+``eval.py`` and ``convert --from jax`` accept a LoRA workdir (or one of its ``checkpoints/<step>`` dirs), and
+``mistral_jax.cli.lora`` exports it::
 
-    python -m mistral_jax.lora --workdir runs/tiny_lora --output exports/tiny_lora_hf [--to hf|mistral|jax]
-
-``mj.load_pretrained(workdir)`` returns that same merged model, so ``generate``, ``eval.py`` and
-``python -m mistral_jax.convert --from jax`` accept a LoRA workdir (or one of its ``checkpoints/<step>`` dirs) too.
+    mistral-jax-lora --workdir runs/tiny_lora --output exports/tiny_lora_hf [--to hf|mistral|jax]
 
 Targets (HF PEFT names accepted as aliases): ``wq`` (q_proj), ``wk`` (k_proj), ``wv`` (v_proj), ``wo`` (o_proj),
 ``w1`` (gate_proj), ``w3`` (up_proj), ``w2`` (down_proj). For Mixtral, ``w1 w2 w3`` are the expert projections
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -236,80 +235,3 @@ def adapter_state(model: nnx.Module) -> nnx.State:
 def count_adapter_params(model: nnx.Module) -> int:
     """Number of adapter parameters."""
     return sum(x.size for x in jax.tree.leaves(adapter_state(model)))
-
-
-def _parser():
-    from mistral_jax import cli
-
-    ap = cli.Parser(prog="python -m mistral_jax.lora",
-                    description="Merge the adapters of a LoRA run (train.py with config.lora.rank > 0) into its "
-                                "init_from base model and export the result.")
-    ap.add_argument("--workdir", required=True, help="the LoRA run's --workdir")
-    ap.add_argument("--output", required=True, help="directory to write (absent or empty; never inside the workdir)")
-    ap.add_argument("--to", choices=("hf", "mistral", "jax"), default="hf", help="export format")
-    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest that restores)")
-    ap.add_argument("--dtype", default=None, help="hf / mistral output dtype (float32, bfloat16, float16)")
-    ap.add_argument("--overwrite", action="store_true", help="replace a previous export of the same kind at --output")
-    ap.add_argument("--verbose", action="store_true", help="show tracebacks")
-    return ap
-
-
-def _validate(args) -> str:
-    """Check every argument before anything is loaded; returns the directory to load (workdir or step dir)."""
-    from mistral_jax import cli
-    from mistral_jax.convert import args as args_lib
-    from mistral_jax.loading import input_dirs, lora_run
-
-    cli.check_dir("--workdir", args.workdir, "the --workdir of a train.py run with config.lora.rank > 0")
-    if lora_run(args.workdir) is None:
-        raise cli.UsageError("--workdir", args.workdir, "is not a LoRA training run (no run_config.json with "
-                             "lora.rank > 0)", "pass the --workdir of a LoRA run; export any other checkpoint with "
-                             f"python -m mistral_jax.convert --from jax --to {args.to} --input {args.workdir} "
-                             "--output DIR")
-    path = args.workdir
-    if args.step is not None:
-        root = os.path.join(args.workdir, "checkpoints")
-        have = sorted(int(n) for n in os.listdir(root) if n.isdigit()) if os.path.isdir(root) else []
-        if args.step not in have:
-            raise cli.UsageError("--step", args.step, f"is not a checkpoint of {args.workdir!r} (steps: {have})",
-                                 "pass one of those steps, or leave --step out for the newest")
-        path = os.path.join(root, str(args.step))
-    args_lib.check_dtype("--dtype", args.dtype)
-    if args.dtype is not None and args.to == "jax":
-        raise cli.UsageError("--dtype", args.dtype, "only applies to --to hf or mistral (a jax export keeps the "
-                             "run's dtype)", "leave --dtype out, or export with --to hf / --to mistral")
-    args_lib.check_output("--output", args.output, args.to, args.overwrite, input_dirs(args.workdir, "jax"))
-    return path
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: merge a LoRA training run into its base model and export it; returns the exit status (0 done, 1 an
-    error reading or writing a checkpoint, 2 a bad argument: one line naming the flag, the value and the fix)."""
-    import sys
-
-    from mistral_jax import cli
-    from mistral_jax.convert import args as args_lib
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cli.quiet_libraries()
-
-    def body() -> None:
-        args = _parser().parse_args(argv)
-        path = _validate(args)
-        from mistral_jax.convert import save_hf, save_jax, save_mistral
-        from mistral_jax.loading import load_pretrained
-
-        mesh = sharding.make_mesh() if jax.device_count() > 1 else None  # fsdp over the local devices
-        model = load_pretrained(path, fmt="jax", mesh=mesh)  # a LoRA run loads as its base + merged adapters
-        if args.to == "jax":
-            out = save_jax(model, args.output, overwrite=args.overwrite)
-        else:
-            save = save_hf if args.to == "hf" else save_mistral
-            out = save(model, args.output, dtype=args.dtype, overwrite=args.overwrite)
-        print(out)
-
-    return args_lib.run("python -m mistral_jax.lora", argv, body)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -65,3 +65,26 @@ def test_compiler_out_of_memory_becomes_a_does_not_fit_report():
     assert r["fits"] is False and abs(r["total"] / aot.GiB - 193.44) < 0.01
     with pytest.raises(RuntimeError, match="something else"):
         aot._oom_report(RuntimeError("something else"))
+
+
+def test_lora_config_compiles_the_lora_program_with_less_state():
+    """A LoRA config compiles the LoRA program: adapters trained, base frozen and out of the optimizer, so its
+    optimizer state and arguments are smaller than full fine-tuning's of the same model (8 CPU devices)."""
+    def report(**overrides):
+        cfg = tiny.get_config()
+        cfg.data.seq_len, cfg.batch_size = 32, 8
+        cfg.update_from_flattened_dict(overrides)
+        return aot.compile_train_step(cfg, jax.devices())
+
+    # a fine-tuning config compiles without its checkpoint: config.model's architecture, said in the report
+    full, lora = report(), report(**{"lora.rank": 4, "lora.targets": "wq,wv", "init_from": "/nowhere"})
+    assert "note" not in full and "'/nowhere' is not a directory here" in lora["note"]
+    assert full["frozen_params"] == 0 and full["state"]["frozen"] == 0
+    assert lora["frozen_params"] == full["trainable_params"]  # the whole base, frozen
+    assert 0 < lora["trainable_params"] < full["trainable_params"] // 10  # rank-4 adapters on wq, wv
+    assert lora["state"]["opt_state"] < full["state"]["opt_state"] // 5  # Adam moments of the adapters only
+    assert lora["arguments"] < full["arguments"]
+    assert full["platform"] == lora["platform"] == "cpu"  # the devices' platform
+    assert "LoRA rank 4 on wq,wv" in lora["recipe"]
+    text = aot.format_report({**lora, "hbm": 10**9, "fits": True}, "tiny lora")
+    assert "frozen" in text and "optimizer" in text and "note: config.init_from='/nowhere'" in text

@@ -112,7 +112,7 @@ def test_merge_equals_base_plus_scaled_update(base_models, name):
 def pretrained(tmp_path_factory):
     """A pretrained tiny checkpoint in HF format (config.json + model.safetensors + tokenizer.model): 40 steps of
     train.py's trainer on the bundled corpus, then exported, as a user's released base model would be."""
-    from mistral_jax.convert import save_hf
+    from mistral_jax.export import save_hf
     from mistral_jax.data import chat, corpus
     from mistral_jax.data.pipeline import load_texts
     from mistral_jax.data.tokenizer import Tokenizer
@@ -152,11 +152,12 @@ def _sft_config(init_from, **kw):
 def test_chat_batches_weight_only_answers(pretrained):
     """The batches the trainer sees: every weighted target is an answer token or its </s>, every prompt token 0."""
     from mistral_jax.data import chat
-    from mistral_jax.training import sft
+    from mistral_jax.training import recipe
 
     _, tok = pretrained
     cfg = _sft_config("unused")
-    batch = next(sft.batches(cfg, "train", tok, 8, train=True))
+    chosen = recipe.choose(cfg)
+    batch = next(chosen.batches(chosen.open_data("train"), tok, 8, train=True, bsharding=None))
     by_answers = {}
     for c in chat.load_conversations("bundled"):
         by_answers.setdefault(tuple(m["content"] for m in c if m["role"] == "assistant"), []).append(c)
@@ -190,27 +191,34 @@ def test_chat_batches_weight_only_answers(pretrained):
 def test_init_from_state_is_loaded_sharded_on_the_training_mesh(pretrained, rank):
     from jax.sharding import PartitionSpec as P
 
-    from mistral_jax import sharding
     from mistral_jax.loading import load_pretrained
-    from mistral_jax.training import sft
+    from mistral_jax.training import run as run_lib
+    from mistral_jax.training import step as step_lib
+    from mistral_jax.training.optimizer import make_optimizer
 
     hf_dir, _ = pretrained
     cfg = _sft_config(hf_dir, **{"lora.rank": rank})
-    model_cfg = sft.model_config(cfg, None)
-    assert model_cfg.to_hf() == mj.ModelConfig.tiny().to_hf()  # the network is the checkpoint's
-    mesh = sharding.make_mesh(fsdp=-1)
-    _, abstract, shardings, make_state = sft.train_state(cfg, model_cfg, mesh, sharding.DEFAULT_RULES)
-    state = make_state()
+    run = run_lib.resolve(cfg)
+    assert run.model_cfg.to_hf() == mj.ModelConfig.tiny().to_hf()  # the network is the checkpoint's
+    assert run.model_cfg.platform == "cpu" and dict(run.mesh.shape)["fsdp"] == 8
+    recipe = run.recipe
+    tx, _ = make_optimizer(cfg.optimizer, cfg.num_steps)
+    _, abstract, shardings = step_lib.state_layout(recipe.abstract_model(run.model_cfg), tx, run.mesh, run.rules,
+                                                   recipe.trainable)
+    state = step_lib.init_state(recipe.init_model(run.model_cfg, run.mesh, run.rules), tx, shardings, run.mesh,
+                                run.rules, recipe.trainable)
+    assert set(state) == {"params", "frozen", "opt_state", "step"}
     weights = state["frozen"] if rank else state["params"]
     embed = weights["embed"]
     assert embed.sharding.spec == P(None, "fsdp") and len(embed.addressable_shards) == 8
     assert embed.addressable_shards[0].data.shape == (512, 64 // 8)  # each device holds 1/8 of the table
     np.testing.assert_array_equal(np.asarray(embed), np.asarray(load_pretrained(hf_dir).embed[...]))
     if rank:  # LoRA: the optimizer sees only the adapters
-        assert set(state) == {"params", "frozen", "opt_state", "step"}
         n_opt = sum(x.size for x in jax.tree.leaves(state["opt_state"]))
         n_adapters = sum(x.size for x in jax.tree.leaves(state["params"]))
         assert 2 * n_adapters <= n_opt < 2 * n_adapters + 8  # Adam mu and nu (+ scalar step counters)
+    else:  # full fine-tuning: every weight trains, nothing is frozen
+        assert state["frozen"] == {}
     assert jax.tree.map(lambda x: x.shape, abstract["params"]) == jax.tree.map(lambda x: x.shape, state["params"])
 
 
@@ -265,9 +273,11 @@ def test_lora_sft_trains_only_adapters_and_merges(pretrained, tmp_path):
     nnx.replace_by_pure_dict(state, adapters)
     nnx.update(like, state)
     lora_logits = np.asarray(like(TOKENS))
-    # export CLI (python -m mistral_jax.lora -> training.sft.merged_model + save_hf), loaded back from HF files
+    # export CLI (mistral_jax.cli.lora: load_pretrained of the workdir + save_hf), loaded back from HF files
+    from mistral_jax.cli import lora as lora_cli
+
     export = tmp_path.parent / f"{tmp_path.name}_export"  # beside the run: convert refuses a path inside it
-    assert lora.main(["--workdir", str(tmp_path), "--output", str(export), "--to", "hf"]) == 0
+    assert lora_cli.main(["--workdir", str(tmp_path), "--output", str(export), "--to", "hf"]) == 0
     merged = load_pretrained(export)
     np.testing.assert_allclose(np.asarray(merged(TOKENS)), lora_logits, atol=1e-5, rtol=0)
     b = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(base, nnx.Param)))

@@ -1,17 +1,24 @@
 """Pure, jittable training and eval steps over a plain-pytree train state.
 
-The train state is a dict ``{"params": params_dict layout, "opt_state": optax state, "step": int32 []}``;
-params are float32 master weights (``ModelConfig.param_dtype``) and the model computes in ``ModelConfig.dtype``.
+The train state is a dict ``{"params", "frozen", "opt_state", "step"}``: ``params`` are the trainable variables
+(the model's variables selected by the recipe's ``trainable`` filter, ``nnx.Param`` by default), ``frozen`` the
+rest of the model (merged into the forward pass, never differentiated, not in the optimizer state and not
+checkpointed; empty when every weight trains), ``opt_state`` the optax state of ``params`` and ``step`` an
+int32 scalar. Params are float32 master weights (``ModelConfig.param_dtype``); the model computes in
+``ModelConfig.dtype``.
 
 Public functions (all usable on abstract inputs for ``jax.jit(...).lower(...).compile()``):
 
+* ``state_layout(abstract_model, tx, mesh, rules, trainable)`` -> ``(graphdef, abstract_state, shardings)``: the
+  train state of a model as ``ShapeDtypeStruct``s carrying their shardings, and the ``NamedSharding`` tree.
+* ``init_state(model, tx, shardings, mesh, rules, trainable)``: the real state of a built (sharded) model;
+  ``split_model`` gives its ``(params, frozen)`` alone.
 * ``make_train_state(model_cfg, run_cfg, mesh, rules=DEFAULT_RULES, *, abstract=False)``
-  -> ``(graphdef, state, shardings)``: the state created directly in its shards (or ``ShapeDtypeStruct``s
-  carrying their sharding when ``abstract``), and the matching ``NamedSharding`` tree.
+  -> ``(graphdef, state, shardings)``: the state of a freshly initialised ``Transformer`` (seed ``run_cfg.seed``).
 * ``train_step(graphdef, tx, state, batch, *, grad_accum_steps=1, schedule=None)`` -> ``(state, metrics)``:
   one optimizer step; a scan over ``grad_accum_steps`` micro-batches; a non-finite loss or gradient leaves
   params and optimizer state unchanged and sets ``metrics["nonfinite"] = 1``.
-* ``eval_step(graphdef, params, batch)`` -> metrics sums (``ce_sum``, ``tokens``).
+* ``eval_step(graphdef, params, frozen, batch)`` -> metrics sums (``ce_sum``, ``tokens``).
 * ``jit_train_step(graphdef, tx, shardings, mesh, rules, *, grad_accum_steps, schedule)`` and
   ``jit_eval_step(graphdef, shardings, mesh, rules)``: the steps jitted once with in/out shardings
   (state donated). Call them inside ``sharding.use_mesh(mesh, rules)``.
@@ -54,17 +61,66 @@ def abstract_batch(batch_size: int, seq_len: int, mesh: Mesh,
     return {k: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=s) for k, dt in _BATCH_DTYPES.items()}
 
 
-def _param_shardings(model_cfg: ModelConfig, mesh: Mesh, rules: sharding.ShardingRules):
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    shard_state = sharding.state_shardings(abstract_state, mesh, rules)
-    return graphdef, nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(shard_state)
+def state_layout(abstract_model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
+                 rules: sharding.ShardingRules = sharding.DEFAULT_RULES, trainable: Any = nnx.Param
+                 ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The train state of ``abstract_model`` (``nnx.eval_shape`` of the model to train), nothing allocated.
+
+    Args:
+      abstract_model: the model as it will be trained (abstract arrays carrying logical-axis metadata).
+      tx: the optimizer; its state covers ``params`` only.
+      mesh: device mesh.
+      rules: logical -> mesh axis rules.
+      trainable: ``nnx`` filter of the trained variables; every other variable is ``frozen``.
+
+    Returns:
+      ``(graphdef, abstract_state, shardings)``: ``abstract_state`` holds ``ShapeDtypeStruct``s with their
+      sharding (what ``Checkpointer.restore_latest`` and ``lower`` take); optimizer moments get their
+      parameter's sharding, scalars are replicated.
+    """
+    graphdef, params, frozen = nnx.split(abstract_model, trainable, ...)
+    param_sh = nnx.to_pure_dict(sharding.state_shardings(params, mesh, rules))
+    frozen_sh = nnx.to_pure_dict(sharding.state_shardings(frozen, mesh, rules))
+    params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = {"params": param_sh, "frozen": frozen_sh,
+                 "opt_state": sharding.opt_state_shardings(tx, params, param_sh, mesh), "step": replicated}
+    shapes = {"params": params, "frozen": frozen, "opt_state": jax.eval_shape(tx.init, params),
+              "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+    return graphdef, state, shardings
+
+
+def split_model(model: nnx.Module, shardings: dict[str, Any], trainable: Any = nnx.Param
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(params, frozen)`` of a built model, placed on the train state's shardings."""
+    _, params, frozen = nnx.split(model, trainable, ...)
+    return (jax.device_put(nnx.to_pure_dict(params), shardings["params"]),
+            jax.device_put(nnx.to_pure_dict(frozen), shardings["frozen"]))
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, shardings: dict[str, Any], mesh: Mesh,
+               rules: sharding.ShardingRules = sharding.DEFAULT_RULES, trainable: Any = nnx.Param
+               ) -> dict[str, Any]:
+    """The train state at step 0 of a built model (its arrays already sharded, e.g. ``sharding.create_sharded``
+    or ``load_pretrained(..., mesh=mesh)``): its variables split by ``trainable`` and a fresh optimizer state."""
+    params, frozen = split_model(model, shardings, trainable)
+    with sharding.use_mesh(mesh, rules):
+        opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+    return {"params": params, "frozen": frozen, "opt_state": opt_state,
+            "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])}
+
+
+def fresh_model(model_cfg: ModelConfig, seed: int, mesh: Mesh,
+                rules: sharding.ShardingRules = sharding.DEFAULT_RULES) -> Transformer:
+    """A randomly initialised ``Transformer`` created directly in its shards."""
+    return sharding.create_sharded(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed)), mesh, rules)
 
 
 def make_train_state(model_cfg: ModelConfig, run_cfg: Any, mesh: Mesh,
                      rules: sharding.ShardingRules = sharding.DEFAULT_RULES, *, abstract: bool = False
                      ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """Create the train state sharded on ``mesh``.
+    """The train state of a freshly initialised ``Transformer`` (every weight trains), sharded on ``mesh``.
 
     Args:
       model_cfg: the network.
@@ -74,30 +130,15 @@ def make_train_state(model_cfg: ModelConfig, run_cfg: Any, mesh: Mesh,
       abstract: return ``jax.ShapeDtypeStruct``s (with shardings) instead of arrays; nothing is allocated.
 
     Returns:
-      ``(graphdef, state, shardings)``; optimizer moments get their parameter's sharding, scalars are
-      replicated.
+      ``(graphdef, state, shardings)`` as ``state_layout`` / ``init_state`` give them.
     """
     tx, _ = make_optimizer(run_cfg.optimizer, int(run_cfg.num_steps))
-    graphdef, abstract_params, param_sh = _param_shardings(model_cfg, mesh, rules)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
-                                   transform_non_params=lambda _: replicated)
-    shardings = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
+    graphdef, abstract_state, shardings = state_layout(
+        nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))), tx, mesh, rules)
     if abstract:
-        shapes = {"params": abstract_params, "opt_state": abstract_opt,
-                  "step": jax.ShapeDtypeStruct((), jnp.int32)}
-        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
-        return graphdef, state, shardings
-    seed = int(run_cfg.seed)
-
-    def init():
-        params = nnx.to_pure_dict(nnx.state(Transformer(model_cfg, rngs=nnx.Rngs(seed))))
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
-    with sharding.use_mesh(mesh, rules):
-        state = jax.jit(init, out_shardings=shardings)()
-    return graphdef, state, shardings
+        return graphdef, abstract_state, shardings
+    return graphdef, init_state(fresh_model(model_cfg, int(run_cfg.seed), mesh, rules), tx, shardings, mesh,
+                                rules), shardings
 
 
 def _micro_batches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
@@ -122,14 +163,12 @@ def train_step(graphdef: Any, tx: optax.GradientTransformation, state: dict[str,
       ``(new_state, metrics)``; metrics are scalars (and ``expert_load`` ``[L, E]``): ``loss``, ``ce_loss``,
       ``aux_loss``, ``z_loss``, ``tokens``, ``grad_norm``, ``learning_rate``, ``nonfinite``.
     """
-    params = state["params"]
-    frozen = state.get("frozen")  # LoRA (issue 8): frozen base weights, merged in but never differentiated
-    extra = () if frozen is None else (frozen,)
+    params, frozen = state["params"], state["frozen"]  # frozen: merged into the model, never differentiated
     micro = _micro_batches(batch, grad_accum_steps)
     total = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
 
     def micro_loss(p, mb):
-        loss, metrics = loss_fn(nnx.merge(graphdef, p, *extra), mb)
+        loss, metrics = loss_fn(nnx.merge(graphdef, p, frozen), mb)
         share = metrics["tokens"] / total  # this micro-batch's fraction of the step's tokens
         return loss * share, (metrics, share)
 
@@ -163,20 +202,17 @@ def train_step(graphdef: Any, tx: optax.GradientTransformation, state: dict[str,
     # A non-finite step keeps the previous params and optimizer state (the checkpoint stays clean); a branch
     # rather than a per-element select, so a finite step reads and writes every array once.
     new_params, new_opt = jax.lax.cond(finite, apply, lambda p, o: (p, o), params, state["opt_state"])
-    new_state = {"params": new_params, "opt_state": new_opt,
-                 "step": state["step"] + 1, **({"frozen": frozen} if frozen is not None else {})}
+    new_state = {"params": new_params, "frozen": frozen, "opt_state": new_opt, "step": state["step"] + 1}
     metrics.update(grad_norm=grad_norm, nonfinite=(~finite).astype(jnp.int32))
     if schedule is not None:
         metrics["learning_rate"] = jnp.asarray(schedule(state["step"]), jnp.float32)
     return new_state, metrics
 
 
-def eval_step(graphdef: Any, params: dict[str, Any] | tuple, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Sums for held-out loss: ``ce_sum`` (weighted token cross-entropy) and ``tokens`` (sum of weights).
-
-    ``params`` is the state's ``params``, or ``(params, frozen)`` for a LoRA state (``training.sft``).
-    """
-    model = nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)  # LoRA: pair
+def eval_step(graphdef: Any, params: dict[str, Any], frozen: dict[str, Any], batch: dict[str, jax.Array]
+              ) -> dict[str, jax.Array]:
+    """Sums for held-out loss: ``ce_sum`` (weighted token cross-entropy) and ``tokens`` (sum of weights)."""
+    model = nnx.merge(graphdef, params, frozen)
     logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
     ce_sum, n = cross_entropy(logits, batch["targets"], batch["weights"])
     return {"ce_sum": ce_sum, "tokens": n}
@@ -195,9 +231,9 @@ def jit_train_step(graphdef: Any, tx: optax.GradientTransformation, shardings: d
 
 def jit_eval_step(graphdef: Any, shardings: dict[str, Any], mesh: Mesh,
                   rules: sharding.ShardingRules = sharding.DEFAULT_RULES):
-    """``eval_step`` jitted once: ``fn(params, batch) -> {"ce_sum", "tokens"}``."""
+    """``eval_step`` jitted once: ``fn(params, frozen, batch) -> {"ce_sum", "tokens"}``."""
     bs = batch_sharding(mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
-    params_sh = (shardings["params"], shardings["frozen"]) if "frozen" in shardings else shardings["params"]
-    return jax.jit(functools.partial(eval_step, graphdef), in_shardings=(params_sh, {k: bs for k in BATCH_KEYS}),
+    return jax.jit(functools.partial(eval_step, graphdef),
+                   in_shardings=(shardings["params"], shardings["frozen"], {k: bs for k in BATCH_KEYS}),
                    out_shardings=replicated)

@@ -1,4 +1,10 @@
-"""The pretraining loop behind ``train.py``: config checks, data, sharded state, checkpoints, metrics, preemption.
+"""The training loop behind ``train.py``: sharded state, data, checkpoints, metrics, preemption, for any recipe.
+
+The run config is resolved once (``training.run.resolve``: model config, mesh, rules and the recipe of
+``training.recipe``); the loop only asks the recipe for the tokenizer, the batches and the model at step 0, and
+trains the state ``training.step.state_layout`` builds from what the recipe trains (its ``frozen`` part, empty
+when every weight trains, is merged into the model but never updated or checkpointed: a resumed run rebuilds it
+from the recipe's initial model).
 
 Workdir layout (read by ``load_pretrained``, eval and generate)::
 
@@ -35,14 +41,9 @@ stream exactly.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import json
 import logging
-import math
 import os
-import re
-import shutil
 import signal
 import time
 from typing import Any
@@ -54,10 +55,9 @@ from ml_collections import ConfigDict
 from mistral_jax import distributed, sharding
 from mistral_jax.config import ModelConfig
 from mistral_jax.data import pipeline
-from mistral_jax.data import tokenizer as tokenizer_lib
 from mistral_jax.data.tokenizer import Tokenizer
-from mistral_jax.data.train_tokenizer import VocabularyTooSmall, train_tokenizer
-from mistral_jax.training import sft
+from mistral_jax.training import recipe as recipe_lib
+from mistral_jax.training import run as run_lib
 from mistral_jax.training import step as step_lib
 from mistral_jax.training.checkpoint import (
     ARCHIVE_DIR,
@@ -68,262 +68,35 @@ from mistral_jax.training.checkpoint import (
     archive_run,
 )
 from mistral_jax.training.metrics import MetricsWriter, flops_per_token, peak_flops
-from mistral_jax.training.optimizer import check_config as check_optimizer_config
 from mistral_jax.training.optimizer import make_optimizer
+from mistral_jax.training.recipe import Recipe
+from mistral_jax.training.run import (
+    CONFIG_DIR,
+    ConfigError,
+    Run,
+    base_config,
+    check_cli_overrides,
+    check_processes,
+    load_config_file,
+    model_config_from,
+    validate_config,
+)
+
+# the run config's names are used through this module by train.py and the tests
+__all__ = ["CONFIG_DIR", "ConfigError", "RunMismatch", "base_config", "check_cli_overrides", "check_processes",
+           "config_differences", "dry_run", "evaluate", "format_dry_run", "load_config_file", "model_config_from",
+           "previous_run", "train", "validate_config"]
 
 log = logging.getLogger(__name__)
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
-
-
-class ConfigError(ValueError):
-    """A run config that cannot work (the message names the field, its value and the fix)."""
 
 
 class RunMismatch(ConfigError):
     """The workdir holds a run this config cannot continue (different model, optimizer, tokenizer...)."""
 
 
-
-# --------------------------------------------------------------------------- config
-def load_config_file(path: str) -> ConfigDict:
-    """``get_config()`` of a config file (as ``config_flags`` does)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist. Fix: use one of {sorted(os.listdir(CONFIG_DIR))}.")
-    spec = importlib.util.spec_from_file_location(f"_run_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def base_config() -> ConfigDict:
-    """``configs/base.py``'s defaults: the schema every run config must fit."""
-    return load_config_file(os.path.join(CONFIG_DIR, "base.py"))
-
-
-def _unknown_keys(cfg: Any, schema: Any, prefix: str = "config") -> list[str]:
-    out = []
-    for k in cfg.keys():
-        if k not in schema:
-            out.append(f"{prefix}.{k}={cfg[k]!r} (known fields of {prefix}: {sorted(schema.keys())})")
-        elif isinstance(cfg[k], ConfigDict) and isinstance(schema[k], ConfigDict):
-            out += _unknown_keys(cfg[k], schema[k], f"{prefix}.{k}")
-    return out
-
-
-def check_cli_overrides(argv: list[str], config_path: str | None = None) -> None:
-    """Fail clearly on ``--config.a.b=v`` naming a field the config lacks (before absl's own traceback)."""
-    config_path = config_path or next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if config_path is None and "--config" in argv and argv.index("--config") + 1 < len(argv):
-        config_path = argv[argv.index("--config") + 1]
-    if config_path is None:
-        return
-    cfg = load_config_file(config_path.split(":")[0])
-    for arg in argv:
-        m = re.match(r"--config\.([\w.]+)(=(.*))?$", arg)
-        if not m:
-            continue
-        node, parts = cfg, m.group(1).split(".")
-        for i, part in enumerate(parts):
-            if not isinstance(node, ConfigDict) or part not in node:
-                where = "config." + ".".join(parts[:i]) if i else "config"
-                known = sorted(node.keys()) if isinstance(node, ConfigDict) else []
-                raise ConfigError(f"unknown config field config.{m.group(1)} (value {m.group(3)!r}): {where} has no "
-                                  f"field {part!r}. Fix: use one of {known}.")
-            node = node[part]
-
-
-def model_config_from(model: Any) -> ModelConfig:
-    """``config.model`` (preset name + overrides, None = preset value) -> a validated ``ModelConfig``.
-
-    ``sliding_window <= 0`` means no window (None cannot be told apart from "keep the preset").
-    """
-    d = dict(model.to_dict() if hasattr(model, "to_dict") else model)
-    preset = d.pop("preset", "") or ""
-    overrides = {k: v for k, v in d.items() if v is not None}
-    if "sliding_window" in overrides and overrides["sliding_window"] <= 0:
-        overrides["sliding_window"] = None
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ConfigError(f"config.model has unknown field(s) {unknown}. Fix: use ModelConfig fields {sorted(names)}.")
-    try:
-        return ModelConfig.preset(preset, **overrides) if preset else ModelConfig(**overrides)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"config.model (preset={preset!r}, overrides={overrides}): {e}") from e
-
-
-def mesh_sizes(mesh_cfg: Any, n_devices: int, n_slices: int = 1) -> dict[str, int]:
-    """The mesh axis sizes of ``config.mesh`` on ``n_devices`` devices (one -1 fills), or ConfigError."""
-    dcn = (mesh_cfg.get("dcn_data", 1), mesh_cfg.get("dcn_fsdp", 1))
-    if n_slices > 1 or dcn != (1, 1):  # multi-slice: mesh.{data,...} lay out one slice, dcn_* the slices
-        try:
-            return sharding.mesh_shape(mesh_cfg, n_devices, n_slices)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"config.mesh: {e}") from None
-    sizes = {a: mesh_cfg[a] for a in sharding.MESH_AXES}
-    shown = ", ".join(f"mesh.{k}={v}" for k, v in sizes.items())
-    for k, v in sizes.items():
-        if not isinstance(v, int) or (v < 1 and v != -1):
-            raise ConfigError(f"config.mesh.{k}={v!r} must be a positive integer or -1 (fill). Fix: set mesh.{k}.")
-    fill = [k for k, v in sizes.items() if v == -1]
-    if len(fill) > 1:
-        raise ConfigError(f"config.mesh: {shown}: only one axis may be -1. Fix: give all but one size explicitly.")
-    known = math.prod(v for v in sizes.values() if v != -1)
-    if fill:
-        if n_devices % known:
-            raise ConfigError(f"config.mesh: {shown}: {n_devices} devices are not divisible by {known}. "
-                              f"Fix: choose sizes whose product divides {n_devices}.")
-        sizes[fill[0]] = n_devices // known
-    if math.prod(sizes.values()) != n_devices:
-        raise ConfigError(f"config.mesh: {shown} needs {math.prod(sizes.values())} devices but there are {n_devices}. "
-                          "Fix: make the product equal the device count or set one axis to -1.")
-    return sizes
-
-
-def rules_from(cfg: ConfigDict) -> sharding.ShardingRules:
-    """``config.mesh.rules``: a preset name or ``auto`` (the preset matching the mesh: EP, TP or FSDP)."""
-    name = cfg.mesh.rules
-    if name != "auto" and name not in sharding.RULE_PRESETS:
-        raise ConfigError(f"config.mesh.rules={name!r} is unknown. "
-                          f"Fix: use auto or one of {sorted(sharding.RULE_PRESETS)}.")
-    return sharding.rules_from_config(cfg.mesh)
-
-
-def validate_config(cfg: ConfigDict, n_devices: int | None = None, process_count: int | None = None,
-                    schema: ConfigDict | None = None, n_slices: int | None = None) -> ModelConfig:
-    """Check the run config before anything is compiled; returns its ModelConfig. Raises ``ConfigError``."""
-    schema = base_config() if schema is None else schema
-    unknown = _unknown_keys(cfg, schema)
-    if unknown:
-        raise ConfigError("unknown config field(s): " + "; ".join(unknown) + ". Fix: remove or rename them.")
-    n_devices = jax.device_count() if n_devices is None else n_devices
-    process_count = jax.process_count() if process_count is None else process_count
-    model_cfg = model_config_from(cfg.model)
-    if cfg.remat:
-        model_cfg = model_config_from({**cfg.model.to_dict(), "remat": cfg.remat})
-    for name in ("num_steps", "batch_size", "grad_accum_steps", "log_every"):
-        if not isinstance(cfg[name], int) or cfg[name] < 1:
-            raise ConfigError(f"config.{name}={cfg[name]!r} must be an integer >= 1. Fix: set --config.{name}.")
-    sizes = mesh_sizes(cfg.mesh, n_devices, sharding.num_slices() if n_slices is None else n_slices)
-    rules = rules_from(cfg)
-    batch_axes = rules.mesh_axes("batch")
-    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
-    dp = math.prod(sizes[a] for a in batch_axes)
-    b, acc = cfg.batch_size, cfg.grad_accum_steps
-    if b % acc:
-        raise ConfigError(f"config.batch_size={b} is not divisible by config.grad_accum_steps={acc}. "
-                          "Fix: make batch_size a multiple of grad_accum_steps.")
-    if (b // acc) % dp:
-        axes = " x ".join(f"mesh.{a}={sizes[a]}" for a in batch_axes)
-        raise ConfigError(f"config.batch_size={b} (micro-batch {b // acc} with grad_accum_steps={acc}) is not divisible"
-                          f" by the data-parallel size {dp} = {axes}. "
-                          f"Fix: use a batch_size that is a multiple of {dp * acc}, or change the mesh.")
-    if b % process_count:
-        raise ConfigError(f"config.batch_size={b} is not divisible by the {process_count} processes. "
-                          "Fix: use a multiple of the process count.")
-    if cfg.data.seq_len < 2 or cfg.data.seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"config.data.seq_len={cfg.data.seq_len} must be in [2, model max_seq_len="
-                          f"{model_cfg.max_seq_len}]. Fix: lower seq_len or raise model.max_seq_len.")
-    if cfg.nan_policy not in ("stop", "skip"):
-        raise ConfigError(f"config.nan_policy={cfg.nan_policy!r}. Fix: use 'stop' or 'skip'.")
-    if cfg.data.on_decode_error not in pipeline.DECODE_POLICIES:
-        raise ConfigError(f"config.data.on_decode_error={cfg.data.on_decode_error!r}. "
-                          f"Fix: use one of {pipeline.DECODE_POLICIES}.")
-    try:
-        check_optimizer_config(cfg.optimizer, cfg.num_steps)
-        make_optimizer(cfg.optimizer, cfg.num_steps)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    if cfg.checkpoint.every_steps < 1 or cfg.checkpoint.keep < 1:
-        raise ConfigError(f"config.checkpoint.every_steps={cfg.checkpoint.every_steps}, keep={cfg.checkpoint.keep}: "
-                          "both must be >= 1.")
-    return model_cfg
-
-
-def check_processes(cfg: ConfigDict, workdir: str, process_count: int) -> None:
-    """Checks of a run of ``process_count`` processes that need no device: raise ``ConfigError`` before
-    ``jax.distributed`` starts (each process would otherwise train its own, different, tokenizer)."""
-    if process_count <= 1 or cfg.data.tokenizer or sft.init_from(cfg) or sft.is_chat(cfg):
-        return
-    if os.path.isfile(os.path.join(workdir, Tokenizer.FILENAME)):  # a resumed run keeps the tokenizer it trained
-        return
-    raise ConfigError(
-        f"config.data.tokenizer='' asks the run to train a tokenizer, which a run of {process_count} processes "
-        "cannot do (each process would train its own). Fix: pass --config.data.tokenizer=PATH (a sentencepiece "
-        ".model, e.g. trained once with mistral_jax.data.train_tokenizer, or the tokenizer.model of a single-process"
-        " run) or a named Mistral tokenizer such as --config.data.tokenizer=mistral:v1.")
-
-
-def resolve_mesh(cfg: ConfigDict) -> tuple[Any, sharding.ShardingRules]:
-    """``(mesh, rules)`` of ``config.mesh`` on every global device; process 0 logs the shape and the rules."""
-    rules = rules_from(cfg)
-    mesh = sharding.mesh_from_config(cfg.mesh)  # DCN axes too: data / fsdp across TPU slices
-    if jax.process_index() == 0:
-        log.info("mesh %s over %d devices (%d processes); rules %s: %s",
-                 " x ".join(f"{k}={v}" for k, v in mesh.shape.items()), mesh.size, jax.process_count(),
-                 cfg.mesh.rules, _describe_rules(rules))
-    return mesh, rules
-
-
-def _describe_rules(rules: sharding.ShardingRules) -> str:
-    return ", ".join(f"{k}->{v}" for k, v in rules.rules.items() if v)
-
-
 # --------------------------------------------------------------------------- helpers
-def _tokenizer(cfg: ConfigDict, workdir: str, model_cfg: ModelConfig) -> Tokenizer:
-    dest = os.path.join(workdir, Tokenizer.FILENAME)
-    if cfg.data.tokenizer:
-        tok = Tokenizer(cfg.data.tokenizer)
-        if jax.process_index() == 0 and os.path.abspath(tok.path) != os.path.abspath(dest):
-            shutil.copyfile(tok.path, dest)
-        return tok
-    if os.path.isfile(dest):  # a resumed run keeps the tokenizer it trained
-        return Tokenizer(dest)
-    if jax.process_count() > 1:
-        raise ConfigError("config.data.tokenizer='' (train one) is single-process only. "
-                          "Fix: train it first (python -m mistral_jax.data.train_tokenizer) and set data.tokenizer.")
-    vocab = cfg.data.tokenizer_vocab_size
-    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1 or vocab > model_cfg.vocab_size:
-        raise ConfigError(f"config.data.tokenizer_vocab_size={vocab!r} must be an integer in [1, config.model."
-                          f"vocab_size={model_cfg.vocab_size}] (the model embeds every piece). Fix: set "
-                          f"--config.data.tokenizer_vocab_size={model_cfg.vocab_size}, or raise "
-                          "--config.model.vocab_size as well.")
-    texts = pipeline.load_texts(cfg.data.train, cfg.data.text_field, cfg.data.on_decode_error)
-    log.info("training a %d-piece sentencepiece tokenizer on %d documents of %s", vocab, len(texts), cfg.data.train)
-    try:
-        train_tokenizer(texts, dest, vocab)
-    except VocabularyTooSmall as e:
-        raise ConfigError(
-            f"config.data.tokenizer_vocab_size={vocab}: {e} (config.data.train={cfg.data.train!r}). Fix: set "
-            f"--config.data.tokenizer_vocab_size={e.needed} --config.model.vocab_size={e.needed} (or larger;"
-            " model.vocab_size must be >= the tokenizer's), or pass a trained tokenizer with "
-            "--config.data.tokenizer=PATH.") from None
-    return Tokenizer(dest)
-
-
 def _global_batch(local: dict[str, np.ndarray], bsharding) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(bsharding, local[k]) for k in step_lib.BATCH_KEYS}
-
-
-def _process_rows(bsharding, batch_size: int) -> list[int]:
-    """The global batch rows this process holds (and so reads), from the batch sharding."""
-    index = bsharding.addressable_devices_indices_map((batch_size, 1))
-    return sorted({r for sl in index.values() for r in range(*sl[0].indices(batch_size))})
-
-
-def _batches(cfg: ConfigDict, source, tok: Tokenizer, batch_size: int, *, train: bool, bsharding):
-    """This process's rows of every ``batch_size``-row global batch (``RowReaders`` for local files)."""
-    if sft.is_chat(cfg):  # issue 8: chat data (source = "train" / "validation"), see data/chat.py
-        return sft.batches(cfg, source, tok, batch_size, train=train)
-    if isinstance(source, pipeline.LocalSource):  # the same global batches on any number of processes
-        return pipeline.RowReaders(source, tok, cfg.data.seq_len, _process_rows(bsharding, batch_size), batch_size,
-                                   seed=cfg.seed, shuffle=cfg.data.shuffle and train, add_bos=cfg.data.add_bos,
-                                   add_eos=cfg.data.add_eos, loop=train)
-    return pipeline.PackedBatches(
-        source, tok, cfg.data.seq_len, batch_size // jax.process_count(), seed=cfg.seed,
-        shuffle=cfg.data.shuffle and train, add_bos=cfg.data.add_bos, add_eos=cfg.data.add_eos, loop=train,
-        process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def _saved_data_state(local: dict[str, Any]) -> dict[str, Any]:
@@ -377,16 +150,18 @@ class _Preemption:
             signal.signal(s, h)
 
 
-def evaluate(cfg: ConfigDict, eval_fn, params, source, tok: Tokenizer, bsharding) -> dict[str, float]:
-    """Held-out token loss over ``cfg.eval_steps`` batches of the validation split (from its start)."""
+def evaluate(cfg: ConfigDict, recipe: Recipe, eval_fn, state: dict[str, Any], source, tok: Tokenizer,
+             bsharding) -> dict[str, float]:
+    """Held-out token loss of ``state`` over ``cfg.eval_steps`` batches of the validation split (from its start)."""
     micro = cfg.batch_size // cfg.grad_accum_steps
-    it = _batches(cfg, source, tok, micro, train=False, bsharding=bsharding)
-    rows = len(_process_rows(bsharding, micro)) if isinstance(it, pipeline.RowReaders) else micro // jax.process_count()
+    it = recipe.batches(source, tok, micro, train=False, bsharding=bsharding)
+    rows = (len(recipe_lib.process_rows(bsharding, micro)) if isinstance(it, pipeline.RowReaders)
+            else micro // jax.process_count())
     ce, n = 0.0, 0.0
     for _ in range(cfg.eval_steps):
         local = next(it, None)
         local = local if local is not None else pipeline.empty_batch(rows, cfg.data.seq_len)
-        out = eval_fn(params, _global_batch(local, bsharding))
+        out = eval_fn(state["params"], state["frozen"], _global_batch(local, bsharding))
         ce, n = ce + float(out["ce_sum"]), n + float(out["tokens"])
     loss = ce / max(n, 1.0)
     return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "tokens": n}
@@ -394,10 +169,10 @@ def evaluate(cfg: ConfigDict, eval_fn, params, source, tok: Tokenizer, bsharding
 
 # --------------------------------------------------------------------------- the workdir's run
 RUN_FILES = ("run_config.json", "metrics.jsonl")  # with checkpoints: a workdir holding these holds a run
-# config fields that shape the train state or its meaning; a resumed run must keep them (the others may change)
-STATE_FIELDS = ("model.", "optimizer.", "lora.", "init_from", "remat", "data.tokenizer", "data.format")
-# ModelConfig fields a resumed run may change: how it is computed, not what it is (and the init scale, used once)
-MAY_CHANGE_ON_RESUME = (*sft.NUMERICS, "initializer_range")
+# ModelConfig fields a resumed run may change: how it is computed, not what it is (the runtime fields: dtypes,
+# backends, scan / remat, loss weights, the init scale used once, the platform), and max_seq_len, which holds no
+# parameter (it bounds the RoPE table and caches)
+MAY_CHANGE_ON_RESUME = (*ModelConfig.runtime_fields(), "max_seq_len")
 
 
 def _read_json(path: str) -> Any:
@@ -454,39 +229,22 @@ def _flag(key: str, value: Any) -> str:
     return f"--config.{key}={value}"
 
 
-def _identity_differences(cfg: ConfigDict, model_cfg: ModelConfig, workdir: str) -> list[str]:
-    """Read-only comparison of a resumed workdir's ``model_config.json`` and ``tokenizer.model`` with ``cfg``."""
+def _identity_differences(run: Run, workdir: str) -> list[str]:
+    """Read-only comparison of a resumed workdir's ``model_config.json`` and ``tokenizer.model`` with the run."""
     out = []
     saved = _read_json(os.path.join(workdir, "model_config.json"))
     if isinstance(saved, dict):
-        now = model_cfg.to_dict()
+        now = run.model_cfg.to_dict()
         for k in sorted(set(saved) | set(now)):
             if k not in MAY_CHANGE_ON_RESUME and saved.get(k) != now.get(k):
                 out.append(f"model_config.json: {k}={saved.get(k)!r} saved, {now.get(k)!r} now")
-    src = _tokenizer_source(cfg)
+    src = run.recipe.tokenizer_source()
     dest = os.path.join(workdir, Tokenizer.FILENAME)
     if src and os.path.isfile(src) and os.path.isfile(dest) and os.path.abspath(src) != dest:
         with open(src, "rb") as a, open(dest, "rb") as b:
             if a.read() != b.read():
                 out.append(f"the tokenizer {src} differs from the run's {dest}")
     return out
-
-
-def _tokenizer_source(cfg: ConfigDict) -> str | None:
-    """The sentencepiece file this config reads (``data.tokenizer`` or ``init_from``'s), or None (the run's own)."""
-    if cfg.data.tokenizer:
-        try:  # a named tokenizer (mistral:v1) compares as its file
-            return tokenizer_lib.resolve(cfg.data.tokenizer)
-        except ValueError:
-            return cfg.data.tokenizer
-    if sft.init_from(cfg):
-        from mistral_jax import loading
-
-        try:
-            return loading.tokenizer_path(sft.init_from(cfg), loading.detect_format(sft.init_from(cfg)))
-        except (OSError, ValueError):
-            return None
-    return None
 
 
 def _layout_reason(e: CheckpointMismatch) -> str:
@@ -496,7 +254,7 @@ def _layout_reason(e: CheckpointMismatch) -> str:
 
 def _mismatch(workdir: str, prev: dict[str, Any], reasons: list[str], cfg: ConfigDict) -> RunMismatch:
     saved = _read_json(os.path.join(workdir, "run_config.json"))
-    diffs = [d for d in config_differences(saved, cfg) if d[0].startswith(STATE_FIELDS)] if saved else []
+    diffs = [d for d in config_differences(saved, cfg) if d[0].startswith(recipe_lib.STATE_FIELDS)] if saved else []
     shown = "; ".join(reasons[:6]) + (f"; ... ({len(reasons) - 6} more)" if len(reasons) > 6 else "")
     if diffs:
         changed = ", ".join(f"{k}={old!r} saved, {new!r} now" for k, old, new in diffs[:8])
@@ -561,48 +319,29 @@ def dry_run(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
     """
     from mistral_jax import aot
 
-    model_cfg = sft.model_config(cfg, validate_config(cfg))
+    run = run_lib.resolve(cfg)
     workdir = os.path.abspath(workdir)
-    mesh, rules = resolve_mesh(cfg)
-    data = _dry_run_data(cfg, workdir, step_lib.batch_sharding(mesh, rules))
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.num_steps)
-    if sft.custom_state(cfg):
-        graphdef, abstract_state, shardings, _ = sft.train_state(cfg, model_cfg, mesh, rules)
-    else:
-        graphdef, abstract_state, shardings = step_lib.make_train_state(model_cfg, cfg, mesh, rules, abstract=True)
-    batch = step_lib.abstract_batch(cfg.batch_size, cfg.data.seq_len, mesh, rules)
-    fn = step_lib.jit_train_step(graphdef, tx, shardings, mesh, rules, grad_accum_steps=cfg.grad_accum_steps,
-                                 schedule=schedule)
-    t0 = time.perf_counter()
-    with sharding.use_mesh(mesh, rules):
-        compiled = fn.lower(abstract_state, batch).compile()
-    report = aot.memory_report(compiled)
-    flops = flops_per_token(model_cfg, cfg.data.seq_len) * cfg.batch_size * cfg.data.seq_len
+    data = _dry_run_data(run, workdir, step_lib.batch_sharding(run.mesh, run.rules))
+    report = aot.compile_run(run)
+    flops = flops_per_token(run.model_cfg, cfg.data.seq_len) * cfg.batch_size * cfg.data.seq_len
     prev = previous_run(workdir) if os.path.isdir(workdir) else {"steps": [], "holds_run": False}
-    report.update(mesh={k: int(v) for k, v in mesh.shape.items()}, rules=cfg.mesh.rules,
-                  processes=jax.process_count(), devices=jax.device_count(), compile_s=time.perf_counter() - t0,
-                  model_flops_per_step=flops, model_flops_per_device=flops / jax.device_count(), data=data,
+    report.update(processes=jax.process_count(), model_flops_per_step=flops,
+                  model_flops_per_device=flops / jax.device_count(), data=data,
                   workdir=(f"would resume {workdir} from step {prev['steps'][-1]}" if prev["steps"] and
                            cfg.checkpoint.resume else f"holds a run ({_describe(prev)})" if prev["holds_run"]
                            else f"would start a new run in {workdir}"))
     return report
 
 
-def _dry_run_data(cfg: ConfigDict, workdir: str, bsharding) -> str:
+def _dry_run_data(run: Run, workdir: str, bsharding) -> str:
     """Open the training data (and pack one batch of this process when the tokenizer is known): what was done."""
-    path = _tokenizer_source(cfg) or os.path.join(workdir, Tokenizer.FILENAME)
-    tok = Tokenizer(path) if _tokenizer_source(cfg) or os.path.isfile(path) else None  # as the run would
-    if sft.is_chat(cfg):
-        if tok is None:
-            return "chat data not read (no tokenizer yet)"
-        source = "train"
-    else:
-        source = pipeline.open_source(cfg.data.train, split=cfg.data.train_split, hub_config=cfg.data.hub_config,
-                                      text_field=cfg.data.text_field, on_decode_error=cfg.data.on_decode_error,
-                                      shuffle_buffer=cfg.data.shuffle_buffer)
-        if tok is None:
-            return f"opened {cfg.data.train} (no tokenizer yet: a real run trains one; no batch packed)"
-    local = next(_batches(cfg, source, tok, cfg.batch_size, train=True, bsharding=bsharding))
+    cfg, recipe = run.cfg, run.recipe
+    path = recipe.tokenizer_source() or os.path.join(workdir, Tokenizer.FILENAME)
+    tok = Tokenizer(path) if recipe.tokenizer_source() or os.path.isfile(path) else None  # as the run would
+    source = recipe.open_data("train")
+    if tok is None:
+        return f"opened {cfg.data.train} (no tokenizer yet: a real run trains one; no batch packed)"
+    local = next(recipe.batches(source, tok, cfg.batch_size, train=True, bsharding=bsharding))
     return (f"opened {cfg.data.train}; packed this process's {local['tokens'].shape[0]} x {local['tokens'].shape[1]}"
             f" rows ({int(local['weights'].sum())} target tokens) with {tok.path}")
 
@@ -615,6 +354,7 @@ def format_dry_run(r: dict[str, Any]) -> str:
 
     return "\n".join([
         f"dry run: mesh {r['mesh']} over {r['devices']} devices ({r['processes']} processes), rules {r['rules']}",
+        f"  recipe: {r['recipe']}: {r['trainable_params']:,} trainable parameters, {r['frozen_params']:,} frozen",
         f"  data: {r['data']}",
         f"  compiled the train step in {r['compile_s']:.1f} s; per device: arguments {gib(r['arguments'])}, outputs "
         f"{gib(r['outputs'])} (aliased {gib(r['aliased'])}), temporaries {gib(r['temps'])}, total {gib(r['total'])}",
@@ -625,7 +365,7 @@ def format_dry_run(r: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- loop
 def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
-    """Run (or resume) the pretraining described by ``cfg`` in ``workdir``.
+    """Run (or resume) the training described by ``cfg`` in ``workdir``.
 
     Nothing in a workdir is destroyed by accident: the workdir is locked (``{workdir}/.lock``, process 0) so two
     runs cannot share it; a previous run this config cannot continue (``RunMismatch``: model, optimizer or
@@ -647,7 +387,7 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
       checkpoint.CheckpointSaveError: a checkpoint save failed (training stops at the next step).
       FloatingPointError: a non-finite loss with ``nan_policy="stop"``.
     """
-    model_cfg = sft.model_config(cfg, validate_config(cfg))  # issue 8: init_from's network
+    run = run_lib.resolve(cfg)
     workdir = os.path.abspath(workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir={workdir} is a file, not a directory. Fix: pass a directory (new or a run's).")
@@ -663,27 +403,26 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
                                   f"{os.path.join(workdir, '.lock')}; its message names the holder). Fix: wait for "
                                   "that run to end, or pass another --workdir.")
     try:
-        return _train(cfg, model_cfg, workdir)
+        return _train(run, workdir)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: ConfigDict, model_cfg: ModelConfig, workdir: str) -> dict[str, Any]:
+def _train(run: Run, workdir: str) -> dict[str, Any]:
+    cfg, model_cfg, mesh, rules, recipe = run.cfg, run.model_cfg, run.mesh, run.rules, run.recipe
     prev = previous_run(workdir)
     resume, prev = _start_over_or_resume(cfg, workdir, prev)
     resuming = resume and bool(prev["steps"])
     if resume and prev["holds_run"] and not prev["steps"]:
         log.warning("%s holds a run without a checkpoint (%s): starting at step 0.", workdir, _describe(prev))
-    reasons = _identity_differences(cfg, model_cfg, workdir) if resuming else []
+    reasons = _identity_differences(run, workdir) if resuming else []
 
-    mesh, rules = resolve_mesh(cfg)
+    if jax.process_index() == 0:
+        log.info("%s", run_lib.describe(run))
     tx, schedule = make_optimizer(cfg.optimizer, cfg.num_steps)
-    if sft.custom_state(cfg):  # issue 8: init_from a checkpoint and/or LoRA adapters (training/sft.py)
-        graphdef, abstract_state, shardings, make_state = sft.train_state(cfg, model_cfg, mesh, rules)
-    else:
-        graphdef, abstract_state, shardings = step_lib.make_train_state(model_cfg, cfg, mesh, rules, abstract=True)
-        make_state = lambda: step_lib.make_train_state(model_cfg, cfg, mesh, rules)[1]  # noqa: E731
+    graphdef, abstract_state, shardings = step_lib.state_layout(recipe.abstract_model(model_cfg), tx, mesh, rules,
+                                                                recipe.trainable)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
                         keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     try:
@@ -694,7 +433,7 @@ def _train(cfg: ConfigDict, model_cfg: ModelConfig, workdir: str) -> dict[str, A
                 reasons.append(_layout_reason(e))
             if reasons:
                 raise _mismatch(workdir, prev, reasons, cfg)
-        tok = sft.tokenizer(cfg, workdir) or _tokenizer(cfg, workdir, model_cfg)  # issue 8: init_from's
+        tok = recipe.tokenizer(workdir, model_cfg)
         if tok.vocab_size > model_cfg.vocab_size:
             raise ConfigError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but config.model.vocab_size="
                               f"{model_cfg.vocab_size}. Fix: set --config.model.vocab_size={tok.vocab_size} or larger.")
@@ -710,36 +449,40 @@ def _train(cfg: ConfigDict, model_cfg: ModelConfig, workdir: str) -> dict[str, A
                 f.write(cfg.to_json_best_effort(indent=2))
             with open(os.path.join(workdir, "model_config.json"), "w") as f:
                 json.dump(model_cfg.to_dict(), f, indent=2)
-        return _loop(cfg, model_cfg, workdir, tok, ckpt, restored, graphdef, abstract_state, shardings, make_state,
-                     mesh, rules, tx, schedule)
+        return _loop(run, workdir, tok, ckpt, restored, graphdef, abstract_state, shardings, tx, schedule)
     finally:
         ckpt.close()
 
 
-def _loop(cfg, model_cfg, workdir, tok, ckpt, restored, graphdef, abstract_state, shardings, make_state, mesh, rules,
-          tx, schedule) -> dict[str, Any]:
-    if sft.is_chat(cfg):  # issue 8: chat conversations are read by data/chat.py
-        train_src, eval_src = "train", ("validation" if cfg.data.validation else None)
+def _initial_state(run: Run, tx, shardings, abstract_state, restored) -> tuple[int, dict[str, Any], Any]:
+    """``(step, state, data_state)``: the restored checkpoint, or step 0 of the recipe's initial model."""
+    model_cfg, mesh, rules, recipe = run.model_cfg, run.mesh, run.rules, run.recipe
+    if restored is None:
+        state = step_lib.init_state(recipe.init_model(model_cfg, mesh, rules), tx, shardings, mesh, rules,
+                                    recipe.trainable)
+        start, data_state = 0, None
     else:
-        train_src = pipeline.open_source(cfg.data.train, split=cfg.data.train_split, hub_config=cfg.data.hub_config,
-                                         text_field=cfg.data.text_field, on_decode_error=cfg.data.on_decode_error,
-                                         shuffle_buffer=cfg.data.shuffle_buffer)
-        eval_src = None
-    if cfg.data.validation and not sft.is_chat(cfg):
-        eval_src = pipeline.open_source(cfg.data.validation, split=cfg.data.validation_split,
-                                        hub_config=cfg.data.hub_config, text_field=cfg.data.text_field,
-                                        on_decode_error=cfg.data.on_decode_error)
-    bsharding = step_lib.batch_sharding(mesh, rules)
-    data_it = _batches(cfg, train_src, tok, cfg.batch_size, train=True, bsharding=bsharding)
-    if restored is not None:
         start, state, data_state, _ = restored
-        if "frozen" in abstract_state:  # LoRA checkpoints hold the adapters only: reload the frozen base
-            state["frozen"] = make_state()["frozen"]
+        state["frozen"] = {}
+        if jax.tree.leaves(abstract_state["frozen"]):  # frozen weights are not checkpointed: rebuilt as at step 0
+            state["frozen"] = step_lib.split_model(recipe.init_model(model_cfg, mesh, rules), shardings,
+                                                   recipe.trainable)[1]
+    n_trained = sum(x.size for x in jax.tree.leaves(state["params"]))
+    n_frozen = sum(x.size for x in jax.tree.leaves(state["frozen"]))
+    log.info("%s: %d trained parameters, %d frozen", recipe.name, n_trained, n_frozen)
+    return start, state, data_state
+
+
+def _loop(run: Run, workdir, tok, ckpt, restored, graphdef, abstract_state, shardings, tx, schedule
+          ) -> dict[str, Any]:
+    cfg, model_cfg, mesh, rules, recipe = run.cfg, run.model_cfg, run.mesh, run.rules, run.recipe
+    train_src, eval_src = recipe.open_data("train"), recipe.open_data("validation")
+    bsharding = step_lib.batch_sharding(mesh, rules)
+    data_it = recipe.batches(train_src, tok, cfg.batch_size, train=True, bsharding=bsharding)
+    start, state, data_state = _initial_state(run, tx, shardings, abstract_state, restored)
+    if restored is not None:
         data_it.set_state(_local_data_state(data_state))
         log.info("resumed from %s at step %d", ckpt.directory, start)
-    else:
-        start = 0
-        state = make_state()
     meta = {"seed": cfg.seed, "model_config": model_cfg.to_dict()}
 
     step_fn = step_lib.jit_train_step(graphdef, tx, shardings, mesh, rules, grad_accum_steps=cfg.grad_accum_steps,
@@ -796,7 +539,7 @@ def _loop(cfg, model_cfg, workdir, tok, ckpt, restored, graphdef, abstract_state
                     window_tokens, window_start = 0.0, time.perf_counter()
                 bar.update(1)
                 if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
-                    result["eval"] = writer.write(step, evaluate(cfg, eval_fn, sft.eval_params(state), eval_src, tok,
+                    result["eval"] = writer.write(step, evaluate(cfg, recipe, eval_fn, state, eval_src, tok,
                                                                  bsharding), prefix="eval/")
                 force = bool(stop) or step == cfg.num_steps
                 if ckpt.due(step, force=force):  # every process's data position goes into the checkpoint
@@ -810,7 +553,7 @@ def _loop(cfg, model_cfg, workdir, tok, ckpt, restored, graphdef, abstract_state
                     return result
             result["step"] = step
             if eval_fn is not None and step > start:
-                result["eval"] = writer.write(step, evaluate(cfg, eval_fn, sft.eval_params(state), eval_src, tok,
+                result["eval"] = writer.write(step, evaluate(cfg, recipe, eval_fn, state, eval_src, tok,
                                                              bsharding), prefix="eval/")
             ckpt.wait()
             result["checkpoint"] = newest()

@@ -1,0 +1,302 @@
+"""Training recipes: what a run trains, from which weights, on which data. Chosen once from the run config.
+
+A ``Recipe`` is three independent choices read from the run config by ``choose(cfg)``:
+
+* data (``data.format``): ``TextData`` (pretraining on documents, packed) or ``ChatData`` (conversations in
+  Mistral's chat format, loss on the assistant answers only; ``data/chat.py``);
+* start (``init_from``): a fresh seeded init, or a checkpoint (HF, Mistral consolidated or mistral_jax dir)
+  whose architecture replaces the run's (``ModelConfig.with_architecture_of``) and whose weights are read slice by
+  slice onto the training mesh;
+* adapters (``lora.rank``): none (every weight trains) or ``LoRA`` adapters wrapped around the target weights.
+
+It gives the trainer everything that differs between runs: the model config (``model_config``), the tokenizer
+(``tokenizer``), the data (``open_data``, ``batches``), the model to train (``abstract_model`` / ``init_model``)
+and the ``trainable`` ``nnx`` filter that splits it into the train state's ``params`` and ``frozen`` parts
+(``training.step.state_layout``). ``nnx.Param`` is that filter for every recipe: ``lora.apply_lora`` turns
+the base weights into ``lora.Frozen`` variables, so only the adapters remain ``nnx.Param``. Frozen weights are
+not checkpointed: a resumed run rebuilds them with ``init_model``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from mistral_jax import loading, sharding
+from mistral_jax import lora as lora_lib
+from mistral_jax.config import ModelConfig
+from mistral_jax.data import chat, pipeline
+from mistral_jax.data import tokenizer as tokenizer_lib
+from mistral_jax.data.tokenizer import Tokenizer
+from mistral_jax.data.train_tokenizer import VocabularyTooSmall, train_tokenizer
+from mistral_jax.model.transformer import Transformer
+from mistral_jax.training import step as step_lib
+
+log = logging.getLogger(__name__)
+
+# run config fields that shape the train state or its meaning: a resumed run must keep them
+STATE_FIELDS = ("model.", "optimizer.", "lora.", "init_from", "remat", "data.tokenizer", "data.format")
+
+
+class ConfigError(ValueError):
+    """A run config that cannot work (the message names the field, its value and the fix)."""
+
+
+def _get(cfg: Any, dotted: str, default: Any = None) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        if node is None or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def process_rows(bsharding: NamedSharding, batch_size: int) -> list[int]:
+    """The global batch rows this process holds (and so reads), from the batch sharding."""
+    index = bsharding.addressable_devices_indices_map((batch_size, 1))
+    return sorted({r for sl in index.values() for r in range(*sl[0].indices(batch_size))})
+
+
+# ----------------------------------------------------------------------------------------------------- data
+@dataclasses.dataclass(frozen=True)
+class TextData:
+    """Documents (``data.train`` / ``data.validation``: local files or a hub dataset) packed into rows."""
+
+    cfg: Any  # the run config
+    name = "text"
+
+    def open(self, split: str) -> Any:
+        """The source of ``split`` ("train" / "validation"); None when the config has no such data."""
+        d = self.cfg.data
+        if split == "train":
+            return pipeline.open_source(d.train, split=d.train_split, hub_config=d.hub_config,
+                                        text_field=d.text_field, on_decode_error=d.on_decode_error,
+                                        shuffle_buffer=d.shuffle_buffer)
+        if not d.validation:
+            return None
+        return pipeline.open_source(d.validation, split=d.validation_split, hub_config=d.hub_config,
+                                    text_field=d.text_field, on_decode_error=d.on_decode_error)
+
+    def batches(self, source: Any, tok: Tokenizer, batch_size: int, *, train: bool, bsharding: NamedSharding):
+        """This process's rows of every ``batch_size``-row global batch (``RowReaders`` for local files)."""
+        c, d = self.cfg, self.cfg.data
+        if isinstance(source, pipeline.LocalSource):  # the same global batches on any number of processes
+            return pipeline.RowReaders(source, tok, d.seq_len, process_rows(bsharding, batch_size), batch_size,
+                                       seed=c.seed, shuffle=d.shuffle and train, add_bos=d.add_bos,
+                                       add_eos=d.add_eos, loop=train)
+        return pipeline.PackedBatches(
+            source, tok, d.seq_len, batch_size // jax.process_count(), seed=c.seed, shuffle=d.shuffle and train,
+            add_bos=d.add_bos, add_eos=d.add_eos, loop=train, process_index=jax.process_index(),
+            process_count=jax.process_count())
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatData:
+    """Conversations (``data.format = "chat"``) rendered with the tokenizer's chat format, answer-only loss."""
+
+    cfg: Any
+    name = "chat"
+
+    def open(self, split: str) -> str | None:
+        """``split`` itself (``chat.chat_batches`` reads the conversations), None without validation data."""
+        return split if split == "train" or self.cfg.data.validation else None
+
+    def batches(self, source: str, tok: Tokenizer, batch_size: int, *, train: bool, bsharding: NamedSharding):
+        """Packed chat batches (this process's rows of a ``batch_size``-row global batch)."""
+        del bsharding  # conversations are dealt to processes by index
+        return chat.chat_batches(self.cfg.data, tok, batch_size, split=source, seed=int(self.cfg.seed), loop=train,
+                                 process_index=jax.process_index(), process_count=jax.process_count())
+
+
+# ------------------------------------------------------------------------------------------------- adapters
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+    """Low-rank adapters on ``targets`` (``lora.py``); the base weights become frozen."""
+
+    rank: int
+    alpha: float
+    targets: str
+    seed: int
+
+    def wrap(self, model: nnx.Module) -> nnx.Module:
+        return lora_lib.apply_lora(model, self.rank, self.alpha, self.targets, seed=self.seed)
+
+    def __str__(self) -> str:
+        return f"LoRA rank {self.rank} on {','.join(lora_lib.resolve_targets(self.targets))}"
+
+
+# --------------------------------------------------------------------------------------------------- recipe
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What a run trains and on what; see the module docstring. Build it with ``choose(cfg)``."""
+
+    cfg: Any  # the run config
+    data: TextData | ChatData
+    init_from: str | None  # checkpoint directory; "" = fresh init; None = required but not given
+    adapters: LoRA | None
+    trainable: Any = nnx.Param  # nnx filter of the trained variables (the rest is the state's "frozen")
+
+    @property
+    def name(self) -> str:
+        what = {"text": "text pretraining", "chat": "chat fine-tuning"}[self.data.name]
+        start = f"from {self.init_from}" if self.init_from else "from a fresh init"
+        return f"{what} {start}" + (f", {self.adapters}" if self.adapters else ", every weight trains")
+
+    @property
+    def trains_tokenizer(self) -> bool:
+        """Whether a new run trains its own tokenizer on ``data.train`` (no tokenizer given or inherited)."""
+        return not self.cfg.data.tokenizer and not self.init_from and self.data.name == "text"
+
+    # ------------------------------------------------------------------------------------------ model
+    def model_config(self, run_model: ModelConfig, explicit: dict[str, Any] | None = None,
+                     require_checkpoint: bool = True) -> ModelConfig:
+        """The network to train: ``run_model`` (``config.model``), on ``init_from``'s architecture if set.
+
+        Only the architecture comes from the checkpoint; dtypes, backends, scan / remat and loss weights stay the
+        run's. ``max_seq_len`` is the exception: an architecture field (it is the checkpoint's context length) that
+        holds no parameter (it bounds the RoPE table and caches), so ``config.model.max_seq_len`` set explicitly
+        (``explicit``: the fields ``config.model`` sets) still overrides it, e.g. to fine-tune at a longer context.
+
+        ``require_checkpoint=False`` (the AOT tool, which compiles without weights): an unset ``init_from`` or one
+        that is no directory here keeps ``run_model``'s architecture.
+        """
+        path = self.init_from
+        if path is None or (path and not os.path.isdir(path)):
+            if not require_checkpoint:
+                return run_model
+            if path is None:
+                raise ConfigError("config.init_from is required by this config (fine-tuning starts from a released "
+                                  "model). Fix: --config.init_from=PATH (HF dir, Mistral consolidated dir or "
+                                  "mistral_jax checkpoint).")
+            raise ConfigError(f"config.init_from={path!r} is not a directory. Fix: point at an HF, Mistral "
+                              "consolidated or mistral_jax checkpoint directory (or a training workdir).")
+        if not path:
+            return run_model
+        try:
+            out = run_model.with_architecture_of(loading.checkpoint_config(path))
+            if explicit and explicit.get("max_seq_len") is not None:
+                out = out.replace(max_seq_len=explicit["max_seq_len"])
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"config.init_from={path!r}: {e}") from e
+        return out
+
+    def abstract_model(self, model_cfg: ModelConfig) -> nnx.Module:
+        """The model to train as abstract arrays (``nnx.eval_shape``): nothing read or allocated."""
+        return nnx.eval_shape(lambda: self._wrap(Transformer(model_cfg, rngs=nnx.Rngs(0))))
+
+    def init_model(self, model_cfg: ModelConfig, mesh: Mesh, rules: sharding.ShardingRules) -> nnx.Module:
+        """The model at step 0, every array in its shard: ``init_from`` read onto ``mesh`` (never whole on one
+        host) or a fresh init with ``config.seed``; wrapped with the adapters, if any."""
+        if self.init_from:
+            overrides = {k: v for k, v in model_cfg.runtime().items() if k != "param_dtype"}
+            overrides["max_seq_len"] = model_cfg.max_seq_len
+            model = loading.load_pretrained(self.init_from, dtype=model_cfg.param_dtype, mesh=mesh, rules=rules,
+                                            config_overrides=overrides)
+            if model.cfg != model_cfg:
+                raise ConfigError(f"config.init_from={self.init_from!r} loads as {model.cfg} but the run expects "
+                                  f"{model_cfg}. Fix: do not override architecture fields of config.model with "
+                                  "init_from.")
+        else:
+            model = step_lib.fresh_model(model_cfg, int(self.cfg.seed), mesh, rules)
+        return self._wrap(model)
+
+    def _wrap(self, model: nnx.Module) -> nnx.Module:
+        return self.adapters.wrap(model) if self.adapters else model
+
+    # -------------------------------------------------------------------------------------- tokenizer
+    def tokenizer_source(self) -> str | None:
+        """The sentencepiece file this config reads (``data.tokenizer`` or ``init_from``'s), or None (the run's
+        own, trained or kept in the workdir)."""
+        if self.cfg.data.tokenizer:
+            try:  # a named tokenizer (mistral:v1) compares as its file
+                return tokenizer_lib.resolve(self.cfg.data.tokenizer)
+            except ValueError:
+                return self.cfg.data.tokenizer
+        if self.init_from:
+            try:
+                return loading.tokenizer_path(self.init_from, loading.detect_format(self.init_from))
+            except (OSError, ValueError):
+                return None
+        return None
+
+    def tokenizer(self, workdir: str, model_cfg: ModelConfig) -> Tokenizer:
+        """``data.tokenizer``, else ``init_from``'s ``tokenizer.model``, else the workdir's (a resumed run), else one
+        trained on ``data.train``; copied into ``workdir`` as the run's ``tokenizer.model`` (process 0)."""
+        dest = os.path.join(workdir, Tokenizer.FILENAME)
+        path = self.cfg.data.tokenizer
+        if not path and self.init_from:
+            path = loading.tokenizer_path(self.init_from, loading.detect_format(self.init_from))
+            if path is None:
+                raise ConfigError(f"config.init_from={self.init_from!r} has no tokenizer.model. Fix: set "
+                                  "--config.data.tokenizer=PATH to the checkpoint's sentencepiece model.")
+        if path:
+            tok = Tokenizer(path)
+            if jax.process_index() == 0 and os.path.abspath(tok.path) != os.path.abspath(dest):
+                shutil.copyfile(tok.path, dest)
+            return tok
+        if self.data.name == "chat":
+            raise ConfigError("chat fine-tuning needs the model's tokenizer. Fix: set config.data.tokenizer or "
+                              "config.init_from (a checkpoint directory holding tokenizer.model).")
+        if os.path.isfile(dest):  # a resumed run keeps the tokenizer it trained
+            return Tokenizer(dest)
+        return self._train_tokenizer(dest, model_cfg)
+
+    def _train_tokenizer(self, dest: str, model_cfg: ModelConfig) -> Tokenizer:
+        d = self.cfg.data
+        if jax.process_count() > 1:
+            raise ConfigError("config.data.tokenizer='' (train one) is single-process only. Fix: train it first "
+                              "(mistral-jax-train-tokenizer) and set data.tokenizer.")
+        vocab = d.tokenizer_vocab_size
+        if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1 or vocab > model_cfg.vocab_size:
+            raise ConfigError(f"config.data.tokenizer_vocab_size={vocab!r} must be an integer in [1, config.model."
+                              f"vocab_size={model_cfg.vocab_size}] (the model embeds every piece). Fix: set "
+                              f"--config.data.tokenizer_vocab_size={model_cfg.vocab_size}, or raise "
+                              "--config.model.vocab_size as well.")
+        texts = pipeline.load_texts(d.train, d.text_field, d.on_decode_error)
+        log.info("training a %d-piece sentencepiece tokenizer on %d documents of %s", vocab, len(texts), d.train)
+        try:
+            train_tokenizer(texts, dest, vocab)
+        except VocabularyTooSmall as e:
+            raise ConfigError(
+                f"config.data.tokenizer_vocab_size={vocab}: {e} (config.data.train={d.train!r}). Fix: set "
+                f"--config.data.tokenizer_vocab_size={e.needed} --config.model.vocab_size={e.needed} (or larger;"
+                " model.vocab_size must be >= the tokenizer's), or pass a trained tokenizer with "
+                "--config.data.tokenizer=PATH.") from None
+        return Tokenizer(dest)
+
+    # ------------------------------------------------------------------------------------------- data
+    def open_data(self, split: str) -> Any:
+        """The source of ``split`` ("train" / "validation") for ``batches``; None when there is none."""
+        return self.data.open(split)
+
+    def batches(self, source: Any, tok: Tokenizer, batch_size: int, *, train: bool, bsharding: NamedSharding):
+        """This process's rows of every ``batch_size``-row global batch of ``source`` (an iterator of numpy
+        batches with ``get_state`` / ``set_state``)."""
+        return self.data.batches(source, tok, batch_size, train=train, bsharding=bsharding)
+
+
+def choose(cfg: Any) -> Recipe:
+    """The recipe of a run config (reads nothing but the config)."""
+    init_from = _get(cfg, "init_from", "")
+    init_from = None if init_from is None else os.fspath(init_from)
+    data = ChatData(cfg) if _get(cfg, "data.format", "text") == "chat" else TextData(cfg)
+    rank = int(_get(cfg, "lora.rank", 0) or 0)
+    adapters = None
+    if rank:
+        adapters = LoRA(rank=rank, alpha=float(cfg.lora.alpha), targets=cfg.lora.targets, seed=int(cfg.seed))
+        try:
+            lora_lib.resolve_targets(adapters.targets)
+        except ValueError as e:
+            raise ConfigError(f"config.lora.targets={adapters.targets!r}: {e}") from None
+        if rank < 0 or adapters.alpha <= 0:
+            raise ConfigError(f"config.lora.rank={rank}, config.lora.alpha={adapters.alpha}: the rank must be >= 0 "
+                              "(0 = no adapters) and alpha > 0. Fix: e.g. --config.lora.rank=16 "
+                              "--config.lora.alpha=32.")
+    return Recipe(cfg=cfg, data=data, init_from=init_from, adapters=adapters)

@@ -132,14 +132,19 @@ class ModelConfig:
         """This config's runtime choices on ``other``'s architecture (``init_from`` keeps the run's numerics)."""
         return dataclasses.replace(self, **other.architecture())
 
-    def for_platform(self, platform: str | None = None) -> ModelConfig:
-        """This config built for ``platform`` ("cpu", "gpu", "tpu"; None = the host's default backend)."""
-        if platform is None:
+    @staticmethod
+    def resolve_platform(platform: str | None = None) -> str:
+        """``platform`` as a ``platform`` field value ("cpu", "gpu", "tpu"): a device's ``platform`` or a backend
+        name (cuda / rocm are "gpu"); None or "" = the host's default backend."""
+        if not platform:
             import jax  # local: importing the config must not start a backend
 
             platform = jax.default_backend()
-        platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
-        return self.replace(platform=platform)
+        return {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+
+    def for_platform(self, platform: str | None = None) -> ModelConfig:
+        """This config built for ``platform`` ("cpu", "gpu", "tpu"; None = the host's default backend)."""
+        return self.replace(platform=self.resolve_platform(platform))
 
     # ------------------------------------------------------------------ derived
     @property
@@ -191,6 +196,29 @@ class ModelConfig:
                              num_experts_per_tok=2, router_aux_loss_coef=0.02), **kw})
 
     @classmethod
+    def mistral_7b_v03(cls, **kw: Any) -> ModelConfig:
+        """Mistral 7B v0.3: the v0.2 geometry with the 32768-piece v3 vocabulary (``mistral:v3``, control tokens
+        [INST]=3, [/INST]=4); no window, theta 1e6, 32k context (7,248,023,552 parameters)."""
+        return cls(**{**dict(vocab_size=32768, sliding_window=None, rope_theta=1e6, max_seq_len=32768), **kw})
+
+    @classmethod
+    def mixtral_8x22b(cls, **kw: Any) -> ModelConfig:
+        """Mixtral 8x22B: 56 layers, dim 6144, 48 heads / 8 KV heads, 8 experts x 16384 hidden, top-2, v3
+        vocabulary (32768), theta 1e6, 64k context, router aux coefficient 0.001 as released
+        (140,630,071,296 parameters, 39,161,468,928 active per token)."""
+        return cls(**{**dict(vocab_size=32768, dim=6144, n_layers=56, n_heads=48, n_kv_heads=8, head_dim=128,
+                             hidden_dim=16384, sliding_window=None, rope_theta=1e6, max_seq_len=65536, num_experts=8,
+                             num_experts_per_tok=2, router_aux_loss_coef=0.001), **kw})
+
+    @classmethod
+    def mistral_nemo_12b(cls, **kw: Any) -> ModelConfig:
+        """Mistral NeMo 12B (2407): 40 layers, dim 5120, 32 heads / 8 KV heads of head_dim 128 (not dim / heads =
+        160), hidden 14336, tekken vocabulary (131072, ``mistral:tekken``), theta 1e6, no window, the published
+        max_position_embeddings 1,024,000 (trained at 128k) (12,247,782,400 parameters)."""
+        return cls(**{**dict(vocab_size=131072, dim=5120, n_layers=40, n_heads=32, n_kv_heads=8, head_dim=128,
+                             hidden_dim=14336, sliding_window=None, rope_theta=1e6, max_seq_len=1024000), **kw})
+
+    @classmethod
     def tiny(cls, **kw: Any) -> ModelConfig:
         """A CPU-sized Mistral for tests and the demo (window 16, 2 layers)."""
         return cls(**{**dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
@@ -205,8 +233,8 @@ class ModelConfig:
     @classmethod
     def preset(cls, name: str, **kw: Any) -> ModelConfig:
         """Look a preset up by name (``mistral_7b_v01``, ``mixtral_8x7b``, ``tiny`` ...)."""
-        presets = {n: getattr(cls, n) for n in ("mistral_7b_v01", "mistral_7b_v02", "mixtral_8x7b", "tiny",
-                                                  "tiny_mixtral")}
+        presets = {n: getattr(cls, n) for n in ("mistral_7b_v01", "mistral_7b_v02", "mistral_7b_v03", "mixtral_8x7b",
+                                                  "mixtral_8x22b", "mistral_nemo_12b", "tiny", "tiny_mixtral")}
         if name not in presets:
             raise ValueError(f"unknown model preset {name!r}. Fix: use one of {sorted(presets)}.")
         return presets[name](**kw)

@@ -195,3 +195,132 @@ def test_bundled_set_with_sentencepiece(tmp_path):
     prompts = "[INST] You are a polite assistant.\n\nSay hello. [/INST] [INST] Say goodbye. [/INST]"
     assert tok.decode(ids[~mask]) == prompts
     assert tok.piece_to_id("[INST]") in ids[~mask] and tok.piece_to_id("[INST]") not in ids[mask]
+
+
+# ----------------------------------------------------------------------------------------------- mistral-common
+# Issue 17: Mistral's real tokenizers render through mistral-common; the oracle is its encode_chat_completion on
+# the same conversations (training: ValidationMode.finetuning, the last message an answer; prompts: test mode).
+MC_CONVERSATIONS = [
+    [U("hi"), A("hello")],
+    [S("Be brief."), U("What is 2+2?"), A("4."), U("And 3+3?"), A("6.")],
+    [U("東京はどこですか？ Ünïcödé — 🙂"), A("日本の首都です。"), U("한국어도 돼요?"), A("네, 됩니다. ✓")],
+    [U("  leading and trailing spaces  "), A("  answer with spaces  "), U("\ttab\nnewline\n"), A("\nok\n")],
+    [U("literal <s> and </s> and [INST] x [/INST] text"), A("sure: <s>[INST]</s>[/INST]")],
+    [S("system with [INST] and <s> inside\n"), U("a\n\nb"), A("c"), U("d"), A("e"), U("f"), A("g")],
+]
+MC_NAMES = [("mistral:v1", "v1"), ("mistral:v3", "v3"), ("mistral:tekken", "tekken")]
+MC_ALL = MC_NAMES + [("mistral:v2", "v2"), ("mistral:v7", "v7")]  # the other shipped versions render too
+
+
+def _mistral_common(version, mode):
+    from mistral_common.protocol.instruct.validator import ValidationMode
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    mt = MistralTokenizer.v3(is_tekken=True) if version == "tekken" else getattr(MistralTokenizer, version)()
+    return MistralTokenizer(mt.instruct_tokenizer, validator=_validator(mt, getattr(ValidationMode, mode)),
+                            request_normalizer=mt._instruct_request_normalizer)
+
+
+def _validator(mt, mode):
+    from mistral_common.protocol.instruct.validator import get_validator
+
+    return get_validator(mt.instruct_tokenizer.tokenizer.version, mode)
+
+
+def _mc_ids(mt, messages, prefix=None):
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+    msgs = [kinds[m["role"]](content=m["content"]) for m in messages]
+    if prefix is not None:
+        msgs.append(AssistantMessage(content=prefix, prefix=True))
+    return mt.encode_chat_completion(ChatCompletionRequest(messages=msgs)).tokens
+
+
+@pytest.fixture(scope="module")
+def mistral_toks():
+    from mistral_jax.data.tokenizer import Tokenizer
+
+    return {name: Tokenizer(name) for name, _ in MC_ALL}
+
+
+@pytest.mark.parametrize("name, version", MC_ALL)
+@pytest.mark.parametrize("conv", range(len(MC_CONVERSATIONS)))
+def test_training_ids_and_loss_mask_are_mistral_commons(name, version, conv, mistral_toks):
+    messages = MC_CONVERSATIONS[conv]
+    tok = mistral_toks[name]
+    ref = _mistral_common(version, "finetuning")
+    r = chat.render(messages, tok)
+    assert r.ids == _mc_ids(ref, messages)
+    # the mask covers exactly mistral-common's assistant segments (answer + </s>), in order
+    from mistral_common.protocol.instruct.messages import AssistantMessage
+
+    answers = [ref.instruct_tokenizer.encode_assistant_message(AssistantMessage(content=m["content"]), False)
+               for m in messages if m["role"] == "assistant"]
+    runs, cur = [], []
+    for i, m in zip(r.ids, r.loss_mask, strict=True):
+        if m:
+            cur.append(i)
+        elif cur:
+            runs, cur = runs + [cur], []
+    runs += [cur] if cur else []
+    assert runs == answers and all(a[-1] == tok.eos_id for a in answers)
+    assert r.turn_ends[-1] == len(r.ids) and len(r.turn_ends) == len(answers)
+    # user-typed control text stays text: the special ids are exactly the format's own
+    if version in ("v2", "v7"):
+        return
+    n_turns = len(answers)
+    specials = [i for i in r.ids if tok.is_special(i)]
+    want = [tok.bos_id] + ([tok.eos_id] * n_turns if version == "v1" else
+                           [tok.piece_to_id("[INST]"), tok.piece_to_id("[/INST]"), tok.eos_id] * n_turns)
+    assert sorted(specials) == sorted(want)
+
+
+@pytest.mark.parametrize("name, version", MC_ALL)
+@pytest.mark.parametrize("conv", range(len(MC_CONVERSATIONS)))
+def test_generation_prompt_is_mistral_commons(name, version, conv, mistral_toks):
+    messages = MC_CONVERSATIONS[conv][:-1]
+    tok = mistral_toks[name]
+    ref = _mistral_common(version, "test")
+    ids = chat.render_prompt(messages, tok)
+    assert ids == _mc_ids(ref, messages)
+    assert chat.render_open(messages, tok) == ids
+    # an open answer to continue (lm-eval, add_generation_prompt=False): mistral-common's prefix message
+    assert chat.render_open(MC_CONVERSATIONS[conv], tok, add_generation_prompt=False) == _mc_ids(
+        ref, messages, prefix=MC_CONVERSATIONS[conv][-1]["content"])
+
+
+@pytest.mark.parametrize("name, version", MC_NAMES)
+def test_eval_backend_chat_path_is_mistral_commons(name, version, mistral_toks):
+    """eval.py --apply_chat_template: lm-eval renders with apply_chat_template, then tok_encode's the text (and
+    the text + a continuation); the ids are mistral-common's, literal <s> / [INST] included."""
+    from flax import nnx
+
+    import mistral_jax as mj
+    from mistral_jax.evals.lm import MistralJaxLM
+
+    tok = mistral_toks[name]
+    model = mj.Transformer(mj.ModelConfig.tiny(vocab_size=tok.vocab_size, n_layers=1), rngs=nnx.Rngs(0))
+    lm = MistralJaxLM(model=model, tokenizer=tok)
+    ref = _mistral_common(version, "test")
+    for conv in MC_CONVERSATIONS:
+        prompt = conv[:-1]
+        text = lm.apply_chat_template(prompt, add_generation_prompt=True)
+        assert lm.tok_encode(text) == _mc_ids(ref, prompt), conv
+        # a continuation after the template's delimiter (v1: " answer", v3 / tekken: "answer") is the answer
+        cont = " Paris" if version == "v1" else "Paris"
+        assert lm.tok_encode(text + cont) == _mc_ids(ref, prompt, prefix="Paris"), conv
+        text = lm.apply_chat_template(conv, add_generation_prompt=False)
+        assert lm.tok_encode(text) == _mc_ids(ref, prompt, prefix=conv[-1]["content"]), conv
+    assert lm.apply_chat_template([U("hi <s>")]) == (
+        "<s>[INST] hi <s> [/INST]" if version == "v1" else "<s>[INST]hi <s>[/INST]")
+
+
+def test_v3_format_by_hand(mistral_toks):
+    """v3: control ids [INST]=3 / [/INST]=4 with no spaces around them; the system prompt before the last user."""
+    tok = mistral_toks["mistral:v3"]
+    r = chat.render([S("sys"), U("a"), A("b"), U("c"), A("d")], tok)
+    enc = lambda s: tok.encode(s, bos=False)  # noqa: E731
+    assert r.ids == [1, 3] + enc("a") + [4] + enc("b") + [2, 3] + enc("sys\n\nc") + [4] + enc("d") + [2]
+    assert tok.chat_text(r.ids) == "<s>[INST]a[/INST]b</s>[INST]sys\n\nc[/INST]d</s>"

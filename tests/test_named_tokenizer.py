@@ -10,7 +10,27 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 import mistral_jax as mj
 from configs import mistral_7b, mistral_7b_instruct, mixtral_8x7b, mixtral_8x7b_instruct
 from mistral_jax.data import tokenizer as tok_lib
-from mistral_jax.training import sft, trainer
+
+def validate_config(cfg, **kw):
+    """The run-config check (``training.run`` after the recipe refactor, ``training.trainer`` before)."""
+    try:
+        from mistral_jax.training.run import validate_config as check
+    except ImportError:
+        from mistral_jax.training.trainer import validate_config as check
+    return check(cfg, **kw)
+
+
+def run_tokenizer(cfg, workdir):
+    """The tokenizer a run of ``cfg`` uses (``Recipe.tokenizer`` after the recipe refactor, ``sft.tokenizer``
+    before)."""
+    try:
+        from mistral_jax.training import recipe
+    except ImportError:
+        from mistral_jax.training import sft
+
+        return sft.tokenizer(cfg, workdir)
+    return recipe.choose(cfg).tokenizer(workdir, None)
+
 
 TEXTS = ["Hello, world!", "  leading spaces and\ttabs\nnewlines", "[INST] What is 2 + 2? [/INST]",
          "Ünïcödé — 東京 🙂", "def f(x):\n    return x ** 2", ""]
@@ -43,10 +63,11 @@ def test_mistral_v1_is_the_32k_vocabulary_of_mistral_7b():
     assert tok.encode("Hello") == [1, 22557]  # Mistral 7B's ids (the same as HF's LlamaTokenizer for the model)
 
 
-@pytest.mark.parametrize("name", ["mistral:v4", "mistral:", "mistral:tekken"])
+@pytest.mark.parametrize("name", ["mistral:v4", "mistral:", "mistral:tekkenx"])
 def test_unknown_name_is_one_line_with_the_fix(name):
     with pytest.raises(ValueError, match=rf"^unknown Mistral tokenizer '{name}'\. Fix: use one of mistral:v1 "
-                                         r"\(32000 pieces.*mistral:v3 \(32768.*or the path of a sentencepiece") as e:
+                                         r"\(32000 pieces.*mistral:v3 \(32768.*mistral:tekken \(131072.*"
+                                         r"or the path of a sentencepiece") as e:
         mj.Tokenizer(name)
     assert "\n" not in str(e.value)
 
@@ -72,7 +93,7 @@ def test_paths_still_work(tmp_path):
 def test_production_configs_name_mistral_v1_and_validate(module, n_devices):
     cfg = module.get_config()
     assert cfg.data.tokenizer == "mistral:v1"
-    model_cfg = trainer.validate_config(cfg, n_devices=n_devices, process_count=16)  # v5p-128: 64 chips, 16 hosts
+    model_cfg = validate_config(cfg, n_devices=n_devices, process_count=16)  # v5p-128: 64 chips, 16 hosts
     assert mj.Tokenizer(cfg.data.tokenizer).vocab_size == model_cfg.vocab_size == 32000
 
 
@@ -91,11 +112,11 @@ def test_instruct_configs_take_the_base_checkpoints_tokenizer(module, tmp_path):
     cfg.init_from = str(ckpt)
     work = tmp_path / "work"
     work.mkdir()
-    tok = sft.tokenizer(cfg, str(work))
+    tok = run_tokenizer(cfg, str(work))
     assert tok.vocab_size == 32000 and tok.encode("Hello") == [1, 22557]
     assert (work / "tokenizer.model").read_bytes() == (ckpt / "tokenizer.model").read_bytes()
     cfg.data.tokenizer = "mistral:v1"  # named explicitly: the same file, copied into the workdir as the run's
-    tok = sft.tokenizer(cfg, str(tmp_path / "work"))
+    tok = run_tokenizer(cfg, str(tmp_path / "work"))
     assert tok.name == "mistral:v1" and tok.vocab_size == 32000
 
 
@@ -107,3 +128,41 @@ def test_command_line_tools_accept_named_tokenizers():
     assert cli.check_tokenizer("mistral:v1", "unused", "hf") == tok_lib.named_tokenizer_path("mistral:v1")
     with pytest.raises(cli.UsageError, match=r"--tokenizer='mistral:v9' cannot be used: unknown .*Fix: use one of"):
         cli.check_tokenizer("mistral:v9", "unused", "hf")
+
+
+def test_tekken_through_the_one_tokenizer_interface(monkeypatch, tmp_path):
+    """mistral:tekken (Mistral NeMo's tiktoken-based vocabulary) works through mj.Tokenizer: encode / decode /
+    vocab size / bos / eos / pad as mistral-common's Tekkenizer; literal control text stays text; the format is
+    read from the content, so the file still loads when copied as tokenizer.model (a training workdir)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = mj.Tokenizer("mistral:tekken")
+    ref = MistralTokenizer.v3(is_tekken=True).instruct_tokenizer.tokenizer
+    assert tok.kind == "tekken" and tok.sp is None and tok.instruct_version == "v3"
+    assert os.path.samefile(tok.path, ref.file_path)
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (ref.n_words, 1, 2, ref.pad_id) == (131072, 1, 2, 11)
+    assert tok.vocab_size == mj.ModelConfig.mistral_nemo_12b().vocab_size
+    for text in TEXTS + ["literal <s> </s> [INST] [/INST]"]:
+        for bos, eos in ((True, False), (False, True)):
+            assert tok.encode(text, bos=bos, eos=eos) == ref.encode(text, bos=bos, eos=eos), text
+        ids = tok.encode(text, bos=False)
+        assert tok.decode(ids) == text and not any(tok.is_special(i) for i in ids)
+    assert tok.piece_to_id("[INST]") == 3 and tok.piece_to_id("[/INST]") == 4 and tok.id_to_piece(3) == "[INST]"
+    assert tok.filename == "tekken.json"
+    copied = tmp_path / "tokenizer.model"
+    copied.write_bytes(open(tok.path, "rb").read())
+    again = mj.Tokenizer(copied)
+    assert again.kind == "tekken" and again.encode("Hello") == tok.encode("Hello")
+    d = tmp_path / "export"
+    d.mkdir()
+    tok.save(d)
+    assert mj.Tokenizer.find(d).kind == "tekken" and tok_lib.resolve(d) == str(d / "tekken.json")
+
+
+@pytest.mark.parametrize("name, version", [("mistral:v1", "v1"), ("mistral:v3", "v3"), ("mistral:v7", "v7")])
+def test_instruct_version_is_known_from_the_file_content(name, version, tmp_path):
+    """A Mistral sentencepiece file copied as tokenizer.model (checkpoints, workdirs) keeps its chat format."""
+    tok = mj.Tokenizer(name)
+    assert tok.instruct_version == version
+    copied = tmp_path / "tokenizer.model"
+    copied.write_bytes(open(tok.path, "rb").read())
+    assert mj.Tokenizer(copied).instruct_version == version

@@ -256,7 +256,8 @@ def tokenizer_kind(path: str | os.PathLike) -> str:
     """``"sentencepiece"`` or ``"tekken"`` for a valid tokenizer file; raises naming the file and the fix otherwise.
 
     A sentencepiece model is a protobuf that sentencepiece loads (with at least one piece); a tekken tokenizer
-    is a JSON file named ``tekken.json`` with a ``vocab`` list. Symlinks are followed: what is checked is what
+    is a JSON file (``tekken.json``, Mistral's ``tekken_*.json``, or any name: judged by content) with a ``vocab``
+    list. Symlinks are followed: what is checked is what
     would be copied.
     """
     path = os.fspath(path)
@@ -267,7 +268,9 @@ def tokenizer_kind(path: str | os.PathLike) -> str:
     size = os.path.getsize(path)
     if size > _MAX_TOKENIZER_BYTES:
         raise ValueError(f"tokenizer {shown!r} has {size} bytes: too big for a tokenizer model. Fix: {fix}.")
-    if os.path.basename(path) == "tekken.json":
+    from mistral_jax.data.tokenizer import is_tekken_file
+
+    if os.path.basename(path).endswith(".json") or is_tekken_file(path):  # tekken: JSON, by name or by content
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 from mistral_jax.config import ModelConfig
@@ -87,14 +88,158 @@ def hf_config(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
     return d
 
 
-def tokenizer_config(cfg: ModelConfig) -> dict[str, Any]:
-    """A ``tokenizer_config.json`` for loading ``tokenizer.model`` with transformers' ``LlamaTokenizer``."""
-    return {
+# Mistral's instruct formats as HF chat templates (jinja). Each reproduces mistral-common's segments: with the
+# legacy sentencepiece normalisation (a "▁" before every text run between special tokens, as mistral-common
+# encodes every segment on its own) or tekken's byte-level BPE, ``apply_chat_template`` gives
+# ``encode_chat_completion``'s ids; tests/test_family.py checks it on varied conversations.
+_SPLIT_SYSTEM = (
+    "{%- if messages and messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set system = '' %}{%- set loop_messages = messages %}"
+    "{%- endif %}")
+CHAT_TEMPLATE_V1 = (  # mistral-common InstructTokenizerV1: the system prompt folded into the first user turn
+    _SPLIT_SYSTEM + "{{- bos_token }}{%- for m in loop_messages %}"
+    "{%- if m['role'] == 'user' %}{%- if loop.first and system %}{{- '[INST] ' + system + '\n\n' + m['content'] + "
+    "' [/INST]' }}{%- else %}{{- '[INST] ' + m['content'] + ' [/INST]' }}{%- endif %}"
+    "{%- elif m['role'] == 'assistant' %}{{- ' ' + m['content'] }}{%- if not (loop.last and continue_final_message "
+    "is defined and continue_final_message) %}{{- eos_token }}{%- endif %}"
+    "{%- else %}{{- raise_exception('Only system, user and assistant roles are supported') }}{%- endif %}"
+    "{%- endfor %}")
+CHAT_TEMPLATE_V3 = (  # InstructTokenizerV3 (v2 / v3 / tekken): control tokens, the system prompt before the last user
+    _SPLIT_SYSTEM + "{%- set ns = namespace(last_user=-1) %}{%- for m in loop_messages %}"
+    "{%- if m['role'] == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{{- bos_token }}{%- for m in loop_messages %}"
+    "{%- if m['role'] == 'user' %}{%- if loop.index0 == ns.last_user and system %}{{- '[INST]' + system + '\n\n' + "
+    "m['content'] + '[/INST]' }}{%- else %}{{- '[INST]' + m['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif m['role'] == 'assistant' %}{{- m['content'].rstrip(' ') }}{%- if not (loop.last and "
+    "continue_final_message is defined and continue_final_message) %}{{- eos_token }}{%- endif %}"
+    "{%- else %}{{- raise_exception('Only system, user and assistant roles are supported') }}{%- endif %}"
+    "{%- endfor %}")
+CHAT_TEMPLATES = {"v1": CHAT_TEMPLATE_V1, "v2": CHAT_TEMPLATE_V3, "v3": CHAT_TEMPLATE_V3}
+
+
+def chat_template(version: str) -> str | None:
+    """The HF chat template of a Mistral instruct version (None for one without a template here, e.g. v7)."""
+    return CHAT_TEMPLATES.get(version)
+
+
+def tokenizer_config(cfg: ModelConfig, tokenizer: Any = None, with_tokenizer_json: bool = False) -> dict[str, Any]:
+    """A ``tokenizer_config.json`` for loading the exported tokenizer with transformers.
+
+    Sentencepiece: ``LlamaTokenizer`` with ``legacy: true`` (a ``▁`` before every text run, as mistral-common
+    encodes every segment on its own; ``legacy: false`` changes the ids after ``<s>`` and drops the leading ``▁``
+    of text that starts with whitespace), the control pieces declared special (v3's ``[INST]`` = 3 ...).
+    With ``tokenizer`` (a ``mistral_jax.Tokenizer``), the chat template of its Mistral instruct version. With
+    ``with_tokenizer_json`` (an exact ``tokenizer.json`` is written next to it), ``PreTrainedTokenizerFast``, which
+    uses that file as it is (``LlamaTokenizer`` would swap in its own pre-tokenizer).
+    """
+    d: dict[str, Any] = {
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "pad_token": None, "add_bos_token": True, "add_eos_token": False, "legacy": False,
-        "clean_up_tokenization_spaces": False, "model_max_length": cfg.max_seq_len,
+        "pad_token": None, "add_bos_token": True, "add_eos_token": False, "legacy": True,
+        "add_prefix_space": True, "clean_up_tokenization_spaces": False, "model_max_length": cfg.max_seq_len,
         "sp_model_kwargs": {}, "spaces_between_special_tokens": False,
     }
+    if tokenizer is None:
+        return d
+    if tokenizer.kind == "tekken":
+        d.update(pad_token="<pad>", add_prefix_space=False)
+        for k in ("legacy", "sp_model_kwargs"):
+            d.pop(k)
+    if with_tokenizer_json:  # the exact pipeline is in tokenizer.json; LlamaTokenizer would replace its normaliser
+        d["tokenizer_class"] = "PreTrainedTokenizerFast"
+    d["added_tokens_decoder"] = {str(i): {"content": tokenizer.id_to_piece(i), "special": True, "normalized": False,
+                                          "lstrip": False, "rstrip": False, "single_word": False}
+                                 for i in range(tokenizer.vocab_size) if tokenizer.is_special(i)}
+    template = chat_template(tokenizer.instruct_version)
+    if template is not None:
+        d["chat_template"] = template
+    return d
+
+
+def sentencepiece_tokenizer_json(tokenizer: Any) -> dict[str, Any] | None:
+    """An HF ``tokenizer.json`` equivalent to a sentencepiece BPE model (None if ``tokenizers`` is missing, the
+    model is not BPE or has user-defined pieces other than Mistral's ``[REFERENCE_DOC_n]``): sentencepiece's merge
+    order (by piece score), byte fallback, and a ``▁`` prepended to every
+    text run between special tokens (the legacy Llama / Mistral normalisation, mistral-common's per-segment
+    dummy prefix). transformers' own conversion of ``tokenizer.model`` orders merges by id and prepends only when
+    the text does not already start with a space, which changes the ids of whitespace runs."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, processors  # noqa: F401
+        from tokenizers.models import BPE
+    except ImportError:
+        return None
+    m = sentencepiece_model_pb2.ModelProto()
+    with open(tokenizer.path, "rb") as f:
+        m.ParseFromString(f.read())
+    user_defined = [p.piece for p in m.pieces if p.type == 4]
+    if m.trainer_spec.model_type != 2 or not all(re.fullmatch(r"\[REFERENCE_DOC_\d+\]", u) for u in user_defined):
+        return None  # not BPE, or user-defined pieces such as a trained "[INST]": LlamaTokenizer (approximate)
+    vocab = {p.piece: i for i, p in enumerate(m.pieces)}
+    scores = {p.piece: p.score for p in m.pieces}
+    ordinary = {p.piece for p in m.pieces if p.type == 1}  # NORMAL pieces take part in merges
+    merges = []
+    for piece in ordinary:
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in vocab and right in vocab:
+                merges.append((-scores[piece], vocab[left], vocab[right], left, right))
+    merges.sort()
+    tok = Tokenizer(BPE(vocab, [(lft, rgt) for *_, lft, rgt in merges], unk_token="<unk>", fuse_unk=True,
+                        byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(tokenizer.id_to_piece(i), special=True, normalized=False)
+                            for i in range(tokenizer.vocab_size) if tokenizer.is_special(i)])
+    # v3 / v7's [REFERENCE_DOC_n] user-defined pieces: whole tokens, as sentencepiece matches them (the spacing
+    # around one typed in text may differ from sentencepiece's)
+    tok.add_tokens([AddedToken(u, special=False, normalized=False) for u in user_defined])
+    bos = tokenizer.id_to_piece(tokenizer.bos_id)
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, tokenizer.bos_id)])
+    return json.loads(tok.to_str())
+
+
+def tekken_tokenizer_json(tokenizer: Any) -> dict[str, Any] | None:
+    """An HF ``tokenizer.json`` for a tekken file (byte-level BPE, the tekken split pattern, the 1000 special ids
+    first) via transformers' ``MistralConverter``; None when transformers / tokenizers are not installed."""
+    try:
+        from tokenizers import processors
+        from transformers.integrations.mistral.tokenizer import MistralConverter
+    except ImportError:
+        return None
+    tok = MistralConverter(vocab_file=tokenizer.path).converted()
+    bos = tokenizer.id_to_piece(tokenizer.bos_id)
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                      special_tokens=[(bos, tokenizer.bos_id)])])
+    return json.loads(tok.to_str())
+
+
+def write_tokenizer_files(out_dir: str, cfg: ModelConfig, kind: str) -> None:
+    """The HF tokenizer files next to the copied ``tokenizer.model`` / ``tekken.json``: ``tokenizer_config.json``
+    (with the chat template), ``special_tokens_map.json``, ``tokenizer.json`` when it can be built, and for a
+    sentencepiece model of a later Mistral version also ``tokenizer.model.<version>`` (mistral-common's name,
+    which its loaders and transformers' ``MistralCommonBackend`` read the version from)."""
+    import shutil
+
+    from mistral_jax.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(os.path.join(out_dir, "tekken.json" if kind == "tekken" else "tokenizer.model"))
+    tj = tekken_tokenizer_json(tok) if kind == "tekken" else sentencepiece_tokenizer_json(tok)
+    if tj is not None:
+        with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+            json.dump(tj, f, ensure_ascii=False)
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(tokenizer_config(cfg, tok, with_tokenizer_json=tj is not None), f, indent=2)
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    if kind == "tekken":
+        specials["pad_token"] = "<pad>"
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
+        json.dump(specials, f, indent=2)
+    if kind == "sentencepiece" and tok.instruct_version != "v1":
+        shutil.copyfile(tok.path, os.path.join(out_dir, f"tokenizer.model.{tok.instruct_version}"))
 
 
 def write(out_dir: str, source: common.Source, *, dtype: str | None = None, tokenizer: Any = None,
@@ -113,8 +258,6 @@ def write(out_dir: str, source: common.Source, *, dtype: str | None = None, toke
         json.dump(hf_config(cfg, out_dtype), f, indent=2, sort_keys=True)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": 1, "eos_token_id": 2}, f, indent=2)
-    if common.copy_tokenizer(tokenizer, out_dir) == "sentencepiece":  # LlamaTokenizer reads tokenizer.model
-        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-            json.dump(tokenizer_config(cfg), f, indent=2)
-        with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
-            json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f, indent=2)
+    kind = common.copy_tokenizer(tokenizer, out_dir)
+    if kind is not None:
+        write_tokenizer_files(out_dir, cfg, kind)

@@ -34,7 +34,8 @@ _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _TOKENIZER_FILES = {"tokenizer.model", "tekken.json"}
 EXPORT_FILES: dict[str, dict[str, set[str]]] = {
     "hf": {"files": {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-                     "tokenizer_config.json", "special_tokens_map.json", *_TOKENIZER_FILES},
+                     "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model.v2",
+                     "tokenizer.model.v3", "tokenizer.model.v7", *_TOKENIZER_FILES},
            "dirs": set(), "required": {"config.json"}},
     "mistral": {"files": {"params.json", "consolidated.safetensors", *_TOKENIZER_FILES}, "dirs": set(),
                 "required": {"params.json", "consolidated.safetensors"}},

@@ -1,16 +1,28 @@
-"""Instruction data: Mistral's chat template, answer-only loss masks, truncation and packing into SFT batches.
+"""Instruction data: Mistral's chat formats, answer-only loss masks, truncation and packing into SFT batches.
 
-Template (mistral-common ``InstructTokenizerV1``, the format Mistral 7B-Instruct and Mixtral-Instruct were tuned on)::
+Conversations are rendered by ``mistral-common``, Mistral's own library, whenever the tokenizer is a
+``mistral_jax.Tokenizer`` (sentencepiece or tekken): its instruct tokenizer for the tokenizer's version
+(``Tokenizer.instruct_version``) encodes each message on its own, and those per-message segments are the
+loss mask's source (never a search of the rendered string)::
 
-    <s>[INST] {system}\\n\\n{user_1} [/INST] {answer_1}</s>[INST] {user_2} [/INST] {answer_2}</s>...
+    v1 (Mistral 7B v0.1, Mixtral 8x7B):
+        <s>[INST] {system}\\n\\n{user_1} [/INST] {answer_1}</s>[INST] {user_2} [/INST]...
+        (text "[INST]" tokenised as ordinary text; the system prompt folded into the first user turn)
+    v3 (7B v0.3, Mixtral 8x22B, NeMo/tekken):
+        <s>[INST]{user_1}[/INST]{answer_1}</s>[INST]{system}\\n\\n{user_n}[/INST]...
+        ([INST] = 3, [/INST] = 4 control ids; the system prompt goes before the *last* user turn)
 
-Every segment is tokenised on its own and the ids are concatenated (as mistral-common does), so the loss
-mask comes from which segment an id belongs to, never from searching the rendered string:
+Segments and the loss:
 
-* ``[BOS]``                                        -> no loss
-* ``encode("[INST] {user} [/INST]")`` per user turn -> no loss (the system prompt is folded into the first one, as
-  Mixtral-8x7B-Instruct-v0.1's chat template does; the v0.3-era templates put it before the last user turn)
-* ``encode("{answer}") + [EOS]`` per assistant turn -> loss (the model learns to answer and to stop)
+* ``<s>`` and every user / system segment         -> no loss
+* every assistant segment (its ids + ``</s>``)     -> loss (the model learns to answer and to stop)
+
+Text typed by users is only ever passed to the tokenizer's ``encode``, which never produces control ids, so a
+literal ``<s>``, ``</s>`` or ``[INST]`` in a message stays text on every path (train, generate, eval).
+
+A tokenizer that is not a ``mistral_jax.Tokenizer`` (anything with ``encode(text, bos, eos)``, ``bos_id``,
+``eos_id``, as the unit tests' word tokenizer) is rendered with the v1 format by hand, segment by segment, as
+mistral-common's ``InstructTokenizerV1`` does.
 
 A rendered conversation of ``n`` ids becomes one packed document of ``n - 1`` positions: ``tokens = ids[:-1]``,
 ``targets = ids[1:]``, ``weights = mask[1:]``. Documents are packed into rows of ``seq_len`` with ``segment_ids``
@@ -138,17 +150,80 @@ def _user_text(turn: Turn, system: str | None, first: bool) -> str:
     return f"[INST] {content} [/INST]"
 
 
+def uses_mistral_common(tokenizer: Any) -> bool:
+    """True if ``tokenizer`` renders chats through mistral-common (a ``mistral_jax.Tokenizer``)."""
+    return hasattr(tokenizer, "instruct_tokenizer") and hasattr(tokenizer, "instruct_version")
+
+
+def mistral_segments(messages: Sequence[Mapping[str, Any]], tokenizer: Any, *, for_training: bool = True,
+                     open_answer: str | None = None, index: int | None = None) -> list[tuple[list[int], str]]:
+    """mistral-common's own per-message encoding of a conversation: ``[(ids, role), ...]``, starting with
+    ``(<s>, "bos")``; the roles are ``"user"``, ``"system"`` (v7's separate system segments) and ``"assistant"``.
+
+    The conversation is validated (``validate``), normalised by mistral-common's request normaliser for the
+    tokenizer's version and each message encoded by the version's instruct tokenizer exactly as its
+    ``encode_instruct`` does (which user turn is last / first, where the system prompt goes); the concatenation
+    equals ``MistralTokenizer.encode_chat_completion``'s ids.
+
+    Args:
+      messages: system?/user/assistant/... messages (see ``validate``).
+      tokenizer: a ``mistral_jax.Tokenizer``.
+      for_training: the conversation ends with an answer (else with a user message: a generation prompt).
+      open_answer: an assistant prefix appended after a generation prompt, encoded without ``</s>`` (mistral-common's
+        ``AssistantMessage(prefix=True)``): the start of an answer to continue.
+      index: the conversation's index in its dataset, for error messages.
+    """
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.normalize import get_normalizer
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    validate(messages, index, for_training=for_training)
+    it = tokenizer.instruct_tokenizer
+    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+    msgs = [kinds[m["role"]](content=m["content"]) for m in messages]
+    if open_answer is not None:
+        msgs.append(AssistantMessage(content=open_answer, prefix=True))
+    request = get_normalizer(it.tokenizer.version, it.tokenizer.model_settings_builder).from_chat_completion_request(
+        ChatCompletionRequest(messages=msgs))
+    first_user, last_user = it.find_first_last_user(request)
+    segments: list[tuple[list[int], str]] = [(list(it.start()), "bos")]
+    for i, msg in enumerate(request.messages):  # as InstructTokenizerBase.encode_instruct, message by message
+        if isinstance(msg, UserMessage):
+            ids, _, _ = it.encode_user_message(msg, request.available_tools, i == last_user, i == first_user,
+                                               system_prompt=request.system_prompt, force_img_first=True,
+                                               settings=request.settings)
+            segments.append((list(ids), "user"))
+        elif isinstance(msg, AssistantMessage):
+            segments.append((list(it.encode_assistant_message(msg, is_before_last_user_message=i < last_user)),
+                             "assistant"))
+        elif isinstance(msg, SystemMessage):
+            ids, _ = it.encode_system_message(msg)
+            segments.append((list(ids), "system"))
+        else:  # pragma: no cover - validate admits system, user and assistant only
+            raise ValueError(f"{_where(index)}: unexpected message {msg!r:.200}")
+    return segments
+
+
 def render(messages: Sequence[Mapping[str, Any]], tokenizer: TokenizerLike, index: int | None = None) -> Rendered:
-    """Tokenise a training conversation with Mistral's template and mark the answer tokens for the loss.
+    """Tokenise a training conversation with Mistral's format and mark the answer tokens for the loss.
 
     Args:
       messages: system?/user/assistant/... messages ending with an assistant answer (see ``validate``).
-      tokenizer: a ``mistral_jax.Tokenizer`` (or anything with ``encode(text, bos, eos)``, ``bos_id``, ``eos_id``).
+      tokenizer: a ``mistral_jax.Tokenizer`` (rendered by mistral-common for its instruct version), or anything
+        with ``encode(text, bos, eos)``, ``bos_id``, ``eos_id`` (the v1 format, by hand).
       index: the conversation's index in its dataset, for error messages.
 
     Returns:
       ``Rendered(ids, loss_mask, turn_ends)``; the mask is True exactly on answer tokens and their EOS.
     """
+    if uses_mistral_common(tokenizer):
+        ids, mask, ends = [], [], []
+        for seg, role in mistral_segments(messages, tokenizer, for_training=True, index=index):
+            ids += seg
+            mask += [role == "assistant"] * len(seg)
+            if role == "assistant":
+                ends.append(len(ids))
+        return Rendered(ids, mask, ends)
     system, turns = validate(messages, index, for_training=True)
     ids, mask, ends = [tokenizer.bos_id], [False], []
     for k, turn in enumerate(turns):
@@ -162,12 +237,32 @@ def render(messages: Sequence[Mapping[str, Any]], tokenizer: TokenizerLike, inde
 
 def render_prompt(messages: Sequence[Mapping[str, Any]], tokenizer: TokenizerLike) -> list[int]:
     """Ids of a generation prompt (ends with ``[/INST]``): earlier turns rendered as in training, no final answer."""
+    if uses_mistral_common(tokenizer):
+        return [i for seg, _ in mistral_segments(messages, tokenizer, for_training=False) for i in seg]
     system, turns = validate(messages, for_training=False)
     ids = [tokenizer.bos_id]
     for k, turn in enumerate(turns):
         ids += tokenizer.encode(_user_text(turn, system, k == 0), bos=False, eos=False)
         if turn.answer is not None:
             ids += tokenizer.encode(turn.answer, bos=False, eos=False) + [tokenizer.eos_id]
+    return ids
+
+
+def render_open(messages: Sequence[Mapping[str, Any]], tokenizer: TokenizerLike, add_generation_prompt: bool = True
+                ) -> list[int]:
+    """Ids of a chat for scoring / generation: a generation prompt, or, when the last message is an assistant's
+    and ``add_generation_prompt`` is False, the prompt followed by that answer left open (no ``</s>``) to be
+    continued (lm-eval's ``apply_chat_template`` contract)."""
+    msgs = list(messages)
+    open_answer = None
+    if msgs and isinstance(msgs[-1], Mapping) and msgs[-1].get("role") == "assistant" and not add_generation_prompt:
+        open_answer = msgs.pop()["content"]
+    if uses_mistral_common(tokenizer):
+        return [i for seg, _ in mistral_segments(msgs, tokenizer, for_training=False, open_answer=open_answer)
+                for i in seg]
+    ids = render_prompt(msgs, tokenizer)
+    if open_answer is not None:
+        ids += tokenizer.encode(open_answer, bos=False, eos=False)
     return ids
 
 

@@ -1,12 +1,22 @@
-"""SentencePiece tokenizer with Mistral's conventions (``<unk>``=0, ``<s>``=1, ``</s>``=2, BOS on, EOS off).
+"""Tokenizers with Mistral's conventions (``<unk>``=0, ``<s>``=1, ``</s>``=2, BOS on, EOS off): sentencepiece
+models and Mistral's tekken (tiktoken-based) tokenizers, through one class, ``Tokenizer``.
 
-A tokenizer is a sentencepiece ``.model`` file, a directory holding ``tokenizer.model``, or the name of one of
-Mistral's released tokenizers, ``mistral:v1`` (the 32k vocabulary of Mistral 7B and Mixtral 8x7B), resolved
-offline to the file the ``mistral-common`` package ships (``MistralTokenizer.v1()``'s).
+A tokenizer is a sentencepiece ``.model`` file, a tekken ``.json`` file, a directory holding ``tokenizer.model``
+or ``tekken.json``, or the name of one of Mistral's released tokenizers (``MISTRAL_TOKENIZERS``: ``mistral:v1``,
+``mistral:v3``, ``mistral:tekken`` ...), resolved offline to the file the ``mistral-common`` package ships. The
+format is read from the file's content (a tekken file is JSON), never from its name, so a tekken file copied as
+``tokenizer.model`` still loads as tekken.
+
+Every tokenizer also knows its Mistral instruct version (``instruct_version``: ``v1``, ``v3``, ``v7`` ...) and
+hands ``data.chat`` the matching ``mistral-common`` instruct tokenizer (``instruct_tokenizer``), which renders
+conversations exactly as Mistral's own library does. The version comes from the name, from a ``.model.vN`` file
+suffix (mistral-common's convention), from a tekken file's config, or from the content of a sentencepiece model:
+``[INST]`` as a control piece means v3 (v7 with ``[SYSTEM_PROMPT]``), otherwise v1.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -15,13 +25,16 @@ import sentencepiece as spm
 
 NAME_PREFIX = "mistral:"
 
-# Mistral's sentencepiece tokenizers that mistral-common ships: name -> (MistralTokenizer constructor, pieces,
-# the models that use it). Tekken (tiktoken) tokenizers are not sentencepiece files and are not listed.
+# Mistral's tokenizers that mistral-common ships: name -> (file in mistral_common/data, pieces, the models that
+# use it). Offline: the files are package data.
 MISTRAL_TOKENIZERS: dict[str, tuple[str, int, str]] = {
-    "mistral:v1": ("v1", 32000, "Mistral 7B v0.1 / v0.2, Mixtral 8x7B v0.1"),
-    "mistral:v2": ("v2", 32768, "v1 + control tokens ([INST], tools): Mistral Small / Large 2402"),
-    "mistral:v3": ("v3", 32768, "Mistral 7B v0.3, Mixtral 8x22B"),
-    "mistral:v7": ("v7", 32768, "v3 + system prompt tokens: Mistral Large 2411"),
+    "mistral:v1": ("tokenizer.model.v1", 32000, "Mistral 7B v0.1 / v0.2, Mixtral 8x7B v0.1"),
+    "mistral:v2": ("mistral_instruct_tokenizer_240216.model.v2", 32768,
+                   "v1 + control tokens ([INST], tools): Mistral Small / Large 2402"),
+    "mistral:v3": ("mistral_instruct_tokenizer_240323.model.v3", 32768, "Mistral 7B v0.3, Mixtral 8x22B"),
+    "mistral:v7": ("mistral_instruct_tokenizer_241114.model.v7", 32768,
+                   "v3 + system prompt tokens: Mistral Large 2411"),
+    "mistral:tekken": ("tekken_240718.json", 131072, "tekken (tiktoken) with the v3 format: Mistral NeMo 12B"),
 }
 
 
@@ -30,8 +43,14 @@ def is_named(tokenizer: str | os.PathLike) -> bool:
     return isinstance(tokenizer, str) and tokenizer.startswith(NAME_PREFIX)
 
 
+def _mistral_common_missing(what: str, e: ImportError) -> ValueError:
+    return ValueError(f"{what} needs the mistral-common package, which ships Mistral's tokenizer files "
+                      f"({type(e).__name__}: {e}). Fix: pip install 'mistral-common>=1.13' (a dependency of "
+                      "mistral_jax: pip install -e .), or pass the path of a sentencepiece .model file.")
+
+
 def named_tokenizer_path(name: str) -> str:
-    """The sentencepiece file of a Mistral tokenizer name (``mistral:v1`` ...), shipped in ``mistral-common``.
+    """The file of a Mistral tokenizer name (``mistral:v1`` ...), shipped in ``mistral-common``.
 
     Offline: the files are package data. Raises ``ValueError`` (one line with the fix) for an unknown name or when
     mistral-common is not installed.
@@ -43,40 +62,73 @@ def named_tokenizer_path(name: str) -> str:
     try:
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
     except ImportError as e:
-        raise ValueError(f"tokenizer {name!r} needs the mistral-common package, which ships Mistral's tokenizer files "
-                         f"({type(e).__name__}: {e}). Fix: pip install 'mistral-common>=1.13' (a dependency of "
-                         "mistral_jax: pip install -e .), or pass the path of a sentencepiece .model file.") from None
-    inner = getattr(MistralTokenizer, MISTRAL_TOKENIZERS[name][0])().instruct_tokenizer.tokenizer
-    return os.fspath(inner.file_path)
+        raise _mistral_common_missing(f"tokenizer {name!r}", e) from None
+    return os.path.join(os.fspath(MistralTokenizer._data_path()), MISTRAL_TOKENIZERS[name][0])
 
 
 def resolve(tokenizer: str | os.PathLike) -> str:
-    """The sentencepiece file a tokenizer argument names: a ``mistral:`` name's shipped file, a directory's
-    ``tokenizer.model``, or the path itself (not checked: ``Tokenizer`` does that)."""
+    """The tokenizer file a tokenizer argument names: a ``mistral:`` name's shipped file, a directory's
+    ``tokenizer.model`` (else its ``tekken.json``), or the path itself (not checked: ``Tokenizer`` does that)."""
     if is_named(tokenizer):
         return named_tokenizer_path(tokenizer)
     path = os.fspath(tokenizer)
-    return os.path.join(path, Tokenizer.FILENAME) if os.path.isdir(path) else path
+    if os.path.isdir(path):
+        sp_file, tekken = os.path.join(path, Tokenizer.FILENAME), os.path.join(path, Tokenizer.TEKKEN_FILENAME)
+        return tekken if not os.path.isfile(sp_file) and os.path.isfile(tekken) else sp_file
+    return path
+
+
+def is_tekken_file(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a tekken tokenizer (a JSON file), judged by content, not by name."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+    except OSError:
+        return False
+    return head.startswith(b"{")
 
 
 class Tokenizer:
-    """A thin wrapper over ``sentencepiece.SentencePieceProcessor``.
+    """One interface over a sentencepiece model or a tekken tokenizer.
 
     Args:
-      path: a ``.model`` file, a directory holding ``tokenizer.model``, or a Mistral tokenizer name such as
-        ``mistral:v1`` (``MISTRAL_TOKENIZERS``; the file ships in mistral-common, no download).
+      path: a sentencepiece ``.model`` file, a tekken ``.json`` file, a directory holding ``tokenizer.model`` or
+        ``tekken.json``, or a Mistral tokenizer name such as ``mistral:v3`` (``MISTRAL_TOKENIZERS``; the file ships
+        in mistral-common, no download).
+
+    Attributes:
+      name: the ``mistral:...`` name, if one was given.
+      path: the tokenizer file.
+      kind: ``"sentencepiece"`` or ``"tekken"``.
+      sp: the ``SentencePieceProcessor`` (None for tekken).
     """
 
     FILENAME = "tokenizer.model"
+    TEKKEN_FILENAME = "tekken.json"
 
     def __init__(self, path: str | os.PathLike):
         self.name = path if is_named(path) else None  # the mistral:... name, if one was given
         path = resolve(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"sentencepiece model not found at {path!r}. Fix: pass the path of a .model file or a directory "
-                f"containing {self.FILENAME} (train one with python -m mistral_jax.data.train_tokenizer).")
+                f"sentencepiece model not found at {path!r}. Fix: pass the path of a .model file (or a tekken.json), "
+                f"or a directory containing {self.FILENAME} (train one with mistral-jax-train-tokenizer), or a Mistral tokenizer name such as mistral:v3.")
         self.path = path
+        self.sp: spm.SentencePieceProcessor | None = None
+        self._tekken: Any = None
+        if is_tekken_file(path):
+            self.kind = "tekken"
+            try:
+                from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+            except ImportError as e:
+                raise _mistral_common_missing(f"tekken tokenizer {path!r}", e) from None
+            try:
+                self._tekken = Tekkenizer.from_file(path)
+            except Exception as e:  # noqa: BLE001 - any parse error of the JSON: one line with the fix
+                raise ValueError(f"{path!r} is not a valid tekken tokenizer ({type(e).__name__}: {e}). "
+                                 "Fix: pass Mistral's tekken.json (e.g. mistral:tekken).") from e
+            return
+        self.kind = "sentencepiece"
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(path)
@@ -86,42 +138,151 @@ class Tokenizer:
 
     @classmethod
     def find(cls, directory: str | os.PathLike) -> Tokenizer | None:
-        """The tokenizer stored in a checkpoint / export directory, or None if it has none."""
-        p = os.path.join(os.fspath(directory), cls.FILENAME)
-        return cls(p) if os.path.isfile(p) else None
+        """The tokenizer stored in a checkpoint / export directory (``tokenizer.model`` or ``tekken.json``), or
+        None if it has none."""
+        for name in (cls.FILENAME, cls.TEKKEN_FILENAME):
+            p = os.path.join(os.fspath(directory), name)
+            if os.path.isfile(p):
+                return cls(p)
+        return None
 
     @property
+    def filename(self) -> str:
+        """The file name this tokenizer is stored under in a checkpoint: ``tokenizer.model`` or ``tekken.json``."""
+        return self.TEKKEN_FILENAME if self.kind == "tekken" else self.FILENAME
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Copy the tokenizer file into ``directory`` as ``self.filename``; returns the new path."""
+        import shutil
+
+        dest = os.path.join(os.fspath(directory), self.filename)
+        if not (os.path.exists(dest) and os.path.samefile(dest, self.path)):
+            shutil.copyfile(self.path, dest)
+        return dest
+
+    # ------------------------------------------------------------------ ids
+    @property
     def vocab_size(self) -> int:
-        return self.sp.GetPieceSize()
+        return self._tekken.n_words if self.sp is None else self.sp.GetPieceSize()
 
     @property
     def bos_id(self) -> int:
-        return self.sp.bos_id()
+        return self._tekken.bos_id if self.sp is None else self.sp.bos_id()
 
     @property
     def eos_id(self) -> int:
-        return self.sp.eos_id()
+        return self._tekken.eos_id if self.sp is None else self.sp.eos_id()
 
     @property
     def pad_id(self) -> int:
-        """Mistral has no pad token; padding uses id 0 (``<unk>``) and is masked out by segment ids."""
+        """Tekken's ``<pad>``; sentencepiece Mistral has no pad token: padding uses id 0 (``<unk>``), masked out by
+        segment ids."""
+        if self.sp is None:
+            return self._tekken.pad_id
         return self.sp.pad_id() if self.sp.pad_id() >= 0 else 0
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Ids of ``text``; text that spells a control token (``<s>``, ``[INST]``) stays text."""
         if not isinstance(text, str):
             raise TypeError(f"Tokenizer.encode expects str, got {type(text).__name__}. "
                             "Fix: decode bytes as UTF-8 first.")
+        if self.sp is None:
+            return self._tekken.encode(text, bos=bos, eos=eos)
         ids = self.sp.EncodeAsIds(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` (control / special ids are dropped)."""
+        if self.sp is None:
+            n = self.vocab_size
+            return self._tekken.decode([int(i) for i in ids if 0 <= int(i) < n])
         return self.sp.DecodeIds([int(i) for i in ids])
 
     def id_to_piece(self, i: int) -> str:
+        if self.sp is None:
+            return self._tekken.id_to_piece(int(i))
         return self.sp.IdToPiece(int(i))
 
     def piece_to_id(self, piece: str) -> int:
-        return self.sp.PieceToId(piece)
+        """The id of a piece (sentencepiece) or of a special token / single-token text (tekken; ``<unk>``'s id if
+        the text is not one token)."""
+        if self.sp is not None:
+            return self.sp.PieceToId(piece)
+        tk = self._tekken
+        try:
+            return tk.get_special_token(piece)
+        except Exception:  # noqa: BLE001 - not a special token: try the ordinary vocabulary
+            pass
+        try:
+            return tk._model.encode_single_token(piece.encode("utf-8")) + tk.num_special_tokens
+        except KeyError:
+            return tk.unk_id
+
+    def is_special(self, i: int) -> bool:
+        """True for control / special ids (``<s>``, ``</s>``, ``[INST]`` ...)."""
+        if self.sp is None:
+            return int(i) < self._tekken.num_special_tokens
+        return self.sp.IsControl(int(i))
+
+    # ------------------------------------------------------------------ Mistral instruct format
+    @functools.cached_property
+    def instruct_version(self) -> str:
+        """The Mistral instruct format of this tokenizer (``"v1"``, ``"v3"``, ``"v7"`` ...; see the module doc)."""
+        if self.sp is None:
+            return self._tekken.version.value
+        base = os.path.basename(self.path)
+        if ".model.v" in base:
+            from mistral_common.tokens.tokenizers.sentencepiece import get_spm_version
+
+            return get_spm_version(self.path).value
+
+        def control(piece: str) -> bool:
+            i = self.sp.PieceToId(piece)
+            return i != self.sp.unk_id() and self.sp.IsControl(i)
+
+        if control("[INST]"):
+            return "v7" if control("[SYSTEM_PROMPT]") else "v3"
+        return "v1"
+
+    @functools.cached_property
+    def instruct_tokenizer(self) -> Any:
+        """mistral-common's instruct tokenizer (``InstructTokenizerV1``, ``V3`` ...) over this tokenizer's file: the
+        engine of ``data.chat``'s rendering."""
+        try:
+            from mistral_common.tokens.tokenizers import instruct
+            from mistral_common.tokens.tokenizers.base import TokenizerVersion
+            from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
+        except ImportError as e:
+            raise _mistral_common_missing(f"the chat format of tokenizer {self.path!r}", e) from None
+        version = TokenizerVersion(self.instruct_version)
+        raw = self._tekken if self.sp is None else SentencePieceTokenizer(self.path, tokenizer_version=version)
+        cls = {"v1": instruct.InstructTokenizerV1, "v2": instruct.InstructTokenizerV2,
+               "v3": instruct.InstructTokenizerV3, "v7": instruct.InstructTokenizerV7}.get(version.value)
+        if cls is None:
+            raise ValueError(f"tokenizer {self.path!r} has Mistral instruct version {version.value}, which "
+                             "mistral_jax does not render. Fix: use a v1, v2, v3 or v7 tokenizer.")
+        return cls(raw)
+
+    def chat_text(self, ids: Sequence[int]) -> str:
+        """``ids`` as text with the special tokens spelled out (``<s>[INST] hi [/INST]``), for display and for the
+        eval backend's chat strings: each run of ordinary ids is decoded on its own (HF-style for sentencepiece:
+        one leading space dropped), each special id is its piece."""
+        out: list[str] = []
+        run: list[int] = []
+
+        def flush() -> None:
+            if run:
+                out.append(self.decode(run) if self.sp is None else hf_decode(self.sp, run))
+                run.clear()
+
+        for i in (int(i) for i in ids):
+            if self.is_special(i):
+                flush()
+                out.append(self.id_to_piece(i))
+            else:
+                run.append(i)
+        flush()
+        return "".join(out)
 
 
 def hf_raw_text(sp: Any, ids: Sequence[int], skip_unknown: bool = True) -> str:

@@ -215,8 +215,19 @@ class MistralJaxLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs: Any) -> list[int]:
         """Ids of ``string``; BOS first when ``add_special_tokens`` (default: ``add_bos_token``) unless the text
-        starts with ``<s>``. Literal ``<s>`` / ``</s>`` become BOS / EOS; each text piece between them is
-        encoded on its own, as mistral-common and ``data/chat.py`` do."""
+        starts with ``<s>``. A string that starts with a chat this backend rendered (``apply_chat_template``) gets
+        that chat's ids, mistral-common's, in which text typed by users never becomes a control token; text after
+        it (lm-eval's continuation) is encoded together with the chat's last text run, as the HF export's tokenizer
+        reads the whole string (v1: ``[/INST] answer`` is one run; v3 / tekken: the run after the ``[/INST]`` id).
+        Otherwise literal ``<s>`` / ``</s>`` become BOS / EOS (few-shot
+        prompts written as text); each text piece between them is encoded on its own."""
+        chat = self._chat_prefix(string)
+        if chat is not None:
+            ids, tail_start, tail_text = self._chat_ids[chat]
+            rest = string[len(chat):]
+            if rest:  # as the HF export's tokenizer reads the whole string: the text after the last special token
+                ids = ids[:tail_start] + self.tokenizer.encode(tail_text + rest, bos=False)  # is one run
+            return ids[-left_truncate_len:] if left_truncate_len else list(ids)
         bos = self.add_bos_token if add_special_tokens is None else bool(add_special_tokens)
         if string.startswith("<s>"):
             bos = False
@@ -230,6 +241,18 @@ class MistralJaxLM(TemplateLM):
                 ids += self.tokenizer.encode(piece, bos=False)
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
+    def _chat_prefix(self, string: str) -> str | None:
+        """The longest rendered chat string that ``string`` starts with (None if none)."""
+        chats = self.__dict__.setdefault("_chat_ids", {})
+        if string in chats:
+            return string
+        best = None
+        for n in sorted({len(k) for k in chats}, reverse=True):
+            if n < len(string) and string[:n] in chats:
+                best = string[:n]
+                break
+        return best
+
     def tok_decode(self, tokens: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``tokens``, decoded as HF's ``LlamaTokenizer`` does (the hf backend's reference): control and
         unknown ids are skipped (``skip_special_tokens``), ``▁`` becomes a space, a run of byte-fallback pieces
@@ -237,6 +260,8 @@ class MistralJaxLM(TemplateLM):
         Ids the tokenizer does not have (a model vocab larger than the tokenizer's) are dropped."""
         from mistral_jax.data.tokenizer import hf_decode
 
+        if getattr(self.tokenizer, "sp", None) is None:  # tekken: mistral-common's decoding (special ids dropped)
+            return self.tokenizer.decode(tokens)
         return hf_decode(self.tokenizer.sp, tokens, skip_unknown=skip_special_tokens)
 
     def decode(self, tokens: Sequence[int]) -> str:
@@ -244,31 +269,29 @@ class MistralJaxLM(TemplateLM):
         return self.tok_decode(tokens)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Mistral's instruct template (``data/chat.py``): ``<s>[INST] {system}\\n\\n{user} [/INST] {answer}</s>...``.
+        """The chat rendered in the tokenizer's Mistral instruct format by mistral-common (``data.chat``), as text
+        (``<s>[INST] {system}\\n\\n{user} [/INST] {answer}</s>...`` for v1, ``<s>[INST]{user}[/INST]...`` for
+        v3 / tekken). The ids are remembered with the text, so ``tok_encode`` of it (and of it followed by a
+        continuation) gives mistral-common's ids: a literal ``<s>`` or ``[INST]`` typed in a message stays text.
 
         With ``add_generation_prompt=False`` and a final assistant message, that message is left open (no
         ``</s>``) so lm-eval can score its continuation.
         """
-        from mistral_jax.data.chat import _user_text, validate
+        from mistral_jax.data.chat import render_open
 
-        msgs = [dict(m) for m in chat_history]
-        open_answer = None
-        if msgs and msgs[-1]["role"] == "assistant" and not add_generation_prompt:
-            open_answer = msgs.pop()["content"]
-        system, turns = validate(msgs, for_training=False)
-        out = "<s>"
-        for k, turn in enumerate(turns):
-            out += _user_text(turn, system, k == 0)
-            if turn.answer is not None:
-                out += f" {turn.answer}</s>"
-        if open_answer is not None:
-            out += f" {open_answer}"
-        return out
+        ids = render_open([dict(m) for m in chat_history], self.tokenizer, add_generation_prompt)
+        text = self.tokenizer.chat_text(ids)
+        special = [i for i, t in enumerate(ids) if self.tokenizer.is_special(t)]
+        tail_start = special[-1] + 1 if special else 0
+        tail_text = self.tokenizer.chat_text(ids[tail_start:])
+        self.__dict__.setdefault("_chat_ids", {})[text] = (ids, tail_start, tail_text)
+        return text
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         if not chat_template:
             return None
-        return "mistral_instruct_v1: <s>[INST] {system}\\n\\n{user} [/INST] {answer}</s>[INST] {user} [/INST]"
+        version = getattr(self.tokenizer, "instruct_version", "v1")
+        return f"mistral-common instruct {version} ({os.path.basename(self.tokenizer.path)})"
 
     # ------------------------------------------------------------------ scoring
     def _put(self, x: np.ndarray) -> jax.Array:

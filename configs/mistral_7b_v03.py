@@ -1,0 +1,40 @@
+"""Mistral 7B v0.3 pretraining (v0.2 geometry, 32768-piece v3 vocabulary); one v5p-128 / 16 x 8-GPU-node scale run.
+
+The recipe of ``configs/mistral_7b.py`` (AdamW 0.9 / 0.95, peak 3e-4, 2k warmup, cosine to 10%, 4M-token batches,
+bf16 compute with float32 master weights, full remat) on the v0.3 network: no sliding window, theta 1e6, and
+Mistral's v3 sentencepiece tokenizer (``mistral:v3``: control tokens ``[INST]`` = 3, ``[/INST]`` = 4, shipped in
+mistral-common, offline).
+
+    python train.py --config configs/mistral_7b_v03.py --workdir gs://bucket/runs/m7b_v03
+"""
+
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.model.preset = "mistral_7b_v03"  # 32 layers, dim 4096, GQA 32/8 heads, vocab 32768, no window, theta 1e6
+    c.model.dtype = "bfloat16"  # bf16 activations / matmuls (params stay float32 master weights)
+    c.model.remat = "full"  # recompute each layer in the backward pass (activation memory ~ one layer)
+    c.num_steps = 250_000  # 250k x 4M tokens = ~1T tokens
+    c.batch_size = 512  # rows per step: 512 x 8192 = 4.2M tokens
+    c.grad_accum_steps = 2  # 256-row micro-batches: 4 rows/chip on v5p-128 (as configs/mistral_7b.py)
+    c.data.train = "allenai/c4"  # HF hub dataset, streamed (or a local .jsonl/.parquet glob)
+    c.data.hub_config = "en"  # c4 configuration
+    c.data.validation = "allenai/c4"  # held-out split of the same dataset
+    c.data.validation_split = "validation"  # c4 validation split
+    c.data.tokenizer = "mistral:v3"  # Mistral's v3 sentencepiece tokenizer, 32768 pieces (mistral-common, offline)
+    c.data.tokenizer_vocab_size = 32768  # = model vocab_size (only read if data.tokenizer = "": train one)
+    c.data.seq_len = 8192  # tokens per packed row
+    c.optimizer.learning_rate = 3e-4  # peak
+    c.optimizer.warmup_steps = 2000  # linear warmup
+    c.optimizer.min_lr_ratio = 0.1  # cosine to 3e-5
+    c.optimizer.weight_decay = 0.1  # decoupled decay on matrices
+    c.mesh.fsdp = -1  # shard params and optimizer state over every chip (ZeRO-3)
+    c.checkpoint.every_steps = 1000  # ~every hour
+    c.checkpoint.keep = 3  # newest three
+    c.log_every = 10  # metrics every 10 steps
+    c.eval_every = 1000  # held-out loss with every checkpoint
+    c.eval_steps = 20  # 20 x 512 x 8192 tokens
+    c.progress_bar = False  # logs only on clusters
+    return c

@@ -3,15 +3,15 @@
 from mistral_jax.config import ModelConfig
 from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.model.kv_cache import KVCache
-from mistral_jax.model.transformer import Transformer, count_active_params, count_params
+from mistral_jax.model.transformer import ModelOutput, Transformer, count_active_params, count_params
 
-__all__ = ["KVCache", "ModelConfig", "Tokenizer", "Transformer", "count_active_params", "count_params"]
+__all__ = ["KVCache", "ModelConfig", "ModelOutput", "Tokenizer", "Transformer", "count_active_params", "count_params"]
 
 from mistral_jax.inference.generate import generate  # noqa: E402
 
 __all__ += ["generate"]
 
-from mistral_jax.convert import ConversionError, convert, save_hf, save_jax, save_mistral  # noqa: E402
+from mistral_jax.export import ConversionError, convert, save_hf, save_jax, save_mistral  # noqa: E402
 from mistral_jax.loading import load_pretrained  # noqa: E402
 
 __all__ += ["ConversionError", "convert", "load_pretrained", "save_hf", "save_jax", "save_mistral"]

@@ -1,4 +1,7 @@
-"""Checkpoint conversion between HF transformers, Mistral consolidated and mistral_jax formats.
+"""Export and conversion: ``save_hf`` / ``save_mistral`` / ``save_jax`` of a model, ``convert`` between the formats.
+
+The file formats themselves (readers, writers, key tables, output-path safety) live in ``mistral_jax.convert``;
+reading any checkpoint lives in ``mistral_jax.loading``; this module sits above both.
 
 ``convert("hf", "mistral", in_dir, out_dir)`` streams tensor by tensor between the file formats (host
 memory: about one tensor; the output is written shard by shard); converting to or from ``jax`` goes through
@@ -21,29 +24,24 @@ import jax
 from mistral_jax import sharding
 from mistral_jax.convert import common, hf, mistral, native, paths
 from mistral_jax.convert.common import ConversionError
+from mistral_jax.loading import FORMATS, _cfg_of, input_dirs, known_tokenizer, open_source, sources_of, tokenizer_path
+from mistral_jax.model.transformer import params_dict
 
-__all__ = ["ConversionError", "convert", "paths", "save_hf", "save_jax", "save_mistral"]
+__all__ = ["ConversionError", "convert", "save_hf", "save_jax", "save_mistral"]
 
 
 def _source_of(model: Any) -> common.ParamsSource:
-    from mistral_jax.loading import _cfg_of
-    from mistral_jax.model.transformer import params_dict
-
     return common.ParamsSource(_cfg_of(model), params_dict(model))
 
 
 def _tokenizer(model: Any, tokenizer: Any) -> Any:
     if tokenizer is not None:
         return tokenizer
-    from mistral_jax.loading import known_tokenizer
-
     return known_tokenizer(model)
 
 
 def _guard(model: Any, tokenizer: Any) -> dict[str, Any]:
     """What an export of ``model`` must not overwrite: the directories it was loaded from, and the tokenizer file."""
-    from mistral_jax.loading import sources_of
-
     tok = None if tokenizer is None else os.fspath(getattr(tokenizer, "path", tokenizer))
     return {"inputs": sources_of(model), "files": [tok] if tok else []}
 
@@ -145,7 +143,6 @@ def convert(src: str, dst: str, input_dir: str | os.PathLike, output_dir: str | 
     Returns:
       ``output_dir``.
     """
-    from mistral_jax.loading import FORMATS, input_dirs, open_source, tokenizer_path
 
     for name, value in (("src", src), ("dst", dst)):
         if value not in FORMATS:

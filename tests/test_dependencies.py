@@ -30,6 +30,7 @@ GROUPS: list[tuple[str, tuple[str, ...]]] = [
     ("mistral_jax/aot.py", ("", "tpu")),
     ("mistral_jax/serve/", ("", "serve")),
     ("mistral_jax/cli/serve.py", ("", "serve")),
+    ("mistral_jax/convert/hf.py", ("", "hf")),
     ("mistral_jax/", ("",)),
     ("eval.py", ("", "eval")),
     ("train.py", ("",)),

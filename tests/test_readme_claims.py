@@ -18,9 +18,12 @@ from mistral_jax.training.metrics import read_metrics
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+TRAIN_TOKENIZER = os.path.join(os.path.dirname(sys.executable), "mistral-jax-train-tokenizer")  # the console script
+
+
 def _tokenizer(tmp_path, vocab=512) -> str:
     out = tmp_path / "tok.model"
-    proc = subprocess.run([sys.executable, "-m", "mistral_jax.data.train_tokenizer", "--input", TRAIN,
+    proc = subprocess.run([TRAIN_TOKENIZER, "--input", TRAIN,
                            "--output", str(out), "--vocab_size", str(vocab)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -29,14 +32,14 @@ def _tokenizer(tmp_path, vocab=512) -> str:
 
 
 def test_train_tokenizer_command(tmp_path):
-    """``python -m mistral_jax.data.train_tokenizer``: a sentencepiece model with Mistral's special ids."""
+    """``mistral-jax-train-tokenizer``: a sentencepiece model with Mistral's special ids."""
     sp = spm.SentencePieceProcessor(model_file=_tokenizer(tmp_path, 600))
     assert sp.get_piece_size() == 600
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2)
     text = "def f(x): return x # ünïcödé ✓"
     assert sp.decode(sp.encode(text)) == text  # byte fallback: nothing is lost
     # too small a vocabulary for the data: one line naming the minimum, exit 2
-    proc = subprocess.run([sys.executable, "-m", "mistral_jax.data.train_tokenizer", "--input", TRAIN,
+    proc = subprocess.run([TRAIN_TOKENIZER, "--input", TRAIN,
                            "--output", str(tmp_path / "small.model"), "--vocab_size", "100"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Fix: pass --vocab_size" in proc.stderr and "Traceback" not in proc.stderr

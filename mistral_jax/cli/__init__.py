@@ -192,7 +192,7 @@ def check_checkpoint_dir(path: str | None, flag: str = "--checkpoint") -> str:
 def check_tokenizer(path: str | None, checkpoint: str, fmt: str, flag: str = "--tokenizer") -> str:
     """The tokenizer.model to use: ``path`` (a file, a directory holding tokenizer.model, or a named Mistral tokenizer
     such as ``mistral:v1``) or the checkpoint's."""
-    from mistral_jax.data.tokenizer import Tokenizer, is_named, named_tokenizer_path
+    from mistral_jax.data.tokenizer import Tokenizer, is_named, named_tokenizer_path, resolve
 
     if path is not None and is_named(path):
         try:
@@ -201,11 +201,12 @@ def check_tokenizer(path: str | None, checkpoint: str, fmt: str, flag: str = "--
             problem, _, fix = str(e).partition(". Fix: ")
             raise UsageError(flag, path, f"cannot be used: {problem}", fix or "pass a tokenizer.model path") from None
     if path is not None:
-        file = os.path.join(path, Tokenizer.FILENAME) if os.path.isdir(path) else path
+        file = resolve(path)  # a directory's tokenizer.model, else its tekken.json
         if not os.path.isfile(file):
             raise UsageError(flag, path, "does not exist" if not os.path.exists(path) else
-                             f"is a directory without {Tokenizer.FILENAME}",
-                             f"pass the path of a sentencepiece {Tokenizer.FILENAME} (or a directory holding one)")
+                             f"is a directory without {Tokenizer.FILENAME} or {Tokenizer.TEKKEN_FILENAME}",
+                             f"pass a sentencepiece {Tokenizer.FILENAME} or a tekken.json (or a directory "
+                             "holding one), or a named tokenizer such as mistral:v3")
         return file
     from mistral_jax.loading import tokenizer_path
 

@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> None:
         args = parser().parse_args(argv)
         validate(args)
-        from mistral_jax.convert import convert
+        from mistral_jax.export import convert
 
         t0 = time.time()
         size = int(args.max_shard_size) if args.max_shard_size.strip().isdigit() else args.max_shard_size

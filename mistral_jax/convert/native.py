@@ -117,8 +117,8 @@ def _check_tree(cfg: ModelConfig, params_dir: str) -> dict[tuple[str, ...], Any]
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(params_dir))))
         raise AdaptersOnlyError(f"checkpoint {params_dir!r} holds only LoRA adapters ({len(stored)} arrays), not "
                                 f"a model: {root!r} is a LoRA training workdir. Fix: keep its run_config.json (which "
-                                "names the base model) so it loads merged, or export it with `python -m "
-                                f"mistral_jax.lora --workdir {root} --output DIR`.")
+                                "names the base model) so it loads merged, or export it with `mistral-jax-lora "
+                                f"--workdir {root} --output DIR`.")
     problems = [f"{params_dir}: missing parameter {'/'.join(k)} {s}" for k, s in expected.items() if k not in stored]
     problems += [f"{params_dir}: unexpected parameter {'/'.join(k)} {tuple(v.shape)}" for k, v in stored.items()
                  if k not in expected]

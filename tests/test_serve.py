@@ -295,6 +295,53 @@ def test_engine_without_window_equals_generate():
         eng.stop()
 
 
+def test_engine_on_a_mesh_equals_generate():
+    """Sharded serving: weights by the rules table, cache slots over the batch axes and kv heads over ``tensor``
+    (2 x 2 x 2 of the 8 host devices); greedy results equal unsharded ``mj.generate``, steps compile once."""
+    from mistral_jax import sharding
+
+    class Tok:
+        eos_id, bos_id = 2, 1
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    cfg = mj.ModelConfig.tiny(sliding_window=16, max_seq_len=96, initializer_range=0.2)
+    model = mj.Transformer(cfg, rngs=nnx.Rngs(2))
+    prompts = [[1] + np.random.default_rng(10 + i).integers(3, cfg.vocab_size, n).tolist() for i, n in
+               enumerate([5, 30, 12, 50, 2, 21])]
+    want = mj.generate(model, prompts, max_new_tokens=10, eos_id=2)
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    with pytest.raises(ValueError, match=r"max_batch=3 is not a multiple of the mesh's batch axes \(4 ways"):
+        Engine(model, Tok(), max_batch=3, mesh=mesh)
+    compile_count()
+    eng = Engine(model, Tok(), max_batch=4, chunk_size=16, mesh=mesh).start()
+    try:
+        compiles = compile_count()
+        assert eng.cache.k.sharding.spec != eng.cache.k.sharding.spec.__class__()  # not replicated
+        assert len(eng.cache.k.sharding.device_set) == 8
+        wq = eng.state["layers"]["attention"]["wq"][...]
+        assert len(wq.sharding.device_set) == 8 and wq.addressable_shards[0].data.size < wq.size
+        out = {i: [] for i in range(len(prompts))}
+        done = threading.Semaphore(0)
+
+        def emit(i):
+            def f(ev):
+                out[i].extend(ev.token_ids)
+                if ev.kind != "delta":
+                    done.release()
+            return f
+
+        for i, p in enumerate(prompts):
+            eng.submit(p, SamplingParams(max_tokens=10), emit(i))
+        for _ in prompts:
+            assert done.acquire(timeout=300)
+        assert [out[i] for i in range(len(prompts))] == [[t for t in w if t != 2] for w in want]
+        assert compile_count() == compiles  # requests coming and going: no recompilation on the mesh either
+    finally:
+        eng.stop()
+
+
 # ----------------------------------------------------------------------------- the command line
 def test_cli_checks_flags_before_loading(tmp_path):
     res = subprocess.run([sys.executable, "-m", "mistral_jax.serve", "--checkpoint", str(tmp_path), "--max_batch",
@@ -303,16 +350,30 @@ def test_cli_checks_flags_before_loading(tmp_path):
     assert "--max_batch=0" in res.stderr and "Fix:" in res.stderr
 
 
+@pytest.mark.parametrize("mesh, expected", [("tensor=two", "not an integer"), ("heads=2", "'heads=2'"),
+                                            ("data=-1,fsdp=-1", "more than one -1"), ("tensor=0", "size of tensor")])
+def test_cli_checks_the_mesh_before_loading(mesh, expected):
+    from mistral_jax.cli import UsageError
+    from mistral_jax.cli.serve import parse_args
+
+    with pytest.raises(UsageError, match="--mesh") as e:
+        parse_args(["--checkpoint", "x", "--mesh", mesh])
+    assert expected in str(e.value) and "Fix:" in str(e.value)
+    assert parse_args(["--checkpoint", "x", "--mesh", "data=2,tensor=-1"]).mesh == dict(data=2, fsdp=1, tensor=-1,
+                                                                                         expert=1)
+
+
 def test_cli_serves_a_checkpoint(env):
+    """The command line, sharded over the 8 host devices as --mesh says (data 2 x fsdp 2 x tensor 2)."""
     proc = subprocess.Popen([sys.executable, "-m", "mistral_jax.serve", "--checkpoint", env["ckpt"], "--port", "0",
-                             "--max_batch", "2"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                             "--max_batch", "4", "--mesh", "data=2,tensor=2,fsdp=-1"], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     try:
         line = ""
         deadline = time.monotonic() + 180
         while "serving" not in line and time.monotonic() < deadline and proc.poll() is None:
             line = proc.stderr.readline()
-        assert "serving 'ckpt' on http://127.0.0.1:" in line, line
+        assert "serving 'ckpt' on http://127.0.0.1:" in line and "'tensor': 2" in line, line
         url = line.split(" on ")[1].split()[0]
         r = requests.post(url + "/v1/completions", json={"prompt": "the", "max_tokens": 6, "temperature": 0},
                           timeout=TIMEOUT).json()

@@ -31,6 +31,30 @@ from mistral_jax.cli import run as cli_run
 PROG = "serve"
 
 
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+
+def parse_mesh(text: str | None) -> dict[str, int] | None:
+    """``--mesh 'data=2,tensor=4'`` -> ``{"data": 2, "tensor": 4}`` (unnamed axes are 1); None when not given."""
+    if text is None:
+        return None
+    fix = "pass axis=size pairs such as --mesh tensor=4 or --mesh data=2,tensor=4 (axes: data, fsdp, tensor, expert)"
+    sizes: dict[str, int] = {}
+    for part in text.split(","):
+        axis, eq, size = part.strip().partition("=")
+        if not eq or axis not in MESH_AXES or axis in sizes:
+            raise UsageError("--mesh", text, f"has {part.strip()!r}, not a new axis=size", fix)
+        try:
+            sizes[axis] = int(size)
+        except ValueError:
+            raise UsageError("--mesh", text, f"size of {axis} is {size!r}, not an integer", fix) from None
+        if sizes[axis] < 1 and sizes[axis] != -1:
+            raise UsageError("--mesh", text, f"size of {axis} is {sizes[axis]}", "use a size >= 1 (or -1 once)")
+    if list(sizes.values()).count(-1) > 1:
+        raise UsageError("--mesh", text, "has more than one -1", "give every axis but one a size")
+    return {a: sizes.get(a, 1) for a in MESH_AXES}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check every flag value (no file is opened); raises ``UsageError`` naming a bad flag."""
     ap = Parser(prog="mistral-jax-serve", description=__doc__.split("\n\n")[0])
@@ -41,6 +65,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max_queue", default="256", help="requests waiting for a slot before 429 answers (>= 0)")
     ap.add_argument("--chunk_size", default=None, help="prefill chunk (>= 1; default: the sliding window)")
     ap.add_argument("--model_name", default=None, help="model id in the API (default: the checkpoint dir's name)")
+    ap.add_argument("--mesh", default=None, help="serve sharded over this machine's devices, e.g. "
+                    "'tensor=4' or 'data=2,tensor=4' (axes data, fsdp, tensor, expert; one may be -1 = the rest; "
+                    "default: one device)")
     args = ap.parse_args(argv)
     check_checkpoint_flags(args)
     args.port = number("--port", args.port, int, lambda v: 0 <= v <= 65535, "must be in [0, 65535]",
@@ -51,6 +78,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                             "pass how many requests may wait for a slot, e.g. --max_queue 256")
     args.chunk_size = number("--chunk_size", args.chunk_size, int, lambda v: v >= 1, "must be at least 1",
                              "pass a positive prefill chunk such as --chunk_size 512, or omit it (the window)")
+    args.mesh = parse_mesh(args.mesh)
     if not args.host:
         raise UsageError("--host", args.host, "is empty", "pass an address such as --host 127.0.0.1")
     if args.model_name is not None and not args.model_name.strip():
@@ -78,13 +106,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     except OSError as e:
         raise UsageError("--port", args.port, f"cannot be bound on {args.host}: {e.strerror}",
                          "pass a free port (or --port 0 for any)") from None
-    tokenizer, model = load_checkpoint(args, tokenizer_file)
+    mesh = None
+    if args.mesh is not None:
+        from mistral_jax import sharding
+
+        try:
+            mesh = sharding.make_mesh(**args.mesh)
+        except ValueError as e:
+            raise UsageError("--mesh", args.mesh, f"does not lay out this machine's devices ({e})",
+                             "make the sizes multiply to the device count, or use -1 for one axis") from None
+        from mistral_jax.serve.engine import batch_shards
+
+        if args.max_batch % batch_shards(mesh):
+            raise UsageError("--max_batch", args.max_batch, f"is not a multiple of the {batch_shards(mesh)} ways "
+                             f"the mesh {args.mesh} splits the decode slots (data x fsdp x expert)",
+                             "pass a multiple of it")
+    tokenizer, model = load_checkpoint(args, tokenizer_file, mesh=mesh)
     name = args.model_name or os.path.basename(os.path.normpath(os.path.abspath(args.checkpoint)))
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                    chunk_size=args.chunk_size).start()
+                    chunk_size=args.chunk_size, mesh=mesh).start()
     server.set_app(create_app(engine, name))
+    where = "" if mesh is None else f", mesh={dict(mesh.shape)}"
     print(f"serving {name!r} on {server.url} (max_batch={args.max_batch}, cache slots per row="
-          f"{engine.cache_slots}, prefill chunk={engine.chunk})", file=sys.stderr, flush=True)
+          f"{engine.cache_slots}, prefill chunk={engine.chunk}{where})", file=sys.stderr, flush=True)
     try:
         server.run()
     finally:

@@ -27,6 +27,7 @@ going cause no recompilation (``compile_count`` counts XLA compilations).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -42,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mistral_jax import sharding
 from mistral_jax.data.tokenizer import hf_decode, hf_raw_text
 from mistral_jax.inference.generate import DEFAULT_CHUNK
 from mistral_jax.inference.per_layer import serving_forward, serving_layers
@@ -190,6 +192,12 @@ _prefill_chunk = jax.jit(prefill_chunk, static_argnames=("graphdef",), donate_ar
 _decode_step = jax.jit(decode_step, static_argnames=("graphdef",), donate_argnames=("cache",))
 
 
+def batch_shards(mesh: jax.sharding.Mesh, rules: sharding.ShardingRules | None = None) -> int:
+    """How many ways the rules split the decode slots (the batch axis) over ``mesh``."""
+    axes = (rules or sharding.DEFAULT_RULES).mesh_axes("batch") or ()
+    return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes) if a in mesh.shape]))
+
+
 # ----------------------------------------------------------------------------- requests
 class QueueFullError(RuntimeError):
     """The waiting queue holds ``max_queue`` requests already (HTTP 429)."""
@@ -258,10 +266,15 @@ class Engine:
       max_queue: requests waiting for a slot beyond which ``submit`` raises ``QueueFullError``.
       chunk_size: prefill chunk C (default: the window W, else min(4096, max_seq_len); capped at the cache size).
       unstack: per-layer weight copies (``serving_layers``); None = on CPU when they fit.
+      mesh: serve sharded on this mesh (``sharding.make_mesh``): the weights by their logical axes and ``rules``
+        (as in training), the cache's slots over the batch axes and its kv heads over ``tensor``. ``max_batch``
+        must be a multiple of the batch axes' size.
+      rules: the logical -> mesh axis rules used with ``mesh`` (default ``sharding.DEFAULT_RULES``).
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 256,
-                 chunk_size: int | None = None, unstack: bool | None = None):
+                 chunk_size: int | None = None, unstack: bool | None = None,
+                 mesh: jax.sharding.Mesh | None = None, rules: sharding.ShardingRules | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be >= 1. Fix: pass e.g. 16.")
         if max_queue < 0:
@@ -275,9 +288,19 @@ class Engine:
         self.chunk = min(chunk_size or cfg.sliding_window or DEFAULT_CHUNK, self.cache_slots)
         if self.chunk < 1:
             raise ValueError(f"chunk_size={chunk_size} must be >= 1. Fix: omit it (the window).")
+        self.mesh, self.rules = mesh, (rules or sharding.DEFAULT_RULES)
         self.graphdef, self.state = nnx.split(model)
+        if mesh is not None:
+            batch_ways = batch_shards(mesh, self.rules)
+            if max_batch % batch_ways:
+                raise ValueError(f"max_batch={max_batch} is not a multiple of the mesh's batch axes "
+                                 f"({batch_ways} ways: {dict(mesh.shape)}). Fix: pass --max_batch "
+                                 f"{max(batch_ways, max_batch // batch_ways * batch_ways)} or a mesh with fewer "
+                                 "data / fsdp ways.")
+            with self._mesh():
+                self.state = jax.device_put(self.state, sharding.state_shardings(self.state, mesh, self.rules))
+        self.cache = self._new_cache()
         self.layers = serving_layers(model, unstack, self.state)
-        self.cache = KVCache.init(cfg, max_batch, self.cache_slots)
         self.slots: list[Request | None] = [None] * max_batch
         self.pos = np.full(max_batch, -1, np.int32)  # position of the token fed next, per decoding row
         self.last = np.zeros(max_batch, np.int32)
@@ -287,6 +310,18 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.running = False
         self.steps = dict(prefill_chunks=0, decode_steps=0, tokens=0, cancelled=0, peak_rows=0)
+
+    def _new_cache(self) -> KVCache:
+        """An empty cache ``[L, B, S, ...]``, created in its shards on the mesh."""
+        init = lambda: KVCache.init(self.cfg, self.max_batch, self.cache_slots)
+        if self.mesh is None:
+            return init()
+        with self._mesh():
+            return jax.jit(init, out_shardings=jax.eval_shape(init).shardings(self.mesh, self.rules))()
+
+    def _mesh(self) -> contextlib.AbstractContextManager:
+        """The mesh context for tracing and running the steps (entered by the thread that runs them)."""
+        return sharding.use_mesh(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ public
     def start(self, warmup: bool = True) -> Engine:
@@ -311,6 +346,10 @@ class Engine:
 
     def warmup(self) -> None:
         """Compile ``prefill_chunk`` and ``decode_step`` once (on an idle cache: nothing is written)."""
+        with self._mesh():
+            self._warmup()
+
+    def _warmup(self) -> None:
         tok = np.zeros((1, self.chunk), np.int32)
         pos = np.full((1, self.chunk), -1, np.int32)
         _, self.cache = _prefill_chunk(self.graphdef, self.state, self.layers, self.cache, np.int32(0),
@@ -502,6 +541,10 @@ class Engine:
             self._free(b)
 
     def _loop(self) -> None:
+        with self._mesh():  # the mesh context is per thread: this one runs every step
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self.cond:
                 if not self.running:
@@ -524,4 +567,4 @@ class Engine:
                         self._fail(r, f"internal error: {type(e).__name__}: {e}")
                         self._free(b)
                 if any(x.is_deleted() for x in jax.tree.leaves(self.cache)):  # donated into a failed call
-                    self.cache = KVCache.init(self.cfg, self.max_batch, self.cache_slots)
+                    self.cache = self._new_cache()

@@ -74,6 +74,7 @@ with sh.use_mesh(mesh, rules):
     _, abstract, _ = step_lib.make_train_state(cfg, rc, mesh, rules, abstract=True)
     step, restored, data_state, meta = ckpt.restore_latest(abstract)
     ckpt.close()
+    restored["frozen"] = state["frozen"]  # not checkpointed (empty here: every weight trains), as the trainer does
     after = sums(restored["params"])
     # every element of params and optimizer state equal, compared as global arrays (a swapped or misplaced shard
     # keeps the per-parameter sums but fails this)

@@ -50,10 +50,22 @@ def get_config() -> ConfigDict:
     c.data.shuffle_buffer = 10_000  # shuffle buffer of streamed hub datasets
     c.data.on_decode_error = "replace"  # non-UTF-8 input: "replace" (U+FFFD + one warning per file) or "error"
     # instruction fine-tuning (the recipes of training/recipe.py: chat data in data/chat.py, adapters in lora.py)
-    c.data.format = "text"  # "text": documents (pretraining); "chat": messages lists, Mistral template, answer loss
+    # "text": documents (pretraining); "chat": messages lists, Mistral template, answer loss; "preference": prompt +
+    # chosen / rejected pairs (data/preference.py), trained with the config.preference objective
+    c.data.format = "text"
     c.data.messages_field = "messages"  # chat: column holding the messages (also reads ShareGPT / Alpaca layouts)
     c.data.max_conversations = 0  # chat: read at most this many conversations (0 = all)
-    c.data.skip_invalid = False  # chat: drop conversations with bad roles / empty turns (counted) instead of failing
+    c.data.skip_invalid = False  # chat / preference: drop invalid records (counted) instead of failing
+    c.data.pairs_per_row = 1  # preference: pairs packed per row (1 = one right-padded pair per row, as TRL)
+    c.data.max_pairs = 0  # preference: read at most this many pairs (0 = all)
+
+    # preference tuning (data.format = "preference"; training/preference.py, TRL's DPOTrainer / ORPOTrainer math)
+    c.preference = ConfigDict()
+    c.preference.objective = "dpo"  # "dpo" (frozen reference = init_from; LoRA: adapters off) or "orpo" (none)
+    c.preference.loss_type = "sigmoid"  # DPO loss: sigmoid (DPO), ipo, robust (label-noise robust), hinge
+    c.preference.beta = 0.1  # DPO's beta (IPO's tau); ORPO's lambda (weight of the odds-ratio term)
+    c.preference.label_smoothing = 0.0  # loss_type="robust" only: probability a preference label is flipped
+    c.preference.orpo_nll_on_prompt = False  # ORPO: the NLL term also covers prompt tokens (TRL's ORPOTrainer)
 
     c.lora = ConfigDict()
     c.lora.rank = 0  # LoRA adapter rank; 0 = no LoRA (every weight trains)

@@ -7,7 +7,8 @@ Needs libtpu (the ``tpu`` extra: ``pip install "jax[tpu]"``), which compiles for
 hardware. The run config is resolved as ``train.py`` resolves it (``training.run.resolve``) on the topology's
 devices, so the model's ``auto`` backends resolve for the TPU (``ModelConfig.platform = "tpu"``) and the program
 is the run's recipe: its train state holds what the recipe trains (e.g. only adapters, with the base frozen) and
-the optimizer state covers only that. The step is ``training.step.jit_train_step`` on that state, mesh
+the optimizer state covers only that, and its step minimises the recipe's objective on the recipe's batches.
+The step is ``training.step.jit_train_step`` on that state, mesh
 (``config.mesh``, -1 = fill the topology's chips), rules, batch and remat, lowered on abstract (sharded) state
 and batch; nothing is read but ``init_from``'s config file (when it is a directory here; else ``config.model``'s
 architecture is compiled). Prints the per-chip memory of the compiled program (arguments, outputs,
@@ -213,11 +214,12 @@ def compile_run(run: Any) -> dict[str, Any]:
     cfg, mesh, rules, recipe = run.cfg, run.mesh, run.rules, run.recipe
     tx, schedule = make_optimizer(cfg.optimizer, int(cfg.num_steps))
     t0 = time.perf_counter()
+    objective = recipe.objective
     graphdef, state, shardings = step_lib.state_layout(recipe.abstract_model(run.model_cfg), tx, mesh, rules,
-                                                       recipe.trainable)
-    batch = step_lib.abstract_batch(int(cfg.batch_size), int(cfg.data.seq_len), mesh, rules)
+                                                       recipe.trainable, keep_initial=objective.keeps_initial)
+    batch = step_lib.abstract_batch(int(cfg.batch_size), int(cfg.data.seq_len), mesh, rules, objective)
     fn = step_lib.jit_train_step(graphdef, tx, shardings, mesh, rules, grad_accum_steps=int(cfg.grad_accum_steps),
-                                 schedule=schedule)
+                                 schedule=schedule, objective=objective)
     with sharding.use_mesh(mesh, rules):
         lowered = fn.lower(state, batch)
         try:

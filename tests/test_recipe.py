@@ -35,7 +35,7 @@ def _hf_config_dir(tmp_path, cfg: mj.ModelConfig):
 def test_the_trainer_step_and_aot_name_no_recipe():
     for name in ("training/trainer.py", "training/step.py", "aot.py"):
         text = open(os.path.join(ROOT, "mistral_jax", name), encoding="utf-8").read()
-        assert not re.search(r"sft|lora", text, re.I), name
+        assert not re.search(r"sft|lora|dpo|orpo|preference", text, re.I), name
 
 
 def test_choose_reads_the_recipe_from_the_config_alone():
@@ -128,6 +128,32 @@ def _state(rank: int, mesh):
     state = step_lib.init_state(recipe.init_model(model_cfg, mesh, rules), tx, shardings, mesh, rules,
                                 recipe.trainable)
     return graphdef, abstract, shardings, state, tx, schedule
+
+
+def test_state_layout_can_keep_a_frozen_copy_of_the_initial_weights():
+    """``keep_initial`` (an objective measured against the starting model): ``frozen`` holds the model's frozen
+    variables and a copy of the trained ones, own buffers with the params' shardings, outside the optimizer."""
+    from mistral_jax import sharding
+
+    mesh = sharding.make_mesh(fsdp=8)
+    rules = sharding.DEFAULT_RULES
+    c = tiny.get_config()
+    c.optimizer.warmup_steps = 0
+    recipe = recipe_lib.choose(c)
+    model_cfg = mj.ModelConfig.tiny(platform="cpu")
+    tx, _ = make_optimizer(c.optimizer, c.num_steps)
+    _, plain, _ = step_lib.state_layout(recipe.abstract_model(model_cfg), tx, mesh, rules)
+    _, abstract, shardings = step_lib.state_layout(recipe.abstract_model(model_cfg), tx, mesh, rules,
+                                                   keep_initial=True)
+    assert abstract["frozen"]["model"] == {} and shardings["frozen"]["initial"] == shardings["params"]
+    assert jax.tree.structure(abstract["opt_state"]) == jax.tree.structure(plain["opt_state"])
+    state = step_lib.init_state(recipe.init_model(model_cfg, mesh, rules), tx, shardings, mesh, rules,
+                                keep_initial=True)
+    for p, q in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(state["frozen"]["initial"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(p), np.asarray(q))
+        assert p.sharding == q.sharding
+        ptr = [x.addressable_shards[0].data.unsafe_buffer_pointer() for x in (p, q)]
+        assert ptr[0] != ptr[1]  # own buffers: the state is donated each step
 
 
 def test_train_state_holds_what_is_trainable():

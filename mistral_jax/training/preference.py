@@ -24,6 +24,10 @@ batch's real pairs (``logits/*`` and ``nll_loss``: over answer tokens, as TRL); 
 weight means across micro-batches or hosts.
 ``rewards/accuracies`` on held-out pairs is the preference accuracy.
 
+In a training run the recipe (``training.recipe``, ``data.format = "preference"``) hands the generic train step a
+``PreferenceObjective``: the pair batch layout, the loss above, the reference log-probs computed once per batch
+without gradient (``prepare``) and the held-out sums (``rewards/accuracies`` = preference accuracy).
+
 A model is passed as an ``apply`` function ``(tokens, positions, segment_ids) -> logits`` over ``[N, T]`` inputs (or
 ``-> (logits, extra_loss)``, e.g. an already-weighted MoE load-balancing loss, added to the objective): the trainer
 recipe closes over its model (``model_apply(model)``), a LoRA model with its adapters disabled, or anything else.
@@ -37,7 +41,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jaxtyping import Array, Float, Int
+
+from mistral_jax.training import step as step_lib
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "robust", "hinge")
 OBJECTIVES = ("dpo", "orpo")
@@ -209,7 +216,7 @@ def orpo_odds_ratio(chosen_avg_logps: Array, rejected_avg_logps: Array) -> tuple
 
 
 def _mean(x: Array, mask: Array) -> Array:
-    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return jnp.sum(jnp.where(mask > 0, x * mask, 0.0)) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def _reward_metrics(chosen_rewards: Array, rejected_rewards: Array, mask: Array) -> dict[str, Array]:
@@ -232,7 +239,9 @@ def pair_terms(policy_apply: Apply, batch: Mapping[str, Array], config: Preferen
     mask = batch["pair_mask"].astype(jnp.float32)
     out: dict[str, Any] = dict(stats=stats, extra_loss=extra, mask=mask)
     if orpo:
-        avg = stats["logps"] / jnp.maximum(stats["tokens"], 1.0)  # [B, 2, P]
+        # [B, 2, P]; an empty pair slot (padding, no answer tokens) gets -1 (any value < 0): log(1 - e^0) = -inf
+        # would turn its masked-out term into NaN
+        avg = jnp.where(stats["tokens"] > 0, stats["logps"] / jnp.maximum(stats["tokens"], 1.0), -1.0)
         c, r = avg[:, 0], avg[:, 1]
         log_odds, ls = orpo_odds_ratio(c, r)
         if config.orpo_nll_on_prompt:
@@ -299,3 +308,83 @@ def eval_metrics(policy_apply: Apply, batch: Mapping[str, Array], config: Prefer
                  reference: Apply | Array | None = None) -> dict[str, Array]:
     """``loss_fn``'s metrics without a gradient (held-out preference accuracy is ``rewards/accuracies``)."""
     return jax.tree.map(jax.lax.stop_gradient, loss_fn(policy_apply, batch, config, reference)[1])
+
+
+# ----------------------------------------------------------------------------------------------- train step
+REFERENCES = ("none", "initial", "adapters_off")
+
+
+def policy_apply(model: Any) -> Apply:
+    """``apply`` of a ``Transformer`` being trained: logits, plus its weighted MoE aux losses as ``extra_loss``
+    (the ``training.loss`` weights ``router_aux_loss_coef`` / ``router_z_loss_coef``) for a mixture of experts."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not cfg.is_moe:
+        return model_apply(model)
+
+    def apply(tokens, positions, segment_ids):
+        logits, aux = model(tokens, positions=positions, segment_ids=segment_ids, return_aux=True)
+        return logits, cfg.router_aux_loss_coef * aux["load_balancing_loss"] + cfg.router_z_loss_coef * aux[
+            "router_z_loss"]
+
+    return apply
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceObjective(step_lib.Objective):
+    """The train / eval step objective of a preference run (``training.step.Objective``).
+
+    Attributes:
+      config: the objective (DPO / ORPO, loss type, beta...).
+      pairs_per_row: ``P`` of the pair batches (``data.pairs_per_row``).
+      reference: where DPO's frozen reference comes from: ``"initial"`` (the initial weights, a frozen copy kept in
+        the train state's ``frozen["initial"]``: full fine-tuning), ``"adapters_off"`` (the model with its trained
+        variables, the LoRA adapters, zeroed: ``disabled_adapters``; no second copy), ``"none"`` (ORPO).
+
+    Micro-batches (``grad_accum_steps``) are weighted by their number of real pairs.
+    """
+
+    config: PreferenceConfig = PreferenceConfig()
+    pairs_per_row: int = 1
+    reference: str = "none"
+
+    def __post_init__(self):
+        if self.reference not in REFERENCES:
+            raise ValueError(f"reference={self.reference!r}. Fix: use one of {REFERENCES}.")
+        if self.config.needs_reference and self.reference == "none":
+            raise ValueError(f"objective {self.config.objective!r} needs a reference model. Fix: reference='initial'"
+                             " (full fine-tuning) or 'adapters_off' (LoRA).")
+        object.__setattr__(self, "keeps_initial", self.config.needs_reference and self.reference == "initial")
+        object.__setattr__(self, "count_metrics", ("pairs",))
+
+    def batch_spec(self, batch_size: int, seq_len: int) -> dict[str, tuple[tuple[int, ...], Any, tuple]]:
+        spec = {k: ((batch_size, 2, seq_len), dt, ("batch", None, "seq")) for k, dt in
+                dict(tokens=jnp.int32, targets=jnp.int32, weights=jnp.float32, positions=jnp.int32,
+                     segment_ids=jnp.int32).items()}
+        spec["pair_mask"] = ((batch_size, self.pairs_per_row), jnp.float32, ("batch", None))
+        return spec
+
+    def weight(self, batch: Mapping[str, Array]) -> Array:
+        return jnp.sum(batch["pair_mask"].astype(jnp.float32))
+
+    def prepare(self, graphdef: Any, params: Any, frozen: Any, batch: Mapping[str, Array]) -> Array | None:
+        """DPO: the reference's summed answer log-probs ``[B, 2, P]`` (no gradient); ORPO: None."""
+        if not self.config.needs_reference:
+            return None
+        if self.reference == "initial":
+            ref = nnx.merge(graphdef, frozen["initial"], frozen["model"])
+        else:
+            ref = nnx.merge(graphdef, disabled_adapters(params), frozen)
+        return sequence_logps(model_apply(ref), batch)
+
+    def loss(self, model: Any, batch: Mapping[str, Array], prepared: Any) -> tuple[Array, dict[str, Array]]:
+        return loss_fn(policy_apply(model), batch, self.config, reference=prepared)
+
+    def eval_sums(self, graphdef: Any, params: Any, frozen: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
+        prepared = self.prepare(graphdef, params, frozen, batch)
+        m = eval_metrics(policy_apply(self.model(graphdef, params, frozen)), batch, self.config, reference=prepared)
+        return {k: (v if k == "pairs" else v * m["pairs"]) for k, v in m.items()}
+
+    def eval_summary(self, sums: dict[str, float]) -> dict[str, float]:
+        """Means over the held-out pairs (``rewards/accuracies``: the preference accuracy) and ``pairs``."""
+        n = max(sums.get("pairs", 0.0), 1.0)
+        return {k: (v if k == "pairs" else v / n) for k, v in sums.items()}

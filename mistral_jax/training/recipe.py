@@ -2,19 +2,26 @@
 
 A ``Recipe`` is three independent choices read from the run config by ``choose(cfg)``:
 
-* data (``data.format``): ``TextData`` (pretraining on documents, packed) or ``ChatData`` (conversations in
-  Mistral's chat format, loss on the assistant answers only; ``data/chat.py``);
+* data (``data.format``): ``TextData`` (pretraining on documents, packed), ``ChatData`` (conversations in
+  Mistral's chat format, loss on the assistant answers only; ``data/chat.py``) or ``PreferenceData`` (chosen /
+  rejected pairs, ``data/preference.py``);
 * start (``init_from``): a fresh seeded init, or a checkpoint (HF, Mistral consolidated or mistral_jax dir)
   whose architecture replaces the run's (``ModelConfig.with_architecture_of``) and whose weights are read slice by
   slice onto the training mesh;
 * adapters (``lora.rank``): none (every weight trains) or ``LoRA`` adapters wrapped around the target weights.
 
+The data also fixes the training objective (``objective``, a ``training.step.Objective``): the token loss of
+``training.loss`` for text and chat; for preference data the ``config.preference`` objective of
+``training.preference`` (DPO against a frozen reference, or ORPO). DPO's reference is ``init_from`` (required):
+with adapters, the model with its adapters zeroed (no second copy); without, a frozen copy of the initial weights
+in the train state's ``frozen`` part (``Objective.keeps_initial``), rebuilt from ``init_from`` on resume.
+
 It gives the trainer everything that differs between runs: the model config (``model_config``), the tokenizer
-(``tokenizer``), the data (``open_data``, ``batches``), the model to train (``abstract_model`` / ``init_model``)
-and the ``trainable`` ``nnx`` filter that splits it into the train state's ``params`` and ``frozen`` parts
-(``training.step.state_layout``). ``nnx.Param`` is that filter for every recipe: ``lora.apply_lora`` turns
-the base weights into ``lora.Frozen`` variables, so only the adapters remain ``nnx.Param``. Frozen weights are
-not checkpointed: a resumed run rebuilds them with ``init_model``.
+(``tokenizer``), the data (``open_data``, ``batches``, ``empty_batch``), the objective, the model to train
+(``abstract_model`` / ``init_model``) and the ``trainable`` ``nnx`` filter that splits it into the train state's
+``params`` and ``frozen`` parts (``training.step.state_layout``). ``nnx.Param`` is that filter for every recipe:
+``lora.apply_lora`` turns the base weights into ``lora.Frozen`` variables, so only the adapters remain
+``nnx.Param``. Frozen weights are not checkpointed: a resumed run rebuilds them with ``init_model``.
 """
 
 from __future__ import annotations
@@ -33,16 +40,19 @@ from mistral_jax import loading, sharding
 from mistral_jax import lora as lora_lib
 from mistral_jax.config import ModelConfig
 from mistral_jax.data import chat, pipeline
+from mistral_jax.data import preference as preference_data
 from mistral_jax.data import tokenizer as tokenizer_lib
 from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.data.train_tokenizer import VocabularyTooSmall, train_tokenizer
 from mistral_jax.model.transformer import Transformer
+from mistral_jax.training import preference as preference_lib
 from mistral_jax.training import step as step_lib
 
 log = logging.getLogger(__name__)
 
 # run config fields that shape the train state or its meaning: a resumed run must keep them
-STATE_FIELDS = ("model.", "optimizer.", "lora.", "init_from", "remat", "data.tokenizer", "data.format")
+STATE_FIELDS = ("model.", "optimizer.", "lora.", "init_from", "remat", "data.tokenizer", "data.format",
+                "preference.objective")
 
 
 class ConfigError(ValueError):
@@ -96,6 +106,10 @@ class TextData:
             add_bos=d.add_bos, add_eos=d.add_eos, loop=train, process_index=jax.process_index(),
             process_count=jax.process_count())
 
+    def empty_batch(self, rows: int) -> dict[str, Any]:
+        """``rows`` rows that carry no loss (the end of a held-out split)."""
+        return pipeline.empty_batch(rows, self.cfg.data.seq_len)
+
 
 @dataclasses.dataclass(frozen=True)
 class ChatData:
@@ -113,6 +127,34 @@ class ChatData:
         del bsharding  # conversations are dealt to processes by index
         return chat.chat_batches(self.cfg.data, tok, batch_size, split=source, seed=int(self.cfg.seed), loop=train,
                                  process_index=jax.process_index(), process_count=jax.process_count())
+
+    def empty_batch(self, rows: int) -> dict[str, Any]:
+        return pipeline.empty_batch(rows, self.cfg.data.seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceData:
+    """Chosen / rejected pairs (``data.format = "preference"``) rendered with the tokenizer's chat format into
+    ``[B, 2, T]`` pair batches (``data/preference.py``): local files, ``"bundled"`` or a streamed hub dataset."""
+
+    cfg: Any
+    name = "preference"
+
+    def open(self, split: str) -> str | None:
+        """``split`` itself (``preference_batches`` reads the records), None without validation data."""
+        return split if split == "train" or self.cfg.data.validation else None
+
+    def batches(self, source: str, tok: Tokenizer, batch_size: int, *, train: bool, bsharding: NamedSharding):
+        """Pair batches (this process's rows of a ``batch_size``-row global batch)."""
+        del bsharding  # pairs are dealt to processes by row
+        return preference_data.preference_batches(self.cfg.data, tok, batch_size, split=source,
+                                                  seed=int(self.cfg.seed), loop=train,
+                                                  process_index=jax.process_index(),
+                                                  process_count=jax.process_count())
+
+    def empty_batch(self, rows: int) -> dict[str, Any]:
+        pairs = int(self.cfg.data.get("pairs_per_row", 1) or 1)
+        return preference_data.stack_rows([preference_data.empty_row(self.cfg.data.seq_len, pairs)] * rows)
 
 
 # ------------------------------------------------------------------------------------------------- adapters
@@ -138,15 +180,21 @@ class Recipe:
     """What a run trains and on what; see the module docstring. Build it with ``choose(cfg)``."""
 
     cfg: Any  # the run config
-    data: TextData | ChatData
+    data: TextData | ChatData | PreferenceData
     init_from: str | None  # checkpoint directory; "" = fresh init; None = required but not given
     adapters: LoRA | None
     trainable: Any = nnx.Param  # nnx filter of the trained variables (the rest is the state's "frozen")
+    objective: step_lib.Objective = step_lib.TOKEN_LOSS  # what the train step minimises (and eval measures)
 
     @property
     def name(self) -> str:
-        what = {"text": "text pretraining", "chat": "chat fine-tuning"}[self.data.name]
-        start = f"from {self.init_from}" if self.init_from else "from a fresh init"
+        what = {"text": "text pretraining", "chat": "chat fine-tuning"}.get(self.data.name)
+        if what is None:
+            c = self.objective.config
+            what = (f"DPO preference tuning ({c.loss_type}, beta {c.beta:g})" if c.objective == "dpo"
+                    else f"ORPO preference tuning (lambda {c.beta:g})")
+        start = (f"from {self.init_from}" if self.init_from else "from a fresh init" if self.init_from == ""
+                 else "from config.init_from (not set)")
         return f"{what} {start}" + (f", {self.adapters}" if self.adapters else ", every weight trains")
 
     @property
@@ -241,9 +289,10 @@ class Recipe:
             if jax.process_index() == 0 and os.path.abspath(tok.path) != os.path.abspath(dest):
                 shutil.copyfile(tok.path, dest)
             return tok
-        if self.data.name == "chat":
-            raise ConfigError("chat fine-tuning needs the model's tokenizer. Fix: set config.data.tokenizer or "
-                              "config.init_from (a checkpoint directory holding tokenizer.model).")
+        if self.data.name != "text":
+            raise ConfigError(f"{self.data.name} fine-tuning needs the model's tokenizer. Fix: set "
+                              "config.data.tokenizer or config.init_from (a checkpoint directory holding "
+                              "tokenizer.model).")
         if os.path.isfile(dest):  # a resumed run keeps the tokenizer it trained
             return Tokenizer(dest)
         return self._train_tokenizer(dest, model_cfg)
@@ -281,12 +330,19 @@ class Recipe:
         batches with ``get_state`` / ``set_state``)."""
         return self.data.batches(source, tok, batch_size, train=train, bsharding=bsharding)
 
+    def empty_batch(self, rows: int) -> dict[str, Any]:
+        """``rows`` rows of this data's batch layout that carry no loss (pads the end of a held-out split)."""
+        return self.data.empty_batch(rows)
+
 
 def choose(cfg: Any) -> Recipe:
     """The recipe of a run config (reads nothing but the config)."""
     init_from = _get(cfg, "init_from", "")
     init_from = None if init_from is None else os.fspath(init_from)
-    data = ChatData(cfg) if _get(cfg, "data.format", "text") == "chat" else TextData(cfg)
+    fmt = _get(cfg, "data.format", "text")
+    if fmt not in ("text", "chat", "preference"):
+        raise ConfigError(f"config.data.format={fmt!r} is unknown. Fix: use 'text', 'chat' or 'preference'.")
+    data = {"text": TextData, "chat": ChatData, "preference": PreferenceData}[fmt](cfg)
     rank = int(_get(cfg, "lora.rank", 0) or 0)
     adapters = None
     if rank:
@@ -299,4 +355,21 @@ def choose(cfg: Any) -> Recipe:
             raise ConfigError(f"config.lora.rank={rank}, config.lora.alpha={adapters.alpha}: the rank must be >= 0 "
                               "(0 = no adapters) and alpha > 0. Fix: e.g. --config.lora.rank=16 "
                               "--config.lora.alpha=32.")
-    return Recipe(cfg=cfg, data=data, init_from=init_from, adapters=adapters)
+    objective = _preference_objective(cfg, init_from, adapters) if fmt == "preference" else step_lib.TOKEN_LOSS
+    return Recipe(cfg=cfg, data=data, init_from=init_from, adapters=adapters, objective=objective)
+
+
+def _preference_objective(cfg: Any, init_from: str | None, adapters: LoRA | None) -> step_lib.Objective:
+    """``config.preference`` as the step objective; DPO's reference is ``init_from`` (required)."""
+    try:
+        pc = preference_lib.PreferenceConfig.from_config(_get(cfg, "preference", None) or {})
+    except ValueError as e:
+        raise ConfigError(f"config.preference: {e}") from None
+    if pc.needs_reference and init_from == "":
+        raise ConfigError("config.preference.objective='dpo' trains against a frozen reference model, the starting "
+                          "checkpoint, but config.init_from is '' (a fresh init). Fix: pass --config.init_from=PATH "
+                          "(e.g. the instruction-tuned model: an HF, Mistral consolidated or mistral_jax dir), or use "
+                          "--config.preference.objective=orpo (no reference).")
+    pairs = int(_get(cfg, "data.pairs_per_row", 1) or 1)
+    reference = "none" if not pc.needs_reference else "adapters_off" if adapters else "initial"
+    return preference_lib.PreferenceObjective(config=pc, pairs_per_row=pairs, reference=reference)

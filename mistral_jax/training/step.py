@@ -15,25 +15,34 @@ Public functions (all usable on abstract inputs for ``jax.jit(...).lower(...).co
   ``split_model`` gives its ``(params, frozen)`` alone.
 * ``make_train_state(model_cfg, run_cfg, mesh, rules=DEFAULT_RULES, *, abstract=False)``
   -> ``(graphdef, state, shardings)``: the state of a freshly initialised ``Transformer`` (seed ``run_cfg.seed``).
-* ``train_step(graphdef, tx, state, batch, *, grad_accum_steps=1, schedule=None)`` -> ``(state, metrics)``:
-  one optimizer step; a scan over ``grad_accum_steps`` micro-batches; a non-finite loss or gradient leaves
-  params and optimizer state unchanged and sets ``metrics["nonfinite"] = 1``.
-* ``eval_step(graphdef, params, frozen, batch)`` -> metrics sums (``ce_sum``, ``tokens``).
-* ``jit_train_step(graphdef, tx, shardings, mesh, rules, *, grad_accum_steps, schedule)`` and
-  ``jit_eval_step(graphdef, shardings, mesh, rules)``: the steps jitted once with in/out shardings
+* ``train_step(graphdef, tx, state, batch, *, grad_accum_steps=1, schedule=None, objective=TOKEN_LOSS)`` ->
+  ``(state, metrics)``: one optimizer step; a scan over ``grad_accum_steps`` micro-batches; a non-finite loss or
+  gradient leaves params and optimizer state unchanged and sets ``metrics["nonfinite"] = 1``.
+* ``eval_step(graphdef, params, frozen, batch, objective=TOKEN_LOSS)`` -> metric sums (``ce_sum``, ``tokens`` for
+  the token loss); ``objective.eval_summary`` turns the sums of several batches into metrics.
+* ``jit_train_step(graphdef, tx, shardings, mesh, rules, *, grad_accum_steps, schedule, objective)`` and
+  ``jit_eval_step(graphdef, shardings, mesh, rules, objective)``: the steps jitted once with in/out shardings
   (state donated). Call them inside ``sharding.use_mesh(mesh, rules)``.
-* ``batch_sharding(mesh, rules)`` and ``abstract_batch(batch_size, seq_len, mesh, rules)``.
+* ``batch_sharding(mesh, rules)``, ``batch_shardings(objective, mesh, rules)`` (one per batch array) and
+  ``abstract_batch(batch_size, seq_len, mesh, rules, objective)``.
 
-A batch is the ``training.loss`` contract: ``tokens, targets, weights, positions, segment_ids`` of shape [B, T].
+What the step minimises is an ``Objective`` (the run's recipe gives it): the batch it reads (names, shapes, logical
+axes), the loss of the model on a (micro-)batch, what the loss needs besides the trained weights computed once per
+batch without gradient (``prepare``: e.g. a frozen reference model's outputs), and the eval sums. ``TOKEN_LOSS``,
+the default, is ``training.loss``: ``tokens, targets, weights, positions, segment_ids`` of shape [B, T]. An
+objective with ``keeps_initial`` has the state's ``frozen`` part hold ``{"model": the model's frozen variables,
+"initial": a copy of the initial trained weights}`` (rebuilt from the initial model on resume, never checkpointed).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -49,21 +58,85 @@ _BATCH_DTYPES = dict(tokens=jnp.int32, targets=jnp.int32, weights=jnp.float32, p
                      segment_ids=jnp.int32)
 
 
+# ------------------------------------------------------------------------------------------------ objective
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What the train step minimises and the eval step measures: the mean token cross-entropy of
+    ``training.loss`` (plus the MoE aux losses) over ``[B, T]`` batches. Recipes with another objective subclass it.
+
+    Attributes:
+      keeps_initial: the state's ``frozen`` part also holds a copy of the initial trained weights
+        (``{"model": ..., "initial": ...}``), e.g. for a loss measured against the starting model.
+      count_metrics: metrics summed over micro-batches (the others are averaged, each micro-batch weighted by its
+        share of ``weight``).
+    """
+
+    keeps_initial: bool = False
+    count_metrics: tuple[str, ...] = ("tokens",)
+
+    def batch_spec(self, batch_size: int, seq_len: int) -> dict[str, tuple[tuple[int, ...], Any, tuple]]:
+        """``{name: (shape, dtype, logical axes)}`` of a global batch."""
+        return {k: ((batch_size, seq_len), dt, ("batch", "seq")) for k, dt in _BATCH_DTYPES.items()}
+
+    def weight(self, batch: dict[str, jax.Array]) -> jax.Array:
+        """The batch's size in the unit the loss averages over (here: loss-weighted target tokens)."""
+        return jnp.sum(batch["weights"].astype(jnp.float32))
+
+    def model(self, graphdef: Any, params: Any, frozen: Any) -> nnx.Module:
+        """The model to differentiate: ``params`` merged with the frozen variables."""
+        return nnx.merge(graphdef, params, frozen["model"] if self.keeps_initial else frozen)
+
+    def prepare(self, graphdef: Any, params: Any, frozen: Any, batch: dict[str, jax.Array]) -> Any:
+        """What the loss needs besides the trained weights, computed once per (micro-)batch outside the gradient."""
+        del graphdef, params, frozen, batch
+        return None
+
+    def loss(self, model: nnx.Module, batch: dict[str, jax.Array], prepared: Any
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``(scalar loss, metrics)`` of one (micro-)batch."""
+        del prepared
+        return loss_fn(model, batch)
+
+    def eval_sums(self, graphdef: Any, params: Any, frozen: Any, batch: dict[str, jax.Array]
+                  ) -> dict[str, jax.Array]:
+        """Sums over one held-out batch that ``eval_summary`` turns into metrics."""
+        model = self.model(graphdef, params, frozen)
+        logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+        ce_sum, n = cross_entropy(logits, batch["targets"], batch["weights"])
+        return {"ce_sum": ce_sum, "tokens": n}
+
+    def eval_summary(self, sums: dict[str, float]) -> dict[str, float]:
+        """Held-out metrics from the sums of ``eval_sums`` over the eval batches."""
+        loss = sums["ce_sum"] / max(sums["tokens"], 1.0)
+        return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "tokens": sums["tokens"]}
+
+
+TOKEN_LOSS = Objective()
+
+
 def batch_sharding(mesh: Mesh, rules: sharding.ShardingRules = sharding.DEFAULT_RULES) -> NamedSharding:
     """Sharding of every [B, T] batch array: batch over the data-parallel mesh axes."""
     return NamedSharding(mesh, rules.spec(("batch", "seq"), mesh))
 
 
+def batch_shardings(objective: Objective, mesh: Mesh, rules: sharding.ShardingRules = sharding.DEFAULT_RULES
+                    ) -> dict[str, NamedSharding]:
+    """Sharding of each array of ``objective``'s batches (rows over the data-parallel mesh axes)."""
+    return {k: NamedSharding(mesh, rules.spec(axes, mesh)) for k, (_, _, axes) in objective.batch_spec(1, 1).items()}
+
+
 def abstract_batch(batch_size: int, seq_len: int, mesh: Mesh,
-                   rules: sharding.ShardingRules = sharding.DEFAULT_RULES) -> dict[str, jax.ShapeDtypeStruct]:
+                   rules: sharding.ShardingRules = sharding.DEFAULT_RULES, objective: Objective = TOKEN_LOSS
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
     """``ShapeDtypeStruct``s of a global batch (for AOT lowering)."""
-    s = batch_sharding(mesh, rules)
-    return {k: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=s) for k, dt in _BATCH_DTYPES.items()}
+    sh = batch_shardings(objective, mesh, rules)
+    return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh[k])
+            for k, (shape, dt, _) in objective.batch_spec(batch_size, seq_len).items()}
 
 
 def state_layout(abstract_model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
-                 rules: sharding.ShardingRules = sharding.DEFAULT_RULES, trainable: Any = nnx.Param
-                 ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+                 rules: sharding.ShardingRules = sharding.DEFAULT_RULES, trainable: Any = nnx.Param, *,
+                 keep_initial: bool = False) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """The train state of ``abstract_model`` (``nnx.eval_shape`` of the model to train), nothing allocated.
 
     Args:
@@ -72,6 +145,8 @@ def state_layout(abstract_model: nnx.Module, tx: optax.GradientTransformation, m
       mesh: device mesh.
       rules: logical -> mesh axis rules.
       trainable: ``nnx`` filter of the trained variables; every other variable is ``frozen``.
+      keep_initial: ``frozen`` is ``{"model": the frozen variables, "initial": a copy of the trained ones}``
+        (``Objective.keeps_initial``).
 
     Returns:
       ``(graphdef, abstract_state, shardings)``: ``abstract_state`` holds ``ShapeDtypeStruct``s with their
@@ -82,6 +157,8 @@ def state_layout(abstract_model: nnx.Module, tx: optax.GradientTransformation, m
     param_sh = nnx.to_pure_dict(sharding.state_shardings(params, mesh, rules))
     frozen_sh = nnx.to_pure_dict(sharding.state_shardings(frozen, mesh, rules))
     params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+    if keep_initial:
+        frozen, frozen_sh = {"model": frozen, "initial": params}, {"model": frozen_sh, "initial": param_sh}
     replicated = NamedSharding(mesh, PartitionSpec())
     shardings = {"params": param_sh, "frozen": frozen_sh,
                  "opt_state": sharding.opt_state_shardings(tx, params, param_sh, mesh), "step": replicated}
@@ -91,20 +168,25 @@ def state_layout(abstract_model: nnx.Module, tx: optax.GradientTransformation, m
     return graphdef, state, shardings
 
 
-def split_model(model: nnx.Module, shardings: dict[str, Any], trainable: Any = nnx.Param
-                ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(params, frozen)`` of a built model, placed on the train state's shardings."""
+def split_model(model: nnx.Module, shardings: dict[str, Any], trainable: Any = nnx.Param, *,
+                keep_initial: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(params, frozen)`` of a built model, placed on the train state's shardings (``state_layout``'s
+    ``keep_initial``: ``frozen["initial"]`` is a copy of ``params``, its own buffers: the state is donated)."""
     _, params, frozen = nnx.split(model, trainable, ...)
-    return (jax.device_put(nnx.to_pure_dict(params), shardings["params"]),
-            jax.device_put(nnx.to_pure_dict(frozen), shardings["frozen"]))
+    params = jax.device_put(nnx.to_pure_dict(params), shardings["params"])
+    if not keep_initial:
+        return params, jax.device_put(nnx.to_pure_dict(frozen), shardings["frozen"])
+    frozen = jax.device_put(nnx.to_pure_dict(frozen), shardings["frozen"]["model"])
+    initial = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings["frozen"]["initial"])(params)
+    return params, {"model": frozen, "initial": initial}
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, shardings: dict[str, Any], mesh: Mesh,
-               rules: sharding.ShardingRules = sharding.DEFAULT_RULES, trainable: Any = nnx.Param
-               ) -> dict[str, Any]:
+               rules: sharding.ShardingRules = sharding.DEFAULT_RULES, trainable: Any = nnx.Param, *,
+               keep_initial: bool = False) -> dict[str, Any]:
     """The train state at step 0 of a built model (its arrays already sharded, e.g. ``sharding.create_sharded``
     or ``load_pretrained(..., mesh=mesh)``): its variables split by ``trainable`` and a fresh optimizer state."""
-    params, frozen = split_model(model, shardings, trainable)
+    params, frozen = split_model(model, shardings, trainable, keep_initial=keep_initial)
     with sharding.use_mesh(mesh, rules):
         opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
     return {"params": params, "frozen": frozen, "opt_state": opt_state,
@@ -153,44 +235,50 @@ def _micro_batches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
 
 
 def train_step(graphdef: Any, tx: optax.GradientTransformation, state: dict[str, Any], batch: dict[str, jax.Array],
-               *, grad_accum_steps: int = 1, schedule: Any = None) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-    """One optimizer step (pure).
+               *, grad_accum_steps: int = 1, schedule: Any = None, objective: Objective = TOKEN_LOSS
+               ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+    """One optimizer step (pure) of ``objective``.
 
-    Gradients of the micro-batches are summed, each weighted by its share of the batch's loss-weighted
-    tokens, so ``grad_accum_steps`` changes memory use, not the result (up to float rounding).
+    Gradients of the micro-batches are summed, each weighted by its share of the batch's ``objective.weight``
+    (loss-weighted tokens for the token loss), so ``grad_accum_steps`` changes memory use, not the result (up to
+    float rounding). ``objective.prepare`` runs once per micro-batch, outside the gradient.
 
     Returns:
-      ``(new_state, metrics)``; metrics are scalars (and ``expert_load`` ``[L, E]``): ``loss``, ``ce_loss``,
-      ``aux_loss``, ``z_loss``, ``tokens``, ``grad_norm``, ``learning_rate``, ``nonfinite``.
+      ``(new_state, metrics)``; metrics are scalars (and ``expert_load`` ``[L, E]``): the objective's (``loss``,
+      ``ce_loss``, ``aux_loss``, ``z_loss``, ``tokens`` for the token loss), ``grad_norm``, ``learning_rate``,
+      ``nonfinite``.
     """
     params, frozen = state["params"], state["frozen"]  # frozen: merged into the model, never differentiated
     micro = _micro_batches(batch, grad_accum_steps)
-    total = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
+    total = jnp.maximum(objective.weight(batch), 1.0)
+    counts = objective.count_metrics
 
-    def micro_loss(p, mb):
-        loss, metrics = loss_fn(nnx.merge(graphdef, p, frozen), mb)
-        share = metrics["tokens"] / total  # this micro-batch's fraction of the step's tokens
+    def micro_loss(p, mb, prepared):
+        loss, metrics = objective.loss(objective.model(graphdef, p, frozen), mb, prepared)
+        share = objective.weight(mb) / total  # this micro-batch's fraction of the step's loss weight
         return loss * share, (metrics, share)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
+    def grads_of(mb):
+        prepared = jax.lax.stop_gradient(objective.prepare(graphdef, params, frozen, mb))
+        return grad_fn(params, mb, prepared)
+
     def body(carry, mb):
         g_acc, m_acc = carry
-        (_, (metrics, share)), g = grad_fn(params, mb)
+        (_, (metrics, share)), g = grads_of(mb)
         g_acc = jax.tree.map(jnp.add, g_acc, g)
-        m_acc = jax.tree.map(lambda a, m: a + m * share, m_acc, {k: v for k, v in metrics.items() if k != "tokens"})
+        m_acc = {k: a + (metrics[k] if k in counts else metrics[k] * share) for k, a in m_acc.items()}
         return (g_acc, m_acc), None
 
     mb0 = jax.tree.map(lambda x: x[0], micro)
     if grad_accum_steps == 1:  # no accumulators to zero and add into
-        (_, (metrics, _)), grads = grad_fn(params, mb0)
-        metrics = {k: v for k, v in metrics.items() if k != "tokens"}
+        (_, (metrics, _)), grads = grads_of(mb0)
     else:
         zeros_g = jax.tree.map(jnp.zeros_like, params)
-        m_shape = jax.eval_shape(lambda: grad_fn(params, mb0)[0][1][0])
-        zeros_m = {k: jnp.zeros(v.shape, v.dtype) for k, v in m_shape.items() if k != "tokens"}
+        m_shape = jax.eval_shape(lambda: grads_of(mb0)[0][1][0])
+        zeros_m = {k: jnp.zeros(v.shape, v.dtype) for k, v in m_shape.items()}
         (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), micro)
-    metrics["tokens"] = jnp.sum(batch["weights"].astype(jnp.float32))
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
@@ -203,37 +291,34 @@ def train_step(graphdef: Any, tx: optax.GradientTransformation, state: dict[str,
     # rather than a per-element select, so a finite step reads and writes every array once.
     new_params, new_opt = jax.lax.cond(finite, apply, lambda p, o: (p, o), params, state["opt_state"])
     new_state = {"params": new_params, "frozen": frozen, "opt_state": new_opt, "step": state["step"] + 1}
+    metrics = dict(metrics)
     metrics.update(grad_norm=grad_norm, nonfinite=(~finite).astype(jnp.int32))
     if schedule is not None:
         metrics["learning_rate"] = jnp.asarray(schedule(state["step"]), jnp.float32)
     return new_state, metrics
 
 
-def eval_step(graphdef: Any, params: dict[str, Any], frozen: dict[str, Any], batch: dict[str, jax.Array]
-              ) -> dict[str, jax.Array]:
-    """Sums for held-out loss: ``ce_sum`` (weighted token cross-entropy) and ``tokens`` (sum of weights)."""
-    model = nnx.merge(graphdef, params, frozen)
-    logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-    ce_sum, n = cross_entropy(logits, batch["targets"], batch["weights"])
-    return {"ce_sum": ce_sum, "tokens": n}
+def eval_step(graphdef: Any, params: dict[str, Any], frozen: dict[str, Any], batch: dict[str, jax.Array],
+              objective: Objective = TOKEN_LOSS) -> dict[str, jax.Array]:
+    """Sums over one held-out batch (token loss: ``ce_sum``, the weighted token cross-entropy, and ``tokens``)."""
+    return objective.eval_sums(graphdef, params, frozen, batch)
 
 
 def jit_train_step(graphdef: Any, tx: optax.GradientTransformation, shardings: dict[str, Any], mesh: Mesh,
                    rules: sharding.ShardingRules = sharding.DEFAULT_RULES, *, grad_accum_steps: int = 1,
-                   schedule: Any = None):
+                   schedule: Any = None, objective: Objective = TOKEN_LOSS):
     """``train_step`` jitted once: ``fn(state, batch) -> (state, metrics)``; the state is donated."""
-    fn = functools.partial(train_step, graphdef, tx, grad_accum_steps=grad_accum_steps, schedule=schedule)
-    bs = batch_sharding(mesh, rules)
+    fn = functools.partial(train_step, graphdef, tx, grad_accum_steps=grad_accum_steps, schedule=schedule,
+                           objective=objective)
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(fn, in_shardings=(shardings, {k: bs for k in BATCH_KEYS}),
+    return jax.jit(fn, in_shardings=(shardings, batch_shardings(objective, mesh, rules)),
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
 def jit_eval_step(graphdef: Any, shardings: dict[str, Any], mesh: Mesh,
-                  rules: sharding.ShardingRules = sharding.DEFAULT_RULES):
-    """``eval_step`` jitted once: ``fn(params, frozen, batch) -> {"ce_sum", "tokens"}``."""
-    bs = batch_sharding(mesh, rules)
+                  rules: sharding.ShardingRules = sharding.DEFAULT_RULES, objective: Objective = TOKEN_LOSS):
+    """``eval_step`` jitted once: ``fn(params, frozen, batch) -> sums`` (``objective.eval_sums``)."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(functools.partial(eval_step, graphdef),
-                   in_shardings=(shardings["params"], shardings["frozen"], {k: bs for k in BATCH_KEYS}),
+    return jax.jit(functools.partial(eval_step, graphdef, objective=objective),
+                   in_shardings=(shardings["params"], shardings["frozen"], batch_shardings(objective, mesh, rules)),
                    out_shardings=replicated)

@@ -1,7 +1,8 @@
 """The training loop behind ``train.py``: sharded state, data, checkpoints, metrics, preemption, for any recipe.
 
 The run config is resolved once (``training.run.resolve``: model config, mesh, rules and the recipe of
-``training.recipe``); the loop only asks the recipe for the tokenizer, the batches and the model at step 0, and
+``training.recipe``); the loop only asks the recipe for the tokenizer, the batches, the model at step 0 and the
+objective the step minimises (``training.step.Objective``: its batch layout, loss and held-out metrics), and
 trains the state ``training.step.state_layout`` builds from what the recipe trains (its ``frozen`` part, empty
 when every weight trains, is merged into the model but never updated or checkpointed: a resumed run rebuilds it
 from the recipe's initial model).
@@ -95,8 +96,9 @@ class RunMismatch(ConfigError):
 
 
 # --------------------------------------------------------------------------- helpers
-def _global_batch(local: dict[str, np.ndarray], bsharding) -> dict[str, jax.Array]:
-    return {k: jax.make_array_from_process_local_data(bsharding, local[k]) for k in step_lib.BATCH_KEYS}
+def _global_batch(local: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
+    """The global batch from this process's rows (``shardings``: ``step.batch_shardings`` of the objective)."""
+    return {k: jax.make_array_from_process_local_data(sh, local[k]) for k, sh in shardings.items()}
 
 
 def _saved_data_state(local: dict[str, Any]) -> dict[str, Any]:
@@ -151,20 +153,25 @@ class _Preemption:
 
 
 def evaluate(cfg: ConfigDict, recipe: Recipe, eval_fn, state: dict[str, Any], source, tok: Tokenizer,
-             bsharding) -> dict[str, float]:
-    """Held-out token loss of ``state`` over ``cfg.eval_steps`` batches of the validation split (from its start)."""
+             bsharding, batch_shardings: dict[str, Any] | None = None) -> dict[str, float]:
+    """Held-out metrics of ``state`` (the recipe objective's ``eval_summary``, e.g. token loss and perplexity) over
+    ``cfg.eval_steps`` batches of the validation split (from its start)."""
     micro = cfg.batch_size // cfg.grad_accum_steps
     it = recipe.batches(source, tok, micro, train=False, bsharding=bsharding)
     rows = (len(recipe_lib.process_rows(bsharding, micro)) if isinstance(it, pipeline.RowReaders)
             else micro // jax.process_count())
-    ce, n = 0.0, 0.0
+    if batch_shardings is None:
+        ctx = sharding.current()
+        batch_shardings = step_lib.batch_shardings(recipe.objective, bsharding.mesh,
+                                                   ctx[1] if ctx else sharding.DEFAULT_RULES)
+    sums: dict[str, float] = {}
     for _ in range(cfg.eval_steps):
         local = next(it, None)
-        local = local if local is not None else pipeline.empty_batch(rows, cfg.data.seq_len)
-        out = eval_fn(state["params"], state["frozen"], _global_batch(local, bsharding))
-        ce, n = ce + float(out["ce_sum"]), n + float(out["tokens"])
-    loss = ce / max(n, 1.0)
-    return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "tokens": n}
+        local = local if local is not None else recipe.empty_batch(rows)
+        out = jax.device_get(eval_fn(state["params"], state["frozen"], _global_batch(local, batch_shardings)))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return recipe.objective.eval_summary(sums)
 
 
 # --------------------------------------------------------------------------- the workdir's run
@@ -342,8 +349,9 @@ def _dry_run_data(run: Run, workdir: str, bsharding) -> str:
     if tok is None:
         return f"opened {cfg.data.train} (no tokenizer yet: a real run trains one; no batch packed)"
     local = next(recipe.batches(source, tok, cfg.batch_size, train=True, bsharding=bsharding))
-    return (f"opened {cfg.data.train}; packed this process's {local['tokens'].shape[0]} x {local['tokens'].shape[1]}"
-            f" rows ({int(local['weights'].sum())} target tokens) with {tok.path}")
+    shape = " x ".join(str(n) for n in local["tokens"].shape)
+    return (f"opened {cfg.data.train}; packed this process's {shape} rows ({int(local['weights'].sum())} target "
+            f"tokens) with {tok.path}")
 
 
 def format_dry_run(r: dict[str, Any]) -> str:
@@ -422,7 +430,8 @@ def _train(run: Run, workdir: str) -> dict[str, Any]:
         log.info("%s", run_lib.describe(run))
     tx, schedule = make_optimizer(cfg.optimizer, cfg.num_steps)
     graphdef, abstract_state, shardings = step_lib.state_layout(recipe.abstract_model(model_cfg), tx, mesh, rules,
-                                                                recipe.trainable)
+                                                                recipe.trainable,
+                                                                keep_initial=recipe.objective.keeps_initial)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
                         keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     try:
@@ -457,16 +466,17 @@ def _train(run: Run, workdir: str) -> dict[str, Any]:
 def _initial_state(run: Run, tx, shardings, abstract_state, restored) -> tuple[int, dict[str, Any], Any]:
     """``(step, state, data_state)``: the restored checkpoint, or step 0 of the recipe's initial model."""
     model_cfg, mesh, rules, recipe = run.model_cfg, run.mesh, run.rules, run.recipe
+    keep = recipe.objective.keeps_initial
     if restored is None:
         state = step_lib.init_state(recipe.init_model(model_cfg, mesh, rules), tx, shardings, mesh, rules,
-                                    recipe.trainable)
+                                    recipe.trainable, keep_initial=keep)
         start, data_state = 0, None
     else:
         start, state, data_state, _ = restored
         state["frozen"] = {}
         if jax.tree.leaves(abstract_state["frozen"]):  # frozen weights are not checkpointed: rebuilt as at step 0
             state["frozen"] = step_lib.split_model(recipe.init_model(model_cfg, mesh, rules), shardings,
-                                                   recipe.trainable)[1]
+                                                   recipe.trainable, keep_initial=keep)[1]
     n_trained = sum(x.size for x in jax.tree.leaves(state["params"]))
     n_frozen = sum(x.size for x in jax.tree.leaves(state["frozen"]))
     log.info("%s: %d trained parameters, %d frozen", recipe.name, n_trained, n_frozen)
@@ -478,6 +488,7 @@ def _loop(run: Run, workdir, tok, ckpt, restored, graphdef, abstract_state, shar
     cfg, model_cfg, mesh, rules, recipe = run.cfg, run.model_cfg, run.mesh, run.rules, run.recipe
     train_src, eval_src = recipe.open_data("train"), recipe.open_data("validation")
     bsharding = step_lib.batch_sharding(mesh, rules)
+    batch_shardings = step_lib.batch_shardings(recipe.objective, mesh, rules)
     data_it = recipe.batches(train_src, tok, cfg.batch_size, train=True, bsharding=bsharding)
     start, state, data_state = _initial_state(run, tx, shardings, abstract_state, restored)
     if restored is not None:
@@ -486,8 +497,9 @@ def _loop(run: Run, workdir, tok, ckpt, restored, graphdef, abstract_state, shar
     meta = {"seed": cfg.seed, "model_config": model_cfg.to_dict()}
 
     step_fn = step_lib.jit_train_step(graphdef, tx, shardings, mesh, rules, grad_accum_steps=cfg.grad_accum_steps,
-                                      schedule=schedule)
-    eval_fn = step_lib.jit_eval_step(graphdef, shardings, mesh, rules) if eval_src is not None else None
+                                      schedule=schedule, objective=recipe.objective)
+    eval_fn = (step_lib.jit_eval_step(graphdef, shardings, mesh, rules, recipe.objective) if eval_src is not None
+               else None)
     flops_tok = flops_per_token(model_cfg, cfg.data.seq_len)
     peak, peak_how = peak_flops(cfg.peak_flops)
     log.info("model FLOPs/token %.3g; peak %.3g FLOP/s (%s)", flops_tok, peak, peak_how)
@@ -511,7 +523,7 @@ def _loop(run: Run, workdir, tok, ckpt, restored, graphdef, abstract_state, shar
                 ckpt.check(current_step=step)  # a failed background save stops the run here, at the next step
                 local = next(data_it)
                 data_state = data_it.get_state()
-                state, metrics = step_fn(state, _global_batch(local, bsharding))
+                state, metrics = step_fn(state, _global_batch(local, batch_shardings))
                 step += 1
                 stop = distributed.any_process(preempt.signum or 0)  # a signal on any process stops all here
                 if int(metrics["nonfinite"]):  # one scalar sync per step: a bad update is caught at once
@@ -540,7 +552,7 @@ def _loop(run: Run, workdir, tok, ckpt, restored, graphdef, abstract_state, shar
                 bar.update(1)
                 if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
                     result["eval"] = writer.write(step, evaluate(cfg, recipe, eval_fn, state, eval_src, tok,
-                                                                 bsharding), prefix="eval/")
+                                                                 bsharding, batch_shardings), prefix="eval/")
                 force = bool(stop) or step == cfg.num_steps
                 if ckpt.due(step, force=force):  # every process's data position goes into the checkpoint
                     ckpt.save(step, state, _saved_data_state(data_state), meta, force=force)
@@ -554,7 +566,7 @@ def _loop(run: Run, workdir, tok, ckpt, restored, graphdef, abstract_state, shar
             result["step"] = step
             if eval_fn is not None and step > start:
                 result["eval"] = writer.write(step, evaluate(cfg, recipe, eval_fn, state, eval_src, tok,
-                                                             bsharding), prefix="eval/")
+                                                             bsharding, batch_shardings), prefix="eval/")
             ckpt.wait()
             result["checkpoint"] = newest()
             return result

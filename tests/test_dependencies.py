@@ -6,7 +6,7 @@ a requirement (or a requirement's requested extra, e.g. ``jax[tpu]`` brings ``li
 the importing file may rely on:
 
 - the package itself, ``train.py``, ``configs/``, ``scripts/``: the core dependencies only;
-- ``eval.py`` and ``mistral_jax/evals/``: core + ``eval``; ``mistral_jax/aot.py``: core + ``tpu``;
+- ``eval.py`` and ``mistral_jax/evals/``: core + ``eval``; ``mistral_jax/aot/``: core + ``tpu``;
   ``mistral_jax/serve/``: core + ``serve``;
 - ``benchmarks/`` and ``tests/``: core + ``test`` (which includes ``eval`` and ``tpu``).
 """
@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Which dependency groups ("" = core) a file may import from; the first matching prefix wins.
 GROUPS: list[tuple[str, tuple[str, ...]]] = [
     ("mistral_jax/evals/", ("", "eval")),
-    ("mistral_jax/aot.py", ("", "tpu")),
+    ("mistral_jax/aot/", ("", "tpu")),
+    ("mistral_jax/cli/aot.py", ("", "tpu")),
     ("mistral_jax/serve/", ("", "serve")),
     ("mistral_jax/cli/serve.py", ("", "serve")),
     ("mistral_jax/convert/hf.py", ("", "hf")),
@@ -153,7 +154,8 @@ def test_checker_catches_an_undeclared_import(tmp_path):
     pkg = tmp_path / "mistral_jax"
     (pkg / "evals").mkdir(parents=True)
     (pkg / "__init__.py").write_text("import numpy\nfrom pytest import fixture\n")
-    (pkg / "aot.py").write_text("import libtpu\n")  # declared through the tpu extra's jax[tpu]
+    (pkg / "aot").mkdir()
+    (pkg / "aot" / "__init__.py").write_text("import libtpu\n")  # declared through the tpu extra's jax[tpu]
     (pkg / "helper.py").write_text('CHILD = """\nimport packaging\nprint(1)\n"""\n')  # code in a string
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "test_x.py").write_text("import pytest\nimport libtpu\nfrom mistral_jax import aot\n")
@@ -161,6 +163,6 @@ def test_checker_catches_an_undeclared_import(tmp_path):
     text = "\n".join(problems)
     assert "mistral_jax/__init__.py: import pytest" in text, text  # a test-only package in the core package
     assert "mistral_jax/helper.py: import packaging" in text, text
-    assert "import numpy" not in text and "aot.py" not in text and "tests/test_x.py" not in text, text
+    assert "import numpy" not in text and "aot/" not in text and "tests/test_x.py" not in text, text
     assert len(problems) == 2, text
 

@@ -11,6 +11,7 @@ import mistral_jax as mj
 from configs import mistral_7b, mistral_7b_instruct, mixtral_8x7b, mixtral_8x7b_instruct
 from mistral_jax.data import tokenizer as tok_lib
 
+
 def validate_config(cfg, **kw):
     """The run-config check (``training.run`` after the recipe refactor, ``training.trainer`` before)."""
     try:

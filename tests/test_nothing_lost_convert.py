@@ -24,9 +24,9 @@ from flax import nnx
 
 import mistral_jax as mj
 from mistral_jax import cli, lora
-from mistral_jax.convert import paths
 from mistral_jax.cli import lora as lora_cli
 from mistral_jax.cli.convert import main as convert_main
+from mistral_jax.convert import paths
 from mistral_jax.model.transformer import params_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -112,11 +112,11 @@ def test_merge_equals_base_plus_scaled_update(base_models, name):
 def pretrained(tmp_path_factory):
     """A pretrained tiny checkpoint in HF format (config.json + model.safetensors + tokenizer.model): 40 steps of
     train.py's trainer on the bundled corpus, then exported, as a user's released base model would be."""
-    from mistral_jax.export import save_hf
     from mistral_jax.data import chat, corpus
     from mistral_jax.data.pipeline import load_texts
     from mistral_jax.data.tokenizer import Tokenizer
     from mistral_jax.data.train_tokenizer import train_tokenizer
+    from mistral_jax.export import save_hf
 
     root = tmp_path_factory.mktemp("pretrained")
     texts = load_texts(corpus.TRAIN)[:200] + [m["content"] for c in chat.load_conversations("bundled") for m in c]

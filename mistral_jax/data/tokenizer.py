@@ -112,7 +112,8 @@ class Tokenizer:
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"sentencepiece model not found at {path!r}. Fix: pass the path of a .model file (or a tekken.json), "
-                f"or a directory containing {self.FILENAME} (train one with mistral-jax-train-tokenizer), or a Mistral tokenizer name such as mistral:v3.")
+                f"or a directory containing {self.FILENAME} (train one with mistral-jax-train-tokenizer), or a "
+                "Mistral tokenizer name such as mistral:v3.")
         self.path = path
         self.sp: spm.SentencePieceProcessor | None = None
         self._tekken: Any = None

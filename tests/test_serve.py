@@ -30,16 +30,13 @@ TIMEOUT = 60  # seconds, per HTTP request
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tokenizer_path, corpus_tokenizer):
     from mistral_jax.data.corpus import TRAIN
-    from mistral_jax.data.tokenizer import Tokenizer
-    from mistral_jax.data.train_tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("serve")
     with open(TRAIN, encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]
-    tok_path = train_tokenizer(texts, str(root / "tok" / "tokenizer.model"), 512)
-    tok = Tokenizer(tok_path)
+    tok_path, tok = tokenizer_path, corpus_tokenizer  # the session's shared corpus tokenizer (read-only)
     # initializer_range 0.2: logits spread enough that greedy argmax has no near-ties between batch shapes.
     cfg = mj.ModelConfig.tiny(sliding_window=W, max_seq_len=MAX_LEN, initializer_range=0.2)
     ckpt = str(root / "ckpt")

@@ -67,6 +67,7 @@ def test_compiler_out_of_memory_becomes_a_does_not_fit_report():
         aot._oom_report(RuntimeError("something else"))
 
 
+@pytest.mark.slow
 def test_lora_config_compiles_the_lora_program_with_less_state():
     """A LoRA config compiles the LoRA program: adapters trained, base frozen and out of the optimizer, so its
     optimizer state and arguments are smaller than full fine-tuning's of the same model (8 CPU devices)."""

@@ -274,6 +274,7 @@ def test_record_layouts_and_errors(tmp_path, monkeypatch):
         tp.PreferenceConfig(loss_type="sigmoid", label_smoothing=0.1)  # TRL's sigmoid ignores it: say so
 
 
+@pytest.mark.slow
 def test_lora_reference_is_the_base_model(env, ours_dpo):
     """With LoRA the reference needs no second model: the adapters zeroed (``disabled_adapters``) give the base
     model's log-probs, while trained (non-zero) adapters do not."""
@@ -293,6 +294,7 @@ def test_lora_reference_is_the_base_model(env, ours_dpo):
     assert np.abs(np.asarray(logps(trained, batch)) - np.asarray(base)).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_dpo_training_raises_heldout_preference_accuracy(corpus_tokenizer):
     """A short seeded DPO run on the bundled set (reference = the initial weights), a plain optax loop over
     ``loss_fn``: held-out preference accuracy rises above its start (with and without the reference), the held-out

@@ -292,6 +292,7 @@ def test_engine_without_window_equals_generate():
         eng.stop()
 
 
+@pytest.mark.slow
 def test_engine_on_a_mesh_equals_generate():
     """Sharded serving: weights by the rules table, cache slots over the batch axes and kv heads over ``tensor``
     (2 x 2 x 2 of the 8 host devices); greedy results equal unsharded ``mj.generate``, steps compile once."""
@@ -360,6 +361,7 @@ def test_cli_checks_the_mesh_before_loading(mesh, expected):
                                                                                          expert=1)
 
 
+@pytest.mark.slow
 def test_cli_serves_a_checkpoint(env):
     """The command line, sharded over the 8 host devices as --mesh says (data 2 x fsdp 2 x tensor 2)."""
     proc = subprocess.Popen([sys.executable, "-m", "mistral_jax.serve", "--checkpoint", env["ckpt"], "--port", "0",
@@ -400,6 +402,7 @@ metric_list:
 """
 
 
+@pytest.mark.slow
 def test_lm_eval_local_completions_equals_in_process_backend(env):
     import lm_eval
     from lm_eval.tasks import TaskManager

@@ -44,6 +44,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mistral_jax.data.epochs import EpochBatches
+
 ROLES = ("system", "user", "assistant")
 BATCH_DTYPES = dict(tokens=np.int32, targets=np.int32, weights=np.float32, positions=np.int32, segment_ids=np.int32)
 log = logging.getLogger(__name__)
@@ -412,7 +414,7 @@ def stack_rows(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray
     return {k: np.stack([r[k] for r in rows]) for k in BATCH_DTYPES}
 
 
-class ChatBatches:
+class ChatBatches(EpochBatches):
     """Resumable iterator of packed SFT batches (``[batch_size, seq_len]`` numpy dicts) over epochs of a chat set.
 
     Conversations are rendered once and kept in memory (instruction sets are small next to pretraining data);
@@ -476,35 +478,6 @@ class ChatBatches:
             rows.append({k: np.zeros((self.seq_len,), dt) for k, dt in BATCH_DTYPES.items()})
         sl = slice(self.process_index, None, self.process_count)
         return [stack_rows(rows[i:i + self.batch_size][sl]) for i in range(0, len(rows), self.batch_size)]
-
-    def __iter__(self) -> ChatBatches:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self._epoch_batches is None:
-            self._epoch_batches = self._build_epoch()
-        if self.batch_in_epoch >= len(self._epoch_batches):
-            if not self.loop:
-                raise StopIteration
-            self.epoch, self.batch_in_epoch, self._epoch_batches = self.epoch + 1, 0, None
-            return next(self)
-        batch = self._epoch_batches[self.batch_in_epoch]
-        self.batch_in_epoch += 1
-        return batch
-
-    def batches_per_epoch(self) -> int:
-        if self._epoch_batches is None:
-            self._epoch_batches = self._build_epoch()
-        return len(self._epoch_batches)
-
-    def get_state(self) -> dict[str, int]:
-        """The iterator position (JSON-serialisable; saved with each checkpoint)."""
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
-
-    def set_state(self, state: Mapping[str, int]) -> None:
-        """Continue from a ``get_state()``."""
-        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
-        self._epoch_batches = None
 
 
 def chat_batches(data_cfg: Any, tokenizer: TokenizerLike, batch_size: int, *, split: str = "train", seed: int = 0,

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from mistral_jax.data import chat
+from mistral_jax.data.epochs import EpochBatches
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +293,7 @@ def stack_rows(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray
     return {k: np.stack([r[k] for r in rows]) for k in (*SIDE_DTYPES, "pair_mask")}
 
 
-class PreferenceBatches:
+class PreferenceBatches(EpochBatches):
     """Resumable iterator of pair batches (the layout in the module docstring) over epochs of a preference set.
 
     Pairs are rendered once and kept in memory; each epoch shuffles their order with ``(seed, epoch)`` and packs them.
@@ -357,35 +358,6 @@ class PreferenceBatches:
             rows.append(empty_row(self.seq_len, self.pairs_per_row, self.pad_id))
         sl = slice(self.process_index, None, self.process_count)
         return [stack_rows(rows[i:i + self.batch_size][sl]) for i in range(0, len(rows), self.batch_size)]
-
-    def __iter__(self) -> PreferenceBatches:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self._epoch_batches is None:
-            self._epoch_batches = self._build_epoch()
-        if self.batch_in_epoch >= len(self._epoch_batches):
-            if not self.loop:
-                raise StopIteration
-            self.epoch, self.batch_in_epoch, self._epoch_batches = self.epoch + 1, 0, None
-            return next(self)
-        batch = self._epoch_batches[self.batch_in_epoch]
-        self.batch_in_epoch += 1
-        return batch
-
-    def batches_per_epoch(self) -> int:
-        if self._epoch_batches is None:
-            self._epoch_batches = self._build_epoch()
-        return len(self._epoch_batches)
-
-    def get_state(self) -> dict[str, int]:
-        """The iterator position (JSON-serialisable; saved with each checkpoint)."""
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
-
-    def set_state(self, state: Mapping[str, int]) -> None:
-        """Continue from a ``get_state()``."""
-        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
-        self._epoch_batches = None
 
 
 def preference_batches(data_cfg: Any, tokenizer: chat.TokenizerLike, batch_size: int, *, split: str = "train",

@@ -49,3 +49,33 @@ def corpus_tokenizer(tokenizer_path):
     from mistral_jax.data.tokenizer import Tokenizer
 
     return Tokenizer(tokenizer_path)
+
+
+def _tree_digest(root: str) -> str:
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in sorted(os.walk(root)):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            h.update(os.path.relpath(path, root).encode())
+            h.update(_sha256(path).encode())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_run(tmp_path_factory, tokenizer_path):
+    """A tiny trained run shared by the tests that start from one (``init_from``): 30 steps of ``configs/tiny.py``
+    on the bundled corpus with ``tokenizer_path``, one checkpoint (step 30), its ``tokenizer.model``. Read-only:
+    a test that resumes or changes it copies it first."""
+    from configs import tiny
+    from mistral_jax.training import trainer
+
+    c = tiny.get_config()
+    c.update_from_flattened_dict({"num_steps": 30, "log_every": 10, "eval_every": 0, "checkpoint.every_steps": 30,
+                                  "data.tokenizer": tokenizer_path, "data.validation": "", "progress_bar": False,
+                                  "checkpoint.async_save": False})
+    workdir = str(tmp_path_factory.mktemp("tiny_trained") / "run")
+    trainer.train(c, workdir)
+    digest = _tree_digest(workdir)
+    yield workdir
+    assert _tree_digest(workdir) == digest, f"a test changed the shared run {workdir}: copy it before changing it"

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny, tiny_dpo
+from configs import tiny_dpo
 from mistral_jax import aot
 from mistral_jax.training import recipe as recipe_lib
 from mistral_jax.training import run as run_lib
@@ -26,18 +26,9 @@ SEQ = 72  # the bundled set's longest pair needs 65 positions with the corpus to
 
 
 @pytest.fixture(scope="module")
-def init_run(tokenizer_path, tmp_path_factory):
-    """A tiny trained init: 30 steps of configs/tiny.py on the bundled corpus (a mistral_jax workdir, holding its
-    tokenizer.model): the model DPO tunes and its frozen reference."""
-    from mistral_jax.training import trainer
-
-    c = tiny.get_config()
-    c.update_from_flattened_dict({"num_steps": 30, "log_every": 10, "eval_every": 0, "checkpoint.every_steps": 30,
-                                  "data.tokenizer": tokenizer_path, "data.validation": "", "progress_bar": False,
-                                  "checkpoint.async_save": False})
-    workdir = str(tmp_path_factory.mktemp("init") / "run")
-    trainer.train(c, workdir)
-    return workdir
+def init_run(tiny_trained_run):
+    """The tiny trained init (conftest's shared run, read-only): the model DPO tunes and its frozen reference."""
+    return tiny_trained_run
 
 
 def _dpo_config(init_from, **overrides):

@@ -465,19 +465,14 @@ class ChatBatches(EpochBatches):
         self._epoch_batches: list[dict[str, np.ndarray]] | None = None
 
     def _build_epoch(self) -> list[dict[str, np.ndarray]]:
-        order = np.arange(len(self.rendered))
-        if self.shuffle:
-            order = np.random.default_rng((self.seed, self.epoch)).permutation(order)
+        order = self._order(len(self.rendered))
         self.stats = PackStats()
         rows = list(pack((self.rendered[i] for i in order), self.seq_len, self.pad_id, self.stats))
         if self.stats.dropped == self.stats.conversations:
             raise ValueError(f"every conversation was dropped: no prompt fits seq_len={self.seq_len} with an answer. "
                              "Fix: raise config.data.seq_len.")
-        # The last partial batch is padded with empty rows (weight 0) rather than dropped.
-        while len(rows) % self.batch_size:
-            rows.append({k: np.zeros((self.seq_len,), dt) for k, dt in BATCH_DTYPES.items()})
-        sl = slice(self.process_index, None, self.process_count)
-        return [stack_rows(rows[i:i + self.batch_size][sl]) for i in range(0, len(rows), self.batch_size)]
+        return self._batches(rows, lambda: {k: np.zeros((self.seq_len,), dt) for k, dt in BATCH_DTYPES.items()},
+                             stack_rows)
 
 
 def chat_batches(data_cfg: Any, tokenizer: TokenizerLike, batch_size: int, *, split: str = "train", seed: int = 0,

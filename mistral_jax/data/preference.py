@@ -342,9 +342,7 @@ class PreferenceBatches(EpochBatches):
         self._epoch_batches: list[dict[str, np.ndarray]] | None = None
 
     def _build_epoch(self) -> list[dict[str, np.ndarray]]:
-        order = np.arange(len(self.rendered))
-        if self.shuffle:
-            order = np.random.default_rng((self.seed, self.epoch)).permutation(order)
+        order = self._order(len(self.rendered))
         self.stats = PairStats()
         rows = list(pack_pairs((self.rendered[i] for i in order), self.seq_len, self.pairs_per_row, self.pad_id,
                                self.stats))
@@ -354,10 +352,7 @@ class PreferenceBatches(EpochBatches):
         if not rows:
             raise ValueError(f"every preference pair was dropped: none fits seq_len={self.seq_len}. "
                              "Fix: raise config.data.seq_len.")
-        while len(rows) % self.batch_size:
-            rows.append(empty_row(self.seq_len, self.pairs_per_row, self.pad_id))
-        sl = slice(self.process_index, None, self.process_count)
-        return [stack_rows(rows[i:i + self.batch_size][sl]) for i in range(0, len(rows), self.batch_size)]
+        return self._batches(rows, lambda: empty_row(self.seq_len, self.pairs_per_row, self.pad_id), stack_rows)
 
 
 def preference_batches(data_cfg: Any, tokenizer: chat.TokenizerLike, batch_size: int, *, split: str = "train",

@@ -255,37 +255,46 @@ def test_full_queue_answers_429(env):
 
 
 # ----------------------------------------------------------------------------- the engine alone
+class IdsTok:
+    """Ids only: the engine decodes text for stop strings and deltas."""
+
+    eos_id, bos_id = 2, 1
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def submit_all(eng, prompts, max_tokens, timeout):
+    """Submit every prompt at once (greedy) and wait for all; returns each one's generated ids, in prompt order."""
+    out = {i: [] for i in range(len(prompts))}
+    done = threading.Semaphore(0)
+
+    def emit(i):
+        def f(ev):
+            out[i].extend(ev.token_ids)
+            if ev.kind != "delta":
+                done.release()
+        return f
+
+    for i, p in enumerate(prompts):
+        eng.submit(p, SamplingParams(max_tokens=max_tokens), emit(i))
+    for _ in prompts:
+        assert done.acquire(timeout=timeout)
+    return [out[i] for i in range(len(prompts))]
+
+
 def test_engine_without_window_equals_generate():
     """A model without a sliding window: its cache rows hold max_seq_len positions."""
-    class Tok:  # ids only: the engine decodes text for stop strings and deltas
-        eos_id, bos_id = 2, 1
-
-        def decode(self, ids):
-            return " ".join(map(str, ids))
-
     cfg = mj.ModelConfig.tiny(sliding_window=None, max_seq_len=64, initializer_range=0.2)
     model = mj.Transformer(cfg, rngs=nnx.Rngs(1))
-    eng = Engine(model, Tok(), max_batch=3, chunk_size=16).start()
+    eng = Engine(model, IdsTok(), max_batch=3, chunk_size=16).start()
     try:
         assert eng.cache.k.shape[2] == 64 and eng.chunk == 16
         prompts = [[1] + np.random.default_rng(i).integers(3, cfg.vocab_size, n).tolist() for i, n in
                    enumerate([3, 20, 40, 9, 1])]
-        out = {i: [] for i in range(len(prompts))}
-        done = threading.Semaphore(0)
-
-        def emit(i):
-            def f(ev):
-                out[i].extend(ev.token_ids)
-                if ev.kind != "delta":
-                    done.release()
-            return f
-
-        for i, p in enumerate(prompts):
-            eng.submit(p, SamplingParams(max_tokens=12), emit(i))
-        for _ in prompts:
-            assert done.acquire(timeout=120)
+        out = submit_all(eng, prompts, 12, timeout=120)
         want = mj.generate(model, prompts, max_new_tokens=12, eos_id=2)  # one batch: one compilation
-        assert [out[i] for i in range(len(prompts))] == [[t for t in w if t != 2] for w in want]
+        assert out == [[t for t in w if t != 2] for w in want]
         with pytest.raises(ValueError, match="maximum context length is 64"):
             eng.submit(prompts[2], SamplingParams(max_tokens=30), lambda ev: None)
     finally:
@@ -298,12 +307,6 @@ def test_engine_on_a_mesh_equals_generate():
     (2 x 2 x 2 of the 8 host devices); greedy results equal unsharded ``mj.generate``, steps compile once."""
     from mistral_jax import sharding
 
-    class Tok:
-        eos_id, bos_id = 2, 1
-
-        def decode(self, ids):
-            return " ".join(map(str, ids))
-
     cfg = mj.ModelConfig.tiny(sliding_window=16, max_seq_len=96, initializer_range=0.2)
     model = mj.Transformer(cfg, rngs=nnx.Rngs(2))
     prompts = [[1] + np.random.default_rng(10 + i).integers(3, cfg.vocab_size, n).tolist() for i, n in
@@ -311,30 +314,16 @@ def test_engine_on_a_mesh_equals_generate():
     want = mj.generate(model, prompts, max_new_tokens=10, eos_id=2)
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     with pytest.raises(ValueError, match=r"max_batch=3 is not a multiple of the mesh's batch axes \(4 ways"):
-        Engine(model, Tok(), max_batch=3, mesh=mesh)
+        Engine(model, IdsTok(), max_batch=3, mesh=mesh)
     compile_count()
-    eng = Engine(model, Tok(), max_batch=4, chunk_size=16, mesh=mesh).start()
+    eng = Engine(model, IdsTok(), max_batch=4, chunk_size=16, mesh=mesh).start()
     try:
         compiles = compile_count()
         assert eng.cache.k.sharding.spec != eng.cache.k.sharding.spec.__class__()  # not replicated
         assert len(eng.cache.k.sharding.device_set) == 8
         wq = eng.state["layers"]["attention"]["wq"][...]
         assert len(wq.sharding.device_set) == 8 and wq.addressable_shards[0].data.size < wq.size
-        out = {i: [] for i in range(len(prompts))}
-        done = threading.Semaphore(0)
-
-        def emit(i):
-            def f(ev):
-                out[i].extend(ev.token_ids)
-                if ev.kind != "delta":
-                    done.release()
-            return f
-
-        for i, p in enumerate(prompts):
-            eng.submit(p, SamplingParams(max_tokens=10), emit(i))
-        for _ in prompts:
-            assert done.acquire(timeout=300)
-        assert [out[i] for i in range(len(prompts))] == [[t for t in w if t != 2] for w in want]
+        assert submit_all(eng, prompts, 10, timeout=300) == [[t for t in w if t != 2] for w in want]
         assert compile_count() == compiles  # requests coming and going: no recompilation on the mesh either
     finally:
         eng.stop()

@@ -6,6 +6,7 @@ import pytest
 
 from configs import tiny
 from mistral_jax import aot
+from mistral_jax.aot import hlo, roofline
 
 
 def test_parse_topology():
@@ -54,8 +55,19 @@ def test_aot_compiles_tiny_mixtral_for_a_tpu_topology():
     assert 0 < r["total"] < topo.hbm_bytes
     # XLA's per-chip FLOPs agree with the analytic 6 * N * tokens (+ attention) estimate to within 2x.
     assert 0.5 < r["flops"] / r["model_flops_per_chip"] < 2.0
+    assert all(r[k] > 0 for k in ("arguments", "outputs", "aliased", "temps", "code"))
+    assert r["total"] == r["arguments"] + r["outputs"] - r["aliased"] + r["temps"] + r["code"]
+    # FSDP over 2 chips: every step all-gathers the weights, at least once each (forward), and reduces gradients
+    assert set(r["collectives"]) == set(hlo.KINDS) and r["collective_loops_counted_once"] == []
+    assert r["collectives"]["all-gather"]["bytes"] >= r["state"]["params"] * (2 - 1)
+    assert r["collectives"]["reduce-scatter"]["count"] + r["collectives"]["all-reduce"]["count"] > 0
+    rl = r["roofline"]
+    assert rl["generation"] == "v5p" and rl["hbm_s"] is None
+    assert rl["compute_s"] == r["model_flops_per_chip"] / 459e12 and rl["collectives_s"] > 0
+    assert rl["step_s"] == max(rl["compute_s"], rl["collectives_s"]) and 0 < rl["mfu"] <= 1
     text = aot.format_report({**r, "hbm": topo.hbm_bytes, "fits": True}, "tiny")
     assert "FITS" in text and "4 chips" in text
+    assert "collectives per step per chip: all-gather" in text and "roofline (v5p: 459 TFLOP/s bf16" in text
 
 
 def test_compiler_out_of_memory_becomes_a_does_not_fit_report():
@@ -86,6 +98,165 @@ def test_lora_config_compiles_the_lora_program_with_less_state():
     assert lora["state"]["opt_state"] < full["state"]["opt_state"] // 5  # Adam moments of the adapters only
     assert lora["arguments"] < full["arguments"]
     assert full["platform"] == lora["platform"] == "cpu"  # the devices' platform
+    assert full["collectives"]["all-reduce"]["count"] > 0 and full["roofline"] is None  # no peak figures for a CPU
     assert "LoRA rank 4 on wq,wv" in lora["recipe"]
     text = aot.format_report({**lora, "hbm": 10**9, "fits": True}, "tiny lora")
     assert "frozen" in text and "optimizer" in text and "note: config.init_from='/nowhere'" in text
+
+
+# ------------------------------------------------------------------------------------------ collectives (aot.hlo)
+# A hand-written module, 8 devices: two while loops over one body (trip counts 4, inferred from the condition and
+# the start value, and 3, recorded by XLA), async all-reduce / collective-permute, a tuple all-to-all, a ragged
+# all-to-all, a conditional and an async-wrapped reduce-scatter.
+HLO = """HloModule m, num_partitions=8
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%body (p: (s32[], f32[64])) -> (s32[], f32[64]) {
+  %p = (s32[], f32[64]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[64]{0} get-tuple-element(%p), index=1
+  %ag = f32[256]{0} all-gather(%x), channel_id=1, replica_groups=[2,4]<=[8], dimensions={0}
+  %rs = f32[64]{0} reduce-scatter(%ag), replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}, to_apply=%add
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[64]{0}) tuple(%next, %rs)
+}
+
+%cond (p: (s32[], f32[64])) -> pred[] {
+  %p = (s32[], f32[64]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(6)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%gather_branch (y: f32[64]) -> f32[64] {
+  %y = f32[64]{0} parameter(0)
+  %g = f32[128]{0} all-gather(%y), replica_groups={{0,1},{2,3},{4,5},{6,7}}, dimensions={0}
+  ROOT %h = f32[64]{0} slice(%g), slice={[0:64]}
+}
+
+%quiet_branch (y: f32[64]) -> f32[64] {
+  ROOT %y = f32[64]{0} parameter(0)
+}
+
+%wrapped_rs (p0: f32[64]) -> f32[16] {
+  %p0 = f32[64]{0} parameter(0)
+  ROOT %rs2 = f32[16]{0} reduce-scatter(%p0), replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}, to_apply=%add
+}
+
+ENTRY %main (x: f32[64], tokens: bf16[40,8], k: s32[]) -> f32[64] {
+  %x = f32[64]{0} parameter(0)
+  %start = s32[] constant(2)
+  %init = s32[] copy(%start)
+  %t = (s32[], f32[64]{0}) tuple(%init, %x)
+  %w = (s32[], f32[64]{0}) while(%t), condition=%cond, body=%body
+  %known = (s32[], f32[64]{0}) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %y = f32[64]{0} get-tuple-element(%w), index=1
+  %ars = f32[64]{0:T(128)S(1)} all-reduce-start(%y), channel_id=3, replica_groups=mesh['x'=2,'y'=4] {'y'}, to_apply=%add
+  %ard = f32[64]{0} all-reduce-done(%ars)
+  %cps = (f32[64]{0}, f32[64]{0}, u32[], u32[]) collective-permute-start(%ard), source_target_pairs={{0,1},{1,0}}
+  %cpd = f32[64]{0} collective-permute-done(%cps)
+  %lo = f32[16]{0} slice(%cpd), slice={[0:16]}
+  %a2a = (f32[16]{0}, /*index=1*/f32[16]{0}) all-to-all(%lo, %lo), replica_groups={{0,1},{2,3},{4,5},{6,7}}
+  %tokens = bf16[40,8]{1,0} parameter(1)
+  %out = bf16[100,8]{1,0} broadcast(%start), dimensions={}
+  %offsets = s32[8]{0} broadcast(%start), dimensions={}
+  %ragged = bf16[100,8]{1,0} ragged-all-to-all(%tokens, %out, %offsets, %offsets, %offsets, %offsets), replica_groups={}
+  %k = s32[] parameter(2)
+  %c = f32[64]{0} conditional(%k, %cpd, %cpd), branch_computations={%quiet_branch, %gather_branch}
+  %as = ((f32[64]{0}), f32[16]{0}, u32[]) async-start(%c), calls=%wrapped_rs
+  %ad = f32[16]{0} async-done(%as), calls=%wrapped_rs
+  ROOT %r = f32[64]{0} add(%c, %y)
+}
+"""
+
+
+def test_collective_traffic_of_a_hand_written_module():
+    t = hlo.collective_traffic(HLO)
+    body = 4 + 3  # the loop body runs 4 times (2 <= i < 6) in one loop, 3 (known_trip_count) in the other
+    assert t.kinds["all-gather"] == {"count": body + 1, "bytes": body * 1024 * 3 / 4 + 512 * 1 / 2}  # + the branch
+    assert t.kinds["reduce-scatter"] == {"count": body + 1, "bytes": body * 256 * 3 + 64 * 3}  # + the async one
+    assert t.kinds["all-reduce"] == {"count": 1, "bytes": 2 * 256 * 3 / 4}  # group: mesh axis y of size 4
+    assert t.kinds["collective-permute"] == {"count": 1, "bytes": 256}
+    assert t.kinds["all-to-all"] == {"count": 1, "bytes": 2 * 64 / 2}  # two buffers, groups of 2
+    ragged = t.kinds["ragged-all-to-all"]  # replica_groups={}: all 8 devices
+    assert ragged == {"count": 1, "bytes": 40 * 8 * 2 * 7 / 8, "bytes_upper_bound": 100 * 8 * 2 * 7 / 8}
+    assert t.uncounted_loops == []
+    assert t.bytes_upper_bound - t.bytes == (100 - 40) * 8 * 2 * 7 / 8
+    assert "all-gather 8x 5.50 KiB" in hlo.describe(t)
+
+
+def test_a_loop_of_unknown_trip_count_is_counted_once_and_named():
+    text = HLO.replace("%n = s32[] constant(6)", "%n = s32[] get-tuple-element(%p), index=0").replace(
+        ', backend_config={"known_trip_count":{"n":"3"}}', "")
+    t = hlo.collective_traffic(text)
+    assert t.uncounted_loops == ["known", "w"]
+    assert t.kinds["all-gather"]["count"] == 2 + 1
+
+
+@pytest.mark.parametrize("attrs, size", [
+    ("replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}", 4),
+    ("replica_groups={}, dimensions={0}", 128),
+    ("dimensions={0}", 128),
+    ("replica_groups=[8,16]<=[128], dimensions={0}", 16),
+    ("replica_groups=[2,2]<=[2,2]T(1,0), dimensions={0}", 2),
+    ("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, dimensions={0}", 4),
+    ("replica_groups=mesh['a'=4,'b'=2,'c'=2] {'a','c'}, dimensions={0}", 8),
+    ("replica_groups=mesh['a'=1,'b'=2,'c'=2], device_ids=([2,2]T(1,0)) {'a','b','c'}, use_global_device_ids=true", 4),
+    ("replica_groups=mesh['a'=8] {'a':(1)2}, dimensions={0}", 2),
+])
+def test_replica_group_sizes(attrs, size):
+    assert hlo.group_size(attrs, devices=128) == size
+
+
+def test_shape_bytes():
+    assert hlo.shape_bytes("bf16[4,16,64]{1,0,2:T(4,128)(2,1)}") == 4 * 16 * 64 * 2
+    assert hlo.shape_bytes("(f32[], s8[10], pred[3], /*index=3*/f8e4m3fn[2], s4[4], token[])") == 4 + 10 + 3 + 2 + 2
+    with pytest.raises(ValueError, match="unknown HLO element type 'q7'"):
+        hlo.shape_bytes("q7[3]")
+
+
+def _scanned_all_gather(mesh, steps):
+    """A jitted shard_map whose scan all-gathers one [16, 64] f32 slice (shard [16 / n, 64]) per step."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    def body(c, w):
+        return c + jnp.sum(jnp.sin(jax.lax.all_gather(w, "x", tiled=True)) * c), None
+
+    fn = jax.jit(jax.shard_map(lambda c, ws: jax.lax.scan(body, c, ws)[0], mesh=mesh, in_specs=(P(), P(None, "x")),
+                               out_specs=P(), check_vma=False))
+    c = jax.ShapeDtypeStruct((64,), jnp.float32, sharding=NamedSharding(mesh, P()))
+    ws = jax.ShapeDtypeStruct((steps, 16, 64), jnp.float32, sharding=NamedSharding(mesh, P(None, "x")))
+    return fn.lower(c, ws).compile()
+
+
+def test_collectives_of_a_cpu_compile_count_the_scan():
+    mesh = jax.make_mesh((8,), ("x",), devices=jax.devices())
+    t = hlo.collective_traffic(_scanned_all_gather(mesh, steps=5).as_text())
+    assert t.kinds["all-gather"] == {"count": 5, "bytes": 5 * 16 * 64 * 4 * 7 / 8}
+    assert t.uncounted_loops == []
+
+
+def test_collectives_of_a_tpu_compile_count_the_scan():
+    # optimized TPU HLO records no known_trip_count on this loop: the count is inferred from its condition
+    assert aot.libtpu_available(), "libtpu is missing. Fix: pip install -e '.[test]' (or '.[tpu]')"
+    mesh = jax.make_mesh((4,), ("x",), devices=aot.topology_devices(aot.parse_topology("v5p-8")))
+    t = hlo.collective_traffic(_scanned_all_gather(mesh, steps=7).as_text())
+    assert t.kinds["all-gather"] == {"count": 7, "bytes": 7 * 16 * 64 * 4 * 3 / 4}
+    assert t.uncounted_loops == []
+
+
+def test_roofline():
+    r = roofline.estimate("v5p", model_flops_per_chip=459e12, collective_bytes_per_chip=300e9)
+    assert (r["compute_s"], r["collectives_s"], r["step_s"], r["bound"], r["mfu"]) == (1.0, 0.5, 1.0, "compute", 1.0)
+    r = roofline.estimate("v5e", model_flops_per_chip=197e12, collective_bytes_per_chip=400e9)
+    assert (r["step_s"], r["bound"], r["mfu"], r["hbm_s"]) == (2.0, "collectives", 0.5, None)
+    with pytest.raises(ValueError, match="no peak figures for TPU generation 'v9'"):
+        roofline.estimate("v9", 1.0, 1.0)
+    assert roofline.generation_of(jax.devices()[0]) is None  # CPU

@@ -12,8 +12,9 @@ The step is ``training.step.jit_train_step`` on that state, mesh
 (``config.mesh``, -1 = fill the topology's chips), rules, batch and remat, lowered on abstract (sharded) state
 and batch; nothing is read but ``init_from``'s config file (when it is a directory here; else ``config.model``'s
 architecture is compiled). Prints the per-chip memory of the compiled program (arguments, outputs,
-temporaries, total vs HBM; the train state's params, frozen weights and optimizer state), FLOPs per step and
-whether it fits.
+temporaries, total vs HBM; the train state's params, frozen weights and optimizer state), FLOPs per step,
+whether it fits, the bytes each collective kind moves per step (read from the optimized HLO, loops counted by
+their trip counts: ``aot.hlo``) and a roofline step-time estimate with the MFU it implies (``aot.roofline``).
 
 Topologies: ``v5p-N`` / ``v4-N`` (N TensorCores, 2 per chip), ``v5e-N`` / ``v6e-N`` (N chips), or an explicit
 ``v5p:4x4x4``-style chip grid. ``--num_slices N`` compiles for N such slices joined by the data-center network
@@ -32,6 +33,7 @@ from typing import Any
 import jax
 
 from mistral_jax import sharding
+from mistral_jax.aot import hlo, roofline
 
 GiB = 1024**3
 
@@ -161,7 +163,8 @@ def _oom_report(err: Exception) -> dict[str, Any]:
     scale = {"G": GiB, "M": 1024**2, "K": 1024}[m.group(2)]
     need = int(float(m.group(1)) * scale)
     return dict(arguments=0, outputs=0, aliased=0, temps=need, code=0, total=need, flops=float("nan"), hbm=None,
-                fits=False, compiler_error=msg.splitlines()[0][:300])
+                fits=False, compiler_error=msg.splitlines()[0][:300], collectives=None,
+                collective_loops_counted_once=[])
 
 
 def model_flops_per_step(model_cfg: Any, batch_size: int, seq_len: int) -> float:
@@ -204,7 +207,9 @@ def compile_run(run: Any) -> dict[str, Any]:
 
     Returns:
       ``memory_report``'s dict (bytes per device; a compiler out-of-memory error becomes a "does not fit" report)
-      plus ``recipe``, ``trainable_params`` / ``frozen_params`` (counts), ``state`` (bytes per device of the
+      plus ``collectives`` (``hlo.collective_traffic``: ``{kind: {count, bytes}}`` per device and step; None when
+      the compiler refused the program) and ``collective_loops_counted_once`` (while loops of unknown trip
+      count), ``recipe``, ``trainable_params`` / ``frozen_params`` (counts), ``state`` (bytes per device of the
       train state's ``params``, ``frozen`` and ``opt_state``), ``mesh``, ``rules``, ``devices`` and ``compile_s``.
     """
     from mistral_jax.training import step as step_lib
@@ -227,6 +232,8 @@ def compile_run(run: Any) -> dict[str, Any]:
             report = _oom_report(e)
         else:
             report = memory_report(compiled)
+            traffic = hlo.collective_traffic(compiled.as_text())
+            report.update(collectives=traffic.kinds, collective_loops_counted_once=traffic.uncounted_loops)
     report.update(recipe=recipe.name, trainable_params=sum(x.size for x in jax.tree.leaves(state["params"])),
                   frozen_params=sum(x.size for x in jax.tree.leaves(state["frozen"])), state=state_bytes(state),
                   mesh={k: int(v) for k, v in mesh.shape.items()}, rules=cfg.mesh.get("rules", "auto"),
@@ -236,6 +243,10 @@ def compile_run(run: Any) -> dict[str, Any]:
 
 def compile_train_step(run_cfg: Any, devices: list[Any]) -> dict[str, Any]:
     """Resolve ``run_cfg`` on ``devices`` as ``train.py`` does and compile its train step; returns the report.
+
+    The report is ``compile_run``'s plus the run's shape (batch, sequence, mesh, backends), ``model_flops_per_chip``
+    and ``roofline`` (``roofline.estimate``: the step-time lower bound and the MFU it implies, for TPU devices of a
+    known generation; None otherwise).
 
     The devices' platform is the target platform (TPU topology devices: ``auto`` backends resolve for the TPU).
     Multi-slice devices get ``mesh.dcn_data = slices`` unless the config sets its ``dcn_*`` axes.
@@ -263,6 +274,10 @@ def compile_train_step(run_cfg: Any, devices: list[Any]) -> dict[str, Any]:
         attention_impl=model_cfg.attention_impl, moe_impl=model_cfg.moe_impl, platform=model_cfg.platform,
         model_flops_per_chip=model_flops / len(devices),
     )
+    generation = roofline.generation_of(devices[0])
+    report["roofline"] = (roofline.estimate(generation, report["model_flops_per_chip"],
+                                            sum(v["bytes"] for v in report["collectives"].values()))
+                          if generation and report["collectives"] is not None else None)
     start = run.recipe.init_from
     if start is None or (start and not os.path.isdir(start)):
         report["note"] = (f"config.init_from={start!r} is not a directory here: compiled config.model's architecture "
@@ -271,6 +286,7 @@ def compile_train_step(run_cfg: Any, devices: list[Any]) -> dict[str, Any]:
 
 
 def format_report(r: dict[str, Any], title: str) -> str:
+    """``compile_train_step``'s report as text: one line per topic under ``title``."""
     def gib(x):
         return f"{x / GiB:8.2f} GiB"
 
@@ -291,5 +307,29 @@ def format_report(r: dict[str, Any], title: str) -> str:
                else []),
              f"  FLOPs per step per chip: model (6N + attention) {r['model_flops_per_chip']:.3e}; XLA cost analysis "
              f"{r['flops']:.3e} (counts each scan / while-loop body once)",
+             *_collective_lines(r),
              f"  compiled in {r['compile_s']} s"]
     return "\n".join(lines)
+
+
+def _seconds(x: float) -> str:
+    return next(f"{x * scale:.3g} {unit}" for unit, scale in (("s", 1), ("ms", 1e3), ("us", 1e6))
+                if x * scale >= 1 or unit == "us")
+
+
+def _collective_lines(r: dict[str, Any]) -> list[str]:
+    """The report's collectives and roofline lines (none for a program the compiler refused)."""
+    if r.get("collectives") is None:
+        return []
+    traffic = hlo.CollectiveTraffic(r["collectives"], r["collective_loops_counted_once"])
+    loops = r["collective_loops_counted_once"]
+    lines = [f"  collectives per step per chip: {hlo.describe(traffic)}"
+             + (f" ({len(loops)} while loop(s) of unknown trip count counted once)" if loops else "")]
+    rl = r.get("roofline")
+    if rl:
+        mfu = f"{rl['mfu']:.0%}" if rl["mfu"] is not None else "n/a"
+        lines.append(f"  roofline ({rl['generation']}: {rl['peak_flops'] / 1e12:.0f} TFLOP/s bf16, "
+                     f"{rl['ici_bytes_per_s'] / 1e9:.0f} GB/s ICI): compute {_seconds(rl['compute_s'])}, "
+                     f"collectives {_seconds(rl['collectives_s'])} -> step >= {_seconds(rl['step_s'])} "
+                     f"({rl['bound']}-bound, perfect overlap, no HBM term), MFU <= {mfu}")
+    return lines

@@ -16,6 +16,7 @@ def get_config():
     c.model.preset = "mistral_7b_v03"  # 32 layers, dim 4096, GQA 32/8 heads, vocab 32768, no window, theta 1e6
     c.model.dtype = "bfloat16"  # bf16 activations / matmuls (params stay float32 master weights)
     c.model.remat = "full"  # recompute each layer in the backward pass (activation memory ~ one layer)
+    c.model.loss_chunk_size = 1024  # loss over 1024-position chunks: never the [B, T, V] float32 logits at once
     c.num_steps = 250_000  # 250k x 4M tokens = ~1T tokens
     c.batch_size = 512  # rows per step: 512 x 8192 = 4.2M tokens
     c.grad_accum_steps = 2  # 256-row micro-batches: 4 rows/chip on v5p-128 (as configs/mistral_7b.py)

@@ -17,6 +17,7 @@ def get_config():
     c.model.router_z_loss_coef = 1e-3  # router z-loss weight
     c.model.moe_impl = "ragged"  # dropless sort + grouped matmul
     c.model.remat = "full"  # recompute each layer in the backward pass
+    c.model.loss_chunk_size = 1024  # loss over 1024-position chunks: never the [B, T, V] float32 logits at once
     c.num_steps = 250_000  # ~1T tokens at 4M tokens per step
     c.batch_size = 512  # rows per step: 512 x 8192 = 4.2M tokens
     c.grad_accum_steps = 8  # 64-row micro-batches: fits v5p-128 at 55.4 of 95 GiB/chip (AOT, see README)

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 
 AttentionImpl = Literal["auto", "reference", "blocked", "cudnn", "splash"]
 MoEImpl = Literal["dense", "ragged", "expert_parallel"]
-RematPolicy = Literal["none", "full", "save_dots", "save_qkv_proj", "save_dots_no_batch"]
+MoEDispatch = Literal["all_to_all", "all_gather"]
+RematPolicy = Literal["none", "full", "save_dots", "save_qkv_proj", "save_dots_no_batch", "offload"]
 Platform = Literal["", "cpu", "gpu", "tpu"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -60,8 +61,15 @@ class ModelConfig:
     attention_impl: AttentionImpl = _runtime("auto")  # see model/attention.py (auto: chosen for `platform`)
     attention_block_size: int = _runtime(512)  # query block of the blocked banded backend (<= max(64, W/4))
     moe_impl: MoEImpl = _runtime("ragged")  # "dense" oracle, dropless sort + grouped matmul, "expert_parallel"
+    # Expert parallelism (model/moe.py): how tokens reach the experts' shards. "all_to_all": each assignment goes
+    # to its expert's shard and back (ragged all-to-all); "all_gather": every shard sees every token of its group.
+    moe_dispatch: MoEDispatch = _runtime("all_to_all")
+    moe_chunk_tokens: int = _runtime(0)  # all_to_all: tokens per shard per dispatch (bounds its buffers); 0 = all
     scan_layers: bool = _runtime(True)  # lax.scan over stacked layers (one compiled layer) vs a Python loop
     remat: RematPolicy = _runtime("none")  # activation checkpointing policy per layer
+    # Training loss over chunks of this many positions (training/loss.chunked_cross_entropy): the float32
+    # [B, T, V] logits are never held, only [B, chunk, V] at a time (recomputed in the backward pass). 0 = off.
+    loss_chunk_size: int = _runtime(0)
     initializer_range: float = _runtime(0.02)  # std of the normal init of weights
     # The platform the program is built for: "cpu", "gpu" or "tpu"; "" = the host's default backend, filled in
     # by ``for_platform`` (the Transformer calls it at construction). "auto" backends are resolved from this
@@ -105,9 +113,20 @@ class ModelConfig:
             raise _bad("attention_block_size", self.attention_block_size, "must be > 0", "use e.g. 512")
         if self.moe_impl not in ("dense", "ragged", "expert_parallel"):
             raise _bad("moe_impl", self.moe_impl, "unknown MoE backend", "use dense, ragged or expert_parallel")
-        if self.remat not in ("none", "full", "save_dots", "save_qkv_proj", "save_dots_no_batch"):
+        if self.moe_dispatch not in ("all_to_all", "all_gather"):
+            raise _bad("moe_dispatch", self.moe_dispatch, "unknown expert-parallel dispatch",
+                       "use all_to_all or all_gather")
+        chunk = self.moe_chunk_tokens
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+            raise _bad("moe_chunk_tokens", self.moe_chunk_tokens, "must be an integer >= 0 (tokens per dispatch chunk)",
+                       "use 0 to dispatch all of a shard's tokens at once, or e.g. 4096")
+        if self.remat not in ("none", "full", "save_dots", "save_qkv_proj", "save_dots_no_batch", "offload"):
             raise _bad("remat", self.remat, "unknown remat policy",
-                       "use none, full, save_dots, save_qkv_proj or save_dots_no_batch")
+                       "use none, full, offload, save_dots, save_qkv_proj or save_dots_no_batch")
+        chunk = self.loss_chunk_size
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+            raise _bad("loss_chunk_size", self.loss_chunk_size, "must be an integer >= 0 (positions per loss chunk)",
+                       "use 0 for the unchunked loss, or e.g. 1024 / 2048 to chunk the logits over the sequence")
         if self.platform not in ("", "cpu", "gpu", "tpu"):
             raise _bad("platform", self.platform, "unknown platform", "use cpu, gpu or tpu (or '' for the host's)")
 

@@ -16,25 +16,29 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils  # a submodule: `import jax` alone does not load it
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 MeshAxes = str | tuple[str, ...] | None
 
-# Rule presets. FSDP shards parameters' embed dimension over `fsdp` and the batch over data x fsdp;
-# TP shards heads / mlp / vocab over `tensor`; EP shards experts over `expert` (which is otherwise
-# one more batch axis).
+# Rule presets. FSDP shards parameters' embed dimension over every axis that also shards the batch (`fsdp`, and
+# `expert`, which is one more batch axis for everything but the experts) and the batch over data x fsdp x
+# expert; TP shards heads / mlp / vocab over `tensor`; EP shards experts over `expert` and their embed dimension
+# (`expert_embed`) over `fsdp`. So no weight is replicated over the expert groups: the non-expert weights'
+# gradients are reduce-scattered over fsdp x expert, not all-reduced over the expert axis.
 _BASE: dict[str, MeshAxes] = {
     # parameters
     "layers": None,
     "vocab": "tensor",
-    "embed": "fsdp",
+    "embed": ("fsdp", "expert"),
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
     "experts": "expert",
+    "expert_embed": "fsdp",  # the embed dimension of expert weights [experts, expert_embed, mlp]
     # activations
     "batch": ("data", "fsdp", "expert"),
     "seq": None,
@@ -54,6 +58,7 @@ _BASE: dict[str, MeshAxes] = {
 #   fsdp_tp_ep:  the same table, named for Mixtral runs with mesh.expert > 1 (MoE blocks then run the
 #                expert-parallel path of model/moe.py).
 _FSDP: dict[str, MeshAxes] = {**_BASE, "vocab": None, "heads": None, "kv_heads": None, "mlp": None,
+                              "embed": ("fsdp", "tensor", "expert"), "expert_embed": ("fsdp", "tensor"),
                               "act_heads": None, "act_kv_heads": None, "act_mlp": None, "act_vocab": None,
                               "batch": ("data", "fsdp", "tensor", "expert")}
 
@@ -170,7 +175,7 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, expert: int = 1, d
         sizes = _fill_sizes(sizes, len(devices), "")
         shape = tuple(sizes[a] for a in MESH_AXES)
         try:
-            dev_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+            dev_array = mesh_utils.create_device_mesh(shape, devices=devices)
         except Exception:  # noqa: BLE001 - CPU / odd topologies: plain reshape is fine
             dev_array = np.asarray(devices).reshape(shape)
         return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
@@ -195,7 +200,7 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, expert: int = 1, d
     ici_shape = tuple(sizes[a] for a in MESH_AXES)
     dcn_shape = tuple({"data": dcn_data, "fsdp": dcn_fsdp}.get(a, 1) for a in MESH_AXES)
     try:
-        dev_array = jax.experimental.mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices=devices)
+        dev_array = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices=devices)
     except Exception:  # noqa: BLE001 - shapes the physical layout cannot take: reshape each slice, same blocks
         blocks = np.empty(dcn_shape, dtype=object)
         for i, g in enumerate(groups.values()):

@@ -260,3 +260,41 @@ def test_roofline():
     with pytest.raises(ValueError, match="no peak figures for TPU generation 'v9'"):
         roofline.estimate("v9", 1.0, 1.0)
     assert roofline.generation_of(jax.devices()[0]) is None  # CPU
+
+
+def _moe_block_traffic(dispatch: str) -> tuple[dict, str]:
+    """Collective traffic of the expert-parallel MoE block alone (forward and backward), compiled for the 8 chips of
+    a v5p-16 with the 8 experts over ``mesh.expert = 8`` (no FSDP: only the dispatch moves data)."""
+    import mistral_jax as mj
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from mistral_jax import sharding as sh
+    from mistral_jax.model import moe
+
+    assert aot.libtpu_available(), "libtpu is missing. Fix: pip install -e '.[test]' (or '.[tpu]')"
+    devices = aot.topology_devices(aot.parse_topology("v5p-16"))
+    mesh = sh.make_mesh(fsdp=1, expert=8, devices=devices)
+    cfg = mj.ModelConfig.tiny_mixtral(num_experts=8, num_experts_per_tok=2, dim=256, hidden_dim=512, dtype="bfloat16",
+                                      moe_dispatch=dispatch, platform="tpu")
+    rules = sh.rules_preset("fsdp_tp_ep")
+    # (the TPU grouped-matmul kernel takes bfloat16 at default precision; conftest asks for "highest" on CPU)
+    with sh.use_mesh(mesh, rules), jax.default_matmul_precision("default"):
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: moe.MoE(cfg, rngs=nnx.Rngs(0))))
+        params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
+                              params, nnx.get_partition_spec(params))
+        x = jax.ShapeDtypeStruct((16, 1024, cfg.dim), jnp.bfloat16,
+                                 sharding=NamedSharding(mesh, rules.spec(("batch", "seq", "act_embed"), mesh)))
+        loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x)[0].astype(jnp.float32) ** 2)
+        text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+    return hlo.collective_traffic(text).kinds, text
+
+
+def test_all_to_all_dispatch_moves_at_most_a_third_of_the_all_gather_bytes():
+    """Top-2 of 8 experts on 8 chips: the ragged all-to-all sends each token to its 2 experts' chips (and back), the
+    all-gather path gathers all tokens to every chip and reduce-scatters the outputs: expected ratio 2/8."""
+    a2a, a2a_text = _moe_block_traffic("all_to_all")
+    gather, gather_text = _moe_block_traffic("all_gather")
+    assert "ragged-all-to-all" in a2a_text and "ragged-all-to-all" not in gather_text
+    total = lambda kinds: sum(v["bytes"] for v in kinds.values())
+    assert a2a["ragged-all-to-all"]["count"] == 4  # dispatch and combine, forward and backward
+    assert total(a2a) <= total(gather) / 3, (a2a, gather)

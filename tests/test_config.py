@@ -193,7 +193,7 @@ def _remat():
         graphdef, state = nnx.split(mj.Transformer(DENSE.replace(remat=policy), rngs=nnx.Rngs(0)))
         return jax.jit(lambda s, x: grad_fn(nnx.merge(graphdef, s), x)).lower(state, TOKENS).as_text()
 
-    texts = {p: lowered(p) for p in ("none", "full", "save_dots", "save_qkv_proj", "save_dots_no_batch")}
+    texts = {p: lowered(p) for p in ("none", "full", "save_dots", "save_qkv_proj", "save_dots_no_batch", "offload")}
     assert len(set(texts.values())) == len(texts)
     _same_output_other_program(DENSE.replace(remat="none"), grad_fn, remat="save_qkv_proj")
 
@@ -204,6 +204,42 @@ def _moe_impl():
         TOKENS))
     all_experts = f"f32[{TOKENS.size},{MOE.num_experts},{MOE.hidden_dim}]"  # [M, E, F]: every expert on every token
     assert all_experts in jaxpr("dense") and all_experts not in jaxpr("ragged")
+
+
+def _loss_chunk_size():
+    def loss_and_grads(m, x):
+        batch = dict(tokens=x, targets=jnp.roll(x, -1, 1), weights=jnp.ones(x.shape, jnp.float32))
+        return nnx.value_and_grad(lambda m: loss_fn(m, batch)[0])(m)
+
+    _same_output_other_program(DENSE, loss_and_grads, loss_chunk_size=7)
+
+
+def _expert_parallel_programs(**changes):
+    """Expert-parallel fields: on an fsdp 2 x expert 4 mesh of the 8 CPU devices, the compiled program changes, the
+    numbers do not."""
+    from mistral_jax import sharding as sh
+
+    tokens = np.random.default_rng(1).integers(0, 512, (8, T)).astype(np.int32)
+    texts, outs = [], []
+    with sh.use_mesh(sh.make_mesh(fsdp=2, expert=4), sh.rules_preset("fsdp_tp_ep")):
+        for cfg in (MOE, MOE.replace(**changes)):
+            graphdef, state = nnx.split(mj.Transformer(cfg, rngs=nnx.Rngs(0)))
+            fn = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x))
+            texts.append(fn.lower(state, tokens).compile().as_text())
+            outs.append(fn(state, tokens))
+    assert texts[0] != texts[1], changes
+    np.testing.assert_allclose(np.asarray(outs[0]), np.asarray(outs[1]), atol=2e-5)
+    return texts
+
+
+def _moe_dispatch():
+    a2a, gather = _expert_parallel_programs(moe_dispatch="all_gather")
+    assert "all-to-all" in a2a and "all-to-all" not in gather
+
+
+def _moe_chunk_tokens():
+    whole, chunked = _expert_parallel_programs(moe_chunk_tokens=4)  # 24 tokens per shard: 6 dispatches of 4
+    assert chunked.count("all-to-all") > whole.count("all-to-all") or " while(" in chunked
 
 
 def _platform():
@@ -248,9 +284,12 @@ FIELD_CHECKS = {
     "attention_block_size": lambda: _same_output_other_program(DENSE.replace(attention_impl="blocked"),
                                                                attention_block_size=4),
     "moe_impl": _moe_impl,
+    "moe_dispatch": _moe_dispatch,
+    "moe_chunk_tokens": _moe_chunk_tokens,
     "scan_layers": lambda: _same_output_other_program(DENSE, scan_layers=False),
     "remat": _remat,
     "initializer_range": _initializer_range,
+    "loss_chunk_size": _loss_chunk_size,
     "platform": _platform,
 }
 

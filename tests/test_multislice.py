@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding
 
 import mistral_jax as mj
@@ -166,7 +167,7 @@ def test_layout_fallback_keeps_each_slice_one_block(two_slices, monkeypatch):
     def refuse(*args, **kwargs):
         raise ValueError("no physical layout")
 
-    monkeypatch.setattr(jax.experimental.mesh_utils, "create_hybrid_device_mesh", refuse)
+    monkeypatch.setattr(mesh_utils, "create_hybrid_device_mesh", refuse)
     got = sh.mesh_from_config({"fsdp": 2, "expert": 2, "dcn_data": 2}, devices=two_slices)
     assert got.shape == want.shape
     for i in range(2):

@@ -220,13 +220,18 @@ def test_rules_raise_when_a_mesh_axis_is_used_twice():
 
 def test_size_one_axes_are_dropped_and_presets_differ():
     mesh = sh.make_mesh(fsdp=8)
-    assert sh.rules_preset("fsdp_tp_ep").spec(("experts", "embed", "mlp"), mesh) == P(None, "fsdp", None)
+    assert sh.rules_preset("fsdp_tp_ep").spec(("experts", "expert_embed", "mlp"), mesh) == P(None, "fsdp", None)
     mesh = sh.make_mesh(fsdp=2, tensor=2, expert=2)
     assert sh.rules_preset("fsdp").spec(("batch", "seq"), mesh) == P(("fsdp", "tensor", "expert"), None)
     assert sh.rules_preset("fsdp_tp").spec(("batch", "seq"), mesh) == P(("fsdp", "expert"), None)
-    assert sh.rules_preset("fsdp_tp").spec(("experts", "embed", "mlp"), mesh) == P("expert", "fsdp", "tensor")
     # Experts follow the expert axis in every preset: mesh.expert > 1 never means E-fold replicated experts.
-    assert sh.rules_preset("fsdp").spec(("experts", "embed", "mlp"), mesh) == P("expert", "fsdp", None)
+    assert sh.rules_preset("fsdp_tp").spec(("experts", "expert_embed", "mlp"), mesh) == P("expert", "fsdp", "tensor")
+    # Non-expert weights are sharded over every batch axis that is not tensor-parallel (fsdp and expert), so none is
+    # replicated over the expert groups; with the fsdp preset `tensor` is one more such axis.
+    assert sh.rules_preset("fsdp_tp").spec(("vocab", "embed"), mesh) == P("tensor", ("fsdp", "expert"))
+    assert sh.rules_preset("fsdp").spec(("embed", "mlp"), mesh) == P(("fsdp", "tensor", "expert"), None)
+    assert sh.rules_preset("fsdp").spec(("experts", "expert_embed", "mlp"), mesh) == P("expert", ("fsdp", "tensor"),
+                                                                                         None)
     with pytest.raises(ValueError, match="unknown sharding preset 'tp'"):
         sh.rules_preset("tp")
 

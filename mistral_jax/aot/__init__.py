@@ -135,7 +135,9 @@ def memory_report(compiled: Any, hbm_bytes: int | None = None) -> dict[str, Any]
       Bytes of ``arguments``, ``outputs``, ``aliased`` (donated outputs reusing argument buffers), ``temps``,
       ``code``, ``total`` (= arguments + outputs - aliased + temps + code: the peak the program needs), and
       ``flops`` (per device, from XLA's cost analysis, which counts a while-loop body once: with scanned layers
-      or gradient accumulation use ``model_flops_per_step``), ``hbm`` and ``fits`` (``total <= hbm``).
+      or gradient accumulation use ``model_flops_per_step``), ``hbm`` and ``fits`` (``total <= hbm``), and
+      ``host_temps``: host memory per device the program uses for temporaries (``remat="offload"`` keeps each
+      layer's input there; not part of ``total``).
     """
     ma = compiled.memory_analysis()
     if ma is None:
@@ -147,8 +149,9 @@ def memory_report(compiled: Any, hbm_bytes: int | None = None) -> dict[str, Any]
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     flops = float((cost or {}).get("flops", float("nan")))
+    host_temps = int(getattr(ma, "host_temp_size_in_bytes", 0) or 0)
     return dict(arguments=args, outputs=outs, aliased=alias, temps=temps, code=code, total=total, flops=flops,
-                hbm=hbm_bytes, fits=None if hbm_bytes is None else total <= hbm_bytes)
+                hbm=hbm_bytes, fits=None if hbm_bytes is None else total <= hbm_bytes, host_temps=host_temps)
 
 
 def _oom_report(err: Exception) -> dict[str, Any]:
@@ -302,7 +305,8 @@ def format_report(r: dict[str, Any], title: str) -> str:
              f"  per chip: arguments {gib(r['arguments'])}  outputs {gib(r['outputs'])}  aliased {gib(r['aliased'])}"
              f"  temps {gib(r['temps'])}",
              f"  per chip: total {gib(r['total'])} of HBM {gib(r['hbm'])} -> "
-             + ("FITS" if r["fits"] else "DOES NOT FIT"),
+             + ("FITS" if r["fits"] else "DOES NOT FIT")
+             + (f" (and {gib(r['host_temps']).strip()} of host memory)" if r.get("host_temps") else ""),
              *([f"  compiler: {r['compiler_error']} (temps alone; arguments not counted)"] if "compiler_error" in r
                else []),
              f"  FLOPs per step per chip: model (6N + attention) {r['model_flops_per_chip']:.3e}; XLA cost analysis "

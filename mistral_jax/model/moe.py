@@ -17,6 +17,8 @@ Backends (``ModelConfig.moe_impl``):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -155,6 +157,113 @@ def expert_parallel_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Arr
     return fn(x, w1, w3, w2, top_w, top_idx)
 
 
+def _exclusive_cumsum(x: Array, axis: int = -1) -> Array:
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def ragged_all_to_all(operand: Float[Array, "N D"], output: Float[Array, "R D"], input_offsets: Int[Array, " P"],
+                      send_sizes: Int[Array, " P"], output_offsets: Int[Array, " P"], recv_sizes: Int[Array, " P"], *,
+                      axis_name: str, platform: str) -> Float[Array, "R D"]:
+    """``jax.lax.ragged_all_to_all`` (same arguments: ``output_offsets[j]`` is where this shard's block lands in
+    peer j's output), or on CPU, whose XLA backend has no such op, the same exchange through a dense
+    ``all_to_all`` of per-peer blocks padded to N rows (memory P*N rows: for tests and small CPU meshes)."""
+    if platform != "cpu":
+        return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                                         axis_name=axis_name)
+    n, r = operand.shape[0], output.shape[0]
+    k = jnp.arange(n)
+    rows = jnp.clip(input_offsets[:, None] + k, 0, n - 1)  # [P, N]
+    blocks = jnp.where((k < send_sizes[:, None])[..., None], operand[rows], 0)  # [P, N, D] block for each peer
+    blocks = jax.lax.all_to_all(blocks, axis_name, 0, 0)  # [P, N, D]: block j came from peer j
+    offsets = jax.lax.all_to_all(output_offsets[:, None], axis_name, 0, 0)[:, 0]  # [P] where peer j's block goes
+    dest = jnp.where(k < recv_sizes[:, None], offsets[:, None] + k, r)  # [P, N]; r = dropped (padding)
+    return output.at[dest.reshape(-1)].set(blocks.reshape(-1, *operand.shape[1:]), mode="drop")
+
+
+def all_to_all_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "M X"], top_idx: Int[Array, "M X"],
+                       ep: sharding.ExpertParallel, *, platform: str, chunk_tokens: int = 0) -> Float[Array, "M D"]:
+    """Dropless expert parallelism by ragged all-to-all: each assignment travels only to the shard of its expert.
+
+    Inside a ``shard_map`` (P = size of the expert mesh axis, tokens split over it; F sharded over the tensor
+    axis if any), per chunk of c local tokens (``chunk_tokens``; 0 = all m at once):
+      1. dispatch: sort the c*X assignments by expert (so by destination shard), exchange the per-expert counts
+         (an all-gather of P x E integers) and send each block to its expert's shard (``ragged_all_to_all``);
+      2. each shard runs its E/P experts on what it received, grouped by local expert (three grouped matmuls);
+      3. combine: the outputs travel back by the inverse ``ragged_all_to_all`` and each token sums its X expert
+         outputs weighted by the router (the weights never travel); a ``psum`` over the tensor axis completes
+         the F contraction of w2.
+    Communication per layer: 2 x c*X rows of D each way (about X/P of the all-gather path's tokens when routing
+    is balanced). Memory: the receive buffer is sized for the worst case (every token of every shard routed
+    here: P*c*min(X, E/P) rows), so nothing is ever dropped; chunks bound it, each chunk recomputed in the
+    backward pass (``jax.checkpoint``) so only one chunk's expert activations are live.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    top_k = top_idx.shape[1]
+    num_experts = w1.shape[0]
+    ea, ta = ep.expert_axis, ep.tensor_axis
+    n_shards = ep.mesh.shape[ea]
+    if num_experts % n_shards:
+        raise ValueError(f"{num_experts} experts cannot be split over the expert mesh axis of size {n_shards}. "
+                         "Fix: choose mesh.expert dividing num_experts.")
+    e_local = num_experts // n_shards
+    tok_spec = P(ep.batch_axes, None)  # the tokens are split over the expert axis (and maybe others)
+    w_in_spec, w_out_spec = P(ea, None, ta), P(ea, ta, None)
+
+    def one_chunk(w1l, w3l, w2l, xc, wc, ic):  # xc [c, D], wc / ic [c, X]; w1l / w3l [e, D, f], w2l [e, f, D]
+        c, d = xc.shape
+        flat = ic.reshape(-1)  # [A] global expert of each assignment
+        order = jnp.argsort(flat, stable=True)  # [A] grouped by expert, hence by destination shard
+        token = order // top_k  # [A]
+        counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E]
+        all_counts = jax.lax.all_gather(counts, ea)  # [P_src, E]
+        sends = all_counts.reshape(n_shards, n_shards, e_local).sum(-1)  # [src, dst] rows
+        me = jax.lax.axis_index(ea)
+        send_sizes, recv_sizes = sends[me], sends[:, me]  # [P], [P]
+        a2a = functools.partial(ragged_all_to_all, axis_name=ea, platform=platform)
+        rows = n_shards * c * min(top_k, e_local)  # worst case: every token of every shard routed here
+        recv = a2a(xc[token], jnp.zeros((rows, d), xc.dtype), _exclusive_cumsum(send_sizes), send_sizes,
+                   _exclusive_cumsum(sends, axis=0)[me], recv_sizes)  # [R, D]: by source, then local expert
+        local_counts = jax.lax.dynamic_slice_in_dim(all_counts, me * e_local, e_local, axis=1)  # [P, e]
+        group_sizes = local_counts.sum(0)  # [e]
+        if e_local > 1:  # regroup the received rows by local expert (sources come in order)
+            seg = jnp.append(local_counts.reshape(-1), rows - local_counts.sum())  # [P*e + 1]
+            ids = jnp.repeat(jnp.append(jnp.tile(jnp.arange(e_local), n_shards), e_local), seg,
+                             total_repeat_length=rows)  # [R] local expert of each received row (e = padding)
+            perm = jnp.argsort(ids, stable=True)  # [R]
+            recv = recv[perm]
+        gmm = lambda a, w: grouped_matmul(a, w, group_sizes, platform=platform)
+        y = gmm(jax.nn.silu(gmm(recv, w1l)) * gmm(recv, w3l), w2l)  # [R, D] (partial over the tensor axis)
+        if e_local > 1:
+            y = jnp.zeros_like(y).at[perm].set(y)  # back to the received order
+        back = a2a(y, jnp.zeros((flat.shape[0], d), y.dtype), _exclusive_cumsum(recv_sizes), recv_sizes,
+                   _exclusive_cumsum(sends, axis=1)[:, me], send_sizes)  # [A, D] in this shard's sorted order
+        weights = wc.reshape(-1)[order].astype(back.dtype)  # [A]
+        return jnp.zeros_like(xc).at[token].add(back * weights[:, None])  # [c, D]
+
+    def local(xl, w1l, w3l, w2l, wl, il):  # per shard: xl [m, D]
+        m = xl.shape[0]
+        c = _chunk(m, chunk_tokens)
+        if c == m:
+            out = one_chunk(w1l, w3l, w2l, xl, wl, il)
+        else:
+            body = jax.checkpoint(functools.partial(one_chunk, w1l, w3l, w2l))
+            split = lambda a: a.reshape(m // c, c, *a.shape[1:])
+            out = jax.lax.map(lambda args: body(*args), (split(xl), split(wl), split(il))).reshape(m, -1)
+        return jax.lax.psum(out, ta) if ta is not None else out
+
+    fn = jax.shard_map(local, mesh=ep.mesh, in_specs=(tok_spec, w_in_spec, w_in_spec, w_out_spec, tok_spec, tok_spec),
+                       out_specs=tok_spec, check_vma=False)
+    return fn(x, w1, w3, w2, top_w, top_idx)
+
+
+def _chunk(m: int, chunk_tokens: int) -> int:
+    """Tokens per dispatch chunk: the largest divisor of m that is at most ``chunk_tokens`` (0: all m)."""
+    if chunk_tokens <= 0 or chunk_tokens >= m:
+        return m
+    return max(c for c in range(1, chunk_tokens + 1) if m % c == 0)
+
+
 class MoE(nnx.Module):
     """Mixtral's sparse MoE block (HF ``MixtralSparseMoeBlock``)."""
 
@@ -164,9 +273,9 @@ class MoE(nnx.Module):
         init = nnx.initializers.normal(cfg.initializer_range)
         pd = cfg.jnp_param_dtype
         self.gate = nnx.Param(init(rngs.params(), (d, e), pd), logical_axes=("embed", None))
-        self.w1 = nnx.Param(init(rngs.params(), (e, d, f), pd), logical_axes=("experts", "embed", "mlp"))
-        self.w3 = nnx.Param(init(rngs.params(), (e, d, f), pd), logical_axes=("experts", "embed", "mlp"))
-        self.w2 = nnx.Param(init(rngs.params(), (e, f, d), pd), logical_axes=("experts", "mlp", "embed"))
+        self.w1 = nnx.Param(init(rngs.params(), (e, d, f), pd), logical_axes=("experts", "expert_embed", "mlp"))
+        self.w3 = nnx.Param(init(rngs.params(), (e, d, f), pd), logical_axes=("experts", "expert_embed", "mlp"))
+        self.w2 = nnx.Param(init(rngs.params(), (e, f, d), pd), logical_axes=("experts", "mlp", "expert_embed"))
 
     def __call__(self, x: Float[Array, "B T D"], valid: Bool[Array, "B T"] | None = None
                  ) -> tuple[Float[Array, "B T D"], dict[str, Array]]:
@@ -188,6 +297,8 @@ class MoE(nnx.Module):
         ep = sharding.expert_parallel() if cfg.moe_impl in ("ragged", "expert_parallel") else None
         if cfg.moe_impl == "dense":
             y = dense_experts(*args)
+        elif ep is not None and cfg.moe_dispatch == "all_to_all" and ep.tokens_split_over_experts:
+            y = all_to_all_experts(*args, ep=ep, platform=cfg.platform, chunk_tokens=cfg.moe_chunk_tokens)
         elif ep is not None:
             y = expert_parallel_experts(*args, ep=ep)
         else:

@@ -2,10 +2,16 @@
 
 Legend: B batch, T sequence, D model dim, F MLP hidden dim, V vocab, L layers, E experts.
 
-The forward pass ``Transformer.forward`` returns a ``ModelOutput(logits, cache, aux)``; ``model(tokens)`` is
-its shorthand for the logits. It is three steps that an inference-side transform may recombine (see
+The forward pass ``Transformer.forward`` returns a ``ModelOutput(logits, cache, aux, hidden)``; ``model(tokens)``
+is its shorthand for the logits. It is three steps that an inference-side transform may recombine (see
 ``inference/per_layer.py``): ``embed_tokens`` -> the decoder layers (``DecoderLayer``, scanned over the stacked
 ``[L, ...]`` weights) -> ``output`` (final norm, LM head, the updated cache and the aux losses).
+
+The LM head is two methods, the one place of its dtype and precision: ``head_weight()`` (the ``[D, V]`` weight,
+the transposed embedding when tied) and ``head_logits(x, head)`` (float32 logits of any ``[B, C, D]`` slice of
+final hidden states). ``forward(..., return_hidden=True)`` skips the head and returns the final-normed hidden
+states instead, so the training loss can apply the head chunk by chunk (``training/loss.chunked_cross_entropy``)
+without ever holding the ``[B, T, V]`` float32 logits.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from mistral_jax import sharding
@@ -95,15 +102,42 @@ _REMAT_POLICIES = {
     "save_dots": jax.checkpoint_policies.checkpoint_dots,
     "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv_proj"),
+    # full, and each layer's input (the residual stream the backward pass restarts from) kept in host memory
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"], offload_src="device",
+        offload_dst="pinned_host"),
 }
 
 
 class ModelOutput(NamedTuple):
     """What ``Transformer.forward`` returns."""
 
-    logits: Float[Array, "B T V"]  # float32; [B, logits_to_keep, V] when asked for the last columns only
+    logits: Float[Array, "B T V"] | None  # float32; [B, logits_to_keep, V] for the last columns; None: return_hidden
     cache: kvc.KVCache | None  # the updated cache when one was given, else None
     aux: dict[str, Array]  # load_balancing_loss, router_z_loss (scalars, HF units), expert_load [L, E]
+    hidden: Float[Array, "B T D"] | None = None  # with return_hidden: final-normed states (compute dtype), else None
+
+
+# Layer weights the layers read in float32 whatever the compute dtype (the MoE router: see model/moe.py).
+_FLOAT32_WEIGHTS = ("gate",)
+
+
+def _compute_dtype_weights(state: nnx.State, cfg: ModelConfig) -> nnx.State:
+    """The stacked layer weights cast to the compute dtype before the scan over layers (except
+    ``_FLOAT32_WEIGHTS``). The layers cast them anyway; casting outside the scan makes the backward pass stack
+    each micro-batch's weight gradients in the compute dtype (bfloat16: half the memory of float32 master
+    weights' gradients; the values are the same, since the gradient of a bfloat16 weight is bfloat16) before
+    they are cast and summed into the float32 gradients."""
+    dt = cfg.jnp_dtype
+    if cfg.jnp_param_dtype == dt:
+        return state
+
+    def cast(path, x):
+        names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
+        keep = not names.isdisjoint(_FLOAT32_WEIGHTS) or not jnp.issubdtype(x.dtype, jnp.floating)
+        return x if keep else x.astype(dt)
+
+    return jax.tree_util.tree_map_with_path(cast, state)
 
 
 class Transformer(nnx.Module):
@@ -142,10 +176,12 @@ class Transformer(nnx.Module):
     # ------------------------------------------------------------------ steps of the forward pass
     def embed_tokens(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
         """The token embeddings in the compute dtype."""
-        # Gather from a replicated table: a gather from a vocab/fsdp-sharded table makes XLA replicate and
-        # re-split it ("involuntary full rematerialization"); FSDP all-gathers every weight anyway.
-        table = sharding.constrain(self.embed[...], (None, None))  # [V, D]
-        x = jnp.take(table, tokens, axis=0).astype(self.cfg.jnp_dtype)  # [B, T, D]
+        # Gather rows of the table sharded on D only (a vocab-sharded table would make XLA replicate and re-split
+        # it) for every token of the batch, then move to batch sharding (an all-to-all). The gradient is then a
+        # local float32 scatter-add into each device's [V, D/shards] slice: no replicated [V, D] table or gradient.
+        table = sharding.constrain(self.embed[...], (None, "embed"))  # [V, D]
+        x = jnp.take(table, sharding.constrain(tokens, (None, None)), axis=0)  # [B, T, D]
+        x = sharding.constrain(x, (None, None, "embed")).astype(self.cfg.jnp_dtype)
         return sharding.constrain(x, ("batch", "seq", "act_embed"))
 
     def _run_layers(self, x, positions, segment_ids, caches: kvc.LayerCache | None):
@@ -155,9 +191,11 @@ class Transformer(nnx.Module):
         """
         cfg = self.cfg
         graphdef, state = nnx.split(self.layers)
+        state = _compute_dtype_weights(state, cfg)
 
         def body(h, xs):
             layer_state, layer_cache = xs
+            h = checkpoint_name(h, "layer_input")  # what remat="offload" keeps in host memory
             h, stats, new_cache = nnx.merge(graphdef, layer_state)(h, positions, segment_ids, layer_cache)
             return h, (stats, new_cache)
 
@@ -173,25 +211,38 @@ class Transformer(nnx.Module):
         stats, new_caches = jax.tree.map(lambda *a: jnp.stack(a), *outs)
         return x, stats, new_caches
 
+    def head_weight(self) -> Float[Array, "D V"]:
+        """The LM head ``[D, V]`` as stored (param dtype): ``lm_head``, or the transposed embedding when tied.
+        ``head_logits`` casts it to the compute dtype."""
+        return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
+    def head_logits(self, x: Float[Array, "B C D"], head: Float[Array, "D V"]) -> Float[Array, "B C V"]:
+        """float32 logits of final-normed hidden states ``x`` (any ``[B, C, D]`` slice) with ``head``
+        (``head_weight()``). Reads no variable, so it may run inside a ``scan`` / ``checkpoint`` of the loss."""
+        # float32 logits: the loss and sampling need them; accumulate the matmul in float32 too.
+        logits = proj("BTD,DV->BTV", x, head.astype(self.cfg.jnp_dtype), preferred_element_type=jnp.float32)
+        return sharding.constrain(logits, ("batch", "seq", "act_vocab"))
+
     def output(self, x: Float[Array, "B T D"], stats: dict[str, Array], cache: kvc.KVCache | None,
-               new_caches: kvc.LayerCache | None, logits_to_keep: int = 0) -> ModelOutput:
+               new_caches: kvc.LayerCache | None, logits_to_keep: int = 0, *, return_hidden: bool = False
+               ) -> ModelOutput:
         """The ``ModelOutput`` from the last layer's activations ``x``, the per-layer router ``stats`` and the
-        updated per-layer cache views (stacked over L) of ``cache``."""
+        updated per-layer cache views (stacked over L) of ``cache``; ``return_hidden``: the final-normed
+        states in ``hidden`` and no logits (``logits=None``)."""
         cfg = self.cfg
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         x = self.norm(x)
-        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]  # [D, V]
-        # float32 logits: the loss and sampling need them; accumulate the matmul in float32 too.
-        logits = proj("BTD,DV->BTV", x, head.astype(cfg.jnp_dtype), preferred_element_type=jnp.float32)
-        logits = sharding.constrain(logits, ("batch", "seq", "act_vocab"))
         new_cache = None if cache is None else cache.with_layers(new_caches)
-        return ModelOutput(logits=logits, cache=new_cache, aux=aux_from_stats(cfg, stats))
+        aux = aux_from_stats(cfg, stats)
+        if return_hidden:
+            return ModelOutput(logits=None, cache=new_cache, aux=aux, hidden=x)
+        return ModelOutput(logits=self.head_logits(x, self.head_weight()), cache=new_cache, aux=aux)
 
     # ------------------------------------------------------------------ forward
     def forward(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None,
                 segment_ids: Int[Array, "B T"] | None = None, *, cache: kvc.KVCache | None = None,
-                logits_to_keep: int = 0) -> ModelOutput:
+                logits_to_keep: int = 0, return_hidden: bool = False) -> ModelOutput:
         """The forward pass.
 
         Args:
@@ -203,16 +254,19 @@ class Transformer(nnx.Module):
           cache: a ``KVCache``: the tokens also attend over it and are written into it (``LayerCache.update``).
           logits_to_keep: compute the logits of the last ``logits_to_keep`` columns only (0 = all), as HF's
             argument of that name: prefill needs only the last one, and the LM head is a large matmul.
+          return_hidden: skip the LM head: ``logits`` is None and ``hidden`` holds the final-normed states
+            ``[B, T, D]`` (compute dtype), for a loss that applies ``head_logits`` chunk by chunk.
 
         Returns:
-          ``ModelOutput(logits, cache, aux)``: float32 logits ``[B, T, V]`` (``[B, logits_to_keep, V]``); the
-          updated cache (None without one); aux: ``load_balancing_loss``, ``router_z_loss`` (scalars, HF
-          units) and ``expert_load`` ``[L, E]`` (fraction of each layer's assignments per expert).
+          ``ModelOutput(logits, cache, aux, hidden)``: float32 logits ``[B, T, V]`` (``[B, logits_to_keep, V]``);
+          the updated cache (None without one); aux: ``load_balancing_loss``, ``router_z_loss`` (scalars, HF
+          units) and ``expert_load`` ``[L, E]`` (fraction of each layer's assignments per expert); ``hidden``
+          (None unless ``return_hidden``).
         """
         positions = self.default_positions(tokens, positions, cache)
         x = self.embed_tokens(tokens)
         x, stats, new_caches = self._run_layers(x, positions, segment_ids, None if cache is None else cache.layers())
-        return self.output(x, stats, cache, new_caches, logits_to_keep)
+        return self.output(x, stats, cache, new_caches, logits_to_keep, return_hidden=return_hidden)
 
     def __call__(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None,
                  segment_ids: Int[Array, "B T"] | None = None, *, return_aux: bool = False, logits_to_keep: int = 0

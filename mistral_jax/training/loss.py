@@ -3,13 +3,29 @@
 A batch is a dict of ``[B, T]`` arrays: ``tokens`` (int32 inputs), ``targets`` (int32 next tokens),
 ``weights`` (float32 loss weight per target: 0 for padding and, in SFT, for prompt tokens),
 ``positions`` (int32, restart per packed document) and ``segment_ids`` (int32, 0 = padding).
+
+Two ways to the same token cross-entropy, chosen by ``ModelConfig.loss_chunk_size``:
+
+- ``0``: ``cross_entropy`` on the model's float32 logits ``[B, T, V]``. The training step then holds those logits
+  and their gradient, each ``4 * B * T * V`` bytes (Mistral 7B, 16k tokens per chip, V = 32768: 2 GiB each).
+- ``C > 0``: ``chunked_cross_entropy`` on the final hidden states ``[B, T, D]`` (``forward(..., return_hidden=True)``)
+  and the LM head: a ``lax.scan`` over ``ceil(T / C)`` chunks of C positions, each computing its ``[B, C, V]``
+  float32 logits (``Transformer.head_logits``), their logsumexp and the target's logit. The chunk body is
+  ``jax.checkpoint``-ed, so the backward pass recomputes a chunk's logits instead of saving them: at most one
+  chunk's logits (and their gradient) is live, ``C / T`` of the plain path's. Chunks run along T, so the
+  hidden states' batch sharding is untouched. Same values and gradients as the plain path (float32 rounding).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
+
+from mistral_jax import sharding
 
 
 def cross_entropy(logits: Float[Array, "B T V"], targets: Int[Array, "B T"], weights: Float[Array, "B T"]
@@ -22,12 +38,80 @@ def cross_entropy(logits: Float[Array, "B T V"], targets: Int[Array, "B T"], wei
     return jnp.sum((lse - picked) * w), jnp.sum(w)
 
 
+def chunked_cross_entropy(hidden: Float[Array, "B T D"], head: Float[Array, "D V"], targets: Int[Array, "B T"],
+                          weights: Float[Array, "B T"], chunk_size: int,
+                          head_logits: Callable[[Array, Array], Array]) -> tuple[Array, Array]:
+    """``cross_entropy(head_logits(hidden, head), targets, weights)`` without the ``[B, T, V]`` logits.
+
+    Args:
+      hidden: final-normed hidden states (``forward(..., return_hidden=True).hidden``).
+      head: the LM head weight (``Transformer.head_weight()``, param dtype: the head's gradient is summed over
+        the chunks in that dtype, float32 for float32 master weights).
+      targets, weights: as for ``cross_entropy``.
+      chunk_size: positions per chunk, > 0. T not a multiple of it: the last chunk is padded with zero-weight
+        positions (at most ``chunk_size - 1`` wasted columns; a divisor search could degrade to tiny chunks for
+        a prime T). ``chunk_size >= T``: one chunk of T.
+      head_logits: ``(x [B, C, D], head) -> float32 logits [B, C, V]`` (``Transformer.head_logits``: the head's
+        dtype and precision live there).
+
+    Returns:
+      ``(weighted sum of token cross-entropies, sum of weights)``, float32 scalars.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunked_cross_entropy: chunk_size={chunk_size!r} must be > 0. Fix: pass a positive "
+                         "chunk size, or use cross_entropy on full logits.")
+    b, t, d = hidden.shape
+    c = min(chunk_size, t)
+    n = -(-t // c)  # chunks
+    pad = n * c - t
+    w = weights.astype(jnp.float32)
+    if pad:  # zero-weight padding positions: they add exactly 0 to both sums and get a zero gradient
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        w = jnp.pad(w, ((0, 0), (0, pad)))
+    # [B, n*C, ...] -> [n, B, C, ...]: the scan axis leads; B stays sharded over the batch mesh axes.
+    xs = (sharding.constrain(hidden.reshape(b, n, c, d).swapaxes(0, 1), (None, "batch", "seq", "act_embed")),
+          sharding.constrain(targets.reshape(b, n, c).swapaxes(0, 1), (None, "batch", "seq")),
+          sharding.constrain(w.reshape(b, n, c).swapaxes(0, 1), (None, "batch", "seq")))
+    # Gather an FSDP-sharded head once, before the loop, not once per chunk (the plain path's one matmul
+    # all-gathers it once too); a vocab (tensor) sharding stays: each chip computes its vocab shard of logits.
+    # The head's gradient is a loop carry of per-chip partial sums: XLA's TPU pipeline reduces it once, after
+    # the backward loop (checked on a libtpu AOT compile); XLA:CPU all-reduces it once per chunk.
+    head = sharding.constrain(head, (None, "vocab"))
+
+    # backward: recompute this chunk's logits rather than keep n of them (prevent_cse=False: inside a scan)
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def chunk(head, x, tgt, wt):
+        logits = head_logits(x, head).astype(jnp.float32)  # [B, C, V]
+        lse = jax.nn.logsumexp(logits, axis=-1)  # [B, C]
+        # as cross_entropy (a masked sum, iota == target, is the same number but one more [B, C, V] buffer on CPU)
+        picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]  # [B, C]
+        return jnp.sum((lse - picked) * wt)
+
+    def body(carry, xs_i):
+        return carry, chunk(head, *xs_i)
+
+    _, sums = jax.lax.scan(body, None, xs)  # [n] per-chunk sums
+    return jnp.sum(sums), jnp.sum(w)
+
+
+def token_cross_entropy(model, batch: dict[str, Array]) -> tuple[Array, Array, dict[str, Array]]:
+    """``(weighted CE sum, sum of weights, aux)`` of ``model`` on ``batch``: chunked over the sequence when
+    ``model.cfg.loss_chunk_size > 0`` (the logits are never materialised whole), else on full logits."""
+    chunk = model.cfg.loss_chunk_size
+    out = model.forward(batch["tokens"], batch.get("positions"), batch.get("segment_ids"), return_hidden=chunk > 0)
+    if chunk > 0:
+        ce_sum, n = chunked_cross_entropy(out.hidden, model.head_weight(), batch["targets"], batch["weights"], chunk,
+                                          model.head_logits)
+    else:
+        ce_sum, n = cross_entropy(out.logits, batch["targets"], batch["weights"])
+    return ce_sum, n, out.aux
+
+
 def loss_fn(model, batch: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
     """Mean token loss plus the weighted MoE aux losses; returns ``(loss, metrics)``."""
     cfg = model.cfg
-    logits, aux = model(batch["tokens"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-                        return_aux=True)
-    ce_sum, n = cross_entropy(logits, batch["targets"], batch["weights"])
+    ce_sum, n, aux = token_cross_entropy(model, batch)
     ce = ce_sum / jnp.maximum(n, 1.0)
     loss = ce
     if cfg.is_moe:

@@ -50,7 +50,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
 from mistral_jax.model.transformer import Transformer
-from mistral_jax.training.loss import cross_entropy, loss_fn
+from mistral_jax.training.loss import loss_fn, token_cross_entropy
 from mistral_jax.training.optimizer import make_optimizer
 
 BATCH_KEYS = ("tokens", "targets", "weights", "positions", "segment_ids")
@@ -101,8 +101,7 @@ class Objective:
                   ) -> dict[str, jax.Array]:
         """Sums over one held-out batch that ``eval_summary`` turns into metrics."""
         model = self.model(graphdef, params, frozen)
-        logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-        ce_sum, n = cross_entropy(logits, batch["targets"], batch["weights"])
+        ce_sum, n, _ = token_cross_entropy(model, batch)  # chunked like the training loss (cfg.loss_chunk_size)
         return {"ce_sum": ce_sum, "tokens": n}
 
     def eval_summary(self, sums: dict[str, float]) -> dict[str, float]:

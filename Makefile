@@ -1,4 +1,7 @@
 PYTHON ?= python3
+# Extra arguments for the pip install of `make install`, e.g. PIP_INSTALL_ARGS="-c .ci/py312-constraints.txt"
+# (the constraints of .ci/run's Python 3.12 stage).
+PIP_INSTALL_ARGS ?=
 
 .PHONY: install demo test test-fast lint
 
@@ -7,7 +10,7 @@ PYTHON ?= python3
 install:  ## the package with its test extra (eval + tpu extras, torch pinned to the CPU build, the oracles)
 	@$(PYTHON) -c 'import os, sys; sys.exit(0 if sys.prefix != sys.base_prefix or os.environ.get("CONDA_PREFIX") or os.environ.get("MISTRAL_JAX_SYSTEM_INSTALL") else "make install: $(PYTHON) is not in a virtualenv, and installing would change the system Python. Fix: python3 -m venv .venv && . .venv/bin/activate, then run make again (or set MISTRAL_JAX_SYSTEM_INSTALL=1 to install anyway).")'
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e ".[test]"
+	$(PYTHON) -m pip install --quiet -e ".[test]" $(PIP_INSTALL_ARGS)
 
 demo: install  ## train a tiny model on the bundled corpus, evaluate it, export it
 	PYTHON=$(PYTHON) bash scripts/demo.sh

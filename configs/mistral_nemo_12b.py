@@ -17,6 +17,7 @@ def get_config():
     c.model.preset = "mistral_nemo_12b"  # 40 layers, dim 5120, 32/8 heads x 128, hidden 14336, vocab 131072
     c.model.dtype = "bfloat16"  # bf16 activations / matmuls (params stay float32 master weights)
     c.model.remat = "full"  # recompute each layer in the backward pass
+    c.model.loss_chunk_size = 1024  # loss over 1024-position chunks: never the [B, T, V] float32 logits at once
     c.num_steps = 250_000  # 250k x 4M tokens = ~1T tokens
     c.batch_size = 512  # rows per step: 512 x 8192 = 4.2M tokens
     c.grad_accum_steps = 4  # 128-row micro-batches: 1 row/chip on v5p-256 (131072-wide logits per row)

@@ -16,6 +16,7 @@ def get_config():
     c.model.preset = "mistral_nemo_12b"  # documentation only: the network is read from init_from
     c.model.dtype = "bfloat16"  # bf16 activations / matmuls (params stay in the checkpoint's dtype unless param_dtype)
     c.model.param_dtype = "float32"  # float32 master weights for full fine-tuning (bf16 is fine with LoRA)
+    c.model.loss_chunk_size = 1024  # loss over 1024-position chunks: never the [B, T, V] float32 logits at once
     c.data.tokenizer = "mistral:tekken"  # the base model's tokenizer and chat format (tekken, v3), in mistral-common
     c.optimizer.learning_rate = 1e-5  # peak for full fine-tuning of a 12B model (cosine to 1e-6)
     c.optimizer.b2 = 0.95  # Adam beta2

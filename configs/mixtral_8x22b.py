@@ -19,7 +19,9 @@ def get_config():
     c.model.router_aux_loss_coef = 0.001  # load balancing loss weight (HF units, Mixtral-8x22B's released value)
     c.model.router_z_loss_coef = 1e-3  # router z-loss weight
     c.model.moe_impl = "ragged"  # dropless sort + grouped matmul
+    c.model.moe_chunk_tokens = 2048  # expert parallelism: each chip dispatches 2048 tokens at a time (bounds buffers)
     c.model.remat = "full"  # recompute each layer in the backward pass
+    c.model.loss_chunk_size = 1024  # loss over 1024-position chunks: never the [B, T, V] float32 logits at once
     c.num_steps = 250_000  # ~1T tokens at 4M tokens per step
     c.batch_size = 512  # rows per step: 512 x 8192 = 4.2M tokens
     c.grad_accum_steps = 2  # 256-row micro-batches: 1 row/chip on v5p-512 (see the README's AOT table)

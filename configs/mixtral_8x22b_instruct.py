@@ -18,6 +18,8 @@ def get_config():
     c.model.router_aux_loss_coef = 0.001  # load-balancing loss weight (HF units, as released)
     c.model.router_z_loss_coef = 1e-3  # router z-loss weight
     c.model.moe_impl = "ragged"  # dropless grouped expert matmuls (expert-parallel under mesh.expert > 1)
+    c.model.moe_chunk_tokens = 2048  # expert parallelism: each chip dispatches 2048 tokens at a time (bounds buffers)
+    c.model.loss_chunk_size = 1024  # loss over 1024-position chunks: never the [B, T, V] float32 logits at once
     c.data.tokenizer = "mistral:v3"  # the base model's tokenizer and chat format (v3), shipped in mistral-common
     c.optimizer.learning_rate = 1e-4  # LoRA peak (use ~5e-6 for full fine-tuning)
     c.lora.rank = 16  # adapter rank (0 = full fine-tuning)

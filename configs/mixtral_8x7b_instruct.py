@@ -17,6 +17,7 @@ def get_config():
     c.model.router_aux_loss_coef = 0.02  # load-balancing loss weight (HF units, as released)
     c.model.router_z_loss_coef = 1e-3  # router z-loss weight
     c.model.moe_impl = "ragged"  # dropless grouped expert matmuls (expert-parallel under mesh.expert > 1)
+    c.model.moe_chunk_tokens = 2048  # expert parallelism: each chip dispatches 2048 tokens at a time (bounds buffers)
     c.model.loss_chunk_size = 1024  # loss over 1024-position chunks: never the [B, T, V] float32 logits at once
     c.optimizer.learning_rate = 2e-4  # LoRA peak (use ~1e-5 for full fine-tuning)
     c.lora.rank = 16  # adapter rank (0 = full fine-tuning)

@@ -30,6 +30,12 @@ def _bad(field: str, value: Any, why: str, fix: str) -> ValueError:
     return ValueError(f"ModelConfig.{field}={value!r}: {why}. Fix: {fix}.")
 
 
+def _check_count(field: str, value: Any, unit: str, fix: str) -> None:
+    """A size field: an integer >= 0 (0 = off)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _bad(field, value, f"must be an integer >= 0 ({unit})", fix)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Architecture and numerics of a Mistral / Mixtral decoder.
@@ -116,17 +122,13 @@ class ModelConfig:
         if self.moe_dispatch not in ("all_to_all", "all_gather"):
             raise _bad("moe_dispatch", self.moe_dispatch, "unknown expert-parallel dispatch",
                        "use all_to_all or all_gather")
-        chunk = self.moe_chunk_tokens
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
-            raise _bad("moe_chunk_tokens", self.moe_chunk_tokens, "must be an integer >= 0 (tokens per dispatch chunk)",
-                       "use 0 to dispatch all of a shard's tokens at once, or e.g. 4096")
+        _check_count("moe_chunk_tokens", self.moe_chunk_tokens, "tokens per dispatch chunk",
+                     "use 0 to dispatch all of a shard's tokens at once, or e.g. 4096")
         if self.remat not in ("none", "full", "save_dots", "save_qkv_proj", "save_dots_no_batch", "offload"):
             raise _bad("remat", self.remat, "unknown remat policy",
                        "use none, full, offload, save_dots, save_qkv_proj or save_dots_no_batch")
-        chunk = self.loss_chunk_size
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
-            raise _bad("loss_chunk_size", self.loss_chunk_size, "must be an integer >= 0 (positions per loss chunk)",
-                       "use 0 for the unchunked loss, or e.g. 1024 / 2048 to chunk the logits over the sequence")
+        _check_count("loss_chunk_size", self.loss_chunk_size, "positions per loss chunk",
+                     "use 0 for the unchunked loss, or e.g. 1024 / 2048 to chunk the logits over the sequence")
         if self.platform not in ("", "cpu", "gpu", "tpu"):
             raise _bad("platform", self.platform, "unknown platform", "use cpu, gpu or tpu (or '' for the host's)")
 

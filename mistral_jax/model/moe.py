@@ -102,6 +102,15 @@ def ragged_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "M X"
     return jnp.zeros_like(x).at[token].add(y * weights[:, None])  # [M, D]
 
 
+def _expert_layout(ep: sharding.ExpertParallel, num_experts: int) -> tuple[str, str | None, int, int]:
+    """``(expert axis, tensor axis or None, expert shards P, experts per shard)``; raises if P does not divide E."""
+    n_shards = ep.mesh.shape[ep.expert_axis]
+    if num_experts % n_shards:
+        raise ValueError(f"{num_experts} experts cannot be split over the expert mesh axis of size {n_shards}. "
+                         "Fix: choose mesh.expert dividing num_experts.")
+    return ep.expert_axis, ep.tensor_axis, n_shards, num_experts // n_shards
+
+
 def expert_parallel_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "M X"],
                             top_idx: Int[Array, "M X"], ep: sharding.ExpertParallel) -> Float[Array, "M D"]:
     """Dropless expert parallelism: each expert shard runs only its own E/P experts.
@@ -119,13 +128,7 @@ def expert_parallel_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Arr
     from jax.sharding import PartitionSpec as P
 
     m, top_k = top_idx.shape
-    num_experts = w1.shape[0]
-    ea, ta = ep.expert_axis, ep.tensor_axis
-    n_shards = ep.mesh.shape[ea]
-    if num_experts % n_shards:
-        raise ValueError(f"{num_experts} experts cannot be split over the expert mesh axis of size {n_shards}. "
-                         "Fix: choose mesh.expert dividing num_experts.")
-    e_local = num_experts // n_shards
+    ea, ta, n_shards, e_local = _expert_layout(ep, w1.shape[0])
     batch = ep.batch_axes if ep.batch_axes else None
     tok_spec = P(batch, None)
     w_in_spec, w_out_spec = P(ea, None, ta), P(ea, ta, None)
@@ -201,12 +204,7 @@ def all_to_all_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "
 
     top_k = top_idx.shape[1]
     num_experts = w1.shape[0]
-    ea, ta = ep.expert_axis, ep.tensor_axis
-    n_shards = ep.mesh.shape[ea]
-    if num_experts % n_shards:
-        raise ValueError(f"{num_experts} experts cannot be split over the expert mesh axis of size {n_shards}. "
-                         "Fix: choose mesh.expert dividing num_experts.")
-    e_local = num_experts // n_shards
+    ea, ta, n_shards, e_local = _expert_layout(ep, num_experts)
     tok_spec = P(ep.batch_axes, None)  # the tokens are split over the expert axis (and maybe others)
     w_in_spec, w_out_spec = P(ea, None, ta), P(ea, ta, None)
 

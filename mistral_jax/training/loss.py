@@ -73,16 +73,17 @@ def chunked_cross_entropy(hidden: Float[Array, "B T D"], head: Float[Array, "D V
     xs = (sharding.constrain(hidden.reshape(b, n, c, d).swapaxes(0, 1), (None, "batch", "seq", "act_embed")),
           sharding.constrain(targets.reshape(b, n, c).swapaxes(0, 1), (None, "batch", "seq")),
           sharding.constrain(w.reshape(b, n, c).swapaxes(0, 1), (None, "batch", "seq")))
-    # Gather an FSDP-sharded head once, before the loop, not once per chunk (the plain path's one matmul
-    # all-gathers it once too); a vocab (tensor) sharding stays: each chip computes its vocab shard of logits.
-    # The head's gradient is a loop carry of per-chip partial sums: XLA's TPU pipeline reduces it once, after
-    # the backward loop (checked on a libtpu AOT compile); XLA:CPU all-reduces it once per chunk.
-    head = sharding.constrain(head, (None, "vocab"))
+    # The head stays in its parameter sharding inside the loop: each chunk all-gathers it (in the compute dtype)
+    # and reduce-scatters its gradient into the float32 shard. Gathering it once before the loop instead keeps
+    # a gathered float32 head and a replicated float32 gradient carry alive through the loop: 0.9 GiB more per
+    # chip for Mistral 7B on a v5p-8 (AOT), for 16% fewer collective bytes per step. A vocab (tensor) sharding stays:
+    # each chip computes its vocab shard of the logits.
+    head = sharding.constrain(head, ("embed", "vocab"))
 
     # backward: recompute this chunk's logits rather than keep n of them (prevent_cse=False: inside a scan)
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def chunk(head, x, tgt, wt):
-        logits = head_logits(x, head).astype(jnp.float32)  # [B, C, V]
+        logits = head_logits(x, sharding.constrain(head, ("embed", "vocab"))).astype(jnp.float32)  # [B, C, V]
         lse = jax.nn.logsumexp(logits, axis=-1)  # [B, C]
         # as cross_entropy (a masked sum, iota == target, is the same number but one more [B, C, V] buffer on CPU)
         picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]  # [B, C]

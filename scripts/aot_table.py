@@ -23,6 +23,8 @@ ROWS = [
     ("mixtral_8x7b_offload", "configs/mixtral_8x7b.py", "v5p-128", ["--config.model.remat=offload"], None),
     ("mixtral_8x7b_no_accum", "configs/mixtral_8x7b.py", "v5p-128", ["--config.grad_accum_steps=1"], 95.44),
     ("mixtral_8x7b_v6e", "configs/mixtral_8x7b.py", "v6e-256", ["--config.grad_accum_steps=1"], None),
+    ("mixtral_8x7b_v6e_chunk1024", "configs/mixtral_8x7b.py", "v6e-256",
+     ["--config.grad_accum_steps=1", "--config.model.moe_chunk_tokens=1024"], None),
     ("mistral_7b_v5p8", "configs/mistral_7b.py", "v5p-8",
      ["--config.batch_size=32", "--config.grad_accum_steps=4"], 44.28),
     ("mistral_7b_v5p8_offload", "configs/mistral_7b.py", "v5p-8",
@@ -75,7 +77,14 @@ def main() -> None:
         if wanted and name not in wanted:
             continue
         t0 = time.perf_counter()
-        r, shown = run(args.python, config, topology, overrides)
+        try:
+            r, shown = run(args.python, config, topology, overrides)
+        except RuntimeError as e:  # a compiler error is a finding for its row, not the end of the table
+            error = next((line for line in str(e).splitlines() if "Error" in line), str(e).splitlines()[0])
+            print(f"{name}: failed: {error}", file=sys.stderr)
+            cells = f"| {name} | {topology} | | | | | | compile failed: {error[:160]} | | | | |"
+            print(f"{cells} `{' '.join(overrides)}` |", flush=True)
+            continue
         print(f"{name}: {r['total'] / GiB:.2f} GiB in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         print(row(name, r, shown, maxtext), flush=True)
 

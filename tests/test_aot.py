@@ -265,9 +265,10 @@ def test_roofline():
 def _moe_block_traffic(dispatch: str) -> tuple[dict, str]:
     """Collective traffic of the expert-parallel MoE block alone (forward and backward), compiled for the 8 chips of
     a v5p-16 with the 8 experts over ``mesh.expert = 8`` (no FSDP: only the dispatch moves data)."""
-    import mistral_jax as mj
     from flax import nnx
     from jax.sharding import NamedSharding
+
+    import mistral_jax as mj
     from mistral_jax import sharding as sh
     from mistral_jax.model import moe
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -94,3 +95,54 @@ def test_bf16_training_keeps_float32_master_weights():
         new, metrics = train_step(state, batch)
     assert {x.dtype for x in jax.tree.leaves(new["params"])} == {jnp.dtype(jnp.float32)}
     assert metrics["loss"].dtype == jnp.float32 and np.isfinite(float(metrics["loss"]))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_mixtral"])
+def test_weights_cast_before_the_layer_scan_change_memory_not_numbers(preset, monkeypatch):
+    """The stacked weights are cast to bfloat16 before the scan over layers (the router stays float32), so the
+    backward pass stacks each layer's weight gradient in bfloat16; loss and float32 gradients are bit-identical to
+    casting inside each layer, and LoRA's frozen base and float32 adapters are left alone."""
+    from mistral_jax import lora
+    from mistral_jax.model import transformer
+
+    cfg = getattr(mj.ModelConfig, preset)(dtype="bfloat16")
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16)).astype(np.int32)
+    batch = dict(tokens=tokens, targets=np.roll(tokens, -1, 1), weights=np.ones(tokens.shape, np.float32))
+    graphdef, params = nnx.split(mj.Transformer(cfg, rngs=nnx.Rngs(0)))
+    grad_fn = jax.jit(jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p), batch)[0]))
+
+    def stacked(p):  # the output types of the gradient program's last scan: the backward pass over the layers
+        out = []
+
+        def walk(jaxpr):
+            for eqn in jaxpr.eqns:
+                if eqn.primitive.name == "scan":
+                    out.append([str(v.aval) for v in eqn.outvars])
+                for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                    walk(sub)
+
+        walk(jax.make_jaxpr(jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p), batch)[0]))(p).jaxpr)
+        return out[-1]
+
+    w1 = f"[{cfg.n_layers},{cfg.dim},{cfg.hidden_dim}]" if preset == "tiny" else (
+        f"[{cfg.n_layers},{cfg.num_experts},{cfg.dim},{cfg.hidden_dim}]")
+    cast_first = grad_fn(params), stacked(params)
+    monkeypatch.setattr(transformer, "_compute_dtype_weights", lambda state, cfg: state)
+    grad_fn = jax.jit(jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p), batch)[0]))
+    per_layer = grad_fn(params), stacked(params)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), cast_first[0], per_layer[0])
+    assert f"bfloat16{w1}" in cast_first[1], cast_first[1]  # the backward scan stacks the gradient in bfloat16
+    assert f"bfloat16{w1}" not in per_layer[1], per_layer[1]
+    assert f"float32{w1}" in per_layer[1]
+    monkeypatch.undo()
+
+    model = mj.Transformer(cfg, rngs=nnx.Rngs(0))
+    cast = transformer._compute_dtype_weights(nnx.split(model.layers)[1], model.cfg)
+    dtypes = {jax.tree_util.keystr(p): v[...].dtype for p, v in jax.tree_util.tree_leaves_with_path(
+        cast, is_leaf=lambda x: isinstance(x, nnx.Variable))}
+    assert {d for k, d in dtypes.items() if "gate" not in k} == {jnp.dtype(jnp.bfloat16)}
+    assert all(d == jnp.float32 for k, d in dtypes.items() if "gate" in k)
+    lora.apply_lora(model, 2, 4.0, "all")
+    cast = transformer._compute_dtype_weights(nnx.split(model.layers)[1], model.cfg)
+    assert {v[...].dtype for v in jax.tree_util.tree_leaves(cast, is_leaf=lambda x: isinstance(x, nnx.Variable))} == {
+        jnp.dtype(jnp.float32)}

@@ -123,21 +123,24 @@ _FLOAT32_WEIGHTS = ("gate",)
 
 
 def _compute_dtype_weights(state: nnx.State, cfg: ModelConfig) -> nnx.State:
-    """The stacked layer weights cast to the compute dtype before the scan over layers (except
-    ``_FLOAT32_WEIGHTS``). The layers cast them anyway; casting outside the scan makes the backward pass stack
+    """The stacked trained weights (plain ``nnx.Param``) cast to the compute dtype before the scan over layers
+    (except ``_FLOAT32_WEIGHTS``). The layers cast them anyway; casting outside the scan makes the backward pass stack
     each micro-batch's weight gradients in the compute dtype (bfloat16: half the memory of float32 master
     weights' gradients; the values are the same, since the gradient of a bfloat16 weight is bfloat16) before
-    they are cast and summed into the float32 gradients."""
+    they are cast and summed into the float32 gradients. LoRA's variables are left to the layers: its ``Frozen``
+    base has no gradient (a stacked copy would only cost memory), and its adapters form a float32 delta."""
     dt = cfg.jnp_dtype
     if cfg.jnp_param_dtype == dt:
         return state
 
-    def cast(path, x):
+    def cast(path, var):
         names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
-        keep = not names.isdisjoint(_FLOAT32_WEIGHTS) or not jnp.issubdtype(x.dtype, jnp.floating)
-        return x if keep else x.astype(dt)
+        if (type(var) is not nnx.Param or not names.isdisjoint(_FLOAT32_WEIGHTS)
+                or not jnp.issubdtype(var[...].dtype, jnp.floating)):
+            return var
+        return var.replace(var[...].astype(dt))
 
-    return jax.tree_util.tree_map_with_path(cast, state)
+    return jax.tree_util.tree_map_with_path(cast, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 class Transformer(nnx.Module):

@@ -209,7 +209,7 @@ def test_eval_sums_chunked_equal_plain():
     batch = _packed_batch(cfg)
     ref = step_lib.TOKEN_LOSS.eval_sums(graphdef, params, {}, batch)
     got = step_lib.TOKEN_LOSS.eval_sums(chunked_graphdef, params, {}, batch)
-    _assert_trees_close(got, ref, atol=1e-5)
+    _assert_trees_close(got, ref, atol=1e-5, rtol=1e-6)  # a summed loss of ~256: float32 rounding
     # the chunked eval never builds the [B, T, V] float32 logits, only [B, 5, V] chunks
     jaxpr = lambda g: str(jax.make_jaxpr(lambda p: step_lib.TOKEN_LOSS.eval_sums(g, p, {}, batch))(params))
     full, chunk = f"f32[2,{T},{cfg.vocab_size}]", f"f32[2,5,{cfg.vocab_size}]"

@@ -83,11 +83,8 @@ def chunked_cross_entropy(hidden: Float[Array, "B T D"], head: Float[Array, "D V
     # backward: recompute this chunk's logits rather than keep n of them (prevent_cse=False: inside a scan)
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def chunk(head, x, tgt, wt):
-        logits = head_logits(x, sharding.constrain(head, ("embed", "vocab"))).astype(jnp.float32)  # [B, C, V]
-        lse = jax.nn.logsumexp(logits, axis=-1)  # [B, C]
-        # as cross_entropy (a masked sum, iota == target, is the same number but one more [B, C, V] buffer on CPU)
-        picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]  # [B, C]
-        return jnp.sum((lse - picked) * wt)
+        logits = head_logits(x, sharding.constrain(head, ("embed", "vocab")))  # [B, C, V] float32
+        return cross_entropy(logits, tgt, wt)[0]
 
     def body(carry, xs_i):
         return carry, chunk(head, *xs_i)

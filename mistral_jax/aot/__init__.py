@@ -13,8 +13,9 @@ The step is ``training.step.jit_train_step`` on that state, mesh
 and batch; nothing is read but ``init_from``'s config file (when it is a directory here; else ``config.model``'s
 architecture is compiled). Prints the per-chip memory of the compiled program (arguments, outputs,
 temporaries, total vs HBM; the train state's params, frozen weights and optimizer state), FLOPs per step,
-whether it fits, the bytes each collective kind moves per step (read from the optimized HLO, loops counted by
-their trip counts: ``aot.hlo``) and a roofline step-time estimate with the MFU it implies (``aot.roofline``).
+whether it fits, the bytes each collective kind moves per step and the bytes read from and written to HBM per step
+(both read from the optimized HLO, loops counted by their trip counts: ``aot.hlo``) and a roofline step-time
+estimate from compute, HBM and collective terms with the MFU it implies (``aot.roofline``).
 
 Topologies: ``v5p-N`` / ``v4-N`` (N TensorCores, 2 per chip), ``v5e-N`` / ``v6e-N`` (N chips), or an explicit
 ``v5p:4x4x4``-style chip grid. ``--num_slices N`` compiles for N such slices joined by the data-center network
@@ -167,7 +168,7 @@ def _oom_report(err: Exception) -> dict[str, Any]:
     need = int(float(m.group(1)) * scale)
     return dict(arguments=0, outputs=0, aliased=0, temps=need, code=0, total=need, flops=float("nan"), hbm=None,
                 fits=False, compiler_error=msg.splitlines()[0][:300], collectives=None,
-                collective_loops_counted_once=[])
+                collective_loops_counted_once=[], hbm_bytes=None)
 
 
 def model_flops_per_step(model_cfg: Any, batch_size: int, seq_len: int) -> float:
@@ -211,9 +212,11 @@ def compile_run(run: Any) -> dict[str, Any]:
     Returns:
       ``memory_report``'s dict (bytes per device; a compiler out-of-memory error becomes a "does not fit" report)
       plus ``collectives`` (``hlo.collective_traffic``: ``{kind: {count, bytes}}`` per device and step; None when
-      the compiler refused the program) and ``collective_loops_counted_once`` (while loops of unknown trip
-      count), ``recipe``, ``trainable_params`` / ``frozen_params`` (counts), ``state`` (bytes per device of the
-      train state's ``params``, ``frozen`` and ``opt_state``), ``mesh``, ``rules``, ``devices`` and ``compile_s``.
+      the compiler refused the program), ``hbm_bytes`` (``hlo.hbm_traffic``: bytes per device and step read from
+      and written to HBM; None likewise) and ``collective_loops_counted_once`` (while loops of unknown trip count,
+      counted once in both figures), ``recipe``, ``trainable_params`` / ``frozen_params`` (counts), ``state``
+      (bytes per device of the train state's ``params``, ``frozen`` and ``opt_state``), ``mesh``, ``rules``,
+      ``devices`` and ``compile_s``.
     """
     from mistral_jax.training import step as step_lib
     from mistral_jax.training.optimizer import make_optimizer
@@ -235,8 +238,10 @@ def compile_run(run: Any) -> dict[str, Any]:
             report = _oom_report(e)
         else:
             report = memory_report(compiled)
-            traffic = hlo.collective_traffic(compiled.as_text())
-            report.update(collectives=traffic.kinds, collective_loops_counted_once=traffic.uncounted_loops)
+            text = compiled.as_text()
+            traffic = hlo.collective_traffic(text)
+            report.update(collectives=traffic.kinds, collective_loops_counted_once=traffic.uncounted_loops,
+                          hbm_bytes=hlo.hbm_traffic(text).bytes)
     report.update(recipe=recipe.name, trainable_params=sum(x.size for x in jax.tree.leaves(state["params"])),
                   frozen_params=sum(x.size for x in jax.tree.leaves(state["frozen"])), state=state_bytes(state),
                   mesh={k: int(v) for k, v in mesh.shape.items()}, rules=cfg.mesh.get("rules", "auto"),
@@ -248,8 +253,8 @@ def compile_train_step(run_cfg: Any, devices: list[Any]) -> dict[str, Any]:
     """Resolve ``run_cfg`` on ``devices`` as ``train.py`` does and compile its train step; returns the report.
 
     The report is ``compile_run``'s plus the run's shape (batch, sequence, mesh, backends), ``model_flops_per_chip``
-    and ``roofline`` (``roofline.estimate``: the step-time lower bound and the MFU it implies, for TPU devices of a
-    known generation; None otherwise).
+    and ``roofline`` (``roofline.estimate`` from the model FLOPs, ``hbm_bytes`` and the collective bytes: the
+    step-time lower bound and the MFU it implies, for TPU devices of a known generation; None otherwise).
 
     The devices' platform is the target platform (TPU topology devices: ``auto`` backends resolve for the TPU).
     Multi-slice devices get ``mesh.dcn_data = slices`` unless the config sets its ``dcn_*`` axes.
@@ -279,7 +284,8 @@ def compile_train_step(run_cfg: Any, devices: list[Any]) -> dict[str, Any]:
     )
     generation = roofline.generation_of(devices[0])
     report["roofline"] = (roofline.estimate(generation, report["model_flops_per_chip"],
-                                            sum(v["bytes"] for v in report["collectives"].values()))
+                                            sum(v["bytes"] for v in report["collectives"].values()),
+                                            hbm_bytes_per_chip=report["hbm_bytes"])
                           if generation and report["collectives"] is not None else None)
     start = run.recipe.init_from
     if start is None or (start and not os.path.isdir(start)):
@@ -332,8 +338,9 @@ def _collective_lines(r: dict[str, Any]) -> list[str]:
     rl = r.get("roofline")
     if rl:
         mfu = f"{rl['mfu']:.0%}" if rl["mfu"] is not None else "n/a"
+        hbm = f"HBM {_seconds(rl['hbm_s'])} ({hlo.size(r['hbm_bytes'])}), " if rl.get("hbm_s") is not None else ""
         lines.append(f"  roofline ({rl['generation']}: {rl['peak_flops'] / 1e12:.0f} TFLOP/s bf16, "
-                     f"{rl['ici_bytes_per_s'] / 1e9:.0f} GB/s ICI): compute {_seconds(rl['compute_s'])}, "
-                     f"collectives {_seconds(rl['collectives_s'])} -> step >= {_seconds(rl['step_s'])} "
-                     f"({rl['bound']}-bound, perfect overlap, no HBM term), MFU <= {mfu}")
+                     f"{rl['hbm_bytes_per_s'] / 1e9:.0f} GB/s HBM, {rl['ici_bytes_per_s'] / 1e9:.0f} GB/s ICI): "
+                     f"compute {_seconds(rl['compute_s'])}, {hbm}collectives {_seconds(rl['collectives_s'])} -> "
+                     f"step >= {_seconds(rl['step_s'])} ({rl['bound']}-bound, perfect overlap), MFU <= {mfu}")
     return lines

@@ -1,4 +1,4 @@
-"""Collective traffic of a compiled XLA program, read from its optimized HLO text (``compiled.as_text()``).
+"""Collective and HBM traffic of a compiled XLA program, read from its optimized HLO text (``compiled.as_text()``).
 
 ``collective_traffic(hlo_text)`` counts, per device and per execution of the program, how many times each
 collective runs and how many bytes it moves over the interconnect:
@@ -31,6 +31,41 @@ branch runs per execution). Replica groups are read in all three HLO forms: ``{{
 ``[2,2]<=[4]`` (groups x group size) and the mesh-axes form ``mesh['x'=2,'y'=4] {'y'}`` (the product of the
 named axes' sizes; a sub-axis ``'y':(1)2`` counts its own size). An empty group list means all the program's
 devices (``num_partitions`` x ``replica_count`` of the module header).
+
+``hbm_traffic(hlo_text)`` estimates the bytes one execution reads from and writes to HBM per device, walking the
+same call graph with the same trip counts (a while body times its trip count, nested loops multiply, an unknown
+count once and named in ``HbmTraffic.uncounted_loops``; the costliest branch of a conditional; a ``call`` and an
+``async-start``'s wrapped computation once). The model:
+
+- Every instruction of a non-fused computation (entry, while bodies and conditions, called computations, branches)
+  reads each operand from HBM and writes its result there: bytes = operand bytes + result bytes. The insides of a
+  fusion stay on chip; a fusion counts at its boundary. Reducers (``to_apply``) are not walked.
+- No bytes: ``parameter``, ``constant``, ``tuple``, ``get-tuple-element``, ``bitcast`` (aliases or bookkeeping; a
+  constant or parameter counts where an instruction reads it), ``after-all``, ``partition-id``, ``replica-id``,
+  ``opt-barrier`` and the like; ``while`` / ``call`` / ``conditional`` / ``async-start`` (their computations count
+  instead); ``*-done`` and ``*-update`` (the ``*-start`` counted the transfer).
+- Partial reads and in-place writes: ``dynamic-slice`` / ``slice`` / ``gather`` read only the elements they return
+  (result bytes, plus any index operands); ``dynamic-update-slice`` writes only its update into a buffer it does
+  not read (update bytes read and written, plus indices); ``scatter`` reads and writes only the rows it updates
+  (updates bytes read twice, once as the target rows, and written once, plus indices). Fusions follow the same
+  rules: a fusion operand that the fused computation only slices (through bitcasts and nested fusions) reads the
+  slices, and a fusion whose root (or multi-output root element) is a dynamic-update-slice or scatter writes only
+  the update: a scanned layer reading its weights ``w[i]`` or saving its input into a stacked buffer moves one
+  layer's bytes, not the stack's.
+- Collectives read their operands and write their result buffer like any instruction (``all-gather-start``: its
+  result element; the interconnect bytes are ``collective_traffic``'s); ``copy-start`` reads its source and writes
+  its destination (tuple element 0).
+- Memory spaces: only arrays in memory space 0 (no ``S(n)`` in the layout) are HBM. On TPU the compiler places some
+  buffers in VMEM (``S(1)``; a prefetch is a ``copy-start`` that reads HBM and writes VMEM), offloaded ones in host
+  memory (``S(5)``) and scalars and sync flags in other spaces; their accesses move no HBM bytes.
+- Bytes are logical (elements x element size): tile padding is ignored; tiled matmuls re-reading operand tiles,
+  custom calls (Pallas kernels) reading an operand several times or updating an aliased operand in place are
+  counted once / in full.
+
+On a loop-free CPU program this equals ``compiled.cost_analysis()["bytes accessed"]`` (matmuls, elementwise ops,
+slices, in-place updates), except that XLA counts the whole operand of a fused gather or scatter (an embedding
+lookup reads its rows here, the whole table there); with loops XLA counts each while body once. XLA's TPU cost
+model counts more: operand re-reads of tiled matmuls and reads of VMEM-resident buffers (2-3x on a loop-free MLP).
 """
 
 from __future__ import annotations
@@ -38,12 +73,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+from collections.abc import Callable
+from typing import Any
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "ragged-all-to-all", "collective-permute")
 
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
-_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
 _CALLEES = re.compile(r"\b(calls|to_apply|body|condition|branch_computations|true_computation|false_computation|"
                       r"called_computations)=(\{[^}]*\}|%?[\w.\-]+)")
 _DTYPE_BITS = {"pred": 8, "token": 0, "bf16": 16, "c64": 64, "c128": 128}
@@ -178,10 +215,18 @@ def _dtype_bits(dtype: str) -> int:
     return int(m.group(1))
 
 
-def shape_bytes(shape: str) -> int:
-    """Bytes of every array in an HLO shape (a tuple adds its elements; layouts and tiling are ignored)."""
+def shape_bytes(shape: str, memory_space: int | None = None) -> int:
+    """Bytes of every array in an HLO shape (a tuple adds its elements; layouts and tiling are ignored).
+
+    ``memory_space``: count only the arrays whose layout places them there (``S(n)`` in the layout; none: 0, the
+    device's main memory, HBM on a TPU; 1 is the TPU's on-chip VMEM, 5 host memory).
+    """
     total_bits = 0
-    for dtype, dims in _ARRAY.findall(shape):
+    for dtype, dims, layout in _ARRAY.findall(shape):
+        if memory_space is not None:
+            space = re.search(r"(?<![A-Za-z])S\((\d+)\)", layout)
+            if (int(space.group(1)) if space else 0) != memory_space:
+                continue
         n = 1
         for d in filter(None, dims.split(",")):
             n *= int(d)
@@ -328,32 +373,32 @@ def trip_count(while_inst: Instruction, comp: Computation, computations: dict[st
     return max(0, -(-span // step))
 
 
-def collective_traffic(hlo_text: str) -> CollectiveTraffic:
-    """Per-device collective bytes and counts of one execution of an optimized HLO module (module docstring)."""
-    computations, entry, devices = parse_module(hlo_text)
+# visit(instruction, its computation, its callees by role) -> (what it adds, computations it runs once)
+_Visit = Callable[[Instruction, Computation, dict[str, list[str]]], tuple[dict[Any, float], list[str]]]
+
+
+def _weighted_totals(computations: dict[str, Computation], entry: str, visit: _Visit,
+                     branch_weight: Callable[[dict[Any, float]], float]) -> tuple[dict[Any, float], list[str]]:
+    """Sum per-instruction figures over one execution of ``entry``, callees included, loops by their trip counts.
+
+    ``visit(inst, comp, callees)`` -> (``{key: value}`` the instruction itself adds, names of computations it runs
+    once), for every instruction but a while (its body counts its trip count times, its condition trip count + 1;
+    unknown: once, and the while is named in the second result) and a conditional's branches (the branch of largest
+    ``branch_weight`` counts once; ``visit`` still sees the conditional). ``callees``: the instruction's callee names
+    by role (``calls``, ``to_apply``, ...), branches removed. Returns (totals, sorted names of uncounted loops).
+    """
     uncounted: list[str] = []
 
     @functools.cache
-    def totals(name: str) -> tuple[tuple[str, float, float, float], ...]:
-        """(kind, count, bytes, upper bound) of one execution of computation ``name``, callees included."""
+    def totals(name: str) -> dict[Any, float]:
         comp = computations[name]
-        acc = {k: [0.0, 0.0, 0.0] for k in KINDS}
+        acc: dict[Any, float] = {}
 
-        def add(sub: tuple[tuple[str, float, float, float], ...], times: float) -> None:
-            for kind, count, moved, upper in sub:
-                a = acc[kind]
-                a[0], a[1], a[2] = a[0] + times * count, a[1] + times * moved, a[2] + times * upper
+        def add(sub: dict[Any, float], times: float) -> None:
+            for key, value in sub.items():
+                acc[key] = acc.get(key, 0.0) + times * value
 
         for inst in comp.instructions.values():
-            found = _kind(inst, comp, computations)
-            if found is not None:
-                kind, holder, holder_comp = found
-                moved, upper = _bytes_moved(kind, holder, _result_shape(inst), holder_comp, devices)
-                add(((kind, 1.0, moved, upper),), 1.0)
-                if inst.opcode == "async-start":
-                    continue  # the wrapped computation is the collective itself: do not count it again
-            if inst.opcode in ("async-update", "async-done"):
-                continue  # they name the wrapped computation too: counted at the start
             callees = {role: re.findall(r"%?([\w.\-]+)", value) for role, value in _CALLEES.findall(inst.attrs)}
             if inst.opcode == "while":
                 trips = trip_count(inst, comp, computations)
@@ -368,30 +413,207 @@ def collective_traffic(hlo_text: str) -> CollectiveTraffic:
             branches = callees.pop("branch_computations", []) + callees.pop("true_computation", []) + callees.pop(
                 "false_computation", [])
             if branches:
-                add(max((totals(b) for b in branches), key=lambda t: sum(x[2] for x in t)), 1.0)
-            for names in callees.values():
-                for callee in names:
-                    if callee in computations:
-                        add(totals(callee), 1.0)
-        return tuple((k, *v) for k, v in acc.items() if v[0])
+                add(max((totals(b) for b in branches), key=branch_weight), 1.0)
+            own, runs = visit(inst, comp, callees)
+            add(own, 1.0)
+            for callee in runs:
+                if callee in computations:
+                    add(totals(callee), 1.0)
+        return acc
 
+    return dict(totals(entry)), sorted(set(uncounted))
+
+
+def collective_traffic(hlo_text: str) -> CollectiveTraffic:
+    """Per-device collective bytes and counts of one execution of an optimized HLO module (module docstring)."""
+    computations, entry, devices = parse_module(hlo_text)
+
+    def visit(inst: Instruction, comp: Computation,
+              callees: dict[str, list[str]]) -> tuple[dict[Any, float], list[str]]:
+        own: dict[Any, float] = {}
+        found = _kind(inst, comp, computations)
+        if found is not None:
+            kind, holder, holder_comp = found
+            moved, upper = _bytes_moved(kind, holder, _result_shape(inst), holder_comp, devices)
+            own = {(kind, "count"): 1.0, (kind, "bytes"): moved, (kind, "upper"): upper}
+            if inst.opcode == "async-start":
+                return own, []  # the wrapped computation is the collective itself: do not count it again
+        if inst.opcode in ("async-update", "async-done"):
+            return own, []  # they name the wrapped computation too: counted at the start
+        return own, [callee for names in callees.values() for callee in names]
+
+    acc, uncounted = _weighted_totals(computations, entry, visit,
+                                      lambda t: sum(v for k, v in t.items() if k[1] == "bytes"))
     result = {k: {"count": 0, "bytes": 0.0} for k in KINDS}
     result["ragged-all-to-all"]["bytes_upper_bound"] = 0.0
-    for kind, count, moved, upper in totals(entry):
-        result[kind].update(count=round(count), bytes=moved)
-        if kind == "ragged-all-to-all":
-            result[kind]["bytes_upper_bound"] = upper
-    return CollectiveTraffic(kinds=result, uncounted_loops=sorted(set(uncounted)))
+    for kind in KINDS:
+        if acc.get((kind, "count")):
+            result[kind].update(count=round(acc[(kind, "count")]), bytes=acc[(kind, "bytes")])
+            if kind == "ragged-all-to-all":
+                result[kind]["bytes_upper_bound"] = acc[(kind, "upper")]
+    return CollectiveTraffic(kinds=result, uncounted_loops=uncounted)
+
+
+@dataclasses.dataclass
+class HbmTraffic:
+    """Per-device HBM traffic of one program execution (``hbm_traffic``; see the module docstring for the model).
+
+    ``bytes``: bytes read from and written to HBM; ``by_opcode``: the same split by the opcode of the instruction
+    that moves them (``fusion``, ``copy``, ``custom-call``, ``all-gather-start``, ...); ``uncounted_loops``: while
+    loops whose trip count is unknown, counted once (their traffic is undercounted).
+    """
+
+    bytes: float
+    by_opcode: dict[str, float]
+    uncounted_loops: list[str]
+
+
+# Instructions that move no data themselves: bookkeeping, aliases of their operand, or callers whose callees are
+# walked instead (while, call, conditional, async-start); ``*-done`` / ``*-update`` finish what their start began.
+_NO_TRAFFIC = frozenset({"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "call",
+                         "conditional", "async-start", "after-all", "partition-id", "replica-id", "opt-barrier",
+                         "add-dependency", "domain", "get-dimension-size"})
+_SLICING = frozenset({"dynamic-slice", "slice", "gather"})
+
+
+def _callee(inst: Instruction) -> str | None:
+    m = re.search(r"calls=%?([\w.\-]+)", inst.attrs)
+    return m.group(1) if m else None
+
+
+def _operand_use(user: Instruction, j: int, comp: Computation) -> int | None:
+    """Bytes ``user`` reads of its operand ``j`` when that is only part of it, else None (all of it): a slicing op
+    reads the slice; a dynamic-update-slice updates its operand 0 in place without reading it; a scatter reads the
+    rows it updates (as many bytes as its updates)."""
+    if j != 0:
+        return None
+    if user.opcode in _SLICING:
+        return shape_bytes(user.shape)
+    if user.opcode == "dynamic-update-slice":
+        return 0
+    if user.opcode == "scatter" and len(user.operands) == 3 and user.operands[2] in comp.instructions:
+        return shape_bytes(comp.instructions[user.operands[2]].shape)
+    return None
+
+
+def hbm_traffic(hlo_text: str) -> HbmTraffic:
+    """Per-device bytes one execution of an optimized HLO module reads from and writes to HBM (module docstring)."""
+    computations, entry, _ = parse_module(hlo_text)
+    users: dict[str, dict[str, list[Instruction]]] = {}
+
+    def users_in(comp: Computation) -> dict[str, list[Instruction]]:
+        if comp.name not in users:
+            found: dict[str, list[Instruction]] = {}
+            for inst in comp.instructions.values():
+                for o in dict.fromkeys(inst.operands):
+                    found.setdefault(o, []).append(inst)
+            users[comp.name] = found
+        return users[comp.name]
+
+    def read(comp: Computation, name: str) -> int:
+        """Bytes of value ``name`` of fused computation ``comp`` that the fusion reads (at most all of it)."""
+        full = shape_bytes(comp.instructions[name].shape)
+        if name == comp.root:
+            return full
+        total = 0
+        for user in users_in(comp).get(name, []):
+            for j, o in enumerate(user.operands):
+                if o != name:
+                    continue
+                if user.opcode == "bitcast":
+                    part = read(comp, user.name)
+                elif user.opcode == "fusion" and _callee(user) in computations:
+                    inner = computations[_callee(user)]
+                    param = next((i.name for i in inner.instructions.values()
+                                  if i.opcode == "parameter" and i.operands == (str(j),)), None)
+                    part = full if param is None else read(inner, param)
+                else:
+                    use = _operand_use(user, j, comp)
+                    part = full if use is None else use
+                total += part
+                if total >= full:
+                    return full
+        return total
+
+    def written(comp: Computation, name: str) -> int:
+        """Bytes written when value ``name`` of ``comp`` is a result: an in-place update writes only the update."""
+        inst = comp.instructions[name]
+        if inst.opcode == "bitcast" and inst.operands[0] in comp.instructions:
+            return written(comp, inst.operands[0])
+        if inst.opcode == "tuple":
+            return sum(written(comp, o) for o in inst.operands if o in comp.instructions)
+        if inst.opcode == "fusion" and _callee(inst) in computations:
+            inner = computations[_callee(inst)]
+            return written(inner, inner.root)
+        if inst.opcode == "dynamic-update-slice" and inst.operands[1] in comp.instructions:
+            return shape_bytes(comp.instructions[inst.operands[1]].shape)
+        update = _operand_use(inst, 0, comp) if inst.opcode == "scatter" else None
+        return shape_bytes(inst.shape) if update is None else update
+
+    def hbm_fraction(shape: str) -> float:
+        total = shape_bytes(shape)
+        return shape_bytes(shape, memory_space=0) / total if total else 0.0
+
+    def instruction_bytes(inst: Instruction, comp: Computation) -> float:
+        """HBM bytes one execution of a top-level instruction reads (its operands) and writes (its result)."""
+        fused = computations.get(_callee(inst)) if inst.opcode == "fusion" else None
+        params = {int(i.operands[0]): i.name for i in fused.instructions.values()
+                  if i.opcode == "parameter"} if fused else {}
+        total = 0.0
+        for j, o in enumerate(inst.operands):
+            operand = comp.instructions.get(o)
+            if operand is None:
+                continue
+            hbm = shape_bytes(operand.shape, memory_space=0)
+            if not hbm:
+                continue
+            if fused is not None:
+                part = read(fused, params[j]) if j in params else hbm
+            else:
+                use = _operand_use(inst, j, comp)
+                part = hbm if use is None else use
+            total += min(hbm, part)
+        if inst.opcode == "copy-start":  # (destination, source, context): the copy writes element 0
+            return total + shape_bytes(_split_top_level(inst.shape[1:-1])[0], memory_space=0)
+        if inst.opcode.endswith("-start"):  # an async collective: its result buffer
+            return total + shape_bytes(_result_shape(inst), memory_space=0)
+        if fused is not None:
+            root = fused.instructions[fused.root]
+            elements = _split_top_level(inst.shape[1:-1]) if inst.shape.startswith("(") else []
+            if root.opcode == "tuple" and len(elements) == len(root.operands):  # a multi-output fusion
+                pairs = zip(root.operands, elements, strict=True)
+                return total + sum(written(fused, r) * hbm_fraction(e) for r, e in pairs)
+            return total + written(fused, fused.root) * hbm_fraction(inst.shape)
+        if inst.opcode in ("dynamic-update-slice", "scatter"):
+            return total + written(comp, inst.name) * hbm_fraction(inst.shape)
+        return total + shape_bytes(inst.shape, memory_space=0)
+
+    def visit(inst: Instruction, comp: Computation,
+              callees: dict[str, list[str]]) -> tuple[dict[Any, float], list[str]]:
+        if inst.opcode == "call":
+            return {}, callees.get("to_apply", [])
+        if inst.opcode == "async-start":
+            return {}, callees.get("calls", [])
+        if inst.opcode in _NO_TRAFFIC or inst.opcode.endswith(("-done", "-update")):
+            return {}, []
+        moved = instruction_bytes(inst, comp)
+        return ({inst.opcode: moved} if moved else {}), []
+
+    acc, uncounted = _weighted_totals(computations, entry, visit, lambda t: sum(t.values()))
+    by_opcode = dict(sorted(acc.items(), key=lambda kv: -kv[1]))
+    return HbmTraffic(bytes=sum(by_opcode.values()), by_opcode=by_opcode, uncounted_loops=uncounted)
+
+
+def size(b: float) -> str:
+    """Bytes in the largest binary unit that keeps a leading digit: ``3.40 MiB``."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if b >= scale:
+            return f"{b / scale:.2f} {unit}"
+    return f"{b:.0f} B"
 
 
 def describe(traffic: CollectiveTraffic) -> str:
     """One line: ``all-gather 12x 3.4 MiB, ...`` for the kinds that run."""
-    def size(b: float) -> str:
-        for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-            if b >= scale:
-                return f"{b / scale:.2f} {unit}"
-        return f"{b:.0f} B"
-
     parts = [f"{k} {int(v['count'])}x {size(v['bytes'])}" + (
         f" (upper bound {size(v['bytes_upper_bound'])})" if v.get("bytes_upper_bound", v["bytes"]) != v["bytes"]
         else "") for k, v in traffic.kinds.items() if v["count"]]

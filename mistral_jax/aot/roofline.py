@@ -4,17 +4,22 @@ Terms, each a time per step on one chip:
 
 - compute = model FLOPs per chip / peak bf16 FLOP/s (``model_flops_per_step``: 6 N tokens + attention, the MFU
   numerator; XLA's own FLOP count would count scanned bodies once);
+- HBM = bytes per chip read from and written to HBM (``hlo.hbm_traffic``: every top-level instruction of the
+  optimized HLO reads its operands and writes its result once, in-place updates and slices count only the part
+  they touch, buffers the compiler keeps in VMEM or host memory not at all, trip-count weighted) / the chip's HBM
+  bandwidth. XLA's ``cost_analysis()["bytes accessed"]`` would
+  count each while-loop body once (scanned layers, gradient-accumulation steps) and is not used;
 - collectives = collective bytes per chip (``hlo.collective_traffic``, trip-count weighted, ragged-all-to-all at its
   expected value) / the chip's ICI bandwidth.
 
-The estimate is the largest term: it assumes perfect overlap of compute and communication, every ICI link of the
-chip busy (a collective over one mesh axis uses only that axis's links, so it may take longer), all collectives
-on ICI (with ``--num_slices`` > 1 the cross-slice ones go over the much slower data-center network) and matmuls
-at bf16 peak. It is a lower bound on the step time; the MFU it implies (compute term / estimate) is an upper bound.
-
-No HBM term: XLA's ``cost_analysis()["bytes accessed"]`` counts each while-loop body once (so scanned layers and
-gradient-accumulation steps are undercounted by their trip counts) and there is no trip-count-correct figure to
-replace it, so memory-bandwidth-bound steps are not caught by this estimate (``hbm_s`` is None).
+The estimate is the largest term: it assumes perfect overlap of compute, memory traffic and communication, every
+ICI link of the chip busy (a collective over one mesh axis uses only that axis's links, so it may take longer), all
+collectives on ICI (with ``--num_slices`` > 1 the cross-slice ones go over the much slower data-center network),
+matmuls at bf16 peak and HBM at its peak bandwidth. The HBM figure is each HBM buffer's compulsory traffic: a tiled
+matmul that re-reads operand tiles from HBM moves more (XLA's TPU cost model counts those re-reads, and reads of
+buffers the compiler keeps in VMEM: 2-3x ours on a loop-free MLP, equal on elementwise and reduction programs whose
+buffers all live in HBM; on CPU the two agree). It is a lower bound on the step time; the MFU it implies (compute
+term / estimate) is an upper bound.
 """
 
 from __future__ import annotations
@@ -56,13 +61,17 @@ def generation_of(device: Any) -> str | None:
     return _DEVICE_KINDS.get(getattr(device, "device_kind", ""))
 
 
-def estimate(generation: str, model_flops_per_chip: float, collective_bytes_per_chip: float) -> dict[str, Any]:
+def estimate(generation: str, model_flops_per_chip: float, collective_bytes_per_chip: float,
+             hbm_bytes_per_chip: float | None = None) -> dict[str, Any]:
     """The step-time estimate (module docstring) for one chip of ``generation``.
+
+    ``hbm_bytes_per_chip``: HBM bytes read and written per step (``hlo.hbm_traffic``); None leaves the HBM term out.
 
     Returns:
       ``generation``, the chip's ``peak_flops``, ``hbm_bytes_per_s`` and ``ici_bytes_per_s``, the terms
-      ``compute_s``, ``collectives_s`` and ``hbm_s`` (None: not estimated), ``step_s`` (their maximum), ``bound``
-      (the name of the largest term) and ``mfu`` (compute_s / step_s).
+      ``compute_s``, ``collectives_s`` and ``hbm_s`` (None without ``hbm_bytes_per_chip``), ``step_s`` (their
+      maximum), ``bound`` (the name of the largest term: compute, hbm or collectives) and ``mfu`` (compute_s /
+      step_s).
     """
     if generation not in CHIPS:
         raise ValueError(f"no peak figures for TPU generation {generation!r}. Fix: use one of {sorted(CHIPS)} or "
@@ -70,8 +79,10 @@ def estimate(generation: str, model_flops_per_chip: float, collective_bytes_per_
     chip = CHIPS[generation]
     terms = {"compute": model_flops_per_chip / chip.bf16_flops,
              "collectives": collective_bytes_per_chip / chip.ici_bytes_per_s}
+    if hbm_bytes_per_chip is not None:
+        terms["hbm"] = hbm_bytes_per_chip / chip.hbm_bytes_per_s
     bound = max(terms, key=terms.get)
     step = terms[bound]
     return dict(generation=generation, peak_flops=chip.bf16_flops, hbm_bytes_per_s=chip.hbm_bytes_per_s,
                 ici_bytes_per_s=chip.ici_bytes_per_s, compute_s=terms["compute"], collectives_s=terms["collectives"],
-                hbm_s=None, step_s=step, bound=bound, mfu=terms["compute"] / step if step > 0 else None)
+                hbm_s=terms.get("hbm"), step_s=step, bound=bound, mfu=terms["compute"] / step if step > 0 else None)

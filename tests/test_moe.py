@@ -10,7 +10,7 @@ from flax import nnx
 
 import mistral_jax as mj
 from mistral_jax.model import moe
-from mistral_jax.model.grouped_matmul import looped_grouped_matmul
+from mistral_jax.model.grouped_matmul import expert_mlp, looped_grouped_matmul
 
 
 @pytest.mark.parametrize("rows,groups,blocks,short", [(37, 4, (8,), 0), (100, 8, (64, 16), 0), (5, 3, (64, 8), 0),
@@ -37,6 +37,66 @@ def test_looped_grouped_matmul_equals_per_group_products(rows, groups, blocks, s
     ref = jax.grad(lambda x, w: (jax.lax.ragged_dot(x, w, gs) * dy).sum(), argnums=(0, 1))
     for g, r in zip(grads(jnp.asarray(x), jnp.asarray(w)), ref(jnp.asarray(x), jnp.asarray(w)), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-4)
+
+
+@pytest.mark.parametrize("rows,groups,blocks,short", [
+    (100, 8, (64, 16), 0),
+    *(pytest.param(*case, marks=pytest.mark.slow)
+      for case in [(37, 4, (8,), 0), (5, 3, (64, 8), 0), (40, 5, (8, 2), 7), (300, 3, (64, 16, 4), 0)])])
+def test_cpu_expert_mlp_equals_per_group_swiglu(rows, groups, blocks, short):
+    """The CPU looped SwiGLU experts against per-group numpy products, and its four gradients against the
+    accelerator form (three ``ragged_dot`` calls), with an empty group, blocks larger than groups or than all rows,
+    and rows past the last group (0, gradient 0)."""
+    rng = np.random.default_rng(rows)
+    sizes = np.bincount(rng.integers(0, groups, rows), minlength=groups)
+    sizes[0] = 0
+    sizes[-1] += rows - short - sizes.sum()
+    d, f = 6, 5
+    x = rng.standard_normal((rows, d)).astype(np.float32)
+    w1, w3 = (rng.standard_normal((groups, d, f)).astype(np.float32) for _ in range(2))
+    w2 = rng.standard_normal((groups, f, d)).astype(np.float32)
+    silu = lambda a: a / (1 + np.exp(-a))
+    ends = np.cumsum(sizes)
+    expected = np.concatenate([(silu(x[e - n:e] @ w1[g]) * (x[e - n:e] @ w3[g])) @ w2[g]
+                               for g, (n, e) in enumerate(zip(sizes, ends, strict=True))]
+                              + [np.zeros((short, d), np.float32)])
+    gs = jnp.asarray(sizes, jnp.int32)
+    args = tuple(jnp.asarray(a) for a in (x, w1, w3, w2))
+    np.testing.assert_allclose(np.asarray(expert_mlp(*args, gs, platform="cpu", blocks=blocks)), expected,
+                               rtol=1e-5, atol=1e-4)
+    dy = jnp.asarray(rng.standard_normal((rows, d)).astype(np.float32))
+    grads = {p: jax.grad(lambda *a, p=p: (expert_mlp(*a, gs, platform=p, blocks=blocks) * dy).sum(),
+                         argnums=(0, 1, 2, 3))(*args) for p in ("cpu", "gpu")}  # "gpu": ragged_dot, also on CPU
+    for g, r in zip(grads["cpu"], grads["gpu"], strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-3)
+    assert not np.asarray(grads["cpu"][0])[rows - short:].any()
+
+
+def test_dispatch_and_combine_equal_indexing_with_grads():
+    """The permutation forms (gradients gather, no scatter) against plain indexing and its autodiff."""
+    rng = np.random.default_rng(0)
+    m, top_k, e, d = 7, 3, 4, 5
+    idx = jnp.asarray(np.stack([rng.permutation(e)[:top_k] for _ in range(m)]), jnp.int32)
+    x, w = jnp.asarray(rng.standard_normal((m, d)), jnp.float32), jnp.asarray(rng.random((m, top_k)), jnp.float32)
+    a = moe.sort_assignments(idx, e)
+    np.testing.assert_array_equal(np.asarray(a.group_sizes), np.bincount(np.asarray(idx).ravel(), minlength=e))
+    np.testing.assert_array_equal(np.asarray(idx).ravel()[np.asarray(a.order)], np.sort(np.asarray(idx).ravel()))
+    token = a.order // top_k
+
+    def ours(x, w):
+        y = moe.dispatch(x, a.order, a.inverse) * 1.5 + 1  # stands in for the experts
+        return moe.combine(y, a, w)
+
+    def plain(x, w):
+        y = x[token] * 1.5 + 1
+        return jnp.zeros_like(x).at[token].add(y * w.reshape(-1)[a.order][:, None])
+
+    np.testing.assert_allclose(np.asarray(ours(x, w)), np.asarray(plain(x, w)), rtol=1e-6)
+    dy = jnp.asarray(rng.standard_normal((m, d)), jnp.float32)
+    g_ours = jax.grad(lambda x, w: (ours(x, w) * dy).sum(), argnums=(0, 1))(x, w)
+    g_plain = jax.grad(lambda x, w: (plain(x, w) * dy).sum(), argnums=(0, 1))(x, w)
+    for g, r in zip(g_ours, g_plain, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])

@@ -1,21 +1,26 @@
-"""Grouped matmul for dropless MoE: rows sorted by group, one weight matrix per group.
+"""Grouped matmul for dropless MoE: rows sorted by group, one weight matrix per group; and the SwiGLU experts
+built from it (``expert_mlp``).
 
 Legend: A rows (routed assignments, sorted by group), D input dim, F output dim, E groups (experts),
 Z block rows.
 
 ``jax.lax.ragged_dot`` is the grouped matmul of TPU (megablox) and GPU backends, but XLA's CPU backend
 lowers it to a dense masked product over all E groups (E times the work). On CPU we loop instead: for each
-group (a static Python loop over E, so each group's matrix is a static slice, read once), device loops over
-that group's rows in blocks of Z consecutive rows, each one ``[Z, D] x [D, F]`` matmul: whole blocks of a
-large Z (efficient matmuls), then the rest in blocks of a small Z (little padding). Work is at most
-``(A + E * Z_small) * D * F`` instead of ``A * E * D * F``, and no padded copy of the rows is needed:
+group (a static Python loop over E), device loops over that group's rows in blocks of Z consecutive rows,
+each one ``[Z, D] x [D, F]`` matmul: whole blocks of the largest Z (efficient matmuls), then whole blocks of
+the next sizes, then the rest in blocks of the smallest Z (little waste). Work is at most
+``(A + E * Z_small) * D * F`` instead of ``A * E * D * F``, and nothing is padded or copied:
 
-  * a group's last block runs into the next group's rows; it writes wrong rows there, which the next groups
-    overwrite since groups run in order (rows past the last group are zeroed at the end);
-  * the weight gradient masks those rows out; the input gradient is the same loop with ``w^T``.
+  * the smallest size's blocks are aligned to the group's end, so no block runs past the last row; the
+    lowest one may start before the rows it is for (even be shifted up to row 0), and its rows outside them
+    are masked: the output keeps its old rows there, the weight gradient skips them;
+  * the weights are split into E matrices once, outside the ``custom_vjp``, so the forward pass, the input
+    gradient (a matmul against each matrix's transpose, no transposed copy) and the weight gradient (E
+    matrices, concatenated back by the split's transpose) share them.
 
 The loops have a data-dependent trip count, which reverse-mode autodiff cannot go through, so the
-gradient is a ``custom_vjp`` made of the same two loops.
+gradient is a ``custom_vjp`` made of the same loops. ``expert_mlp`` runs all three SwiGLU products of a block
+in one such loop (and the backward pass of all three in another), rather than three grouped matmuls.
 """
 
 from __future__ import annotations
@@ -27,93 +32,114 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 
-def _valid_rows(x: Float[Array, "A K"], group_sizes: Int[Array, " E"]) -> Float[Array, "A K"]:
-    """Zero the rows past the last group (``ragged_dot`` semantics)."""
-    return jnp.where((jnp.arange(x.shape[0]) < group_sizes.sum())[:, None], x, 0)
+def _blocks_for(rows: int, blocks: tuple[int, ...]) -> tuple[int, ...]:
+    """The block sizes no larger than the number of rows (a block is a static slice of them), largest first."""
+    fit = tuple(z for z in blocks if z <= rows)
+    return fit or (rows,)
 
 
 def _tiles(group_sizes: Int[Array, " E"], blocks: tuple[int, ...]):
-    """For each group g and block size Z (largest first): ``(g, Z, first row, number of blocks)``.
+    """For each group g and block size Z (largest first): ``(g, Z, (first, end), number of blocks, masked)``.
 
-    Whole blocks of the largest size, then the rest in the next size, and so on; the smallest size rounds up,
-    so a group wastes less than one block of the smallest size.
+    Unmasked stages: whole blocks from the group's first uncovered row, ``start(j) = first + j * Z``. The last
+    (smallest) stage covers the rest ``[first, end)`` with blocks aligned to the end: block j is for rows
+    ``[max(first, end - (j + 1) * Z), end - j * Z)``; see ``_block``.
     """
-    starts = jnp.cumsum(group_sizes) - group_sizes
+    ends = jnp.cumsum(group_sizes)
     for g in range(group_sizes.shape[0]):
-        first, rest = starts[g], group_sizes[g]
+        first, end = ends[g] - group_sizes[g], ends[g]
         for i, z in enumerate(blocks):
-            n = -(-rest // z) if i == len(blocks) - 1 else rest // z
-            yield g, z, first, n
-            first, rest = first + n * z, rest - n * z
+            if i < len(blocks) - 1:
+                n = (end - first) // z
+                yield g, z, (first, end), n, False
+                first = first + n * z
+            else:
+                yield g, z, (first, end), -(-(end - first) // z), True
 
 
-def _pad(x: Float[Array, "A K"], rows: int) -> Float[Array, "A+Z K"]:
-    return jnp.concatenate([x, jnp.zeros((rows, x.shape[1]), x.dtype)])  # the last block may run past A
+def _block(j, z: int, span, masked: bool, rows: int):
+    """Block j of a stage: ``(start row, mask [Z] or None)``; a masked block's mask marks the rows it is for."""
+    first, end = span
+    if not masked:
+        return first + j * z, None
+    hi = end - j * z
+    lo = jnp.maximum(first, hi - z)
+    start = jnp.clip(hi - z, 0, rows - z)  # dynamic_slice's own clamp, made explicit for the mask
+    r = start + jnp.arange(z)
+    return start, (r >= lo) & (r < hi)
 
 
-def _loop_matmul(x: Float[Array, "A D"], w: Float[Array, "E D F"], group_sizes: Int[Array, " E"],
-                 blocks: tuple[int, ...]) -> Float[Array, "A F"]:
-    """``out[i] = x[i] @ w[group(i)]``, one group at a time, in blocks of rows."""
+def _loop_matmul(x: Float[Array, "A K"], ws: tuple, group_sizes: Int[Array, " E"], blocks: tuple[int, ...],
+                 transpose: bool = False) -> Float[Array, "A N"]:
+    """``out[i] = x[i] @ ws[group(i)]`` (``@ ws[g].T`` if ``transpose``), rows past the groups 0."""
     a = x.shape[0]
-    xp = _pad(x, blocks[0])
-    out = jnp.zeros((a + blocks[0], w.shape[2]), jnp.result_type(x, w))  # [A + Z, F]
-    weights = [w[g] for g in range(w.shape[0])]  # [D, F] static slices: each read once
-    for g, z, first, n in _tiles(group_sizes, blocks):
+    blocks = _blocks_for(a, blocks)
+    n_out = ws[0].shape[0] if transpose else ws[0].shape[1]
+    out = jnp.zeros((a, n_out), jnp.result_type(x, ws[0]))
+    dims = (((1,), (1 if transpose else 0,)), ((), ()))
+    for g, z, span, n, masked in _tiles(group_sizes, blocks):
 
-        def body(j, out, wg=weights[g], z=z, first=first):
-            r = first + j * z
-            return jax.lax.dynamic_update_slice_in_dim(out, jax.lax.dynamic_slice_in_dim(xp, r, z) @ wg, r, 0)
+        def body(j, out, wg=ws[g], z=z, span=span, masked=masked):
+            start, mine = _block(j, z, span, masked, a)
+            y = jax.lax.dot_general(jax.lax.dynamic_slice_in_dim(x, start, z), wg, dims).astype(out.dtype)
+            if mine is not None:
+                y = jnp.where(mine[:, None], y, jax.lax.dynamic_slice_in_dim(out, start, z))
+            return jax.lax.dynamic_update_slice_in_dim(out, y, start, 0)
 
         out = jax.lax.fori_loop(0, n, body, out)
-    return _valid_rows(out[:a], group_sizes)
+    return out
 
 
 def _loop_weight_grad(x: Float[Array, "A D"], dy: Float[Array, "A F"], group_sizes: Int[Array, " E"],
-                      blocks: tuple[int, ...]) -> Float[Array, "E D F"]:
+                      blocks: tuple[int, ...]) -> list[Float[Array, "D F"]]:
     """``dw[g] = x_g^T @ dy_g`` over each group's rows, accumulated block by block in float32."""
-    xp, dyp = _pad(x, blocks[0]), _pad(dy, blocks[0])
-    ends = jnp.cumsum(group_sizes)
+    a = x.shape[0]
+    blocks = _blocks_for(a, blocks)
     grads = [jnp.zeros((x.shape[1], dy.shape[1]), jnp.float32) for _ in range(group_sizes.shape[0])]
-    for g, z, first, n in _tiles(group_sizes, blocks):
+    for g, z, span, n, masked in _tiles(group_sizes, blocks):
 
-        def body(j, acc, g=g, z=z, first=first):
-            r = first + j * z
-            mine = r + jnp.arange(z) < ends[g]  # [Z] rows of group g (the last block may run past it)
-            xb = jnp.where(mine[:, None], jax.lax.dynamic_slice_in_dim(xp, r, z), 0)  # [Z, D]
-            dyb = jax.lax.dynamic_slice_in_dim(dyp, r, z)  # [Z, F]
+        def body(j, acc, z=z, span=span, masked=masked):
+            start, mine = _block(j, z, span, masked, a)
+            xb = jax.lax.dynamic_slice_in_dim(x, start, z)  # [Z, D]
+            if mine is not None:
+                xb = jnp.where(mine[:, None], xb, 0)
+            dyb = jax.lax.dynamic_slice_in_dim(dy, start, z)  # [Z, F]
             return acc + jnp.einsum("ZD,ZF->DF", xb, dyb, preferred_element_type=jnp.float32)
 
         grads[g] = jax.lax.fori_loop(0, n, body, grads[g])
-    return jnp.stack(grads)
+    return grads
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _grouped(x: Float[Array, "A D"], ws: tuple, group_sizes: Int[Array, " E"], blocks: tuple[int, ...]
+             ) -> Float[Array, "A F"]:
+    return _loop_matmul(x, ws, group_sizes, blocks)
+
+
+def _fwd(x, ws, group_sizes, blocks):
+    return _loop_matmul(x, ws, group_sizes, blocks), (x, ws, group_sizes)
+
+
+def _bwd(blocks, res, dy):
+    x, ws, group_sizes = res
+    dx = _loop_matmul(dy, ws, group_sizes, blocks, transpose=True).astype(x.dtype)
+    dws = _loop_weight_grad(x, dy, group_sizes, blocks)
+    return dx, tuple(d.astype(w.dtype) for d, w in zip(dws, ws, strict=True)), None
+
+
+_grouped.defvjp(_fwd, _bwd)
+
+
 def looped_grouped_matmul(x: Float[Array, "A D"], w: Float[Array, "E D F"], group_sizes: Int[Array, " E"],
                           blocks: tuple[int, ...] = (256, 64)) -> Float[Array, "A F"]:
     """``out[i] = x[i] @ w[group(i)]`` for rows sorted by group (``ragged_dot`` semantics: rows past
     ``sum(group_sizes)`` are 0), computing only each group's own rows, in blocks of ``blocks`` rows
     (largest first; each group wastes less than one block of the smallest)."""
-    return _loop_matmul(x, w, group_sizes, blocks)
-
-
-def _fwd(x, w, group_sizes, blocks):
-    return _loop_matmul(x, w, group_sizes, blocks), (x, w, group_sizes)
-
-
-def _bwd(blocks, res, dy):
-    x, w, group_sizes = res
-    dy = _valid_rows(dy, group_sizes)
-    dx = _loop_matmul(dy, jnp.swapaxes(w, 1, 2), group_sizes, blocks).astype(x.dtype)
-    dw = _loop_weight_grad(x, dy, group_sizes, blocks).astype(w.dtype)
-    return dx, dw, None
-
-
-looped_grouped_matmul.defvjp(_fwd, _bwd)
+    ws = tuple(p[0] for p in jnp.split(w, w.shape[0]))  # E matrices, split once; the transpose concatenates
+    return _grouped(x, ws, group_sizes, blocks)
 
 
 DEFAULT_BLOCKS = (256, 64)  # rows per matmul on CPU: whole blocks of 256, then the rest in blocks of 64
-
-
 def grouped_matmul(x: Float[Array, "A D"], w: Float[Array, "E D F"], group_sizes: Int[Array, " E"], *,
                    platform: str, blocks: tuple[int, ...] = DEFAULT_BLOCKS) -> Float[Array, "A F"]:
     """Dispatch on the target ``platform`` (``ModelConfig.platform``): the looped form on "cpu", ``ragged_dot``
@@ -124,3 +150,98 @@ def grouped_matmul(x: Float[Array, "A D"], w: Float[Array, "E D F"], group_sizes
         return jax.lax.ragged_dot(x, w, group_sizes)
     raise ValueError(f"grouped_matmul for platform={platform!r}: expected cpu, gpu or tpu. Fix: build the model "
                      "from a config with a platform (the Transformer fills it in: cfg.for_platform()).")
+
+
+def _silu_grad(a: Array) -> Array:
+    s = jax.nn.sigmoid(a)
+    return s * (1 + a * (1 - s))
+
+
+def _mlp_fwd_loops(x, ws1, ws3, ws2, group_sizes, blocks, keep: bool):
+    """The looped SwiGLU experts: ``(y [A, D], a [A, F], b [A, F])`` (a, b: the two input projections, kept for
+    the backward pass if ``keep``, else None)."""
+    rows, d = x.shape
+    f = ws1[0].shape[1]
+    blocks = _blocks_for(rows, blocks)
+    dt = jnp.result_type(x, ws1[0])
+    carry = (jnp.zeros((rows, d), dt),) + ((jnp.zeros((rows, f), dt), jnp.zeros((rows, f), dt)) if keep else ())
+    for g, z, span, n, masked in _tiles(group_sizes, blocks):
+
+        def body(j, carry, w1=ws1[g], w3=ws3[g], w2=ws2[g], z=z, span=span, masked=masked):
+            start, mine = _block(j, z, span, masked, rows)
+            xb = jax.lax.dynamic_slice_in_dim(x, start, z)  # [Z, D]
+            a, b = (xb @ w1).astype(dt), (xb @ w3).astype(dt)  # [Z, F]
+            yb = ((jax.nn.silu(a) * b) @ w2).astype(dt)  # [Z, D]
+            new = (yb, a, b) if keep else (yb,)
+            if mine is not None:
+                new = tuple(jnp.where(mine[:, None], v, jax.lax.dynamic_slice_in_dim(c, start, z))
+                            for v, c in zip(new, carry, strict=True))
+            return tuple(jax.lax.dynamic_update_slice_in_dim(c, v, start, 0) for c, v in zip(carry, new, strict=True))
+
+        carry = jax.lax.fori_loop(0, n, body, carry)
+    return carry if keep else (carry[0], None, None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _expert_mlp(x, ws1, ws3, ws2, group_sizes, blocks):
+    return _mlp_fwd_loops(x, ws1, ws3, ws2, group_sizes, blocks, keep=False)[0]
+
+
+def _mlp_fwd(x, ws1, ws3, ws2, group_sizes, blocks):
+    y, a, b = _mlp_fwd_loops(x, ws1, ws3, ws2, group_sizes, blocks, keep=True)
+    return y, (x, ws1, ws3, ws2, group_sizes, a, b)
+
+
+def _mlp_bwd(blocks, res, dy):
+    """Per block: ``dh = dy w2^T``, ``da = dh * b * silu'(a)``, ``db = dh * silu(a)``; ``dx = da w1^T + db w3^T``
+    (rows written under the block's mask) and float32 ``dw1 += x^T da``, ``dw3 += x^T db``, ``dw2 += h^T dy``
+    (rows outside the mask zeroed)."""
+    x, ws1, ws3, ws2, group_sizes, a_all, b_all = res
+    rows = x.shape[0]
+    blocks = _blocks_for(rows, blocks)
+    t = (((1,), (1,)), ((), ()))  # [Z, K] x [N, K] -> [Z, N]: a matmul with the transposed weight, no copy
+    dx = jnp.zeros_like(x)
+    grads = {}
+    for g in range(len(ws1)):
+        grads[g] = tuple(jnp.zeros(w.shape, jnp.float32) for w in (ws1[g], ws3[g], ws2[g]))
+    for g, z, span, n, masked in _tiles(group_sizes, blocks):
+
+        def body(j, carry, w1=ws1[g], w3=ws3[g], w2=ws2[g], z=z, span=span, masked=masked):
+            dx, (g1, g3, g2) = carry
+            start, mine = _block(j, z, span, masked, rows)
+            xb, dyb, a, b = (jax.lax.dynamic_slice_in_dim(v, start, z) for v in (x, dy, a_all, b_all))
+            sa = jax.nn.silu(a)
+            h = sa * b
+            dh = jax.lax.dot_general(dyb, w2, t).astype(a.dtype)  # [Z, F]
+            da, db = dh * b * _silu_grad(a), dh * sa
+            dxb = (jax.lax.dot_general(da, w1, t) + jax.lax.dot_general(db, w3, t)).astype(dx.dtype)  # [Z, D]
+            if mine is not None:
+                dxb = jnp.where(mine[:, None], dxb, jax.lax.dynamic_slice_in_dim(dx, start, z))
+                xb, h = jnp.where(mine[:, None], xb, 0), jnp.where(mine[:, None], h, 0)
+            outer = lambda p, q: jnp.einsum("ZK,ZN->KN", p, q, preferred_element_type=jnp.float32)
+            return (jax.lax.dynamic_update_slice_in_dim(dx, dxb, start, 0),
+                    (g1 + outer(xb, da), g3 + outer(xb, db), g2 + outer(h, dyb)))
+
+        dx, grads[g] = jax.lax.fori_loop(0, n, body, (dx, grads[g]))
+    cast = lambda k, ws: tuple(grads[g][k].astype(ws[g].dtype) for g in range(len(ws)))
+    return dx, cast(0, ws1), cast(1, ws3), cast(2, ws2), None
+
+
+_expert_mlp.defvjp(_mlp_fwd, _mlp_bwd)
+
+
+def expert_mlp(x: Float[Array, "A D"], w1: Float[Array, "E D F"], w3: Float[Array, "E D F"],
+               w2: Float[Array, "E F D"], group_sizes: Int[Array, " E"], *, platform: str,
+               blocks: tuple[int, ...] = DEFAULT_BLOCKS) -> Float[Array, "A D"]:
+    """SwiGLU experts on rows sorted by expert: ``y[i] = (silu(x[i] w1[g]) * (x[i] w3[g])) w2[g]`` for row i of
+    group g (rows past ``sum(group_sizes)`` are 0).
+
+    On accelerators: three ``grouped_matmul`` calls. On CPU: one pass of the looped blocks computes all three
+    products of a block (no [A, F] intermediates in the forward pass, a third of the loops), and one backward
+    pass computes the input gradient and the three weight gradients together.
+    """
+    if platform != "cpu":
+        gmm = functools.partial(grouped_matmul, group_sizes=group_sizes, platform=platform)
+        return gmm(jax.nn.silu(gmm(x, w1)) * gmm(x, w3), w2)
+    split = lambda w: tuple(p[0] for p in jnp.split(w, w.shape[0]))  # once; the transpose concatenates
+    return _expert_mlp(x, split(w1), split(w3), split(w2), group_sizes, blocks)

@@ -18,6 +18,7 @@ Backends (``ModelConfig.moe_impl``):
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from mistral_jax import sharding
-from mistral_jax.model.grouped_matmul import grouped_matmul
+from mistral_jax.model.grouped_matmul import expert_mlp
 
 
 def route(logits: Float[Array, "M E"], top_k: int
@@ -75,6 +76,67 @@ def z_loss(z_sum: Array, tokens: Array) -> Array:
     return jnp.sum(z_sum) / jnp.maximum(jnp.sum(tokens), 1.0)
 
 
+class Assignments(NamedTuple):
+    """The M*X = A top-k assignments sorted by group (``sort_assignments``)."""
+
+    order: Int[Array, " A"]  # sorted position -> assignment (token * X + slot)
+    inverse: Int[Array, " A"]  # assignment -> sorted position
+    group_sizes: Int[Array, " G"]  # assignments per group, in sorted order
+
+
+def sort_assignments(groups: Int[Array, "M X"], num_groups: int) -> Assignments:
+    """Sort the assignments by group id (stable: a group's rows keep token order); ids in [0, num_groups)."""
+    flat = groups.reshape(-1)  # [A]
+    order = jnp.argsort(flat, stable=True)
+    inverse = jnp.argsort(order)  # the inverse permutation
+    return Assignments(order, inverse, jnp.bincount(flat, length=num_groups).astype(jnp.int32))
+
+
+@jax.custom_vjp
+def dispatch(x: Float[Array, "M D"], order: Int[Array, " A"], inverse: Int[Array, " A"]) -> Float[Array, "A D"]:
+    """The tokens in sorted assignment order: ``x[order // X]``. Its gradient gathers too (each token sums its X
+    rows), where autodiff of an index would scatter-add (a serial loop on CPU)."""
+    return x[order // (order.shape[0] // x.shape[0])]
+
+
+def _dispatch_fwd(x, order, inverse):
+    return dispatch(x, order, inverse), (x.shape[0], order, inverse)
+
+
+def _dispatch_bwd(res, g):
+    m, order, inverse = res
+    return g[inverse].reshape(m, -1, g.shape[-1]).sum(1), None, None
+
+
+dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@jax.custom_vjp
+def undispatch(y: Float[Array, "A D"], order: Int[Array, " A"], inverse: Int[Array, " A"]) -> Float[Array, "A D"]:
+    """Sorted rows back in assignment order, ``y[inverse]`` (token-major: reshape to [M, X, D]); a permutation,
+    whose gradient is the inverse permutation (a gather, not a scatter)."""
+    return y[inverse]
+
+
+def _undispatch_fwd(y, order, inverse):
+    return y[inverse], (order, inverse)
+
+
+def _undispatch_bwd(res, g):
+    order, inverse = res
+    return g[order], None, None
+
+
+undispatch.defvjp(_undispatch_fwd, _undispatch_bwd)
+
+
+def combine(y: Float[Array, "A D"], a: Assignments, weights: Float[Array, "M X"]) -> Float[Array, "M D"]:
+    """Each token's weighted sum of its X expert outputs (``y`` in sorted order)."""
+    m, top_k = weights.shape
+    yk = undispatch(y, a.order, a.inverse).reshape(m, top_k, -1)  # [M, X, D]
+    return (yk * weights.astype(y.dtype)[..., None]).sum(1)
+
+
 def dense_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "M X"], top_idx: Int[Array, "M X"]
                   ) -> Float[Array, "M D"]:
     """The oracle: all E experts on all M tokens, weighted by the routing weights (zero off the top-k)."""
@@ -88,18 +150,9 @@ def ragged_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "M X"
                    platform: str) -> Float[Array, "M D"]:
     """Dropless grouped matmul: sort the A = M*X assignments by expert, one grouped matmul per projection
     (``ragged_dot`` on accelerators, block-sparse on CPU: see ``grouped_matmul``; ``platform`` is the target's)."""
-    m, top_k = top_idx.shape
-    num_experts = w1.shape[0]
-    flat_expert = top_idx.reshape(-1)  # [A]
-    order = jnp.argsort(flat_expert, stable=True)  # [A] assignments grouped by expert
-    token = order // top_k  # [A] source token of each sorted assignment
-    group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)  # [E]
-    xs = x[token]  # [A, D]
-    gmm = lambda a, w: grouped_matmul(a, w, group_sizes, platform=platform)
-    h = jax.nn.silu(gmm(xs, w1)) * gmm(xs, w3)  # [A, F]
-    y = gmm(h, w2)  # [A, D]
-    weights = top_w.reshape(-1)[order].astype(y.dtype)  # [A]
-    return jnp.zeros_like(x).at[token].add(y * weights[:, None])  # [M, D]
+    a = sort_assignments(top_idx, w1.shape[0])
+    y = expert_mlp(dispatch(x, a.order, a.inverse), w1, w3, w2, a.group_sizes, platform=platform)  # [A, D]
+    return combine(y, a, top_w)  # [M, D]
 
 
 def _expert_layout(ep: sharding.ExpertParallel, num_experts: int) -> tuple[str, str | None, int, int]:
@@ -127,7 +180,6 @@ def expert_parallel_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Arr
     """
     from jax.sharding import PartitionSpec as P
 
-    m, top_k = top_idx.shape
     ea, ta, n_shards, e_local = _expert_layout(ep, w1.shape[0])
     batch = ep.batch_axes if ep.batch_axes else None
     tok_spec = P(batch, None)
@@ -138,17 +190,12 @@ def expert_parallel_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Arr
             xl, wl, il = (jax.lax.all_gather(a, ea, axis=0, tiled=True) for a in (xl, wl, il))
         lo = jax.lax.axis_index(ea) * e_local
         mine = (il >= lo) & (il < lo + e_local)  # [mg, X] assignments routed to this shard's experts
-        flat = jnp.where(mine, il - lo, e_local).reshape(-1)  # [A] local expert id, e_local = elsewhere
-        order = jnp.argsort(flat, stable=True)  # [A] this shard's assignments first, grouped by expert
-        token = order // top_k  # [A]
-        group_sizes = jnp.bincount(flat, length=e_local + 1)[:e_local].astype(jnp.int32)  # [e]
-        xs = xl[token]  # [A, D]
+        a = sort_assignments(jnp.where(mine, il - lo, e_local), e_local + 1)  # this shard's first, e_local = elsewhere
+        group_sizes = a.group_sizes[:e_local]  # [e]
+        xs = dispatch(xl, a.order, a.inverse)  # [A, D]
         h = jax.nn.silu(jax.lax.ragged_dot(xs, w1l, group_sizes)) * jax.lax.ragged_dot(xs, w3l, group_sizes)
-        y = jax.lax.ragged_dot(h, w2l, group_sizes)  # [A, D] (rows past the groups are not ours)
-        keep = mine.reshape(-1)[order]  # [A]
-        weights = jnp.where(keep, wl.reshape(-1)[order], 0).astype(y.dtype)  # [A]
-        y = jnp.where(keep[:, None], y * weights[:, None], 0)
-        out = jnp.zeros_like(xl).at[token].add(y)  # [mg, D] partial: this shard's experts (and F slice)
+        y = jax.lax.ragged_dot(h, w2l, group_sizes)  # [A, D] (rows past the groups are 0)
+        out = combine(y, a, jnp.where(mine, wl, 0))  # [mg, D] partial: this shard's experts (and F slice)
         if ta is not None:
             out = jax.lax.psum(out, ta)
         if ep.tokens_split_over_experts:
@@ -210,18 +257,16 @@ def all_to_all_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "
 
     def one_chunk(w1l, w3l, w2l, xc, wc, ic):  # xc [c, D], wc / ic [c, X]; w1l / w3l [e, D, f], w2l [e, f, D]
         c, d = xc.shape
-        flat = ic.reshape(-1)  # [A] global expert of each assignment
-        order = jnp.argsort(flat, stable=True)  # [A] grouped by expert, hence by destination shard
-        token = order // top_k  # [A]
-        counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E]
+        a = sort_assignments(ic, num_experts)  # grouped by expert, hence by destination shard
+        counts = a.group_sizes  # [E]
         all_counts = jax.lax.all_gather(counts, ea)  # [P_src, E]
         sends = all_counts.reshape(n_shards, n_shards, e_local).sum(-1)  # [src, dst] rows
         me = jax.lax.axis_index(ea)
         send_sizes, recv_sizes = sends[me], sends[:, me]  # [P], [P]
         a2a = functools.partial(ragged_all_to_all, axis_name=ea, platform=platform)
         rows = n_shards * c * min(top_k, e_local)  # worst case: every token of every shard routed here
-        recv = a2a(xc[token], jnp.zeros((rows, d), xc.dtype), _exclusive_cumsum(send_sizes), send_sizes,
-                   _exclusive_cumsum(sends, axis=0)[me], recv_sizes)  # [R, D]: by source, then local expert
+        recv = a2a(dispatch(xc, a.order, a.inverse), jnp.zeros((rows, d), xc.dtype), _exclusive_cumsum(send_sizes),
+                   send_sizes, _exclusive_cumsum(sends, axis=0)[me], recv_sizes)  # [R, D]: by source, then local expert
         local_counts = jax.lax.dynamic_slice_in_dim(all_counts, me * e_local, e_local, axis=1)  # [P, e]
         group_sizes = local_counts.sum(0)  # [e]
         if e_local > 1:  # regroup the received rows by local expert (sources come in order)
@@ -230,14 +275,12 @@ def all_to_all_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "
                              total_repeat_length=rows)  # [R] local expert of each received row (e = padding)
             perm = jnp.argsort(ids, stable=True)  # [R]
             recv = recv[perm]
-        gmm = lambda a, w: grouped_matmul(a, w, group_sizes, platform=platform)
-        y = gmm(jax.nn.silu(gmm(recv, w1l)) * gmm(recv, w3l), w2l)  # [R, D] (partial over the tensor axis)
+        y = expert_mlp(recv, w1l, w3l, w2l, group_sizes, platform=platform)  # [R, D] (partial over the tensor axis)
         if e_local > 1:
             y = jnp.zeros_like(y).at[perm].set(y)  # back to the received order
-        back = a2a(y, jnp.zeros((flat.shape[0], d), y.dtype), _exclusive_cumsum(recv_sizes), recv_sizes,
+        back = a2a(y, jnp.zeros((c * top_k, d), y.dtype), _exclusive_cumsum(recv_sizes), recv_sizes,
                    _exclusive_cumsum(sends, axis=1)[:, me], send_sizes)  # [A, D] in this shard's sorted order
-        weights = wc.reshape(-1)[order].astype(back.dtype)  # [A]
-        return jnp.zeros_like(xc).at[token].add(back * weights[:, None])  # [c, D]
+        return combine(back, a, wc)  # [c, D]
 
     def local(xl, w1l, w3l, w2l, wl, il):  # per shard: xl [m, D]
         m = xl.shape[0]

@@ -10,7 +10,7 @@ from flax import nnx
 
 import mistral_jax as mj
 from mistral_jax.model import moe
-from mistral_jax.model.grouped_matmul import expert_mlp, looped_grouped_matmul
+from mistral_jax.model.grouped_matmul import expert_mlp, looped_grouped_matmul, tpu_grouped_matmul
 
 
 @pytest.mark.parametrize("rows,groups,blocks,short", [(37, 4, (8,), 0), (100, 8, (64, 16), 0), (5, 3, (64, 8), 0),
@@ -70,6 +70,20 @@ def test_cpu_expert_mlp_equals_per_group_swiglu(rows, groups, blocks, short):
     for g, r in zip(grads["cpu"], grads["gpu"], strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-3)
     assert not np.asarray(grads["cpu"][0])[rows - short:].any()
+
+
+def test_tpu_grouped_matmul_equals_ragged_dot_with_grads():
+    """The TPU form (its own input-gradient rule) against ``ragged_dot`` and its autodiff, run on CPU: an empty
+    group and rows past the last group included."""
+    rng = np.random.default_rng(1)
+    gs = jnp.asarray([3, 0, 5, 2], jnp.int32)  # 10 of 12 rows
+    x, w, dy = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((12, 6), (4, 6, 7), (12, 7)))
+    np.testing.assert_allclose(np.asarray(tpu_grouped_matmul(x, w, gs)), np.asarray(jax.lax.ragged_dot(x, w, gs)))
+    ours = jax.grad(lambda x, w: (tpu_grouped_matmul(x, w, gs) * dy).sum(), argnums=(0, 1))(x, w)
+    ref = jax.grad(lambda x, w: (jax.lax.ragged_dot(x, w, gs) * dy).sum(), argnums=(0, 1))(x, w)
+    for g, r in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+    assert not np.asarray(ours[0])[10:].any()
 
 
 def test_dispatch_and_combine_equal_indexing_with_grads():

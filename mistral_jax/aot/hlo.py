@@ -110,7 +110,7 @@ class CollectiveTraffic:
 
     ``kinds``: ``{kind: {"count": executions, "bytes": bytes moved}}`` for every kind in ``KINDS``; the
     ragged-all-to-all entry also has ``bytes_upper_bound``. ``uncounted_loops``: while loops whose trip count is
-    unknown, counted once (their collectives are undercounted).
+    unknown, counted once (their collectives are undercounted), and callees the parser did not find (not counted).
     """
 
     kinds: dict[str, dict[str, float]]
@@ -391,6 +391,9 @@ def _weighted_totals(computations: dict[str, Computation], entry: str, visit: _V
 
     @functools.cache
     def totals(name: str) -> dict[Any, float]:
+        if name not in computations:  # a callee whose text the parser did not recognise: not counted, and named
+            uncounted.append(name)
+            return {}
         comp = computations[name]
         acc: dict[Any, float] = {}
 

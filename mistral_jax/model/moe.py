@@ -165,7 +165,8 @@ def _expert_layout(ep: sharding.ExpertParallel, num_experts: int) -> tuple[str, 
 
 
 def expert_parallel_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "M X"],
-                            top_idx: Int[Array, "M X"], ep: sharding.ExpertParallel) -> Float[Array, "M D"]:
+                            top_idx: Int[Array, "M X"], ep: sharding.ExpertParallel, *, platform: str
+                            ) -> Float[Array, "M D"]:
     """Dropless expert parallelism: each expert shard runs only its own E/P experts.
 
     Inside a ``shard_map`` (P = size of the expert mesh axis, F sharded over the tensor axis if any):
@@ -192,9 +193,7 @@ def expert_parallel_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Arr
         mine = (il >= lo) & (il < lo + e_local)  # [mg, X] assignments routed to this shard's experts
         a = sort_assignments(jnp.where(mine, il - lo, e_local), e_local + 1)  # this shard's first, e_local = elsewhere
         group_sizes = a.group_sizes[:e_local]  # [e]
-        xs = dispatch(xl, a.order, a.inverse)  # [A, D]
-        h = jax.nn.silu(jax.lax.ragged_dot(xs, w1l, group_sizes)) * jax.lax.ragged_dot(xs, w3l, group_sizes)
-        y = jax.lax.ragged_dot(h, w2l, group_sizes)  # [A, D] (rows past the groups are 0)
+        y = expert_mlp(dispatch(xl, a.order, a.inverse), w1l, w3l, w2l, group_sizes, platform=platform)  # [A, D]
         out = combine(y, a, jnp.where(mine, wl, 0))  # [mg, D] partial: this shard's experts (and F slice)
         if ta is not None:
             out = jax.lax.psum(out, ta)
@@ -341,7 +340,7 @@ class MoE(nnx.Module):
         elif ep is not None and cfg.moe_dispatch == "all_to_all" and ep.tokens_split_over_experts:
             y = all_to_all_experts(*args, ep=ep, platform=cfg.platform, chunk_tokens=cfg.moe_chunk_tokens)
         elif ep is not None:
-            y = expert_parallel_experts(*args, ep=ep)
+            y = expert_parallel_experts(*args, ep=ep, platform=cfg.platform)
         else:
             y = ragged_experts(*args, platform=cfg.platform)
         return sharding.constrain(y.reshape(b, t, d), ("batch", "seq", "act_embed")), stats

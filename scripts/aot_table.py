@@ -33,6 +33,8 @@ ROWS = [
     ("mistral_7b_v03", "configs/mistral_7b_v03.py", "v5p-128", [], None),
     ("mistral_nemo_12b", "configs/mistral_nemo_12b.py", "v5p-256", [], None),
     ("mixtral_8x22b", "configs/mixtral_8x22b.py", "v5p-512", [], None),
+    ("mixtral_8x7b_2slices", "configs/mixtral_8x7b.py", "v5p-128", ["--num_slices=2", "--config.grad_accum_steps=4"],
+     None),
     ("mistral_7b_dpo", "configs/mistral_7b_dpo.py", "v5p-8", [], None),
     ("mistral_7b_dpo_lora", "configs/mistral_7b_dpo.py", "v5p-8", ["--config.lora.rank=16"], None),
 ]
@@ -55,10 +57,11 @@ def row(name: str, r: dict, shown: str, maxtext: float | None) -> str:
     roof = r.get("roofline") or {}
     step = f"{roof['step_s']:.2f} s ({roof['bound']})" if roof else "–"
     host = f" + {gib(r['host_temps'])} host" if r.get("host_temps") else ""
+    hbm = f"{r['hbm_bytes'] / GiB:.0f} GiB" if r.get("hbm_bytes") is not None else "–"
     return (f"| {name} | {r['topology']} ({r['devices']}) | {mesh} | {r['batch_size']} × {r['seq_len']} "
             f"({r['grad_accum_steps']}) | {r['remat']} | {gib(r['arguments'])} | {gib(r['temps'])} | "
             f"**{gib(r['total'])}** / {gib(r['hbm'])}{host} | {'yes' if r['fits'] else '**no**'} | "
-            f"{'–' if maxtext is None else f'{maxtext:.2f}'} | {coll / GiB:.0f} GiB | {step} | `{shown}` |")
+            f"{'–' if maxtext is None else f'{maxtext:.2f}'} | {coll / GiB:.0f} GiB | {hbm} | {step} | `{shown}` |")
 
 
 def main() -> None:
@@ -71,8 +74,8 @@ def main() -> None:
     if unknown:
         sys.exit(f"--rows: unknown row(s) {unknown}. Fix: choose from {[r[0] for r in ROWS]}.")
     print("| Row | Topology (chips) | Mesh d/f/t/e | Batch × seq (accum) | Remat | Args GiB | Temps GiB | "
-          "Total / HBM GiB | Fits | MaxText GiB | Collectives / step | Roofline step | Command |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "Total / HBM GiB | Fits | MaxText GiB | Collectives / step | HBM traffic / step | Roofline step | Command |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, config, topology, overrides, maxtext in ROWS:
         if wanted and name not in wanted:
             continue
@@ -82,7 +85,7 @@ def main() -> None:
         except RuntimeError as e:  # a compiler error is a finding for its row, not the end of the table
             error = next((line for line in str(e).splitlines() if "Error" in line), str(e).splitlines()[0])
             print(f"{name}: failed: {error}", file=sys.stderr)
-            cells = f"| {name} | {topology} | | | | | | compile failed: {error[:160]} | | | | |"
+            cells = f"| {name} | {topology} | | | | | | compile failed: {error[:160]} | | | | | |"
             print(f"{cells} `{' '.join(overrides)}` |", flush=True)
             continue
         print(f"{name}: {r['total'] / GiB:.2f} GiB in {time.perf_counter() - t0:.0f} s", file=sys.stderr)

@@ -69,6 +69,18 @@ def _block(j, z: int, span, masked: bool, rows: int):
     return start, (r >= lo) & (r < hi)
 
 
+def _write(buf: Array, v: Array, start, z: int, mine) -> Array:
+    """``buf[start:start + Z] = v``, keeping ``buf``'s rows where ``mine`` (the block's row mask, or None) is off."""
+    if mine is not None:
+        v = jnp.where(mine[:, None], v, jax.lax.dynamic_slice_in_dim(buf, start, z))
+    return jax.lax.dynamic_update_slice_in_dim(buf, v, start, 0)
+
+
+def _split_experts(w: Float[Array, "E K N"]) -> tuple:
+    """The E expert matrices of ``w``, split once (the split's transpose concatenates their gradients back)."""
+    return tuple(p[0] for p in jnp.split(w, w.shape[0]))
+
+
 def _loop_matmul(x: Float[Array, "A K"], ws: tuple, group_sizes: Int[Array, " E"], blocks: tuple[int, ...],
                  transpose: bool = False) -> Float[Array, "A N"]:
     """``out[i] = x[i] @ ws[group(i)]`` (``@ ws[g].T`` if ``transpose``), rows past the groups 0."""
@@ -82,9 +94,7 @@ def _loop_matmul(x: Float[Array, "A K"], ws: tuple, group_sizes: Int[Array, " E"
         def body(j, out, wg=ws[g], z=z, span=span, masked=masked):
             start, mine = _block(j, z, span, masked, a)
             y = jax.lax.dot_general(jax.lax.dynamic_slice_in_dim(x, start, z), wg, dims).astype(out.dtype)
-            if mine is not None:
-                y = jnp.where(mine[:, None], y, jax.lax.dynamic_slice_in_dim(out, start, z))
-            return jax.lax.dynamic_update_slice_in_dim(out, y, start, 0)
+            return _write(out, y, start, z, mine)
 
         out = jax.lax.fori_loop(0, n, body, out)
     return out
@@ -135,8 +145,7 @@ def looped_grouped_matmul(x: Float[Array, "A D"], w: Float[Array, "E D F"], grou
     """``out[i] = x[i] @ w[group(i)]`` for rows sorted by group (``ragged_dot`` semantics: rows past
     ``sum(group_sizes)`` are 0), computing only each group's own rows, in blocks of ``blocks`` rows
     (largest first; each group wastes less than one block of the smallest)."""
-    ws = tuple(p[0] for p in jnp.split(w, w.shape[0]))  # E matrices, split once; the transpose concatenates
-    return _grouped(x, ws, group_sizes, blocks)
+    return _grouped(x, _split_experts(w), group_sizes, blocks)
 
 
 DEFAULT_BLOCKS = (256, 64)  # rows per matmul on CPU: whole blocks of 256, then the rest in blocks of 64
@@ -200,10 +209,7 @@ def _mlp_fwd_loops(x, ws1, ws3, ws2, group_sizes, blocks, keep: bool):
             a, b = (xb @ w1).astype(dt), (xb @ w3).astype(dt)  # [Z, F]
             yb = ((jax.nn.silu(a) * b) @ w2).astype(dt)  # [Z, D]
             new = (yb, a, b) if keep else (yb,)
-            if mine is not None:
-                new = tuple(jnp.where(mine[:, None], v, jax.lax.dynamic_slice_in_dim(c, start, z))
-                            for v, c in zip(new, carry, strict=True))
-            return tuple(jax.lax.dynamic_update_slice_in_dim(c, v, start, 0) for c, v in zip(carry, new, strict=True))
+            return tuple(_write(c, v, start, z, mine) for c, v in zip(carry, new, strict=True))
 
         carry = jax.lax.fori_loop(0, n, body, carry)
     return carry if keep else (carry[0], None, None)
@@ -243,10 +249,9 @@ def _mlp_bwd(blocks, res, dy):
             da, db = dh * b * _silu_grad(a), dh * sa
             dxb = (jax.lax.dot_general(da, w1, t) + jax.lax.dot_general(db, w3, t)).astype(dx.dtype)  # [Z, D]
             if mine is not None:
-                dxb = jnp.where(mine[:, None], dxb, jax.lax.dynamic_slice_in_dim(dx, start, z))
                 xb, h = jnp.where(mine[:, None], xb, 0), jnp.where(mine[:, None], h, 0)
             outer = lambda p, q: jnp.einsum("ZK,ZN->KN", p, q, preferred_element_type=jnp.float32)
-            return (jax.lax.dynamic_update_slice_in_dim(dx, dxb, start, 0),
+            return (_write(dx, dxb, start, z, mine),
                     (g1 + outer(xb, da), g3 + outer(xb, db), g2 + outer(h, dyb)))
 
         dx, grads[g] = jax.lax.fori_loop(0, n, body, (dx, grads[g]))
@@ -270,5 +275,4 @@ def expert_mlp(x: Float[Array, "A D"], w1: Float[Array, "E D F"], w3: Float[Arra
     if platform != "cpu":
         gmm = functools.partial(grouped_matmul, group_sizes=group_sizes, platform=platform)
         return gmm(jax.nn.silu(gmm(x, w1)) * gmm(x, w3), w2)
-    split = lambda w: tuple(p[0] for p in jnp.split(w, w.shape[0]))  # once; the transpose concatenates
-    return _expert_mlp(x, split(w1), split(w3), split(w2), group_sizes, blocks)
+    return _expert_mlp(x, _split_experts(w1), _split_experts(w3), _split_experts(w2), group_sizes, blocks)

@@ -148,8 +148,9 @@ def dense_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "M X"]
 
 def ragged_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "M X"], top_idx: Int[Array, "M X"], *,
                    platform: str) -> Float[Array, "M D"]:
-    """Dropless grouped matmul: sort the A = M*X assignments by expert, one grouped matmul per projection
-    (``ragged_dot`` on accelerators, block-sparse on CPU: see ``grouped_matmul``; ``platform`` is the target's)."""
+    """Dropless grouped matmul: sort the A = M*X assignments by expert and run the SwiGLU experts on them
+    (``grouped_matmul.expert_mlp``: ``ragged_dot`` on accelerators, looped blocks on CPU; ``platform`` is the
+    target's)."""
     a = sort_assignments(top_idx, w1.shape[0])
     y = expert_mlp(dispatch(x, a.order, a.inverse), w1, w3, w2, a.group_sizes, platform=platform)  # [A, D]
     return combine(y, a, top_w)  # [M, D]

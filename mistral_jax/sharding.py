@@ -83,16 +83,22 @@ class ShardingRules:
                              "Fix: add it to the rules table in mistral_jax/sharding.py.")
         return self.rules[logical]
 
-    def spec(self, logical_axes: Sequence[str | None], mesh: Mesh | None = None) -> PartitionSpec:
+    def spec(self, logical_axes: Sequence[str | None], mesh: Mesh | None = None, *,
+             yield_to: Sequence[str] = ()) -> PartitionSpec:
         """PartitionSpec for an array whose dimensions carry ``logical_axes``.
 
         Mesh axes of size 1 (or absent from ``mesh``) are dropped. Raises if a mesh axis is used twice.
+        ``yield_to``: logical axes whose mesh axes every other dimension gives up (e.g. ``("batch", None,
+        "embed")`` with ``yield_to=("embed",)`` shards the batch only over the batch axes that ``embed`` does
+        not use; with no dimension named ``embed``, the batch still leaves those axes free).
         """
+        reserved = {a for logical in yield_to for a in self._axes(logical)}
         used: dict[str, str] = {}
         out = []
         for logical in logical_axes:
-            axes = self.mesh_axes(logical)
-            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            axes = self._axes(logical)
+            if logical not in yield_to:
+                axes = tuple(a for a in axes if a not in reserved)
             if mesh is not None:
                 axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
             for a in axes:
@@ -102,6 +108,10 @@ class ShardingRules:
                 used[a] = logical
             out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
         return PartitionSpec(*out)
+
+    def _axes(self, logical: str | None) -> tuple[str, ...]:
+        axes = self.mesh_axes(logical)
+        return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
 DEFAULT_RULES = ShardingRules(_BASE)
@@ -238,13 +248,16 @@ def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules: Shardi
     return NamedSharding(mesh, rules.spec(logical_axes, mesh))
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    """``with_sharding_constraint`` by logical axes when a mesh is active (``use_mesh``); else identity."""
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], *, yield_to: Sequence[str] = ()) -> jax.Array:
+    """``with_sharding_constraint`` by logical axes when a mesh is active (``use_mesh``); else identity.
+
+    ``yield_to``: see ``ShardingRules.spec``.
+    """
     ctx = current()
     if ctx is None:
         return x
     mesh, rules = ctx
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, rules.spec(logical_axes, mesh)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, rules.spec(logical_axes, mesh, yield_to=yield_to)))
 
 
 def _is_var(x) -> bool:

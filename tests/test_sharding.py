@@ -218,6 +218,18 @@ def test_rules_raise_when_a_mesh_axis_is_used_twice():
         rules.spec(("embedd",), mesh)
 
 
+def test_yield_to_gives_other_dimensions_only_the_free_mesh_axes():
+    mesh = sh.make_mesh(data=2, fsdp=2, expert=2)
+    rules = sh.DEFAULT_RULES  # batch: data x fsdp x expert, embed: fsdp x expert
+    assert rules.spec(("batch", None, "embed"), mesh, yield_to=("embed",)) == P("data", None, ("fsdp", "expert"))
+    assert rules.spec(("batch", None), mesh, yield_to=("embed",)) == P("data", None)  # reserved even if absent
+    assert rules.spec(("batch", None), mesh) == P(("data", "fsdp", "expert"), None)
+    one_slice = sh.make_mesh(fsdp=4, expert=2)  # no free batch axis: the batch is replicated
+    assert rules.spec(("batch", None, "embed"), one_slice, yield_to=("embed",)) == P(None, None, ("fsdp", "expert"))
+    with pytest.raises(ValueError, match="shards both"):  # without it, the same spec is a conflict
+        rules.spec(("batch", None, "embed"), mesh)
+
+
 def test_size_one_axes_are_dropped_and_presets_differ():
     mesh = sh.make_mesh(fsdp=8)
     assert sh.rules_preset("fsdp_tp_ep").spec(("experts", "expert_embed", "mlp"), mesh) == P(None, "fsdp", None)

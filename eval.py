@@ -46,6 +46,7 @@ def _main(argv: list[str]) -> int:
     from mistral_jax.evals import args
 
     cli.quiet_libraries()
+    cli.keep_host_memory(PROG)
     names = args.check_flags(FLAGS, argv[1:])  # flag values first, then paths, then task names: before any load
     args.check_paths(FLAGS)
     from lm_eval.tasks import TaskManager

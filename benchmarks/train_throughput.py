@@ -6,7 +6,12 @@ Both sides: float32, AdamW (lr 1e-4, wd 0.1), global-norm clipping 1.0, the same
 process). MFU counts model FLOPs (``training.metrics.flops_per_token``, attention included) against the
 measured float32 matmul peak of this CPU (or the datasheet peak on an accelerator).
 
-    python benchmarks/train_throughput.py [--batch 2 --seq 256 --steps 3 --warmup 2]
+Each side runs in its own process, so the host allocator settings do not leak between them: ``--host_malloc
+shipped`` (the default) runs the JAX side as the command-line tools run it (``host_memory.keep_freed_memory()``,
+which keeps freed host memory instead of page-faulting it back every step) and PyTorch as it comes; ``same``
+applies that setting to both sides, ``neither`` to none.
+
+    python benchmarks/train_throughput.py [--batch 2 --seq 256 --steps 3 --warmup 2] [--host_malloc shipped]
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax import sharding
+from mistral_jax import host_memory, sharding
 from mistral_jax.config import ModelConfig
 from mistral_jax.model.transformer import count_active_params, count_params
 from mistral_jax.training import step as step_lib
@@ -106,6 +113,32 @@ def torch_step_times(cfg: ModelConfig, batch: dict, steps: int, warmup: int) -> 
     return times, loss
 
 
+MALLOC = {"shipped": {"jax": "keep", "torch": "default"}, "same": {"jax": "keep", "torch": "keep"},
+          "neither": {"jax": "default", "torch": "default"}}
+
+
+def side(which: str, model: str, args) -> None:
+    """One side of one model in this process: prints ``{"times": [...], "loss": ...}``."""
+    host_memory.keep_freed_memory()  # a no-op under MISTRAL_JAX_HOST_MALLOC=default (set by the parent)
+    cfg = ModelConfig(**{**SHAPES[model], **({"sliding_window": args.window} if args.window else {})})
+    batch = batch_arrays(args.batch, args.seq, cfg.vocab_size)
+    times, loss = (jax_step_times if which == "jax" else torch_step_times)(cfg, batch, args.steps, args.warmup)
+    print(json.dumps({"times": times, "loss": loss}))
+
+
+def run_side(which: str, model: str, args) -> tuple[list[float], float]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--side", which, "--models", model, "--batch", str(args.batch),
+           "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--window", str(args.window)]
+    env = {**os.environ, host_memory.ENV: MALLOC[args.host_malloc][which]}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"{which} side of {model} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    r = json.loads(lines[-1])
+    return r["times"], r["loss"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=2)
@@ -114,20 +147,24 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--models", default="mistral,mixtral")
     ap.add_argument("--window", type=int, default=0, help="sliding window of both shapes (0: the shape's own)")
+    ap.add_argument("--host_malloc", choices=list(MALLOC), default="shipped",
+                    help="host allocator settings of each side (see the module docstring)")
+    ap.add_argument("--side", choices=["jax", "torch"], help=argparse.SUPPRESS)  # internal: one side, one model
     args = ap.parse_args()
+    if args.side:
+        return side(args.side, args.models, args)
     peak, how = peak_flops()
     out: dict = {"benchmark": "train_throughput", "device": jax.devices()[0].device_kind,
                  "n_devices": jax.device_count(),
                  "batch": args.batch, "seq": args.seq, "window": args.window or None, "steps": args.steps,
-                 "warmup": args.warmup,
+                 "warmup": args.warmup, "host_malloc": MALLOC[args.host_malloc],
                  "peak_flops": peak, "peak_source": how}
     for name in args.models.split(","):
         cfg = ModelConfig(**{**SHAPES[name], **({"sliding_window": args.window} if args.window else {})})
-        batch = batch_arrays(args.batch, args.seq, cfg.vocab_size)
         tokens = args.batch * args.seq
         fpt = flops_per_token(cfg, args.seq)
-        jt, jloss = jax_step_times(cfg, batch, args.steps, args.warmup)
-        tt, tloss = torch_step_times(cfg, batch, args.steps, args.warmup)
+        jt, jloss = run_side("jax", name, args)
+        tt, tloss = run_side("torch", name, args)
         j_tps, t_tps = tokens / statistics.median(jt), tokens / statistics.median(tt)
         out[name] = {"params": count_params(cfg), "active_params": count_active_params(cfg), "flops_per_token": fpt,
                      "jax_tokens_per_s": round(j_tps, 1), "torch_tokens_per_s": round(t_tps, 1),

@@ -64,6 +64,19 @@ def quiet_libraries() -> None:
     skip_absent_tpu()  # libtpu installed on a host without TPUs: no libtpu start-up chatter
 
 
+def keep_host_memory(prog: str) -> None:
+    """``host_memory.keep_freed_memory()`` before JAX starts (a bad ``MISTRAL_JAX_HOST_MALLOC`` is a one-line error,
+    exit status 2): the tools that run XLA programs every step call it first thing."""
+    from mistral_jax import host_memory
+
+    try:
+        host_memory.keep_freed_memory()
+    except ValueError as e:
+        if debug_enabled():
+            raise
+        fail(prog, str(e))
+
+
 def fail(prog: str, message: str, code: int = 2) -> None:
     """Print ``prog: message`` on stderr and exit with ``code`` (no traceback)."""
     print(f"{prog}: {message}", file=sys.stderr)

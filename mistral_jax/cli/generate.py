@@ -29,6 +29,7 @@ from mistral_jax.cli import (
     add_checkpoint_flags,
     check_checkpoint_flags,
     check_checkpoint_paths,
+    keep_host_memory,
     load_checkpoint,
     number,
     quiet_libraries,
@@ -144,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     and the model are loaded; a bad value stops the run with a ``UsageError`` before anything loads.
     """
     quiet_libraries()
+    keep_host_memory(PROG)
     args = parse_args(argv)
     tokenizer_file = check_checkpoint_paths(args)
     from mistral_jax import distributed

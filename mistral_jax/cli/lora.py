@@ -66,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     error reading or writing a checkpoint, 2 a bad argument: one line naming the flag, the value and the fix)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cli.quiet_libraries()
+    cli.keep_host_memory(PROG)
 
     def body() -> None:
         args = _parser().parse_args(argv)

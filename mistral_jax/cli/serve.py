@@ -22,6 +22,7 @@ from mistral_jax.cli import (
     add_checkpoint_flags,
     check_checkpoint_flags,
     check_checkpoint_paths,
+    keep_host_memory,
     load_checkpoint,
     number,
     quiet_libraries,
@@ -89,6 +90,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI entry point (also the ``mistral-jax-serve`` script): checks, loads, then serves until interrupted."""
     quiet_libraries()
+    keep_host_memory(PROG)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     tokenizer_file = check_checkpoint_paths(args)

@@ -127,6 +127,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def entry() -> None:
     """The command line (``python train.py`` / ``mistral-jax-train``): checks before anything loads, then absl."""
     cli.quiet_libraries()
+    cli.keep_host_memory(PROG)
     cli.run(lambda: check_args(sys.argv[1:]), PROG, expected=(ValueError,))
     from absl import app, flags
     from ml_collections import config_flags

@@ -10,9 +10,11 @@ arena (``M_ARENA_MAX=1``), no ``mmap`` for large blocks (``M_MMAP_MAX=0``; glibc
 grow), and the heap top is trimmed only past 2 GiB free (``M_TRIM_THRESHOLD``). Once the heap has grown to
 the step's peak (a few steps), each step reuses the pages of the one before. The cost: the process keeps up to
 2 GiB of freed memory at its heap top, and any free space below live blocks, instead of returning it to the
-system; a training or serving process reaches that peak again every step anyway. The command-line tools call it first thing, before JAX starts its CPU client (threads
-that already have an arena keep it). ``MISTRAL_JAX_HOST_MALLOC=default`` leaves glibc's settings alone; other C
-libraries (musl, macOS) are left alone too.
+system; a training or serving process reaches that peak again every step anyway.
+
+The command-line tools call it first thing, before JAX starts its CPU client (threads that already have an arena
+keep it). ``MISTRAL_JAX_HOST_MALLOC=default`` leaves glibc's settings alone; other C libraries (musl, macOS) are
+left alone too.
 """
 
 from __future__ import annotations

@@ -117,10 +117,15 @@ MALLOC = {"shipped": {"jax": "keep", "torch": "default"}, "same": {"jax": "keep"
           "neither": {"jax": "default", "torch": "default"}}
 
 
+def shape_config(model: str, window: int) -> ModelConfig:
+    """The benchmark shape ``model``, with sliding window ``window`` (0: the shape's own)."""
+    return ModelConfig(**{**SHAPES[model], **({"sliding_window": window} if window else {})})
+
+
 def side(which: str, model: str, args) -> None:
     """One side of one model in this process: prints ``{"times": [...], "loss": ...}``."""
     host_memory.keep_freed_memory()  # a no-op under MISTRAL_JAX_HOST_MALLOC=default (set by the parent)
-    cfg = ModelConfig(**{**SHAPES[model], **({"sliding_window": args.window} if args.window else {})})
+    cfg = shape_config(model, args.window)
     batch = batch_arrays(args.batch, args.seq, cfg.vocab_size)
     times, loss = (jax_step_times if which == "jax" else torch_step_times)(cfg, batch, args.steps, args.warmup)
     print(json.dumps({"times": times, "loss": loss}))
@@ -160,7 +165,7 @@ def main() -> None:
                  "warmup": args.warmup, "host_malloc": MALLOC[args.host_malloc],
                  "peak_flops": peak, "peak_source": how}
     for name in args.models.split(","):
-        cfg = ModelConfig(**{**SHAPES[name], **({"sliding_window": args.window} if args.window else {})})
+        cfg = shape_config(name, args.window)
         tokens = args.batch * args.seq
         fpt = flops_per_token(cfg, args.seq)
         jt, jloss = run_side("jax", name, args)

@@ -69,12 +69,7 @@ def keep_host_memory(prog: str) -> None:
     exit status 2): the tools that run XLA programs every step call it first thing."""
     from mistral_jax import host_memory
 
-    try:
-        host_memory.keep_freed_memory()
-    except ValueError as e:
-        if debug_enabled():
-            raise
-        fail(prog, str(e))
+    run(host_memory.keep_freed_memory, prog, expected=(ValueError,))
 
 
 def fail(prog: str, message: str, code: int = 2) -> None:

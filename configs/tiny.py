@@ -1,6 +1,6 @@
 """CPU demo: the tiny Mistral (2 layers, dim 64, window 16) on the bundled CPython-docs corpus, ~1-2 min on 2 cores.
 
-    python train.py --config configs/tiny.py --workdir runs/tiny
+    python train.py --config configs/tiny.py --workdir runs/demo   # the training step of `make demo`
 """
 
 from configs import base

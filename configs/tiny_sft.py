@@ -1,9 +1,9 @@
 """CPU demo of instruction fine-tuning: the tiny Mistral pretrained by ``configs/tiny.py``, tuned on the bundled
 tiny instruction set (150 self-written conversations: single / multi-turn, some with a system prompt).
 
-    python train.py --config configs/tiny.py --workdir runs/tiny                  # pretrain (1-2 min)
-    python train.py --config configs/tiny_sft.py --workdir runs/tiny_sft --config.init_from=runs/tiny
-    python train.py --config configs/tiny_sft.py --workdir runs/tiny_lora --config.init_from=runs/tiny \
+    make demo                                                                     # trains runs/demo
+    python train.py --config configs/tiny_sft.py --workdir runs/demo_sft --config.init_from=runs/demo
+    python train.py --config configs/tiny_sft.py --workdir runs/demo_lora --config.init_from=runs/demo \
         --config.lora.rank=8                                                      # LoRA instead of full tuning
 """
 
@@ -13,7 +13,7 @@ from configs import base
 def get_config():
     c = base.get_config()
     c.model.preset = "tiny"  # only used without init_from; the network comes from init_from's config
-    c.init_from = "runs/tiny"  # the pretrained tiny run (workdir of configs/tiny.py): weights + tokenizer.model
+    c.init_from = "runs/demo"  # the pretrained tiny run (`make demo`'s workdir, configs/tiny.py): weights + tokenizer
     c.num_steps = 150  # ~9 epochs of the 134 training conversations (~17 batches each)
     c.batch_size = 8  # packed rows per step
     c.data.format = "chat"  # messages lists -> Mistral template, loss on answers (+ </s>) only

@@ -16,8 +16,8 @@ A page holds a marker line and the hook replaces it with Markdown built from the
 from __future__ import annotations
 
 import ast
-import html
 import dataclasses
+import html
 import io
 import re
 import sys
@@ -197,7 +197,7 @@ def _presets() -> list[str]:
             try:
                 if isinstance(getattr(ModelConfig, fn.name)(), ModelConfig):
                     names.append(fn.name)
-            except Exception:  # noqa: BLE001 - a classmethod that needs arguments is not a preset
+            except Exception:  # a classmethod that needs arguments is not a preset
                 continue
     return names
 

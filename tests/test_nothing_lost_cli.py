@@ -296,6 +296,79 @@ def test_debug_shows_the_traceback(argv):
     assert "Traceback" in res.stderr and "UsageError" in res.stderr, res.stderr
 
 
+# -------------------------------------------------------------------------------------------- an unreachable hub
+def _closed_port() -> int:
+    """A 127.0.0.1 port nothing listens on (bound, then released: connecting to it is refused)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_hub_probe_tells_refused_from_answering(monkeypatch):
+    import http.server
+    import threading
+    import time
+
+    from mistral_jax.evals import run
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    t0 = time.perf_counter()
+    reason = run.hub_unreachable()
+    assert reason is not None and "refused" in reason.lower(), reason
+    assert time.perf_counter() - t0 < 2
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        assert run.hub_unreachable() is None  # an error status is an answer: the hub is reachable
+    finally:
+        server.shutdown()
+
+
+def test_unreachable_hub_switches_datasets_offline(monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    from mistral_jax.evals import run
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    monkeypatch.setattr(run, "_hub_unreachable_reason", None)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    assert "refused" in run.go_offline_if_hub_unreachable().lower()
+    assert os.environ["HF_HUB_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == "1"
+    assert huggingface_hub.constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE
+    assert run.go_offline_if_hub_unreachable() is None  # offline already: no second probe
+
+
+@pytest.mark.slow
+def test_eval_notices_an_unreachable_hub_at_once(fake_ckpt):
+    """Without offline mode set and with the hub refusing connections, eval.py fails as fast as with offline mode
+    set (lm-eval's task index takes ~10 s of both): no retry back-off (1+2+4+8+8 s), no retry warnings, one line."""
+    import time
+
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    argv = [sys.executable, "eval.py", "--checkpoint", fake_ckpt, "--tasks", "hellaswag"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_ENDPOINT": endpoint}
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", cli.DEBUG_ENV):
+        env.pop(name, None)
+    times = {}
+    for mode, extra in (("offline", {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}), ("probe", {})):
+        t0 = time.perf_counter()
+        res = subprocess.run(argv, cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=300)
+        times[mode] = time.perf_counter() - t0
+        assert res.returncode == 2, res.stderr
+        assert "retry" not in res.stderr.lower(), res.stderr
+        line = _one_line(res.stderr, "eval.py", "task 'hellaswag'", "Rowan/hellaswag", "pre-download")
+    assert f"HF hub {endpoint} is unreachable" in line and "Connection refused" in line, line
+    assert times["probe"] < times["offline"] + 5, times
+
+
 MC_YAML = """task: local_mc
 dataset_path: json
 dataset_kwargs:

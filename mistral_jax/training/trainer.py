@@ -511,10 +511,10 @@ def _loop(run: Run, workdir, tok, ckpt, restored, graphdef, abstract_state, shar
 
     result: dict[str, Any] = {"status": "done", "step": start, "signal": None, "last_metrics": {}, "eval": None,
                               "checkpoint": None}
-    from tqdm import tqdm
+    from mistral_jax.training.progress import StepBar
 
-    bar = tqdm(total=cfg.num_steps, initial=start, disable=not cfg.progress_bar or jax.process_index() != 0,
-               dynamic_ncols=True, desc="train")
+    bar = StepBar(total=cfg.num_steps, initial=start, disable=not cfg.progress_bar or jax.process_index() != 0,
+                  dynamic_ncols=True, desc="train")  # its clock starts after the first (compiling) step
     skipped, window_tokens, window_start = 0, 0.0, time.perf_counter()
     try:
         with _Preemption() as preempt, sharding.use_mesh(mesh, rules):

@@ -433,6 +433,81 @@ def test_normal_path_prints_no_library_chatter(tiny_export):
     assert "local_mc" in res.stdout and not _chatter(res.stderr), _chatter(res.stderr)
 
 
+# ------------------------------------------------------------------------------------------------------- train
+def _train(workdir: str, *overrides: str, wrap: list[str] = ()) -> subprocess.CompletedProcess:
+    """``python train.py --config configs/tiny.py --workdir WORKDIR OVERRIDES`` (``wrap``: a command in front)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop(cli.DEBUG_ENV, None)
+    return subprocess.run([*wrap, sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", workdir,
+                           *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _read_only_dir(path) -> list[str]:
+    """Make ``path`` (a new directory) read-only for the train.py run; returns the command to put in front of it.
+
+    Not root: the permission bits. Root ignores them: a read-only tmpfs mounted over ``path`` in a private mount
+    namespace of the child (``unshare -m``), seen by that command only."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        return []
+    wrap = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o ro,size=1m none "{path}" && exec "$@"', "sh"]
+    probe = subprocess.run([*wrap, "touch", str(path / "x")], capture_output=True, text=True)
+    assert probe.returncode != 0 and "Read-only" in probe.stderr, ("cannot make a read-only directory as root here "
+                                                                   f"(unshare/mount): {probe.stderr}")
+    return wrap
+
+
+def _one_line_naming(res: subprocess.CompletedProcess, *expected: str, only: bool = True) -> str:
+    """The error is one line ``train: ... Fix: ...`` (the last; with ``only``, the only line on stderr)."""
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert (len(lines) == 1 or not only) and "Traceback" not in res.stderr, res.stderr
+    lines = lines[-1:]
+    assert lines[0].startswith("train: ") and "Fix: " in lines[0], lines[0]
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_train_missing_tokenizer_is_one_line_before_the_workdir_is_made(tmp_path):
+    workdir = tmp_path / "run"
+    res = _train(str(workdir), "--config.data.tokenizer=/nope/tok.model")
+    _one_line_naming(res, "config.data.tokenizer='/nope/tok.model' does not exist")
+    assert not workdir.exists()  # no empty checkpoints/ (nor the workdir) left behind
+    workdir.mkdir()  # an existing workdir gets nothing new either
+    res = _train(str(workdir), f"--config.data.tokenizer={tmp_path}")
+    _one_line_naming(res, f"config.data.tokenizer={str(tmp_path)!r} is a directory without tokenizer.model")
+    assert os.listdir(workdir) == []
+
+
+@pytest.mark.slow
+def test_train_read_only_workdir_is_one_line(tmp_path):
+    ro = tmp_path / "ro"
+    wrap = _read_only_dir(ro)
+    for workdir in (ro / "run", ro):  # a new workdir inside a read-only directory, and a read-only workdir
+        res = _train(str(workdir), "--config.data.tokenizer=", wrap=wrap)
+        _one_line_naming(res, f"--workdir={workdir} cannot be written", "Fix: ")
+    assert os.listdir(ro) == []  # nothing left behind (as root: the directory under the mount, empty either way)
+
+
+@pytest.mark.slow
+def test_train_on_random_bytes_is_refused_leaving_no_checkpoints(tmp_path):
+    """A .txt of random bytes holds no UTF-8 text: refused in one line (not trained on with a warning), and the
+    checkpoint directory, made at the first save, is not left behind empty."""
+    import numpy as np
+
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(np.random.default_rng(0).bytes(50_000))
+    workdir = tmp_path / "run"
+    res = _train(str(workdir), f"--config.data.train={noise}", "--config.data.validation=", "--config.num_steps=2",
+                 "--config.optimizer.warmup_steps=0")  # before the fix: it trained
+    _one_line_naming(res, f"DataError: {noise}: ", "are not valid UTF-8", "re-encode the file as UTF-8",
+                     only=False)  # the run's INFO line (recipe, mesh) comes first
+    assert not (workdir / "checkpoints").exists(), os.listdir(workdir)
+
+
 # ---------------------------------------------------------------------------------------------- train_tokenizer
 def test_train_tokenizer_never_replaces_a_file_by_accident(tmp_path, capsys):
     """An existing --output is refused (byte-identical afterwards) unless --overwrite; bad values are one line."""

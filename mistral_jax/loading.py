@@ -232,7 +232,7 @@ def _load_lora_run(root: str, run: dict[str, Any], step: int | None, *, dtype: s
 
     from mistral_jax import lora as lora_lib
     from mistral_jax.model.transformer import params_dict
-    from mistral_jax.training.checkpoint import restore_params
+    from mistral_jax.training.checkpoint import restore_checkpoint_params
 
     cfg = native.read_config(root)  # the network the run trained (built for this host below)
     cfg = cfg.replace(platform=_for_this_host(config_overrides, mesh)["platform"])
@@ -261,7 +261,7 @@ def _load_lora_run(root: str, run: dict[str, Any], step: int | None, *, dtype: s
                             nnx.to_pure_dict(lora_lib.adapter_state(model)))
     try:
         with native.quiet_orbax():
-            adapters, _ = restore_params(os.path.join(root, native.CHECKPOINTS), abstract, step)
+            adapters, _ = restore_checkpoint_params(os.path.join(root, native.CHECKPOINTS), abstract, step)
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"{root!r} is a LoRA training workdir whose adapters could not be restored: {e}. Fix: point "
                          f"at a step that holds them (checkpoints/<step>), or export with `{export} --step N`.") from e

@@ -193,3 +193,21 @@ def test_train_py_resumes_on_a_different_mesh(reference_run, tokenizer_path, tmp
     assert resumed == list(range(9, STEPS + 1))  # continued from step 8 on the new mesh
     ref, got = _losses(reference_run), _losses(workdir)
     np.testing.assert_allclose([got[s] for s in resumed], [ref[s] for s in resumed], rtol=1e-5)
+
+
+def test_make_workdir_checks_before_it_creates(tmp_path):
+    """make_workdir: a missing tokenizer, or a workdir that cannot be made, is one ConfigError naming the path and
+    the fix, and leaves nothing behind (the in-process side of the train.py checks in test_nothing_lost_cli)."""
+    from mistral_jax.training.checkpoint import make_workdir
+    from mistral_jax.training.recipe import ConfigError
+
+    workdir = tmp_path / "a" / "b" / "run"
+    with pytest.raises(ConfigError, match=r"config.data.tokenizer='/nope/t.model' does not exist\. Fix: "):
+        make_workdir(str(workdir), tokenizer="/nope/t.model")
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"--workdir=.*/file/run cannot be written: Not a directory .* Fix: "):
+        make_workdir(str(tmp_path / "file" / "run"))
+    assert os.listdir(tmp_path) == ["file"]
+    make_workdir(str(workdir), tokenizer="")  # '' = train one: nothing to check
+    assert os.listdir(workdir) == []  # the write probe is gone

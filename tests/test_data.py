@@ -190,3 +190,21 @@ def test_changed_settings_warn_on_resume(tok, caplog):
     with caplog.at_level(logging.WARNING):
         P.PackedBatches(src, tok, 32, 2, seed=2).set_state(state)
     assert any("data settings changed" in r.getMessage() for r in caplog.records)
+
+
+def test_file_without_utf8_text_is_refused(tmp_path, caplog):
+    """Random bytes are ~45% undecodable: refused (naming the file, the share and the fix), not trained on with a
+    warning; text in Latin-1 (a few % bad bytes) still loads with the warning."""
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(np.random.default_rng(0).bytes(20_000))
+    for policy in P.DECODE_POLICIES:
+        with pytest.raises(P.DataError, match=r"noise.txt.*not valid UTF-8.*Fix: re-encode the file as UTF-8"):
+            P.open_source(str(noise), on_decode_error=policy)
+    with pytest.raises(P.DataError, match=r"noise.txt: \d+ of its 20000 bytes \(4\d%, in \d+ of \d+ lines\)"):
+        P.load_texts(str(noise))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("".join(f"le café numéro {i} est à côté de l'église\n" for i in range(50)).encode("latin-1"))
+    with caplog.at_level(logging.WARNING):
+        src = P.open_source(str(latin1))
+    assert len(src.texts) == 50 and "caf\ufffd" in src.texts[0]
+    assert any("50 line(s) are not valid UTF-8" in r.getMessage() for r in caplog.records)

@@ -296,6 +296,79 @@ def test_debug_shows_the_traceback(argv):
     assert "Traceback" in res.stderr and "UsageError" in res.stderr, res.stderr
 
 
+# -------------------------------------------------------------------------------------------- an unreachable hub
+def _closed_port() -> int:
+    """A 127.0.0.1 port nothing listens on (bound, then released: connecting to it is refused)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_hub_probe_tells_refused_from_answering(monkeypatch):
+    import http.server
+    import threading
+    import time
+
+    from mistral_jax.evals import run
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    t0 = time.perf_counter()
+    reason = run.hub_unreachable()
+    assert reason is not None and "refused" in reason.lower(), reason
+    assert time.perf_counter() - t0 < 2
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        assert run.hub_unreachable() is None  # an error status is an answer: the hub is reachable
+    finally:
+        server.shutdown()
+
+
+def test_unreachable_hub_switches_datasets_offline(monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    from mistral_jax.evals import run
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    monkeypatch.setattr(run, "_hub_unreachable_reason", None)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    assert "refused" in run.go_offline_if_hub_unreachable().lower()
+    assert os.environ["HF_HUB_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == "1"
+    assert huggingface_hub.constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE
+    assert run.go_offline_if_hub_unreachable() is None  # offline already: no second probe
+
+
+@pytest.mark.slow
+def test_eval_notices_an_unreachable_hub_at_once(fake_ckpt):
+    """Without offline mode set and with the hub refusing connections, eval.py fails as fast as with offline mode
+    set (lm-eval's task index takes ~10 s of both): no retry back-off (1+2+4+8+8 s), no retry warnings, one line."""
+    import time
+
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    argv = [sys.executable, "eval.py", "--checkpoint", fake_ckpt, "--tasks", "hellaswag"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_ENDPOINT": endpoint}
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", cli.DEBUG_ENV):
+        env.pop(name, None)
+    times = {}
+    for mode, extra in (("offline", {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}), ("probe", {})):
+        t0 = time.perf_counter()
+        res = subprocess.run(argv, cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=300)
+        times[mode] = time.perf_counter() - t0
+        assert res.returncode == 2, res.stderr
+        assert "retry" not in res.stderr.lower(), res.stderr
+        line = _one_line(res.stderr, "eval.py", "task 'hellaswag'", "Rowan/hellaswag", "pre-download")
+    assert f"HF hub {endpoint} is unreachable" in line and "Connection refused" in line, line
+    assert times["probe"] < times["offline"] + 5, times
+
+
 MC_YAML = """task: local_mc
 dataset_path: json
 dataset_kwargs:
@@ -358,6 +431,81 @@ def test_normal_path_prints_no_library_chatter(tiny_export):
                           "--include_path", str(tiny_export / "tasks"), "--limit", "2", "--batch_size", "2"])
     assert res.returncode == 0, res.stderr
     assert "local_mc" in res.stdout and not _chatter(res.stderr), _chatter(res.stderr)
+
+
+# ------------------------------------------------------------------------------------------------------- train
+def _train(workdir: str, *overrides: str, wrap: list[str] = ()) -> subprocess.CompletedProcess:
+    """``python train.py --config configs/tiny.py --workdir WORKDIR OVERRIDES`` (``wrap``: a command in front)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop(cli.DEBUG_ENV, None)
+    return subprocess.run([*wrap, sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", workdir,
+                           *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _read_only_dir(path) -> list[str]:
+    """Make ``path`` (a new directory) read-only for the train.py run; returns the command to put in front of it.
+
+    Not root: the permission bits. Root ignores them: a read-only tmpfs mounted over ``path`` in a private mount
+    namespace of the child (``unshare -m``), seen by that command only."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        return []
+    wrap = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o ro,size=1m none "{path}" && exec "$@"', "sh"]
+    probe = subprocess.run([*wrap, "touch", str(path / "x")], capture_output=True, text=True)
+    assert probe.returncode != 0 and "Read-only" in probe.stderr, ("cannot make a read-only directory as root here "
+                                                                   f"(unshare/mount): {probe.stderr}")
+    return wrap
+
+
+def _one_line_naming(res: subprocess.CompletedProcess, *expected: str, only: bool = True) -> str:
+    """The error is one line ``train: ... Fix: ...`` (the last; with ``only``, the only line on stderr)."""
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert (len(lines) == 1 or not only) and "Traceback" not in res.stderr, res.stderr
+    lines = lines[-1:]
+    assert lines[0].startswith("train: ") and "Fix: " in lines[0], lines[0]
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_train_missing_tokenizer_is_one_line_before_the_workdir_is_made(tmp_path):
+    workdir = tmp_path / "run"
+    res = _train(str(workdir), "--config.data.tokenizer=/nope/tok.model")
+    _one_line_naming(res, "config.data.tokenizer='/nope/tok.model' does not exist")
+    assert not workdir.exists()  # no empty checkpoints/ (nor the workdir) left behind
+    workdir.mkdir()  # an existing workdir gets nothing new either
+    res = _train(str(workdir), f"--config.data.tokenizer={tmp_path}")
+    _one_line_naming(res, f"config.data.tokenizer={str(tmp_path)!r} is a directory without tokenizer.model")
+    assert os.listdir(workdir) == []
+
+
+@pytest.mark.slow
+def test_train_read_only_workdir_is_one_line(tmp_path):
+    ro = tmp_path / "ro"
+    wrap = _read_only_dir(ro)
+    for workdir in (ro / "run", ro):  # a new workdir inside a read-only directory, and a read-only workdir
+        res = _train(str(workdir), "--config.data.tokenizer=", wrap=wrap)
+        _one_line_naming(res, f"--workdir={workdir} cannot be written", "Fix: ")
+    assert os.listdir(ro) == []  # nothing left behind (as root: the directory under the mount, empty either way)
+
+
+@pytest.mark.slow
+def test_train_on_random_bytes_is_refused_leaving_no_checkpoints(tmp_path):
+    """A .txt of random bytes holds no UTF-8 text: refused in one line (not trained on with a warning), and the
+    checkpoint directory, made at the first save, is not left behind empty."""
+    import numpy as np
+
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(np.random.default_rng(0).bytes(50_000))
+    workdir = tmp_path / "run"
+    res = _train(str(workdir), f"--config.data.train={noise}", "--config.data.validation=", "--config.num_steps=2",
+                 "--config.optimizer.warmup_steps=0")  # before the fix: it trained
+    _one_line_naming(res, f"DataError: {noise}: ", "are not valid UTF-8", "re-encode the file as UTF-8",
+                     only=False)  # the run's INFO line (recipe, mesh) comes first
+    assert not (workdir / "checkpoints").exists(), os.listdir(workdir)
 
 
 # ---------------------------------------------------------------------------------------------- train_tokenizer

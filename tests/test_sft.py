@@ -244,7 +244,7 @@ def test_full_sft_from_checkpoint_answer_loss_falls(pretrained, tmp_path):
 def test_lora_sft_trains_only_adapters_and_merges(pretrained, tmp_path):
     from mistral_jax.loading import load_pretrained
     from mistral_jax.training import trainer
-    from mistral_jax.training.checkpoint import restore_params
+    from mistral_jax.training.checkpoint import restore_checkpoint_params
 
     hf_dir, _ = pretrained
     cfg = _sft_config(hf_dir, num_steps=20, **{"lora.rank": 4, "lora.alpha": 8.0, "lora.targets": "wq,wv,w2",
@@ -264,7 +264,7 @@ def test_lora_sft_trains_only_adapters_and_merges(pretrained, tmp_path):
     like = lora.apply_lora(nnx.clone(base), 4, 8.0, "wq,wv,w2")
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             nnx.to_pure_dict(lora.adapter_state(like)))
-    adapters, step = restore_params(str(tmp_path / "checkpoints"), abstract)
+    adapters, step = restore_checkpoint_params(str(tmp_path / "checkpoints"), abstract)
     assert step == 20 and sorted(adapters["layers"]["attention"]) == ["wq", "wv"]
     assert float(np.abs(adapters["layers"]["attention"]["wq"]["b"]).max()) > 0  # B moved off zero
 

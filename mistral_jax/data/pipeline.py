@@ -9,7 +9,9 @@ Sources (``open_source``):
 
 Bad input: a missing path or an empty dataset raises ``DataError``; malformed JSON names the file and
 line. Non-UTF-8 bytes follow ``on_decode_error``: ``"replace"`` (default) decodes them as U+FFFD and warns
-once per file with the number of bad lines and the first one; ``"error"`` raises naming file and line.
+once per file with the number of bad lines and the first one; ``"error"`` raises naming file and line. A file
+whose bytes are more than a quarter undecodable (``MAX_UNDECODABLE_FRACTION``: random or binary data, another
+encoding) holds no UTF-8 text and raises ``DataError`` under either policy.
 
 Packing: each document becomes ``[<s>] + ids + [</s>]`` (``add_bos`` / ``add_eos``); its (input, target)
 pairs are laid greedily into rows of ``seq_len``. A document longer than the space left continues in the
@@ -47,6 +49,9 @@ log = logging.getLogger(__name__)
 
 EXTENSIONS = (".jsonl", ".json", ".txt", ".parquet")
 DECODE_POLICIES = ("replace", "error")
+# A file with more undecodable bytes than this (random bytes: ~45%) holds no UTF-8 text: refused even under
+# "replace". Text in a Latin-1 code page stays well below it (accented letters are a few % of the bytes).
+MAX_UNDECODABLE_FRACTION = 0.25
 
 
 class DataError(ValueError):
@@ -77,9 +82,10 @@ def _expand(spec: str) -> list[str] | None:
 
 
 def _decode_lines(path: str, on_decode_error: str) -> Iterator[tuple[int, str]]:
-    bad, first = 0, None
+    bad, first, bad_bytes, total = 0, None, 0, 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            total += len(raw)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -88,8 +94,16 @@ def _decode_lines(path: str, on_decode_error: str) -> Iterator[tuple[int, str]]:
                                     "set config.data.on_decode_error='replace' to decode bad bytes as U+FFFD.") from e
                 bad += 1
                 first = first or lineno
+                escaped = raw.decode("utf-8", errors="surrogateescape")  # one lone surrogate per undecodable byte
+                bad_bytes += sum(1 for ch in escaped if "\udc80" <= ch <= "\udcff")
                 line = raw.decode("utf-8", errors="replace")
             yield lineno, line
+    if bad_bytes > MAX_UNDECODABLE_FRACTION * total:
+        raise DataError(f"{path}: {bad_bytes} of its {total} bytes ({bad_bytes / total:.0%}, in {bad} of {lineno} "
+                        f"lines) are not valid UTF-8: it holds no UTF-8 text (random or binary data, or text in "
+                        f"another encoding), and more than {MAX_UNDECODABLE_FRACTION:.0%} undecodable bytes are "
+                        "refused even with config.data.on_decode_error='replace'. Fix: re-encode the file as UTF-8 "
+                        "(e.g. `iconv -f LATIN1 -t UTF-8`), or remove it from config.data.train.")
     if bad:
         log.warning("%s: %d line(s) are not valid UTF-8 (first: line %d); their bad bytes were replaced by U+FFFD "
                     "(config.data.on_decode_error='replace').", path, bad, first)

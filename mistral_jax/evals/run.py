@@ -26,6 +26,69 @@ class DatasetUnavailableError(TaskLoadError):
     """A task's dataset could not be fetched (offline, or not in the local datasets cache)."""
 
 
+HUB_PROBE_TIMEOUT_S = 3.0  # one HEAD request; an unreachable hub otherwise costs ~25 s of retries per dataset
+_hub_unreachable_reason: str | None = None  # set when go_offline_if_hub_unreachable switched this process offline
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set to a true value (as huggingface_hub and datasets read them)."""
+    return any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE")
+               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_endpoint() -> str:
+    """The HF hub the datasets come from (``HF_ENDPOINT``, default https://huggingface.co)."""
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the HF hub cannot be reached (one HEAD request, proxies honoured), or None when it answers.
+
+    Any HTTP answer, an error status included, counts as reachable: only a failed connection (no DNS, refused,
+    timed out) is "unreachable".
+    """
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(hub_endpoint(), method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except (OSError, ValueError) as e:  # URLError, socket.timeout, ConnectionRefusedError; ValueError: a bad URL
+        return f"{type(getattr(e, 'reason', e)).__name__}: {getattr(e, 'reason', e)}"
+    return None
+
+
+def go_offline_if_hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Switch ``datasets`` and ``huggingface_hub`` to offline mode when the hub does not answer one quick probe.
+
+    Without this, every dataset of an unreachable hub is retried with back-off (1+2+4+8+8 s, each warning
+    printed twice) before it fails; offline, a cached dataset loads at once and a missing one fails at once.
+    Sets ``HF_HUB_OFFLINE=1`` and ``HF_DATASETS_OFFLINE=1`` for this process (and the module constants the two
+    libraries read them into at import, if they are imported already). Does nothing when offline mode is set.
+
+    Returns:
+      Why the hub is unreachable (e.g. ``"ConnectionRefusedError: [Errno 111] Connection refused"``), or None
+      when it answered or offline mode was already set.
+    """
+    if _offline():
+        return None
+    reason = hub_unreachable(timeout)
+    if reason is None:
+        return None
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    import sys
+
+    if "huggingface_hub.constants" in sys.modules:
+        sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
+    if "datasets.config" in sys.modules:
+        sys.modules["datasets.config"].HF_HUB_OFFLINE = sys.modules["datasets.config"].HF_DATASETS_OFFLINE = True
+    global _hub_unreachable_reason
+    _hub_unreachable_reason = reason
+    log.info("the HF hub %s is unreachable (%s): datasets load from the local cache only", hub_endpoint(), reason)
+    return reason
+
+
 def _dataset_hint(task_manager: Any, spec: Any) -> str:
     """``dataset_path[/dataset_name]`` of a task spec, read from its YAML, or '' if unknown."""
     try:
@@ -85,6 +148,7 @@ def load_tasks(task_manager: Any, specs: Sequence[str | Mapping[str, Any]]) -> l
         missing a Python package), with how to pre-download them.
       TaskLoadError: tasks whose code needs a Python package that is not installed (lm-eval's extras).
     """
+    go_offline_if_hub_unreachable()  # before any download: an unreachable hub fails at once, not after retries
     import datasets
 
     built, missing, packages = [], [], []
@@ -111,20 +175,23 @@ def load_tasks(task_manager: Any, specs: Sequence[str | Mapping[str, Any]]) -> l
             built.extend(loaded["tasks"].values())
     fix_packages = ("Fix: install the package(s) named above (lm-eval's extras: `pip install \"lm-eval[math]\"`, "
                     "`pip install evaluate` for code tasks), or drop these tasks.")
-    if missing:
+    if missing:  # one line (the command-line tools print it as their one-line error)
         names = [n for fetch, _ in missing for n in fetch]
+        why = (f"The HF hub {hub_endpoint()} is unreachable ({_hub_unreachable_reason}), so the run went offline,"
+               if _hub_unreachable_reason else
+               "The run is offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE set, or no network)")
         raise DatasetUnavailableError(
-            "\n  ".join([f"{len(missing)} task(s) cannot load their datasets (or metric modules):"]
-                        + [m for _, m in missing] + packages) +
-            "\nThe run is offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE set, or no network) and these datasets are "
-            "not in the local cache. Fix: pre-download them once on a machine with network access, with the same "
-            "datasets cache (HF_HOME / HF_DATASETS_CACHE) as this run: `HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0 "
+            f"{len(missing)} task(s) cannot load their datasets (or metric modules): "
+            + "; ".join([m for _, m in missing] + packages) +
+            f". {why} and these datasets are not in the local cache. Fix: pre-download them once on a machine with "
+            "network access, with the same datasets cache (HF_HOME / HF_DATASETS_CACHE) as this run: "
+            "`HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0 "
             f"python -c \"from lm_eval.tasks import TaskManager; TaskManager().load({names!r})\"`, then copy the "
             "cache here; or evaluate on local files with a task YAML (`dataset_path: json`, "
             "`dataset_kwargs: {data_files: {test: FILE}}`) passed through --include_path." +
-            (f"\n{fix_packages}" if packages else ""))
+            (f" {fix_packages}" if packages else ""))
     if packages:
-        raise TaskLoadError("\n  ".join(["tasks cannot be built:"] + packages) + "\n" + fix_packages)
+        raise TaskLoadError("tasks cannot be built: " + "; ".join(packages) + ". " + fix_packages)
     return built
 
 

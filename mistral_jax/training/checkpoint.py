@@ -8,14 +8,16 @@
 Saves are asynchronous (training continues while the files are written), every ``every_steps`` steps, keeping
 the newest ``keep``. A save that fails (disk full, permission denied, any I/O error) raises
 ``CheckpointSaveError`` at the next ``check()`` / ``save()`` naming the error, the step and the newest intact
-checkpoint; checkpoints already on disk are left alone.
+checkpoint; checkpoints already on disk are left alone. The ``checkpoints`` directory is made by the first save,
+so a run that fails before it leaves none behind.
 
 Nothing destroys a run by accident (DESIGN 16): ``layout_differences`` compares what Orbax wrote (its array
 metadata: tree, shapes, dtypes) with the train state the current config builds. A step whose metadata differs is
 a *mismatch* (``CheckpointMismatch``: a different run, never moved); a step whose metadata or data cannot be read
 is *corrupt* and ``restore_latest`` moves it to ``{workdir}/corrupt_checkpoints/`` with a warning and falls back
-to the previous one. ``WorkdirLock`` gives a workdir one owner; ``archive_run`` moves a finished or abandoned run
-aside (``{workdir}/archive/<time>/``) instead of deleting it.
+to the previous one. The compatibility checks and the workdir's ownership (``CheckpointMismatch``,
+``compare_layouts``, ``WorkdirLock``, ``archive_run``, ``make_workdir``) live in ``training.checkpoint_compat``
+and are importable from here too.
 
 Several processes: every process calls ``save`` / ``restore_latest`` at the same steps (Orbax writes each
 process's shards and synchronises them); the processes agree on which step restores (a step that fails on any
@@ -25,44 +27,34 @@ process is quarantined by process 0 while the others wait), so they never resume
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import shutil
-import socket
 import sys
 import threading
 import time
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from mistral_jax import distributed
+from mistral_jax.training.checkpoint_compat import (  # noqa: F401 - re-exported: one import place for callers
+    ARCHIVE_DIR,
+    ARRAY_ITEMS,
+    LOCK_NAME,
+    CheckpointMismatch,
+    WorkdirBusy,
+    WorkdirLock,
+    archive_run,
+    compare_layouts,
+    looks_like_mismatch,
+    make_workdir,
+)
 
 log = logging.getLogger(__name__)
 
 ITEMS = ("params", "opt_state", "data_state", "meta")
-ARRAY_ITEMS = ("params", "opt_state")  # the items whose layout must match the train state
-LOCK_NAME = ".lock"
-ARCHIVE_DIR = "archive"
-# what Orbax says when a restore target's tree / shapes / dtypes differ from the saved ones (a mismatch, not damage)
-_MISMATCH_HINTS = ("tree structures do not match", "not compatible with the stored shape", "shape mismatch",
-                   "dtype mismatch", "does not match the stored")
-
-
-class CheckpointMismatch(ValueError):
-    """A checkpoint that reads fine but was written for a different train state (tree, shapes or dtypes).
-
-    ``differences``: human-readable lines, e.g. ``"params/embed: shape (512, 64) saved, (512, 128) now"``.
-    """
-
-    def __init__(self, directory: str, step: int, differences: list[str]):
-        self.directory, self.step, self.differences = directory, step, list(differences)
-        shown = "; ".join(differences[:6]) + (f"; ... ({len(differences) - 6} more)" if len(differences) > 6 else "")
-        super().__init__(f"checkpoint step {step} in {directory} does not match the train state of this config: "
-                         f"{shown}")
 
 
 class CheckpointSaveError(RuntimeError):
@@ -88,58 +80,6 @@ class CheckpointSaveError(RuntimeError):
             resume = f"then rerun the same command to resume from step {newest}"
         super().__init__(f"saving checkpoint step {step} failed: {err}{where}. Checkpoints already saved were not "
                          f"touched; {kept}. Fix: {fix}, {resume}.")
-
-
-class WorkdirBusy(RuntimeError):
-    """Another live process holds the workdir's lock."""
-
-
-# --------------------------------------------------------------------------------------------- layout
-def _key(k: Any) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def _leaves(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``{"a/b/0": (shape, dtype)}`` of the array leaves of ``tree`` (abstract values or Orbax metadata)."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
-        if shape is None and dtype is None:
-            shape, dtype = np.shape(leaf), np.asarray(leaf).dtype
-        out["/".join(_key(k) for k in path)] = (tuple(shape or ()), str(np.dtype(dtype)) if dtype is not None else "?")
-    return out
-
-
-def _fmt(shape_dtype: tuple[tuple[int, ...], str]) -> str:
-    return f"{shape_dtype[1]}{list(shape_dtype[0])}"
-
-
-def compare_layouts(saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """Differences between two ``{item: pytree}`` layouts (missing / extra arrays, shapes, dtypes)."""
-    out = []
-    for item in ARRAY_ITEMS:
-        if item not in expected:
-            continue
-        s, e = _leaves(saved.get(item)), _leaves(expected[item])
-        only_saved, only_now = sorted(set(s) - set(e)), sorted(set(e) - set(s))
-        if only_saved or only_now:
-            def few(keys):
-                return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
-            out.append(f"{item}: tree differs ({len(s)} arrays saved, {len(e)} now; only in the checkpoint: "
-                       f"[{few(only_saved)}]; only in this config: [{few(only_now)}])")
-        for k in sorted(set(s) & set(e)):
-            if s[k] != e[k]:
-                out.append(f"{item}/{k}: {_fmt(s[k])} saved, {_fmt(e[k])} now")
-    return out
-
-
-def looks_like_mismatch(err: BaseException) -> bool:
-    """Whether an Orbax restore error says the target's tree / shapes / dtypes differ (not unreadable data)."""
-    text = str(err).lower()
-    return any(h in text for h in _MISMATCH_HINTS)
 
 
 # --------------------------------------------------------------------------------------------- checkpointer
@@ -235,7 +175,7 @@ class Checkpointer:
 
     def _open(self) -> None:
         options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, save_interval_steps=self.every_steps,
-                                               enable_async_checkpointing=self.async_save, create=True)
+                                               enable_async_checkpointing=self.async_save, create=False)
         handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
                     "data_state": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -272,6 +212,7 @@ class Checkpointer:
         self._pending = int(step)
         self._errors.records.clear()  # what Orbax logs from here on belongs to this save
         try:
+            os.makedirs(self.directory, exist_ok=True)  # at the first save, so a run that fails before leaves none
             started = self.manager.save(step, args=args, force=True)
         except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way
             self._fail(step, e, step)
@@ -427,119 +368,11 @@ class Checkpointer:
                 logging.getLogger(name).removeFilter(self._errors)
 
 
-# --------------------------------------------------------------------------------------------- workdir
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    try:  # a zombie (exited, not yet reaped) is dead for our purpose
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
+def restore_checkpoint_params(checkpoint_dir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
+    """Only the ``params`` item of ``step`` (default: newest intact) of a training run's ``{workdir}/checkpoints``.
 
-class WorkdirLock:
-    """``{workdir}/.lock``: the workdir's single owner (process 0 of a run), created with ``O_EXCL``.
-
-    The file holds ``{"pid", "host", "started", "command"}``. A lock whose process is dead (same host) is stale:
-    reported and taken over. A live holder, or one on another host, raises ``WorkdirBusy``. ``release()`` removes
-    the file if it is still ours.
-    """
-
-    def __init__(self, workdir: str):
-        self.workdir = os.path.abspath(workdir)
-        self.path = os.path.join(self.workdir, LOCK_NAME)
-        self.held = False
-        self.info = {"pid": os.getpid(), "host": socket.gethostname(),
-                     "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:500]}
-
-    def _read(self) -> dict[str, Any] | None:
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
-
-    def acquire(self) -> WorkdirLock:
-        os.makedirs(self.workdir, exist_ok=True)
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._read()
-                if holder is None:  # being written right now, or garbage: give a writer a moment
-                    time.sleep(0.2)
-                    holder = self._read()
-                    if holder is None and time.time() - os.path.getmtime(self.path) < 10:
-                        continue
-                    holder = holder or {"pid": None, "host": "?", "started": "?", "command": "?"}
-                pid, host = holder.get("pid"), holder.get("host")
-                dead = host == self.info["host"] and isinstance(pid, int) and not _pid_alive(pid)
-                if holder.get("pid") is None or dead:
-                    log.warning("removing the stale lock %s of process %s on %s (started %s), which is no longer "
-                                "running; this run takes the workdir over.", self.path, pid, host,
-                                holder.get("started"))
-                    try:
-                        os.remove(self.path)
-                    except FileNotFoundError:
-                        pass
-                    continue
-                raise WorkdirBusy(
-                    f"workdir {self.workdir} is in use by process {pid} on host {host} (started "
-                    f"{holder.get('started')}: {holder.get('command')}); two runs cannot share a workdir. Fix: wait "
-                    f"for that run to end (or stop it), or pass another --workdir; if that process is gone for good "
-                    f"(e.g. its host died), delete {self.path}.") from None
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.info, f)
-            self.held = True
-            return self
-        raise WorkdirBusy(f"could not take the lock {self.path} (it keeps changing). Fix: make sure no other run "
-                          "uses this workdir, or pass another --workdir.")
-
-    def release(self) -> None:
-        if not self.held:
-            return
-        self.held = False
-        holder = self._read()
-        if holder is not None and holder.get("pid") == self.info["pid"] and holder.get("host") == self.info["host"]:
-            try:
-                os.remove(self.path)
-            except FileNotFoundError:
-                pass
-
-    def __enter__(self) -> WorkdirLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def archive_run(workdir: str, keep: tuple[str, ...] = (LOCK_NAME, ARCHIVE_DIR)) -> str | None:
-    """Move everything in ``workdir`` (but the lock and earlier archives) to ``{workdir}/archive/<time>/``.
-
-    Returns the archive directory, or None if there was nothing to move. Nothing is deleted.
-    """
-    names = sorted(n for n in os.listdir(workdir) if n not in keep) if os.path.isdir(workdir) else []
-    if not names:
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    dest = os.path.join(workdir, ARCHIVE_DIR, stamp)
-    n = 1
-    while os.path.exists(dest):
-        n += 1
-        dest = os.path.join(workdir, ARCHIVE_DIR, f"{stamp}-{n}")
-    os.makedirs(dest)
-    for name in names:
-        os.rename(os.path.join(workdir, name), os.path.join(dest, name))
-    return dest
-
-
-def restore_params(checkpoint_dir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
-    """Only the ``params`` item of ``step`` (default: newest intact) of ``{workdir}/checkpoints``.
+    (Not ``convert.native.restore_params``, which reads the ``params`` directory of a mistral_jax export.)
 
     Args:
       checkpoint_dir: ``{workdir}/checkpoints``.
@@ -563,3 +396,4 @@ def restore_params(checkpoint_dir: str, abstract_params: Any, step: int | None =
             errors.append(f"step {s}: {type(e).__name__}: {str(e)[:200]}")
             log.warning("checkpoint step %d of %s does not restore; trying an older one.", s, checkpoint_dir)
     raise ValueError(f"no checkpoint in {checkpoint_dir!r} restores:\n  " + "\n  ".join(errors))
+

@@ -67,6 +67,7 @@ from mistral_jax.training.checkpoint import (
     WorkdirBusy,
     WorkdirLock,
     archive_run,
+    make_workdir,
 )
 from mistral_jax.training.metrics import MetricsWriter, flops_per_token, peak_flops
 from mistral_jax.training.optimizer import make_optimizer
@@ -399,7 +400,7 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
     workdir = os.path.abspath(workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir={workdir} is a file, not a directory. Fix: pass a directory (new or a run's).")
-    os.makedirs(workdir, exist_ok=True)
+    make_workdir(workdir, tokenizer=cfg.data.tokenizer)  # a missing tokenizer or read-only workdir: nothing made
     lock, busy = None, None
     if jax.process_index() == 0:  # process 0 owns the workdir; the others wait for its verdict here
         try:
@@ -511,10 +512,10 @@ def _loop(run: Run, workdir, tok, ckpt, restored, graphdef, abstract_state, shar
 
     result: dict[str, Any] = {"status": "done", "step": start, "signal": None, "last_metrics": {}, "eval": None,
                               "checkpoint": None}
-    from tqdm import tqdm
+    from mistral_jax.training.progress import StepBar
 
-    bar = tqdm(total=cfg.num_steps, initial=start, disable=not cfg.progress_bar or jax.process_index() != 0,
-               dynamic_ncols=True, desc="train")
+    bar = StepBar(total=cfg.num_steps, initial=start, disable=not cfg.progress_bar or jax.process_index() != 0,
+                  dynamic_ncols=True, desc="train")  # its clock starts after the first (compiling) step
     skipped, window_tokens, window_start = 0, 0.0, time.perf_counter()
     try:
         with _Preemption() as preempt, sharding.use_mesh(mesh, rules):

@@ -29,6 +29,7 @@ import jax
 from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
 from mistral_jax.convert import common, hf, mistral, native
+from mistral_jax.model import backends
 from mistral_jax.model.transformer import Transformer, from_params
 
 Format = Literal["hf", "mistral", "jax"]
@@ -212,6 +213,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None, mesh: 
         else:
             cfg, params = common.build_params(source.cfg, source, dtype, mesh, rules)
         model = from_params(cfg, params)
+    if mesh is not None:  # the model's mesh-aware backends (splash's shard_map, expert parallelism) run on it
+        backends.bind(model, mesh, rules)
     tok = tokenizer_path(path, fmt)
     if tok:
         _TOKENIZER_OF[model] = tok

@@ -539,12 +539,12 @@ def test_grouped_matmul_input_gradient_compiles_for_v6e_at_mixtral_w2_shape():
     (``CompileTimeScopedVmemOom``); ``tpu_grouped_matmul`` takes it against an explicit transpose."""
     from jax.sharding import SingleDeviceSharding
 
-    from mistral_jax.model.grouped_matmul import grouped_matmul
+    from mistral_jax.model.kernels import tpu_grouped_matmul
 
     assert aot.libtpu_available(), "libtpu is missing. Fix: pip install -e '.[test]' (or '.[tpu]')"
     sh = SingleDeviceSharding(aot.topology_devices(aot.parse_topology("v6e-4"))[0])
     s = lambda shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
-    loss = lambda h, w, gs: jnp.sum(grouped_matmul(h, w, gs, platform="tpu").astype(jnp.float32) ** 2)
+    loss = lambda h, w, gs: jnp.sum(tpu_grouped_matmul(h, w, gs).astype(jnp.float32) ** 2)
     with jax.default_matmul_precision("default"):  # the TPU kernel's precision (conftest sets float32)
         compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
             s((2048, 14336)), s((1, 14336, 4096)), s((1,), jnp.int32)).compile()

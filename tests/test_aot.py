@@ -289,7 +289,7 @@ def _moe_block_traffic(dispatch: str) -> tuple[dict, str]:
 
     import mistral_jax as mj
     from mistral_jax import sharding as sh
-    from mistral_jax.model import moe
+    from mistral_jax.model import backends, moe
 
     assert aot.libtpu_available(), "libtpu is missing. Fix: pip install -e '.[test]' (or '.[tpu]')"
     devices = aot.topology_devices(aot.parse_topology("v5p-16"))
@@ -299,7 +299,8 @@ def _moe_block_traffic(dispatch: str) -> tuple[dict, str]:
     rules = sh.rules_preset("fsdp_tp_ep")
     # (the TPU grouped-matmul kernel takes bfloat16 at default precision; conftest asks for "highest" on CPU)
     with sh.use_mesh(mesh, rules), jax.default_matmul_precision("default"):
-        graphdef, params = nnx.split(nnx.eval_shape(lambda: moe.MoE(cfg, rngs=nnx.Rngs(0))))
+        on_mesh = backends.resolve(cfg, mesh, rules)  # the model's backends, chosen for this mesh
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: moe.MoE(cfg, rngs=nnx.Rngs(0), backends=on_mesh)))
         params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
                               params, nnx.get_partition_spec(params))
         x = jax.ShapeDtypeStruct((16, 1024, cfg.dim), jnp.bfloat16,

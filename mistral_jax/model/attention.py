@@ -149,7 +149,7 @@ def attend(cfg, backends: Backends, q: Float[Array, "B T N H"], k: Float[Array, 
            ) -> Float[Array, "B T N H"]:
     """Self-attention by the backend ``choose_attention`` picks for these shapes; all agree with the reference."""
     block = band_block(cfg)
-    name = choose_attention(cfg.attention_impl, platform=backends.platform, self_attention=True, seq_len=q.shape[1],
+    name = choose_attention(backends.attention, platform=backends.platform, self_attention=True, seq_len=q.shape[1],
                             window=cfg.sliding_window, block=block, has_segments=segment_ids is not None)
     return ATTENTION[name].fn(q, k, v, positions, segment_ids, window=cfg.sliding_window, block=block,
                               backends=backends)

@@ -1,10 +1,11 @@
 """The backend registry: which attention kernel and which MoE path a model runs, chosen once.
 
 Backends are registered where they are written (``@register_attention`` in ``attention.py`` and ``kernels.py``,
-``@register_moe`` in ``moe.py``, ``register_expert_mlp`` / ``register_exchange`` in ``cpu.py`` and ``kernels.py``)
-and chosen from two things only: the target platform (``ModelConfig.platform``, never the host's backend) and
-the mesh and rules passed in explicitly (``resolve(cfg, mesh, rules)``). Nothing here reads an ambient mesh: a
-model built without a mesh runs the same backends whether or not it is traced under ``sharding.use_mesh``.
+``@register_moe`` in ``moe.py``, ``register_expert_mlp`` / ``register_exchange`` in ``cpu.py`` and ``kernels.py``;
+importing ``mistral_jax`` imports them all, and this module imports none of them). They are chosen from two things
+only: the target platform (``ModelConfig.platform``, never the host's backend) and the mesh and rules passed in
+explicitly (``resolve(cfg, mesh, rules)``). Nothing here reads an ambient mesh: a model built without a mesh runs
+the same backends whether or not it is traced under ``sharding.use_mesh``.
 
 ``resolve`` returns a ``Backends`` record (frozen, hashable: it is static data of the model's graph). The
 ``Transformer`` resolves it once at construction (``Transformer(cfg, rngs=..., mesh=..., rules=...)``) and hands it
@@ -98,11 +99,6 @@ def register_exchange(name: str, fn: Callable, *, platforms) -> None:
     _register(EXCHANGE, "exchange", name, platforms)(fn)
 
 
-def _load_builtins() -> None:
-    """Import the modules that register the built-in backends (they import this one, so not at the top)."""
-    from mistral_jax.model import attention, cpu, kernels, moe  # noqa: F401
-
-
 def _check_platform(platform: str) -> None:
     if platform not in PLATFORMS:
         raise ValueError(f"backends for platform={platform!r}: expected cpu, gpu or tpu. Fix: build the model from a "
@@ -110,7 +106,6 @@ def _check_platform(platform: str) -> None:
 
 
 def _first_for(table: dict[str, Backend], kind: str, platform: str) -> str:
-    _load_builtins()
     _check_platform(platform)
     for name, b in table.items():
         if platform in b.platforms:
@@ -121,7 +116,6 @@ def _first_for(table: dict[str, Backend], kind: str, platform: str) -> str:
 
 def lookup(table: dict[str, Backend], kind: str, name: str) -> Backend:
     """The registered backend ``name`` of ``table``; an error naming the registered ones if there is none."""
-    _load_builtins()
     if name not in table:
         raise ValueError(f"unknown {kind} backend {name!r}; registered: {sorted(table)}. Fix: use one of them (or "
                          f"register yours with mistral_jax.model.backends.register_{kind.replace(' ', '_')}).")
@@ -161,7 +155,6 @@ def resolve(cfg, mesh: Mesh | None = None, rules: sharding.ShardingRules | None 
 
     Raises ``ValueError`` naming the options for an unknown backend or one that does not run on the platform.
     """
-    _load_builtins()
     platform = cfg.platform
     _check_platform(platform)
     if cfg.attention_impl != "auto":
@@ -204,7 +197,6 @@ def choose_attention(impl: str, *, platform: str, self_attention: bool, seq_len:
     not support the call (no window for ``blocked``), and any backend in cached decoding (``self_attention``
     False: the cache buffer already is the band), fall back to ``reference``.
     """
-    _load_builtins()
     _check_platform(platform)
     if not self_attention:
         return "reference"

@@ -28,6 +28,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from mistral_jax import sharding
+from mistral_jax.model import cpu  # noqa: F401 - registers the CPU expert MLP and exchange
 from mistral_jax.model.backends import MOE, Backends, register_moe, resolve
 
 

@@ -50,7 +50,7 @@ print(json.dumps({"seconds": time.time() - t0, "rss_kb": resource.getrusage(reso
 def _write_random_hf(cfg, out_dir: str, shard: str) -> None:
     import numpy as np
 
-    from mistral_jax.convert import common, hf
+    from mistral_jax.convert import hf, paths
 
     class RandomSource:
         def __init__(self, cfg):
@@ -62,7 +62,7 @@ def _write_random_hf(cfg, out_dir: str, shard: str) -> None:
         def read(self, entry):
             return self.rng.standard_normal(entry.model_shape, dtype=np.float32) * 0.02
 
-    with common.atomic_dir(out_dir) as tmp:
+    with paths.atomic_dir(out_dir) as tmp:
         hf.write(tmp, RandomSource(cfg), max_shard_size=shard)
 
 

@@ -64,7 +64,7 @@ class ModelConfig:
     router_z_loss_coef: float = _runtime(0.0)  # ST-MoE router z-loss weight (0 = off)
     dtype: str = _runtime("float32")  # activation / matmul dtype
     param_dtype: str = _runtime("float32")  # parameter (master weight) dtype
-    attention_impl: AttentionImpl = _runtime("auto")  # see model/attention.py (auto: chosen for `platform`)
+    attention_impl: AttentionImpl = _runtime("auto")  # see model/backends.py (auto: chosen for `platform`)
     attention_block_size: int = _runtime(512)  # query block of the blocked banded backend (<= max(64, W/4))
     moe_impl: MoEImpl = _runtime("ragged")  # "dense" oracle, dropless sort + grouped matmul, "expert_parallel"
     # Expert parallelism (model/moe.py): how tokens reach the experts' shards. "all_to_all": each assignment goes

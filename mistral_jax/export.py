@@ -22,16 +22,16 @@ from typing import Any
 import jax
 
 from mistral_jax import sharding
-from mistral_jax.convert import common, hf, mistral, native, paths
-from mistral_jax.convert.common import ConversionError
+from mistral_jax.convert import build, dtypes, hf, mistral, native, paths, sources, tokenizer_files, writing
+from mistral_jax.convert.sources import ConversionError
 from mistral_jax.loading import FORMATS, _cfg_of, input_dirs, known_tokenizer, open_source, sources_of, tokenizer_path
 from mistral_jax.model.transformer import params_dict
 
 __all__ = ["ConversionError", "convert", "save_hf", "save_jax", "save_mistral"]
 
 
-def _source_of(model: Any) -> common.ParamsSource:
-    return common.ParamsSource(_cfg_of(model), params_dict(model))
+def _source_of(model: Any) -> sources.ParamsSource:
+    return sources.ParamsSource(_cfg_of(model), params_dict(model))
 
 
 def _tokenizer(model: Any, tokenizer: Any) -> Any:
@@ -74,8 +74,8 @@ def save_hf(model: Any, out_dir: str | os.PathLike, *, dtype: str | None = None,
     """
     tok = _tokenizer(model, tokenizer)
     if dtype is not None:
-        common.np_dtype(dtype)  # validate before writing anything
-    with common.atomic_dir(out_dir, overwrite, "hf", **_guard(model, tok)) as tmp:
+        dtypes.np_dtype(dtype)  # validate before writing anything
+    with paths.atomic_dir(out_dir, overwrite, "hf", **_guard(model, tok)) as tmp:
         source = _source_of(model)
         hf.write(tmp, source, dtype=dtype, tokenizer=tok, max_shard_size=max_shard_size)
     return os.fspath(out_dir)
@@ -97,8 +97,8 @@ def save_mistral(model: Any, out_dir: str | os.PathLike, *, dtype: str | None = 
     """
     tok = _tokenizer(model, tokenizer)
     if dtype is not None:
-        common.np_dtype(dtype)  # validate before writing anything
-    with common.atomic_dir(out_dir, overwrite, "mistral", **_guard(model, tok)) as tmp:
+        dtypes.np_dtype(dtype)  # validate before writing anything
+    with paths.atomic_dir(out_dir, overwrite, "mistral", **_guard(model, tok)) as tmp:
         source = _source_of(model)
         mistral.write(tmp, source, dtype=dtype, tokenizer=tok)
     return os.fspath(out_dir)
@@ -117,7 +117,7 @@ def save_jax(model: Any, out_dir: str | os.PathLike, tokenizer: Any = None, *, o
       ``out_dir``.
     """
     tok = _tokenizer(model, tokenizer)
-    with common.atomic_dir(out_dir, overwrite, "jax", **_guard(model, tok)) as tmp:
+    with paths.atomic_dir(out_dir, overwrite, "jax", **_guard(model, tok)) as tmp:
         source = _source_of(model)
         native.write(tmp, source.cfg, source.params, tokenizer=tok)
     return os.fspath(out_dir)
@@ -148,9 +148,9 @@ def convert(src: str, dst: str, input_dir: str | os.PathLike, output_dir: str | 
         if value not in FORMATS:
             raise ValueError(f"{name}={value!r} is not a format. Fix: use one of {FORMATS}.")
     if dtype is not None:
-        common.np_dtype(dtype)  # validate before reading anything
+        dtypes.np_dtype(dtype)  # validate before reading anything
     if dst == "hf":
-        common.parse_size(max_shard_size)
+        writing.parse_size(max_shard_size)
     if not os.path.isdir(input_dir):
         raise FileNotFoundError(f"input directory {os.fspath(input_dir)!r} does not exist. Fix: check the path.")
     guard = {"inputs": input_dirs(input_dir, src)}
@@ -158,16 +158,16 @@ def convert(src: str, dst: str, input_dir: str | os.PathLike, output_dir: str | 
     source = open_source(input_dir, src, dtype=dtype if src == "jax" else None, mesh=mesh, rules=rules)  # type: ignore[arg-type]
     tok = tokenizer_path(input_dir, src)
     if tok:
-        common.tokenizer_kind(tok)  # a tokenizer.model that is not one (e.g. a symlink to any file) fails here
-    with common.atomic_dir(output_dir, overwrite, dst, **guard) as tmp:
+        tokenizer_files.tokenizer_kind(tok)  # a tokenizer.model that is not one (e.g. a symlink to any file) fails here
+    with paths.atomic_dir(output_dir, overwrite, dst, **guard) as tmp:
         if dst == "hf":
             hf.write(tmp, source, dtype=dtype, tokenizer=tok, max_shard_size=max_shard_size)
         elif dst == "mistral":
             mistral.write(tmp, source, dtype=dtype, tokenizer=tok)
         else:
-            if isinstance(source, common.ParamsSource):
+            if isinstance(source, sources.ParamsSource):
                 cfg, params = source.cfg, source.params
             else:
-                cfg, params = common.build_params(source.cfg, source, dtype, mesh, rules)
+                cfg, params = build.build_params(source.cfg, source, dtype, mesh, rules)
             native.write(tmp, cfg, params, tokenizer=tok)
     return os.fspath(output_dir)

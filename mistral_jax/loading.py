@@ -28,7 +28,8 @@ import jax
 
 from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
-from mistral_jax.convert import common, hf, mistral, native
+from mistral_jax.convert import build, dtypes, hf, mistral, native, sources
+from mistral_jax.model import backends
 from mistral_jax.model.transformer import Transformer, from_params
 
 Format = Literal["hf", "mistral", "jax"]
@@ -145,7 +146,7 @@ def _for_this_host(config_overrides: dict[str, Any] | None, mesh: jax.sharding.M
 
 def open_source(path: str | os.PathLike, fmt: Format | None = None, *, dtype: str | None = None,
                 mesh: jax.sharding.Mesh | None = None, rules: sharding.ShardingRules | None = None,
-                config_overrides: dict[str, Any] | None = None) -> common.Source:
+                config_overrides: dict[str, Any] | None = None) -> sources.Source:
     """A checked tensor source over a checkpoint directory of format ``fmt`` (detected when None).
 
     File formats are read lazily tensor by tensor; the ``jax`` format is restored (sharded with ``mesh``).
@@ -166,9 +167,9 @@ def open_source(path: str | os.PathLike, fmt: Format | None = None, *, dtype: st
             from mistral_jax.model.transformer import params_dict
 
             model = _load_lora_run(*run, dtype=dtype, mesh=mesh, rules=rules, config_overrides=config_overrides)
-            return common.ParamsSource(model.cfg, params_dict(model))
+            return sources.ParamsSource(model.cfg, params_dict(model))
         cfg, params, _ = native.load(path, dtype, mesh, rules, config_overrides)
-        return common.ParamsSource(cfg, params)
+        return sources.ParamsSource(cfg, params)
     reader = hf if fmt == "hf" else mistral
     cfg = reader.read_config(path)
     if config_overrides:
@@ -207,11 +208,13 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None, mesh: 
         model = _load_lora_run(*run, dtype=dtype, mesh=mesh, rules=rules, config_overrides=config_overrides)
     else:
         source = open_source(path, fmt, dtype=dtype, mesh=mesh, rules=rules, config_overrides=config_overrides)
-        if isinstance(source, common.ParamsSource):
+        if isinstance(source, sources.ParamsSource):
             cfg, params = source.cfg, source.params
         else:
-            cfg, params = common.build_params(source.cfg, source, dtype, mesh, rules)
+            cfg, params = build.build_params(source.cfg, source, dtype, mesh, rules)
         model = from_params(cfg, params)
+    if mesh is not None:  # the model's mesh-aware backends (splash's shard_map, expert parallelism) run on it
+        backends.bind(model, mesh, rules)
     tok = tokenizer_path(path, fmt)
     if tok:
         _TOKENIZER_OF[model] = tok
@@ -273,9 +276,9 @@ def _load_lora_run(root: str, run: dict[str, Any], step: int | None, *, dtype: s
     if dtype is not None or new != model.cfg:
         params = params_dict(model)
         if dtype is not None:
-            dt = common.np_dtype(dtype)
+            dt = dtypes.np_dtype(dtype)
             params = jax.tree.map(lambda a: a.astype(dt), params)
-            new = new.replace(param_dtype=common.dtype_name(dt))
+            new = new.replace(param_dtype=dtypes.dtype_name(dt))
         model = from_params(new, params)
     return model
 

@@ -441,7 +441,7 @@ def batch_sharding(mesh: Mesh, rules: ShardingRules = DEFAULT_RULES, ndim: int =
 # ---------------------------------------------------------------------------------------------- expert parallel
 @dataclasses.dataclass(frozen=True)
 class ExpertParallel:
-    """Where the MoE block runs expert-parallel: resolved from the active mesh and rules (``expert_parallel()``)."""
+    """Where the MoE block runs expert-parallel: resolved from a mesh and rules (``expert_parallel(mesh, rules)``)."""
 
     mesh: Mesh
     expert_axis: str  # mesh axis that shards the experts dimension
@@ -453,12 +453,9 @@ class ExpertParallel:
         return self.expert_axis in self.batch_axes
 
 
-def expert_parallel() -> ExpertParallel | None:
-    """The expert-parallel layout if a mesh is active and the rules shard ``experts`` over an axis of size > 1."""
-    ctx = current()
-    if ctx is None:
-        return None
-    mesh, rules = ctx
+def expert_parallel(mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> ExpertParallel | None:
+    """The expert-parallel layout on ``mesh`` if ``rules`` shard ``experts`` over an axis of size > 1 (passed in
+    explicitly: the model's backends are chosen from it once, never from the active mesh)."""
     (e_axes,) = rules.spec(("experts",), mesh)
     if e_axes is None:
         return None

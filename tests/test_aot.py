@@ -289,7 +289,7 @@ def _moe_block_traffic(dispatch: str) -> tuple[dict, str]:
 
     import mistral_jax as mj
     from mistral_jax import sharding as sh
-    from mistral_jax.model import moe
+    from mistral_jax.model import backends, moe
 
     assert aot.libtpu_available(), "libtpu is missing. Fix: pip install -e '.[test]' (or '.[tpu]')"
     devices = aot.topology_devices(aot.parse_topology("v5p-16"))
@@ -299,7 +299,8 @@ def _moe_block_traffic(dispatch: str) -> tuple[dict, str]:
     rules = sh.rules_preset("fsdp_tp_ep")
     # (the TPU grouped-matmul kernel takes bfloat16 at default precision; conftest asks for "highest" on CPU)
     with sh.use_mesh(mesh, rules), jax.default_matmul_precision("default"):
-        graphdef, params = nnx.split(nnx.eval_shape(lambda: moe.MoE(cfg, rngs=nnx.Rngs(0))))
+        on_mesh = backends.resolve(cfg, mesh, rules)  # the model's backends, chosen for this mesh
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: moe.MoE(cfg, rngs=nnx.Rngs(0), backends=on_mesh)))
         params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
                               params, nnx.get_partition_spec(params))
         x = jax.ShapeDtypeStruct((16, 1024, cfg.dim), jnp.bfloat16,
@@ -539,12 +540,12 @@ def test_grouped_matmul_input_gradient_compiles_for_v6e_at_mixtral_w2_shape():
     (``CompileTimeScopedVmemOom``); ``tpu_grouped_matmul`` takes it against an explicit transpose."""
     from jax.sharding import SingleDeviceSharding
 
-    from mistral_jax.model.grouped_matmul import grouped_matmul
+    from mistral_jax.model.kernels import tpu_grouped_matmul
 
     assert aot.libtpu_available(), "libtpu is missing. Fix: pip install -e '.[test]' (or '.[tpu]')"
     sh = SingleDeviceSharding(aot.topology_devices(aot.parse_topology("v6e-4"))[0])
     s = lambda shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
-    loss = lambda h, w, gs: jnp.sum(grouped_matmul(h, w, gs, platform="tpu").astype(jnp.float32) ** 2)
+    loss = lambda h, w, gs: jnp.sum(tpu_grouped_matmul(h, w, gs).astype(jnp.float32) ** 2)
     with jax.default_matmul_precision("default"):  # the TPU kernel's precision (conftest sets float32)
         compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
             s((2048, 14336)), s((1, 14336, 4096)), s((1,), jnp.int32)).compile()

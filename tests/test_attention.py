@@ -13,6 +13,7 @@ from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding,
 
 import mistral_jax as mj
 from mistral_jax.model import attention as attn
+from mistral_jax.model import backends
 from mistral_jax.model import kv_cache as kvc
 from mistral_jax.model.projection import proj
 from mistral_jax.model.rope import apply_rope
@@ -165,7 +166,7 @@ def test_blocked_skips_out_of_window_work():
 @pytest.mark.parametrize("platform", ["cpu", "gpu", "tpu"])
 def test_auto_backend_choice(platform):
     """``auto`` picks exactly one backend per target platform and shape (each case pinned, no "any of three")."""
-    pick = lambda seq_len, window=512, segments=False, self_attention=True: attn.pick_backend(
+    pick = lambda seq_len, window=512, segments=False, self_attention=True: backends.choose_attention(
         "auto", platform=platform, self_attention=self_attention, seq_len=seq_len, window=window, block=512,
         has_segments=segments)
     banded = {"cpu": "blocked", "gpu": "cudnn", "tpu": "splash"}[platform]
@@ -178,8 +179,8 @@ def test_auto_backend_choice(platform):
     # packed rows (segment ids): cuDNN's path takes none, so GPU falls back to the pure-JAX choice
     assert pick(4096, segments=True) == {"cpu": "blocked", "gpu": "blocked", "tpu": "splash"}[platform]
     assert pick(1, self_attention=False) == "reference"  # cached decoding: the cache buffer already is the band
-    assert attn.pick_backend("blocked", platform=platform, self_attention=False, seq_len=1, window=512, block=512,
-                             has_segments=False) == "reference"
+    assert backends.choose_attention("blocked", platform=platform, self_attention=False, seq_len=1, window=512,
+                                     block=512, has_segments=False) == "reference"
     with pytest.raises(ValueError, match="platform=''"):
-        attn.pick_backend("auto", platform="", self_attention=True, seq_len=1, window=512, block=512,
-                          has_segments=False)
+        backends.choose_attention("auto", platform="", self_attention=True, seq_len=1, window=512, block=512,
+                                  has_segments=False)

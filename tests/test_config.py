@@ -221,9 +221,10 @@ def _expert_parallel_programs(**changes):
 
     tokens = np.random.default_rng(1).integers(0, 512, (8, T)).astype(np.int32)
     texts, outs = [], []
-    with sh.use_mesh(sh.make_mesh(fsdp=2, expert=4), sh.rules_preset("fsdp_tp_ep")):
+    mesh, rules = sh.make_mesh(fsdp=2, expert=4), sh.rules_preset("fsdp_tp_ep")
+    with sh.use_mesh(mesh, rules):
         for cfg in (MOE, MOE.replace(**changes)):
-            graphdef, state = nnx.split(mj.Transformer(cfg, rngs=nnx.Rngs(0)))
+            graphdef, state = nnx.split(mj.Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
             fn = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x))
             texts.append(fn.lower(state, tokens).compile().as_text())
             outs.append(fn(state, tokens))
@@ -245,11 +246,11 @@ def _moe_chunk_tokens():
 
 def _platform():
     """Backends follow the target platform, not the host: this CPU host traces TPU programs for a "tpu" config."""
-    from mistral_jax.model import attention as attn
+    from mistral_jax.model import backends
 
     assert mj.Transformer(DENSE, rngs=nnx.Rngs(0)).cfg.platform == jax.default_backend()  # "" = the host's
-    pick = lambda p: attn.pick_backend("auto", platform=p, self_attention=True, seq_len=4096, window=512, block=128,
-                                       has_segments=False)
+    pick = lambda p: backends.choose_attention("auto", platform=p, self_attention=True, seq_len=4096, window=512,
+                                               block=128, has_segments=False)
     assert (pick("cpu"), pick("gpu"), pick("tpu")) == ("blocked", "cudnn", "splash")
     jaxpr = lambda cfg, t: str(jax.make_jaxpr(lambda x: mj.Transformer(cfg, rngs=nnx.Rngs(0))(x))(
         np.zeros((2, t), np.int32)))

@@ -9,34 +9,8 @@ import pytest
 from flax import nnx
 
 import mistral_jax as mj
-from mistral_jax.model import moe
-from mistral_jax.model.grouped_matmul import expert_mlp, looped_grouped_matmul, tpu_grouped_matmul
-
-
-@pytest.mark.parametrize("rows,groups,blocks,short", [(37, 4, (8,), 0), (100, 8, (64, 16), 0), (5, 3, (64, 8), 0),
-                                                      (64, 2, (16, 4), 0), (50, 6, (1,), 0), (40, 5, (8, 2), 7),
-                                                      (300, 3, (64, 16, 4), 0)])
-@pytest.mark.slow
-def test_looped_grouped_matmul_equals_per_group_products(rows, groups, blocks, short):
-    """Forward and both gradients against per-group products and ``ragged_dot``, with an empty group, blocks
-    larger than groups, one to three block sizes, and (``short``) rows past the last group, which must be 0."""
-    rng = np.random.default_rng(rows)
-    sizes = np.bincount(rng.integers(0, groups, rows), minlength=groups)
-    sizes[0] = 0  # an empty group
-    sizes[-1] += rows - short - sizes.sum()
-    x = rng.standard_normal((rows, 6)).astype(np.float32)
-    w = rng.standard_normal((groups, 6, 5)).astype(np.float32)
-    ends = np.cumsum(sizes)
-    expected = np.concatenate([x[e - n:e] @ w[g] for g, (n, e) in enumerate(zip(sizes, ends, strict=True))]
-                              + [np.zeros((short, 5), np.float32)])
-    gs = jnp.asarray(sizes, jnp.int32)
-    got = looped_grouped_matmul(jnp.asarray(x), jnp.asarray(w), gs, blocks)
-    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
-    dy = jnp.asarray(rng.standard_normal((rows, 5)).astype(np.float32))
-    grads = jax.grad(lambda x, w: (looped_grouped_matmul(x, w, gs, blocks) * dy).sum(), argnums=(0, 1))
-    ref = jax.grad(lambda x, w: (jax.lax.ragged_dot(x, w, gs) * dy).sum(), argnums=(0, 1))
-    for g, r in zip(grads(jnp.asarray(x), jnp.asarray(w)), ref(jnp.asarray(x), jnp.asarray(w)), strict=True):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-4)
+from mistral_jax.model import backends, cpu, moe
+from mistral_jax.model.kernels import tpu_grouped_matmul
 
 
 @pytest.mark.parametrize("rows,groups,blocks,short", [
@@ -62,11 +36,11 @@ def test_cpu_expert_mlp_equals_per_group_swiglu(rows, groups, blocks, short):
                               + [np.zeros((short, d), np.float32)])
     gs = jnp.asarray(sizes, jnp.int32)
     args = tuple(jnp.asarray(a) for a in (x, w1, w3, w2))
-    np.testing.assert_allclose(np.asarray(expert_mlp(*args, gs, platform="cpu", blocks=blocks)), expected,
-                               rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(cpu.looped_expert_mlp(*args, gs, blocks)), expected, rtol=1e-5, atol=1e-4)
     dy = jnp.asarray(rng.standard_normal((rows, d)).astype(np.float32))
-    grads = {p: jax.grad(lambda *a, p=p: (expert_mlp(*a, gs, platform=p, blocks=blocks) * dy).sum(),
-                         argnums=(0, 1, 2, 3))(*args) for p in ("cpu", "gpu")}  # "gpu": ragged_dot, also on CPU
+    forms = {"cpu": lambda *a: cpu.looped_expert_mlp(*a, gs, blocks),
+             "gpu": lambda *a: backends.EXPERT_MLP["ragged_dot"].fn(*a, gs)}  # "gpu": ragged_dot, also on CPU
+    grads = {p: jax.grad(lambda *a, f=f: (f(*a) * dy).sum(), argnums=(0, 1, 2, 3))(*args) for p, f in forms.items()}
     for g, r in zip(grads["cpu"], grads["gpu"], strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-3)
     assert not np.asarray(grads["cpu"][0])[rows - short:].any()
@@ -122,6 +96,7 @@ def test_ragged_equals_dense_oracle_with_grads(top_k):
 
     def run(impl):
         layer.cfg = layer.cfg.replace(moe_impl=impl)  # (layer.cfg: the config with its platform filled in)
+        layer.backends = backends.resolve(layer.cfg)
         y, stats = layer(x)
         g = nnx.grad(lambda m: (m(x)[0] ** 2).sum())(layer)
         return y, stats, g
@@ -165,8 +140,7 @@ def test_ragged_all_to_all_cpu_exchange_follows_the_primitive_semantics():
             expected[d, out_off[s, d]:out_off[s, d] + sends[s, d]] = operand[s, in_off[s, d]:in_off[s, d] + sends[s, d]]
 
     def exchange(x, io, ss, oo, rs):
-        return moe.ragged_all_to_all(x[0], jnp.zeros((r, 3)), io[0], ss[0], oo[0], rs[0], axis_name="expert",
-                                     platform="cpu")[None]
+        return cpu.dense_all_to_all(x[0], jnp.zeros((r, 3)), io[0], ss[0], oo[0], rs[0], axis_name="expert")[None]
 
     fn = jax.shard_map(exchange, mesh=mesh, in_specs=P("expert"), out_specs=P("expert"), check_vma=False)
     args = [jax.device_put(a, NamedSharding(mesh, P("expert"))) for a in (operand, in_off, sends, out_off, sends.T)]
@@ -193,7 +167,10 @@ def test_expert_parallel_dispatch_equals_dense_oracle_forward_and_backward(case)
     mesh_shape, experts, dispatch, chunk = _EP_CASES[case]
     cfg = mj.ModelConfig.tiny_mixtral(num_experts=experts, num_experts_per_tok=1 if "top1" in case else 2,
                                       moe_dispatch=dispatch, moe_chunk_tokens=chunk)
-    graphdef, params = nnx.split(moe.MoE(cfg, rngs=nnx.Rngs(3)))
+    mesh, rules = sh.make_mesh(**mesh_shape), sh.rules_preset("fsdp_tp_ep")
+    on_mesh = backends.resolve(cfg.for_platform(), mesh, rules)  # the mesh passed in explicitly
+    assert on_mesh.moe == dispatch and on_mesh.expert_parallel.tokens_split_over_experts
+    graphdef, params = nnx.split(moe.MoE(cfg, rngs=nnx.Rngs(3), backends=on_mesh))
     dense = nnx.graphdef(moe.MoE(cfg.replace(moe_impl="dense"), rngs=nnx.Rngs(3)))
     x = jax.random.normal(jax.random.key(4), (8, 16, cfg.dim))
 
@@ -202,8 +179,7 @@ def test_expert_parallel_dispatch_equals_dense_oracle_forward_and_backward(case)
         return jnp.sum(jnp.sin(y)) + stats["z_sum"], y
 
     (ref_loss, ref_y), ref_g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, dense)
-    with sh.use_mesh(sh.make_mesh(**mesh_shape), sh.rules_preset("fsdp_tp_ep")):
-        assert sh.expert_parallel().tokens_split_over_experts
+    with sh.use_mesh(mesh, rules):
         fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)
         (got_loss, got_y), got_g = fn(params, x, graphdef)
         hlo = fn.lower(params, x, graphdef).compile().as_text()

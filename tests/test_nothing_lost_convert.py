@@ -230,8 +230,8 @@ def test_cli_subprocess_exit_status_and_no_noise(world, tmp_path):
 # ----------------------------------------------------------------------------- killed conversions
 KILLED = textwrap.dedent("""
     import os, signal, sys
-    from mistral_jax.convert import common
-    with common.atomic_dir(sys.argv[1], kind="hf") as tmp:
+    from mistral_jax.convert import paths
+    with paths.atomic_dir(sys.argv[1], kind="hf") as tmp:
         open(os.path.join(tmp, "model.safetensors"), "wb").write(b"partial")
         os.kill(os.getpid(), signal.SIGKILL)
 """)

@@ -72,13 +72,13 @@ def test_init_from_streams_one_slice_at_a_time(tmp_path, monkeypatch):
     """``load_pretrained(..., mesh=...)`` (what ``init_from`` uses) reads one tensor (one layer's / one expert's
     slice) at a time from the files and puts it straight into its shards: no read ever returns a stacked
     parameter, and the result is sharded over the 8 devices."""
-    from mistral_jax.convert import common, keys
+    from mistral_jax.convert import keys, sources
 
     cfg = mj.ModelConfig.tiny_mixtral()
     mj.save_hf(mj.Transformer(cfg, rngs=nnx.Rngs(0)), str(tmp_path / "hf"))
     reads = []
-    real = common.FileSource.read
-    monkeypatch.setattr(common.FileSource, "read", lambda self, e: reads.append(real(self, e)) or reads[-1])
+    real = sources.FileSource.read
+    monkeypatch.setattr(sources.FileSource, "read", lambda self, e: reads.append(real(self, e)) or reads[-1])
     mesh = sharding.make_mesh(fsdp=-1)
     model = mj.load_pretrained(str(tmp_path / "hf"), mesh=mesh, rules=sharding.rules_preset("fsdp"))
     assert len(reads) == len(keys.entries(cfg))  # every file tensor read once

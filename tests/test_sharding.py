@@ -1,5 +1,7 @@
 """Meshes, logical sharding rules, sharded train step == single device, expert parallelism, remat policies."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from ml_collections import ConfigDict
 import mistral_jax as mj
 from configs import base
 from mistral_jax import sharding as sh
+from mistral_jax.model import backends
 from mistral_jax.model import moe as moe_lib
 from mistral_jax.training import step as step_lib
 from mistral_jax.training.loss import loss_fn
@@ -173,7 +176,7 @@ def test_expert_parallel_block_equals_dense_oracle():
     x = jax.random.normal(jax.random.key(4), (B, T, cfg.dim))
     graphdef, params = nnx.split(block)
 
-    def f(p, x):
+    def f(p, x, graphdef=graphdef):
         y, stats = nnx.merge(graphdef, p)(x)
         return jnp.sum(jnp.sin(y)), y
 
@@ -187,9 +190,10 @@ def test_expert_parallel_block_equals_dense_oracle():
     tok_repl = sh.ShardingRules({**sh.RULE_PRESETS["fsdp_tp_ep"], "batch": ("data", "fsdp")})
     for rules, mesh in ((tok_split, sh.make_mesh(fsdp=1, tensor=2, expert=4)),
                         (tok_repl, sh.make_mesh(fsdp=2, tensor=1, expert=4))):
+        assert sh.expert_parallel(mesh, rules).tokens_split_over_experts == (rules is tok_split)
+        on_mesh = nnx.graphdef(backends.bind(block, mesh, rules))  # the mesh passed to the model explicitly
         with sh.use_mesh(mesh, rules):
-            assert sh.expert_parallel().tokens_split_over_experts == (rules is tok_split)
-            fn = jax.jit(jax.value_and_grad(f, has_aux=True))
+            fn = jax.jit(jax.value_and_grad(functools.partial(f, graphdef=on_mesh), has_aux=True))
             (loss, y), g = fn(params, x)
             assert "all-gather" in fn.lower(params, x).compile().as_text() or rules is tok_repl
         np.testing.assert_allclose(y, ref_y, atol=1e-5)
@@ -203,7 +207,9 @@ def test_expert_parallel_rejects_indivisible_experts():
     cfg = mj.ModelConfig.tiny_mixtral(num_experts=3, num_experts_per_tok=2)
     block = moe_lib.MoE(cfg, rngs=nnx.Rngs(0))
     x = jnp.ones((B, T, cfg.dim))
-    with sh.use_mesh(sh.make_mesh(fsdp=4, expert=2), sh.rules_preset("fsdp_tp_ep")):
+    mesh, rules = sh.make_mesh(fsdp=4, expert=2), sh.rules_preset("fsdp_tp_ep")
+    backends.bind(block, mesh, rules)
+    with sh.use_mesh(mesh, rules):
         with pytest.raises(ValueError, match="3 experts cannot be split over the expert mesh axis of size 2"):
             jax.eval_shape(block, x)
 

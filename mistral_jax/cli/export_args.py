@@ -24,7 +24,7 @@ def check_dtype(flag: str, value: str | None) -> None:
 
 
 def check_shard_size(flag: str, value: str) -> None:
-    from mistral_jax.convert.common import parse_size
+    from mistral_jax.convert.writing import parse_size
 
     try:
         parse_size(int(value) if value.strip().isdigit() else value)

@@ -1,12 +1,13 @@
 """The checkpoint file formats: HF transformers safetensors (``hf``), Mistral consolidated (``mistral``) and
-mistral_jax's own (``native``), their key tables (``keys``), streaming safetensors I/O and output-path safety
-(``paths``).
+mistral_jax's own (``native``), their key tables (``keys``), by topic: ``sources`` (tensor sources, mismatch
+collection, JSON configs), ``dtypes``, ``writing`` (shards), ``build`` (parameters on a mesh), ``tokenizer_files``,
+streaming safetensors I/O (``safetensors_io``) and output-path safety and atomic output directories (``paths``).
 
 Exporting a model and converting between formats is ``mistral_jax.export`` (``mj.save_hf``, ``mj.convert``);
 reading any checkpoint is ``mistral_jax.loading`` (``mj.load_pretrained``). Both sit above this package, which
 imports neither.
 """
 
-from mistral_jax.convert.common import ConversionError
+from mistral_jax.convert.sources import ConversionError
 
 __all__ = ["ConversionError"]

@@ -13,7 +13,8 @@ import re
 from typing import Any
 
 from mistral_jax.config import ModelConfig
-from mistral_jax.convert import common
+from mistral_jax.convert import dtypes, sources, tokenizer_files, writing
+from mistral_jax.convert import keys as keys_lib
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -22,7 +23,7 @@ SINGLE = "model.safetensors"
 
 def read_config(path: str) -> ModelConfig:
     """``ModelConfig`` from an HF directory's ``config.json`` (model_type must be mistral or mixtral)."""
-    return common.read_json_config(path, CONFIG, ModelConfig.from_hf,
+    return sources.read_json_config(path, CONFIG, ModelConfig.from_hf,
                                    "an HF checkpoint directory (config.json + model*.safetensors)")
 
 
@@ -45,7 +46,7 @@ def inside_dir(name: str) -> bool:
     return ".." not in parts and os.path.normpath(name) not in (".", "")
 
 
-def open_source(path: str, cfg: ModelConfig | None = None) -> common.FileSource:
+def open_source(path: str, cfg: ModelConfig | None = None) -> sources.FileSource:
     """A checked tensor source over an HF directory. Raises one ``ConversionError`` listing every problem."""
     path = os.fspath(path)
     cfg = cfg or read_config(path)
@@ -61,7 +62,7 @@ def open_source(path: str, cfg: ModelConfig | None = None) -> common.FileSource:
             raise ValueError(f"{index_path!r}: 'weight_map' must map tensor names to file names. Fix: re-download "
                              "or re-export the checkpoint.")
         outside = sorted({f for f in weight_map.values() if not inside_dir(f)})
-        common.check_or_raise([f"{index_path}: the index names {f!r}, which is not a file of the checkpoint directory"
+        sources.check_or_raise([f"{index_path}: the index names {f!r}, which is not a file of the checkpoint directory"
                                for f in outside], f"HF checkpoint {path}",
                               "an index may only name shard files inside its own directory (plain file names such "
                               "as model-00001-of-00002.safetensors); re-download or re-export the checkpoint")
@@ -74,11 +75,11 @@ def open_source(path: str, cfg: ModelConfig | None = None) -> common.FileSource:
         fix = ("convert the .bin files to safetensors first (transformers: model.save_pretrained(dir))" if bins
                else "point at a directory holding model.safetensors or model.safetensors.index.json")
         raise FileNotFoundError(f"{path!r} has no {SINGLE} or {INDEX} (files: {have}). Fix: {fix}.")
-    index = common.TensorIndex(files, weight_map)
-    common.check_or_raise(index.check(cfg, "hf"), f"HF checkpoint {path}",
+    index = sources.TensorIndex(files, weight_map)
+    sources.check_or_raise(index.check(cfg, "hf"), f"HF checkpoint {path}",
                           "the tensors must match config.json; re-download or re-export the checkpoint, or fix "
                           "config.json")
-    return common.FileSource(cfg, index, "hf")
+    return sources.FileSource(cfg, index, "hf")
 
 
 def hf_config(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
@@ -242,13 +243,13 @@ def write_tokenizer_files(out_dir: str, cfg: ModelConfig, kind: str) -> None:
         shutil.copyfile(tok.path, os.path.join(out_dir, f"tokenizer.model.{tok.instruct_version}"))
 
 
-def write(out_dir: str, source: common.Source, *, dtype: str | None = None, tokenizer: Any = None,
+def write(out_dir: str, source: sources.Source, *, dtype: str | None = None, tokenizer: Any = None,
           max_shard_size: int | str = "5GB") -> None:
     """Write an HF checkpoint of ``source`` into the (empty, temporary) directory ``out_dir``."""
     cfg = source.cfg
-    es = common.keys_lib.entries(cfg)
-    out_dtype = dtype or common.dtype_name(source.dtype(es[0]))
-    weight_map = common.write_tensors(out_dir, source, "hf", dtype, [SINGLE], max_shard_size)
+    es = keys_lib.entries(cfg)
+    out_dtype = dtype or dtypes.dtype_name(source.dtype(es[0]))
+    weight_map = writing.write_tensors(out_dir, source, "hf", dtype, [SINGLE], max_shard_size)
     files = sorted(set(weight_map.values()))
     if len(files) > 1:
         total = sum(os.path.getsize(os.path.join(out_dir, f)) for f in files)
@@ -258,6 +259,6 @@ def write(out_dir: str, source: common.Source, *, dtype: str | None = None, toke
         json.dump(hf_config(cfg, out_dtype), f, indent=2, sort_keys=True)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": 1, "eos_token_id": 2}, f, indent=2)
-    kind = common.copy_tokenizer(tokenizer, out_dir)
+    kind = tokenizer_files.copy_tokenizer(tokenizer, out_dir)
     if kind is not None:
         write_tokenizer_files(out_dir, cfg, kind)

@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 from mistral_jax.config import ModelConfig
-from mistral_jax.convert import common
+from mistral_jax.convert import sources, tokenizer_files, writing
 
 PARAMS = "params.json"
 WEIGHTS = "consolidated.safetensors"
@@ -24,11 +24,11 @@ WEIGHTS = "consolidated.safetensors"
 
 def read_config(path: str) -> ModelConfig:
     """``ModelConfig`` from ``params.json``."""
-    return common.read_json_config(path, PARAMS, ModelConfig.from_mistral_params,
+    return sources.read_json_config(path, PARAMS, ModelConfig.from_mistral_params,
                                    "a Mistral consolidated directory (params.json + consolidated.safetensors)")
 
 
-def open_source(path: str, cfg: ModelConfig | None = None) -> common.FileSource:
+def open_source(path: str, cfg: ModelConfig | None = None) -> sources.FileSource:
     """A checked tensor source over a consolidated directory; one ``ConversionError`` lists every problem."""
     path = os.fspath(path)
     cfg = cfg or read_config(path)
@@ -39,15 +39,15 @@ def open_source(path: str, cfg: ModelConfig | None = None) -> common.FileSource:
         fix = ("convert the .pth file to safetensors first: safetensors.torch.save_file(torch.load(f), "
                f"'{WEIGHTS}')" if pth else f"point at a directory holding {WEIGHTS}")
         raise FileNotFoundError(f"{path!r} has no {WEIGHTS} (files: {have}). Fix: {fix}.")
-    index = common.TensorIndex(files)
-    common.check_or_raise(index.check(cfg, "mistral"), f"Mistral checkpoint {path}",
+    index = sources.TensorIndex(files)
+    sources.check_or_raise(index.check(cfg, "mistral"), f"Mistral checkpoint {path}",
                           "the tensors must match params.json; re-download or re-export the checkpoint")
-    return common.FileSource(cfg, index, "mistral")
+    return sources.FileSource(cfg, index, "mistral")
 
 
-def write(out_dir: str, source: common.Source, *, dtype: str | None = None, tokenizer: Any = None) -> None:
+def write(out_dir: str, source: sources.Source, *, dtype: str | None = None, tokenizer: Any = None) -> None:
     """Write ``params.json`` + ``consolidated.safetensors`` (streamed) into the (temporary) ``out_dir``."""
-    common.write_tensors(out_dir, source, "mistral", dtype, [WEIGHTS], None)
+    writing.write_tensors(out_dir, source, "mistral", dtype, [WEIGHTS], None)
     with open(os.path.join(out_dir, PARAMS), "w") as f:
         json.dump(source.cfg.to_mistral_params(), f, indent=2)
-    common.copy_tokenizer(tokenizer, out_dir)
+    tokenizer_files.copy_tokenizer(tokenizer, out_dir)

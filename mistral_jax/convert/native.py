@@ -21,7 +21,7 @@ import jax
 
 from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
-from mistral_jax.convert import common
+from mistral_jax.convert import dtypes, sources, tokenizer_files
 from mistral_jax.convert import keys as keys_lib
 
 MODEL_CONFIG = "model_config.json"
@@ -65,7 +65,7 @@ def _ocp():
 
 def read_config(path: str) -> ModelConfig:
     """``ModelConfig`` from a mistral_jax export dir or training workdir (``model_config.json``)."""
-    return common.read_json_config(path, MODEL_CONFIG, ModelConfig.from_dict,
+    return sources.read_json_config(path, MODEL_CONFIG, ModelConfig.from_dict,
                                    "a mistral_jax export dir or training workdir")
 
 
@@ -124,7 +124,7 @@ def _check_tree(cfg: ModelConfig, params_dir: str) -> dict[tuple[str, ...], Any]
                  if k not in expected]
     problems += [f"{params_dir}: parameter {'/'.join(k)} has shape {tuple(stored[k].shape)}, the config needs {s}"
                  for k, s in expected.items() if k in stored and tuple(stored[k].shape) != tuple(s)]
-    common.check_or_raise(problems, f"checkpoint {params_dir}", f"the parameters must match {MODEL_CONFIG}")
+    sources.check_or_raise(problems, f"checkpoint {params_dir}", f"the parameters must match {MODEL_CONFIG}")
     return stored
 
 
@@ -138,7 +138,7 @@ def restore_params(cfg: ModelConfig, params_dir: str, dtype: str | None = None,
 
     stored = _check_tree(cfg, params_dir)
     if dtype is None:
-        dtype = common.dtype_name(stored[("embed",)].dtype)
+        dtype = dtypes.dtype_name(stored[("embed",)].dtype)
     cfg = cfg.replace(param_dtype=dtype)
     state = nnx.state(abstract_model(cfg), nnx.Param)
     if mesh is not None:
@@ -152,7 +152,7 @@ def restore_params(cfg: ModelConfig, params_dir: str, dtype: str | None = None,
         node = target
         for p in path[:-1]:
             node = node.setdefault(p, {})
-        node[path[-1]] = jax.ShapeDtypeStruct(shape, common.np_dtype(dtype), sharding=flat_sh.get(path, default))
+        node[path[-1]] = jax.ShapeDtypeStruct(shape, dtypes.np_dtype(dtype), sharding=flat_sh.get(path, default))
     with quiet_orbax():
         params = _ocp().StandardCheckpointer().restore(params_dir, target)
     return cfg, params
@@ -170,7 +170,7 @@ def load(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = N
     for i, params_dir in enumerate(candidates):
         try:
             cfg_out, params = restore_params(cfg, params_dir, dtype, mesh, rules)
-        except (common.ConversionError, AdaptersOnlyError):
+        except (sources.ConversionError, AdaptersOnlyError):
             raise  # a config / shape mismatch is not corruption: older steps would fail the same way
         except Exception as e:  # noqa: BLE001 - a corrupt step: fall back to the previous one
             errors.append(f"{params_dir}: {type(e).__name__}: {e}")
@@ -191,4 +191,4 @@ def write(out_dir: str, cfg: ModelConfig, params: dict[str, Any], tokenizer: Any
     ckpt.close()
     with open(os.path.join(out_dir, MODEL_CONFIG), "w") as f:
         json.dump(cfg.to_dict(), f, indent=2)
-    common.copy_tokenizer(tokenizer, out_dir)
+    tokenizer_files.copy_tokenizer(tokenizer, out_dir)

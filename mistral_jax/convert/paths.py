@@ -7,7 +7,7 @@
   (``checkpoints/``, ``metrics.jsonl``, ``tb/``...), a downloaded checkpoint with other files, an export of
   another kind or a directory of sibling runs is refused, whatever ``overwrite`` says.
 * Outputs are written to a temporary sibling ``.<name>.tmp-<host>-<pid>-<random>`` and renamed into place (see
-  ``common.atomic_dir``); the replaced export is parked in ``.<name>.old-<host>-<pid>-<random>`` until the rename
+  ``atomic_dir``); the replaced export is parked in ``.<name>.old-<host>-<pid>-<random>`` until the rename
   is done. A killed conversion leaves those behind: the next conversion into the same place removes them when
   their owning process (same host, pid from the name) is gone, and puts a parked export back if the kill came
   between the two renames. Directories of a live process, of another host, or not named by this pattern are
@@ -18,6 +18,7 @@ This module imports nothing heavy, so command-line tools can validate their argu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -25,7 +26,7 @@ import re
 import shutil
 import socket
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -215,3 +216,46 @@ def clean_stale(out_dir: str | os.PathLike) -> list[str]:
             log.warning("removed %s, left by a conversion (pid %s) that was killed", path, m["pid"])
         done.append(path)
     return done
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, kind: str | None = None,
+               inputs: Sequence[str | os.PathLike] = (), files: Sequence[str | os.PathLike] = ()) -> Iterator[str]:
+    """Yield a temporary sibling of ``out_dir`` to write into; on success it replaces ``out_dir`` at once.
+
+    On any exception the temporary directory is removed and ``out_dir`` is left as it was (absent, or the old
+    contents when overwriting), so a failed conversion never leaves a half-written checkpoint. Before anything
+    is written, ``check_output`` refuses an ``out_dir`` that overlaps ``inputs`` / ``files`` or that is not
+    a previous ``kind`` export (``overwrite`` never replaces anything else), and temporary siblings left by
+    killed conversions are cleaned up (``clean_stale``).
+
+    Args:
+      out_dir: the directory to create (symlinks resolved: the export lands where the path really points).
+      overwrite: replace a previous ``kind`` export at ``out_dir``.
+      kind: ``hf`` / ``mistral`` / ``jax``: what is written (what may be replaced). None: only an absent or
+        empty ``out_dir`` is accepted.
+      inputs: directories read by the conversion (the output may not be, be inside or contain one).
+      files: files read by the conversion (the output may not contain one).
+    """
+    check_not_overlapping(out_dir, inputs, files)
+    clean_stale(out_dir)  # first: it may put back a previous export parked by a killed conversion
+    out_dir = check_output(out_dir, kind, overwrite, inputs, files)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = temp_name(out_dir, "tmp")
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        old = None
+        if os.path.isdir(out_dir):
+            if os.listdir(out_dir):
+                check_output(out_dir, kind, overwrite, inputs, files)  # still replaceable after writing?
+                old = temp_name(out_dir, "old")
+                os.replace(out_dir, old)
+            else:
+                os.rmdir(out_dir)
+        os.replace(tmp, out_dir)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -6,12 +6,12 @@ per kv head, H head_dim, C number of query blocks, Q query block, R keys per que
 Masks are small predicates on absolute positions, combined with ``&``. Window W: query q sees key k iff
 ``q - W < k <= q`` (W keys including itself), the HF / xformers convention.
 
-Backends (``ModelConfig.attention_impl``):
+Backends (``ModelConfig.attention_impl``; registered in ``backends.py``'s table, chosen by
+``backends.choose_attention``):
   * ``reference``: all T x S scores, then the mask. The oracle.
   * ``blocked``: pure-JAX banded attention that computes only the key blocks inside the window of each
     query block: cost T * (W + Q) instead of T * S. Used for self-attention with a window on CPU/fallback.
-  * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn", local_window_size=...)`` on GPU.
-  * ``splash``: Pallas splash attention with a local mask on TPU.
+  * ``cudnn`` (GPU) and ``splash`` (TPU): platform kernels, in ``kernels.py``.
   * ``auto``: cudnn on GPU, splash on TPU, blocked when a window makes it cheaper, else reference. The platform
     is ``ModelConfig.platform`` (the target the program is built for), never the host's backend.
 """
@@ -25,7 +25,9 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Bool, Float, Int
 
 from mistral_jax import sharding
+from mistral_jax.model import kernels  # noqa: F401 - registers cuDNN and splash first: auto prefers them
 from mistral_jax.model import kv_cache as kvc
+from mistral_jax.model.backends import ATTENTION, Backends, choose_attention, register_attention, resolve
 from mistral_jax.model.projection import proj
 from mistral_jax.model.rope import apply_rope
 
@@ -119,75 +121,6 @@ def blocked_attention(q: Float[Array, "B T N H"], k: Float[Array, "B T K H"], v:
     return out.reshape(b, c * block, n, h)[:, :t]  # [B, T, N, H]
 
 
-def cudnn_attention(q, k, v, positions, segment_ids, window):
-    """GPU: cuDNN fused attention with a local window (segment ids must be absent; causal on index)."""
-    local = None if window is None else (window - 1, 0)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local, implementation="cudnn")
-
-
-def _splash_local(q, k, v, segment_ids, window):  # pragma: no cover - needs a TPU
-    """Splash attention on one device's shard: q [B, T, N, H], k/v [B, T, K, H]."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    mask = sm.CausalMask((t, t)) if window is None else sm.LocalMask((t, t), (window - 1, 0), offset=0)
-    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([mask] * (n // kv_heads)))
-    seg = None if segment_ids is None else sk.SegmentIds(q=segment_ids, kv=segment_ids)
-    qg = (q * h**-0.5).reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
-    run = jax.vmap(jax.vmap(kernel, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, 0 if seg is not None else None))
-    out = run(qg, kt, vt, seg)  # [B, K, G, T, H]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-
-
-def splash_attention(q, k, v, positions, segment_ids, window):
-    """TPU: Pallas splash attention with a causal (and local) mask.
-
-    Mosaic kernels are not partitioned by XLA, so under a mesh the kernel runs in a ``shard_map`` over the
-    batch and head axes the rules give (contiguous head shards keep whole GQA groups together).
-    """
-    ctx = sharding.current()
-    if ctx is None:
-        return _splash_local(q, k, v, segment_ids, window)
-    mesh, rules = ctx
-    q_spec = rules.spec(("batch", "seq", "act_heads", "head_dim"), mesh)
-    kv_spec = rules.spec(("batch", "seq", "act_kv_heads", "head_dim"), mesh)
-    if segment_ids is None:
-        local = lambda q, k, v: _splash_local(q, k, v, None, window)
-        return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                             check_vma=False)(q, k, v)
-    local = lambda q, k, v, s: _splash_local(q, k, v, s, window)
-    seg_spec = rules.spec(("batch", "seq"), mesh)
-    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
-                         check_vma=False)(q, k, v, segment_ids)
-
-
-SPLASH_BLOCK = 128  # splash's default query / key block: sequences of other lengths use the XLA backends
-
-
-def pick_backend(impl: str, *, platform: str, self_attention: bool, seq_len: int, window: int | None, block: int,
-                 has_segments: bool) -> str:
-    """Resolve ``auto`` for the target ``platform`` ("cpu", "gpu", "tpu") and fall back to ``reference`` where a
-    backend does not apply."""
-    if platform not in ("cpu", "gpu", "tpu"):
-        raise ValueError(f"attention backend for platform={platform!r}: expected cpu, gpu or tpu. Fix: build the "
-                         "model from a config with a platform (the Transformer fills it in: cfg.for_platform()).")
-    if impl == "auto":
-        if platform == "gpu" and not has_segments and self_attention:
-            impl = "cudnn"
-        elif platform == "tpu" and self_attention and seq_len % SPLASH_BLOCK == 0:
-            impl = "splash"
-        elif window is not None and self_attention and seq_len > window + block:
-            impl = "blocked"
-        else:
-            impl = "reference"
-    if impl != "reference" and not self_attention:
-        impl = "reference"  # cached decoding attends over the cache buffer: the buffer already is the band
-    return impl
-
-
 def band_block(cfg) -> int:
     """Query block of the blocked backend: ``attention_block_size``, but at most ``max(64, W / 4)``.
 
@@ -200,26 +133,35 @@ def band_block(cfg) -> int:
     return min(cfg.attention_block_size, max(64, window // 4))
 
 
-def attend(cfg, q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, *, self_attention: bool) -> Float[Array, "B T N H"]:
-    """Dispatch to the configured backend; all backends agree with ``reference_attention``."""
+# where the band skips work: a window, and more queries than the W + Q keys each block reads
+@register_attention("blocked", supports=lambda c: c.window is not None and c.seq_len > c.window + c.block)
+def _blocked(q, k, v, positions, segment_ids, *, window, block, backends=None):
+    return blocked_attention(q, k, v, positions, segment_ids, window, block)
+
+
+@register_attention("reference")
+def _reference(q, k, v, positions, segment_ids, *, window, block=None, backends=None):
+    return reference_attention(q, k, v, make_mask(positions, positions, segment_ids, segment_ids, window))
+
+
+def attend(cfg, backends: Backends, q: Float[Array, "B T N H"], k: Float[Array, "B T K H"],
+           v: Float[Array, "B T K H"], positions: Int[Array, "B T"], segment_ids: Int[Array, "B T"] | None
+           ) -> Float[Array, "B T N H"]:
+    """Self-attention by the backend ``choose_attention`` picks for these shapes; all agree with the reference."""
     block = band_block(cfg)
-    impl = pick_backend(cfg.attention_impl, platform=cfg.platform, self_attention=self_attention, seq_len=q.shape[1],
-                        window=cfg.sliding_window, block=block, has_segments=q_seg is not None)
-    if impl == "blocked" and cfg.sliding_window is not None:
-        return blocked_attention(q, k, v, q_pos, q_seg, cfg.sliding_window, block)
-    if impl == "cudnn":
-        return cudnn_attention(q, k, v, q_pos, q_seg, cfg.sliding_window)
-    if impl == "splash":
-        return splash_attention(q, k, v, q_pos, q_seg, cfg.sliding_window)
-    return reference_attention(q, k, v, make_mask(q_pos, k_pos, q_seg, k_seg, cfg.sliding_window))
+    name = choose_attention(backends.attention, platform=backends.platform, self_attention=True, seq_len=q.shape[1],
+                            window=cfg.sliding_window, block=block, has_segments=segment_ids is not None)
+    return ATTENTION[name].fn(q, k, v, positions, segment_ids, window=cfg.sliding_window, block=block,
+                              backends=backends)
 
 
 # ----------------------------------------------------------------------------- module
 class Attention(nnx.Module):
     """Mistral attention: q/k/v projections, RoPE, GQA, output projection (no biases)."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, rngs: nnx.Rngs, backends: Backends | None = None):
         self.cfg = cfg if cfg.platform else cfg.for_platform()  # the Transformer passes it resolved
+        self.backends = backends if backends is not None else resolve(self.cfg)  # chosen once (backends.py)
         d, n, kh, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         init = nnx.initializers.normal(cfg.initializer_range)
         pd = cfg.jnp_param_dtype
@@ -244,9 +186,10 @@ class Attention(nnx.Module):
         q = sharding.constrain(q, ("batch", "seq", "act_heads", "head_dim"))
 
         if cache is None:
-            out = attend(cfg, q, k, v, positions, positions, segment_ids, segment_ids, self_attention=True)
+            out = attend(cfg, self.backends, q, k, v, positions, segment_ids)
         else:
             keys, values, k_pos, cache = cache.update(k, v, positions)  # [B, S2, K, H], [B, S2, K, H], [B, S2]
+            # the cache buffer already is the band: the reference attention over it
             mask = make_mask(positions, k_pos, window=cfg.sliding_window)  # [B, T, S2]
             out = reference_attention(q, keys.astype(dt), values.astype(dt), mask)
         return proj("BTNH,NHD->BTD", out, self.wo[...].astype(dt)), cache

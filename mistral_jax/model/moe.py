@@ -6,13 +6,15 @@ M = B*T tokens, A = M*X routed assignments.
 Routing: router logits (a float32 matmul) -> softmax (float32) -> top-k -> renormalise the k weights (HF
 ``MixtralTopKRouter``; HF computes the logits in the model dtype, so bfloat16 routing can differ from HF's).
 
-Backends (``ModelConfig.moe_impl``):
+Paths (registered in ``backends.py``'s table, chosen once by ``backends.resolve`` from ``ModelConfig.moe_impl``,
+``moe_dispatch`` and the mesh passed to the model):
   * ``dense``: every expert on every token, combined with the (mostly zero) routing weights. The oracle.
-  * ``ragged``: dropless: sort the A assignments by expert and run three grouped matmuls
-    (``jax.lax.ragged_dot``), so compute is proportional to X, not to E.
-  * ``expert_parallel``: ``ragged`` inside a ``shard_map`` over the mesh axis that shards the experts (see
-    ``expert_parallel_experts``). ``ragged`` switches to it by itself when the active rules shard ``experts``
-    over a mesh axis of size > 1; without such a mesh, ``expert_parallel`` computes ``ragged``.
+  * ``ragged``: dropless: sort the A assignments by expert and run the SwiGLU experts on the sorted rows (the
+    platform's expert MLP: three grouped matmuls on accelerators, ``cpu.looped_expert_mlp`` on CPU), so compute
+    is proportional to X, not to E.
+  * ``all_to_all`` / ``all_gather``: expert parallelism, ``ragged`` inside a ``shard_map`` over the mesh axis that
+    shards the experts. ``moe_impl`` ``ragged`` and ``expert_parallel`` take it when the mesh given to the model
+    shards ``experts`` over an axis of size > 1; without such a mesh, both compute ``ragged``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from mistral_jax import sharding
-from mistral_jax.model.grouped_matmul import expert_mlp
+from mistral_jax.model import cpu  # noqa: F401 - registers the CPU expert MLP and exchange
+from mistral_jax.model.backends import MOE, Backends, register_moe, resolve
 
 
 def route(logits: Float[Array, "M E"], top_k: int
@@ -146,13 +149,19 @@ def dense_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "M X"]
     return jnp.einsum("MED,ME->MD", y, gates.astype(y.dtype))
 
 
+def swiglu_experts(x: Float[Array, "A D"], w1: Float[Array, "E D F"], w3: Float[Array, "E D F"],
+                   w2: Float[Array, "E F D"], group_sizes: Int[Array, " E"], *, gmm) -> Float[Array, "A D"]:
+    """SwiGLU experts on rows sorted by expert from a grouped matmul ``gmm(x, w, group_sizes)`` (``ragged_dot``
+    semantics): ``y[i] = (silu(x[i] w1[g]) * (x[i] w3[g])) w2[g]`` for row i of group g, rows past the groups 0."""
+    return gmm(jax.nn.silu(gmm(x, w1, group_sizes)) * gmm(x, w3, group_sizes), w2, group_sizes)
+
+
 def ragged_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "M X"], top_idx: Int[Array, "M X"], *,
-                   platform: str) -> Float[Array, "M D"]:
+                   mlp) -> Float[Array, "M D"]:
     """Dropless grouped matmul: sort the A = M*X assignments by expert and run the SwiGLU experts on them
-    (``grouped_matmul.expert_mlp``: ``ragged_dot`` on accelerators, looped blocks on CPU; ``platform`` is the
-    target's)."""
+    (``mlp(x, w1, w3, w2, group_sizes)``: the platform's expert MLP, ``Backends.experts_fn()``)."""
     a = sort_assignments(top_idx, w1.shape[0])
-    y = expert_mlp(dispatch(x, a.order, a.inverse), w1, w3, w2, a.group_sizes, platform=platform)  # [A, D]
+    y = mlp(dispatch(x, a.order, a.inverse), w1, w3, w2, a.group_sizes)  # [A, D]
     return combine(y, a, top_w)  # [M, D]
 
 
@@ -166,8 +175,7 @@ def _expert_layout(ep: sharding.ExpertParallel, num_experts: int) -> tuple[str, 
 
 
 def expert_parallel_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "M X"],
-                            top_idx: Int[Array, "M X"], ep: sharding.ExpertParallel, *, platform: str
-                            ) -> Float[Array, "M D"]:
+                            top_idx: Int[Array, "M X"], ep: sharding.ExpertParallel, *, mlp) -> Float[Array, "M D"]:
     """Dropless expert parallelism: each expert shard runs only its own E/P experts.
 
     Inside a ``shard_map`` (P = size of the expert mesh axis, F sharded over the tensor axis if any):
@@ -194,7 +202,7 @@ def expert_parallel_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Arr
         mine = (il >= lo) & (il < lo + e_local)  # [mg, X] assignments routed to this shard's experts
         a = sort_assignments(jnp.where(mine, il - lo, e_local), e_local + 1)  # this shard's first, e_local = elsewhere
         group_sizes = a.group_sizes[:e_local]  # [e]
-        y = expert_mlp(dispatch(xl, a.order, a.inverse), w1l, w3l, w2l, group_sizes, platform=platform)  # [A, D]
+        y = mlp(dispatch(xl, a.order, a.inverse), w1l, w3l, w2l, group_sizes)  # [A, D]
         out = combine(y, a, jnp.where(mine, wl, 0))  # [mg, D] partial: this shard's experts (and F slice)
         if ta is not None:
             out = jax.lax.psum(out, ta)
@@ -211,33 +219,15 @@ def _exclusive_cumsum(x: Array, axis: int = -1) -> Array:
     return jnp.cumsum(x, axis=axis) - x
 
 
-def ragged_all_to_all(operand: Float[Array, "N D"], output: Float[Array, "R D"], input_offsets: Int[Array, " P"],
-                      send_sizes: Int[Array, " P"], output_offsets: Int[Array, " P"], recv_sizes: Int[Array, " P"], *,
-                      axis_name: str, platform: str) -> Float[Array, "R D"]:
-    """``jax.lax.ragged_all_to_all`` (same arguments: ``output_offsets[j]`` is where this shard's block lands in
-    peer j's output), or on CPU, whose XLA backend has no such op, the same exchange through a dense
-    ``all_to_all`` of per-peer blocks padded to N rows (memory P*N rows: for tests and small CPU meshes)."""
-    if platform != "cpu":
-        return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
-                                         axis_name=axis_name)
-    n, r = operand.shape[0], output.shape[0]
-    k = jnp.arange(n)
-    rows = jnp.clip(input_offsets[:, None] + k, 0, n - 1)  # [P, N]
-    blocks = jnp.where((k < send_sizes[:, None])[..., None], operand[rows], 0)  # [P, N, D] block for each peer
-    blocks = jax.lax.all_to_all(blocks, axis_name, 0, 0)  # [P, N, D]: block j came from peer j
-    offsets = jax.lax.all_to_all(output_offsets[:, None], axis_name, 0, 0)[:, 0]  # [P] where peer j's block goes
-    dest = jnp.where(k < recv_sizes[:, None], offsets[:, None] + k, r)  # [P, N]; r = dropped (padding)
-    return output.at[dest.reshape(-1)].set(blocks.reshape(-1, *operand.shape[1:]), mode="drop")
-
-
 def all_to_all_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "M X"], top_idx: Int[Array, "M X"],
-                       ep: sharding.ExpertParallel, *, platform: str, chunk_tokens: int = 0) -> Float[Array, "M D"]:
+                       ep: sharding.ExpertParallel, *, mlp, exchange, chunk_tokens: int = 0) -> Float[Array, "M D"]:
     """Dropless expert parallelism by ragged all-to-all: each assignment travels only to the shard of its expert.
 
     Inside a ``shard_map`` (P = size of the expert mesh axis, tokens split over it; F sharded over the tensor
     axis if any), per chunk of c local tokens (``chunk_tokens``; 0 = all m at once):
       1. dispatch: sort the c*X assignments by expert (so by destination shard), exchange the per-expert counts
-         (an all-gather of P x E integers) and send each block to its expert's shard (``ragged_all_to_all``);
+         (an all-gather of P x E integers) and send each block to its expert's shard (``exchange``: the platform's
+         ``ragged_all_to_all``, ``Backends.exchange_fn()``);
       2. each shard runs its E/P experts on what it received, grouped by local expert (three grouped matmuls);
       3. combine: the outputs travel back by the inverse ``ragged_all_to_all`` and each token sums its X expert
          outputs weighted by the router (the weights never travel); a ``psum`` over the tensor axis completes
@@ -263,7 +253,7 @@ def all_to_all_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "
         sends = all_counts.reshape(n_shards, n_shards, e_local).sum(-1)  # [src, dst] rows
         me = jax.lax.axis_index(ea)
         send_sizes, recv_sizes = sends[me], sends[:, me]  # [P], [P]
-        a2a = functools.partial(ragged_all_to_all, axis_name=ea, platform=platform)
+        a2a = functools.partial(exchange, axis_name=ea)
         rows = n_shards * c * min(top_k, e_local)  # worst case: every token of every shard routed here
         recv = a2a(dispatch(xc, a.order, a.inverse), jnp.zeros((rows, d), xc.dtype), _exclusive_cumsum(send_sizes),
                    send_sizes, _exclusive_cumsum(sends, axis=0)[me], recv_sizes)  # [R, D]: by source, then local expert
@@ -275,7 +265,7 @@ def all_to_all_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "
                              total_repeat_length=rows)  # [R] local expert of each received row (e = padding)
             perm = jnp.argsort(ids, stable=True)  # [R]
             recv = recv[perm]
-        y = expert_mlp(recv, w1l, w3l, w2l, group_sizes, platform=platform)  # [R, D] (partial over the tensor axis)
+        y = mlp(recv, w1l, w3l, w2l, group_sizes)  # [R, D] (partial over the tensor axis)
         if e_local > 1:
             y = jnp.zeros_like(y).at[perm].set(y)  # back to the received order
         back = a2a(y, jnp.zeros((c * top_k, d), y.dtype), _exclusive_cumsum(recv_sizes), recv_sizes,
@@ -305,11 +295,22 @@ def _chunk(m: int, chunk_tokens: int) -> int:
     return max(c for c in range(1, chunk_tokens + 1) if m % c == 0)
 
 
+# The registered paths: fn(x, w1, w3, w2, top_w, top_idx, backends, cfg) -> [M, D].
+register_moe("dense")(lambda *args, backends, cfg: dense_experts(*args))
+register_moe("ragged")(lambda *args, backends, cfg: ragged_experts(*args, mlp=backends.experts_fn()))
+register_moe("all_gather")(lambda *args, backends, cfg: expert_parallel_experts(
+    *args, ep=backends.expert_parallel, mlp=backends.experts_fn()))
+register_moe("all_to_all")(lambda *args, backends, cfg: all_to_all_experts(
+    *args, ep=backends.expert_parallel, mlp=backends.experts_fn(), exchange=backends.exchange_fn(),
+    chunk_tokens=cfg.moe_chunk_tokens))
+
+
 class MoE(nnx.Module):
     """Mixtral's sparse MoE block (HF ``MixtralSparseMoeBlock``)."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, rngs: nnx.Rngs, backends: Backends | None = None):
         self.cfg = cfg if cfg.platform else cfg.for_platform()  # the Transformer passes it resolved
+        self.backends = backends if backends is not None else resolve(self.cfg)  # chosen once (backends.py)
         d, f, e = cfg.dim, cfg.hidden_dim, cfg.num_experts
         init = nnx.initializers.normal(cfg.initializer_range)
         pd = cfg.jnp_param_dtype
@@ -335,13 +336,5 @@ class MoE(nnx.Module):
         stats = router_stats(logits, probs, top_idx, valid_m)
         args = (xf, self.w1[...].astype(dt), self.w3[...].astype(dt), self.w2[...].astype(dt), top_w.astype(dt),
                 top_idx)
-        ep = sharding.expert_parallel() if cfg.moe_impl in ("ragged", "expert_parallel") else None
-        if cfg.moe_impl == "dense":
-            y = dense_experts(*args)
-        elif ep is not None and cfg.moe_dispatch == "all_to_all" and ep.tokens_split_over_experts:
-            y = all_to_all_experts(*args, ep=ep, platform=cfg.platform, chunk_tokens=cfg.moe_chunk_tokens)
-        elif ep is not None:
-            y = expert_parallel_experts(*args, ep=ep, platform=cfg.platform)
-        else:
-            y = ragged_experts(*args, platform=cfg.platform)
+        y = MOE[self.backends.moe].fn(*args, backends=self.backends, cfg=cfg)  # [M, D]
         return sharding.constrain(y.reshape(b, t, d), ("batch", "seq", "act_embed")), stats

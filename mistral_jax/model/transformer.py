@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
 from mistral_jax import sharding
@@ -30,6 +31,7 @@ from mistral_jax.config import ModelConfig
 from mistral_jax.model import kv_cache as kvc
 from mistral_jax.model import moe as moe_lib
 from mistral_jax.model.attention import Attention
+from mistral_jax.model.backends import Backends, resolve
 from mistral_jax.model.moe import MoE
 from mistral_jax.model.projection import proj
 
@@ -74,12 +76,12 @@ def empty_router_stats(cfg: ModelConfig) -> dict[str, Array]:
 class DecoderLayer(nnx.Module):
     """Pre-norm block: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, backends: Backends):
         self.cfg = cfg
         self.attention_norm = RMSNorm(cfg)
-        self.attention = Attention(cfg, rngs=rngs)
+        self.attention = Attention(cfg, rngs=rngs, backends=backends)
         self.ffn_norm = RMSNorm(cfg)
-        self.feed_forward = MoE(cfg, rngs=rngs) if cfg.is_moe else MLP(cfg, rngs=rngs)
+        self.feed_forward = MoE(cfg, rngs=rngs, backends=backends) if cfg.is_moe else MLP(cfg, rngs=rngs)
 
     def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"], segment_ids: Int[Array, "B T"] | None,
                  cache: kvc.LayerCache | None = None
@@ -150,14 +152,18 @@ class Transformer(nnx.Module):
     parameters are stacked with a leading ``L`` axis (logical axis ``layers``) so the forward pass scans one
     compiled layer over depth.
 
-    ``cfg.platform`` empty is filled with the host's backend here, once: the backends (attention, grouped
-    matmul) are chosen from ``model.cfg.platform``, so a config for another platform builds that platform's
-    program (an ahead-of-time TPU compile on a CPU host).
+    ``cfg.platform`` empty is filled with the host's backend here, once. The backends (attention, MoE path,
+    expert MLP) are chosen here too, once (``backends.resolve``), from ``cfg.platform`` and the ``mesh`` and
+    ``rules`` passed in (None: no mesh-aware backend; ``backends.bind`` sets them later): a config for another
+    platform builds that platform's program (an ahead-of-time TPU compile on a CPU host), and tracing under an
+    active mesh never changes the choice.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None,
+                 rules: sharding.ShardingRules | None = None):
         cfg = cfg if cfg.platform else cfg.for_platform()
         self.cfg = cfg
+        self.backends = backends = resolve(cfg, mesh, rules)
         pd = cfg.jnp_param_dtype
         init = nnx.initializers.normal(cfg.initializer_range)
         self.embed = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.dim), pd), logical_axes=("vocab", "embed"))
@@ -165,7 +171,7 @@ class Transformer(nnx.Module):
         @nnx.split_rngs(splits=cfg.n_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
-            return DecoderLayer(cfg, rngs=rngs)
+            return DecoderLayer(cfg, rngs=rngs, backends=backends)
 
         self.layers = make_layers(rngs)
         for _, var in nnx.iter_graph(self.layers):  # the stacked axis is the logical axis "layers"

@@ -49,6 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
+from mistral_jax.model import backends
 from mistral_jax.model.transformer import Transformer
 from mistral_jax.training.loss import loss_fn, token_cross_entropy
 from mistral_jax.training.optimizer import make_optimizer
@@ -152,7 +153,8 @@ def state_layout(abstract_model: nnx.Module, tx: optax.GradientTransformation, m
       sharding (what ``Checkpointer.restore_latest`` and ``lower`` take); optimizer moments get their
       parameter's sharding, scalars are replicated.
     """
-    graphdef, params, frozen = nnx.split(abstract_model, trainable, ...)
+    # the model's backends (splash's shard_map, expert parallelism) chosen for this mesh, once
+    graphdef, params, frozen = nnx.split(backends.bind(abstract_model, mesh, rules), trainable, ...)
     param_sh = nnx.to_pure_dict(sharding.state_shardings(params, mesh, rules))
     frozen_sh = nnx.to_pure_dict(sharding.state_shardings(frozen, mesh, rules))
     params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
@@ -195,7 +197,8 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, shardings: d
 def fresh_model(model_cfg: ModelConfig, seed: int, mesh: Mesh,
                 rules: sharding.ShardingRules = sharding.DEFAULT_RULES) -> Transformer:
     """A randomly initialised ``Transformer`` created directly in its shards."""
-    return sharding.create_sharded(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed)), mesh, rules)
+    return sharding.create_sharded(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed), mesh=mesh, rules=rules), mesh,
+                                   rules)
 
 
 def make_train_state(model_cfg: ModelConfig, run_cfg: Any, mesh: Mesh,

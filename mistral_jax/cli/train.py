@@ -4,8 +4,11 @@ Resumes from ``{workdir}/checkpoints`` when present. On SIGTERM / SIGINT it save
 Several processes (a TPU slice, SLURM, Open MPI, or the ``MISTRAL_JAX_*`` variables of ``mistral_jax.distributed``)
 run the same command; ``jax.distributed`` starts after the argument checks, before any device is used.
 The run config is resolved once (``mistral_jax.training.run.resolve``: model config for this host's platform, mesh,
-rules, recipe), as the AOT tool resolves it for a TPU topology.
-``--dry_run`` compiles the train step on the real devices, prints memory per device and FLOPs, and writes nothing.
+rules, optimizer, recipe, ``init_from``), as the AOT tool resolves it for a TPU topology.
+``--dry_run`` compiles the train step on the real devices (``aot.compile_run``, the AOT tool's compile), prints
+memory per device and FLOPs, and writes nothing.
+The log is quiet: warnings and the summary only; ``--verbose`` adds the run's set-up (recipe, mesh, sharding rules,
+FLOPs and peak) on stderr.
 A bad argument or config value is one line naming it, its value and the fix (exit status 2), checked before anything
 is loaded; a run that fails (a checkpoint save, a non-finite loss) is one line too (exit status 1). Tracebacks only
 with ``MISTRAL_JAX_DEBUG=1`` or ``--verbose``. The last line is a summary: status, step, final loss, newest checkpoint.
@@ -68,15 +71,19 @@ def main(argv: list[str]) -> None:
     from mistral_jax.training import checkpoint, run, trainer
 
     cli.quiet_libraries()  # again: absl's flag parsing resets the verbosity (Orbax logs every save at INFO)
-    logging.getLogger("mistral_jax").setLevel(logging.INFO)
+    # quiet by default (the README's promise): warnings only; --verbose shows the run's set-up (mesh, rules, FLOPs)
+    logging.getLogger("mistral_jax").setLevel(logging.INFO if cli.debug_enabled() else logging.WARNING)
     cfg, workdir = _FLAGS["config"].value, _FLAGS["workdir"].value
     try:
         run.check_processes(cfg, workdir, distributed.expected_process_count())  # before any device
         distributed.initialize()
+        spec = run.resolve(cfg)  # the run, resolved once: mesh, rules, model config, optimizer, init_from
         if _FLAGS["dry_run"].value:
-            report = trainer.format_dry_run(trainer.dry_run(cfg, workdir))
+            from mistral_jax.aot.dry_run import dry_run, format_dry_run
+
+            report = format_dry_run(dry_run(spec, workdir))
             return print(report, flush=True) if jax.process_index() == 0 else None
-        result = trainer.train(cfg, workdir)
+        result = trainer.train(spec, workdir)
     except (run.ConfigError, checkpoint.WorkdirBusy, ValueError) as e:
         if cli.debug_enabled():
             raise

@@ -66,6 +66,9 @@ class Checkpoint(os.PathLike):
     def __str__(self) -> str:
         return self.path
 
+    def __repr__(self) -> str:  # reads as the path in messages (``config.init_from='...'``)
+        return repr(self.path)
+
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Open a checkpoint directory once: detect its format, read its config file (no weights) and find its

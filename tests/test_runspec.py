@@ -193,3 +193,31 @@ def test_train_py_stderr_is_quiet(tmp_path, tokenizer_path):
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert verbose.returncode == 0, verbose.stderr[-2000:]
     assert re.search(r"rules auto: .*embed->", verbose.stderr), verbose.stderr[-2000:]
+
+
+# ------------------------------------------------------------------- tools that start from a checkpoint
+def test_resolve_checkpoint_gives_the_tools_mesh_rules_and_model_config(tiny_trained_run, monkeypatch):
+    spec = run_lib.resolve_checkpoint(tiny_trained_run, mesh="auto")  # eval's mesh: FSDP when dim divides
+    assert dict(spec.mesh.shape)["fsdp"] == 8 and spec.rules == sharding.rules_preset("fsdp")
+    assert spec.model_cfg == spec.checkpoint.config.replace(platform="cpu")
+    wide = run_lib.resolve_checkpoint(spec.checkpoint, mesh="auto", devices=jax.devices()[:3])  # 64 % 3: replicas
+    assert dict(wide.mesh.shape)["data"] == 3 and wide.checkpoint is spec.checkpoint
+    one = run_lib.resolve_checkpoint(tiny_trained_run, mesh={"data": 2, "fsdp": -1}, dtype="bfloat16")
+    assert dict(one.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1}
+    assert one.model_cfg.dtype == "bfloat16"
+    assert run_lib.resolve_checkpoint(tiny_trained_run).mesh is None  # generate: one device
+    with pytest.raises(run_lib.MeshConfigError, match="mesh.data=3.*8 devices are not divisible by 3"):
+        run_lib.resolve_checkpoint(tiny_trained_run, mesh={"data": 3, "fsdp": -1})
+    # the checkpoint tools' loader (generate, serve) opens the checkpoint once
+    from argparse import Namespace
+
+    from mistral_jax import cli
+
+    opened = []
+    orig = loading.open_checkpoint
+    monkeypatch.setattr(loading, "open_checkpoint", lambda p: opened.append(p) or orig(p))
+    monkeypatch.setattr(loading, "formats_of", lambda p, _f=loading.formats_of: opened.append("probe") or _f(p))
+    tok, model = cli.load_checkpoint(Namespace(checkpoint=tiny_trained_run, dtype=None),
+                                     os.path.join(tiny_trained_run, "tokenizer.model"))
+    assert model.cfg == spec.model_cfg and tok.vocab_size == 512
+    assert [p for p in opened if not isinstance(p, loading.Checkpoint)] == [tiny_trained_run, "probe"]

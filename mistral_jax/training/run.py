@@ -11,8 +11,9 @@ model config (once: ``config.model`` preset + overrides, ``config.remat``, ``ini
 target platform (the devices' platform unless ``config.model.platform`` names one; on a TPU topology's devices the
 ``auto`` backends resolve for the TPU). ``validate_config`` runs the same checks without devices.
 
-The tools that start from a checkpoint rather than a run config (generate, serve, eval, export) resolve their mesh
-and rules with ``checkpoint_mesh``.
+The tools that start from a checkpoint rather than a run config (generate, serve, eval) resolve theirs with
+``resolve_checkpoint`` -> ``CheckpointSpec`` (the opened checkpoint, its model config for the devices' platform,
+mesh and rules).
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ log = logging.getLogger(__name__)
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 __all__ = ["CONFIG_DIR", "ConfigError", "DataSpec", "MeshConfigError", "Run", "RunSpec", "base_config",
-           "check_cli_overrides", "check_processes", "checkpoint_mesh", "describe", "load_config_file",
-           "model_config_from", "model_config_of", "resolve", "rules_from", "validate_config"]
+           "CheckpointSpec", "check_cli_overrides", "check_processes", "describe", "load_config_file",
+           "model_config_from", "model_config_of", "resolve", "resolve_checkpoint", "rules_from", "validate_config"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,12 +238,52 @@ def _mesh_sizes(cfg: ConfigDict, n_devices: int, n_slices: int) -> dict[str, int
         raise MeshConfigError(f"config.mesh: {e}") from None
 
 
-def checkpoint_mesh(mesh_cfg: Any = None, devices: Sequence[Any] | None = None
-                    ) -> tuple[Mesh, sharding.ShardingRules]:
-    """``(mesh, rules)`` for a tool that starts from a checkpoint (generate, serve, eval, export) rather than a run
-    config: ``mesh_cfg`` (``config.mesh``-like fields; default: FSDP over every device) on ``devices``."""
-    mesh = sharding.mesh_from_config(mesh_cfg or {}, devices=devices)
-    return mesh, sharding.rules_from_config(mesh_cfg or {}, mesh)
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    """What a tool that starts from a checkpoint (generate, serve, eval) runs: ``resolve_checkpoint``'s result."""
+
+    checkpoint: loading.Checkpoint  # opened once; the loaders take it
+    model_cfg: ModelConfig  # the checkpoint's network, built for the devices' platform (and ``dtype``)
+    mesh: Mesh | None  # None: one device, unsharded
+    rules: sharding.ShardingRules
+    dtype: str | None  # parameter and compute dtype; None keeps the stored one
+
+    def load(self) -> Any:
+        """The model (``loading.load_pretrained`` of the opened checkpoint on the mesh)."""
+        return loading.load_pretrained(self.checkpoint, dtype=self.dtype, mesh=self.mesh, rules=self.rules,
+                                       config_overrides=dict(dtype=self.dtype) if self.dtype else None)
+
+
+def resolve_checkpoint(path: str | os.PathLike, *, mesh: str | dict[str, int] | None = None,
+                       devices: Sequence[Any] | None = None, dtype: str | None = None) -> CheckpointSpec:
+    """The one place the checkpoint tools get their mesh, rules and model config (``resolve`` for run configs).
+
+    Args:
+      path: the checkpoint directory (anything ``loading.load_pretrained`` reads), or its opened handle.
+      mesh: None (one device, unsharded); ``"auto"`` (several devices: FSDP over all of them when the model's
+        ``dim`` divides, else every device a data-parallel replica); or ``config.mesh``-like axis sizes
+        (``{"data": 1, "fsdp": -1, ...}``).
+      devices: the devices (default: every global device).
+      dtype: parameter and compute dtype; None keeps the stored one.
+
+    Raises:
+      FileNotFoundError / ValueError: not a checkpoint directory. MeshConfigError: sizes that do not lay out the
+        devices.
+    """
+    ckpt = loading.open_checkpoint(path)
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh
+    if mesh == "auto":
+        sizes = (None if len(devices) == 1 else {"fsdp": -1} if ckpt.config.dim % len(devices) == 0
+                 else {"data": -1, "fsdp": 1})
+    try:
+        built = sharding.mesh_from_config(sizes, devices=devices) if sizes else None
+    except (ValueError, TypeError) as e:
+        raise MeshConfigError(str(e)) from None
+    rules = sharding.rules_from_config(sizes or {}, built)
+    platform = ModelConfig.resolve_platform(devices[0].platform)
+    model_cfg = ckpt.config.replace(platform=platform, **({"dtype": dtype} if dtype else {}))
+    return CheckpointSpec(checkpoint=ckpt, model_cfg=model_cfg, mesh=built, rules=rules, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------------- checks

@@ -3,6 +3,7 @@
 FLOP count and one peak table: ``mistral_jax.flops``); ``train.py`` is quiet on stderr."""
 
 import collections
+import logging
 import os
 import re
 import subprocess
@@ -102,7 +103,12 @@ def _train_main(monkeypatch, workdir, tokenizer_path, *extra):
     monkeypatch.setitem(train_cli._FLAGS, "workdir", flags.DEFINE_string("workdir", None, "out", flag_values=fv))
     monkeypatch.setitem(train_cli._FLAGS, "dry_run", flags.DEFINE_bool("dry_run", False, "compile", flag_values=fv))
     fv(argv)
-    train_cli.main(argv)
+    package_log = logging.getLogger("mistral_jax")
+    level = package_log.level
+    try:
+        train_cli.main(argv)
+    finally:
+        package_log.setLevel(level)  # main() sets the package's log level: restored for the other tests
 
 
 @pytest.mark.parametrize("start", ["fresh", "init_from"])

@@ -104,11 +104,13 @@ def _train_main(monkeypatch, workdir, tokenizer_path, *extra):
     monkeypatch.setitem(train_cli._FLAGS, "dry_run", flags.DEFINE_bool("dry_run", False, "compile", flag_values=fv))
     fv(argv)
     package_log = logging.getLogger("mistral_jax")
-    level = package_log.level
+    level, handlers, propagate = package_log.level, list(package_log.handlers), package_log.propagate
     try:
         train_cli.main(argv)
-    finally:
-        package_log.setLevel(level)  # main() sets the package's log level: restored for the other tests
+    finally:  # main() sets the package's logging up: restored for the other tests
+        package_log.setLevel(level)
+        package_log.handlers[:] = handlers
+        package_log.propagate = propagate
 
 
 @pytest.mark.parametrize("start", ["fresh", "init_from"])
@@ -193,6 +195,7 @@ def test_train_py_stderr_is_quiet(tmp_path, tokenizer_path):
     glog = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d", re.M)  # absl / glog: I1205 12:00:00.123 ...
     assert not glog.search(proc.stderr), proc.stderr[:2000]
     assert "->" not in proc.stderr and "rules" not in proc.stderr, proc.stderr[:2000]  # the sharding rules dump
+    assert len(proc.stderr.splitlines()) <= 3, proc.stderr[:2000]  # a few plain lines: FLOPs and peak, parameters
     assert "train: done at step 2/2" in proc.stdout
     # the set-up is still there for who asks for it
     verbose = subprocess.run(cmd[:4] + [f"--workdir={tmp_path / 'verbose'}"] + cmd[5:] + ["--verbose"], env=env,

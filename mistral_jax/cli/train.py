@@ -7,8 +7,8 @@ The run config is resolved once (``mistral_jax.training.run.resolve``: model con
 rules, optimizer, recipe, ``init_from``), as the AOT tool resolves it for a TPU topology.
 ``--dry_run`` compiles the train step on the real devices (``aot.compile_run``, the AOT tool's compile), prints
 memory per device and FLOPs, and writes nothing.
-The log is quiet: warnings and the summary only; ``--verbose`` adds the run's set-up (recipe, mesh, sharding rules,
-FLOPs and peak) on stderr.
+The log is quiet: a few plain lines (FLOPs and peak, a resume, warnings) and the summary; ``--verbose`` adds the
+run's set-up (recipe, mesh, sharding rules, platform) on stderr.
 A bad argument or config value is one line naming it, its value and the fix (exit status 2), checked before anything
 is loaded; a run that fails (a checkpoint save, a non-finite loss) is one line too (exit status 1). Tracebacks only
 with ``MISTRAL_JAX_DEBUG=1`` or ``--verbose``. The last line is a summary: status, step, final loss, newest checkpoint.
@@ -71,8 +71,7 @@ def main(argv: list[str]) -> None:
     from mistral_jax.training import checkpoint, run, trainer
 
     cli.quiet_libraries()  # again: absl's flag parsing resets the verbosity (Orbax logs every save at INFO)
-    # quiet by default (the README's promise): warnings only; --verbose shows the run's set-up (mesh, rules, FLOPs)
-    logging.getLogger("mistral_jax").setLevel(logging.INFO if cli.debug_enabled() else logging.WARNING)
+    _plain_logs(logging.DEBUG if cli.debug_enabled() else logging.INFO)
     cfg, workdir = _FLAGS["config"].value, _FLAGS["workdir"].value
     try:
         run.check_processes(cfg, workdir, distributed.expected_process_count())  # before any device
@@ -112,6 +111,20 @@ def main(argv: list[str]) -> None:
               flush=True)
     if result["status"] == "preempted":
         sys.exit(128 + result["signal"])
+
+
+def _plain_logs(level: int) -> None:
+    """The package's log lines as plain text on stderr, without the glog header (``I1205 12:00:00.1 123
+    trainer.py:430]``) absl's handler gives them; ``level`` DEBUG (``--verbose``) adds the run's set-up (recipe, mesh,
+    sharding rules, platform)."""
+    log = logging.getLogger("mistral_jax")
+    log.setLevel(level)
+    if not any(getattr(h, "mistral_jax_plain", False) for h in log.handlers):
+        handler = logging.StreamHandler()  # stderr
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.mistral_jax_plain = True
+        log.addHandler(handler)
+    log.propagate = False  # not again through absl's handler on the root logger
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -365,8 +365,8 @@ def _train(run: Run, workdir: str) -> dict[str, Any]:
         log.warning("%s holds a run without a checkpoint (%s): starting at step 0.", workdir, _describe(prev))
     reasons = _identity_differences(run, workdir) if resuming else []
 
-    if jax.process_index() == 0:
-        log.info("%s", run_lib.describe(run))
+    if jax.process_index() == 0:  # the set-up (mesh, the whole rules table): train.py --verbose shows it
+        log.debug("%s", run_lib.describe(run))
     tx, schedule = run.tx, run.schedule
     graphdef, abstract_state, shardings = step_lib.state_layout(recipe.abstract_model(model_cfg), tx, mesh, rules,
                                                                 recipe.trainable,

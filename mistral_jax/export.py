@@ -24,7 +24,16 @@ import jax
 from mistral_jax import sharding
 from mistral_jax.convert import build, dtypes, hf, mistral, native, paths, sources, tokenizer_files, writing
 from mistral_jax.convert.sources import ConversionError
-from mistral_jax.loading import FORMATS, _cfg_of, input_dirs, known_tokenizer, open_source, sources_of, tokenizer_path
+from mistral_jax.loading import (
+    FORMATS,
+    _cfg_of,
+    input_dirs,
+    known_tokenizer,
+    open_checkpoint,
+    open_source,
+    sources_of,
+    tokenizer_path,
+)
 from mistral_jax.model.transformer import params_dict
 
 __all__ = ["ConversionError", "convert", "save_hf", "save_jax", "save_mistral"]
@@ -153,10 +162,15 @@ def convert(src: str, dst: str, input_dir: str | os.PathLike, output_dir: str | 
         writing.parse_size(max_shard_size)
     if not os.path.isdir(input_dir):
         raise FileNotFoundError(f"input directory {os.fspath(input_dir)!r} does not exist. Fix: check the path.")
-    guard = {"inputs": input_dirs(input_dir, src)}
+    try:  # opened once: its format, config file and tokenizer are read here, not again by each step below
+        ckpt = open_checkpoint(input_dir)
+    except (ValueError, OSError):  # not readable as any format: open_source names what is wrong
+        ckpt = None
+    source_dir = ckpt if ckpt is not None and ckpt.format == src else input_dir
+    guard = {"inputs": input_dirs(source_dir, src)}
     paths.check_output(output_dir, dst, overwrite, **guard)  # before reading: a refused output costs nothing
-    source = open_source(input_dir, src, dtype=dtype if src == "jax" else None, mesh=mesh, rules=rules)  # type: ignore[arg-type]
-    tok = tokenizer_path(input_dir, src)
+    source = open_source(source_dir, src, dtype=dtype if src == "jax" else None, mesh=mesh, rules=rules)  # type: ignore[arg-type]
+    tok = tokenizer_path(source_dir, src)
     if tok:
         tokenizer_files.tokenizer_kind(tok)  # a tokenizer.model that is not one (e.g. a symlink to any file) fails here
     with paths.atomic_dir(output_dir, overwrite, dst, **guard) as tmp:

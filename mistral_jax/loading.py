@@ -43,6 +43,51 @@ _TOKENIZER_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _INPUTS_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Checkpoint(os.PathLike):
+    """A checkpoint directory opened once (``open_checkpoint``): its format, its saved ``ModelConfig``, its
+    tokenizer file, the LoRA run it belongs to (if any) and the directories reading it touches.
+
+    It is a path (``os.fspath``, ``str``), and every loader here (``detect_format``, ``checkpoint_config``,
+    ``tokenizer_path``, ``load_pretrained``, ``open_source``, ``input_dirs``) takes it instead of a path without
+    probing the directory again: ``training.run.resolve`` opens ``config.init_from`` once and the recipe, the
+    trainer and the loaders share the handle.
+    """
+
+    path: str
+    format: Format
+    config: ModelConfig  # as saved (its ``platform`` is the one it was built for)
+    tokenizer: str | None  # tokenizer.model / tekken.json next to it, if any
+    lora: tuple[str, dict[str, Any], int | None] | None  # ``lora_run(path)``
+    inputs: tuple[str, ...]  # ``input_dirs(path)``
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def __str__(self) -> str:
+        return self.path
+
+    def __repr__(self) -> str:  # reads as the path in messages (``config.init_from='...'``)
+        return repr(self.path)
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a checkpoint directory once: detect its format, read its config file (no weights) and find its
+    tokenizer. A ``Checkpoint`` is returned as it is.
+
+    Raises:
+      FileNotFoundError: no such directory; ValueError: a directory of no known format (both name the fix).
+    """
+    if isinstance(path, Checkpoint):
+        return path
+    path = os.fspath(path)
+    found = formats_of(path)
+    fmt = _first_format(path, found)
+    lora = lora_run(path) if fmt == "jax" else None
+    return Checkpoint(path=path, format=fmt, config=_read_config(path, fmt), tokenizer=_tokenizer_file(path, fmt),
+                      lora=lora, inputs=tuple(_input_dirs(path, fmt, lora)))
+
+
 def formats_of(path: str | os.PathLike) -> list[str]:
     """Every format ``path`` could be read as (``hf`` first)."""
     path = os.fspath(path)
@@ -63,7 +108,12 @@ def formats_of(path: str | os.PathLike) -> list[str]:
 
 def detect_format(path: str | os.PathLike) -> Format:
     """``hf``, ``mistral`` or ``jax``; raises naming the files looked for when it is none of them."""
-    found = formats_of(path)
+    if isinstance(path, Checkpoint):
+        return path.format
+    return _first_format(path, formats_of(path))
+
+
+def _first_format(path: str | os.PathLike, found: list[str]) -> Format:
     if not found:
         raise ValueError(f"{os.fspath(path)!r} is not a checkpoint directory I can read (files: "
                          f"{sorted(os.listdir(path))[:20]}). Fix: point at an HF dir (config.json + "
@@ -99,26 +149,36 @@ def lora_run(path: str | os.PathLike) -> tuple[str, dict[str, Any], int | None] 
 def input_dirs(path: str | os.PathLike, fmt: str | None = None) -> list[str]:
     """Every directory that reading checkpoint ``path`` touches: itself, the workdir of a step dir, and the base
     model of a LoRA run. An output must not overlap any of them (``convert.paths``)."""
+    if isinstance(path, Checkpoint):
+        return list(path.inputs)
     path = os.fspath(path)
+    lora = lora_run(path) if fmt in (None, "jax") and os.path.isdir(path) else None
+    return _input_dirs(path, fmt, lora)
+
+
+def _input_dirs(path: str, fmt: str | None, lora: tuple[str, dict[str, Any], int | None] | None) -> list[str]:
     out = [path]
     if fmt in (None, "jax") and os.path.isdir(path):
         try:
             out.append(native.config_and_params_dirs(path)[0])
         except FileNotFoundError:
             pass
-        run = lora_run(path)
-        if run:
-            out.append(run[0])
-            if run[1].get("init_from"):
-                out.append(os.fspath(run[1]["init_from"]))
+        if lora:
+            out.append(lora[0])
+            if lora[1].get("init_from"):
+                out.append(os.fspath(lora[1]["init_from"]))
     return list(dict.fromkeys(out))
 
 
 def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
     """The ``ModelConfig`` of a checkpoint directory, read from its config file only (no weights), as saved
     (its ``platform`` is the one it was built for)."""
-    path = os.fspath(path)
-    fmt = detect_format(path)
+    if isinstance(path, Checkpoint):
+        return path.config
+    return _read_config(os.fspath(path), detect_format(path))
+
+
+def _read_config(path: str, fmt: str) -> ModelConfig:
     if fmt == "hf":
         return hf.read_config(path)
     if fmt == "mistral":
@@ -128,7 +188,13 @@ def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
 
 def tokenizer_path(path: str | os.PathLike, fmt: str) -> str | None:
     """The tokenizer file belonging to a checkpoint directory (``tokenizer.model``, else ``tekken.json``), if any."""
-    root = native.config_and_params_dirs(path)[0] if fmt == "jax" else os.fspath(path)
+    if isinstance(path, Checkpoint):
+        return path.tokenizer
+    return _tokenizer_file(os.fspath(path), fmt)
+
+
+def _tokenizer_file(path: str, fmt: str) -> str | None:
+    root = native.config_and_params_dirs(path)[0] if fmt == "jax" else path
     for name in ("tokenizer.model", "tekken.json"):
         p = os.path.join(root, name)
         if os.path.isfile(p):
@@ -151,10 +217,11 @@ def open_source(path: str | os.PathLike, fmt: Format | None = None, *, dtype: st
 
     File formats are read lazily tensor by tensor; the ``jax`` format is restored (sharded with ``mesh``).
     """
+    handle = path if isinstance(path, Checkpoint) else None
     path = os.fspath(path)
     config_overrides = _for_this_host(config_overrides, mesh)
-    found = formats_of(path)
-    fmt = fmt or detect_format(path)
+    found = [handle.format] if handle else formats_of(path)
+    fmt = fmt or _first_format(path, found)
     if fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}. Fix: use one of {FORMATS}.")
     if fmt not in found:
@@ -162,7 +229,7 @@ def open_source(path: str | os.PathLike, fmt: Format | None = None, *, dtype: st
                          (f"; it looks like {found}. Fix: use --from {found[0]}." if found else
                           f" (files: {sorted(os.listdir(path))[:20]}). Fix: check the path."))
     if fmt == "jax":
-        run = lora_run(path)
+        run = handle.lora if handle else lora_run(path)
         if run:
             from mistral_jax.model.transformer import params_dict
 
@@ -171,7 +238,7 @@ def open_source(path: str | os.PathLike, fmt: Format | None = None, *, dtype: st
         cfg, params, _ = native.load(path, dtype, mesh, rules, config_overrides)
         return sources.ParamsSource(cfg, params)
     reader = hf if fmt == "hf" else mistral
-    cfg = reader.read_config(path)
+    cfg = handle.config if handle else reader.read_config(path)
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
     return reader.open_source(path, cfg)
@@ -183,7 +250,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None, mesh: 
     """Load a Transformer from an HF, Mistral consolidated or mistral_jax directory.
 
     Args:
-      path: the directory (see the module docstring for the kinds accepted).
+      path: the directory (see the module docstring for the kinds accepted), or its ``open_checkpoint`` handle.
       dtype: parameter dtype (``"float32"``, ``"bfloat16"``, ``"float16"``); None keeps the stored dtype.
         It becomes ``cfg.param_dtype``; the compute dtype ``cfg.dtype`` is left alone (see config_overrides).
       mesh: place every parameter sharded on this mesh (logical-axis ``rules``) as it is read, slice by slice;
@@ -200,14 +267,21 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None, mesh: 
       ValueError: an unsupported architecture or config; ``ConversionError`` (a ValueError) listing every
         missing, unexpected or mis-shaped tensor and every truncated file.
     """
+    handle = open_checkpoint(path) if fmt is None or isinstance(path, Checkpoint) else None
+    fmt = fmt or handle.format
+    if handle is not None and fmt != handle.format:  # a forced format: read the directory as that one
+        handle = None
     path = os.fspath(path)
     config_overrides = _for_this_host(config_overrides, mesh)
-    fmt = fmt or detect_format(path)
-    run = lora_run(path) if fmt == "jax" and fmt in formats_of(path) else None
+    if handle is not None:
+        run = handle.lora if fmt == "jax" else None
+    else:
+        run = lora_run(path) if fmt == "jax" and fmt in formats_of(path) else None
     if run:
         model = _load_lora_run(*run, dtype=dtype, mesh=mesh, rules=rules, config_overrides=config_overrides)
     else:
-        source = open_source(path, fmt, dtype=dtype, mesh=mesh, rules=rules, config_overrides=config_overrides)
+        source = open_source(handle or path, fmt, dtype=dtype, mesh=mesh, rules=rules,
+                             config_overrides=config_overrides)
         if isinstance(source, sources.ParamsSource):
             cfg, params = source.cfg, source.params
         else:
@@ -215,10 +289,10 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None, mesh: 
         model = from_params(cfg, params)
     if mesh is not None:  # the model's mesh-aware backends (splash's shard_map, expert parallelism) run on it
         backends.bind(model, mesh, rules)
-    tok = tokenizer_path(path, fmt)
+    tok = tokenizer_path(handle or path, fmt)
     if tok:
         _TOKENIZER_OF[model] = tok
-    _INPUTS_OF[model] = input_dirs(path, fmt)
+    _INPUTS_OF[model] = input_dirs(handle or path, fmt)
     return model
 
 

@@ -142,21 +142,22 @@ def num_slices(devices: Sequence | None = None) -> int:
 def _fill_sizes(sizes: dict[str, int], n_devices: int, where: str) -> dict[str, int]:
     """Check the (data, fsdp, tensor, expert) sizes and resolve the one -1 against ``n_devices``."""
     sizes = dict(sizes)
-    fill = [k for k, v in sizes.items() if v == -1]
-    if len(fill) > 1:
-        raise ValueError(f"mesh sizes {sizes}: only one axis may be -1 (fill). Fix: give the others explicitly.")
+    shown = ", ".join(f"mesh.{k}={v}" for k, v in sizes.items())
     for k, v in sizes.items():
         if v != -1 and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise ValueError(f"mesh.{k}={v!r} must be a positive integer or -1. Fix: set mesh.{k}.")
+            raise ValueError(f"mesh.{k}={v!r} must be a positive integer or -1 (fill). Fix: set mesh.{k}.")
+    fill = [k for k, v in sizes.items() if v == -1]
+    if len(fill) > 1:
+        raise ValueError(f"{shown}: only one axis may be -1 (fill). Fix: give all but one size explicitly.")
     known = math.prod(v for v in sizes.values() if v != -1)
     if fill:
         if n_devices % known:
-            raise ValueError(f"mesh sizes {sizes}: {n_devices} devices{where} are not divisible by {known}. "
-                             "Fix: choose sizes whose product divides the device count.")
+            raise ValueError(f"{shown}: {n_devices} devices{where} are not divisible by {known}. "
+                             f"Fix: choose sizes whose product divides {n_devices}.")
         sizes[fill[0]] = n_devices // known
     if math.prod(sizes.values()) != n_devices:
-        raise ValueError(f"mesh sizes {sizes} multiply to {math.prod(sizes.values())} but there are {n_devices} "
-                         f"devices{where}. Fix: make the product equal the device count, or set one axis to -1.")
+        raise ValueError(f"{shown} multiply to {math.prod(sizes.values())} but there are {n_devices} devices{where}. "
+                         "Fix: make the product equal the device count, or set one axis to -1.")
     return sizes
 
 
@@ -374,8 +375,10 @@ def mesh_shape(mesh_cfg, n_devices: int, n_slices: int = 1) -> dict[str, int]:
     return {a: v * dcn.get(a, 1) for a, v in sizes.items()}
 
 
-def rules_from_config(mesh_cfg, mesh: Mesh | None = None) -> ShardingRules:
+def rules_from_config(mesh_cfg, mesh: Mesh | Mapping[str, int] | None = None) -> ShardingRules:
     """The rules of ``config.mesh.rules`` (a preset name; default ``auto``: the preset matching the mesh shape).
+
+    ``mesh``: the mesh, or its axis sizes (``mesh_shape``) when the rules are checked before any device is used.
 
     ``auto`` picks ``fsdp_tp_ep`` when the mesh has an expert axis > 1, else ``fsdp_tp`` when tensor > 1, else
     ``fsdp``.
@@ -383,7 +386,8 @@ def rules_from_config(mesh_cfg, mesh: Mesh | None = None) -> ShardingRules:
     name = _get(mesh_cfg, "rules", "auto") or "auto"
     if name != "auto":
         return rules_preset(name)
-    shape = dict(mesh.shape) if mesh is not None else {a: int(_get(mesh_cfg, a, 1)) for a in MESH_AXES}
+    shape = (dict(mesh.shape) if isinstance(mesh, Mesh) else dict(mesh) if mesh is not None
+             else {a: int(_get(mesh_cfg, a, 1)) for a in MESH_AXES})
     if shape.get("expert", 1) > 1:
         return rules_preset("fsdp_tp_ep")
     if shape.get("tensor", 1) > 1:

@@ -72,7 +72,7 @@ def test_finished_run_resumes_without_training_again(tiny_run):
     (dict(batch_size=12), r"config.batch_size=12 .*data-parallel size 8"),
     (dict(batch_size=16, grad_accum_steps=3), r"config.batch_size=16 is not divisible by config.grad_accum_steps=3"),
     ({"mesh.tensor": 3}, r"config.mesh: .*mesh.tensor=3.*8 devices are not divisible by 3"),
-    ({"mesh.fsdp": 2}, r"mesh.fsdp=2.*needs 2 devices but there are 8"),
+    ({"mesh.fsdp": 2}, r"mesh.fsdp=2.*multiply to 2 but there are 8 devices"),
     ({"mesh.data": -1}, r"only one axis may be -1"),
     ({"mesh.rules": "nope"}, r"config.mesh.rules='nope'"),
     ({"model.n_kv_heads": 3}, r"n_heads=4.*n_kv_heads=3"),

@@ -35,6 +35,10 @@ import jax
 
 from mistral_jax import sharding
 from mistral_jax.aot import hlo, roofline
+from mistral_jax.training.run import MeshConfigError
+
+__all__ = ["MeshConfigError", "Topology", "compile_run", "compile_train_step", "format_report", "libtpu_available",
+           "memory_report", "parse_topology", "state_bytes", "topology_devices"]
 
 GiB = 1024**3
 
@@ -44,10 +48,6 @@ _CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
 _GRIDS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
              512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
 _GRIDS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-
-
-class MeshConfigError(ValueError):
-    """The run config's mesh or batch does not lay out on the topology's devices (one line with the fix)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +136,7 @@ def memory_report(compiled: Any, hbm_bytes: int | None = None) -> dict[str, Any]
       Bytes of ``arguments``, ``outputs``, ``aliased`` (donated outputs reusing argument buffers), ``temps``,
       ``code``, ``total`` (= arguments + outputs - aliased + temps + code: the peak the program needs), and
       ``flops`` (per device, from XLA's cost analysis, which counts a while-loop body once: with scanned layers
-      or gradient accumulation use ``model_flops_per_step``), ``hbm`` and ``fits`` (``total <= hbm``), and
+      or gradient accumulation use ``mistral_jax.flops.flops_per_step``), ``hbm`` and ``fits`` (``total <= hbm``), and
       ``host_temps``: host memory per device the program uses for temporaries (``remat="offload"`` keeps each
       layer's input there; not part of ``total``).
     """
@@ -171,31 +171,6 @@ def _oom_report(err: Exception) -> dict[str, Any]:
                 collective_loops_counted_once=[], hbm_bytes=None)
 
 
-def model_flops_per_step(model_cfg: Any, batch_size: int, seq_len: int) -> float:
-    """Training FLOPs of one step, 6 * active params * tokens + attention (12 * L * T_eff * N * H per token)."""
-    from mistral_jax.model.transformer import count_active_params
-
-    tokens = batch_size * seq_len
-    t_eff = min(seq_len, model_cfg.sliding_window or seq_len) / (1 if model_cfg.sliding_window else 2)
-    attn = 12 * model_cfg.n_layers * t_eff * model_cfg.n_heads * model_cfg.head_dim * tokens
-    return 6.0 * count_active_params(model_cfg) * tokens + attn
-
-
-def _check_batch(run_cfg: Any, mesh: Any, rules: sharding.ShardingRules) -> None:
-    """The micro-batch must split evenly over the data-parallel mesh axes, as ``train.py`` requires."""
-    (axes,) = rules.spec(("batch",), mesh)
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    dp = math.prod(mesh.shape[a] for a in axes)
-    b, acc = int(run_cfg.batch_size), int(run_cfg.grad_accum_steps)
-    if b % acc or (b // acc) % dp:
-        shown = " x ".join(f"{a} {mesh.shape[a]}" for a in axes)
-        fit = [a for a in range(1, acc + 1) if b % a == 0 and (b // a) % dp == 0]
-        fix = (f"set --config.grad_accum_steps={fit[-1]}" if fit else f"use a batch_size that is a multiple of {dp}")
-        raise MeshConfigError(f"config.batch_size={b} with grad_accum_steps={acc} gives micro-batches of {b / acc:g} "
-                              f"rows, which do not split over the data-parallel size {dp} = {shown}. Fix: {fix} "
-                              "(or change the mesh).")
-
-
 def state_bytes(abstract_state: dict[str, Any]) -> dict[str, int]:
     """Bytes per device of each part of an abstract train state (``ShapeDtypeStruct``s carrying shardings)."""
     def per_device(x: Any) -> int:
@@ -209,6 +184,9 @@ def state_bytes(abstract_state: dict[str, Any]) -> dict[str, int]:
 def compile_run(run: Any) -> dict[str, Any]:
     """Lower and compile the train step of a resolved run (``training.run.resolve``) on abstract inputs.
 
+    The train state, the optimizer, the mesh and rules and the batch are the run's (nothing is built again); the
+    same report serves the AOT tool and ``train.py --dry_run``.
+
     Returns:
       ``memory_report``'s dict (bytes per device; a compiler out-of-memory error becomes a "does not fit" report)
       plus ``collectives`` (``hlo.collective_traffic``: ``{kind: {count, bytes}}`` per device and step; None when
@@ -216,20 +194,20 @@ def compile_run(run: Any) -> dict[str, Any]:
       and written to HBM; None likewise) and ``collective_loops_counted_once`` (while loops of unknown trip count,
       counted once in both figures), ``recipe``, ``trainable_params`` / ``frozen_params`` (counts), ``state``
       (bytes per device of the train state's ``params``, ``frozen`` and ``opt_state``), ``mesh``, ``rules``,
-      ``devices`` and ``compile_s``.
+      ``devices``, ``compile_s``, ``model_flops_per_step`` (``run.flops_per_step``: ``mistral_jax.flops``, all
+      devices), ``model_flops_per_chip`` and ``roofline`` (``roofline.estimate``: the step-time lower bound and the
+      MFU it implies, for TPU devices of a known generation; None otherwise).
     """
     from mistral_jax.training import step as step_lib
-    from mistral_jax.training.optimizer import make_optimizer
 
-    cfg, mesh, rules, recipe = run.cfg, run.mesh, run.rules, run.recipe
-    tx, schedule = make_optimizer(cfg.optimizer, int(cfg.num_steps))
+    cfg, mesh, rules, recipe, data = run.cfg, run.mesh, run.rules, run.recipe, run.data
     t0 = time.perf_counter()
     objective = recipe.objective
-    graphdef, state, shardings = step_lib.state_layout(recipe.abstract_model(run.model_cfg), tx, mesh, rules,
+    graphdef, state, shardings = step_lib.state_layout(recipe.abstract_model(run.model_cfg), run.tx, mesh, rules,
                                                        recipe.trainable, keep_initial=objective.keeps_initial)
-    batch = step_lib.abstract_batch(int(cfg.batch_size), int(cfg.data.seq_len), mesh, rules, objective)
-    fn = step_lib.jit_train_step(graphdef, tx, shardings, mesh, rules, grad_accum_steps=int(cfg.grad_accum_steps),
-                                 schedule=schedule, objective=objective)
+    batch = step_lib.abstract_batch(data.batch_size, data.seq_len, mesh, rules, objective)
+    fn = step_lib.jit_train_step(graphdef, run.tx, shardings, mesh, rules, grad_accum_steps=data.grad_accum_steps,
+                                 schedule=run.schedule, objective=objective)
     with sharding.use_mesh(mesh, rules):
         lowered = fn.lower(state, batch)
         try:
@@ -242,19 +220,24 @@ def compile_run(run: Any) -> dict[str, Any]:
             traffic = hlo.collective_traffic(text)
             report.update(collectives=traffic.kinds, collective_loops_counted_once=traffic.uncounted_loops,
                           hbm_bytes=hlo.hbm_traffic(text).bytes)
+    model_flops = run.flops_per_step
     report.update(recipe=recipe.name, trainable_params=sum(x.size for x in jax.tree.leaves(state["params"])),
                   frozen_params=sum(x.size for x in jax.tree.leaves(state["frozen"])), state=state_bytes(state),
                   mesh={k: int(v) for k, v in mesh.shape.items()}, rules=cfg.mesh.get("rules", "auto"),
-                  devices=mesh.size, compile_s=round(time.perf_counter() - t0, 1))
+                  devices=mesh.size, compile_s=round(time.perf_counter() - t0, 1),
+                  model_flops_per_step=model_flops, model_flops_per_chip=model_flops / mesh.size)
+    generation = roofline.generation_of(mesh.devices.flat[0])
+    report["roofline"] = (roofline.estimate(generation, report["model_flops_per_chip"],
+                                            sum(v["bytes"] for v in report["collectives"].values()),
+                                            hbm_bytes_per_chip=report["hbm_bytes"])
+                          if generation and report["collectives"] is not None else None)
     return report
 
 
 def compile_train_step(run_cfg: Any, devices: list[Any]) -> dict[str, Any]:
     """Resolve ``run_cfg`` on ``devices`` as ``train.py`` does and compile its train step; returns the report.
 
-    The report is ``compile_run``'s plus the run's shape (batch, sequence, mesh, backends), ``model_flops_per_chip``
-    and ``roofline`` (``roofline.estimate`` from the model FLOPs, ``hbm_bytes`` and the collective bytes: the
-    step-time lower bound and the MFU it implies, for TPU devices of a known generation; None otherwise).
+    The report is ``compile_run``'s plus the run's shape (batch, sequence, slices, remat, dtype, backends).
 
     The devices' platform is the target platform (TPU topology devices: ``auto`` backends resolve for the TPU).
     Multi-slice devices get ``mesh.dcn_data = slices`` unless the config sets its ``dcn_*`` axes.
@@ -265,28 +248,15 @@ def compile_train_step(run_cfg: Any, devices: list[Any]) -> dict[str, Any]:
     if n_slices > 1 and all(int(run_cfg.mesh.get(f"dcn_{a}", 1)) == 1 for a in sharding.DCN_AXES):
         run_cfg = run_cfg.copy_and_resolve_references()
         run_cfg.mesh.dcn_data = n_slices  # data parallelism across the slices
-    try:
-        mesh = sharding.mesh_from_config(run_cfg.mesh, devices=devices)
-        rules = sharding.rules_from_config(run_cfg.mesh, mesh)
-    except ValueError as e:
-        raise MeshConfigError(f"config.mesh on {len(devices)} chips ({n_slices} slice(s)): {e}") from e
-    _check_batch(run_cfg, mesh, rules)
     run = run_lib.resolve(run_cfg, devices=devices, process_count=1, require_checkpoint=False)
     report = compile_run(run)
     model_cfg = run.model_cfg
-    model_flops = model_flops_per_step(model_cfg, int(run_cfg.batch_size), int(run_cfg.data.seq_len))
     report.update(
         slices=n_slices, dcn={f"dcn_{a}": int(run_cfg.mesh.get(f"dcn_{a}", 1)) for a in sharding.DCN_AXES},
-        batch_size=int(run_cfg.batch_size), seq_len=int(run_cfg.data.seq_len),
-        grad_accum_steps=int(run_cfg.grad_accum_steps), remat=model_cfg.remat, dtype=model_cfg.dtype,
-        attention_impl=model_cfg.attention_impl, moe_impl=model_cfg.moe_impl, platform=model_cfg.platform,
-        model_flops_per_chip=model_flops / len(devices),
+        batch_size=run.data.batch_size, seq_len=run.data.seq_len, grad_accum_steps=run.data.grad_accum_steps,
+        remat=model_cfg.remat, dtype=model_cfg.dtype, attention_impl=model_cfg.attention_impl,
+        moe_impl=model_cfg.moe_impl, platform=model_cfg.platform,
     )
-    generation = roofline.generation_of(devices[0])
-    report["roofline"] = (roofline.estimate(generation, report["model_flops_per_chip"],
-                                            sum(v["bytes"] for v in report["collectives"].values()),
-                                            hbm_bytes_per_chip=report["hbm_bytes"])
-                          if generation and report["collectives"] is not None else None)
     start = run.recipe.init_from
     if start is None or (start and not os.path.isdir(start)):
         report["note"] = (f"config.init_from={start!r} is not a directory here: compiled config.model's architecture "

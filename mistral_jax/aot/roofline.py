@@ -2,7 +2,7 @@
 
 Terms, each a time per step on one chip:
 
-- compute = model FLOPs per chip / peak bf16 FLOP/s (``model_flops_per_step``: 6 N tokens + attention, the MFU
+- compute = model FLOPs per chip / peak bf16 FLOP/s (``flops.flops_per_step``: 6 N tokens + attention, the MFU
   numerator; XLA's own FLOP count would count scanned bodies once);
 - HBM = bytes per chip read from and written to HBM (``hlo.hbm_traffic``: every top-level instruction of the
   optimized HLO reads its operands and writes its result once, in-place updates and slices count only the part
@@ -24,41 +24,18 @@ term / estimate) is an upper bound.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
+from mistral_jax import flops
 
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """Published per-chip peaks of a TPU generation."""
-
-    bf16_flops: float  # FLOP/s
-    hbm_bytes_per_s: float
-    ici_bytes_per_s: float  # the "interchip interconnect BW" figure (Gbps / 8)
-
-
-# Google Cloud TPU system architecture pages (the per-chip key specifications tables):
-#   v4:  https://cloud.google.com/tpu/docs/v4   275 TFLOP/s bf16, HBM2 1200 GBps; the page gives no ICI figure:
-#        2400 Gbps = 6 ICI links x 400 Gbps per direction (https://glennklockwood.com/garden/processors/TPUv4)
-#   v5e: https://cloud.google.com/tpu/docs/v5e  197 TFLOP/s, 819 GBps, interchip interconnect 1600 Gbps
-#   v5p: https://cloud.google.com/tpu/docs/v5p-training  459 TFLOP/s, 2765 GBps, interchip interconnect 4800 Gbps (newer
-#        revisions state the same as "bidirectional ICI 1200 GBps": 600 GB/s each way)
-#   v6e: https://cloud.google.com/tpu/docs/v6e  918 TFLOP/s, 1640 GBps, inter-chip interconnect 3584 Gbps
-CHIPS = {
-    "v4": Chip(bf16_flops=275e12, hbm_bytes_per_s=1200e9, ici_bytes_per_s=2400e9 / 8),
-    "v5e": Chip(bf16_flops=197e12, hbm_bytes_per_s=819e9, ici_bytes_per_s=1600e9 / 8),
-    "v5p": Chip(bf16_flops=459e12, hbm_bytes_per_s=2765e9, ici_bytes_per_s=4800e9 / 8),
-    "v6e": Chip(bf16_flops=918e12, hbm_bytes_per_s=1640e9, ici_bytes_per_s=3584e9 / 8),
-}
-
-# jax Device.device_kind -> generation (compile-only topology devices say e.g. "TPU v5" for v5p).
-_DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
-                 "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
+# The one peak table (``mistral_jax.flops.CHIPS``; the dry run and training's MFU read the same figures).
+CHIPS = {k: v for k, v in flops.CHIPS.items() if v.hbm_bytes_per_s is not None}  # the TPU generations
 
 
 def generation_of(device: Any) -> str | None:
     """The TPU generation (a ``CHIPS`` key) of a jax device, or None for other devices (CPU, GPU, unknown TPUs)."""
-    return _DEVICE_KINDS.get(getattr(device, "device_kind", ""))
+    chip = flops.chip_of(device)
+    return chip if chip in CHIPS else None
 
 
 def estimate(generation: str, model_flops_per_chip: float, collective_bytes_per_chip: float,
@@ -75,7 +52,7 @@ def estimate(generation: str, model_flops_per_chip: float, collective_bytes_per_
     """
     if generation not in CHIPS:
         raise ValueError(f"no peak figures for TPU generation {generation!r}. Fix: use one of {sorted(CHIPS)} or "
-                         "add it to mistral_jax/aot/roofline.py CHIPS.")
+                         "add it to mistral_jax/flops.py CHIPS.")
     chip = CHIPS[generation]
     terms = {"compute": model_flops_per_chip / chip.bf16_flops,
              "collectives": collective_bytes_per_chip / chip.ici_bytes_per_s}

@@ -257,18 +257,21 @@ def check_checkpoint_paths(args: argparse.Namespace) -> str:
     return check_tokenizer(args.tokenizer, args.checkpoint, fmt)
 
 
-def load_checkpoint(args: argparse.Namespace, tokenizer_file: str, **load_kw: Any) -> tuple[Any, Any]:
-    """(tokenizer, model) of ``add_checkpoint_flags``' values; the tokenizer must fit the model's embeddings."""
+def load_checkpoint(args: argparse.Namespace, tokenizer_file: str, spec: Any = None) -> tuple[Any, Any]:
+    """(tokenizer, model) of ``add_checkpoint_flags``' values; the tokenizer must fit the model's embeddings.
+
+    ``spec``: the checkpoint resolved with ``training.run.resolve_checkpoint`` (its mesh and rules); default: the
+    checkpoint on one device.
+    """
     from mistral_jax.data.tokenizer import Tokenizer
-    from mistral_jax.loading import load_pretrained
+    from mistral_jax.training.run import resolve_checkpoint
 
     try:
         tokenizer = Tokenizer(tokenizer_file)
     except ValueError as e:  # not a tokenizer file
         raise UsageError("--tokenizer", tokenizer_file, f"is not a valid tokenizer ({e})",
                          "pass the tokenizer the checkpoint was trained with") from e
-    model = load_pretrained(args.checkpoint, dtype=args.dtype,
-                            config_overrides=dict(dtype=args.dtype) if args.dtype else None, **load_kw)
+    model = (spec or resolve_checkpoint(args.checkpoint, dtype=args.dtype)).load()
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise UsageError("--tokenizer", tokenizer_file, f"has {tokenizer.vocab_size} pieces but the model only "
                          f"{model.cfg.vocab_size} embeddings", "pass the tokenizer the model was trained with")

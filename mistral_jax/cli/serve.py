@@ -108,25 +108,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     except OSError as e:
         raise UsageError("--port", args.port, f"cannot be bound on {args.host}: {e.strerror}",
                          "pass a free port (or --port 0 for any)") from None
-    mesh = None
-    if args.mesh is not None:
-        from mistral_jax import sharding
+    from mistral_jax.training.run import MeshConfigError, resolve_checkpoint
 
-        try:
-            mesh = sharding.make_mesh(**args.mesh)
-        except ValueError as e:
-            raise UsageError("--mesh", args.mesh, f"does not lay out this machine's devices ({e})",
-                             "make the sizes multiply to the device count, or use -1 for one axis") from None
+    try:  # the checkpoint's mesh, rules and model config: one place for every checkpoint tool
+        spec = resolve_checkpoint(args.checkpoint, mesh=args.mesh, dtype=args.dtype)
+    except MeshConfigError as e:
+        raise UsageError("--mesh", args.mesh, f"does not lay out this machine's devices ({e})",
+                         "make the sizes multiply to the device count, or use -1 for one axis") from None
+    mesh = spec.mesh
+    if mesh is not None:
         from mistral_jax.serve.engine import batch_shards
 
         if args.max_batch % batch_shards(mesh):
             raise UsageError("--max_batch", args.max_batch, f"is not a multiple of the {batch_shards(mesh)} ways "
                              f"the mesh {args.mesh} splits the decode slots (data x fsdp x expert)",
                              "pass a multiple of it")
-    tokenizer, model = load_checkpoint(args, tokenizer_file, mesh=mesh)
+    tokenizer, model = load_checkpoint(args, tokenizer_file, spec)
     name = args.model_name or os.path.basename(os.path.normpath(os.path.abspath(args.checkpoint)))
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                    chunk_size=args.chunk_size, mesh=mesh).start()
+                    chunk_size=args.chunk_size, mesh=mesh, rules=spec.rules).start()
     server.set_app(create_app(engine, name))
     where = "" if mesh is None else f", mesh={dict(mesh.shape)}"
     print(f"serving {name!r} on {server.url} (max_batch={args.max_batch}, cache slots per row="

@@ -4,8 +4,11 @@ Resumes from ``{workdir}/checkpoints`` when present. On SIGTERM / SIGINT it save
 Several processes (a TPU slice, SLURM, Open MPI, or the ``MISTRAL_JAX_*`` variables of ``mistral_jax.distributed``)
 run the same command; ``jax.distributed`` starts after the argument checks, before any device is used.
 The run config is resolved once (``mistral_jax.training.run.resolve``: model config for this host's platform, mesh,
-rules, recipe), as the AOT tool resolves it for a TPU topology.
-``--dry_run`` compiles the train step on the real devices, prints memory per device and FLOPs, and writes nothing.
+rules, optimizer, recipe, ``init_from``), as the AOT tool resolves it for a TPU topology.
+``--dry_run`` compiles the train step on the real devices (``aot.compile_run``, the AOT tool's compile), prints
+memory per device and FLOPs, and writes nothing.
+The log is quiet: a few plain lines (FLOPs and peak, a resume, warnings) and the summary; ``--verbose`` adds the
+run's set-up (recipe, mesh, sharding rules, platform) on stderr.
 A bad argument or config value is one line naming it, its value and the fix (exit status 2), checked before anything
 is loaded; a run that fails (a checkpoint save, a non-finite loss) is one line too (exit status 1). Tracebacks only
 with ``MISTRAL_JAX_DEBUG=1`` or ``--verbose``. The last line is a summary: status, step, final loss, newest checkpoint.
@@ -68,15 +71,18 @@ def main(argv: list[str]) -> None:
     from mistral_jax.training import checkpoint, run, trainer
 
     cli.quiet_libraries()  # again: absl's flag parsing resets the verbosity (Orbax logs every save at INFO)
-    logging.getLogger("mistral_jax").setLevel(logging.INFO)
+    _plain_logs(logging.DEBUG if cli.debug_enabled() else logging.INFO)
     cfg, workdir = _FLAGS["config"].value, _FLAGS["workdir"].value
     try:
         run.check_processes(cfg, workdir, distributed.expected_process_count())  # before any device
         distributed.initialize()
+        spec = run.resolve(cfg)  # the run, resolved once: mesh, rules, model config, optimizer, init_from
         if _FLAGS["dry_run"].value:
-            report = trainer.format_dry_run(trainer.dry_run(cfg, workdir))
+            from mistral_jax.aot.dry_run import dry_run, format_dry_run
+
+            report = format_dry_run(dry_run(spec, workdir))
             return print(report, flush=True) if jax.process_index() == 0 else None
-        result = trainer.train(cfg, workdir)
+        result = trainer.train(spec, workdir)
     except (run.ConfigError, checkpoint.WorkdirBusy, ValueError) as e:
         if cli.debug_enabled():
             raise
@@ -105,6 +111,20 @@ def main(argv: list[str]) -> None:
               flush=True)
     if result["status"] == "preempted":
         sys.exit(128 + result["signal"])
+
+
+def _plain_logs(level: int) -> None:
+    """The package's log lines as plain text on stderr, without the glog header (``I1205 12:00:00.1 123
+    trainer.py:430]``) absl's handler gives them; ``level`` DEBUG (``--verbose``) adds the run's set-up (recipe, mesh,
+    sharding rules, platform)."""
+    log = logging.getLogger("mistral_jax")
+    log.setLevel(level)
+    if not any(getattr(h, "mistral_jax_plain", False) for h in log.handlers):
+        handler = logging.StreamHandler()  # stderr
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.mistral_jax_plain = True
+        log.addHandler(handler)
+    log.propagate = False  # not again through absl's handler on the root logger
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

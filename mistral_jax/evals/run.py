@@ -261,8 +261,11 @@ def evaluate(*, checkpoint: str | None = None, lm: MistralJaxLM | None = None, t
             if b.repeats is not None:
                 t.set_config(key="repeats", value=b.repeats)
     if lm is None:
-        lm = MistralJaxLM(checkpoint, tokenizer=tokenizer, batch_size=batch_size, dtype=dtype,
-                          max_length=max_length, seed=seed[0])
+        from mistral_jax.training.run import resolve_checkpoint
+
+        spec = resolve_checkpoint(checkpoint, mesh="auto", dtype=dtype)  # opened once; mesh and rules resolved here
+        lm = MistralJaxLM(spec.checkpoint, tokenizer=tokenizer, batch_size=batch_size, dtype=dtype,
+                          max_length=max_length, seed=seed[0], mesh=spec.mesh, rules=spec.rules)
 
     main = jax.process_index() == 0  # several processes run the same requests in lock-step; process 0 writes
     tracker = EvaluationTracker(output_path=output_path) if output_path and main else None

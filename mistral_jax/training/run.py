@@ -1,11 +1,19 @@
-"""A run resolved once: run config -> ``Run(cfg, model_cfg, mesh, rules, recipe)``.
+"""A run resolved once: run config + devices -> ``RunSpec`` (mesh, rules, model config, optimizer, data spec,
+``init_from`` handle, recipe, FLOPs).
 
-``resolve(cfg)`` is the one place a run config becomes the things a program is built from; ``train.py`` (train and
-``--dry_run``) and the AOT tool (``python -m mistral_jax.aot``) call it. It checks the config against the schema
-(``configs/base.py``) before anything is built, chooses the recipe (``training.recipe.choose``), resolves the
-model config (``config.model`` preset + overrides, ``config.remat``, ``init_from``'s architecture) for the target
-platform (the devices' platform unless ``config.model.platform`` names one; the AOT tool's devices are a TPU
-topology's, so ``auto`` backends resolve for the TPU), and lays out the mesh and sharding rules on the devices.
+``resolve(cfg, devices=...)`` is the one place a run config becomes the things a program is built from: the
+trainer (``train.py``), its dry run and the AOT tool (``python -m mistral_jax.aot``, on a TPU topology's
+compile-only devices) take the ``RunSpec`` and build nothing of it again. It checks the config against the schema
+(``configs/base.py``) before anything is built, lays the mesh out on the devices and resolves the sharding rules
+on it (once each), builds the optimizer (once), chooses the recipe (``training.recipe.choose``), opens
+``init_from`` (once: ``loading.open_checkpoint``; the recipe and the loaders take the handle) and builds the
+model config (once: ``config.model`` preset + overrides, ``config.remat``, ``init_from``'s architecture) for the
+target platform (the devices' platform unless ``config.model.platform`` names one; on a TPU topology's devices the
+``auto`` backends resolve for the TPU). ``validate_config`` runs the same checks without devices.
+
+The tools that start from a checkpoint rather than a run config (generate, serve, eval) resolve theirs with
+``resolve_checkpoint`` -> ``CheckpointSpec`` (the opened checkpoint, its model config for the devices' platform,
+mesh and rules).
 """
 
 from __future__ import annotations
@@ -16,39 +24,84 @@ import logging
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import optax
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from mistral_jax import sharding
+from mistral_jax import flops, loading, sharding
 from mistral_jax.config import ModelConfig
 from mistral_jax.data import pipeline
 from mistral_jax.data.tokenizer import Tokenizer
-from mistral_jax.training.optimizer import check_config as check_optimizer_config
-from mistral_jax.training.optimizer import make_optimizer
+from mistral_jax.training import optimizer as optimizer_lib
 from mistral_jax.training.recipe import ConfigError, Recipe, choose
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
-__all__ = ["CONFIG_DIR", "ConfigError", "Run", "base_config", "check_cli_overrides", "check_processes",
-           "load_config_file", "mesh_sizes", "model_config_from", "model_config_of", "resolve", "resolve_mesh",
-           "rules_from", "validate_config"]
+__all__ = ["CONFIG_DIR", "ConfigError", "DataSpec", "MeshConfigError", "Run", "RunSpec", "base_config",
+           "CheckpointSpec", "check_cli_overrides", "check_processes", "describe", "load_config_file",
+           "model_config_from", "model_config_of", "resolve", "resolve_checkpoint", "rules_from", "validate_config"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
-    """A resolved run: what ``train.py`` trains and the AOT tool compiles."""
+class DataSpec:
+    """What a step eats: the batch and its rows (``config.data`` and the batch fields)."""
+
+    format: str  # text | chat | preference
+    train: str
+    validation: str
+    tokenizer: str  # "" = the run's own (trained or the workdir's) or init_from's
+    seq_len: int
+    batch_size: int  # global rows per optimizer step
+    grad_accum_steps: int
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum_steps
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """A resolved run: what ``train.py`` trains, its dry run and the AOT tool compile. Build it with ``resolve``."""
 
     cfg: ConfigDict  # the run config
     model_cfg: ModelConfig  # the network, built for its target platform
     mesh: Mesh
     rules: sharding.ShardingRules
-    recipe: Recipe
+    recipe: Recipe  # its ``init_from`` is the opened handle when set
+    tx: optax.GradientTransformation  # the optimizer
+    schedule: Callable[[Any], Any]  # step -> learning rate
+    data: DataSpec
+    init_from: loading.Checkpoint | None  # the opened checkpoint to start from (None: a fresh init / not read)
+
+    @property
+    def devices(self) -> list[Any]:
+        return list(self.mesh.devices.flat)
+
+    @property
+    def flops_per_step(self) -> float:
+        """Model FLOPs of one train step, all devices together (``mistral_jax.flops``: the MFU numerator)."""
+        return flops.flops_per_step(self.model_cfg, self.data.batch_size, self.data.seq_len)
+
+    def peak_flops(self) -> tuple[float, str]:
+        """``(peak FLOP/s of the run's devices, how it was obtained)`` (``config.peak_flops`` wins)."""
+        return flops.peak_flops(self.cfg.get("peak_flops", 0.0) or 0.0, self.devices)
+
+
+Run = RunSpec  # the earlier name
+
+
+class MeshConfigError(ConfigError):
+    """The run config's mesh or batch does not lay out on the devices (one line with the fix)."""
 
 
 # --------------------------------------------------------------------------------------------- config files
@@ -100,11 +153,9 @@ def check_cli_overrides(argv: list[str], config_path: str | None = None) -> None
 
 
 # -------------------------------------------------------------------------------------------- model config
-def model_config_from(model: Any) -> ModelConfig:
-    """``config.model`` (preset name + overrides, None = preset value) -> a validated ``ModelConfig``.
-
-    ``sliding_window <= 0`` means no window (None cannot be told apart from "keep the preset").
-    """
+def _model_overrides(model: Any) -> tuple[str, dict[str, Any]]:
+    """``config.model`` as ``(preset, overrides)`` (None = the preset's value); ``sliding_window <= 0`` means no
+    window (None cannot be told apart from "keep the preset")."""
     d = dict(model.to_dict() if hasattr(model, "to_dict") else model)
     preset = d.pop("preset", "") or ""
     overrides = {k: v for k, v in d.items() if v is not None}
@@ -114,10 +165,20 @@ def model_config_from(model: Any) -> ModelConfig:
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ConfigError(f"config.model has unknown field(s) {unknown}. Fix: use ModelConfig fields {sorted(names)}.")
+    return preset, overrides
+
+
+def _build_model_config(preset: str, fields: dict[str, Any], where: str) -> ModelConfig:
     try:
-        return ModelConfig.preset(preset, **overrides) if preset else ModelConfig(**overrides)
+        return ModelConfig.preset(preset, **fields) if preset else ModelConfig(**fields)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"config.model (preset={preset!r}, overrides={overrides}): {e}") from e
+        raise ConfigError(f"{where} (preset={preset!r}, overrides={fields}): {e}") from e
+
+
+def model_config_from(model: Any) -> ModelConfig:
+    """``config.model`` (preset name + overrides, None = preset value) -> a validated ``ModelConfig``."""
+    preset, overrides = _model_overrides(model)
+    return _build_model_config(preset, overrides, "config.model")
 
 
 def _model_fields(cfg: ConfigDict) -> dict[str, Any]:
@@ -134,37 +195,30 @@ def model_config_of(cfg: ConfigDict) -> ModelConfig:
     return model_config_from(_model_fields(cfg))
 
 
+def _run_model_config(cfg: ConfigDict, init_from: loading.Checkpoint | None, platform: str) -> ModelConfig:
+    """The run's network, built once: ``config.model`` (+ ``config.remat``) on ``init_from``'s architecture, for
+    ``platform``.
+
+    Only the architecture comes from the checkpoint; dtypes, backends, scan / remat and loss weights stay the run's.
+    ``max_seq_len`` is the exception: an architecture field (the checkpoint's context length) that holds no
+    parameter (it bounds the RoPE table and caches), so ``config.model.max_seq_len`` set explicitly still overrides
+    it, e.g. to fine-tune at a longer context.
+    """
+    preset, fields = _model_overrides(_model_fields(cfg))
+    if init_from is not None:
+        explicit_len = fields.get("max_seq_len")
+        fields.update(init_from.config.architecture())
+        if explicit_len is not None:
+            fields["max_seq_len"] = explicit_len
+    fields["platform"] = ModelConfig.resolve_platform(fields.get("platform") or platform)
+    where = "config.model" + (f" on config.init_from={init_from.path!r}'s architecture" if init_from else "")
+    return _build_model_config(preset, fields, where)
+
+
 # ---------------------------------------------------------------------------------------------------- mesh
-def mesh_sizes(mesh_cfg: Any, n_devices: int, n_slices: int = 1) -> dict[str, int]:
-    """The mesh axis sizes of ``config.mesh`` on ``n_devices`` devices (one -1 fills), or ConfigError."""
-    dcn = (mesh_cfg.get("dcn_data", 1), mesh_cfg.get("dcn_fsdp", 1))
-    if n_slices > 1 or dcn != (1, 1):  # multi-slice: mesh.{data,...} lay out one slice, dcn_* the slices
-        try:
-            return sharding.mesh_shape(mesh_cfg, n_devices, n_slices)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"config.mesh: {e}") from None
-    sizes = {a: mesh_cfg[a] for a in sharding.MESH_AXES}
-    shown = ", ".join(f"mesh.{k}={v}" for k, v in sizes.items())
-    for k, v in sizes.items():
-        if not isinstance(v, int) or (v < 1 and v != -1):
-            raise ConfigError(f"config.mesh.{k}={v!r} must be a positive integer or -1 (fill). Fix: set mesh.{k}.")
-    fill = [k for k, v in sizes.items() if v == -1]
-    if len(fill) > 1:
-        raise ConfigError(f"config.mesh: {shown}: only one axis may be -1. Fix: give all but one size explicitly.")
-    known = math.prod(v for v in sizes.values() if v != -1)
-    if fill:
-        if n_devices % known:
-            raise ConfigError(f"config.mesh: {shown}: {n_devices} devices are not divisible by {known}. "
-                              f"Fix: choose sizes whose product divides {n_devices}.")
-        sizes[fill[0]] = n_devices // known
-    if math.prod(sizes.values()) != n_devices:
-        raise ConfigError(f"config.mesh: {shown} needs {math.prod(sizes.values())} devices but there are {n_devices}. "
-                          "Fix: make the product equal the device count or set one axis to -1.")
-    return sizes
-
-
-def rules_from(cfg: ConfigDict, mesh: Mesh | None = None) -> sharding.ShardingRules:
-    """``config.mesh.rules``: a preset name or ``auto`` (the preset matching the mesh: EP, TP or FSDP)."""
+def rules_from(cfg: ConfigDict, mesh: Mesh | dict[str, int] | None = None) -> sharding.ShardingRules:
+    """``config.mesh.rules``: a preset name or ``auto`` (the preset matching the mesh or its axis sizes: EP, TP or
+    FSDP)."""
     name = cfg.mesh.rules
     if name != "auto" and name not in sharding.RULE_PRESETS:
         raise ConfigError(f"config.mesh.rules={name!r} is unknown. "
@@ -176,29 +230,88 @@ def _describe_rules(rules: sharding.ShardingRules) -> str:
     return ", ".join(f"{k}->{v}" for k, v in rules.rules.items() if v)
 
 
-def resolve_mesh(cfg: ConfigDict, devices: Sequence[Any] | None = None) -> tuple[Mesh, sharding.ShardingRules]:
-    """``(mesh, rules)`` of ``config.mesh`` on ``devices`` (default: every global device)."""
-    mesh = sharding.mesh_from_config(cfg.mesh, devices=devices)  # DCN axes too: data / fsdp across TPU slices
-    return mesh, rules_from(cfg, mesh)
+def _mesh_sizes(cfg: ConfigDict, n_devices: int, n_slices: int) -> dict[str, int]:
+    """The mesh axis sizes of ``config.mesh`` on ``n_devices`` devices (``sharding.mesh_shape``), or ConfigError."""
+    try:
+        return sharding.mesh_shape(cfg.mesh, n_devices, n_slices)
+    except (ValueError, TypeError) as e:
+        raise MeshConfigError(f"config.mesh: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    """What a tool that starts from a checkpoint (generate, serve, eval) runs: ``resolve_checkpoint``'s result."""
+
+    checkpoint: loading.Checkpoint  # opened once; the loaders take it
+    model_cfg: ModelConfig  # the checkpoint's network, built for the devices' platform (and ``dtype``)
+    mesh: Mesh | None  # None: one device, unsharded
+    rules: sharding.ShardingRules
+    dtype: str | None  # parameter and compute dtype; None keeps the stored one
+
+    def load(self) -> Any:
+        """The model (``loading.load_pretrained`` of the opened checkpoint on the mesh)."""
+        return loading.load_pretrained(self.checkpoint, dtype=self.dtype, mesh=self.mesh, rules=self.rules,
+                                       config_overrides=dict(dtype=self.dtype) if self.dtype else None)
+
+
+def resolve_checkpoint(path: str | os.PathLike, *, mesh: str | dict[str, int] | None = None,
+                       devices: Sequence[Any] | None = None, dtype: str | None = None) -> CheckpointSpec:
+    """The one place the checkpoint tools get their mesh, rules and model config (``resolve`` for run configs).
+
+    Args:
+      path: the checkpoint directory (anything ``loading.load_pretrained`` reads), or its opened handle.
+      mesh: None (one device, unsharded); ``"auto"`` (several devices: FSDP over all of them when the model's
+        ``dim`` divides, else every device a data-parallel replica); or ``config.mesh``-like axis sizes
+        (``{"data": 1, "fsdp": -1, ...}``).
+      devices: the devices (default: every global device).
+      dtype: parameter and compute dtype; None keeps the stored one.
+
+    Raises:
+      FileNotFoundError / ValueError: not a checkpoint directory. MeshConfigError: sizes that do not lay out the
+        devices.
+    """
+    ckpt = loading.open_checkpoint(path)
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh
+    if mesh == "auto":
+        sizes = (None if len(devices) == 1 else {"fsdp": -1} if ckpt.config.dim % len(devices) == 0
+                 else {"data": -1, "fsdp": 1})
+    try:
+        built = sharding.mesh_from_config(sizes, devices=devices) if sizes else None
+    except (ValueError, TypeError) as e:
+        raise MeshConfigError(str(e)) from None
+    rules = sharding.rules_from_config(sizes or {}, built)
+    platform = ModelConfig.resolve_platform(devices[0].platform)
+    model_cfg = ckpt.config.replace(platform=platform, **({"dtype": dtype} if dtype else {}))
+    return CheckpointSpec(checkpoint=ckpt, model_cfg=model_cfg, mesh=built, rules=rules, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------------- checks
-def validate_config(cfg: ConfigDict, n_devices: int | None = None, process_count: int | None = None,
-                    schema: ConfigDict | None = None, n_slices: int | None = None) -> ModelConfig:
-    """Check the run config before anything is compiled; returns ``config.model`` as a ModelConfig (before
-    ``init_from`` and the platform: ``resolve`` gives the final one). Raises ``ConfigError``."""
+def _check_fields(cfg: ConfigDict, schema: ConfigDict | None) -> None:
+    """The checks that need neither devices nor the model: schema, counts, policies, the optimizer's fields."""
     schema = base_config() if schema is None else schema
     unknown = _unknown_keys(cfg, schema)
     if unknown:
         raise ConfigError("unknown config field(s): " + "; ".join(unknown) + ". Fix: remove or rename them.")
-    n_devices = jax.device_count() if n_devices is None else n_devices
-    process_count = jax.process_count() if process_count is None else process_count
-    model_cfg = model_config_of(cfg)
     for name in ("num_steps", "batch_size", "grad_accum_steps", "log_every"):
         if not isinstance(cfg[name], int) or cfg[name] < 1:
             raise ConfigError(f"config.{name}={cfg[name]!r} must be an integer >= 1. Fix: set --config.{name}.")
-    sizes = mesh_sizes(cfg.mesh, n_devices, sharding.num_slices() if n_slices is None else n_slices)
-    rules = rules_from(cfg)
+    if cfg.nan_policy not in ("stop", "skip"):
+        raise ConfigError(f"config.nan_policy={cfg.nan_policy!r}. Fix: use 'stop' or 'skip'.")
+    if cfg.data.on_decode_error not in pipeline.DECODE_POLICIES:
+        raise ConfigError(f"config.data.on_decode_error={cfg.data.on_decode_error!r}. "
+                          f"Fix: use one of {pipeline.DECODE_POLICIES}.")
+    try:
+        optimizer_lib.check_config(cfg.optimizer, cfg.num_steps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if cfg.checkpoint.every_steps < 1 or cfg.checkpoint.keep < 1:
+        raise ConfigError(f"config.checkpoint.every_steps={cfg.checkpoint.every_steps}, keep={cfg.checkpoint.keep}: "
+                          "both must be >= 1.")
+
+
+def _check_batch(cfg: ConfigDict, sizes: dict[str, int], rules: sharding.ShardingRules, process_count: int) -> None:
+    """The micro-batch splits evenly over the data-parallel mesh axes, and the batch over the processes."""
     batch_axes = rules.mesh_axes("batch")
     batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
     dp = math.prod(sizes[a] for a in batch_axes)
@@ -207,28 +320,30 @@ def validate_config(cfg: ConfigDict, n_devices: int | None = None, process_count
         raise ConfigError(f"config.batch_size={b} is not divisible by config.grad_accum_steps={acc}. "
                           "Fix: make batch_size a multiple of grad_accum_steps.")
     if (b // acc) % dp:
-        axes = " x ".join(f"mesh.{a}={sizes[a]}" for a in batch_axes)
-        raise ConfigError(f"config.batch_size={b} (micro-batch {b // acc} with grad_accum_steps={acc}) is not divisible"
-                          f" by the data-parallel size {dp} = {axes}. "
-                          f"Fix: use a batch_size that is a multiple of {dp * acc}, or change the mesh.")
+        shown = " x ".join(f"{a} {sizes[a]}" for a in batch_axes if sizes[a] > 1) or "1"
+        fit = [a for a in range(1, acc + 1) if b % a == 0 and (b // a) % dp == 0]
+        fix = (f"set --config.grad_accum_steps={fit[-1]}" if fit else
+               f"use a batch_size that is a multiple of {dp * acc}")
+        raise MeshConfigError(f"config.batch_size={b} with grad_accum_steps={acc} gives micro-batches of {b / acc:g} "
+                              f"rows, which do not split over the data-parallel size {dp} = {shown}. Fix: {fix} "
+                              "(or change the mesh).")
     if b % process_count:
         raise ConfigError(f"config.batch_size={b} is not divisible by the {process_count} processes. "
                           "Fix: use a multiple of the process count.")
+
+
+def validate_config(cfg: ConfigDict, n_devices: int | None = None, process_count: int | None = None,
+                    schema: ConfigDict | None = None, n_slices: int | None = None) -> ModelConfig:
+    """Check the run config without devices (e.g. for a pod this host is not part of); returns ``config.model``
+    as a ModelConfig (before ``init_from`` and the platform: ``resolve`` gives the run's). Raises ``ConfigError``.
+    ``resolve`` makes the same checks on the real devices."""
+    _check_fields(cfg, schema)
+    model_cfg = model_config_of(cfg)
+    n_devices = jax.device_count() if n_devices is None else n_devices
+    sizes = _mesh_sizes(cfg, n_devices, sharding.num_slices() if n_slices is None else n_slices)
+    _check_batch(cfg, sizes, rules_from(cfg, sizes), jax.process_count() if process_count is None else process_count)
     if not cfg.get("init_from"):  # with init_from the context length may be the checkpoint's: see resolve
         _check_seq_len(cfg, model_cfg)
-    if cfg.nan_policy not in ("stop", "skip"):
-        raise ConfigError(f"config.nan_policy={cfg.nan_policy!r}. Fix: use 'stop' or 'skip'.")
-    if cfg.data.on_decode_error not in pipeline.DECODE_POLICIES:
-        raise ConfigError(f"config.data.on_decode_error={cfg.data.on_decode_error!r}. "
-                          f"Fix: use one of {pipeline.DECODE_POLICIES}.")
-    try:
-        check_optimizer_config(cfg.optimizer, cfg.num_steps)
-        make_optimizer(cfg.optimizer, cfg.num_steps)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    if cfg.checkpoint.every_steps < 1 or cfg.checkpoint.keep < 1:
-        raise ConfigError(f"config.checkpoint.every_steps={cfg.checkpoint.every_steps}, keep={cfg.checkpoint.keep}: "
-                          "both must be >= 1.")
     return model_cfg
 
 
@@ -253,33 +368,66 @@ def check_processes(cfg: ConfigDict, workdir: str, process_count: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ resolve
+def _open_init_from(recipe: Recipe, require_checkpoint: bool) -> loading.Checkpoint | None:
+    """``config.init_from`` opened (``loading.open_checkpoint``), None for a fresh init; ConfigError when a
+    required checkpoint is missing. ``require_checkpoint=False`` (a compile without weights): a missing one is
+    None (``config.model``'s architecture is compiled)."""
+    path = recipe.init_from
+    if path is None or (path and not os.path.isdir(path)):
+        if not require_checkpoint:
+            return None
+        if path is None:
+            raise ConfigError("config.init_from is required by this config (fine-tuning starts from a released "
+                              "model). Fix: --config.init_from=PATH (HF dir, Mistral consolidated dir or "
+                              "mistral_jax checkpoint).")
+        raise ConfigError(f"config.init_from={path!r} is not a directory. Fix: point at an HF, Mistral "
+                          "consolidated or mistral_jax checkpoint directory (or a training workdir).")
+    if not path:
+        return None
+    try:
+        return loading.open_checkpoint(path)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"config.init_from={path!r}: {e}") from e
+
+
 def resolve(cfg: ConfigDict, *, devices: Sequence[Any] | None = None, process_count: int | None = None,
-            require_checkpoint: bool = True) -> Run:
+            require_checkpoint: bool = True) -> RunSpec:
     """The run of ``cfg`` on ``devices`` (default: every global device); raises ``ConfigError``.
 
     Args:
       cfg: the run config (``configs/*.py`` plus overrides).
-      devices: the devices to lay the mesh on; their platform is the target platform of the model's backends
-        (``ModelConfig.platform``) unless ``config.model.platform`` names one.
+      devices: the devices to lay the mesh on (real ones, or a TPU topology's compile-only devices); their
+        platform is the target platform of the model's backends (``ModelConfig.platform``) unless
+        ``config.model.platform`` names one.
       process_count: processes sharing the batch (default ``jax.process_count()``).
       require_checkpoint: False for a compile without weights (the AOT tool): ``init_from`` is read for its
         architecture when it is a directory here, else ``config.model``'s architecture is compiled.
     """
     devices = list(jax.devices() if devices is None else devices)
-    model_cfg = validate_config(cfg, n_devices=len(devices), process_count=process_count,
-                                n_slices=sharding.num_slices(devices))
-    recipe = choose(cfg)
-    model_cfg = recipe.model_config(model_cfg, _model_fields(cfg), require_checkpoint=require_checkpoint)
-    model_cfg = model_cfg.for_platform(cfg.model.get("platform") or devices[0].platform)
-    _check_seq_len(cfg, model_cfg)
+    _check_fields(cfg, None)
     try:
-        mesh, rules = resolve_mesh(cfg, devices)
-    except ValueError as e:
-        raise ConfigError(f"config.mesh: {e}") from e
-    return Run(cfg=cfg, model_cfg=model_cfg, mesh=mesh, rules=rules, recipe=recipe)
+        mesh = sharding.mesh_from_config(cfg.mesh, devices=devices)  # DCN axes too: data / fsdp across TPU slices
+    except (ValueError, TypeError) as e:
+        where = (f" on {len(devices)} chips ({sharding.num_slices(devices)} slice(s))"
+                 if devices[0].platform == "tpu" else "")
+        raise MeshConfigError(f"config.mesh{where}: {e}") from None
+    rules = rules_from(cfg, mesh)
+    _check_batch(cfg, dict(mesh.shape), rules, jax.process_count() if process_count is None else process_count)
+    tx, schedule = optimizer_lib.make_optimizer(cfg.optimizer, cfg.num_steps)
+    recipe = choose(cfg)
+    init_from = _open_init_from(recipe, require_checkpoint)
+    if init_from is not None:
+        recipe = dataclasses.replace(recipe, init_from=init_from)  # the recipe reads the opened handle
+    model_cfg = _run_model_config(cfg, init_from, devices[0].platform)
+    _check_seq_len(cfg, model_cfg)
+    d = cfg.data
+    data = DataSpec(format=recipe.data.name, train=d.train, validation=d.validation, tokenizer=d.tokenizer,
+                    seq_len=int(d.seq_len), batch_size=int(cfg.batch_size), grad_accum_steps=int(cfg.grad_accum_steps))
+    return RunSpec(cfg=cfg, model_cfg=model_cfg, mesh=mesh, rules=rules, recipe=recipe, tx=tx, schedule=schedule,
+                   data=data, init_from=init_from)
 
 
-def describe(run: Run) -> str:
+def describe(run: RunSpec) -> str:
     """One line: the recipe, the mesh and the rules."""
     return (f"{run.recipe.name}; mesh {' x '.join(f'{k}={v}' for k, v in run.mesh.shape.items())} over "
             f"{run.mesh.size} devices ({jax.process_count()} processes); rules {run.cfg.mesh.rules}: "

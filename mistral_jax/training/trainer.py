@@ -69,8 +69,7 @@ from mistral_jax.training.checkpoint import (
     archive_run,
     make_workdir,
 )
-from mistral_jax.training.metrics import MetricsWriter, flops_per_token, peak_flops
-from mistral_jax.training.optimizer import make_optimizer
+from mistral_jax.training.metrics import MetricsWriter
 from mistral_jax.training.recipe import Recipe
 from mistral_jax.training.run import (
     CONFIG_DIR,
@@ -86,7 +85,7 @@ from mistral_jax.training.run import (
 
 # the run config's names are used through this module by train.py and the tests
 __all__ = ["CONFIG_DIR", "ConfigError", "RunMismatch", "base_config", "check_cli_overrides", "check_processes",
-           "config_differences", "dry_run", "evaluate", "format_dry_run", "load_config_file", "model_config_from",
+           "config_differences", "evaluate", "load_config_file", "model_config_from",
            "previous_run", "train", "validate_config"]
 
 log = logging.getLogger(__name__)
@@ -310,70 +309,8 @@ def _start_over_or_resume(cfg: ConfigDict, workdir: str, prev: dict[str, Any]) -
     return resume, prev
 
 
-# --------------------------------------------------------------------------- dry run
-def dry_run(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
-    """Everything a run does before its first step, without training or writing anything.
-
-    Validates the config, resolves the mesh on the real global devices, opens the data (and packs one batch
-    when the tokenizer is known: ``data.tokenizer``, ``init_from``'s, or the workdir's), builds the abstract
-    train state (no allocation), compiles the train step on abstract inputs and reports the per-device memory
-    of the compiled program (``aot.memory_report``) and the model FLOPs per step (``metrics.flops_per_token``,
-    the numerator of the MFU the run logs). Nothing is created in ``workdir``; nothing is locked.
-
-    Returns:
-      ``aot.memory_report``'s dict (bytes per device) plus ``mesh``, ``rules``, ``processes``, ``devices``,
-      ``model_flops_per_step`` (all devices), ``model_flops_per_device``, ``data`` (what was checked) and
-      ``workdir`` (what a real run would do there).
-    """
-    from mistral_jax import aot
-
-    run = run_lib.resolve(cfg)
-    workdir = os.path.abspath(workdir)
-    data = _dry_run_data(run, workdir, step_lib.batch_sharding(run.mesh, run.rules))
-    report = aot.compile_run(run)
-    flops = flops_per_token(run.model_cfg, cfg.data.seq_len) * cfg.batch_size * cfg.data.seq_len
-    prev = previous_run(workdir) if os.path.isdir(workdir) else {"steps": [], "holds_run": False}
-    report.update(processes=jax.process_count(), model_flops_per_step=flops,
-                  model_flops_per_device=flops / jax.device_count(), data=data,
-                  workdir=(f"would resume {workdir} from step {prev['steps'][-1]}" if prev["steps"] and
-                           cfg.checkpoint.resume else f"holds a run ({_describe(prev)})" if prev["holds_run"]
-                           else f"would start a new run in {workdir}"))
-    return report
-
-
-def _dry_run_data(run: Run, workdir: str, bsharding) -> str:
-    """Open the training data (and pack one batch of this process when the tokenizer is known): what was done."""
-    cfg, recipe = run.cfg, run.recipe
-    path = recipe.tokenizer_source() or os.path.join(workdir, Tokenizer.FILENAME)
-    tok = Tokenizer(path) if recipe.tokenizer_source() or os.path.isfile(path) else None  # as the run would
-    source = recipe.open_data("train")
-    if tok is None:
-        return f"opened {cfg.data.train} (no tokenizer yet: a real run trains one; no batch packed)"
-    local = next(recipe.batches(source, tok, cfg.batch_size, train=True, bsharding=bsharding))
-    shape = " x ".join(str(n) for n in local["tokens"].shape)
-    return (f"opened {cfg.data.train}; packed this process's {shape} rows ({int(local['weights'].sum())} target "
-            f"tokens) with {tok.path}")
-
-
-def format_dry_run(r: dict[str, Any]) -> str:
-    """The dry run's report, a few lines."""
-    def gib(x: float) -> str:
-        unit = next((u for u in ("GiB", "MiB", "KiB") if x >= 1024 ** (3 - ("GiB", "MiB", "KiB").index(u))), "B")
-        return f"{x / 1024 ** (3 - ('GiB', 'MiB', 'KiB', 'B').index(unit)):.2f} {unit}"
-
-    return "\n".join([
-        f"dry run: mesh {r['mesh']} over {r['devices']} devices ({r['processes']} processes), rules {r['rules']}",
-        f"  recipe: {r['recipe']}: {r['trainable_params']:,} trainable parameters, {r['frozen_params']:,} frozen",
-        f"  data: {r['data']}",
-        f"  compiled the train step in {r['compile_s']:.1f} s; per device: arguments {gib(r['arguments'])}, outputs "
-        f"{gib(r['outputs'])} (aliased {gib(r['aliased'])}), temporaries {gib(r['temps'])}, total {gib(r['total'])}",
-        f"  model FLOPs per step: {r['model_flops_per_step']:.4g} ({r['model_flops_per_device']:.4g} per device); "
-        f"XLA cost analysis {r['flops']:.4g} per device (counts a scanned layer once)",
-        f"  workdir: {r['workdir']}; nothing written"])
-
-
 # --------------------------------------------------------------------------- loop
-def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
+def train(run: Run | ConfigDict, workdir: str) -> dict[str, Any]:
     """Run (or resume) the training described by ``cfg`` in ``workdir``.
 
     Nothing in a workdir is destroyed by accident: the workdir is locked (``{workdir}/.lock``, process 0) so two
@@ -382,7 +319,8 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
     workdir holding a run fails unless ``checkpoint.reset`` moves the old run to ``{workdir}/archive/<time>/``.
 
     Args:
-      cfg: the run ConfigDict (``configs/*.py``).
+      run: the resolved run (``training.run.resolve``), or a run ConfigDict (``configs/*.py``) to resolve on the
+        global devices.
       workdir: output directory (created; an existing run there is resumed when ``checkpoint.resume``).
 
     Returns:
@@ -396,7 +334,8 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
       checkpoint.CheckpointSaveError: a checkpoint save failed (training stops at the next step).
       FloatingPointError: a non-finite loss with ``nan_policy="stop"``.
     """
-    run = run_lib.resolve(cfg)
+    if not isinstance(run, Run):
+        run = run_lib.resolve(run)
     workdir = os.path.abspath(workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir={workdir} is a file, not a directory. Fix: pass a directory (new or a run's).")
@@ -427,9 +366,9 @@ def _train(run: Run, workdir: str) -> dict[str, Any]:
         log.warning("%s holds a run without a checkpoint (%s): starting at step 0.", workdir, _describe(prev))
     reasons = _identity_differences(run, workdir) if resuming else []
 
-    if jax.process_index() == 0:
-        log.info("%s", run_lib.describe(run))
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.num_steps)
+    if jax.process_index() == 0:  # the set-up (mesh, the whole rules table): train.py --verbose shows it
+        log.debug("%s", run_lib.describe(run))
+    tx, schedule = run.tx, run.schedule
     graphdef, abstract_state, shardings = step_lib.state_layout(recipe.abstract_model(model_cfg), tx, mesh, rules,
                                                                 recipe.trainable,
                                                                 keep_initial=recipe.objective.keeps_initial)
@@ -501,8 +440,8 @@ def _loop(run: Run, workdir, tok, ckpt, restored, graphdef, abstract_state, shar
                                       schedule=schedule, objective=recipe.objective)
     eval_fn = (step_lib.jit_eval_step(graphdef, shardings, mesh, rules, recipe.objective) if eval_src is not None
                else None)
-    flops_tok = flops_per_token(model_cfg, cfg.data.seq_len)
-    peak, peak_how = peak_flops(cfg.peak_flops)
+    flops_tok = run.flops_per_step / run.data.tokens_per_step  # mistral_jax.flops: the dry run's and AOT's count
+    peak, peak_how = run.peak_flops()
     log.info("model FLOPs/token %.3g; peak %.3g FLOP/s (%s)", flops_tok, peak, peak_how)
     writer = MetricsWriter(workdir)
 

@@ -60,6 +60,7 @@ from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.training import recipe as recipe_lib
 from mistral_jax.training import run as run_lib
 from mistral_jax.training import step as step_lib
+from mistral_jax.training.hooks import Hooks
 from mistral_jax.training.checkpoint import (
     ARCHIVE_DIR,
     Checkpointer,
@@ -127,6 +128,15 @@ def _local_data_state(saved: dict[str, Any]) -> dict[str, Any]:
     return per[jax.process_index() % len(per)]
 
 
+RECIPE_EXTRAS = "recipe"  # the checkpoint meta's key of the recipe hooks' extras (Hooks.checkpoint_extras)
+
+
+def _with_extras(meta: dict[str, Any], hooks: Hooks, step: int) -> dict[str, Any]:
+    """The checkpoint ``meta`` of ``step``: the run's plus the hooks' extras (a JSON copy: a save may be async)."""
+    extras = hooks.checkpoint_extras(step)
+    return {**meta, RECIPE_EXTRAS: json.loads(json.dumps(extras))} if extras else meta
+
+
 class _Preemption:
     """Records SIGTERM / SIGINT; the loop saves and exits at the next step boundary."""
 
@@ -158,8 +168,7 @@ def evaluate(cfg: ConfigDict, recipe: Recipe, eval_fn, state: dict[str, Any], so
     ``cfg.eval_steps`` batches of the validation split (from its start)."""
     micro = cfg.batch_size // cfg.grad_accum_steps
     it = recipe.batches(source, tok, micro, train=False, bsharding=bsharding)
-    rows = (len(recipe_lib.process_rows(bsharding, micro)) if isinstance(it, pipeline.RowReaders)
-            else micro // jax.process_count())
+    rows = recipe.local_rows(source, bsharding, micro)
     if batch_shardings is None:
         ctx = sharding.current()
         batch_shardings = step_lib.batch_shardings(recipe.objective, bsharding.mesh,
@@ -261,7 +270,7 @@ def _layout_reason(e: CheckpointMismatch) -> str:
 
 def _mismatch(workdir: str, prev: dict[str, Any], reasons: list[str], cfg: ConfigDict) -> RunMismatch:
     saved = _read_json(os.path.join(workdir, "run_config.json"))
-    diffs = [d for d in config_differences(saved, cfg) if d[0].startswith(recipe_lib.STATE_FIELDS)] if saved else []
+    diffs = [d for d in config_differences(saved, cfg) if d[0].startswith(recipe_lib.state_fields())] if saved else []
     shown = "; ".join(reasons[:6]) + (f"; ... ({len(reasons) - 6} more)" if len(reasons) > 6 else "")
     if diffs:
         changed = ", ".join(f"{k}={old!r} saved, {new!r} now" for k, old, new in diffs[:8])
@@ -491,9 +500,11 @@ def _loop(run: Run, workdir, tok, ckpt, restored, graphdef, abstract_state, shar
     batch_shardings = step_lib.batch_shardings(recipe.objective, mesh, rules)
     data_it = recipe.batches(train_src, tok, cfg.batch_size, train=True, bsharding=bsharding)
     start, state, data_state = _initial_state(run, tx, shardings, abstract_state, restored)
+    hooks = recipe.hooks()
     if restored is not None:
         data_it.set_state(_local_data_state(data_state))
         log.info("resumed from %s at step %d", ckpt.directory, start)
+    hooks.restore_extras(dict(restored[3].get(RECIPE_EXTRAS) or {}) if restored is not None else {})
     meta = {"seed": cfg.seed, "model_config": model_cfg.to_dict()}
 
     step_fn = step_lib.jit_train_step(graphdef, tx, shardings, mesh, rules, grad_accum_steps=cfg.grad_accum_steps,
@@ -523,8 +534,11 @@ def _loop(run: Run, workdir, tok, ckpt, restored, graphdef, abstract_state, shar
                 ckpt.check(current_step=step)  # a failed background save stops the run here, at the next step
                 local = next(data_it)
                 data_state = data_it.get_state()
+                local = hooks.rollout(step, state, local)  # may produce the batch (e.g. samples of the prompts)
+                state = hooks.before_step(step, state, local)
                 state, metrics = step_fn(state, _global_batch(local, batch_shardings))
                 step += 1
+                metrics = hooks.after_step(step, state, metrics)
                 stop = distributed.any_process(preempt.signum or 0)  # a signal on any process stops all here
                 if int(metrics["nonfinite"]):  # one scalar sync per step: a bad update is caught at once
                     if cfg.nan_policy == "stop":
@@ -551,11 +565,12 @@ def _loop(run: Run, workdir, tok, ckpt, restored, graphdef, abstract_state, shar
                     window_tokens, window_start = 0.0, time.perf_counter()
                 bar.update(1)
                 if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
-                    result["eval"] = writer.write(step, evaluate(cfg, recipe, eval_fn, state, eval_src, tok,
-                                                                 bsharding, batch_shardings), prefix="eval/")
+                    held_out = evaluate(cfg, recipe, eval_fn, state, eval_src, tok, bsharding, batch_shardings)
+                    result["eval"] = writer.write(step, hooks.eval(step, state, held_out), prefix="eval/")
                 force = bool(stop) or step == cfg.num_steps
                 if ckpt.due(step, force=force):  # every process's data position goes into the checkpoint
-                    ckpt.save(step, state, _saved_data_state(data_state), meta, force=force)
+                    ckpt.save(step, state, _saved_data_state(data_state), _with_extras(meta, hooks, step),
+                              force=force)
                 if stop:
                     ckpt.wait()
                     how = "" if preempt.signum else " (received by another process)"
@@ -565,8 +580,8 @@ def _loop(run: Run, workdir, tok, ckpt, restored, graphdef, abstract_state, shar
                     return result
             result["step"] = step
             if eval_fn is not None and step > start:
-                result["eval"] = writer.write(step, evaluate(cfg, recipe, eval_fn, state, eval_src, tok,
-                                                             bsharding, batch_shardings), prefix="eval/")
+                held_out = evaluate(cfg, recipe, eval_fn, state, eval_src, tok, bsharding, batch_shardings)
+                result["eval"] = writer.write(step, hooks.eval(step, state, held_out), prefix="eval/")
             ckpt.wait()
             result["checkpoint"] = newest()
             return result

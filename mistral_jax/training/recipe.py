@@ -9,8 +9,8 @@ recipe declares what they ask of it:
 
 * ``config_defaults()``: its own config block ``config.<name>`` (``configs/base.py`` adds every registered
   recipe's block, so the schema accepts it and ``--config.<name>.field=...`` works);
-* ``state_fields``: the fields of that block that shape the train state or its meaning (a resumed run must keep
-  them; ``state_fields()`` is the union over the registry, read by the trainer's resume check);
+* ``state_fields``: the fields of that block that shape the train state or its meaning (a resumed run should keep
+  them; ``state_fields()``, the union over the registry, is what the trainer names when it refuses a resume);
 * ``make_objective``: the ``training.step.Objective`` the train step minimises (batch layout, loss, ``prepare``,
   eval sums); ``describe``: one line for the logs;
 * ``hooks()``: a ``training.hooks.Hooks`` the loop calls (rollout, before / after step, eval, checkpoint extras).
@@ -225,8 +225,8 @@ class Recipe:
     Attributes (class level):
       kind: the registered name (set by ``register_recipe``).
       default_for: the ``data.format`` whose runs use this recipe when ``config.recipe`` is "" (None: only by name).
-      state_fields: dotted fields of the recipe's own config block that a resumed run must keep (its objective's
-        identity), e.g. ``("preference.objective",)``.
+      state_fields: dotted fields of the recipe's own config block that a resumed run should keep (its objective's
+        identity), e.g. ``("preference.objective",)``: a refused resume names their changes.
     """
 
     cfg: Any  # the run config

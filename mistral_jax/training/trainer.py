@@ -1,8 +1,9 @@
 """The training loop behind ``train.py``: sharded state, data, checkpoints, metrics, preemption, for any recipe.
 
 The run config is resolved once (``training.run.resolve``: model config, mesh, rules and the recipe of
-``training.recipe``); the loop only asks the recipe for the tokenizer, the batches, the model at step 0 and the
-objective the step minimises (``training.step.Objective``: its batch layout, loss and held-out metrics), and
+``training.recipe``); the loop only asks the recipe for the tokenizer, the batches, the model at step 0, the
+objective the step minimises (``training.step.Objective``: its batch layout, loss and held-out metrics) and its
+hooks (``training.hooks.Hooks``: rollout, before / after step, eval, checkpoint extras in the checkpoint's meta), and
 trains the state ``training.step.state_layout`` builds from what the recipe trains (its ``frozen`` part, empty
 when every weight trains, is merged into the model but never updated or checkpointed: a resumed run rebuilds it
 from the recipe's initial model).
@@ -60,7 +61,6 @@ from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.training import recipe as recipe_lib
 from mistral_jax.training import run as run_lib
 from mistral_jax.training import step as step_lib
-from mistral_jax.training.hooks import Hooks
 from mistral_jax.training.checkpoint import (
     ARCHIVE_DIR,
     Checkpointer,
@@ -69,6 +69,7 @@ from mistral_jax.training.checkpoint import (
     WorkdirLock,
     archive_run,
 )
+from mistral_jax.training.hooks import Hooks
 from mistral_jax.training.metrics import MetricsWriter, flops_per_token, peak_flops
 from mistral_jax.training.optimizer import make_optimizer
 from mistral_jax.training.recipe import Recipe

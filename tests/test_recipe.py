@@ -33,8 +33,8 @@ def _hf_config_dir(tmp_path, cfg: mj.ModelConfig):
 
 
 def test_the_trainer_step_and_aot_name_no_recipe():
-    for name in ("training/trainer.py", "training/step.py", "training/hooks.py", "training/run.py", "aot/__init__.py",
-                 "cli/aot.py", "cli/train.py", "../configs/base.py"):
+    for name in ("training/trainer.py", "training/loop.py", "training/step.py", "training/hooks.py", "training/run.py",
+                 "aot/__init__.py", "cli/aot.py", "cli/train.py", "../configs/base.py"):
         text = open(os.path.join(ROOT, "mistral_jax", name), encoding="utf-8").read()
         code = "\n".join(line.split("#")[0] for line in text.splitlines())  # comments may name examples
         if name != "../configs/base.py":

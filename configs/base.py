@@ -8,6 +8,7 @@ import dataclasses
 from ml_collections import ConfigDict, config_dict
 
 from mistral_jax.config import ModelConfig
+from mistral_jax.training import recipe
 
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
@@ -25,6 +26,9 @@ def model_fields() -> ConfigDict:
 def get_config() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0  # parameter init and data shuffling seed
+    # what the run trains: a registered recipe (training/recipe.py RECIPES: pretrain, sft, preference, or one a
+    # config file imports); "" = the default recipe of data.format (text: pretrain, chat: sft, preference: preference)
+    c.recipe = ""
     c.num_steps = 1000  # optimizer steps in the run (also the LR decay horizon)
     c.batch_size = 8  # global rows of data.seq_len tokens per optimizer step (all processes and micro-batches)
     c.grad_accum_steps = 1  # micro-batches per optimizer step (scan over batch_size // grad_accum_steps rows each)
@@ -59,13 +63,10 @@ def get_config() -> ConfigDict:
     c.data.pairs_per_row = 1  # preference: pairs packed per row (1 = one right-padded pair per row, as TRL)
     c.data.max_pairs = 0  # preference: read at most this many pairs (0 = all)
 
-    # preference tuning (data.format = "preference"; training/preference.py, TRL's DPOTrainer / ORPOTrainer math)
-    c.preference = ConfigDict()
-    c.preference.objective = "dpo"  # "dpo" (frozen reference = init_from; LoRA: adapters off) or "orpo" (none)
-    c.preference.loss_type = "sigmoid"  # DPO loss: sigmoid (DPO), ipo, robust (label-noise robust), hinge
-    c.preference.beta = 0.1  # DPO's beta (IPO's tau); ORPO's lambda (weight of the odds-ratio term)
-    c.preference.label_smoothing = 0.0  # loss_type="robust" only: probability a preference label is flipped
-    c.preference.orpo_nll_on_prompt = False  # ORPO: the NLL term also covers prompt tokens (TRL's ORPOTrainer)
+    # each registered recipe's own block, config.<recipe name>, with the defaults the recipe declares
+    # (Recipe.config_defaults; e.g. config.preference: DPO / ORPO, training/preference.py)
+    for name, block in recipe.config_blocks().items():
+        c[name] = block
 
     c.lora = ConfigDict()
     c.lora.rank = 0  # LoRA adapter rank; 0 = no LoRA (every weight trains)

@@ -27,7 +27,8 @@ from mistral_jax.training import preference as tp
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers / TRL deprecation notices
 
-CFG = mj.ModelConfig.tiny(initializer_range=0.1)  # float32; weights large enough that the two models disagree
+CFG = mj.ModelConfig.tiny(initializer_range=0.1, loss_chunk_size=24)  # float32, weights large enough that the two
+# models disagree; log-probs in 24-position chunks (SEQ = 80: four, the last padded)
 SEQ = 80  # positions per sequence for the test pairs (the longest needs 68)
 TRAIN_SEQ = 72  # the bundled set's longest pair needs 65 positions
 

@@ -231,3 +231,29 @@ def test_grad_accumulation_changes_memory_not_the_step(init_run, corpus_tokenize
         np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)  # Adam divides by sqrt(v): rounding grows a little
+
+
+def test_the_dpo_step_never_holds_the_pair_logits():
+    """The compiled full-DPO train step (policy, frozen reference, gradient) at V = 32k needs fewer temporary bytes
+    than one float32 ``[B, 2, T, V]`` logits tensor: sequence log-probs are computed over chunks of positions
+    (``training.loss.chunked_token_logps``), never from the whole logits (the code before kept several such
+    tensors, ~2.2x its size; ``benchmarks/preference_memory.py`` measures both)."""
+    from flax import nnx
+
+    import mistral_jax as mj
+    from mistral_jax import sharding
+    from mistral_jax.training import preference as tp
+
+    b, t, v = 2, 1024, 32768
+    cfg = mj.ModelConfig.tiny(vocab_size=v, max_seq_len=t, platform="cpu")  # loss_chunk_size 0: PREFERENCE_CHUNK
+    mesh, rules = sharding.make_mesh(fsdp=1, devices=jax.devices()[:1]), sharding.DEFAULT_RULES
+    c = tiny_dpo.get_config()
+    tx, schedule = make_optimizer(c.optimizer, c.num_steps)
+    objective = tp.PreferenceObjective(config=tp.PreferenceConfig(), reference="initial")
+    graphdef, abstract, shardings = step_lib.state_layout(nnx.eval_shape(lambda: mj.Transformer(cfg, rngs=nnx.Rngs(0))),
+                                                          tx, mesh, rules, keep_initial=True)
+    with sharding.use_mesh(mesh, rules):
+        fn = step_lib.jit_train_step(graphdef, tx, shardings, mesh, rules, schedule=schedule, objective=objective)
+        compiled = fn.lower(abstract, step_lib.abstract_batch(b, t, mesh, rules, objective)).compile()
+    temp, logits = compiled.memory_analysis().temp_size_in_bytes, 4 * b * 2 * t * v
+    assert temp < logits / 2, (temp, logits)

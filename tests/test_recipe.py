@@ -33,9 +33,35 @@ def _hf_config_dir(tmp_path, cfg: mj.ModelConfig):
 
 
 def test_the_trainer_step_and_aot_name_no_recipe():
-    for name in ("training/trainer.py", "training/step.py", "aot/__init__.py", "cli/aot.py", "cli/train.py"):
+    for name in ("training/trainer.py", "training/loop.py", "training/step.py", "training/hooks.py", "training/run.py",
+                 "aot/__init__.py", "cli/aot.py", "cli/train.py", "../configs/base.py"):
         text = open(os.path.join(ROOT, "mistral_jax", name), encoding="utf-8").read()
-        assert not re.search(r"sft|lora|dpo|orpo|preference", text, re.I), name
+        code = "\n".join(line.split("#")[0] for line in text.splitlines())  # comments may name examples
+        if name != "../configs/base.py":
+            assert not re.search(r"sft|lora|dpo|orpo|preference", text, re.I), name
+        # no branching on a recipe's or a data kind's name: recipes declare what differs (training/recipe.py)
+        assert not re.search(r"""(data|recipe)\.(name|kind)\s*[=!]=|[=!]=\s*["'](text|chat|preference|pretrain)["']|"""
+                             r"""\.preference\b|isinstance\([^)]*(RowReaders|LocalSource)""", code), name
+
+
+def test_every_recipe_is_registered_in_one_place():
+    """The built-in recipes are entries of ``RECIPES``; ``data.format`` picks its default one when
+    ``config.recipe`` is "", and the schema holds each registered recipe's own block (none listed in base.py)."""
+    assert {"pretrain", "sft", "preference"} <= set(recipe_lib.RECIPES)
+    assert {k: c.default_for for k, c in recipe_lib.RECIPES.items() if c.default_for} == {
+        "pretrain": "text", "sft": "chat", "preference": "preference"}
+    base = open(os.path.join(ROOT, "configs", "base.py"), encoding="utf-8").read()
+    assert "c.preference" not in base and "preference" in run_lib.base_config()
+    assert "preference.objective" in recipe_lib.state_fields()
+    c = tiny_sft.get_config()
+    assert type(recipe_lib.choose(c)) is recipe_lib.RECIPES["sft"]
+    c.recipe = "pretrain"  # by name: the data stays chat, the recipe's own behaviour applies
+    assert type(recipe_lib.choose(c)) is recipe_lib.RECIPES["pretrain"]
+    c.recipe, c.data.format = "", "tables"
+    with pytest.raises(recipe_lib.ConfigError, match=r"config.data.format='tables' is unknown"):
+        recipe_lib.choose(c)
+    with pytest.raises(ValueError, match="already registered"):
+        recipe_lib.register_recipe("sft")(type("Other", (recipe_lib.Recipe,), {}))
 
 
 def test_choose_reads_the_recipe_from_the_config_alone():

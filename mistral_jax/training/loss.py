@@ -14,12 +14,16 @@ Two ways to the same token cross-entropy, chosen by ``ModelConfig.loss_chunk_siz
   ``jax.checkpoint``-ed, so the backward pass recomputes a chunk's logits instead of saving them: at most one
   chunk's logits (and their gradient) is live, ``C / T`` of the plain path's. Chunks run along T, so the
   hidden states' batch sharding is untouched. Same values and gradients as the plain path (float32 rounding).
+
+``chunked_token_logps`` is the same scan giving per-position log-probs (the sequence log-probs of DPO / ORPO in
+``training.preference``), so no objective holds the float32 logits of a whole batch.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +40,47 @@ def cross_entropy(logits: Float[Array, "B T V"], targets: Int[Array, "B T"], wei
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T]
     w = weights.astype(jnp.float32)
     return jnp.sum((lse - picked) * w), jnp.sum(w)
+
+
+def _scan_chunks(hidden: Float[Array, "B T D"], head: Float[Array, "D V"], per_position: tuple[Array, ...],
+                 chunk_size: int, head_logits: Callable[[Array, Array], Array],
+                 fn: Callable[..., Any]) -> tuple[Any, int]:
+    """``fn(logits [B, C, V], *per_position chunks [B, C])`` over chunks of C positions, the head applied per chunk.
+
+    The scaffolding shared by the chunked losses: T is padded to a multiple of C with zero-valued positions (their
+    arrays padded with 0; callers give them zero weight), chunks lead a ``lax.scan`` (B keeps its batch sharding)
+    and each chunk's body is ``jax.checkpoint``-ed, so the backward pass recomputes a chunk's ``[B, C, V]`` float32
+    logits instead of saving them. Returns ``(fn's outputs stacked over the n chunks, the padding)``.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunked loss: chunk_size={chunk_size!r} must be > 0. Fix: pass a positive chunk size, or "
+                         "use cross_entropy on full logits.")
+    b, t, d = hidden.shape
+    c = min(chunk_size, t)
+    n = -(-t // c)  # chunks
+    pad = n * c - t
+    if pad:  # padding positions: zero inputs (callers weight them 0), sliced off or summed with weight 0
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        per_position = tuple(jnp.pad(x, ((0, 0), (0, pad))) for x in per_position)
+    # [B, n*C, ...] -> [n, B, C, ...]: the scan axis leads; B stays sharded over the batch mesh axes.
+    xs = (sharding.constrain(hidden.reshape(b, n, c, d).swapaxes(0, 1), (None, "batch", "seq", "act_embed")),
+          *(sharding.constrain(x.reshape(b, n, c).swapaxes(0, 1), (None, "batch", "seq")) for x in per_position))
+    # The head stays in its parameter sharding inside the loop: each chunk all-gathers it (in the compute dtype)
+    # and reduce-scatters its gradient into the float32 shard. Gathering it once before the loop instead keeps
+    # a gathered float32 head and a replicated float32 gradient carry alive through the loop: 0.9 GiB more per
+    # chip for Mistral 7B on a v5p-8 (AOT), for 16% fewer collective bytes per step. A vocab (tensor) sharding stays:
+    # each chip computes its vocab shard of the logits.
+    head = sharding.constrain(head, ("embed", "vocab"))
+
+    # backward: recompute this chunk's logits rather than keep n of them (prevent_cse=False: inside a scan)
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def chunk(head, x, *rest):
+        return fn(head_logits(x, sharding.constrain(head, ("embed", "vocab"))), *rest)  # logits [B, C, V] float32
+
+    def body(carry, xs_i):
+        return carry, chunk(head, *xs_i)
+
+    return jax.lax.scan(body, None, xs)[1], pad
 
 
 def chunked_cross_entropy(hidden: Float[Array, "B T D"], head: Float[Array, "D V"], targets: Int[Array, "B T"],
@@ -57,40 +102,37 @@ def chunked_cross_entropy(hidden: Float[Array, "B T D"], head: Float[Array, "D V
     Returns:
       ``(weighted sum of token cross-entropies, sum of weights)``, float32 scalars.
     """
-    if chunk_size <= 0:
-        raise ValueError(f"chunked_cross_entropy: chunk_size={chunk_size!r} must be > 0. Fix: pass a positive "
-                         "chunk size, or use cross_entropy on full logits.")
-    b, t, d = hidden.shape
-    c = min(chunk_size, t)
-    n = -(-t // c)  # chunks
-    pad = n * c - t
     w = weights.astype(jnp.float32)
-    if pad:  # zero-weight padding positions: they add exactly 0 to both sums and get a zero gradient
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        w = jnp.pad(w, ((0, 0), (0, pad)))
-    # [B, n*C, ...] -> [n, B, C, ...]: the scan axis leads; B stays sharded over the batch mesh axes.
-    xs = (sharding.constrain(hidden.reshape(b, n, c, d).swapaxes(0, 1), (None, "batch", "seq", "act_embed")),
-          sharding.constrain(targets.reshape(b, n, c).swapaxes(0, 1), (None, "batch", "seq")),
-          sharding.constrain(w.reshape(b, n, c).swapaxes(0, 1), (None, "batch", "seq")))
-    # The head stays in its parameter sharding inside the loop: each chunk all-gathers it (in the compute dtype)
-    # and reduce-scatters its gradient into the float32 shard. Gathering it once before the loop instead keeps
-    # a gathered float32 head and a replicated float32 gradient carry alive through the loop: 0.9 GiB more per
-    # chip for Mistral 7B on a v5p-8 (AOT), for 16% fewer collective bytes per step. A vocab (tensor) sharding stays:
-    # each chip computes its vocab shard of the logits.
-    head = sharding.constrain(head, ("embed", "vocab"))
-
-    # backward: recompute this chunk's logits rather than keep n of them (prevent_cse=False: inside a scan)
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def chunk(head, x, tgt, wt):
-        logits = head_logits(x, sharding.constrain(head, ("embed", "vocab")))  # [B, C, V] float32
-        return cross_entropy(logits, tgt, wt)[0]
-
-    def body(carry, xs_i):
-        return carry, chunk(head, *xs_i)
-
-    _, sums = jax.lax.scan(body, None, xs)  # [n] per-chunk sums
+    # zero-weight padding positions add exactly 0 to both sums and get a zero gradient
+    sums, _ = _scan_chunks(hidden, head, (targets, w), chunk_size, head_logits,
+                           lambda logits, tgt, wt: cross_entropy(logits, tgt, wt)[0])  # [n] per-chunk sums
     return jnp.sum(sums), jnp.sum(w)
+
+
+def chunked_token_logps(hidden: Float[Array, "B T D"], head: Float[Array, "D V"], targets: Int[Array, "B T"],
+                        chunk_size: int, head_logits: Callable[[Array, Array], Array], *,
+                        with_mean_logits: bool = False) -> tuple[Array, Array | None]:
+    """Per-position ``log p(target)`` (float32 log-softmax) of ``head_logits(hidden, head)`` without the
+    ``[B, T, V]`` logits: at most one ``[B, C, V]`` chunk is live, forward and backward (``chunked_cross_entropy``'s
+    scan). The sequence objectives (DPO / ORPO log-probs) sum these per sequence.
+
+    Returns:
+      ``(logps [B, T], mean_logits [B, T] or None)``: ``mean_logits`` (``with_mean_logits``) is the mean logit over
+      the vocabulary per position (TRL's ``logits/*`` metrics), float32.
+    """
+    b, t = targets.shape
+
+    def stats(logits, tgt):
+        picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]  # [B, C]
+        out = picked - jax.nn.logsumexp(logits, axis=-1)
+        return (out, jnp.mean(logits, axis=-1)) if with_mean_logits else (out,)
+
+    outs, _ = _scan_chunks(hidden, head, (targets,), chunk_size, head_logits, stats)
+
+    def unchunk(x):  # [n, B, C] -> [B, T]
+        return sharding.constrain(x.swapaxes(0, 1).reshape(b, -1)[:, :t], ("batch", "seq"))
+
+    return unchunk(outs[0]), (unchunk(outs[1]) if with_mean_logits else None)
 
 
 def token_cross_entropy(model, batch: dict[str, Array]) -> tuple[Array, Array, dict[str, Array]]:

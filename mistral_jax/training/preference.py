@@ -31,6 +31,12 @@ without gradient (``prepare``) and the held-out sums (``rewards/accuracies`` = p
 A model is passed as an ``apply`` function ``(tokens, positions, segment_ids) -> logits`` over ``[N, T]`` inputs (or
 ``-> (logits, extra_loss)``, e.g. an already-weighted MoE load-balancing loss, added to the objective): the trainer
 recipe closes over its model (``model_apply(model)``), a LoRA model with its adapters disabled, or anything else.
+
+Memory: a ``Transformer`` given as ``model_apply`` / ``policy_apply`` (a ``ModelApply``) never materialises the
+float32 ``[B, 2, T, V]`` logits: its per-position log-probs come from ``training.loss.chunked_token_logps``, the head
+applied to chunks of ``model.cfg.loss_chunk_size`` positions (``PREFERENCE_CHUNK`` when that is 0, the plain-logits
+setting of the token loss), each chunk's logits recomputed in the backward pass. Any other ``apply`` (e.g. fixed
+logits in tests) is called for its whole logits.
 """
 
 from __future__ import annotations
@@ -45,10 +51,13 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from mistral_jax.training import step as step_lib
+from mistral_jax.training.loss import chunked_token_logps
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "robust", "hinge")
 OBJECTIVES = ("dpo", "orpo")
 Apply = Callable[[Array, Array, Array], Any]  # (tokens [N, T], positions [N, T], segment_ids [N, T]) -> logits
+# positions per log-prob chunk of a model whose loss_chunk_size is 0: one chunk's float32 logits are [2B, 128, V]
+PREFERENCE_CHUNK = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +108,42 @@ class PreferenceConfig:
 
 
 # ----------------------------------------------------------------------------------------------- log-probs
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModelApply:
+    """A ``mistral_jax.Transformer`` as an ``Apply``: called, its float32 logits (plus, with ``aux_loss``, its
+    weighted MoE aux losses as ``extra_loss``); ``token_stats`` gives the per-position log-probs in chunks, never the
+    whole logits (what ``sequence_logps`` and ``loss_fn`` use)."""
+
+    model: Any
+    aux_loss: bool = False  # add router_aux_loss_coef * load balancing + router_z_loss_coef * z (training.loss)
+
+    def _extra(self, aux: Mapping[str, Array]) -> Array:
+        if not self.aux_loss:
+            return jnp.zeros((), jnp.float32)
+        cfg = self.model.cfg
+        return cfg.router_aux_loss_coef * aux["load_balancing_loss"] + cfg.router_z_loss_coef * aux["router_z_loss"]
+
+    def __call__(self, tokens: Array, positions: Array, segment_ids: Array) -> Any:
+        if not self.aux_loss:
+            return self.model(tokens, positions=positions, segment_ids=segment_ids)
+        logits, aux = self.model(tokens, positions=positions, segment_ids=segment_ids, return_aux=True)
+        return logits, self._extra(aux)
+
+    def token_stats(self, tokens: Array, targets: Array, positions: Array, segment_ids: Array, *,
+                    with_logits: bool) -> tuple[Array, Array | None, Array]:
+        """``(log p(target) [N, T], mean logit over the vocabulary [N, T] or None, extra_loss)``, chunked."""
+        m = self.model
+        out = m.forward(tokens, positions, segment_ids, return_hidden=True)
+        lp, mean_logits = chunked_token_logps(out.hidden, m.head_weight(), targets,
+                                              m.cfg.loss_chunk_size or PREFERENCE_CHUNK, m.head_logits,
+                                              with_mean_logits=with_logits)
+        return lp, mean_logits, self._extra(out.aux)
+
+
 def model_apply(model: Any) -> Apply:
-    """``apply`` of a ``mistral_jax.Transformer``: ``(tokens, positions, segment_ids) -> float32 logits``."""
-    return lambda tokens, positions, segment_ids: model(tokens, positions=positions, segment_ids=segment_ids)
+    """``apply`` of a ``mistral_jax.Transformer``: ``(tokens, positions, segment_ids) -> float32 logits`` (a
+    ``ModelApply``: the objectives read its log-probs in chunks)."""
+    return ModelApply(model)
 
 
 def token_logps(logits: Float[Array, "N T V"], targets: Int[Array, "N T"]) -> Float[Array, "N T"]:
@@ -119,37 +161,53 @@ def per_pair(values: Float[Array, "B S T"], segment_ids: Int[Array, "B S T"], pa
     return jnp.einsum("bstp,bst->bsp", onehot, values.astype(jnp.float32))
 
 
-def _forward(apply: Apply, batch: Mapping[str, Array]) -> tuple[Float[Array, "B S T V"], Array]:
+def _token_stats(apply: Apply, batch: Mapping[str, Array], *, with_logits: bool
+                 ) -> tuple[Float[Array, "B S T"], Float[Array, "B S T"] | None, Array]:
+    """``(log p(target), mean logit or None, extra_loss)`` per position of the ``[B, S, T]`` batch under ``apply``:
+    in chunks for a ``ModelApply``, else from ``apply``'s whole logits."""
     b, s, t = batch["tokens"].shape
-    flat = [batch[k].reshape(b * s, t) for k in ("tokens", "positions", "segment_ids")]  # [B, 2, T] -> [2B, T]
-    out = apply(*flat)
-    logits, extra = out if isinstance(out, tuple) else (out, jnp.zeros((), jnp.float32))
-    return logits.reshape(b, s, t, logits.shape[-1]), extra  # [2B, T, V] -> [B, 2, T, V]
+    flat = [batch[k].reshape(b * s, t) for k in ("tokens", "targets", "positions", "segment_ids")]  # -> [2B, T]
+    if isinstance(apply, ModelApply):
+        lp, mean_logits, extra = apply.token_stats(*flat, with_logits=with_logits)
+    else:
+        out = apply(flat[0], flat[2], flat[3])
+        logits, extra = out if isinstance(out, tuple) else (out, jnp.zeros((), jnp.float32))
+        lp = token_logps(logits, flat[1])
+        mean_logits = jnp.mean(logits.astype(jnp.float32), axis=-1) if with_logits else None
+    unflat = lambda x: None if x is None else x.reshape(b, s, t)  # noqa: E731
+    return unflat(lp), unflat(mean_logits), extra
 
 
-def sequence_stats(logits: Float[Array, "B S T V"], batch: Mapping[str, Array], *, with_logits: bool = True,
-                   with_nll: bool = False) -> dict[str, Float[Array, "B S P"]]:
-    """Per-sequence sums over answer tokens: ``logps`` (summed log-probs), ``tokens`` (answer token counts) and,
-    on request, ``logits`` (summed mean-over-vocabulary logits, for TRL's ``logits/*``) and ``nll_all`` /
-    ``tokens_all`` (the negative log-likelihood and count over every non-padding target, prompt included)."""
+def _sequence_sums(lp: Float[Array, "B S T"], mean_logits: Float[Array, "B S T"] | None, batch: Mapping[str, Array],
+                   *, with_nll: bool) -> dict[str, Float[Array, "B S P"]]:
     p = batch["pair_mask"].shape[-1]
     seg, w = batch["segment_ids"], batch["weights"].astype(jnp.float32)
-    lp = token_logps(logits, batch["targets"])  # [B, S, T]
     out = dict(logps=per_pair(lp * w, seg, p), tokens=per_pair(w, seg, p))
-    if with_logits:
-        out["logits"] = per_pair(jnp.mean(logits.astype(jnp.float32), axis=-1) * w, seg, p)
+    if mean_logits is not None:
+        out["logits"] = per_pair(mean_logits * w, seg, p)
     if with_nll:
         valid = (seg != 0).astype(jnp.float32)
         out["nll_all"], out["tokens_all"] = per_pair(-lp * valid, seg, p), per_pair(valid, seg, p)
     return out
 
 
+def sequence_stats(logits: Float[Array, "B S T V"], batch: Mapping[str, Array], *, with_logits: bool = True,
+                   with_nll: bool = False) -> dict[str, Float[Array, "B S P"]]:
+    """Per-sequence sums over answer tokens of given logits: ``logps`` (summed log-probs), ``tokens`` (answer
+    token counts) and, on request, ``logits`` (summed mean-over-vocabulary logits, for TRL's ``logits/*``) and
+    ``nll_all`` / ``tokens_all`` (the negative log-likelihood and count over every non-padding target, prompt
+    included). The objectives compute the same sums from a model's chunked log-probs."""
+    lp = token_logps(logits, batch["targets"])  # [B, S, T]
+    mean_logits = jnp.mean(logits.astype(jnp.float32), axis=-1) if with_logits else None
+    return _sequence_sums(lp, mean_logits, batch, with_nll=with_nll)
+
+
 def sequence_logps(apply: Apply, batch: Mapping[str, Array]) -> Float[Array, "B S P"]:
     """Summed answer log-probs ``[B, 2, P]`` of every sequence of the batch under ``apply``, without gradient: the
     reference log-probs of DPO (run it once per batch, e.g. before the gradient, and pass the result as
     ``loss_fn(..., reference=...)``)."""
-    logits, _ = _forward(apply, batch)
-    return jax.lax.stop_gradient(sequence_stats(logits, batch, with_logits=False)["logps"])
+    lp, _, _ = _token_stats(apply, batch, with_logits=False)
+    return jax.lax.stop_gradient(_sequence_sums(lp, None, batch, with_nll=False)["logps"])
 
 
 reference_logps = sequence_logps
@@ -234,8 +292,8 @@ def pair_terms(policy_apply: Apply, batch: Mapping[str, Array], config: Preferen
     ``sequence_stats``, the reference log-probs (DPO), ``log_odds`` / ``log_sigmoid_odds`` (ORPO), ``nll`` (ORPO,
     a scalar) and ``extra_loss``. See ``loss_fn`` for the arguments."""
     orpo = config.objective == "orpo"
-    logits, extra = _forward(policy_apply, batch)
-    stats = sequence_stats(logits, batch, with_logits=not orpo, with_nll=orpo and config.orpo_nll_on_prompt)
+    lp, mean_logits, extra = _token_stats(policy_apply, batch, with_logits=not orpo)
+    stats = _sequence_sums(lp, mean_logits, batch, with_nll=orpo and config.orpo_nll_on_prompt)
     mask = batch["pair_mask"].astype(jnp.float32)
     out: dict[str, Any] = dict(stats=stats, extra_loss=extra, mask=mask)
     if orpo:
@@ -318,15 +376,7 @@ def policy_apply(model: Any) -> Apply:
     """``apply`` of a ``Transformer`` being trained: logits, plus its weighted MoE aux losses as ``extra_loss``
     (the ``training.loss`` weights ``router_aux_loss_coef`` / ``router_z_loss_coef``) for a mixture of experts."""
     cfg = getattr(model, "cfg", None)
-    if cfg is None or not cfg.is_moe:
-        return model_apply(model)
-
-    def apply(tokens, positions, segment_ids):
-        logits, aux = model(tokens, positions=positions, segment_ids=segment_ids, return_aux=True)
-        return logits, cfg.router_aux_loss_coef * aux["load_balancing_loss"] + cfg.router_z_loss_coef * aux[
-            "router_z_loss"]
-
-    return apply
+    return ModelApply(model, aux_loss=cfg is not None and cfg.is_moe)
 
 
 @dataclasses.dataclass(frozen=True)

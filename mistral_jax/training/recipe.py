@@ -1,27 +1,42 @@
 """Training recipes: what a run trains, from which weights, on which data. Chosen once from the run config.
 
-A ``Recipe`` is three independent choices read from the run config by ``choose(cfg)``:
+A recipe is a ``Recipe`` subclass registered by name in ``RECIPES`` (``@register_recipe("name")``), the one place
+that knows recipes; ``config.recipe`` picks one ("" = the recipe registered as the default of ``data.format``).
+Built in: ``pretrain`` (text), ``sft`` (chat) and ``preference`` (DPO / ORPO); LoRA adapters (``lora.rank``) are an
+option of every recipe. A new recipe is one new module (a subclass, registered; a config file imports it) plus a
+config: the trainer, the step, the run resolution, the checkpoints and the config schema need no edit, because a
+recipe declares what they ask of it:
 
-* data (``data.format``): ``TextData`` (pretraining on documents, packed), ``ChatData`` (conversations in
-  Mistral's chat format, loss on the assistant answers only; ``data/chat.py``) or ``PreferenceData`` (chosen /
-  rejected pairs, ``data/preference.py``);
+* ``config_defaults()``: its own config block ``config.<name>`` (``configs/base.py`` adds every registered
+  recipe's block, so the schema accepts it and ``--config.<name>.field=...`` works);
+* ``state_fields``: the fields of that block that shape the train state or its meaning (a resumed run should keep
+  them; ``state_fields()``, the union over the registry, is what the trainer names when it refuses a resume);
+* ``make_objective``: the ``training.step.Objective`` the train step minimises (batch layout, loss, ``prepare``,
+  eval sums); ``describe``: one line for the logs;
+* ``hooks()``: a ``training.hooks.Hooks`` the loop calls (rollout, before / after step, eval, checkpoint extras).
+
+A ``Recipe`` is three choices read from the run config by ``choose(cfg)``:
+
+* data (``data.format``, ``DATA_KINDS``): ``TextData`` (pretraining on documents, packed), ``ChatData``
+  (conversations in Mistral's chat format, loss on the assistant answers only; ``data/chat.py``) or
+  ``PreferenceData`` (chosen / rejected pairs, ``data/preference.py``);
 * start (``init_from``): a fresh seeded init, or a checkpoint (HF, Mistral consolidated or mistral_jax dir)
   whose architecture replaces the run's (``ModelConfig.with_architecture_of``) and whose weights are read slice by
   slice onto the training mesh;
 * adapters (``lora.rank``): none (every weight trains) or ``LoRA`` adapters wrapped around the target weights.
 
-The data also fixes the training objective (``objective``, a ``training.step.Objective``): the token loss of
-``training.loss`` for text and chat; for preference data the ``config.preference`` objective of
-``training.preference`` (DPO against a frozen reference, or ORPO). DPO's reference is ``init_from`` (required):
-with adapters, the model with its adapters zeroed (no second copy); without, a frozen copy of the initial weights
-in the train state's ``frozen`` part (``Objective.keeps_initial``), rebuilt from ``init_from`` on resume.
+The recipe fixes the training objective (``objective``): the token loss of ``training.loss`` for text and chat;
+for preference data the ``config.preference`` objective of ``training.preference`` (DPO against a frozen
+reference, or ORPO). DPO's reference is ``init_from`` (required): with adapters, the model with its adapters zeroed
+(no second copy); without, a frozen copy of the initial weights in the train state's ``frozen`` part
+(``Objective.keeps_initial``), rebuilt from ``init_from`` on resume.
 
 It gives the trainer everything that differs between runs: the model config (``model_config``), the tokenizer
-(``tokenizer``), the data (``open_data``, ``batches``, ``empty_batch``), the objective, the model to train
-(``abstract_model`` / ``init_model``) and the ``trainable`` ``nnx`` filter that splits it into the train state's
-``params`` and ``frozen`` parts (``training.step.state_layout``). ``nnx.Param`` is that filter for every recipe:
-``lora.apply_lora`` turns the base weights into ``lora.Frozen`` variables, so only the adapters remain
-``nnx.Param``. Frozen weights are not checkpointed: a resumed run rebuilds them with ``init_model``.
+(``tokenizer``), the data (``open_data``, ``batches``, ``empty_batch``, ``local_rows``), the objective, the hooks,
+the model to train (``abstract_model`` / ``init_model``) and the ``trainable`` ``nnx`` filter that splits it into
+the train state's ``params`` and ``frozen`` parts (``training.step.state_layout``). ``nnx.Param`` is that filter
+for every recipe: ``lora.apply_lora`` turns the base weights into ``lora.Frozen`` variables, so only the adapters
+remain ``nnx.Param``. Frozen weights are not checkpointed: a resumed run rebuilds them with ``init_model``.
 """
 
 from __future__ import annotations
@@ -30,11 +45,13 @@ import dataclasses
 import logging
 import os
 import shutil
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
+from ml_collections import ConfigDict
 
 from mistral_jax import loading, sharding
 from mistral_jax import lora as lora_lib
@@ -47,12 +64,13 @@ from mistral_jax.data.train_tokenizer import VocabularyTooSmall, train_tokenizer
 from mistral_jax.model.transformer import Transformer
 from mistral_jax.training import preference as preference_lib
 from mistral_jax.training import step as step_lib
+from mistral_jax.training.hooks import Hooks
 
 log = logging.getLogger(__name__)
 
-# run config fields that shape the train state or its meaning: a resumed run must keep them
-STATE_FIELDS = ("model.", "optimizer.", "lora.", "init_from", "remat", "data.tokenizer", "data.format",
-                "preference.objective")
+# run config fields that shape the train state or its meaning, for every recipe: a resumed run must keep them
+# (``state_fields()`` adds each registered recipe's own)
+STATE_FIELDS = ("model.", "optimizer.", "lora.", "init_from", "remat", "data.tokenizer", "data.format", "recipe")
 
 
 class ConfigError(ValueError):
@@ -81,6 +99,13 @@ class TextData:
 
     cfg: Any  # the run config
     name = "text"
+    trains_tokenizer = True  # a new run without a tokenizer trains one on these documents
+
+    def local_rows(self, source: Any, bsharding: NamedSharding, batch_size: int) -> int:
+        """How many rows of a ``batch_size``-row global batch this process reads from ``source``."""
+        if isinstance(source, pipeline.LocalSource):  # RowReaders: the rows of the batch sharding
+            return len(process_rows(bsharding, batch_size))
+        return batch_size // jax.process_count()
 
     def open(self, split: str) -> Any:
         """The source of ``split`` ("train" / "validation"); None when the config has no such data."""
@@ -117,6 +142,11 @@ class ChatData:
 
     cfg: Any
     name = "chat"
+    trains_tokenizer = False  # the model's chat tokenizer is needed
+
+    def local_rows(self, source: Any, bsharding: NamedSharding, batch_size: int) -> int:
+        del source, bsharding
+        return batch_size // jax.process_count()
 
     def open(self, split: str) -> str | None:
         """``split`` itself (``chat.chat_batches`` reads the conversations), None without validation data."""
@@ -139,6 +169,11 @@ class PreferenceData:
 
     cfg: Any
     name = "preference"
+    trains_tokenizer = False
+
+    def local_rows(self, source: Any, bsharding: NamedSharding, batch_size: int) -> int:
+        del source, bsharding
+        return batch_size // jax.process_count()
 
     def open(self, split: str) -> str | None:
         """``split`` itself (``preference_batches`` reads the records), None without validation data."""
@@ -155,6 +190,10 @@ class PreferenceData:
     def empty_batch(self, rows: int) -> dict[str, Any]:
         pairs = int(self.cfg.data.get("pairs_per_row", 1) or 1)
         return preference_data.stack_rows([preference_data.empty_row(self.cfg.data.seq_len, pairs)] * rows)
+
+
+# the data kinds of ``data.format``; a recipe with a new kind of data adds it here from its own module
+DATA_KINDS: dict[str, type] = {"text": TextData, "chat": ChatData, "preference": PreferenceData}
 
 
 # ------------------------------------------------------------------------------------------------- adapters
@@ -177,30 +216,70 @@ class LoRA:
 # --------------------------------------------------------------------------------------------------- recipe
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """What a run trains and on what; see the module docstring. Build it with ``choose(cfg)``."""
+    """What a run trains and on what; see the module docstring. Build it with ``choose(cfg)``.
+
+    A subclass registered with ``@register_recipe(name)`` is a recipe ``config.recipe`` can name. The class
+    attributes and class methods below are what it may override; the defaults are the token loss on the data of
+    ``data.format``, no config block and no hooks.
+
+    Attributes (class level):
+      kind: the registered name (set by ``register_recipe``).
+      default_for: the ``data.format`` whose runs use this recipe when ``config.recipe`` is "" (None: only by name).
+      state_fields: dotted fields of the recipe's own config block that a resumed run should keep (its objective's
+        identity), e.g. ``("preference.objective",)``: a refused resume names their changes.
+    """
 
     cfg: Any  # the run config
-    data: TextData | ChatData | PreferenceData
+    data: Any  # one of DATA_KINDS (TextData, ChatData, PreferenceData or a recipe's own)
     init_from: str | None  # checkpoint directory; "" = fresh init; None = required but not given
     adapters: LoRA | None
     trainable: Any = nnx.Param  # nnx filter of the trained variables (the rest is the state's "frozen")
     objective: step_lib.Objective = step_lib.TOKEN_LOSS  # what the train step minimises (and eval measures)
 
+    kind: ClassVar[str] = ""
+    default_for: ClassVar[str | None] = None
+    state_fields: ClassVar[tuple[str, ...]] = ()
+
+    # ------------------------------------------------------------------------------ what a recipe declares
+    @classmethod
+    def config_defaults(cls) -> ConfigDict | None:
+        """The recipe's own config block ``config.<kind>`` with its defaults (one comment per field), or None."""
+        return None
+
+    @classmethod
+    def make_objective(cls, cfg: Any, init_from: str | None, adapters: LoRA | None) -> step_lib.Objective:
+        """The objective of a run config (raise ``ConfigError`` naming the field for a bad block)."""
+        del cfg, init_from, adapters
+        return step_lib.TOKEN_LOSS
+
+    @classmethod
+    def from_config(cls, cfg: Any, init_from: str | None, adapters: LoRA | None) -> Recipe:
+        """The recipe of a run config (reads nothing but the config); ``choose`` calls it."""
+        fmt = _get(cfg, "data.format", "text")
+        if fmt not in DATA_KINDS:
+            raise ConfigError(f"config.data.format={fmt!r} is unknown. Fix: use one of {sorted(DATA_KINDS)}.")
+        return cls(cfg=cfg, data=DATA_KINDS[fmt](cfg), init_from=init_from, adapters=adapters,
+                   objective=cls.make_objective(cfg, init_from, adapters))
+
+    def describe(self) -> str:
+        """What the run does, a few words for the logs (the start and adapters are added by ``name``)."""
+        return f"{self.kind} on {self.data.name} data"
+
+    def hooks(self) -> Hooks:
+        """The loop's hooks of one run (``training.hooks.Hooks``); a fresh object per ``train`` call."""
+        return Hooks()
+
+    # ------------------------------------------------------------------------------------------- name
     @property
     def name(self) -> str:
-        what = {"text": "text pretraining", "chat": "chat fine-tuning"}.get(self.data.name)
-        if what is None:
-            c = self.objective.config
-            what = (f"DPO preference tuning ({c.loss_type}, beta {c.beta:g})" if c.objective == "dpo"
-                    else f"ORPO preference tuning (lambda {c.beta:g})")
         start = (f"from {self.init_from}" if self.init_from else "from a fresh init" if self.init_from == ""
                  else "from config.init_from (not set)")
-        return f"{what} {start}" + (f", {self.adapters}" if self.adapters else ", every weight trains")
+        return f"{self.describe()} {start}" + (f", {self.adapters}" if self.adapters else ", every weight trains")
 
     @property
     def trains_tokenizer(self) -> bool:
         """Whether a new run trains its own tokenizer on ``data.train`` (no tokenizer given or inherited)."""
-        return not self.cfg.data.tokenizer and not self.init_from and self.data.name == "text"
+        return not self.cfg.data.tokenizer and not self.init_from and self.data.trains_tokenizer
 
     # ------------------------------------------------------------------------------------------ model
     def model_config(self, run_model: ModelConfig, explicit: dict[str, Any] | None = None,
@@ -289,7 +368,7 @@ class Recipe:
             if jax.process_index() == 0 and os.path.abspath(tok.path) != os.path.abspath(dest):
                 shutil.copyfile(tok.path, dest)
             return tok
-        if self.data.name != "text":
+        if not self.data.trains_tokenizer:
             raise ConfigError(f"{self.data.name} fine-tuning needs the model's tokenizer. Fix: set "
                               "config.data.tokenizer or config.init_from (a checkpoint directory holding "
                               "tokenizer.model).")
@@ -334,15 +413,79 @@ class Recipe:
         """``rows`` rows of this data's batch layout that carry no loss (pads the end of a held-out split)."""
         return self.data.empty_batch(rows)
 
+    def local_rows(self, source: Any, bsharding: NamedSharding, batch_size: int) -> int:
+        """How many rows of a ``batch_size``-row global batch of ``source`` this process holds."""
+        return self.data.local_rows(source, bsharding, batch_size)
+
+
+# ------------------------------------------------------------------------------------------------- registry
+RECIPES: dict[str, type[Recipe]] = {}  # every recipe a config can name: register_recipe fills it
+
+
+def register_recipe(name: str) -> Callable[[type[Recipe]], type[Recipe]]:
+    """Class decorator: register a ``Recipe`` subclass as ``config.recipe = name`` (its block: ``config.<name>``).
+
+    Registering happens on import: a config using a recipe outside this module imports the recipe's module.
+    """
+    def register(cls: type[Recipe]) -> type[Recipe]:
+        if not (isinstance(cls, type) and issubclass(cls, Recipe)):
+            raise TypeError(f"register_recipe({name!r}) decorates a Recipe subclass, not {cls!r}.")
+        old = RECIPES.get(name)
+        if old is not None and old.__qualname__ != cls.__qualname__:
+            raise ValueError(f"recipe {name!r} is already registered by {old.__module__}.{old.__qualname__}. Fix: "
+                             "give the new recipe another name.")
+        defaults_of = {c.default_for: k for k, c in RECIPES.items() if c.default_for and k != name}
+        if cls.default_for and cls.default_for in defaults_of:
+            raise ValueError(f"recipe {name!r}: data.format={cls.default_for!r} already defaults to recipe "
+                             f"{defaults_of[cls.default_for]!r}. Fix: set default_for = None (select it by name).")
+        cls.kind = name
+        RECIPES[name] = cls
+        return cls
+
+    return register
+
+
+def recipe_class(cfg: Any) -> type[Recipe]:
+    """The registered recipe a run config names (``config.recipe``, or the default of ``data.format``)."""
+    name = _get(cfg, "recipe", "") or ""
+    if name:
+        if name not in RECIPES:
+            raise ConfigError(f"config.recipe={name!r} is not a registered recipe. Fix: use one of "
+                              f"{sorted(RECIPES)} (a recipe of another module registers when its module is "
+                              "imported: import it in the config file).")
+        return RECIPES[name]
+    fmt = _get(cfg, "data.format", "text")
+    for cls in RECIPES.values():
+        if cls.default_for == fmt:
+            return cls
+    if fmt not in DATA_KINDS:
+        raise ConfigError(f"config.data.format={fmt!r} is unknown. Fix: use one of {sorted(DATA_KINDS)}.")
+    raise ConfigError(f"config.data.format={fmt!r} has no default recipe. Fix: use one of "
+                      f"{sorted(c.default_for for c in RECIPES.values() if c.default_for)}, or name a recipe with "
+                      f"--config.recipe (one of {sorted(RECIPES)}).")
+
+
+def config_blocks() -> dict[str, ConfigDict]:
+    """``{name: default block}`` of every registered recipe that has its own config block (``configs/base.py``
+    adds them to the schema)."""
+    out = {}
+    for name, cls in RECIPES.items():
+        block = cls.config_defaults()
+        if block is not None:
+            out[name] = block
+    return out
+
+
+def state_fields() -> tuple[str, ...]:
+    """Config fields a resumed run must keep: ``STATE_FIELDS`` and every registered recipe's ``state_fields``."""
+    return STATE_FIELDS + tuple(f for cls in RECIPES.values() for f in cls.state_fields)
+
 
 def choose(cfg: Any) -> Recipe:
     """The recipe of a run config (reads nothing but the config)."""
     init_from = _get(cfg, "init_from", "")
     init_from = None if init_from is None else os.fspath(init_from)
-    fmt = _get(cfg, "data.format", "text")
-    if fmt not in ("text", "chat", "preference"):
-        raise ConfigError(f"config.data.format={fmt!r} is unknown. Fix: use 'text', 'chat' or 'preference'.")
-    data = {"text": TextData, "chat": ChatData, "preference": PreferenceData}[fmt](cfg)
+    cls = recipe_class(cfg)
     rank = int(_get(cfg, "lora.rank", 0) or 0)
     adapters = None
     if rank:
@@ -355,21 +498,66 @@ def choose(cfg: Any) -> Recipe:
             raise ConfigError(f"config.lora.rank={rank}, config.lora.alpha={adapters.alpha}: the rank must be >= 0 "
                               "(0 = no adapters) and alpha > 0. Fix: e.g. --config.lora.rank=16 "
                               "--config.lora.alpha=32.")
-    objective = _preference_objective(cfg, init_from, adapters) if fmt == "preference" else step_lib.TOKEN_LOSS
-    return Recipe(cfg=cfg, data=data, init_from=init_from, adapters=adapters, objective=objective)
+    return cls.from_config(cfg, init_from, adapters)
 
 
-def _preference_objective(cfg: Any, init_from: str | None, adapters: LoRA | None) -> step_lib.Objective:
-    """``config.preference`` as the step objective; DPO's reference is ``init_from`` (required)."""
-    try:
-        pc = preference_lib.PreferenceConfig.from_config(_get(cfg, "preference", None) or {})
-    except ValueError as e:
-        raise ConfigError(f"config.preference: {e}") from None
-    if pc.needs_reference and init_from == "":
-        raise ConfigError("config.preference.objective='dpo' trains against a frozen reference model, the starting "
-                          "checkpoint, but config.init_from is '' (a fresh init). Fix: pass --config.init_from=PATH "
-                          "(e.g. the instruction-tuned model: an HF, Mistral consolidated or mistral_jax dir), or use "
-                          "--config.preference.objective=orpo (no reference).")
-    pairs = int(_get(cfg, "data.pairs_per_row", 1) or 1)
-    reference = "none" if not pc.needs_reference else "adapters_off" if adapters else "initial"
-    return preference_lib.PreferenceObjective(config=pc, pairs_per_row=pairs, reference=reference)
+# --------------------------------------------------------------------------------------- built-in recipes
+@register_recipe("pretrain")
+class Pretrain(Recipe):
+    """Next-token prediction on documents (``data.format = "text"``)."""
+
+    default_for = "text"
+
+    def describe(self) -> str:
+        return "text pretraining"
+
+
+@register_recipe("sft")
+class SFT(Recipe):
+    """Instruction fine-tuning on conversations (``data.format = "chat"``): the token loss on the answers."""
+
+    default_for = "chat"
+
+    def describe(self) -> str:
+        return "chat fine-tuning"
+
+
+@register_recipe("preference")
+class Preference(Recipe):
+    """Preference tuning on chosen / rejected pairs (``data.format = "preference"``): DPO or ORPO
+    (``config.preference``, ``training.preference``)."""
+
+    default_for = "preference"
+    state_fields = ("preference.objective",)
+
+    @classmethod
+    def config_defaults(cls) -> ConfigDict:
+        """``config.preference``: the objective (training/preference.py, TRL's DPOTrainer / ORPOTrainer math)."""
+        b = ConfigDict()
+        b.objective = "dpo"  # "dpo" (frozen reference = init_from; LoRA: adapters off) or "orpo" (none)
+        b.loss_type = "sigmoid"  # DPO loss: sigmoid (DPO), ipo, robust (label-noise robust), hinge
+        b.beta = 0.1  # DPO's beta (IPO's tau); ORPO's lambda (weight of the odds-ratio term)
+        b.label_smoothing = 0.0  # loss_type="robust" only: probability a preference label is flipped
+        b.orpo_nll_on_prompt = False  # ORPO: the NLL term also covers prompt tokens (TRL's ORPOTrainer)
+        return b
+
+    @classmethod
+    def make_objective(cls, cfg: Any, init_from: str | None, adapters: LoRA | None) -> step_lib.Objective:
+        """``config.preference`` as the step objective; DPO's reference is ``init_from`` (required)."""
+        try:
+            pc = preference_lib.PreferenceConfig.from_config(_get(cfg, "preference", None) or {})
+        except ValueError as e:
+            raise ConfigError(f"config.preference: {e}") from None
+        if pc.needs_reference and init_from == "":
+            raise ConfigError("config.preference.objective='dpo' trains against a frozen reference model, the "
+                              "starting checkpoint, but config.init_from is '' (a fresh init). Fix: pass "
+                              "--config.init_from=PATH (e.g. the instruction-tuned model: an HF, Mistral consolidated"
+                              " or mistral_jax dir), or use --config.preference.objective=orpo (no reference).")
+        pairs = int(_get(cfg, "data.pairs_per_row", 1) or 1)
+        reference = "none" if not pc.needs_reference else "adapters_off" if adapters else "initial"
+        return preference_lib.PreferenceObjective(config=pc, pairs_per_row=pairs, reference=reference)
+
+    def describe(self) -> str:
+        c = self.objective.config
+        return (f"DPO preference tuning ({c.loss_type}, beta {c.beta:g})" if c.needs_reference
+                else f"ORPO preference tuning (lambda {c.beta:g})")

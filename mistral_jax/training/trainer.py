@@ -1,8 +1,12 @@
 """The training loop behind ``train.py``: sharded state, data, checkpoints, metrics, preemption, for any recipe.
 
+This module sets a run up (the workdir, its lock and resume checks, the train state); the loop itself is
+``training.loop.run_loop`` and the recipe's hooks are ``training.hooks``.
+
 The run config is resolved once (``training.run.resolve``: model config, mesh, rules and the recipe of
-``training.recipe``); the loop only asks the recipe for the tokenizer, the batches, the model at step 0 and the
-objective the step minimises (``training.step.Objective``: its batch layout, loss and held-out metrics), and
+``training.recipe``); the loop only asks the recipe for the tokenizer, the batches, the model at step 0, the
+objective the step minimises (``training.step.Objective``: its batch layout, loss and held-out metrics) and its
+hooks (``training.hooks.Hooks``: rollout, before / after step, eval, checkpoint extras in the checkpoint's meta), and
 trains the state ``training.step.state_layout`` builds from what the recipe trains (its ``frozen`` part, empty
 when every weight trains, is merged into the model but never updated or checkpointed: a resumed run rebuilds it
 from the recipe's initial model).
@@ -45,18 +49,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import time
 from typing import Any
 
 import jax
-import numpy as np
 from ml_collections import ConfigDict
 
-from mistral_jax import distributed, sharding
+from mistral_jax import distributed
 from mistral_jax.config import ModelConfig
-from mistral_jax.data import pipeline
 from mistral_jax.data.tokenizer import Tokenizer
+from mistral_jax.training import loop as loop_lib
 from mistral_jax.training import recipe as recipe_lib
 from mistral_jax.training import run as run_lib
 from mistral_jax.training import step as step_lib
@@ -69,8 +70,6 @@ from mistral_jax.training.checkpoint import (
     archive_run,
     make_workdir,
 )
-from mistral_jax.training.metrics import MetricsWriter
-from mistral_jax.training.recipe import Recipe
 from mistral_jax.training.run import (
     CONFIG_DIR,
     ConfigError,
@@ -83,7 +82,10 @@ from mistral_jax.training.run import (
     validate_config,
 )
 
+evaluate = loop_lib.evaluate  # the held-out metrics (training.loop), used through this module by the tests
+
 # the run config's names are used through this module by train.py and the tests
+
 __all__ = ["CONFIG_DIR", "ConfigError", "RunMismatch", "base_config", "check_cli_overrides", "check_processes",
            "config_differences", "evaluate", "load_config_file", "model_config_from",
            "previous_run", "train", "validate_config"]
@@ -93,85 +95,6 @@ log = logging.getLogger(__name__)
 
 class RunMismatch(ConfigError):
     """The workdir holds a run this config cannot continue (different model, optimizer, tokenizer...)."""
-
-
-# --------------------------------------------------------------------------- helpers
-def _global_batch(local: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
-    """The global batch from this process's rows (``shardings``: ``step.batch_shardings`` of the objective)."""
-    return {k: jax.make_array_from_process_local_data(sh, local[k]) for k, sh in shardings.items()}
-
-
-def _saved_data_state(local: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's ``data_state``: every process's position. ``RowReaders`` states merge into one (resumable
-    on any process count); other streams (hub datasets, chat) are kept per process."""
-    if jax.process_count() == 1:
-        return local
-    states = distributed.allgather_json(local)
-    if all("rows" in st for st in states):
-        return pipeline.merge_row_states(states)
-    return {"process_count": jax.process_count(), "processes": states}
-
-
-def _local_data_state(saved: dict[str, Any]) -> dict[str, Any]:
-    """This process's data position from a checkpoint's ``data_state`` (see ``_saved_data_state``)."""
-    if "processes" not in saved:
-        if jax.process_count() > 1:
-            log.warning("the checkpoint holds one data position (a run of 1 process) for %d processes: each "
-                        "process resumes from it, so the data order differs from an uninterrupted run.",
-                        jax.process_count())
-        return saved
-    per = saved["processes"]
-    if len(per) != jax.process_count():
-        log.warning("the checkpoint holds the data positions of %d processes, this run has %d: the data order "
-                    "differs from an uninterrupted run.", len(per), jax.process_count())
-    return per[jax.process_index() % len(per)]
-
-
-class _Preemption:
-    """Records SIGTERM / SIGINT; the loop saves and exits at the next step boundary."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread: no handler (tests calling train() from a thread)
-                pass
-        return self
-
-    def _handle(self, signum, _frame):
-        log.warning("received signal %d: saving a checkpoint after the current step, then exiting.", signum)
-        self.signum = signum
-        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))  # a second signal acts at once
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-def evaluate(cfg: ConfigDict, recipe: Recipe, eval_fn, state: dict[str, Any], source, tok: Tokenizer,
-             bsharding, batch_shardings: dict[str, Any] | None = None) -> dict[str, float]:
-    """Held-out metrics of ``state`` (the recipe objective's ``eval_summary``, e.g. token loss and perplexity) over
-    ``cfg.eval_steps`` batches of the validation split (from its start)."""
-    micro = cfg.batch_size // cfg.grad_accum_steps
-    it = recipe.batches(source, tok, micro, train=False, bsharding=bsharding)
-    rows = (len(recipe_lib.process_rows(bsharding, micro)) if isinstance(it, pipeline.RowReaders)
-            else micro // jax.process_count())
-    if batch_shardings is None:
-        ctx = sharding.current()
-        batch_shardings = step_lib.batch_shardings(recipe.objective, bsharding.mesh,
-                                                   ctx[1] if ctx else sharding.DEFAULT_RULES)
-    sums: dict[str, float] = {}
-    for _ in range(cfg.eval_steps):
-        local = next(it, None)
-        local = local if local is not None else recipe.empty_batch(rows)
-        out = jax.device_get(eval_fn(state["params"], state["frozen"], _global_batch(local, batch_shardings)))
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    return recipe.objective.eval_summary(sums)
 
 
 # --------------------------------------------------------------------------- the workdir's run
@@ -261,7 +184,7 @@ def _layout_reason(e: CheckpointMismatch) -> str:
 
 def _mismatch(workdir: str, prev: dict[str, Any], reasons: list[str], cfg: ConfigDict) -> RunMismatch:
     saved = _read_json(os.path.join(workdir, "run_config.json"))
-    diffs = [d for d in config_differences(saved, cfg) if d[0].startswith(recipe_lib.STATE_FIELDS)] if saved else []
+    diffs = [d for d in config_differences(saved, cfg) if d[0].startswith(recipe_lib.state_fields())] if saved else []
     shown = "; ".join(reasons[:6]) + (f"; ... ({len(reasons) - 6} more)" if len(reasons) > 6 else "")
     if diffs:
         changed = ", ".join(f"{k}={old!r} saved, {new!r} now" for k, old, new in diffs[:8])
@@ -339,7 +262,7 @@ def train(run: Run | ConfigDict, workdir: str) -> dict[str, Any]:
     workdir = os.path.abspath(workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir={workdir} is a file, not a directory. Fix: pass a directory (new or a run's).")
-    make_workdir(workdir, tokenizer=cfg.data.tokenizer)  # a missing tokenizer or read-only workdir: nothing made
+    make_workdir(workdir, tokenizer=run.cfg.data.tokenizer)  # a missing tokenizer or read-only workdir: nothing made
     lock, busy = None, None
     if jax.process_index() == 0:  # process 0 owns the workdir; the others wait for its verdict here
         try:
@@ -425,91 +348,5 @@ def _initial_state(run: Run, tx, shardings, abstract_state, restored) -> tuple[i
 
 def _loop(run: Run, workdir, tok, ckpt, restored, graphdef, abstract_state, shardings, tx, schedule
           ) -> dict[str, Any]:
-    cfg, model_cfg, mesh, rules, recipe = run.cfg, run.model_cfg, run.mesh, run.rules, run.recipe
-    train_src, eval_src = recipe.open_data("train"), recipe.open_data("validation")
-    bsharding = step_lib.batch_sharding(mesh, rules)
-    batch_shardings = step_lib.batch_shardings(recipe.objective, mesh, rules)
-    data_it = recipe.batches(train_src, tok, cfg.batch_size, train=True, bsharding=bsharding)
-    start, state, data_state = _initial_state(run, tx, shardings, abstract_state, restored)
-    if restored is not None:
-        data_it.set_state(_local_data_state(data_state))
-        log.info("resumed from %s at step %d", ckpt.directory, start)
-    meta = {"seed": cfg.seed, "model_config": model_cfg.to_dict()}
-
-    step_fn = step_lib.jit_train_step(graphdef, tx, shardings, mesh, rules, grad_accum_steps=cfg.grad_accum_steps,
-                                      schedule=schedule, objective=recipe.objective)
-    eval_fn = (step_lib.jit_eval_step(graphdef, shardings, mesh, rules, recipe.objective) if eval_src is not None
-               else None)
-    flops_tok = run.flops_per_step / run.data.tokens_per_step  # mistral_jax.flops: the dry run's and AOT's count
-    peak, peak_how = run.peak_flops()
-    log.info("model FLOPs/token %.3g; peak %.3g FLOP/s (%s)", flops_tok, peak, peak_how)
-    writer = MetricsWriter(workdir)
-
-    def newest() -> str | None:
-        steps = ckpt.finalized_steps()
-        return os.path.join(ckpt.directory, str(steps[-1])) if steps else None
-
-    result: dict[str, Any] = {"status": "done", "step": start, "signal": None, "last_metrics": {}, "eval": None,
-                              "checkpoint": None}
-    from mistral_jax.training.progress import StepBar
-
-    bar = StepBar(total=cfg.num_steps, initial=start, disable=not cfg.progress_bar or jax.process_index() != 0,
-                  dynamic_ncols=True, desc="train")  # its clock starts after the first (compiling) step
-    skipped, window_tokens, window_start = 0, 0.0, time.perf_counter()
-    try:
-        with _Preemption() as preempt, sharding.use_mesh(mesh, rules):
-            step = start
-            while step < cfg.num_steps:
-                ckpt.check(current_step=step)  # a failed background save stops the run here, at the next step
-                local = next(data_it)
-                data_state = data_it.get_state()
-                state, metrics = step_fn(state, _global_batch(local, batch_shardings))
-                step += 1
-                stop = distributed.any_process(preempt.signum or 0)  # a signal on any process stops all here
-                if int(metrics["nonfinite"]):  # one scalar sync per step: a bad update is caught at once
-                    if cfg.nan_policy == "stop":
-                        ckpt.wait()
-                        raise FloatingPointError(
-                            f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}, grad_norm="
-                            f"{float(metrics['grad_norm'])}); the update was not applied and step {step} was not "
-                            f"saved; the newest checkpoint is {max(ckpt.all_steps(), default=None)}. Fix: lower "
-                            "optimizer.learning_rate, check the data, or set nan_policy='skip'.")
-                    skipped += 1
-                    log.warning("non-finite loss at step %d: update skipped (%d so far).", step, skipped)
-                window_tokens += float(local["weights"].sum()) * cfg.batch_size / len(local["weights"])  # global
-                if step % cfg.log_every == 0 or step == cfg.num_steps or stop:
-                    m = jax.device_get(metrics)
-                    dt = time.perf_counter() - window_start
-                    tps = window_tokens / max(dt, 1e-9)
-                    m.update(tokens_per_sec=tps, step_time=dt / max(1, step - result["step"]), skipped_steps=skipped,
-                             epoch=data_state["epoch"])
-                    if peak:
-                        m["mfu"] = tps * flops_tok / peak
-                    result["last_metrics"] = writer.write(step, m)
-                    result["step"] = step
-                    bar.set_postfix(loss=f"{float(m['loss']):.3f}", tok_s=f"{tps:.0f}")
-                    window_tokens, window_start = 0.0, time.perf_counter()
-                bar.update(1)
-                if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
-                    result["eval"] = writer.write(step, evaluate(cfg, recipe, eval_fn, state, eval_src, tok,
-                                                                 bsharding, batch_shardings), prefix="eval/")
-                force = bool(stop) or step == cfg.num_steps
-                if ckpt.due(step, force=force):  # every process's data position goes into the checkpoint
-                    ckpt.save(step, state, _saved_data_state(data_state), meta, force=force)
-                if stop:
-                    ckpt.wait()
-                    how = "" if preempt.signum else " (received by another process)"
-                    log.warning("preempted by signal %d%s at step %d; checkpoint saved in %s.", stop, how, step,
-                                ckpt.directory)
-                    result.update(status="preempted", signal=stop, step=step, checkpoint=newest())
-                    return result
-            result["step"] = step
-            if eval_fn is not None and step > start:
-                result["eval"] = writer.write(step, evaluate(cfg, recipe, eval_fn, state, eval_src, tok,
-                                                             bsharding, batch_shardings), prefix="eval/")
-            ckpt.wait()
-            result["checkpoint"] = newest()
-            return result
-    finally:
-        bar.close()
-        writer.close()
+    return loop_lib.run_loop(run, workdir, tok, ckpt, restored, graphdef, shardings, tx, schedule,
+                             initial_state=lambda: _initial_state(run, tx, shardings, abstract_state, restored))

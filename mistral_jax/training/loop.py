@@ -31,7 +31,7 @@ from mistral_jax.training.hooks import Hooks
 from mistral_jax.training.metrics import MetricsWriter
 from mistral_jax.training.progress import StepBar
 from mistral_jax.training.recipe import Recipe
-from mistral_jax.training.run import Run
+from mistral_jax.training.run import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def evaluate(cfg: ConfigDict, recipe: Recipe, eval_fn, state: dict[str, Any], so
 
 
 # --------------------------------------------------------------------------- loop
-def run_loop(run: Run, workdir: str, tok: Tokenizer, ckpt: Checkpointer, restored: tuple | None, graphdef: Any,
+def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, restored: tuple | None, graphdef: Any,
              shardings: dict[str, Any], tx: Any, schedule: Any, *,
              initial_state: Callable[[], tuple[int, dict[str, Any], Any]]) -> dict[str, Any]:
     """Train ``run`` from ``initial_state()`` (``(step, state, data_state)``: the restored checkpoint ``restored`` or

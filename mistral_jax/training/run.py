@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
-__all__ = ["CONFIG_DIR", "ConfigError", "DataSpec", "MeshConfigError", "Run", "RunSpec", "base_config",
+__all__ = ["CONFIG_DIR", "ConfigError", "DataSpec", "MeshConfigError", "RunSpec", "base_config",
            "CheckpointSpec", "check_cli_overrides", "check_processes", "describe", "load_config_file",
            "model_config_from", "model_config_of", "resolve", "resolve_checkpoint", "rules_from", "validate_config"]
 
@@ -97,7 +97,6 @@ class RunSpec:
         return flops.peak_flops(self.cfg.get("peak_flops", 0.0) or 0.0, self.devices)
 
 
-Run = RunSpec  # the earlier name
 
 
 class MeshConfigError(ConfigError):

@@ -73,7 +73,7 @@ from mistral_jax.training.checkpoint import (
 from mistral_jax.training.run import (
     CONFIG_DIR,
     ConfigError,
-    Run,
+    RunSpec,
     base_config,
     check_cli_overrides,
     check_processes,
@@ -159,7 +159,7 @@ def _flag(key: str, value: Any) -> str:
     return f"--config.{key}={value}"
 
 
-def _identity_differences(run: Run, workdir: str) -> list[str]:
+def _identity_differences(run: RunSpec, workdir: str) -> list[str]:
     """Read-only comparison of a resumed workdir's ``model_config.json`` and ``tokenizer.model`` with the run."""
     out = []
     saved = _read_json(os.path.join(workdir, "model_config.json"))
@@ -233,7 +233,7 @@ def _start_over_or_resume(cfg: ConfigDict, workdir: str, prev: dict[str, Any]) -
 
 
 # --------------------------------------------------------------------------- loop
-def train(run: Run | ConfigDict, workdir: str) -> dict[str, Any]:
+def train(run: RunSpec | ConfigDict, workdir: str) -> dict[str, Any]:
     """Run (or resume) the training described by ``cfg`` in ``workdir``.
 
     Nothing in a workdir is destroyed by accident: the workdir is locked (``{workdir}/.lock``, process 0) so two
@@ -257,7 +257,7 @@ def train(run: Run | ConfigDict, workdir: str) -> dict[str, Any]:
       checkpoint.CheckpointSaveError: a checkpoint save failed (training stops at the next step).
       FloatingPointError: a non-finite loss with ``nan_policy="stop"``.
     """
-    if not isinstance(run, Run):
+    if not isinstance(run, RunSpec):
         run = run_lib.resolve(run)
     workdir = os.path.abspath(workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -280,7 +280,7 @@ def train(run: Run | ConfigDict, workdir: str) -> dict[str, Any]:
             lock.release()
 
 
-def _train(run: Run, workdir: str) -> dict[str, Any]:
+def _train(run: RunSpec, workdir: str) -> dict[str, Any]:
     cfg, model_cfg, mesh, rules, recipe = run.cfg, run.model_cfg, run.mesh, run.rules, run.recipe
     prev = previous_run(workdir)
     resume, prev = _start_over_or_resume(cfg, workdir, prev)
@@ -326,7 +326,7 @@ def _train(run: Run, workdir: str) -> dict[str, Any]:
         ckpt.close()
 
 
-def _initial_state(run: Run, tx, shardings, abstract_state, restored) -> tuple[int, dict[str, Any], Any]:
+def _initial_state(run: RunSpec, tx, shardings, abstract_state, restored) -> tuple[int, dict[str, Any], Any]:
     """``(step, state, data_state)``: the restored checkpoint, or step 0 of the recipe's initial model."""
     model_cfg, mesh, rules, recipe = run.model_cfg, run.mesh, run.rules, run.recipe
     keep = recipe.objective.keeps_initial
@@ -346,7 +346,7 @@ def _initial_state(run: Run, tx, shardings, abstract_state, restored) -> tuple[i
     return start, state, data_state
 
 
-def _loop(run: Run, workdir, tok, ckpt, restored, graphdef, abstract_state, shardings, tx, schedule
+def _loop(run: RunSpec, workdir, tok, ckpt, restored, graphdef, abstract_state, shardings, tx, schedule
           ) -> dict[str, Any]:
     return loop_lib.run_loop(run, workdir, tok, ckpt, restored, graphdef, shardings, tx, schedule,
                              initial_state=lambda: _initial_state(run, tx, shardings, abstract_state, restored))

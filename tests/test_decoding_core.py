@@ -143,12 +143,13 @@ def test_per_row_sampling_is_each_row_alone_and_greedy_rows_take_the_argmax():
     seeds, steps = jnp.array([1, 2, 3, 4]), jnp.array([0, 5, 9, 2])
     temp = jnp.array([0.8, 0.0, 1.5, 0.0])
     top_k, top_p = jnp.array([0, 3, 10, 0], jnp.int32), jnp.array([0.9, 1.0, 1.0, 0.5])
+    rows = jax.jit(sample)  # per-row settings are traced: one compilation per batch shape
     draws = []
-    for n in range(20):  # many draws: the sampled rows vary, the greedy rows never
-        tok = sample(LOGITS, (seeds, steps + n), temp, top_k, top_p)
+    for n in range(16):  # many draws: the sampled rows vary, the greedy rows never
+        tok = rows(LOGITS, (seeds, steps + n), temp, top_k, top_p)
         for b in range(4):
-            alone = sample(LOGITS[b:b + 1], (seeds[b:b + 1], steps[b:b + 1] + n), temp[b:b + 1], top_k[b:b + 1],
-                           top_p[b:b + 1])
+            alone = rows(LOGITS[b:b + 1], (seeds[b:b + 1], steps[b:b + 1] + n), temp[b:b + 1], top_k[b:b + 1],
+                         top_p[b:b + 1])
             assert int(tok[b]) == int(alone[0])
         draws.append(np.asarray(tok))
     draws = np.stack(draws)

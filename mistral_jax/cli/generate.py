@@ -63,9 +63,13 @@ def run(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 128, t
             out.write(delta)
             out.flush()
 
+    def on_block(rows: list[list[int]]) -> None:
+        for t in rows[0]:
+            write(text.push(t))
+
     _generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
               seed=seed, eos_id=tokenizer.eos_id, chunk_size=chunk_size, stop=tuple(stop),
-              tokenizer=tokenizer if stop else None, stream=lambda rows: [write(text.push(t)) for t in rows[0]])
+              tokenizer=tokenizer if stop else None, stream=on_block)
     write(text.finish())
     if out is not None:
         out.write("\n")

@@ -261,7 +261,7 @@ def decode_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens
     """
     b = tokens.shape[0]
     out = jnp.full((b, block), pad_id, jnp.int32)
-    lp = jnp.zeros((b, block), jnp.float32)
+    lp = jnp.zeros((b, block), jnp.float32) if logprobs else None  # None: nothing carried
 
     def cond(carry):
         i, _, _, _, done, _, _ = carry

@@ -74,7 +74,8 @@ def filter_logits(logits: Float[Array, "B V"], temperature: float | Float[Array,
     """
     b, vocab = logits.shape
     # float32: temperature scaling and the top-p cumulative sum need the precision of the raw logits.
-    x = logits.astype(jnp.float32) / (temperature if _static(temperature) else temperature[:, None])
+    t = temperature if _static(temperature) else jnp.asarray(temperature)
+    x = logits.astype(jnp.float32) / (t if _static(t) or t.ndim == 0 else t[:, None])
 
     def top_k_filter(x):  # [B, V]
         k = _rows(top_k, b, jnp.int32)

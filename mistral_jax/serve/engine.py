@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from mistral_jax import sharding
-from mistral_jax.inference.decode import DEFAULT_CHUNK, decode_rows, new_cache, prefill_rows
+from mistral_jax.inference.decode import DEFAULT_CHUNK, decode_rows, new_cache, pad_prompts, prefill_rows
 from mistral_jax.inference.detokenize import TextStream
 from mistral_jax.inference.per_layer import serving_layers
 from mistral_jax.model.kv_cache import KVCache
@@ -307,10 +307,7 @@ class Engine:
     def _place(self, req: Request, b: int) -> None:
         n, c = len(req.prompt_ids), self.chunk
         total = math.ceil(n / c) * c
-        tokens = np.zeros((1, total), np.int32)
-        positions = np.full((1, total), -1, np.int32)
-        tokens[0, total - n:] = req.prompt_ids  # right-aligned: the first chunk holds the padding
-        positions[0, total - n:] = np.arange(n)
+        tokens, positions = pad_prompts([req.prompt_ids], total)  # right-aligned: the first chunk holds the padding
         req.chunks = [(tokens[:, s:s + c], positions[:, s:s + c]) for s in range(0, total, c)]
         req.next_chunk = 0
         req.text = TextStream(self.tokenizer, req.params.stop)

@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mistral_jax as mj  # noqa: E402
-from mistral_jax.inference import generate as gen  # noqa: E402
+from mistral_jax.inference import decode as gen  # noqa: E402
 from mistral_jax.inference import per_layer  # noqa: E402
 
 CONFIG = mj.ModelConfig(vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1792,

@@ -16,8 +16,8 @@ from flax import nnx
 
 import mistral_jax as mj
 from mistral_jax import sharding
+from mistral_jax.inference import decode, per_layer
 from mistral_jax.inference import generate as gen
-from mistral_jax.inference import per_layer
 from mistral_jax.inference.sampling import filter_logits, sample
 from mistral_jax.model.kv_cache import KVCache
 from tests.torch_ref import hf_model
@@ -51,16 +51,16 @@ def _cached_logits(model, prompts, steps, chunk_size):
     graphdef, state = nnx.split(model)
     lengths = np.array([len(p) for p in prompts])
     t = int(lengths.max())
-    tokens, positions = gen.pad_prompts(prompts, t)
-    cache = KVCache.init(cfg, len(prompts), gen.cache_length(cfg, t + steps))
-    logits, cache = gen.prefill(graphdef, state, cache, tokens, positions, chunk_size=chunk_size,
-                                return_all_logits=True)
+    tokens, positions = decode.pad_prompts(prompts, t)
+    cache = KVCache.init(cfg, len(prompts), decode.cache_length(cfg, t + steps))
+    logits, cache = decode.prefill(graphdef, state, cache, tokens, positions, chunk_size=chunk_size,
+                                   return_all_logits=True)
     logits = np.asarray(logits)
     per_row = [[*logits[b, t - n:]] for b, n in enumerate(lengths)]
     tok, pos = jnp.asarray(logits[:, -1].argmax(-1), jnp.int32), jnp.asarray(lengths, jnp.int32)
     new = [[int(x)] for x in tok]
     for i in range(steps):
-        tok, step_logits, cache = gen._decode_step(graphdef, state, cache, tok, pos, jax.random.key(i))
+        tok, step_logits, cache = decode._decode_step(graphdef, state, cache, tok, pos, jax.random.key(i))
         pos = pos + 1
         for b in range(len(prompts)):
             per_row[b].append(np.asarray(step_logits[b]))
@@ -145,12 +145,12 @@ def test_rolling_cache_is_8x_smaller_at_32k():
     full = jax.eval_shape(lambda: KVCache.init(cfg.replace(sliding_window=None), 1, 32768))
     assert rolling.k.shape == (32, 1, 4096, 8, 128) and full.k.shape == (32, 1, 32768, 8, 128)
     assert nbytes(full) == 8 * nbytes(rolling)
-    assert gen.cache_length(cfg, 32768) == 4096  # what generate allocates for a 32k-token sequence
+    assert decode.cache_length(cfg, 32768) == 4096  # what generate allocates for a 32k-token sequence
 
 
 def test_no_window_cache_too_short_is_an_error():
     with pytest.raises(ValueError, match="max_seq_len"):
-        gen.cache_length(MIXTRAL, MIXTRAL.max_seq_len + 1)
+        decode.cache_length(MIXTRAL, MIXTRAL.max_seq_len + 1)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -290,15 +290,15 @@ def test_per_layer_weights_give_the_same_numbers(which, request):
     for i in (0, cfg.n_layers - 1):  # copies of the stacked weights, layer by layer
         np.testing.assert_array_equal(layers[i]["attention"]["wq"][...], state["layers"]["attention"]["wq"][...][i])
     prompts = [_prompt(cfg, n, 70 + n) for n in (13, 5)]
-    tokens, positions = gen.pad_prompts(prompts, 16)
+    tokens, positions = decode.pad_prompts(prompts, 16)
 
     def run(layers):
-        cache = KVCache.init(cfg, 2, gen.cache_length(cfg, 16 + 3))
-        logits, cache = gen.prefill(graphdef, state, cache, tokens, positions, chunk_size=W, return_all_logits=True,
+        cache = KVCache.init(cfg, 2, decode.cache_length(cfg, 16 + 3))
+        logits, cache = decode.prefill(graphdef, state, cache, tokens, positions, chunk_size=W, return_all_logits=True,
                                     layers=layers)
         out, tok, pos = [logits], jnp.argmax(logits[:, -1], -1).astype(jnp.int32), jnp.asarray([13, 5], jnp.int32)
         for i in range(3):
-            tok, step_logits, cache = gen._decode_step(graphdef, state, cache, tok, pos + i, jax.random.key(i),
+            tok, step_logits, cache = decode._decode_step(graphdef, state, cache, tok, pos + i, jax.random.key(i),
                                                        layers=layers)
             out.append(step_logits[:, None])
         return np.concatenate([np.asarray(x) for x in out], axis=1), cache
@@ -333,10 +333,10 @@ def test_logits_to_keep(mistral):
 def test_compiled_once_per_shape(mistral):
     prompts = [_prompt(MISTRAL, 20, 40)]
     mj.generate(mistral, prompts, max_new_tokens=40, eos_id=None)
-    sizes = (gen._forward_chunk._cache_size(), gen._decode_loop._cache_size())
+    sizes = (decode._forward_chunk._cache_size(), decode._decode_loop._cache_size())
     mj.generate(mistral, [_prompt(MISTRAL, 19, 41)], max_new_tokens=40, eos_id=None)  # same buckets
     mj.generate(mistral, [_prompt(MISTRAL, 18, 42)], max_new_tokens=5, eos_id=None)
-    assert (gen._forward_chunk._cache_size(), gen._decode_loop._cache_size()) == sizes
+    assert (decode._forward_chunk._cache_size(), decode._decode_loop._cache_size()) == sizes
 
 
 @pytest.mark.slow
@@ -346,8 +346,8 @@ def test_sharded_decode_equals_unsharded(mistral):
     prompts = [_prompt(cfg, n, 50 + n) for n in (15, 9, 12, 4)]
     t, steps = 16, 3
     graphdef, state = nnx.split(model)
-    tokens, positions = gen.pad_prompts(prompts, t)
-    n_slots = gen.cache_length(cfg, t + steps)
+    tokens, positions = decode.pad_prompts(prompts, t)
+    n_slots = decode.cache_length(cfg, t + steps)
 
     def run(mesh):
         st, tok, pos = state, tokens, positions
@@ -358,12 +358,12 @@ def test_sharded_decode_equals_unsharded(mistral):
             tok, pos = (jax.device_put(x, sharding.named_sharding(mesh, ("batch", "seq"))) for x in (tok, pos))
         # sharded: also through per-layer weight copies (serving_layers keeps their shardings)
         layers = None if mesh is None else per_layer.serving_layers(model, True, st)
-        logits, cache = gen.prefill(graphdef, st, cache, tok, pos, chunk_size=W, return_all_logits=True,
+        logits, cache = decode.prefill(graphdef, st, cache, tok, pos, chunk_size=W, return_all_logits=True,
                                     layers=layers)
         out = [np.asarray(logits)]
         nxt, p = jnp.argmax(logits[:, -1], -1).astype(jnp.int32), jnp.asarray([len(q) for q in prompts], jnp.int32)
         for i in range(steps):
-            nxt, step_logits, cache = gen._decode_step(graphdef, st, cache, nxt, p + i, jax.random.key(i),
+            nxt, step_logits, cache = decode._decode_step(graphdef, st, cache, nxt, p + i, jax.random.key(i),
                                                        layers=layers)
             out.append(np.asarray(step_logits))
         return out, cache

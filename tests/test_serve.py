@@ -20,8 +20,9 @@ import requests
 from flax import nnx
 
 import mistral_jax as mj
+from mistral_jax.inference.detokenize import decode_text
 from mistral_jax.serve.app import Server, create_app, encode_prompt
-from mistral_jax.serve.engine import Engine, SamplingParams, compile_count, decode_text
+from mistral_jax.serve.engine import Engine, SamplingParams, compile_count
 
 W = 8  # sliding window: prompts and answers run past it, so the rolling buffer wraps
 MAX_LEN = 4096  # long enough that a hung-up stream is cancelled long before max_tokens

@@ -36,44 +36,13 @@ from mistral_jax.cli import (
 )
 from mistral_jax.cli import run as cli_run
 from mistral_jax.data.chat import render_prompt
+from mistral_jax.inference.detokenize import TextStream
 from mistral_jax.inference.generate import generate as _generate
 
 
 def instruct_prompt_ids(prompt: str, tokenizer: Any) -> list[int]:
     """Ids of the single-turn instruction prompt in the tokenizer's Mistral chat format (``data.chat``)."""
     return render_prompt([{"role": "user", "content": prompt}], tokenizer)
-
-
-class _TextStream:
-    """Turns growing id lists into printable text increments (never splits a UTF-8 character or a stop string)."""
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str], out: TextIO | None):
-        self.tokenizer, self.stop, self.out = tokenizer, tuple(stop), out
-        self.ids: list[int] = []
-        self.printed = 0
-
-    def text(self, final: bool = False) -> str:
-        text = self.tokenizer.decode(self.ids)
-        cuts = [text.find(s) for s in self.stop if s in text]
-        if cuts:
-            return text[: min(cuts)]
-        if not final:
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its other bytes
-                text = text.rstrip("\ufffd")
-            hold = max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-            text = text[: len(text) - hold]  # may be the start of a stop string
-        return text
-
-    def push(self, new: list[int]) -> None:
-        self.ids.extend(new)
-        self.flush()
-
-    def flush(self, final: bool = False) -> None:
-        text = self.text(final)
-        if self.out is not None and len(text) > self.printed:
-            self.out.write(text[self.printed:])
-            self.out.flush()
-            self.printed = len(text)
 
 
 def run(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0,
@@ -87,15 +56,25 @@ def run(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 128, t
     """
     out = sys.stdout if out == "stdout" else out
     ids = instruct_prompt_ids(prompt, tokenizer) if instruct else tokenizer.encode(prompt, bos=True)
-    stream = _TextStream(tokenizer, stop, out)
+    text = TextStream(tokenizer, stop, decode=tokenizer.decode)
+
+    def write(delta: str) -> None:
+        if out is not None and delta:
+            out.write(delta)
+            out.flush()
+
+    def on_block(rows: list[list[int]]) -> None:
+        for t in rows[0]:
+            write(text.push(t))
+
     _generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
               seed=seed, eos_id=tokenizer.eos_id, chunk_size=chunk_size, stop=tuple(stop),
-              tokenizer=tokenizer if stop else None, stream=lambda rows: stream.push(rows[0]))
-    stream.flush(final=True)
+              tokenizer=tokenizer if stop else None, stream=on_block)
+    write(text.finish())
     if out is not None:
         out.write("\n")
         out.flush()
-    return stream.text(final=True)
+    return text.text
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,11 +42,13 @@ from tqdm import tqdm
 
 from mistral_jax import sharding
 from mistral_jax.data.tokenizer import Tokenizer
+from mistral_jax.inference.detokenize import decode_text
+from mistral_jax.inference.prompt import encode_prompt
+from mistral_jax.inference.sampling import is_greedy, token_logprobs
 
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16  # shortest padded length of a scoring batch
-_SPECIAL = re.compile(r"(<s>|</s>)")
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _xla_compiles = [0]
 
@@ -91,10 +92,8 @@ def _score_batch(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, ta
     """
     model = nnx.merge(graphdef, state)
     logits = model(tokens, segment_ids=valid.astype(jnp.int32))  # [B, T, V] float32
-    # float32 log-softmax: lm-eval's hf backend scores in float32 too, sums of many tokens need it.
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, T]
-    greedy = jnp.argmax(logits, axis=-1) == targets  # [B, T]
+    target_logp = token_logprobs(logits, targets)  # [B, T] float32, as lm-eval's hf backend scores
+    greedy = is_greedy(logits, targets)  # [B, T]
     total = jnp.sum(jnp.where(weights, target_logp, 0.0), axis=-1)  # [B]
     all_greedy = jnp.all(greedy | ~weights, axis=-1)  # [B]
     return total, all_greedy
@@ -229,16 +228,7 @@ class MistralJaxLM(TemplateLM):
                 ids = ids[:tail_start] + self.tokenizer.encode(tail_text + rest, bos=False)  # is one run
             return ids[-left_truncate_len:] if left_truncate_len else list(ids)
         bos = self.add_bos_token if add_special_tokens is None else bool(add_special_tokens)
-        if string.startswith("<s>"):
-            bos = False
-        ids = [self.tokenizer.bos_id] if bos else []
-        for piece in _SPECIAL.split(string):
-            if piece == "<s>":
-                ids.append(self.tokenizer.bos_id)
-            elif piece == "</s>":
-                ids.append(self.tokenizer.eos_id)
-            elif piece:
-                ids += self.tokenizer.encode(piece, bos=False)
+        ids = encode_prompt(self.tokenizer, string, bos=bos)
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
     def _chat_prefix(self, string: str) -> str | None:
@@ -258,11 +248,8 @@ class MistralJaxLM(TemplateLM):
         unknown ids are skipped (``skip_special_tokens``), ``▁`` becomes a space, a run of byte-fallback pieces
         is UTF-8 decoded as a whole or, if invalid, gives one U+FFFD per byte; one leading space is stripped.
         Ids the tokenizer does not have (a model vocab larger than the tokenizer's) are dropped."""
-        from mistral_jax.data.tokenizer import hf_decode
-
-        if getattr(self.tokenizer, "sp", None) is None:  # tekken: mistral-common's decoding (special ids dropped)
-            return self.tokenizer.decode(tokens)
-        return hf_decode(self.tokenizer.sp, tokens, skip_unknown=skip_special_tokens)
+        # tekken (no sentencepiece model): mistral-common's decoding (special ids dropped)
+        return decode_text(self.tokenizer, tokens, skip_unknown=skip_special_tokens)
 
     def decode(self, tokens: Sequence[int]) -> str:
         """``tok_decode`` under the name ``mistral_jax.generate`` uses for stop strings."""

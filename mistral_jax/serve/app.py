@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import re
 import secrets
 import socket
 import threading
@@ -27,10 +26,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from mistral_jax.inference.prompt import encode_prompt
 from mistral_jax.serve.engine import Engine, Event, QueueFullError, SamplingParams
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
-_SPECIAL = re.compile(r"(<s>|</s>)")
 
 
 class APIError(Exception):
@@ -47,20 +46,6 @@ class APIError(Exception):
 
 
 # ----------------------------------------------------------------------------- request parsing
-def encode_prompt(tokenizer: Any, text: str) -> list[int]:
-    """Ids of a completion prompt: BOS first unless the text starts with ``<s>``; literal ``<s>`` / ``</s>`` become
-    BOS / EOS and each text piece between them is encoded on its own (as the ``mistral_jax`` lm-eval backend)."""
-    ids = [] if text.startswith("<s>") else [tokenizer.bos_id]
-    for piece in _SPECIAL.split(text):
-        if piece == "<s>":
-            ids.append(tokenizer.bos_id)
-        elif piece == "</s>":
-            ids.append(tokenizer.eos_id)
-        elif piece:
-            ids += tokenizer.encode(piece, bos=False)
-    return ids
-
-
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 

@@ -1,27 +1,22 @@
-"""Continuous-batching engine: a fixed set of decode slots over one rolling-buffer cache, one device thread.
+"""Continuous-batching engine: scheduling over a fixed set of decode slots of one rolling-buffer cache.
 
-Legend: B decode slots (``max_batch``), C prefill chunk, S cache slots per row, V vocab.
+Legend: B decode slots (``max_batch``), C prefill chunk, S cache slots per row.
 
-The cache is ``KVCache.init(cfg, B, S)``: row ``b`` belongs to the request in decode slot ``b``; inside a row the
-key/value of position ``p`` lives in cache slot ``p mod S`` (``S = W`` with a sliding window, else
-``max_seq_len``), exactly as in ``inference.generate``. Two jitted pure functions run on it, each compiled once:
-
-* ``prefill_chunk``: one chunk ``[1, C]`` of one request's (right-aligned) prompt into row ``b`` (``b`` is a
-  traced index, the row is sliced out, extended and written back); on the first chunk the row's stored positions
-  are cleared so nothing of the previous occupant is attended to. Returns the next token sampled from the last
-  column (used after the last chunk).
-* ``decode_step``: one token for every row ``[B]``; rows that are not decoding (free, or still prefilling) get
-  position -1, so they neither attend nor write (see ``kv_cache.slots_for``).
-
-Per-request sampling settings are arrays ``[B]`` (temperature 0 = greedy), so requests with different settings
-share one compiled step. Row ``b``'s n-th new token is drawn with ``fold_in(key(seed_b), n)`` from the logits
-filtered as ``sampling.filter_logits`` does: the same draws as ``mj.generate(prompt, seed=seed_b)``.
+The engine only schedules; the decoding core (``inference``) does the rest. The cache is
+``decode.new_cache(cfg, B, S)``: row ``b`` belongs to the request in decode slot ``b`` (``S = W`` with a sliding
+window, else ``max_seq_len``), exactly as in ``mj.generate``. Two of the core's jitted steps run on it, each compiled
+once: ``decode.prefill_rows`` (one chunk ``[1, C]`` of one request's right-aligned prompt into row ``b``, a traced
+index, the row cleared on the first chunk; it samples the first new token from the last column) and
+``decode.decode_rows`` (one token for every row ``[B]``; rows not decoding get position -1, so they neither attend
+nor write). Per-request sampling settings are arrays ``[B]`` (temperature 0 = greedy), so requests with different
+settings share one compiled step; row ``b``'s n-th new token is drawn with ``fold_in(key(seed_b), n)``: the same
+draws as ``mj.generate(prompt, seed=seed_b)``. Text, stop strings and streamed deltas are ``detokenize.TextStream``.
 
 The loop (one thread owns the device): admit waiting requests into free slots, run one prefill chunk (so a long
 prompt never stalls the running requests for more than one chunk), run one decode step for the decoding rows,
-turn new tokens into text (stop strings, EOS, ``max_tokens``) and hand events to the request's ``emit``
-callback. A finished or cancelled request frees its slot at once. Shapes never change, so requests coming and
-going cause no recompilation (``compile_count`` counts XLA compilations).
+account the new tokens (EOS, stop strings, ``max_tokens``) and hand events to the request's ``emit`` callback. A
+finished or cancelled request frees its slot at once. Shapes never change, so requests coming and going cause no
+recompilation (``compile_count`` counts XLA compilations).
 """
 
 from __future__ import annotations
@@ -39,15 +34,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from mistral_jax import sharding
-from mistral_jax.data.tokenizer import hf_decode, hf_raw_text
-from mistral_jax.inference.generate import DEFAULT_CHUNK
-from mistral_jax.inference.per_layer import serving_forward, serving_layers
-from mistral_jax.model.kv_cache import EMPTY, KVCache
+from mistral_jax.inference.decode import DEFAULT_CHUNK, decode_rows, new_cache, pad_prompts, prefill_rows
+from mistral_jax.inference.detokenize import TextStream
+from mistral_jax.inference.per_layer import serving_layers
+from mistral_jax.model.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -69,127 +63,6 @@ def compile_count() -> int:
             jax.monitoring.register_event_duration_secs_listener(_on_event)
             _LISTENING[0] = True
     return _COMPILES[0]
-
-
-# ----------------------------------------------------------------------------- text
-def decode_text(tokenizer: Any, ids: Sequence[int]) -> str:
-    """Text of generated ``ids`` as HF's ``LlamaTokenizer`` decodes them (what OpenAI-API clients and the
-    ``mistral_jax`` lm-eval backend expect): control ids skipped, ``▁`` -> space, a run of byte-fallback pieces
-    UTF-8 decoded as a whole (or one U+FFFD per byte if invalid), one leading space stripped
-    (``data.tokenizer.hf_decode``, shared with the lm-eval backend); a tokenizer without a sentencepiece model uses
-    its own ``decode``."""
-    sp = getattr(tokenizer, "sp", None)
-    if sp is None:
-        return tokenizer.decode(list(ids))
-    return hf_decode(sp, ids)
-
-
-class _Detokenizer:
-    """``decode_text`` of a growing id list in time proportional to the new ids: the raw text is final up to the
-    last normal piece (only a trailing byte-fallback run, skipped ids included, can still change)."""
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer, self.sp = tokenizer, getattr(tokenizer, "sp", None)
-        self.ids: list[int] = []
-        self.done, self.upto = "", 0  # raw text of ids[:upto], final
-
-    def push(self, tok: int) -> str:
-        """Append ``tok``; return the text of all ids so far."""
-        self.ids.append(tok)
-        if self.sp is None:
-            return self.tokenizer.decode(self.ids)
-        pending = hf_raw_text(self.sp, self.ids[self.upto:])
-        sp = self.sp
-        if 0 <= tok < sp.GetPieceSize() and not (sp.IsByte(tok) or sp.IsControl(tok) or sp.IsUnknown(tok)):
-            self.done, self.upto, pending = self.done + pending, len(self.ids), ""
-        text = self.done + pending
-        return text[1:] if text.startswith(" ") else text
-
-    def pending(self) -> bool:
-        """Whether the end of the text may still change (a byte-fallback run is open)."""
-        return self.sp is not None and self.upto < len(self.ids)
-
-    def text(self) -> str:
-        return decode_text(self.tokenizer, self.ids) if self.sp is None else (
-            lambda t: t[1:] if t.startswith(" ") else t)(self.done + hf_raw_text(self.sp, self.ids[self.upto:]))
-
-
-# ----------------------------------------------------------------------------- pure device functions
-def sample_rows(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                top_p: jax.Array) -> jax.Array:
-    """One token per row with per-row settings: ``logits [B, V]``; ``seeds, steps, top_k [B]`` int32 (top_k 0 =
-    all); ``temperature, top_p [B]`` float32 (temperature 0 = argmax, top_p 1 = no cut). Row b's draw is
-    ``categorical(fold_in(key(seed_b), step_b), filtered)``, as ``sampling.sample`` on that row alone.
-
-    Each stage runs only when some row needs it (``lax.cond`` on the batch): an all-greedy batch costs one argmax,
-    the vocabulary sorts of top-k / top-p run only when a sampling row asks for them."""
-    vocab = logits.shape[-1]
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    sampling = temperature > 0  # [B]
-
-    def top_k_filter(x):  # [B, V]; ties at the k-th value are all kept
-        kth = jnp.take_along_axis(jnp.sort(x, axis=-1)[:, ::-1], jnp.clip(top_k - 1, 0, vocab - 1)[:, None], axis=-1)
-        return jnp.where(((top_k > 0) & (top_k < vocab))[:, None] & (x < kth), -jnp.inf, x)
-
-    def top_p_filter(x):  # [B, V]: keep the smallest prefix of the sorted tokens whose mass reaches top_p
-        desc = jnp.sort(x, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(desc, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        n_keep = jnp.sum(mass_before < top_p[:, None], axis=-1, keepdims=True)  # [B, 1], >= 1
-        threshold = jnp.take_along_axis(desc, jnp.maximum(n_keep - 1, 0), axis=-1)
-        return jnp.where((top_p < 1.0)[:, None] & (x < threshold), -jnp.inf, x)
-
-    def draw(_):
-        # float32: temperature scaling and the top-p cumulative sum need the precision of the raw logits.
-        x = logits.astype(jnp.float32) / jnp.where(sampling, temperature, 1.0)[:, None]
-        x = jax.lax.cond(jnp.any(sampling & (top_k > 0)), top_k_filter, lambda x: x, x)
-        x = jax.lax.cond(jnp.any(sampling & (top_p < 1.0)), top_p_filter, lambda x: x, x)
-
-        def one(row, seed, step):
-            key = jax.random.fold_in(jax.random.key(seed), step)
-            return jax.random.categorical(key, row[None], axis=-1)[0].astype(jnp.int32)
-
-        return jnp.where(sampling, jax.vmap(one)(x, seeds, steps), greedy)
-
-    return jax.lax.cond(jnp.any(sampling), draw, lambda _: greedy, None)
-
-
-def _row(cache: KVCache, b: jax.Array) -> KVCache:
-    return KVCache(k=jax.lax.dynamic_slice_in_dim(cache.k, b, 1, axis=1),
-                   v=jax.lax.dynamic_slice_in_dim(cache.v, b, 1, axis=1),
-                   pos=jax.lax.dynamic_slice_in_dim(cache.pos, b, 1, axis=0))
-
-
-def prefill_chunk(graphdef: nnx.GraphDef, state: nnx.State, layers: Any, cache: KVCache, row: jax.Array,
-                  reset: jax.Array, tokens: jax.Array, positions: jax.Array, sampling: tuple
-                  ) -> tuple[jax.Array, KVCache]:
-    """One prompt chunk ``tokens, positions [1, C]`` into cache row ``row``; ``reset`` clears the row first.
-
-    Returns ``(next token [1] sampled from the last column, cache)``.
-    """
-    model = nnx.merge(graphdef, state)
-    r = _row(cache, row)
-    r = KVCache(k=r.k, v=r.v, pos=jnp.where(reset, EMPTY, r.pos))
-    out = serving_forward(model, layers, tokens, positions, cache=r, logits_to_keep=1)
-    logits, r = out.logits, out.cache
-    nxt = sample_rows(logits[:, -1], *sampling)
-    cache = KVCache(k=jax.lax.dynamic_update_slice_in_dim(cache.k, r.k, row, axis=1),
-                    v=jax.lax.dynamic_update_slice_in_dim(cache.v, r.v, row, axis=1),
-                    pos=jax.lax.dynamic_update_slice_in_dim(cache.pos, r.pos, row, axis=0))
-    return nxt, cache
-
-
-def decode_step(graphdef: nnx.GraphDef, state: nnx.State, layers: Any, cache: KVCache, tokens: jax.Array,
-                positions: jax.Array, sampling: tuple) -> tuple[jax.Array, KVCache]:
-    """One token for every row: ``tokens, positions [B]`` (position -1: an idle row). Returns ``(next [B], cache)``."""
-    model = nnx.merge(graphdef, state)
-    out = serving_forward(model, layers, tokens[:, None], positions[:, None], cache=cache)
-    logits, cache = out.logits, out.cache
-    return sample_rows(logits[:, 0], *sampling), cache
-
-
-_prefill_chunk = jax.jit(prefill_chunk, static_argnames=("graphdef",), donate_argnames=("cache",))
-_decode_step = jax.jit(decode_step, static_argnames=("graphdef",), donate_argnames=("cache",))
 
 
 def batch_shards(mesh: jax.sharding.Mesh, rules: sharding.ShardingRules | None = None) -> int:
@@ -246,8 +119,7 @@ class Request:
         self.chunks: list[tuple[np.ndarray, np.ndarray]] = []
         self.next_chunk = 0
         self.generated: list[int] = []  # sampled ids (EOS included when sampled)
-        self.detok: _Detokenizer | None = None  # the text of the ids that make it up (no EOS)
-        self.sent = 0  # characters of text already emitted
+        self.text: TextStream | None = None  # the text of the ids (no EOS), made on admission
         self.finished = False
 
     def cancel(self) -> None:
@@ -313,11 +185,8 @@ class Engine:
 
     def _new_cache(self) -> KVCache:
         """An empty cache ``[L, B, S, ...]``, created in its shards on the mesh."""
-        init = lambda: KVCache.init(self.cfg, self.max_batch, self.cache_slots)
-        if self.mesh is None:
-            return init()
         with self._mesh():
-            return jax.jit(init, out_shardings=jax.eval_shape(init).shardings(self.mesh, self.rules))()
+            return new_cache(self.cfg, self.max_batch, self.cache_slots, self.mesh, self.rules)
 
     def _mesh(self) -> contextlib.AbstractContextManager:
         """The mesh context for tracing and running the steps (entered by the thread that runs them)."""
@@ -352,11 +221,11 @@ class Engine:
     def _warmup(self) -> None:
         tok = np.zeros((1, self.chunk), np.int32)
         pos = np.full((1, self.chunk), -1, np.int32)
-        _, self.cache = _prefill_chunk(self.graphdef, self.state, self.layers, self.cache, np.int32(0),
-                                       np.bool_(True), tok, pos, self._sampling([None]))
-        nxt, self.cache = _decode_step(self.graphdef, self.state, self.layers, self.cache,
-                                       np.zeros(self.max_batch, np.int32), np.full(self.max_batch, -1, np.int32),
-                                       self._sampling([None] * self.max_batch))
+        _, self.cache = prefill_rows(self.graphdef, self.state, self.cache, tok, pos, layers=self.layers,
+                                     row=np.int32(0), reset=np.bool_(True), **self._sampling([None]))
+        nxt, _, self.cache = decode_rows(self.graphdef, self.state, self.cache, np.zeros(self.max_batch, np.int32),
+                                         np.full(self.max_batch, -1, np.int32), layers=self.layers,
+                                         **self._sampling([None] * self.max_batch))
         jax.block_until_ready(nxt)
 
     def check(self, n_prompt: int, params: SamplingParams) -> None:
@@ -397,7 +266,8 @@ class Engine:
                     max_batch=self.max_batch, compiles=compile_count(), **self.steps)
 
     # ------------------------------------------------------------------ host side
-    def _sampling(self, reqs: Sequence[Request | None], steps: Sequence[int] | None = None) -> tuple:
+    def _sampling(self, reqs: Sequence[Request | None], steps: Sequence[int] | None = None) -> dict[str, Any]:
+        """The per-row sampling arguments of the core's steps (idle rows: greedy)."""
         n = len(reqs)
         seeds, top_k = np.zeros(n, np.int32), np.zeros(n, np.int32)
         temp, top_p = np.zeros(n, np.float32), np.ones(n, np.float32)
@@ -407,7 +277,7 @@ class Engine:
                 seeds[i], top_k[i] = np.int32(p.seed % 2**31), p.top_k
                 temp[i], top_p[i] = p.temperature, p.top_p
         st = np.zeros(n, np.int32) if steps is None else np.asarray(steps, np.int32)
-        return seeds, st, temp, top_k, top_p
+        return dict(key=(seeds, st), temperature=temp, top_k=top_k, top_p=top_p)
 
     def _fail(self, req: Request, message: str) -> None:
         if not req.finished:
@@ -437,12 +307,10 @@ class Engine:
     def _place(self, req: Request, b: int) -> None:
         n, c = len(req.prompt_ids), self.chunk
         total = math.ceil(n / c) * c
-        tokens = np.zeros((1, total), np.int32)
-        positions = np.full((1, total), -1, np.int32)
-        tokens[0, total - n:] = req.prompt_ids  # right-aligned: the first chunk holds the padding
-        positions[0, total - n:] = np.arange(n)
+        tokens, positions = pad_prompts([req.prompt_ids], total)  # right-aligned: the first chunk holds the padding
         req.chunks = [(tokens[:, s:s + c], positions[:, s:s + c]) for s in range(0, total, c)]
         req.next_chunk = 0
+        req.text = TextStream(self.tokenizer, req.params.stop)
         self.slots[b] = req
         self.pos[b] = -1
         self.prefilling.append(b)
@@ -465,8 +333,8 @@ class Engine:
         req = self.slots[b]
         tokens, positions = req.chunks[req.next_chunk]
         first, last = req.next_chunk == 0, req.next_chunk == len(req.chunks) - 1
-        nxt, self.cache = _prefill_chunk(self.graphdef, self.state, self.layers, self.cache, np.int32(b),
-                                         np.bool_(first), tokens, positions, self._sampling([req], [0]))
+        nxt, self.cache = prefill_rows(self.graphdef, self.state, self.cache, tokens, positions, layers=self.layers,
+                                       row=np.int32(b), reset=np.bool_(first), **self._sampling([req], [0]))
         self.steps["prefill_chunks"] += 1
         req.next_chunk += 1
         if last:
@@ -485,8 +353,8 @@ class Engine:
         reqs = [self.slots[b] if b in rows else None for b in range(self.max_batch)]
         positions = np.where([r is not None for r in reqs], self.pos, -1).astype(np.int32)
         steps = [len(r.generated) if r is not None else 0 for r in reqs]
-        nxt, self.cache = _decode_step(self.graphdef, self.state, self.layers, self.cache, self.last.copy(),
-                                       positions, self._sampling(reqs, steps))
+        nxt, _, self.cache = decode_rows(self.graphdef, self.state, self.cache, self.last.copy(), positions,
+                                         layers=self.layers, **self._sampling(reqs, steps))
         nxt = np.asarray(nxt)
         self.steps["decode_steps"] += 1
         self.steps["peak_rows"] = max(self.steps["peak_rows"], len(rows))
@@ -501,29 +369,11 @@ class Engine:
         req.generated.append(tok)
         self.steps["tokens"] += 1
         p = req.params
-        finish = None
-        if req.detok is None:
-            req.detok = _Detokenizer(self.tokenizer)
-        if tok == self.eos_id and not p.ignore_eos:
-            finish = "stop"
-            text = req.detok.text()
-        else:
-            text = req.detok.push(tok)
-        cuts = [text.find(s) for s in p.stop if s in text]
-        if cuts:
-            text, finish = text[:min(cuts)], "stop"
-        elif finish is None and len(req.generated) >= p.max_tokens:
-            finish = "length"
-        shown = text
-        if finish is None:
-            if req.detok.pending():  # a byte-fallback run decodes as a whole: wait for its end
-                shown = text[:req.sent]
-            # hold back an incomplete character and a possible start of a stop string
-            shown = shown.rstrip("\ufffd")
-            hold = max((n for s in p.stop for n in range(1, len(s)) if shown.endswith(s[:n])), default=0)
-            shown = shown[:len(shown) - hold]
-        delta = shown[req.sent:] if len(shown) > req.sent else ""
-        req.sent = max(req.sent, len(shown))
+        eos = tok == self.eos_id and not p.ignore_eos
+        last = len(req.generated) >= p.max_tokens
+        delta = req.text.push(tok, eos=eos, last=last)
+        finish = "stop" if req.text.stopped else "length" if last else None
+        text = req.text.text
         try:
             if delta or finish is None:
                 req.emit(Event("delta", text=delta, token_ids=[tok] if tok != self.eos_id or p.ignore_eos else []))

@@ -1,0 +1,288 @@
+"""The decoding core over the rolling-buffer KV cache: chunked prefill, the decode step, the device decode loop.
+
+Legend: B batch, T prompt length (padded), C prefill chunk, S cache slots, V vocab, N decode block.
+
+The model is split once with ``nnx.split`` into a static ``graphdef`` and a ``state`` of arrays; every step
+below is a pure function of ``(graphdef, state, cache, ...)`` under ``jax.jit`` (graphdef static, the cache
+donated), so each compiles once per shape and updates the cache in place. ``mj.generate`` (``generate.py``), the
+server's continuous batching (``serve/engine.py``: scheduling only) and the lm-eval backend all decode through
+these functions; sampling is ``sampling.sample``, text is ``detokenize``.
+
+Batching: prompts of different lengths are **right-aligned** (left-padded). A pad column has position -1:
+the model neither attends to it nor stores it (see ``kv_cache.slots_for``), so every row sees exactly its
+own prompt at positions ``0 .. len-1``; after the prompt, row ``b`` decodes at positions ``len_b, len_b+1 ..``.
+The padded prompt length is bucketed (a power of two up to C, then whole chunks) so prompts of similar
+length share compiled shapes.
+
+Prefill runs the prompt in chunks of C tokens (default: the sliding window W, as in the Mistral paper):
+each chunk attends over ``[cache ; chunk]`` and then overwrites the slots ``position mod S``, so memory
+stays S = W per layer however long the prompt. Models without a window use the same code with a plain
+cache of ``S >= prompt + new tokens`` slots. A chunk can also go into one row ``b`` of a batched cache
+(``row=b``, traced): the server prefills one request while the others keep their rows.
+
+Sampling settings come two ways (see ``sampling``): Python values for the whole batch, static under ``jit``
+(``_decode_step``, ``_decode_loop``: ``generate``), or per-row arrays ``[B]``, traced (``decode_rows``,
+``prefill_rows``: the server, one compilation whatever its requests ask for).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from mistral_jax import sharding
+from mistral_jax.inference.per_layer import serving_forward
+from mistral_jax.inference.sampling import sample
+from mistral_jax.model.kv_cache import EMPTY, KVCache
+
+DEFAULT_CHUNK = 4096  # prefill chunk for models without a sliding window
+DECODE_BLOCK = 32  # decode steps per device loop between host syncs (when nothing needs every token)
+NO_EOS = -1  # eos id that never matches
+
+
+# ----------------------------------------------------------------------------- shapes
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def default_chunk_size(cfg) -> int:
+    """The prefill chunk: the sliding window W (Mistral's choice), else ``DEFAULT_CHUNK``."""
+    return cfg.sliding_window or DEFAULT_CHUNK
+
+
+def padded_prompt_length(length: int, chunk_size: int) -> int:
+    """Bucketed prompt length: a power of two (>= 8) up to one chunk, then whole chunks plus a power-of-two head."""
+    if length <= chunk_size:
+        return min(max(_next_pow2(length), 8), chunk_size)
+    full, rest = divmod(length, chunk_size)
+    if rest == 0:
+        return length
+    return full * chunk_size + min(max(_next_pow2(rest), 8), chunk_size)
+
+
+def cache_length(cfg, total: int) -> int:
+    """Cache slots for ``total`` positions: W with a window (fewer if the whole sequence fits), else ``total``
+    rounded up to a power of two (>= 16) and capped at ``max_seq_len``."""
+    need = max(_next_pow2(total), 16)
+    if cfg.sliding_window is not None:
+        return min(cfg.sliding_window, need)
+    if total > cfg.max_seq_len:
+        raise ValueError(f"prompt + new tokens = {total} positions exceed max_seq_len={cfg.max_seq_len} of a model "
+                         "without a sliding window (its cache holds every position). Fix: shorten the prompt, lower "
+                         "max_new_tokens, or raise ModelConfig.max_seq_len.")
+    return min(need, cfg.max_seq_len)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0
+                ) -> tuple[Int[Array, "B T"], Int[Array, "B T"]]:
+    """Right-align ``prompts`` in ``[B, length]``: pad columns hold ``pad_id`` at position -1.
+
+    Returns:
+      ``(tokens, positions)``, int32 numpy arrays ``[B, length]``; row b's real tokens have positions
+      ``0 .. len_b - 1`` in its last ``len_b`` columns.
+    """
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    positions = np.full((len(prompts), length), -1, np.int32)
+    for b, p in enumerate(prompts):
+        if len(p) > length:
+            raise ValueError(f"prompt {b} has {len(p)} tokens but the padded length is {length}. "
+                             "Fix: pass length >= the longest prompt.")
+        if len(p):
+            tokens[b, length - len(p):] = np.asarray(p, np.int32)
+            positions[b, length - len(p):] = np.arange(len(p), dtype=np.int32)
+    return tokens, positions
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_cache_init(cfg, batch: int, n_slots: int, shardings: KVCache):
+    """A jitted constructor of an empty cache created in its shards; cached so repeated calls do not recompile."""
+    return jax.jit(lambda: KVCache.init(cfg, batch, n_slots), out_shardings=shardings)
+
+
+def new_cache(cfg, batch: int, n_slots: int, mesh: jax.sharding.Mesh | None = None,
+              rules: sharding.ShardingRules = sharding.DEFAULT_RULES) -> KVCache:
+    """An empty cache ``[L, B, S, ...]``; with ``mesh``, created in its shards (rows over the batch axes, kv heads
+    by the rules). Call it under ``sharding.use_mesh(mesh, rules)``."""
+    if mesh is None:
+        return KVCache.init(cfg, batch, n_slots)
+    abstract = jax.eval_shape(lambda: KVCache.init(cfg, batch, n_slots))
+    return _sharded_cache_init(cfg, batch, n_slots, abstract.shardings(mesh, rules))()
+
+
+# ----------------------------------------------------------------------------- pure steps
+def _cache_row(cache: KVCache, b: Int[Array, ""]) -> KVCache:
+    """Row ``b`` of the cache as a one-row cache ``[L, 1, S, ...]``."""
+    return KVCache(k=jax.lax.dynamic_slice_in_dim(cache.k, b, 1, axis=1),
+                   v=jax.lax.dynamic_slice_in_dim(cache.v, b, 1, axis=1),
+                   pos=jax.lax.dynamic_slice_in_dim(cache.pos, b, 1, axis=0))
+
+
+def _put_row(cache: KVCache, row: KVCache, b: Int[Array, ""]) -> KVCache:
+    """The cache with row ``b`` replaced by the one-row cache ``row``."""
+    return KVCache(k=jax.lax.dynamic_update_slice_in_dim(cache.k, row.k, b, axis=1),
+                   v=jax.lax.dynamic_update_slice_in_dim(cache.v, row.v, b, axis=1),
+                   pos=jax.lax.dynamic_update_slice_in_dim(cache.pos, row.pos, b, axis=0))
+
+
+def forward_chunk(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: Int[Array, "B C"],
+                  positions: Int[Array, "B C"], *, last_only: bool = False, layers: tuple | None = None,
+                  row: Int[Array, ""] | None = None, reset: Bool[Array, ""] | None = None
+                  ) -> tuple[Float[Array, "B C V"] | Float[Array, "B V"], KVCache]:
+    """One prefill chunk through the cache. Returns ``(logits [B, C, V] (or the last column [B, V]), cache)``.
+
+    Args:
+      layers: optional per-layer weights (``serving_layers``) used instead of the stacked ones.
+      row: feed the chunk (``tokens [1, C]``) into this row of the cache only (a traced index): the row is
+        sliced out, extended and written back; the other rows are left as they are.
+      reset: with ``row``: first clear the row's stored positions, so nothing of its previous occupant is
+        attended to (the first chunk of a new request).
+    """
+    model = nnx.merge(graphdef, state)
+    if row is None:
+        out = serving_forward(model, layers, tokens, positions, cache=cache, logits_to_keep=int(last_only))
+        return (out.logits[:, -1] if last_only else out.logits), out.cache.constrain()
+    r = _cache_row(cache, row)
+    if reset is not None:
+        r = KVCache(k=r.k, v=r.v, pos=jnp.where(reset, EMPTY, r.pos))
+    out = serving_forward(model, layers, tokens, positions, cache=r, logits_to_keep=int(last_only))
+    return (out.logits[:, -1] if last_only else out.logits), _put_row(cache, out.cache, row)
+
+
+_forward_chunk = jax.jit(forward_chunk, static_argnames=("graphdef", "last_only"), donate_argnames=("cache",))
+
+
+def prefill(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: Int[Array, "B T"],
+            positions: Int[Array, "B T"], *, chunk_size: int | None = None, return_all_logits: bool = False,
+            layers: tuple | None = None) -> tuple[Float[Array, "B V"] | Float[Array, "B T V"], KVCache]:
+    """Feed a (right-aligned) prompt through the cache in chunks of ``chunk_size`` tokens.
+
+    The first chunk takes the remainder ``T mod chunk_size`` (it holds the left padding), every later
+    chunk is exactly ``chunk_size``, so a long prompt compiles at most two chunk shapes.
+
+    Args:
+      graphdef, state: ``nnx.split(model)``.
+      cache: the cache to extend (e.g. ``new_cache``); it is donated.
+      tokens, positions: int32 ``[B, T]``; position -1 marks padding.
+      chunk_size: tokens per chunk; default the sliding window (``default_chunk_size``).
+      return_all_logits: return the logits of every column ``[B, T, V]`` instead of the last one ``[B, V]``.
+      layers: optional per-layer weights (``serving_layers``) used instead of the stacked ones.
+
+    Returns:
+      ``(logits, cache)``: float32 logits of the last column (the next-token logits of every row of a
+      right-aligned batch), or of all columns; and the updated cache.
+    """
+    chunk = chunk_size or default_chunk_size(nnx.merge(graphdef, state).cfg)
+    if chunk < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be >= 1. Fix: use None for the default (the window).")
+    t = tokens.shape[1]
+    first = t % chunk or min(chunk, t)
+    bounds = [0, *range(first, t + 1, chunk)]
+    tokens, positions = jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32)
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        logits, cache = _forward_chunk(graphdef, state, cache, tokens[:, start:end], positions[:, start:end],
+                                       last_only=not return_all_logits, layers=layers)
+        outs.append(logits)
+    return (jnp.concatenate(outs, axis=1) if return_all_logits else outs[-1]), cache
+
+
+def prefill_chunk(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: Int[Array, "B C"],
+                  positions: Int[Array, "B C"], key: Any, *, temperature: Any = 0.0, top_k: Any = None,
+                  top_p: Any = None, layers: tuple | None = None, row: Int[Array, ""] | None = None,
+                  reset: Bool[Array, ""] | None = None, logprobs: bool = False) -> tuple:
+    """One prompt chunk (``forward_chunk``) and the next token sampled from its last column: after the prompt's
+    last chunk, the first new token. Sampling settings and ``key`` as for ``sampling.sample``.
+
+    Returns:
+      ``(next [B] int32, cache)``, or ``(next, cache, logprobs [B])`` with ``logprobs``.
+    """
+    logits, cache = forward_chunk(graphdef, state, cache, tokens, positions, last_only=True, layers=layers,
+                                  row=row, reset=reset)
+    out = sample(logits, key, temperature, top_k, top_p, logprobs=logprobs)
+    return (out[0], cache, out[1]) if logprobs else (out, cache)
+
+
+def decode_step(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: Int[Array, " B"],
+                positions: Int[Array, " B"], key: Any, *, temperature: Any = 0.0, top_k: Any = None,
+                top_p: Any = None, layers: tuple | None = None, logprobs: bool = False) -> tuple:
+    """One decode step: feed ``tokens`` at ``positions`` (-1: an idle row, which neither attends nor writes), sample
+    the next token of each row. Sampling settings and ``key`` as for ``sampling.sample``.
+
+    ``layers``: optional per-layer weights (``serving_layers``) used instead of the stacked ones.
+
+    Returns:
+      ``(next_tokens [B] int32, logits [B, V] float32, cache)``, and with ``logprobs`` a fourth element: the
+      log-probs ``[B]`` of the chosen tokens (``sampling.token_logprobs``).
+    """
+    out = serving_forward(nnx.merge(graphdef, state), layers, tokens[:, None], positions[:, None], cache=cache)
+    logits = out.logits[:, 0]  # [B, V]
+    nxt = sample(logits, key, temperature, top_k, top_p, logprobs=logprobs)
+    if logprobs:
+        return nxt[0], logits, out.cache.constrain(), nxt[1]
+    return nxt, logits, out.cache.constrain()
+
+
+# Sampling settings static (Python values for the batch): generate, tests, RL rollouts.
+_decode_step = jax.jit(decode_step, static_argnames=("graphdef", "temperature", "top_k", "top_p", "logprobs"),
+                       donate_argnames=("cache",))
+# Sampling settings as per-row arrays [B] (traced): the server's steps, one compilation whatever requests ask.
+decode_rows = jax.jit(decode_step, static_argnames=("graphdef", "logprobs"), donate_argnames=("cache",))
+prefill_rows = jax.jit(prefill_chunk, static_argnames=("graphdef", "logprobs"), donate_argnames=("cache",))
+
+
+def decode_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: Int[Array, " B"],
+                positions: Int[Array, " B"], done: Bool[Array, " B"], key: Array, start: Int[Array, ""],
+                num_steps: Int[Array, ""], *, block: int = DECODE_BLOCK, temperature: float = 0.0,
+                top_k: int | None = None, top_p: float | None = None, eos_id: int = NO_EOS, pad_id: int = 0,
+                layers: tuple | None = None, logprobs: bool = False) -> tuple:
+    """Up to ``min(num_steps, block)`` decode steps in one device loop; stops early once every row is done.
+
+    Step ``i`` samples with ``fold_in(key, start + i)``, so results do not depend on the block size.
+
+    Args:
+      tokens, positions: ``[B]`` the last token of each row and its position (the input of the first step).
+      done: ``[B]`` rows that already stopped: they emit ``pad_id``.
+      start: index of the first step (for the sampling key); num_steps: steps wanted (dynamic, <= block).
+      block: static length of the output buffer.
+      layers: optional per-layer weights (``serving_layers``) used instead of the stacked ones.
+      logprobs: also return the log-probs of the new tokens.
+
+    Returns:
+      ``(new_tokens [B, block] (pad_id for finished rows and unused steps), steps_taken, cache, tokens,
+      positions, done)`` where the last four are the carry for the next call; with ``logprobs`` a seventh
+      element, float32 ``[B, block]``: the new tokens' log-probs (0 where ``new_tokens`` is padding).
+    """
+    b = tokens.shape[0]
+    out = jnp.full((b, block), pad_id, jnp.int32)
+    lp = jnp.zeros((b, block), jnp.float32) if logprobs else None  # None: nothing carried
+
+    def cond(carry):
+        i, _, _, _, done, _, _ = carry
+        return (i < jnp.minimum(num_steps, block)) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, tok, pos, done, out, lp = carry
+        step = decode_step(graphdef, state, cache, tok, pos, jax.random.fold_in(key, start + i),
+                           temperature=temperature, top_k=top_k, top_p=top_p, layers=layers, logprobs=logprobs)
+        nxt, cache = step[0], step[2]
+        if logprobs:
+            lp = jax.lax.dynamic_update_slice(lp, jnp.where(done, 0.0, step[3])[:, None], (0, i))
+        nxt = jnp.where(done, pad_id, nxt)
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+        return i + 1, cache, nxt, pos + 1, done | (nxt == eos_id), out, lp
+
+    i, cache, tokens, positions, done, out, lp = jax.lax.while_loop(
+        cond, body, (jnp.zeros((), jnp.int32), cache, tokens, positions, done, out, lp))
+    return (out, i, cache, tokens, positions, done) + ((lp,) if logprobs else ())
+
+
+_decode_loop = jax.jit(decode_loop, static_argnames=("graphdef", "block", "temperature", "top_k", "top_p", "eos_id",
+                                                     "pad_id", "logprobs"), donate_argnames=("cache",))
+_sample = jax.jit(sample, static_argnames=("temperature", "top_k", "top_p", "logprobs"))

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs import tiny
@@ -549,3 +550,38 @@ def test_grouped_matmul_input_gradient_compiles_for_v6e_at_mixtral_w2_shape():
         compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
             s((2048, 14336)), s((1, 14336, 4096)), s((1,), jnp.int32)).compile()
     assert compiled.memory_analysis().temp_size_in_bytes > 0
+
+
+# ------------------------------------------------------------------------- the README's per-chip figures, pinned
+# GiB per chip (arguments + temporaries) of real presets, as the README's AOT tables give them, per jax / libtpu
+# (the XLA TPU compiler's choices move with libtpu). Rows of scripts/aot_table.py whose compile takes about a
+# minute on 2 CPU cores.
+README_GIB = {
+    ("0.10.2", "0.0.42.1"): {"mistral_7b_v5p8": 51.67, "mixtral_8x7b": 26.08},
+    ("0.12.0.1", "0.0.52"): {"mistral_7b_v5p8": 41.05, "mixtral_8x7b": 18.88},
+}
+
+
+@pytest.mark.parametrize("row", ["mistral_7b_v5p8", "mixtral_8x7b"])
+@pytest.mark.slow
+def test_real_preset_memory_per_chip_is_the_readmes(row):
+    """``python -m mistral_jax.aot`` for Mistral 7B on a v5p-8 and Mixtral 8x7B on a v5p-128 (the README's rows,
+    run as scripts/aot_table.py runs them) gives the README's GiB per chip to 1%."""
+    import importlib.metadata
+    import importlib.util
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("aot_table", os.path.join(root, "scripts", "aot_table.py"))
+    aot_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(aot_table)
+    versions = (jax.__version__, importlib.metadata.version("libtpu"))
+    assert versions in README_GIB, (
+        f"no README figures for jax {versions[0]} / libtpu {versions[1]} (known: {sorted(README_GIB)}). Fix: run "
+        f"python scripts/aot_table.py --rows {','.join(README_GIB[min(README_GIB)])} with these versions, put the "
+        "figures in the README's AOT table and in README_GIB here.")
+    (name, config, topology, overrides, _), = [r for r in aot_table.ROWS if r[0] == row]
+    report, _ = aot_table.run(sys.executable, config, topology, overrides)
+    assert report["fits"]
+    np.testing.assert_allclose(report["total"] / aot_table.GiB, README_GIB[versions][row], rtol=0.01)

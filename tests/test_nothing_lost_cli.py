@@ -314,23 +314,19 @@ metric_list:
 
 
 @pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory):
+def tiny_export(tmp_path_factory, syllable_tokenizer_path):
     """A tiny mistral_jax export (Orbax params: the format whose loader logs the most) with a tokenizer."""
     import json
 
-    import numpy as np
     from flax import nnx
 
     import mistral_jax as mj
-    from mistral_jax.data.train_tokenizer import train_tokenizer
+    from tests.helpers import syllable_corpus
 
     root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    syllables = "ka ri to mo na se lu pi da ve go ha ne ti ro su ma ky be zo".split()
-    words = ["".join(rng.choice(syllables, rng.integers(1, 4))) for _ in range(400)]
+    words, _ = syllable_corpus()
     cfg = mj.ModelConfig.tiny()
-    tok = train_tokenizer([" ".join(rng.choice(words, 12)) for _ in range(2000)], str(root / "tok" / "tokenizer.model"),
-                          vocab_size=cfg.vocab_size)  # every id the model emits decodes
+    tok = syllable_tokenizer_path  # vocab_size == cfg.vocab_size: every id the model emits decodes
     mj.save_jax(mj.Transformer(cfg, rngs=nnx.Rngs(0)), str(root / "export"), tokenizer=tok)
     (root / "tasks").mkdir()
     with open(root / "mc.jsonl", "w") as f:

@@ -26,8 +26,8 @@ test: install  ## the test suite (8 fake CPU devices, see tests/conftest.py)
 
 # Three tiers, each containing the one before: light (no oracle is imported: runs where torch is not installed),
 # fast (`-m "not slow"`, with the oracles), full. Markers: pyproject.toml [tool.pytest.ini_options].
-test-light: install-light  ## the light tier: not slow, no oracle (torch & co. blocked, see tests/conftest.py)
-	MISTRAL_JAX_TEST_TIER=light $(PYTHON) -m pytest -q -m "not slow and not oracle" tests
+test-light: install-light  ## the light tier (under 90 s on 2 CPU cores): not slow, not heavy, no oracle (blocked)
+	MISTRAL_JAX_TEST_TIER=light $(PYTHON) -m pytest -q -m "not slow and not heavy and not oracle" tests
 
 test-fast: install  ## the fast tier: every test not marked slow (under 3 minutes on 2 CPU cores)
 	$(PYTHON) -m pytest -q -m "not slow" tests

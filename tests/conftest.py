@@ -1,9 +1,10 @@
 """Test setup: 8 fake CPU devices and float32 matmuls, set before JAX initialises; the tiers' markers; the
 session fixtures (tokenizers, a trained run) the test files share.
 
-Tiers (Makefile): ``make test-light`` runs ``-m "not slow and not oracle"`` with ``MISTRAL_JAX_TEST_TIER=light``,
-which makes the oracles (torch, transformers, trl, lm-eval, ...) unimportable here, as in the light extra's venv
-(``pip install -e ".[light]"``, no torch): a light test that imports one fails at once, on any machine.
+Tiers (Makefile): ``make test-light`` runs ``-m "not slow and not heavy and not oracle"`` with
+``MISTRAL_JAX_TEST_TIER=light``, which makes the oracles (torch, transformers, trl, lm-eval, the openai client)
+unimportable here, as in the light extra's venv (``pip install -e ".[light]"``, no torch): a light test that
+imports one fails at once, on any machine.
 ``make test-fast`` runs ``-m "not slow"``, ``make test`` everything.
 """
 

@@ -17,8 +17,9 @@ from types import ModuleType
 
 import numpy as np
 
-# Top-level packages of the oracles: not in the light extra, and blocked under `make test-light` (conftest.py).
-ORACLES = ("torch", "transformers", "trl", "lm_eval", "peft", "accelerate")
+# Top-level packages of the oracles (and of lm-eval's and transformers' helpers): not in the light extra, and
+# blocked under `make test-light` (conftest.py).
+ORACLES = ("torch", "transformers", "trl", "lm_eval", "peft", "accelerate", "openai")
 
 
 def oracle_module(name: str) -> ModuleType:

@@ -62,6 +62,7 @@ def test_replace_rejects_unknown_field():
 
 
 @pytest.mark.parametrize("preset", ["mistral_7b_v01", "mistral_7b_v02", "mixtral_8x7b", "tiny", "tiny_mixtral"])
+@pytest.mark.oracle
 def test_hf_and_mistral_config_round_trip(preset):
     import transformers
 

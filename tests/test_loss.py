@@ -201,6 +201,7 @@ def _loss_and_grads(cfg, params, batch):
     pytest.param("tiny_mixtral", "float32", 7, marks=pytest.mark.slow),
     pytest.param("tiny", "bfloat16", 8, marks=pytest.mark.slow),
 ])
+@pytest.mark.heavy
 def test_loss_fn_chunked_equals_plain(preset, dtype, chunk):
     """``loss_fn``: loss, every metric and the gradient w.r.t. every parameter, chunked and not. bfloat16
     compute: the same matmuls per position, float32 logits either way."""
@@ -250,6 +251,7 @@ def test_chunked_loss_sharded_equals_single_device():
     _assert_trees_close(grads, ref_grads, atol=1e-5)
 
 
+@pytest.mark.heavy
 def test_chunked_loss_does_not_hold_the_full_logits():
     """Compiled (CPU) gradient of ``loss_fn`` at V = 32768, T = 512: the plain program's temporaries hold the
     float32 logits (and their gradient), the chunked one's stay below a quarter of the logits' size."""

@@ -201,10 +201,12 @@ EVAL_FLAG_CASES = [  # (argv after --checkpoint CKPT, expected text)
 
 
 @pytest.mark.parametrize("extra,expected", EVAL_FLAG_CASES, ids=[" ".join(c[0]) or "none" for c in EVAL_FLAG_CASES])
+@pytest.mark.oracle
 def test_eval_bad_flag_value(extra, expected, fake_ckpt, eval_cli):
     _one_line(eval_cli(["--checkpoint", fake_ckpt, *extra]), "eval.py", expected)
 
 
+@pytest.mark.oracle
 def test_eval_flags_are_checked_before_paths(eval_cli):
     _one_line(eval_cli(["--checkpoint", "/nope/ckpt", "--tasks", "hellaswag", "--batch_size", "0"]), "eval.py",
               "--batch_size=0")
@@ -222,17 +224,20 @@ def test_eval_flags_are_checked_before_paths(eval_cli):
      "--include_path='/nope/tasks' does not exist"),
     (["--checkpoint", "{ckpt}", "--tasks", "hellaswag", "--output_path", "{ckpt}/config.json"], "is a file"),
 ])
+@pytest.mark.oracle
 def test_eval_bad_paths(argv, expected, fake_ckpt, tmp_path, eval_cli):
     argv = [a.format(tmp=tmp_path, ckpt=fake_ckpt) for a in argv]
     _one_line(eval_cli(argv), "eval.py", expected)
 
 
+@pytest.mark.oracle
 def test_eval_checkpoint_without_tokenizer(fake_ckpt, eval_cli):
     os.remove(os.path.join(fake_ckpt, "tokenizer.model"))
     _one_line(eval_cli(["--checkpoint", fake_ckpt, "--tasks", "hellaswag"]), "eval.py", "--tokenizer=(not given)",
               "holds no tokenizer.model")
 
 
+@pytest.mark.oracle
 def test_evaluate_checks_task_names_before_loading(fake_ckpt, no_model_load):
     from mistral_jax.evals.run import evaluate
 
@@ -254,7 +259,8 @@ def _subprocess(argv: list[str], debug: bool = False, timeout: float = 300) -> s
      "--temperature=-1.0"),
     (["-m", "mistral_jax.cli.generate", "--checkpoint", "/nope/ckpt", "--prompt", "hi"], "generate",
      "--checkpoint='/nope/ckpt' does not exist"),
-    (["eval.py", "--checkpoint", "{ckpt}", "--tasks", "hellaswag", "--batch_size", "0"], "eval.py", "--batch_size=0"),
+    pytest.param(["eval.py", "--checkpoint", "{ckpt}", "--tasks", "hellaswag", "--batch_size", "0"], "eval.py",
+                 "--batch_size=0", marks=pytest.mark.oracle),  # checked after eval.py imports lm-eval
     (["eval.py", "--checkpoint", "{ckpt}", "--tasks", "hellaswag", "--batch_size", "x"], "eval.py", "--batch_size=x"),
     (["-m", "mistral_jax.aot", "--config", "configs/tiny.py", "--topology", "h100-8"], "aot", "--topology='h100-8'"),
     (["-m", "mistral_jax.aot", "--config", "configs/tiny.py", "--topology", "v5p-abc"], "aot", "--topology='v5p-abc'"),

@@ -271,6 +271,7 @@ def _subprocess(argv: list[str], debug: bool = False, timeout: float = 300) -> s
     (["-m", "mistral_jax.aot", "--topology", "v5p-8"], "aot", "--config=None"),
     (["-m", "mistral_jax.aot", "--config", "configs/tiny.py", "--config.nope=3"], "aot", "--config.nope"),
 ])
+@pytest.mark.heavy
 def test_command_line_argument_errors(argv, prog, expected, fake_ckpt):
     """The real entry points. The checkpoint is garbage behind valid file names: had the tool read it, the error
     would be about its contents, not the flag."""

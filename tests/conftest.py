@@ -1,6 +1,15 @@
-"""Test setup: 8 fake CPU devices and float32 matmuls, set before JAX initialises."""
+"""Test setup: 8 fake CPU devices and float32 matmuls, set before JAX initialises; the tiers' markers; the
+session fixtures (tokenizers, a trained run) the test files share.
+
+Tiers (Makefile): ``make test-light`` runs ``-m "not slow and not heavy and not oracle"`` with
+``MISTRAL_JAX_TEST_TIER=light``, which makes the oracles (torch, transformers, trl, lm-eval, the openai client)
+unimportable here, as in the light extra's venv (``pip install -e ".[light]"``, no torch): a light test that
+imports one fails at once, on any machine.
+``make test-fast`` runs ``-m "not slow"``, ``make test`` everything.
+"""
 
 import os
+import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -13,6 +22,18 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "float32")
+
+if os.environ.get("MISTRAL_JAX_TEST_TIER") == "light":
+    from tests.helpers import ORACLES
+
+    for _name in ORACLES:  # None in sys.modules: `import torch` raises ImportError, find_spec("torch") is None
+        if _name in sys.modules and sys.modules[_name] is not None:
+            raise RuntimeError(f"MISTRAL_JAX_TEST_TIER=light, but {_name} was imported before the tests started. "
+                               "Fix: run the light tier in a fresh process (make test-light).")
+        sys.modules[_name] = None
+    # Files that import an oracle at their top through the package (mistral_jax.evals is lm-eval's backend); every
+    # test in them is marked oracle.
+    collect_ignore = ["test_eval.py"]
 
 
 # ------------------------------------------------------------------------------------------- shared fixtures
@@ -38,6 +59,21 @@ def tokenizer_path(tmp_path_factory):
     with open(TRAIN, encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]
     path = train_tokenizer(texts, str(tmp_path_factory.mktemp("tok") / "tokenizer.model"), 512)
+    digest = _sha256(path)
+    yield path
+    assert _sha256(path) == digest, f"a test changed the shared tokenizer {path}: copy it before changing it"
+
+
+@pytest.fixture(scope="session")
+def syllable_tokenizer_path(tmp_path_factory):
+    """sentencepiece BPE, 512 pieces (the vocabulary of ``ModelConfig.tiny()``), trained on
+    ``helpers.syllable_corpus()``: made-up words of short syllables, so every id a random tiny model emits decodes
+    to readable text."""
+    from mistral_jax.data.train_tokenizer import train_tokenizer
+    from tests.helpers import syllable_corpus
+
+    _, texts = syllable_corpus()
+    path = train_tokenizer(texts, str(tmp_path_factory.mktemp("syllable_tok") / "tokenizer.model"), 512)
     digest = _sha256(path)
     yield path
     assert _sha256(path) == digest, f"a test changed the shared tokenizer {path}: copy it before changing it"

@@ -8,8 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding, apply_rotary_pos_emb
 
 import mistral_jax as mj
 from mistral_jax.model import attention as attn
@@ -103,14 +101,17 @@ def test_layer_cache_update_rolls_and_returns_what_queries_attend_over():
 
 
 @pytest.mark.parametrize("theta", [1e4, 1e6])
+@pytest.mark.oracle
 def test_rope_matches_hf(theta):
+    import torch
+    import transformers
+    from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding, apply_rotary_pos_emb
+
     cfg = mj.ModelConfig.tiny(rope_theta=theta)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 9, 4, cfg.head_dim)).astype(np.float32)  # [B, T, N, H]
     pos = np.stack([np.arange(9), np.arange(100, 109)]).astype(np.int32)
     ours = np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(pos), theta))
-    import transformers
-
     hc = transformers.MistralConfig(**cfg.to_hf())
     cos, sin = MistralRotaryEmbedding(hc)(torch.zeros(1), torch.from_numpy(pos).long())
     xt = torch.from_numpy(x).transpose(1, 2)  # HF layout [B, N, T, H]
@@ -184,3 +185,29 @@ def test_auto_backend_choice(platform):
     with pytest.raises(ValueError, match="platform=''"):
         backends.choose_attention("auto", platform="", self_attention=True, seq_len=1, window=512, block=512,
                                   has_segments=False)
+
+
+@pytest.mark.parametrize("window, block_size, expected", [
+    (4096, 512, 512),  # Mistral 7B: W / 4 = 1024, so the configured block
+    (4096, 2048, 1024),  # at most W / 4
+    (512, 512, 128),  # W / 4
+    (128, 512, 64),  # never below 64 ...
+    (100, 512, 64),
+    (16, 8, 8),  # ... unless the configured block is smaller
+    (None, 512, 128),  # no window: W stands for the block size
+])
+def test_attention_block_size_rule(window, block_size, expected, monkeypatch):
+    """The blocked backend's query block is ``min(attention_block_size, max(64, W // 4))``, and ``attend`` hands
+    exactly that block to ``blocked_attention``."""
+    cfg = mj.ModelConfig.tiny(attention_impl="blocked", sliding_window=window, attention_block_size=block_size,
+                              platform="cpu")
+    assert attn.band_block(cfg) == expected
+    if window is None:
+        return  # without a window the blocked backend is not used (the reference one is)
+    seen = []
+    monkeypatch.setattr(attn, "blocked_attention", lambda q, k, v, pos, seg, w, block: seen.append((w, block)) or q)
+    x = jnp.zeros((1, 8, cfg.n_heads, cfg.head_dim))
+    kv = jnp.zeros((1, 8, cfg.n_kv_heads, cfg.head_dim))
+    pos = jnp.arange(8)[None]
+    attn.attend(cfg, backends.resolve(cfg), x, kv, kv, pos, None)
+    assert seen == [(window, expected)]

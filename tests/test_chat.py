@@ -292,6 +292,7 @@ def test_generation_prompt_is_mistral_commons(name, version, conv, mistral_toks)
 
 
 @pytest.mark.parametrize("name, version", MC_NAMES)
+@pytest.mark.oracle
 def test_eval_backend_chat_path_is_mistral_commons(name, version, mistral_toks):
     """eval.py --apply_chat_template: lm-eval renders with apply_chat_template, then tok_encode's the text (and
     the text + a continuation); the ids are mistral-common's, literal <s> / [INST] included."""

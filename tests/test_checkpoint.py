@@ -14,6 +14,7 @@ import pytest
 
 from mistral_jax import sharding
 from mistral_jax.training.metrics import read_metrics
+from tests.helpers import run_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
@@ -34,14 +35,6 @@ def _env():
     return env
 
 
-def _losses(workdir):
-    out = {}
-    for rec in read_metrics(workdir):  # later records of a step win (a resumed run appends)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
-
-
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, tokenizer_path):
     workdir = str(tmp_path_factory.mktemp("ref"))
@@ -53,7 +46,7 @@ def reference_run(tmp_path_factory, tokenizer_path):
 
 @pytest.mark.slow
 def test_uninterrupted_run_keeps_last_k(reference_run):
-    losses = _losses(reference_run)
+    losses = run_losses(reference_run)
     assert sorted(losses) == list(range(1, STEPS + 1))
     steps = sorted(int(d) for d in os.listdir(os.path.join(reference_run, "checkpoints")) if d.isdigit())
     assert steps == [8, 12]  # every 4 steps, keep=2
@@ -88,14 +81,14 @@ def test_signal_then_resume_is_bit_identical(reference_run, tokenizer_path, tmp_
     metrics = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and len(_losses(workdir)) >= 5:
+        if os.path.exists(metrics) and len(run_losses(workdir)) >= 5:
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stdout.read()[-3000:]
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, out[-3000:]
-    killed_at = max(_losses(workdir))
+    killed_at = max(run_losses(workdir))
     assert 5 <= killed_at < STEPS
     ckpts = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
     assert ckpts[-1] == killed_at  # saved on SIGTERM, not only at the periodic steps
@@ -106,7 +99,7 @@ def test_signal_then_resume_is_bit_identical(reference_run, tokenizer_path, tmp_
     records = read_metrics(workdir)
     resumed_steps = [r["step"] for r in records if "loss" in r][killed_at:]
     assert resumed_steps == list(range(killed_at + 1, STEPS + 1))  # continued, did not start over
-    ref, got = _losses(reference_run), _losses(workdir)
+    ref, got = run_losses(reference_run), run_losses(workdir)
     assert got == ref  # bit-identical per-step losses, data order included
     # and the final parameters and optimizer state (Adam moments, step counts), array by array
     want, have = _saved(reference_run, STEPS), _saved(workdir, STEPS)
@@ -144,7 +137,7 @@ def test_corrupt_newest_checkpoint_falls_back(reference_run, tokenizer_path, tmp
     assert len(quarantined) == 1 and quarantined[0].startswith("12-")
     records = [r for r in read_metrics(workdir) if "loss" in r]
     assert [r["step"] for r in records[STEPS:]] == list(range(9, STEPS + 1))  # resumed from step 8
-    ref, got = _losses(reference_run), _losses(workdir)
+    ref, got = run_losses(reference_run), run_losses(workdir)
     np.testing.assert_allclose([got[s] for s in range(9, STEPS + 1)], [ref[s] for s in range(9, STEPS + 1)],
                                rtol=1e-5)
 
@@ -191,7 +184,7 @@ def test_train_py_resumes_on_a_different_mesh(reference_run, tokenizer_path, tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = [r["step"] for r in read_metrics(workdir) if "loss" in r][STEPS:]
     assert resumed == list(range(9, STEPS + 1))  # continued from step 8 on the new mesh
-    ref, got = _losses(reference_run), _losses(workdir)
+    ref, got = run_losses(reference_run), run_losses(workdir)
     np.testing.assert_allclose([got[s] for s in resumed], [ref[s] for s in resumed], rtol=1e-5)
 
 

@@ -62,6 +62,7 @@ def test_replace_rejects_unknown_field():
 
 
 @pytest.mark.parametrize("preset", ["mistral_7b_v01", "mistral_7b_v02", "mixtral_8x7b", "tiny", "tiny_mixtral"])
+@pytest.mark.oracle
 def test_hf_and_mistral_config_round_trip(preset):
     import transformers
 
@@ -304,3 +305,48 @@ def test_every_field_has_a_check():
 @pytest.mark.slow
 def test_field_changes_behaviour(field):
     FIELD_CHECKS[field]()  # each check asserts
+
+
+def test_every_config_field_has_its_comment():
+    """configs/base.py documents each leaf field of ``get_config()`` where it is set: a comment on the assignment's
+    line or on the lines right above it (the configuration reference is read from these comments). The
+    ``config.model`` overrides are ModelConfig's fields: each has its comment the same way in mistral_jax/config.py."""
+    import inspect
+    import re
+
+    from configs import base
+    from mistral_jax import config as config_lib
+
+    lines = inspect.getsource(base).splitlines()
+    missing = []
+    leaves = _leaf_paths(base.get_config().to_dict())
+    assert len(leaves) > 50
+    for path in leaves:
+        if path.startswith("model.") and path != "model.preset":
+            continue
+        head, _, leaf = path.rpartition(".")
+        owner = "c" + ("." + head if head else "") if not path.startswith("model.") else "m"
+        pattern = re.compile(rf"^\s*{re.escape(owner)}\.{re.escape(leaf)}\s*=")
+        at = [i for i, line in enumerate(lines) if pattern.match(line)]
+        assert at, f"{path}: no `{owner}.{leaf} = ...` line in configs/base.py"
+        i = at[0]
+        if "#" not in lines[i] and not lines[i - 1].strip().startswith("#"):
+            missing.append(path)
+    assert not missing, (f"configs/base.py: fields without a comment on their line (or right above it): {missing}. "
+                         "Fix: say what each one does in a comment on its line.")
+
+    source = inspect.getsource(config_lib.ModelConfig).splitlines()
+    no_comment = []
+    for f in dataclasses.fields(mj.ModelConfig):
+        (i,) = [i for i, s in enumerate(source) if re.match(rf"^\s+{f.name}\s*:", s)]
+        if "#" not in source[i] and not source[i - 1].strip().startswith("#"):
+            no_comment.append(f.name)
+    assert not no_comment, (f"ModelConfig fields without a comment on their line or right above it "
+                            f"(mistral_jax/config.py): {no_comment}. Fix: say what each one does there.")
+
+
+def _leaf_paths(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in tree.items():
+        out += _leaf_paths(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k]
+    return out

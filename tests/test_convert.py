@@ -16,36 +16,38 @@ import sys
 import jax
 import numpy as np
 import pytest
-import torch
-import transformers
 from flax import nnx
 from safetensors import safe_open
-from safetensors.torch import load_file
-from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
 
 import mistral_jax as mj
 from mistral_jax import sharding
 from mistral_jax.convert import keys as keys_lib
 from mistral_jax.model.transformer import params_dict
+from tests.helpers import oracle_module, random_tokens
+
+pytestmark = pytest.mark.oracle  # transformers writes the inputs and reads the exports back
+torch = oracle_module("torch")
+transformers = oracle_module("transformers")
 
 ATOL = 1e-4
 VOCAB = 256
 
-HF_CONFIGS = {
+HF_CONFIGS = {  # transformers config class, its arguments
     # window 8 < the sequences below; GQA 4 heads / 2 kv heads
-    "mistral": transformers.MistralConfig(
+    "mistral": ("MistralConfig", dict(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, sliding_window=8, rope_theta=1e4, max_position_embeddings=256,
-        initializer_range=0.1),
-    "mixtral": transformers.MixtralConfig(
+        initializer_range=0.1)),
+    "mixtral": ("MixtralConfig", dict(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6,
-        max_position_embeddings=256, router_aux_loss_coef=0.02, initializer_range=0.1),
+        max_position_embeddings=256, router_aux_loss_coef=0.02, initializer_range=0.1)),
 }
 
 
-def _tokens(seed: int, batch: int = 2, length: int = 24) -> np.ndarray:
-    return np.random.default_rng(seed).integers(3, VOCAB, (batch, length)).astype(np.int32)
+def _hf_config(arch: str):
+    cls, kwargs = HF_CONFIGS[arch]
+    return getattr(transformers, cls)(**kwargs)
 
 
 def _hf_logits(hf, tokens: np.ndarray) -> np.ndarray:
@@ -55,6 +57,8 @@ def _hf_logits(hf, tokens: np.ndarray) -> np.ndarray:
 
 def _torch_tensors(directory: str) -> dict[str, torch.Tensor]:
     """All tensors of a directory's safetensors files, read by safetensors' own torch loader."""
+    from safetensors.torch import load_file
+
     out: dict[str, torch.Tensor] = {}
     for name in sorted(os.listdir(directory)):
         if name.endswith(".safetensors"):
@@ -76,7 +80,8 @@ def hf_dirs(tmp_path_factory):
     """transformers-written checkpoints: {(arch, dtype): dir} plus the float32 torch models."""
     root = tmp_path_factory.mktemp("hf")
     dirs, models = {}, {}
-    for arch, hc in HF_CONFIGS.items():
+    for arch in HF_CONFIGS:
+        hc = _hf_config(arch)
         cls = transformers.MixtralForCausalLM if arch == "mixtral" else transformers.MistralForCausalLM
         torch.manual_seed(0)
         model = cls(hc).float().eval()
@@ -115,9 +120,9 @@ def test_load_hf_matches_torch(hf_dirs, loaded, arch):
     _, models = hf_dirs
     model = loaded[arch]
     assert model.cfg.is_moe == (arch == "mixtral")
-    assert model.cfg.sliding_window == HF_CONFIGS[arch].sliding_window
-    assert model.cfg.rope_theta == HF_CONFIGS[arch].rope_parameters["rope_theta"]
-    tokens = _tokens(1)
+    assert model.cfg.sliding_window == _hf_config(arch).sliding_window
+    assert model.cfg.rope_theta == _hf_config(arch).rope_parameters["rope_theta"]
+    tokens = random_tokens(1, VOCAB, 2, 24, low=3)
     np.testing.assert_allclose(np.asarray(model(tokens)), _hf_logits(models[arch], tokens), atol=ATOL, rtol=0)
 
 
@@ -182,11 +187,13 @@ def _mistral_inference_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
 
 def test_mistral_layout_is_interleaved_rope(hf_dirs, tmp_path):
     """Consolidated wq/wk under mistral-inference's interleaved RoPE give HF's (half-split) attention scores."""
+    from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
+
     dirs, models = hf_dirs
     mj.convert("hf", "mistral", dirs["mistral", "float32"], tmp_path / "m")
     cons = _torch_tensors(str(tmp_path / "m"))
     attn = models["mistral"].model.layers[1].self_attn
-    hc, t, n, k, h = HF_CONFIGS["mistral"], 12, 4, 2, 8
+    hc, t, n, k, h = _hf_config("mistral"), 12, 4, 2, 8
     x = torch.randn(t, hc.hidden_size, dtype=torch.float64)
     # HF: q_proj + rotate_half RoPE with cos/sin of the concatenated frequencies
     inv = 1.0 / (1e4 ** (torch.arange(0, h, 2, dtype=torch.float64) / h))
@@ -239,7 +246,7 @@ def test_exported_hf_logits_match(exported, name):
     if cfg.is_moe:
         assert hf.config.router_aux_loss_coef == cfg.router_aux_loss_coef
         assert hf.config.num_local_experts == cfg.num_experts
-    tokens = _tokens(5, length=30)  # > 3 windows
+    tokens = random_tokens(5, VOCAB, 2, 30, low=3)  # > 3 windows
     np.testing.assert_allclose(np.asarray(model(tokens)), _hf_logits(hf, tokens), atol=ATOL, rtol=0)
 
 
@@ -256,7 +263,7 @@ def _jax_greedy(model, prompt: list[int], n: int) -> list[int]:
 @pytest.mark.slow
 def test_exported_greedy_generation_matches(exported, name):
     model, hf, _ = exported[name]
-    prompt = [1, *(_tokens(9, batch=1, length=11)[0].tolist())]
+    prompt = [1, *(random_tokens(9, VOCAB, 1, 11, low=3)[0].tolist())]
     ours = _jax_greedy(model, prompt, 32)
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
@@ -267,12 +274,8 @@ def test_exported_greedy_generation_matches(exported, name):
     assert ours == theirs
 
 
-def test_export_tokenizer_loads_in_transformers(tmp_path):
-    from mistral_jax.data.tokenizer import Tokenizer
-    from mistral_jax.data.train_tokenizer import train_tokenizer
-
-    texts = [f"the quick brown fox {i} jumps over the lazy dog {i * 7}" for i in range(50)]
-    tok = Tokenizer(train_tokenizer(texts, str(tmp_path / "tok" / "tokenizer.model"), vocab_size=512))
+def test_export_tokenizer_loads_in_transformers(tmp_path, corpus_tokenizer):
+    tok = corpus_tokenizer
     model = mj.Transformer(mj.ModelConfig.tiny(), rngs=nnx.Rngs(0))  # vocab 512 = the tokenizer's
     mj.save_hf(model, tmp_path / "hf", tokenizer=tok, dtype="bfloat16")
     files = set(os.listdir(tmp_path / "hf"))

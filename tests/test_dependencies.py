@@ -20,6 +20,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,11 +142,13 @@ def undeclared_imports(root: Path) -> list[str]:
     return problems
 
 
+@pytest.mark.oracle
 def test_every_import_is_declared():
     problems = undeclared_imports(ROOT)
     assert not problems, "undeclared third-party imports:\n" + "\n".join(problems)
 
 
+@pytest.mark.oracle
 def test_checker_catches_an_undeclared_import(tmp_path):
     """The checker itself: an import missing from pyproject.toml, or declared only in another feature's extra."""
     (tmp_path / "pyproject.toml").write_text(

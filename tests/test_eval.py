@@ -26,6 +26,9 @@ from mistral_jax.evals import presets
 from mistral_jax.evals.lm import MistralJaxLM
 from mistral_jax.evals.run import DatasetUnavailableError, evaluate, load_tasks
 
+# lm-eval is imported at the top (mistral_jax.evals is its backend): conftest.py leaves this file out of the light tier
+pytestmark = pytest.mark.oracle
+
 ATOL = 1e-4
 TASKS = ["local_mc", "local_gen", "local_ppl"]
 WORDS = ("the cat dog bird fish red blue green small big old new runs eats sees likes a one two three what which "

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-import transformers
 from flax import nnx
 
 import mistral_jax as mj
@@ -20,16 +18,16 @@ from mistral_jax.model.transformer import count_active_params, count_params
 
 # The published HF config.json values (huggingface.co/mistralai/<repo>/blob/main/config.json).
 PUBLISHED = {
-    "mistral_7b_v03": ("Mistral-7B-v0.3", transformers.MistralConfig, dict(
+    "mistral_7b_v03": ("Mistral-7B-v0.3", "MistralConfig", dict(
         vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, max_position_embeddings=32768, rope_theta=1e6, sliding_window=None,
         rms_norm_eps=1e-5, tie_word_embeddings=False)),
-    "mixtral_8x22b": ("Mixtral-8x22B-v0.1", transformers.MixtralConfig, dict(
+    "mixtral_8x22b": ("Mixtral-8x22B-v0.1", "MixtralConfig", dict(
         vocab_size=32768, hidden_size=6144, intermediate_size=16384, num_hidden_layers=56, num_attention_heads=48,
         num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=65536,
         rope_theta=1e6, sliding_window=None, rms_norm_eps=1e-5, router_aux_loss_coef=0.001,
         tie_word_embeddings=False)),
-    "mistral_nemo_12b": ("Mistral-Nemo-Base-2407", transformers.MistralConfig, dict(
+    "mistral_nemo_12b": ("Mistral-Nemo-Base-2407", "MistralConfig", dict(
         vocab_size=131072, hidden_size=5120, intermediate_size=14336, num_hidden_layers=40, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, max_position_embeddings=1024000, rope_theta=1e6, sliding_window=None,
         rms_norm_eps=1e-5, tie_word_embeddings=False)),
@@ -40,7 +38,11 @@ TOKENIZER = {"mistral_7b_v03": "mistral:v3", "mixtral_8x22b": "mistral:v3", "mis
 
 
 def _published_count(name):
-    _, cls, fields = PUBLISHED[name]
+    import torch
+    import transformers
+
+    _, cls_name, fields = PUBLISHED[name]
+    cls = getattr(transformers, cls_name)
     cfg = cls(**fields)
     moe = cls is transformers.MixtralConfig
     model_cls = transformers.MixtralForCausalLM if moe else transformers.MistralForCausalLM
@@ -56,6 +58,7 @@ def _published_count(name):
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
+@pytest.mark.oracle
 def test_count_params_equals_the_published_architecture(name):
     cfg = mj.ModelConfig.preset(name)
     total, active = _published_count(name)
@@ -100,7 +103,10 @@ SCALED = {
 
 @pytest.mark.parametrize("name", sorted(SCALED))
 @pytest.mark.slow
+@pytest.mark.oracle
 def test_scaled_down_presets_match_hf_logits(name):
+    import torch
+
     from tests.torch_ref import hf_model
 
     full = mj.ModelConfig.preset(name)
@@ -162,8 +168,11 @@ def _hf_ids(out):
 
 @pytest.mark.parametrize("name, version", [("mistral:v1", "v1"), ("mistral:v3", "v3"), ("mistral:tekken", "tekken")])
 @pytest.mark.slow
+@pytest.mark.oracle
 def test_hf_export_tokenizer_and_chat_template_are_mistral_commons(name, version, tmp_path):
     import json
+
+    import transformers
 
     from tests.test_chat import MC_CONVERSATIONS, _mc_ids, _mistral_common
 

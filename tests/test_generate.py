@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 import mistral_jax as mj
@@ -20,7 +19,6 @@ from mistral_jax.inference import decode, per_layer
 from mistral_jax.inference import generate as gen
 from mistral_jax.inference.sampling import filter_logits, sample
 from mistral_jax.model.kv_cache import KVCache
-from tests.torch_ref import hf_model
 
 ATOL = 1e-4
 W = 8
@@ -111,6 +109,10 @@ def test_cached_equals_full_forward_no_window(mixtral):
 
 # ----------------------------------------------------------------------------- HF parity
 def _hf_greedy(cfg, model, prompts, n):
+    import torch
+
+    from tests.torch_ref import hf_model
+
     hf = hf_model(cfg, model)
     hf.generation_config.eos_token_id = None  # never stop early: compare all n tokens
     hf.generation_config.pad_token_id = 0
@@ -125,6 +127,7 @@ def _hf_greedy(cfg, model, prompts, n):
 
 @pytest.mark.parametrize("which", ["mistral", "mixtral"])
 @pytest.mark.slow
+@pytest.mark.oracle
 def test_greedy_matches_hf_generate(which, request):
     cfg = MISTRAL if which == "mistral" else MIXTRAL
     model = request.getfixturevalue(which)
@@ -246,16 +249,9 @@ def test_stop_on_eos(mistral):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from mistral_jax.data.train_tokenizer import train_tokenizer
-
-    rng = np.random.default_rng(0)
-    syllables = "ka ri to mo na se lu pi da ve go ha ne ti ro su ma ky be zo".split()
-    words = ["".join(rng.choice(syllables, rng.integers(1, 4))) for _ in range(400)]
-    texts = [" ".join(rng.choice(words, 12)) for _ in range(2000)] + ["the cat sat on the mat"] * 20
-    path = train_tokenizer(texts, str(tmp_path_factory.mktemp("tok") / "tokenizer.model"), vocab_size=512)
-    assert mj_tokenizer(path).vocab_size == MISTRAL.vocab_size  # every id the model emits decodes
-    return mj_tokenizer(path)
+def tokenizer(syllable_tokenizer_path):
+    assert mj_tokenizer(syllable_tokenizer_path).vocab_size == MISTRAL.vocab_size  # every id the model emits decodes
+    return mj_tokenizer(syllable_tokenizer_path)
 
 
 def mj_tokenizer(path):

@@ -38,6 +38,7 @@ def _faults(setting: str) -> dict:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt: Linux only (elsewhere a documented no-op)")
+@pytest.mark.heavy
 def test_kept_memory_is_reused_without_page_faults():
     kept, default = _faults("keep"), _faults("default")
     assert kept["applied"] is True and default["applied"] is False

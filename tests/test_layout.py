@@ -122,6 +122,7 @@ def _console_scripts() -> dict[str, str]:
 
 
 @pytest.mark.parametrize("name", sorted(_console_scripts()))
+@pytest.mark.heavy
 def test_console_script_is_a_cli_entry(name):
     """Every tool is registered, lives in ``mistral_jax.cli`` and answers ``--help`` without loading a model."""
     target = _console_scripts()[name]

@@ -16,8 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from flax import nnx
 
 import mistral_jax as mj
@@ -25,11 +23,14 @@ from mistral_jax import sharding as sh
 from mistral_jax.model.transformer import abstract_model
 from mistral_jax.training import step as step_lib
 from mistral_jax.training.loss import chunked_cross_entropy, cross_entropy, loss_fn
-from tests.torch_ref import hf_model
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.oracle
 def test_cross_entropy_matches_torch(dtype):
+    import torch
+    import torch.nn.functional as F
+
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal((3, 17, 301)) * 8).astype(np.float32)  # large logits: logsumexp matters
     logits = np.asarray(jnp.asarray(logits, dtype).astype(jnp.float32))  # the values a bf16 model would give
@@ -44,6 +45,8 @@ def test_cross_entropy_matches_torch(dtype):
 
 def _mixtral_batch(cfg, lengths, T=24):
     """Our batch and HF's (input_ids, labels, attention_mask) for right-padded rows of the given lengths."""
+    import torch
+
     rng = np.random.default_rng(5)
     tokens = rng.integers(0, cfg.vocab_size, (len(lengths), T)).astype(np.int32)
     valid = np.arange(T)[None] < np.asarray(lengths)[:, None]
@@ -59,7 +62,12 @@ def _mixtral_batch(cfg, lengths, T=24):
 
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.slow
+@pytest.mark.oracle
 def test_mixtral_loss_matches_hf(padded):
+    import torch
+
+    from tests.torch_ref import hf_model
+
     cfg = mj.ModelConfig.tiny_mixtral(moe_impl="ragged", initializer_range=0.2, router_aux_loss_coef=0.3,
                                       router_z_loss_coef=0.05)
     model = mj.Transformer(cfg, rngs=nnx.Rngs(1))
@@ -88,7 +96,12 @@ def test_mixtral_loss_matches_hf(padded):
 
 
 @pytest.mark.slow
+@pytest.mark.oracle
 def test_dense_loss_matches_hf():
+    import torch
+
+    from tests.torch_ref import hf_model
+
     cfg = mj.ModelConfig.tiny(initializer_range=0.2)
     model = mj.Transformer(cfg, rngs=nnx.Rngs(2))
     batch, ids, labels, mask = _mixtral_batch(cfg, [24, 11, 20])
@@ -188,6 +201,7 @@ def _loss_and_grads(cfg, params, batch):
     pytest.param("tiny_mixtral", "float32", 7, marks=pytest.mark.slow),
     pytest.param("tiny", "bfloat16", 8, marks=pytest.mark.slow),
 ])
+@pytest.mark.heavy
 def test_loss_fn_chunked_equals_plain(preset, dtype, chunk):
     """``loss_fn``: loss, every metric and the gradient w.r.t. every parameter, chunked and not. bfloat16
     compute: the same matmuls per position, float32 logits either way."""
@@ -237,6 +251,7 @@ def test_chunked_loss_sharded_equals_single_device():
     _assert_trees_close(grads, ref_grads, atol=1e-5)
 
 
+@pytest.mark.heavy
 def test_chunked_loss_does_not_hold_the_full_logits():
     """Compiled (CPU) gradient of ``loss_fn`` at V = 32768, T = 512: the plain program's temporaries hold the
     float32 logits (and their gradient), the chunked one's stay below a quarter of the logits' size."""

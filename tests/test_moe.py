@@ -17,6 +17,7 @@ from mistral_jax.model.kernels import tpu_grouped_matmul
     (100, 8, (64, 16), 0),
     *(pytest.param(*case, marks=pytest.mark.slow)
       for case in [(37, 4, (8,), 0), (5, 3, (64, 8), 0), (40, 5, (8, 2), 7), (300, 3, (64, 16, 4), 0)])])
+@pytest.mark.heavy
 def test_cpu_expert_mlp_equals_per_group_swiglu(rows, groups, blocks, short):
     """The CPU looped SwiGLU experts against per-group numpy products, and its four gradients against the
     accelerator form (three ``ragged_dot`` calls), with an empty group, blocks larger than groups or than all rows,
@@ -158,6 +159,7 @@ _EP_CASES = {  # mesh, experts, dispatch, chunk_tokens: one expert per shard, tw
 
 @pytest.mark.parametrize("case", [c if c == "a2a_one_expert_per_shard" else pytest.param(c, marks=pytest.mark.slow)
                                   for c in sorted(_EP_CASES)])
+@pytest.mark.heavy
 def test_expert_parallel_dispatch_equals_dense_oracle_forward_and_backward(case):
     """On 8 CPU devices: the expert-parallel MoE block (tokens split over the expert axis) equals the dense oracle in
     output and in every gradient; the all-to-all dispatch really exchanges tokens (an all-to-all in the program)

@@ -201,10 +201,12 @@ EVAL_FLAG_CASES = [  # (argv after --checkpoint CKPT, expected text)
 
 
 @pytest.mark.parametrize("extra,expected", EVAL_FLAG_CASES, ids=[" ".join(c[0]) or "none" for c in EVAL_FLAG_CASES])
+@pytest.mark.oracle
 def test_eval_bad_flag_value(extra, expected, fake_ckpt, eval_cli):
     _one_line(eval_cli(["--checkpoint", fake_ckpt, *extra]), "eval.py", expected)
 
 
+@pytest.mark.oracle
 def test_eval_flags_are_checked_before_paths(eval_cli):
     _one_line(eval_cli(["--checkpoint", "/nope/ckpt", "--tasks", "hellaswag", "--batch_size", "0"]), "eval.py",
               "--batch_size=0")
@@ -222,17 +224,20 @@ def test_eval_flags_are_checked_before_paths(eval_cli):
      "--include_path='/nope/tasks' does not exist"),
     (["--checkpoint", "{ckpt}", "--tasks", "hellaswag", "--output_path", "{ckpt}/config.json"], "is a file"),
 ])
+@pytest.mark.oracle
 def test_eval_bad_paths(argv, expected, fake_ckpt, tmp_path, eval_cli):
     argv = [a.format(tmp=tmp_path, ckpt=fake_ckpt) for a in argv]
     _one_line(eval_cli(argv), "eval.py", expected)
 
 
+@pytest.mark.oracle
 def test_eval_checkpoint_without_tokenizer(fake_ckpt, eval_cli):
     os.remove(os.path.join(fake_ckpt, "tokenizer.model"))
     _one_line(eval_cli(["--checkpoint", fake_ckpt, "--tasks", "hellaswag"]), "eval.py", "--tokenizer=(not given)",
               "holds no tokenizer.model")
 
 
+@pytest.mark.oracle
 def test_evaluate_checks_task_names_before_loading(fake_ckpt, no_model_load):
     from mistral_jax.evals.run import evaluate
 
@@ -254,7 +259,8 @@ def _subprocess(argv: list[str], debug: bool = False, timeout: float = 300) -> s
      "--temperature=-1.0"),
     (["-m", "mistral_jax.cli.generate", "--checkpoint", "/nope/ckpt", "--prompt", "hi"], "generate",
      "--checkpoint='/nope/ckpt' does not exist"),
-    (["eval.py", "--checkpoint", "{ckpt}", "--tasks", "hellaswag", "--batch_size", "0"], "eval.py", "--batch_size=0"),
+    pytest.param(["eval.py", "--checkpoint", "{ckpt}", "--tasks", "hellaswag", "--batch_size", "0"], "eval.py",
+                 "--batch_size=0", marks=pytest.mark.oracle),  # checked after eval.py imports lm-eval
     (["eval.py", "--checkpoint", "{ckpt}", "--tasks", "hellaswag", "--batch_size", "x"], "eval.py", "--batch_size=x"),
     (["-m", "mistral_jax.aot", "--config", "configs/tiny.py", "--topology", "h100-8"], "aot", "--topology='h100-8'"),
     (["-m", "mistral_jax.aot", "--config", "configs/tiny.py", "--topology", "v5p-abc"], "aot", "--topology='v5p-abc'"),
@@ -265,6 +271,7 @@ def _subprocess(argv: list[str], debug: bool = False, timeout: float = 300) -> s
     (["-m", "mistral_jax.aot", "--topology", "v5p-8"], "aot", "--config=None"),
     (["-m", "mistral_jax.aot", "--config", "configs/tiny.py", "--config.nope=3"], "aot", "--config.nope"),
 ])
+@pytest.mark.heavy
 def test_command_line_argument_errors(argv, prog, expected, fake_ckpt):
     """The real entry points. The checkpoint is garbage behind valid file names: had the tool read it, the error
     would be about its contents, not the flag."""
@@ -387,23 +394,19 @@ metric_list:
 
 
 @pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory):
+def tiny_export(tmp_path_factory, syllable_tokenizer_path):
     """A tiny mistral_jax export (Orbax params: the format whose loader logs the most) with a tokenizer."""
     import json
 
-    import numpy as np
     from flax import nnx
 
     import mistral_jax as mj
-    from mistral_jax.data.train_tokenizer import train_tokenizer
+    from tests.helpers import syllable_corpus
 
     root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    syllables = "ka ri to mo na se lu pi da ve go ha ne ti ro su ma ky be zo".split()
-    words = ["".join(rng.choice(syllables, rng.integers(1, 4))) for _ in range(400)]
+    words, _ = syllable_corpus()
     cfg = mj.ModelConfig.tiny()
-    tok = train_tokenizer([" ".join(rng.choice(words, 12)) for _ in range(2000)], str(root / "tok" / "tokenizer.model"),
-                          vocab_size=cfg.vocab_size)  # every id the model emits decodes
+    tok = syllable_tokenizer_path  # vocab_size == cfg.vocab_size: every id the model emits decodes
     mj.save_jax(mj.Transformer(cfg, rngs=nnx.Rngs(0)), str(root / "export"), tokenizer=tok)
     (root / "tasks").mkdir()
     with open(root / "mc.jsonl", "w") as f:

@@ -294,6 +294,7 @@ def test_permission_denied_during_a_save(tokenizer_path, tmp_path):
     (["--config", "configs/tiny.py", "--workdir", "w", "--config.optimizer.b1=1.0"],
      "config.optimizer.b1=1.0 must be in [0, 1)"),
 ])
+@pytest.mark.heavy
 def test_bad_arguments_are_one_line_exit_2(args, expect, tmp_path):
     args = [a if a != "w" else str(tmp_path / "w") for a in args]
     proc = train_py(args, timeout=120)

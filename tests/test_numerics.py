@@ -98,6 +98,7 @@ def test_bf16_training_keeps_float32_master_weights():
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny_mixtral"])
+@pytest.mark.heavy
 def test_weights_cast_before_the_layer_scan_change_memory_not_numbers(preset, monkeypatch):
     """The stacked weights are cast to bfloat16 before the scan over layers (the router stays float32), so the
     backward pass stacks each layer's weight gradient in bfloat16; loss and float32 gradients are bit-identical to

@@ -12,12 +12,12 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-import torch
 from flax import nnx
-from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 import mistral_jax as mj
-from tests.torch_ref import hf_model
+from tests.helpers import random_tokens
+
+pytestmark = pytest.mark.oracle  # every test here compares with HF transformers' PyTorch model
 
 ATOL = 1e-4
 
@@ -35,18 +35,18 @@ CONFIGS = {
 }
 
 
-def _tokens(cfg, seed, batch=3, length=40):
-    return np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, length)).astype(np.int32)
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.slow
 def test_logits_match_hf(name, seed):
+    import torch
+
+    from tests.torch_ref import hf_model
+
     cfg = CONFIGS[name]
     model = mj.Transformer(cfg, rngs=nnx.Rngs(seed))
     hf = hf_model(cfg, model)
-    tokens = _tokens(cfg, seed)
+    tokens = random_tokens(seed, cfg.vocab_size, 3, 40)
     assert tokens.shape[1] > 2 * (cfg.sliding_window or 0)
     ours = np.asarray(model(tokens))
     with torch.no_grad():
@@ -59,9 +59,13 @@ def test_logits_match_hf(name, seed):
 @pytest.mark.slow
 def test_oracle_sees_attention(name):
     """The parity tolerance is tight enough to catch attention bugs: each broken variant misses it by >= 100x."""
+    import torch
+
+    from tests.torch_ref import hf_model
+
     cfg = CONFIGS[name]
     model = mj.Transformer(cfg, rngs=nnx.Rngs(0))
-    tokens = torch.from_numpy(_tokens(cfg, 0)).long()
+    tokens = torch.from_numpy(random_tokens(0, cfg.vocab_size, 3, 40)).long()
     ours = np.asarray(model(tokens.numpy()))
 
     def gap(hf):
@@ -80,6 +84,8 @@ def test_oracle_sees_attention(name):
 
 def _capture(hf, tokens, attention_mask=None):
     """Inputs and outputs of layer 0, its attention and its MLP/MoE block, via forward hooks."""
+    import torch
+
     seen = {}
     layer = hf.model.layers[0]
 
@@ -102,10 +108,12 @@ def _capture(hf, tokens, attention_mask=None):
 @pytest.mark.parametrize("name", ["mistral_reference", "mixtral_ragged", "mixtral_dense_window"])
 @pytest.mark.slow
 def test_module_parity(name):
+    from tests.torch_ref import hf_model
+
     cfg = CONFIGS[name]
     model = mj.Transformer(cfg, rngs=nnx.Rngs(7))
     hf = hf_model(cfg, model)
-    tokens = _tokens(cfg, 7, batch=2, length=33)
+    tokens = random_tokens(7, cfg.vocab_size, 2, 33)
     seen, _ = _capture(hf, tokens)
     graphdef, state = nnx.split(model.layers)
     layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))  # layer 0 of the stacked layers
@@ -128,10 +136,15 @@ def test_module_parity(name):
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.slow
 def test_load_balancing_loss_matches_hf(padded):
+    import torch
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from tests.torch_ref import hf_model
+
     cfg = CONFIGS["mixtral_ragged"]
     model = mj.Transformer(cfg, rngs=nnx.Rngs(3))
     hf = hf_model(cfg, model)
-    tokens = _tokens(cfg, 3, batch=2, length=24)
+    tokens = random_tokens(3, cfg.vocab_size, 2, 24)
     lengths = np.array([24, 15])
     valid = (np.arange(24)[None] < lengths[:, None]) if padded else np.ones((2, 24), bool)
     mask = torch.from_numpy(valid.astype(np.int64)) if padded else None
@@ -146,3 +159,66 @@ def test_load_balancing_loss_matches_hf(padded):
     flat = valid.reshape(-1)
     lse = [torch.logsumexp(r, -1).numpy()[flat] for r in out.router_logits]
     np.testing.assert_allclose(float(aux["router_z_loss"]), np.mean(np.concatenate(lse) ** 2), rtol=1e-4)
+
+
+# ------------------------------------------------------------------ fast tier: HF-built models through the converter
+# The one end-to-end check against PyTorch in `make test-fast`: transformers builds tiny random Mistral and Mixtral
+# models (test_convert.py's configs, with a sliding window shorter than the sequence and weights large enough that
+# a 1% rope_theta error shows, see the module docstring), the project's converter loads their saved files, and the
+# logits and the Mixtral training loss (CE + router_aux_loss_coef * load balancing) must equal HF's.
+FAST = {"mistral": {"sliding_window": 8, "initializer_range": INIT},
+        "mixtral": {"sliding_window": 8, "initializer_range": INIT, "router_aux_loss_coef": 0.3}}  # not the default
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """{arch: (HF float32 model, its files loaded by mj.load_pretrained)}."""
+    import torch
+    import transformers
+
+    from tests.test_convert import HF_CONFIGS
+
+    out = {}
+    for arch, overrides in FAST.items():
+        cls_name, kwargs = HF_CONFIGS[arch]
+        torch.manual_seed(0)
+        hf = getattr(transformers, cls_name.replace("Config", "ForCausalLM"))(
+            getattr(transformers, cls_name)(**{**kwargs, **overrides})).float().eval()
+        path = tmp_path_factory.mktemp(f"fast_{arch}")
+        hf.save_pretrained(path)
+        out[arch] = hf, mj.load_pretrained(path)
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(FAST))
+def test_converted_hf_model_logits_match_hf(converted, arch):
+    import torch
+
+    hf, model = converted[arch]
+    assert (model.cfg.sliding_window, model.cfg.is_moe) == (8, arch == "mixtral")
+    tokens = random_tokens(11, model.cfg.vocab_size, 2, 24)  # 3 windows
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(tokens).long()).logits.numpy()
+    assert np.abs(ref).max() > 1.0  # attention and RoPE show in the logits
+    np.testing.assert_allclose(np.asarray(model(tokens)), ref, atol=ATOL, rtol=0)
+
+
+def test_converted_mixtral_loss_matches_hf(converted):
+    """HF's loss with labels and router logits is CE + router_aux_loss_coef * load balancing (padding excluded);
+    ours (training.loss.loss_fn, z-loss off) must equal it, the coefficient read from the converted config."""
+    import jax.numpy as jnp
+    import torch
+
+    from mistral_jax.training.loss import loss_fn
+    from tests.test_loss import _mixtral_batch
+
+    hf, model = converted["mixtral"]
+    assert model.cfg.router_aux_loss_coef == FAST["mixtral"]["router_aux_loss_coef"]
+    assert model.cfg.router_z_loss_coef == 0
+    batch, ids, labels, mask = _mixtral_batch(model.cfg, [24, 15])
+    with torch.no_grad():
+        out = hf(ids, labels=labels, attention_mask=mask, output_router_logits=True)
+    loss, metrics = loss_fn(model, {k: jnp.asarray(v) for k, v in batch.items()})
+    np.testing.assert_allclose(float(metrics["aux_loss"]), out.aux_loss.item(), rtol=1e-5)
+    assert 0.3 * out.aux_loss.item() > 100 * 1e-5 * out.loss.item()  # the aux term is far above the tolerance
+    np.testing.assert_allclose(float(loss), out.loss.item(), rtol=1e-5)

@@ -10,7 +10,6 @@ from flax import nnx
 
 import mistral_jax as mj
 from mistral_jax import sharding
-from mistral_jax.evals.lm import MistralJaxLM
 
 
 def _bytes(tree) -> int:
@@ -42,8 +41,11 @@ def test_parameters_are_created_in_their_shards():
     assert mem.temp_size_in_bytes < largest, (mem.temp_size_in_bytes, largest)  # no whole tensor materialised
 
 
+@pytest.mark.oracle  # mistral_jax.evals imports lm-eval
 def test_eval_batches_are_sharded_over_the_mesh():
     """Every array of a scoring batch is split by rows over the 8 devices, and the weights are sharded."""
+    from mistral_jax.evals.lm import MistralJaxLM
+
     cfg = mj.ModelConfig.tiny(max_seq_len=64, vocab_size=32000)
     model = mj.Transformer(cfg, rngs=nnx.Rngs(0))
     tok_ids = list(range(3, 40))

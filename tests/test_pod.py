@@ -20,6 +20,7 @@ from mistral_jax.data import pipeline
 from mistral_jax.data.corpus import TRAIN
 from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.training.metrics import read_metrics
+from tests.helpers import run_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POD_TRAIN = os.path.join(ROOT, "tests", "pod_train.py")
@@ -78,10 +79,6 @@ def _ok(results):
         assert rc == 0, f"process {i} exited {rc}:\n{log[-4000:]}"
 
 
-def _losses(workdir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}  # later records of a step win
-
-
 def _ckpt_steps(workdir) -> list[int]:
     d = os.path.join(workdir, "checkpoints")
     return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
@@ -102,10 +99,10 @@ def runs(tmp_path_factory, tokenizer_path):
 
 @pytest.mark.slow
 def test_processes_match_one_process(runs):
-    ref = _losses(runs["1x8"])
+    ref = run_losses(runs["1x8"])
     assert sorted(ref) == list(range(1, STEPS + 1)) and len({round(v, 3) for v in ref.values()}) > 1
     for k in ("2x4", "4x2"):
-        got = _losses(runs[k])
+        got = run_losses(runs[k])
         assert sorted(got) == sorted(ref), k
         np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)], rtol=1e-4,
                                    err_msg=k)
@@ -134,18 +131,18 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(runs, tokenizer_path,
     workdir = str(tmp_path / "run")
     args = [POD_TRAIN, *_train_args(workdir, tokenizer_path)]
     procs = _launch(args, 2, POD_STEP_SLEEP=0.4)
-    _wait_for(workdir, procs, lambda: len(_losses(workdir)) >= 3)
+    _wait_for(workdir, procs, lambda: len(run_losses(workdir)) >= 3)
     procs[1].send_signal(signal.SIGTERM)  # only process 1 is told
     results = _wait(procs, timeout=120)
     assert [rc for rc, _ in results] == [143, 143], "\n".join(log[-2000:] for _, log in results)
-    stopped = max(_losses(workdir))
+    stopped = max(run_losses(workdir))
     assert 3 <= stopped < STEPS and _ckpt_steps(workdir)[-1] == stopped  # that step saved, by both processes
     assert "received by another process" in results[0][1] and "preempted by signal 15" in results[0][1]
 
     _ok(_wait(_launch(args, 2)))  # the same command resumes
     resumed = [r["step"] for r in read_metrics(workdir) if "loss" in r][stopped:]
     assert resumed == list(range(stopped + 1, STEPS + 1))
-    assert _losses(workdir) == _losses(runs["2x4"])  # bit-identical to the uninterrupted 2 x 4 run
+    assert run_losses(workdir) == run_losses(runs["2x4"])  # bit-identical to the uninterrupted 2 x 4 run
 
 
 @pytest.mark.slow
@@ -153,7 +150,7 @@ def test_killed_process_stops_the_others_then_resume(runs, tokenizer_path, tmp_p
     workdir = str(tmp_path / "run")
     args = [POD_TRAIN, *_train_args(workdir, tokenizer_path)]
     procs = _launch(args, 2, POD_STEP_SLEEP=0.4, MISTRAL_JAX_HEARTBEAT_TIMEOUT=10)
-    _wait_for(workdir, procs, lambda: len(_losses(workdir)) >= 5 and _ckpt_steps(workdir))
+    _wait_for(workdir, procs, lambda: len(run_losses(workdir)) >= 5 and _ckpt_steps(workdir))
     procs[1].send_signal(signal.SIGKILL)
     t0 = time.time()
     rc, log = _wait(procs[:1], timeout=120)[0]  # bounded: no hang
@@ -167,7 +164,7 @@ def test_killed_process_stops_the_others_then_resume(runs, tokenizer_path, tmp_p
     results = _wait(_launch(args, 2))
     _ok(results)
     assert f"at step {newest}" in results[0][1]  # "resumed from ... at step N": the newest complete checkpoint
-    assert _losses(workdir) == _losses(runs["2x4"])
+    assert run_losses(workdir) == run_losses(runs["2x4"])
 
 
 LL_YAML = """task: pod_mc

@@ -134,6 +134,7 @@ def ours_dpo(env):
 
 
 @pytest.mark.parametrize("loss_type", list(DPO_CASES))
+@pytest.mark.oracle
 def test_dpo_equals_trl(env, trl_dpo, ours_dpo, loss_type):
     """Loss, rewards, reward accuracy / margin, log-probs and mean logits equal DPOTrainer's on the same ids."""
     theirs = _trl_dpo_metrics(trl_dpo, env["rendered"], loss_type, **DPO_CASES[loss_type])
@@ -146,6 +147,7 @@ def test_dpo_equals_trl(env, trl_dpo, ours_dpo, loss_type):
     assert abs(theirs["rewards/chosen"]) > 1e-2 and abs(theirs["rewards/margins"]) > 1e-2  # the models differ
 
 
+@pytest.mark.oracle
 def test_dpo_per_pair_equals_trl(env, trl_dpo, ours_dpo):
     """Pair by pair (TRL on one pair at a time): log-probs, rewards and the sigmoid loss."""
     per = ours_dpo[1]
@@ -158,6 +160,7 @@ def test_dpo_per_pair_equals_trl(env, trl_dpo, ours_dpo):
                                        err_msg=f"pair {i} {name}")
 
 
+@pytest.mark.oracle
 def test_orpo_equals_trl(env):
     """ORPO with TRL's NLL over prompt + answer equals ORPOTrainer.get_batch_loss_metrics on the same ids."""
     import torch
@@ -186,6 +189,7 @@ def test_orpo_equals_trl(env):
         np.testing.assert_allclose(float(ours[name]), theirs[name], atol=ATOL, rtol=1e-6, err_msg=name)
 
 
+@pytest.mark.oracle
 def test_prompt_tokens_carry_no_loss(env):
     """Weights are 1 exactly on the answer ids and their </s>; logits at prompt and padding positions cannot move
     the DPO or (default) ORPO loss, while TRL-style ORPO (NLL on the prompt too) does see them."""
@@ -215,6 +219,7 @@ def test_prompt_tokens_carry_no_loss(env):
             assert float(a) == float(moved), cfg
 
 
+@pytest.mark.oracle
 def test_packing_and_dropping(env):
     """Several pairs per row give the same per-pair log-probs as one pair per row; a pair that does not fit is
     dropped and counted, never cut."""

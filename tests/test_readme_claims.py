@@ -31,6 +31,7 @@ def _tokenizer(tmp_path, vocab=512) -> str:
     return str(out)
 
 
+@pytest.mark.heavy
 def test_train_tokenizer_command(tmp_path):
     """``mistral-jax-train-tokenizer``: a sentencepiece model with Mistral's special ids."""
     sp = spm.SentencePieceProcessor(model_file=_tokenizer(tmp_path, 600))

@@ -156,6 +156,7 @@ def _state(rank: int, mesh):
     return graphdef, abstract, shardings, state, tx, schedule
 
 
+@pytest.mark.heavy
 def test_state_layout_can_keep_a_frozen_copy_of_the_initial_weights():
     """``keep_initial`` (an objective measured against the starting model): ``frozen`` holds the model's frozen
     variables and a copy of the trained ones, own buffers with the params' shardings, outside the optimizer."""

@@ -88,6 +88,7 @@ def wait_idle(env, timeout=20.0):
 
 
 # ----------------------------------------------------------------------------- the openai client
+@pytest.mark.oracle
 def test_openai_completions_equal_generate(env):
     c = client(env)
     prompt = prompt_text(env, 12, 0)
@@ -117,6 +118,7 @@ def test_openai_completions_equal_generate(env):
     assert r.choices[1].text == reference(env, ids[:5], 20)[0]
 
 
+@pytest.mark.oracle
 def test_openai_chat_equal_generate(env):
     from mistral_jax.data.chat import render_prompt
 
@@ -142,6 +144,7 @@ def test_openai_chat_equal_generate(env):
     assert r.choices[0].message.content == decode_text(env["tok"], [t for t in want if t != env["tok"].eos_id])
 
 
+@pytest.mark.oracle
 def test_models_and_health(env):
     models = client(env).models.list()
     assert [m.id for m in models.data] == [NAME]
@@ -150,6 +153,7 @@ def test_models_and_health(env):
 
 
 # ----------------------------------------------------------------------------- continuous batching
+@pytest.mark.oracle
 def test_concurrent_requests_equal_sequential(env):
     """32 requests of different prompt and answer lengths from 8 concurrent clients through 4 slots: each greedy
     answer equals its sequential ``mj.generate``; none lost or mixed up; no compilation while serving."""
@@ -181,6 +185,7 @@ def test_concurrent_requests_equal_sequential(env):
     assert after["peak_rows"] >= 3  # several requests decoded in one step
 
 
+@pytest.mark.oracle
 def test_disconnect_frees_slot(env):
     eng = env["engine"]
     wait_idle(env)
@@ -206,6 +211,7 @@ def _error(r, status):
     return err
 
 
+@pytest.mark.oracle
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(env):
     url = env["url"] + "/v1/completions"
     ok = {"model": NAME, "prompt": "the", "max_tokens": 4, "temperature": 0}
@@ -234,6 +240,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(env):
     assert compile_count() == compiles
 
 
+@pytest.mark.oracle
 def test_full_queue_answers_429(env):
     eng = env["engine"]
     wait_idle(env)
@@ -284,6 +291,7 @@ def submit_all(eng, prompts, max_tokens, timeout):
     return [out[i] for i in range(len(prompts))]
 
 
+@pytest.mark.heavy
 def test_engine_without_window_equals_generate():
     """A model without a sliding window: its cache rows hold max_seq_len positions."""
     cfg = mj.ModelConfig.tiny(sliding_window=None, max_seq_len=64, initializer_range=0.2)

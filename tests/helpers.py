@@ -1,0 +1,57 @@
+"""What several test files share: random token batches, a run's losses, the small tokenizer corpora, and lazy
+handles on the oracles.
+
+Session-scoped tiny models, tokenizers and runs are pytest fixtures in ``tests/conftest.py`` (``tokenizer_path``,
+``corpus_tokenizer``, ``syllable_tokenizer_path``, ``tiny_trained_run``); this module holds the plain functions.
+
+Oracles (torch, transformers, trl, lm-eval, ...) are never imported at a test module's top level: the light tier
+(``make test-light``) collects every test file where torch is not installed. A file that needs an oracle in many
+places names it with ``oracle_module`` (imported on first use); the tests that use one carry
+``@pytest.mark.oracle``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import numpy as np
+
+# Top-level packages of the oracles (and of lm-eval's and transformers' helpers): not in the light extra, and
+# blocked under `make test-light` (conftest.py).
+ORACLES = ("torch", "transformers", "trl", "lm_eval", "peft", "accelerate", "openai")
+
+
+def oracle_module(name: str) -> ModuleType:
+    """``name`` (e.g. ``"torch"``), imported on its first attribute access rather than here: a test module can
+    name an oracle at its top level and still be collected without it. Not put in ``sys.modules`` (a library
+    that checks ``"torch" in sys.modules`` must not see it before a test imports it)."""
+
+    class _Lazy(ModuleType):
+        def __getattr__(self, attr):
+            return getattr(importlib.import_module(name), attr)
+
+    return _Lazy(name)
+
+
+def random_tokens(seed: int, vocab_size: int, batch: int, length: int, low: int = 0) -> np.ndarray:
+    """``[batch, length]`` int32 token ids drawn uniformly from ``[low, vocab_size)`` with ``default_rng(seed)``."""
+    return np.random.default_rng(seed).integers(low, vocab_size, (batch, length)).astype(np.int32)
+
+
+def run_losses(workdir: str) -> dict[int, float]:
+    """``{step: training loss}`` of a run's ``metrics.jsonl``; later records of a step win (a resumed run
+    appends)."""
+    from mistral_jax.training.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+
+def syllable_corpus(seed: int = 0) -> tuple[list[str], list[str]]:
+    """``(words, texts)``: 400 made-up words of 1-3 syllables and 2000 twelve-word sentences of them, then "the cat
+    sat on the mat" 20 times. A tokenizer of 512 pieces trained on it decodes every id a tiny model emits."""
+    rng = np.random.default_rng(seed)
+    syllables = "ka ri to mo na se lu pi da ve go ha ne ti ro su ma ky be zo".split()
+    words = ["".join(rng.choice(syllables, rng.integers(1, 4))) for _ in range(400)]
+    texts = [" ".join(rng.choice(words, 12)) for _ in range(2000)] + ["the cat sat on the mat"] * 20
+    return words, texts

@@ -21,6 +21,10 @@ Platform = Literal["", "cpu", "gpu", "tpu"]
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+class ConfigError(ValueError):
+    """A run config that cannot work (the message names the field, its value and the fix)."""
+
+
 def _runtime(default: Any) -> Any:
     """A runtime field (dtypes, backends, scan / remat, loss weights): see ``ModelConfig.RUNTIME_FIELDS``."""
     return dataclasses.field(default=default, metadata={"runtime": True})

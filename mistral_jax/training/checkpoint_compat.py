@@ -240,7 +240,7 @@ def make_workdir(workdir: str, *, tokenizer: str | None = None) -> None:
     Raises:
       ConfigError: the tokenizer file does not exist, or the workdir cannot be created or written.
     """
-    from mistral_jax.training.recipe import ConfigError
+    from mistral_jax.config import ConfigError
 
     if tokenizer:
         problem = _missing_tokenizer(tokenizer)

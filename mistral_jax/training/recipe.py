@@ -55,7 +55,7 @@ from ml_collections import ConfigDict
 
 from mistral_jax import loading, sharding
 from mistral_jax import lora as lora_lib
-from mistral_jax.config import ModelConfig
+from mistral_jax.config import ConfigError, ModelConfig
 from mistral_jax.data import chat, pipeline
 from mistral_jax.data import preference as preference_data
 from mistral_jax.data import tokenizer as tokenizer_lib
@@ -71,10 +71,6 @@ log = logging.getLogger(__name__)
 # run config fields that shape the train state or its meaning, for every recipe: a resumed run must keep them
 # (``state_fields()`` adds each registered recipe's own)
 STATE_FIELDS = ("model.", "optimizer.", "lora.", "init_from", "remat", "data.tokenizer", "data.format", "recipe")
-
-
-class ConfigError(ValueError):
-    """A run config that cannot work (the message names the field, its value and the fix)."""
 
 
 def _get(cfg: Any, dotted: str, default: Any = None) -> Any:

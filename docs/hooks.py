@@ -18,9 +18,11 @@ from __future__ import annotations
 import ast
 import dataclasses
 import html
+import inspect
 import io
 import re
 import sys
+import textwrap
 import tokenize
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -117,6 +119,23 @@ class Field(NamedTuple):
     comment: str  # the field's one-line comment in the source
 
 
+def recipe_block_comments() -> dict[str, str]:
+    """``{"<recipe>.<field>": comment}`` for the config block each registered recipe declares in its
+    ``config_defaults`` (``configs/base.py`` adds those blocks; their comments live with the recipe)."""
+    _importable()
+    from mistral_jax.training import recipe
+
+    out = {}
+    for name, cls in recipe.RECIPES.items():
+        if cls.config_defaults() is None:
+            continue
+        source = textwrap.dedent(inspect.getsource(cls.config_defaults.__func__))
+        block = re.search(r"^\s*(\w+)\s*=\s*(?:ml_collections\.)?ConfigDict\(", source, re.M)  # the block's name
+        fields = _function_fields(source, "config_defaults", block.group(1) if block else "b")
+        out.update({f"{name}.{k}": v for k, v in fields.items()})
+    return out
+
+
 def config_fields() -> list[Field]:
     """Every leaf of ``configs/base.py``'s ``get_config()``, in its order, with its comment.
 
@@ -134,6 +153,7 @@ def config_fields() -> list[Field]:
     comments = _function_fields(base_src, "get_config", "c")
     comments.update({f"model.{k}": v for k, v in _function_fields(base_src, "model_fields", "m").items()})
     model_comments = _class_fields((ROOT / "mistral_jax" / "config.py").read_text(), "ModelConfig")
+    comments.update(recipe_block_comments())
     for f in dataclasses.fields(ModelConfig):
         comments.setdefault(f"model.{f.name}", model_comments.get(f.name, ""))
     fields = [Field(k, v, comments.get(k, "")) for k, v in flatten(base.get_config()).items()]

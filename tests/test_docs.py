@@ -82,7 +82,8 @@ def test_config_reference_lists_every_field_with_its_comment():
     keys = set(hooks.flatten(base.get_config()))
     fields = {f.key: f for f in hooks.config_fields()}
     assert set(fields) == keys, f"undocumented: {keys - set(fields)}; unknown: {set(fields) - keys}"
-    sources = (ROOT / "configs" / "base.py").read_text() + (ROOT / "mistral_jax" / "config.py").read_text()
+    sources = "".join((ROOT / p).read_text() for p in ("configs/base.py", "mistral_jax/config.py",
+                                                         "mistral_jax/training/recipe.py"))  # recipes' own blocks
     flat_sources = " ".join(re.sub(r"\s*#\s*", " ", sources).split())
     for f in fields.values():
         assert f.comment, f"config.{f.key} has no comment in configs/base.py"

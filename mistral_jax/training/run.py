@@ -52,7 +52,7 @@ __all__ = ["CONFIG_DIR", "ConfigError", "DataSpec", "MeshConfigError", "RunSpec"
 class DataSpec:
     """What a step eats: the batch and its rows (``config.data`` and the batch fields)."""
 
-    format: str  # text | chat | preference
+    format: str  # config.data.format: a data kind of the recipe (recipe.DATA_KINDS)
     train: str
     validation: str
     tokenizer: str  # "" = the run's own (trained or the workdir's) or init_from's

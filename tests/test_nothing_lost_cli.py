@@ -313,6 +313,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.oracle  # imports mistral_jax.evals, hence lm-eval (not in the light extra)
 def test_hub_probe_tells_refused_from_answering(monkeypatch):
     import http.server
     import threading
@@ -334,6 +335,7 @@ def test_hub_probe_tells_refused_from_answering(monkeypatch):
         server.shutdown()
 
 
+@pytest.mark.oracle  # imports mistral_jax.evals, hence lm-eval (not in the light extra)
 def test_unreachable_hub_switches_datasets_offline(monkeypatch):
     import datasets.config
     import huggingface_hub.constants

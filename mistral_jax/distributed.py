@@ -238,13 +238,15 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def process_rows(global_batch_size: int) -> tuple[int, int]:
-    """``(process_index, rows per process)`` for a global batch; raises if it does not split evenly."""
+def process_row_slice(global_batch_size: int) -> slice:
+    """The contiguous block of a global batch's rows that this process gives ``global_batch`` (rows split evenly
+    over the processes, in process order); raises if the batch does not split evenly."""
     n = jax.process_count()
     if global_batch_size % n:
         raise ValueError(f"global batch of {global_batch_size} rows does not split over {n} processes. "
                          "Fix: make config.batch_size a multiple of the process count.")
-    return jax.process_index(), global_batch_size // n
+    rows = global_batch_size // n
+    return slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh,

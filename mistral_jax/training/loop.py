@@ -132,7 +132,7 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
     train state's layout and opened the checkpoints. Returns ``trainer.train``'s result."""
     cfg, model_cfg, mesh, rules, recipe = run.cfg, run.model_cfg, run.mesh, run.rules, run.recipe
     train_src, eval_src = recipe.open_data("train"), recipe.open_data("validation")
-    bsharding = step_lib.batch_sharding(mesh, rules)
+    bsharding = sharding.batch_sharding(mesh, rules)
     batch_shardings = step_lib.batch_shardings(recipe.objective, mesh, rules)
     data_it = recipe.batches(train_src, tok, cfg.batch_size, train=True, bsharding=bsharding)
     start, state, data_state = initial_state()

@@ -21,8 +21,8 @@ A ``Recipe`` is three choices read from the run config by ``choose(cfg)``:
   (conversations in Mistral's chat format, loss on the assistant answers only; ``data/chat.py``) or
   ``PreferenceData`` (chosen / rejected pairs, ``data/preference.py``);
 * start (``init_from``): a fresh seeded init, or a checkpoint (HF, Mistral consolidated or mistral_jax dir)
-  whose architecture replaces the run's (``ModelConfig.with_architecture_of``) and whose weights are read slice by
-  slice onto the training mesh;
+  whose architecture replaces the run's (in the ``ModelConfig`` that ``run.resolve`` builds) and whose weights are
+  read slice by slice onto the training mesh;
 * adapters (``lora.rank``): none (every weight trains) or ``LoRA`` adapters wrapped around the target weights.
 
 The recipe fixes the training objective (``objective``): the token loss of ``training.loss`` for text and chat;

@@ -54,7 +54,6 @@ from mistral_jax.model.transformer import Transformer
 from mistral_jax.training.loss import loss_fn, token_cross_entropy
 from mistral_jax.training.optimizer import make_optimizer
 
-BATCH_KEYS = ("tokens", "targets", "weights", "positions", "segment_ids")
 _BATCH_DTYPES = dict(tokens=jnp.int32, targets=jnp.int32, weights=jnp.float32, positions=jnp.int32,
                      segment_ids=jnp.int32)
 

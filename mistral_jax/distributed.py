@@ -26,9 +26,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-
-from mistral_jax import sharding
+from jax.sharding import NamedSharding
 
 log = logging.getLogger(__name__)
 
@@ -249,21 +247,14 @@ def process_row_slice(global_batch_size: int) -> slice:
     return slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh,
-                 rules: sharding.ShardingRules = sharding.DEFAULT_RULES) -> dict[str, jax.Array]:
-    """Assemble global ``[B, T]`` arrays from this process's ``[B / process_count, T]`` rows.
+def global_batch(local_batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
+    """Assemble global arrays from this process's rows of a batch: one per key of ``shardings``, sharded by it
+    (``sharding.batch_sharding(mesh, rules)`` for ``[B, T]`` arrays, ``step.batch_shardings`` of an objective).
 
     Every process calls this with its own rows (``jax.make_array_from_process_local_data``); the global batch
-    is the processes' rows in process order and is sharded like ``("batch", "seq")``. No host ever holds rows
-    of another host.
+    holds the processes' rows where the sharding puts them. No host ever holds rows of another host.
     """
-    out = {}
-    for k, v in local_batch.items():
-        v = np.asarray(v)
-        s = NamedSharding(mesh, rules.spec(("batch",) + (None,) * (v.ndim - 1), mesh))
-        global_shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
-        out[k] = jax.make_array_from_process_local_data(s, v, global_shape)
-    return out
+    return {k: jax.make_array_from_process_local_data(sh, np.asarray(local_batch[k])) for k, sh in shardings.items()}
 
 
 def local_rows(x: jax.Array) -> np.ndarray:

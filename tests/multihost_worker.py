@@ -53,7 +53,7 @@ def batch_for(step):  # every process builds only its own rows of the global bat
                 positions=np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
                 segment_ids=np.ones((B, T), np.int32))
     local = {k: v[distributed.process_row_slice(B)] for k, v in full.items()}
-    return distributed.global_batch(local, mesh, rules)
+    return distributed.global_batch(local, {k: sh.batch_sharding(mesh, rules) for k in local})
 
 
 def sums(params):

@@ -85,7 +85,7 @@ def test_single_process_helpers():
     mesh = sh.make_mesh(fsdp=4, tensor=2)
     rules = sh.rules_preset("fsdp_tp")
     local = {"tokens": np.arange(8 * 4, dtype=np.int32).reshape(8, 4)}
-    batch = distributed.global_batch(local, mesh, rules)
+    batch = distributed.global_batch(local, {"tokens": sh.batch_sharding(mesh, rules)})
     assert batch["tokens"].sharding.spec == rules.spec(("batch", None), mesh)
     np.testing.assert_array_equal(np.asarray(batch["tokens"]), local["tokens"])
     np.testing.assert_array_equal(distributed.local_rows(batch["tokens"]), local["tokens"])

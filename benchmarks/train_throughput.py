@@ -69,7 +69,7 @@ def jax_step_times(cfg: ModelConfig, batch: dict, steps: int, warmup: int) -> tu
     tx, schedule = make_optimizer(run.optimizer, run.num_steps)
     with sharding.use_mesh(mesh):
         fn = step_lib.jit_train_step(graphdef, tx, shardings, mesh, schedule=schedule)
-        b = {k: jax.device_put(jnp.asarray(v), step_lib.batch_sharding(mesh)) for k, v in batch.items()}
+        b = {k: jax.device_put(jnp.asarray(v), sharding.batch_sharding(mesh)) for k, v in batch.items()}
         times, loss = [], 0.0
         for i in range(warmup + steps):
             t = time.perf_counter()

@@ -12,8 +12,6 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
-AttentionImpl = Literal["auto", "reference", "blocked", "cudnn", "splash"]
-MoEImpl = Literal["dense", "ragged", "expert_parallel"]
 MoEDispatch = Literal["all_to_all", "all_gather"]
 RematPolicy = Literal["none", "full", "save_dots", "save_qkv_proj", "save_dots_no_batch", "offload"]
 Platform = Literal["", "cpu", "gpu", "tpu"]
@@ -68,9 +66,9 @@ class ModelConfig:
     router_z_loss_coef: float = _runtime(0.0)  # ST-MoE router z-loss weight (0 = off)
     dtype: str = _runtime("float32")  # activation / matmul dtype
     param_dtype: str = _runtime("float32")  # parameter (master weight) dtype
-    attention_impl: AttentionImpl = _runtime("auto")  # see model/backends.py (auto: chosen for `platform`)
+    attention_impl: str = _runtime("auto")  # "auto" (picked for `platform`) or a name registered in model/backends.py
     attention_block_size: int = _runtime(512)  # query block of the blocked banded backend (<= max(64, W/4))
-    moe_impl: MoEImpl = _runtime("ragged")  # "dense" oracle, dropless sort + grouped matmul, "expert_parallel"
+    moe_impl: str = _runtime("ragged")  # "dense" oracle, "ragged" / "expert_parallel": dropless, EP on an expert mesh
     # Expert parallelism (model/moe.py): how tokens reach the experts' shards. "all_to_all": each assignment goes
     # to its expert's shard and back (ragged all-to-all); "all_gather": every shard sees every token of its group.
     moe_dispatch: MoEDispatch = _runtime("all_to_all")
@@ -116,13 +114,18 @@ class ModelConfig:
             if getattr(self, name) not in _DTYPES:
                 raise _bad(name, getattr(self, name), f"unknown dtype, expected one of {sorted(_DTYPES)}",
                            "pass the dtype name as a string")
-        if self.attention_impl not in ("auto", "reference", "blocked", "cudnn", "splash"):
+        # the registry, imported here and not at the top: the backends register as the model's modules import, and
+        # those import this module (importing mistral_jax imports them all)
+        from mistral_jax.model import backends
+
+        if self.attention_impl not in backends.attention_impls():
             raise _bad("attention_impl", self.attention_impl, "unknown attention backend",
-                       "use auto, reference, blocked, cudnn or splash")
+                       f"use one of {', '.join(backends.attention_impls())} (or register yours with "
+                       "mistral_jax.model.backends.register_attention)")
         if self.attention_block_size <= 0:
             raise _bad("attention_block_size", self.attention_block_size, "must be > 0", "use e.g. 512")
-        if self.moe_impl not in ("dense", "ragged", "expert_parallel"):
-            raise _bad("moe_impl", self.moe_impl, "unknown MoE backend", "use dense, ragged or expert_parallel")
+        if self.moe_impl not in backends.MOE_IMPLS:
+            raise _bad("moe_impl", self.moe_impl, "unknown MoE backend", f"use one of {', '.join(backends.MOE_IMPLS)}")
         if self.moe_dispatch not in ("all_to_all", "all_gather"):
             raise _bad("moe_dispatch", self.moe_dispatch, "unknown expert-parallel dispatch",
                        "use all_to_all or all_gather")

@@ -26,9 +26,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-
-from mistral_jax import sharding
+from jax.sharding import NamedSharding
 
 log = logging.getLogger(__name__)
 
@@ -238,30 +236,25 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def process_rows(global_batch_size: int) -> tuple[int, int]:
-    """``(process_index, rows per process)`` for a global batch; raises if it does not split evenly."""
+def process_row_slice(global_batch_size: int) -> slice:
+    """The contiguous block of a global batch's rows that this process gives ``global_batch`` (rows split evenly
+    over the processes, in process order); raises if the batch does not split evenly."""
     n = jax.process_count()
     if global_batch_size % n:
         raise ValueError(f"global batch of {global_batch_size} rows does not split over {n} processes. "
                          "Fix: make config.batch_size a multiple of the process count.")
-    return jax.process_index(), global_batch_size // n
+    rows = global_batch_size // n
+    return slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh,
-                 rules: sharding.ShardingRules = sharding.DEFAULT_RULES) -> dict[str, jax.Array]:
-    """Assemble global ``[B, T]`` arrays from this process's ``[B / process_count, T]`` rows.
+def global_batch(local_batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
+    """Assemble global arrays from this process's rows of a batch: one per key of ``shardings``, sharded by it
+    (``sharding.batch_sharding(mesh, rules)`` for ``[B, T]`` arrays, ``step.batch_shardings`` of an objective).
 
     Every process calls this with its own rows (``jax.make_array_from_process_local_data``); the global batch
-    is the processes' rows in process order and is sharded like ``("batch", "seq")``. No host ever holds rows
-    of another host.
+    holds the processes' rows where the sharding puts them. No host ever holds rows of another host.
     """
-    out = {}
-    for k, v in local_batch.items():
-        v = np.asarray(v)
-        s = NamedSharding(mesh, rules.spec(("batch",) + (None,) * (v.ndim - 1), mesh))
-        global_shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
-        out[k] = jax.make_array_from_process_local_data(s, v, global_shape)
-    return out
+    return {k: jax.make_array_from_process_local_data(sh, np.asarray(local_batch[k])) for k, sh in shardings.items()}
 
 
 def local_rows(x: jax.Array) -> np.ndarray:

@@ -95,7 +95,7 @@ _MEASURED: dict[str, float] = {}
 def measured_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of a float32 ``n x n`` matmul on the first device (best of ``repeats``): the CPU 'peak'.
 
-    n = 2048: on a 2-core AVX2 CPU, 1024 reached 131 GFLOP/s and 2048 166 GFLOP/s (torch's MKL: 165).
+    n = 2048: a smaller matmul under-reads the machine (docs/benchmarks.md#cpu-matmul-peak-at-n-2048).
     """
     if "cpu" in _MEASURED:
         return _MEASURED["cpu"]

@@ -1,9 +1,9 @@
 """Host memory for long-running jobs: keep freed memory in the process instead of page-faulting it back every step.
 
-XLA:CPU allocates each execution's temporaries afresh: about 1 GiB for the CPU benchmark's Mixtral train step
-(``benchmarks/train_throughput.py``). glibc serves a block that large from a fresh ``mmap`` (XLA's worker threads
-allocate from per-thread arenas, whose 64 MiB heaps cannot hold it, and ``free`` unmaps it again), so every step
-touches every page of it anew: about 256,000 minor page faults per step, 15% of that step's time on 2 cores.
+XLA:CPU allocates each execution's temporaries afresh (about a GiB for the CPU benchmark's Mixtral train step).
+glibc serves a block that large from a fresh ``mmap`` (XLA's worker threads allocate from per-thread arenas,
+whose 64 MiB heaps cannot hold it, and ``free`` unmaps it again), so every step touches every page of it anew: a
+page fault per page, a noticeable share of a CPU step (docs/benchmarks.md#host-memory-kept-in-the-process).
 
 ``keep_freed_memory()`` sets glibc's ``mallopt`` so the allocations come from the main heap and stay there: one
 arena (``M_ARENA_MAX=1``), no ``mmap`` for large blocks (``M_MMAP_MAX=0``; glibc still maps when the heap cannot

@@ -437,9 +437,10 @@ def opt_state_shardings(tx, abstract_params, param_shardings, mesh: Mesh):
                                  is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
-def batch_sharding(mesh: Mesh, rules: ShardingRules = DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
-    """The sharding of a ``[B, T, ...]`` batch array: batch over the rules' batch axes, the rest replicated."""
-    return NamedSharding(mesh, rules.spec(("batch",) + (None,) * (ndim - 1), mesh))
+def batch_sharding(mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> NamedSharding:
+    """The sharding of a ``[B, T]`` batch array (tokens, targets, weights, ...): ``("batch", "seq")``, so rows over
+    the rules' batch axes and the sequence over ``seq``'s (None, replicated, in every preset)."""
+    return NamedSharding(mesh, rules.spec(("batch", "seq"), mesh))
 
 
 # ---------------------------------------------------------------------------------------------- expert parallel

@@ -52,9 +52,8 @@ def batch_for(step):  # every process builds only its own rows of the global bat
     full = dict(tokens=tok[:, :-1], targets=tok[:, 1:], weights=np.ones((B, T), np.float32),
                 positions=np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
                 segment_ids=np.ones((B, T), np.int32))
-    index, rows = distributed.process_rows(B)
-    local = {k: v[index * rows:(index + 1) * rows] for k, v in full.items()}
-    return distributed.global_batch(local, mesh, rules)
+    local = {k: v[distributed.process_row_slice(B)] for k, v in full.items()}
+    return distributed.global_batch(local, {k: sh.batch_sharding(mesh, rules) for k in local})
 
 
 def sums(params):

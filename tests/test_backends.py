@@ -3,7 +3,6 @@ explicitly, never from the active mesh; unknown or unsupported backends are refu
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import jax
@@ -103,11 +102,15 @@ def test_a_registered_attention_backend_is_chosen_by_name():
         return q
 
     try:
-        model = mj.Transformer(mj.ModelConfig.tiny(attention_impl="reference", platform="cpu"), rngs=nnx.Rngs(0))
         tokens = np.zeros((1, 8), np.int32)
-        ref = model(tokens)
-        model.layers.attention.backends = dataclasses.replace(model.backends, attention="test_recorder")
+        ref = mj.Transformer(mj.ModelConfig.tiny(attention_impl="reference", platform="cpu"), rngs=nnx.Rngs(0))(tokens)
+        # ModelConfig's validation reads the registry: naming the new backend needs no edit in config.py
+        model = mj.Transformer(mj.ModelConfig.tiny(attention_impl="test_recorder", platform="cpu"), rngs=nnx.Rngs(0))
+        assert model.backends.attention == "test_recorder"
         got = model(tokens)
         assert calls and not np.allclose(np.asarray(got), np.asarray(ref))
     finally:
         del backends.ATTENTION["test_recorder"]
+    with pytest.raises(ValueError, match=r"attention_impl='test_recorder': unknown attention backend. Fix: use one "
+                                         r"of auto, cudnn, splash, blocked, reference \(or register yours"):
+        mj.ModelConfig.tiny(attention_impl="test_recorder")

@@ -45,6 +45,7 @@ def test_presets():
         (dict(dtype="float8"), ["dtype='float8'"]),
         (dict(vocab_size=0), ["vocab_size=0"]),
         (dict(attention_impl="flash"), ["attention_impl='flash'"]),
+        (dict(moe_impl="sparse"), ["moe_impl='sparse'", "dense, ragged, expert_parallel"]),
         (dict(remat="most"), ["remat='most'"]),
     ],
 )

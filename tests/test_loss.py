@@ -244,7 +244,7 @@ def test_chunked_loss_sharded_equals_single_device():
     graphdef = nnx.graphdef(abstract_model(chunked))
     fn = jax.value_and_grad(lambda p, b: loss_fn(nnx.merge(graphdef, p), b)[0])
     with sh.use_mesh(mesh, rules):
-        bs = step_lib.batch_sharding(mesh, rules)
+        bs = sh.batch_sharding(mesh, rules)
         loss, grads = jax.jit(fn, in_shardings=(shardings, {k: bs for k in batch}),
                               out_shardings=(sh.replicated(mesh), shardings))(params, batch)
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)

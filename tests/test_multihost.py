@@ -81,11 +81,11 @@ def test_checkpoint_restore_across_processes(results):
 def test_single_process_helpers():
     assert distributed.initialize() is False  # no cluster, no arguments: single process
     assert distributed.is_main_process()
-    assert distributed.process_rows(8) == (0, 8)
+    assert distributed.process_row_slice(8) == slice(0, 8)
     mesh = sh.make_mesh(fsdp=4, tensor=2)
     rules = sh.rules_preset("fsdp_tp")
     local = {"tokens": np.arange(8 * 4, dtype=np.int32).reshape(8, 4)}
-    batch = distributed.global_batch(local, mesh, rules)
+    batch = distributed.global_batch(local, {"tokens": sh.batch_sharding(mesh, rules)})
     assert batch["tokens"].sharding.spec == rules.spec(("batch", None), mesh)
     np.testing.assert_array_equal(np.asarray(batch["tokens"]), local["tokens"])
     np.testing.assert_array_equal(distributed.local_rows(batch["tokens"]), local["tokens"])

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
+from mistral_jax import sharding
 from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.training import loss as loss_lib
 from mistral_jax.training import recipe as recipe_lib
@@ -143,7 +144,7 @@ def test_a_toy_recipe_trains_through_the_normal_entry(toy, tokenizer_path, tmp_p
     # the logged loss of step 1 is the toy's: 3 x the full-logits token loss of the initial model on the first
     # batch read backwards (computed here without the recipe's objective)
     model = run.recipe.init_model(run.model_cfg, run.mesh, run.rules)
-    bsharding = step_lib.batch_sharding(run.mesh, run.rules)
+    bsharding = sharding.batch_sharding(run.mesh, run.rules)
     batch = next(run.recipe.batches(run.recipe.open_data("train"), Tokenizer(tokenizer_path), cfg.batch_size,
                                     train=True, bsharding=bsharding))
     s = np.concatenate([batch["tokens"], batch["targets"][:, -1:]], axis=1)[:, ::-1]  # each row's sequence, backwards

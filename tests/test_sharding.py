@@ -46,7 +46,7 @@ def grads_and_loss(graphdef, params, batch, param_shardings=None, mesh=None, rul
     fn = jax.value_and_grad(lambda p, b: loss_fn(nnx.merge(graphdef, p), b)[0])
     if mesh is None:
         return jax.jit(fn)(params, batch)
-    bs = step_lib.batch_sharding(mesh, rules)
+    bs = sh.batch_sharding(mesh, rules)
     with sh.use_mesh(mesh, rules):
         return jax.jit(fn, in_shardings=(param_shardings, {k: bs for k in batch}),
                        out_shardings=(sh.replicated(mesh), param_shardings))(params, batch)

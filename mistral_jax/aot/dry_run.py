@@ -14,10 +14,10 @@ from typing import Any
 
 import jax
 
+from mistral_jax import sharding
 from mistral_jax.aot import _collective_lines, compile_run
 from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.training import run as run_lib
-from mistral_jax.training import step as step_lib
 from mistral_jax.training import trainer
 
 
@@ -43,7 +43,7 @@ def dry_run(run: Any, workdir: str, devices: list[Any] | None = None) -> dict[st
         run = run_lib.resolve(run, devices=devices)
     cfg = run.cfg
     workdir = os.path.abspath(workdir)
-    data = _dry_run_data(run, workdir, step_lib.batch_sharding(run.mesh, run.rules))
+    data = _dry_run_data(run, workdir, sharding.batch_sharding(run.mesh, run.rules))
     report = compile_run(run)
     prev = trainer.previous_run(workdir) if os.path.isdir(workdir) else {"steps": [], "holds_run": False}
     report.update(processes=jax.process_count(), model_flops_per_device=report["model_flops_per_chip"], data=data,

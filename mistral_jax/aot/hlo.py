@@ -65,7 +65,8 @@ count once and named in ``HbmTraffic.uncounted_loops``; the costliest branch of 
 On a loop-free CPU program this equals ``compiled.cost_analysis()["bytes accessed"]`` (matmuls, elementwise ops,
 slices, in-place updates), except that XLA counts the whole operand of a fused gather or scatter (an embedding
 lookup reads its rows here, the whole table there); with loops XLA counts each while body once. XLA's TPU cost
-model counts more: operand re-reads of tiled matmuls and reads of VMEM-resident buffers (2-3x on a loop-free MLP).
+model counts more: operand re-reads of tiled matmuls and reads of VMEM-resident buffers
+(docs/benchmarks.md#hbm-traffic-against-xlas-tpu-cost-model).
 """
 
 from __future__ import annotations

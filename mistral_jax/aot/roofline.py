@@ -17,9 +17,8 @@ ICI link of the chip busy (a collective over one mesh axis uses only that axis's
 collectives on ICI (with ``--num_slices`` > 1 the cross-slice ones go over the much slower data-center network),
 matmuls at bf16 peak and HBM at its peak bandwidth. The HBM figure is each HBM buffer's compulsory traffic: a tiled
 matmul that re-reads operand tiles from HBM moves more (XLA's TPU cost model counts those re-reads, and reads of
-buffers the compiler keeps in VMEM: 2-3x ours on a loop-free MLP, equal on elementwise and reduction programs whose
-buffers all live in HBM; on CPU the two agree). It is a lower bound on the step time; the MFU it implies (compute
-term / estimate) is an upper bound.
+buffers the compiler keeps in VMEM; see docs/benchmarks.md#hbm-traffic-against-xlas-tpu-cost-model). It is a
+lower bound on the step time; the MFU it implies (compute term / estimate) is an upper bound.
 """
 
 from __future__ import annotations

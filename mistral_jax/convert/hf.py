@@ -27,13 +27,6 @@ def read_config(path: str) -> ModelConfig:
                                    "an HF checkpoint directory (config.json + model*.safetensors)")
 
 
-def stored_dtype(path: str) -> str | None:
-    """The ``dtype`` / ``torch_dtype`` recorded in ``config.json`` (None if absent)."""
-    with open(os.path.join(path, CONFIG)) as f:
-        d = json.load(f)
-    return d.get("dtype") or d.get("torch_dtype")
-
-
 def inside_dir(name: str) -> bool:
     """Whether an index entry names a file inside the checkpoint directory: relative, no ``..``, not empty.
 

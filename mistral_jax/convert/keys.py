@@ -27,7 +27,7 @@ HF names are the *on-disk* names transformers writes and loads (Mixtral: ``block
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Literal
 
 from mistral_jax.config import ModelConfig
@@ -243,9 +243,3 @@ def entries(cfg: ModelConfig, order: Format = "hf") -> list[Entry]:
     for k in globals_last:
         emit(k, ())
     return out
-
-
-def iter_names(cfg: ModelConfig, fmt: Format) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """(file name, file shape) of every tensor a checkpoint of ``cfg`` in format ``fmt`` holds."""
-    for e in entries(cfg):
-        yield e.name(fmt), e.file_shape(fmt, cfg)

@@ -353,7 +353,7 @@ class RowReaders:
 
     Row ``r`` of ``total_rows`` reads the documents ``r::total_rows`` of each epoch's order (a ``PackedBatches`` of
     one row per batch); a process builds only its own ``rows`` (the global row ids it holds, see
-    ``trainer._process_rows``) and reads only their documents. One process of 8 devices and 2 processes of 4 therefore
+    ``recipe.addressable_rows``) and reads only their documents. One process of 8 devices and 2 processes of 4 therefore
     train on identical global batches, and a run resumed on another process count continues every row's stream.
     With fewer documents ``n`` than rows, row ``r`` reads the documents ``r % n :: n`` (rows repeat).
 

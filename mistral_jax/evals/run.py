@@ -303,11 +303,3 @@ def evaluate(*, checkpoint: str | None = None, lm: MistralJaxLM | None = None, t
         print(f"compilations: {info['score_compilations']} scoring step(s) {info['score_shapes']}, "
               f"{info['xla_compilations']} XLA in total; {info['seconds']} s on {info['devices']} device(s)")
     return results
-
-
-def output_files(output_path: str | os.PathLike) -> list[str]:
-    """Every file an ``evaluate(output_path=...)`` run wrote (for checks and scripts)."""
-    out = []
-    for root, _, files in os.walk(output_path):
-        out += [os.path.join(root, f) for f in files]
-    return sorted(out)

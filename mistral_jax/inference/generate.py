@@ -88,7 +88,8 @@ def generate(model: nnx.Module, prompt_ids: Any, max_new_tokens: int = 64, tempe
       rules: the logical -> mesh axis rules used with ``mesh``.
       pad_id: id written in the pad columns of the prompt (never attended).
       unstack: run the layers from separate per-layer copies of their weights (``serving_layers``); None =
-        on the CPU backend when the copy fits comfortably in memory (there it makes decoding ~1.6x faster).
+        on the CPU backend when the copy fits comfortably in memory (there it makes decoding faster:
+        docs/benchmarks.md#per-layer-weight-copies-for-cpu-decoding).
       logprobs: also return each new token's log-prob under the model (``sampling.token_logprobs``: float32
         ``log_softmax`` of the raw logits), e.g. for RL rollouts (G samples of a prompt: pass it G times).
 

@@ -5,7 +5,8 @@ indexed) layer reads its weights through a slice of the stacked arrays: on TPU/G
 matmul, while XLA's CPU backend copies it, on every call, which costs more than the matmuls in small-batch
 decoding. So for CPU inference we copy the layers out once (``unstack_layers``) and run the forward pass
 unrolled over those copies (``serving_forward``): the model's own steps (``embed_tokens``, its
-``DecoderLayer``, ``output``), the same numbers, about 1.6x faster decoding on CPU.
+``DecoderLayer``, ``output``), the same numbers, faster decoding on CPU (see
+docs/benchmarks.md#per-layer-weight-copies-for-cpu-decoding).
 
 Legend: B batch, T tokens, V vocab, L layers.
 """

@@ -125,9 +125,8 @@ def band_block(cfg) -> int:
     """Query block of the blocked backend: ``attention_block_size``, but at most ``max(64, W / 4)``.
 
     A query block of Q rows reads W + Q keys (waste Q / W) and the band holds a copy of them per block
-    (memory ~ T * (W + Q) / Q), so Q ~ W / 4 balances the two. Measured fwd+bwd on this 2-core CPU: W=4096,
-    N=16k: Q = 256 and 512 equal, 1024 1.2x slower; a 58M Mistral train step at T=2048, W=512: Q = 128
-    6.0 s, 256 6.9 s, 512 7.9 s.
+    (memory ~ T * (W + Q) / Q), so Q ~ W / 4 balances the two (timings: see
+    docs/benchmarks.md#blocked-attention-query-block).
     """
     window = cfg.sliding_window or cfg.attention_block_size
     return min(cfg.attention_block_size, max(64, window // 4))

@@ -176,6 +176,17 @@ def resolve(cfg, mesh: Mesh | None = None, rules: sharding.ShardingRules | None 
                     expert_parallel=ep if cfg.is_moe else None)
 
 
+# What ``ModelConfig.moe_impl`` accepts. A policy, not a registered path (``choose_moe`` maps it to one): ``dense``
+# is the oracle; ``ragged`` and ``expert_parallel`` both run dropless, expert-parallel exactly when the mesh shards
+# the experts.
+MOE_IMPLS = ("dense", "ragged", "expert_parallel")
+
+
+def attention_impls() -> tuple[str, ...]:
+    """What ``ModelConfig.attention_impl`` accepts: ``auto`` and every registered attention backend."""
+    return ("auto", *ATTENTION)
+
+
 def choose_moe(cfg, ep: sharding.ExpertParallel | None) -> str:
     """The MoE path: ``dense`` if asked; expert-parallel (``all_to_all`` when the tokens are split over the expert
     axis and ``moe_dispatch`` asks for it, else ``all_gather``) when ``ep`` (the mesh's expert layout) is given;

@@ -190,7 +190,8 @@ class Transformer(nnx.Module):
         # (an all-to-all over the D axes). The gradient is then a local float32 scatter-add into each device's
         # [V, D/shards] slice: no replicated [V, D] table or gradient. The batch stays split over the batch axes
         # that do not shard D (`data`, e.g. across DCN slices): replicating it there makes the partitioner
-        # all-gather the whole hidden-state gradient in the backward pass (3 x 8 GiB on 2 x v5p-128).
+        # all-gather the whole hidden-state gradient in the backward pass
+        # (docs/benchmarks.md#the-embedding-lookup-keeps-the-batch-split).
         table = sharding.constrain(self.embed[...], (None, "embed"))  # [V, D]
         x = jnp.take(table, sharding.constrain(tokens, ("batch", None), yield_to=("embed",)), axis=0)  # [B, T, D]
         x = sharding.constrain(x, ("batch", None, "embed"), yield_to=("embed",)).astype(self.cfg.jnp_dtype)

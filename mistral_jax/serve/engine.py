@@ -214,7 +214,7 @@ class Engine:
         self.waiting.clear()
 
     def warmup(self) -> None:
-        """Compile ``prefill_chunk`` and ``decode_step`` once (on an idle cache: nothing is written)."""
+        """Compile the core's ``prefill_rows`` and ``decode_rows`` once (on an idle cache: nothing is written)."""
         with self._mesh():
             self._warmup()
 

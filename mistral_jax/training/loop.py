@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 from ml_collections import ConfigDict
 
 from mistral_jax import distributed, sharding
@@ -37,11 +36,6 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- data and signals
-def global_batch(local: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
-    """The global batch from this process's rows (``shardings``: ``step.batch_shardings`` of the objective)."""
-    return {k: jax.make_array_from_process_local_data(sh, local[k]) for k, sh in shardings.items()}
-
-
 def saved_data_state(local: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint's ``data_state``: every process's position. ``RowReaders`` states merge into one (resumable
     on any process count); other streams (hub datasets, chat) are kept per process."""
@@ -117,7 +111,8 @@ def evaluate(cfg: ConfigDict, recipe: Recipe, eval_fn, state: dict[str, Any], so
     for _ in range(cfg.eval_steps):
         local = next(it, None)
         local = local if local is not None else recipe.empty_batch(rows)
-        out = jax.device_get(eval_fn(state["params"], state["frozen"], global_batch(local, batch_shardings)))
+        batch = distributed.global_batch(local, batch_shardings)
+        out = jax.device_get(eval_fn(state["params"], state["frozen"], batch))
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     return recipe.objective.eval_summary(sums)
@@ -132,7 +127,7 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
     train state's layout and opened the checkpoints. Returns ``trainer.train``'s result."""
     cfg, model_cfg, mesh, rules, recipe = run.cfg, run.model_cfg, run.mesh, run.rules, run.recipe
     train_src, eval_src = recipe.open_data("train"), recipe.open_data("validation")
-    bsharding = step_lib.batch_sharding(mesh, rules)
+    bsharding = sharding.batch_sharding(mesh, rules)
     batch_shardings = step_lib.batch_shardings(recipe.objective, mesh, rules)
     data_it = recipe.batches(train_src, tok, cfg.batch_size, train=True, bsharding=bsharding)
     start, state, data_state = initial_state()
@@ -170,7 +165,7 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
                 data_state = data_it.get_state()
                 local = hooks.rollout(step, state, local)  # may produce the batch (e.g. samples of the prompts)
                 state = hooks.before_step(step, state, local)
-                state, metrics = step_fn(state, global_batch(local, batch_shardings))
+                state, metrics = step_fn(state, distributed.global_batch(local, batch_shardings))
                 step += 1
                 metrics = hooks.after_step(step, state, metrics)
                 stop = distributed.any_process(preempt.signum or 0)  # a signal on any process stops all here

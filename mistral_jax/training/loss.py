@@ -67,9 +67,9 @@ def _scan_chunks(hidden: Float[Array, "B T D"], head: Float[Array, "D V"], per_p
           *(sharding.constrain(x.reshape(b, n, c).swapaxes(0, 1), (None, "batch", "seq")) for x in per_position))
     # The head stays in its parameter sharding inside the loop: each chunk all-gathers it (in the compute dtype)
     # and reduce-scatters its gradient into the float32 shard. Gathering it once before the loop instead keeps
-    # a gathered float32 head and a replicated float32 gradient carry alive through the loop: 0.9 GiB more per
-    # chip for Mistral 7B on a v5p-8 (AOT), for 16% fewer collective bytes per step. A vocab (tensor) sharding stays:
-    # each chip computes its vocab shard of the logits.
+    # a gathered float32 head and a replicated float32 gradient carry alive through the loop: more memory per chip
+    # for somewhat fewer collective bytes (docs/benchmarks.md#the-chunked-loss-keeps-the-head-sharded). A vocab
+    # (tensor) sharding stays: each chip computes its vocab shard of the logits.
     head = sharding.constrain(head, ("embed", "vocab"))
 
     # backward: recompute this chunk's logits rather than keep n of them (prevent_cse=False: inside a scan)

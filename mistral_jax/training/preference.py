@@ -180,6 +180,9 @@ def _token_stats(apply: Apply, batch: Mapping[str, Array], *, with_logits: bool
 
 def _sequence_sums(lp: Float[Array, "B S T"], mean_logits: Float[Array, "B S T"] | None, batch: Mapping[str, Array],
                    *, with_nll: bool) -> dict[str, Float[Array, "B S P"]]:
+    """Per-sequence sums over answer tokens: ``logps`` (summed log-probs), ``tokens`` (answer token counts) and,
+    on request, ``logits`` (summed mean-over-vocabulary logits, for TRL's ``logits/*``) and ``nll_all`` /
+    ``tokens_all`` (the negative log-likelihood and count over every non-padding target, prompt included)."""
     p = batch["pair_mask"].shape[-1]
     seg, w = batch["segment_ids"], batch["weights"].astype(jnp.float32)
     out = dict(logps=per_pair(lp * w, seg, p), tokens=per_pair(w, seg, p))
@@ -191,26 +194,12 @@ def _sequence_sums(lp: Float[Array, "B S T"], mean_logits: Float[Array, "B S T"]
     return out
 
 
-def sequence_stats(logits: Float[Array, "B S T V"], batch: Mapping[str, Array], *, with_logits: bool = True,
-                   with_nll: bool = False) -> dict[str, Float[Array, "B S P"]]:
-    """Per-sequence sums over answer tokens of given logits: ``logps`` (summed log-probs), ``tokens`` (answer
-    token counts) and, on request, ``logits`` (summed mean-over-vocabulary logits, for TRL's ``logits/*``) and
-    ``nll_all`` / ``tokens_all`` (the negative log-likelihood and count over every non-padding target, prompt
-    included). The objectives compute the same sums from a model's chunked log-probs."""
-    lp = token_logps(logits, batch["targets"])  # [B, S, T]
-    mean_logits = jnp.mean(logits.astype(jnp.float32), axis=-1) if with_logits else None
-    return _sequence_sums(lp, mean_logits, batch, with_nll=with_nll)
-
-
 def sequence_logps(apply: Apply, batch: Mapping[str, Array]) -> Float[Array, "B S P"]:
     """Summed answer log-probs ``[B, 2, P]`` of every sequence of the batch under ``apply``, without gradient: the
     reference log-probs of DPO (run it once per batch, e.g. before the gradient, and pass the result as
     ``loss_fn(..., reference=...)``)."""
     lp, _, _ = _token_stats(apply, batch, with_logits=False)
     return jax.lax.stop_gradient(_sequence_sums(lp, None, batch, with_nll=False)["logps"])
-
-
-reference_logps = sequence_logps
 
 
 def disabled_adapters(adapter_params: Any) -> Any:
@@ -288,9 +277,9 @@ def pair_terms(policy_apply: Apply, batch: Mapping[str, Array], config: Preferen
                reference: Apply | Array | None = None) -> dict[str, Array]:
     """Per-pair quantities (``[B, P]`` each) of the objective, before reduction: ``chosen_logps``,
     ``rejected_logps`` (summed for DPO, averaged for ORPO), ``chosen_rewards``, ``rejected_rewards``, ``losses``
-    (the per-pair term whose mean over pairs is the loss; for ORPO the odds-ratio term only), plus the ``stats`` of
-    ``sequence_stats``, the reference log-probs (DPO), ``log_odds`` / ``log_sigmoid_odds`` (ORPO), ``nll`` (ORPO,
-    a scalar) and ``extra_loss``. See ``loss_fn`` for the arguments."""
+    (the per-pair term whose mean over pairs is the loss; for ORPO the odds-ratio term only), plus the per-sequence
+    sums ``stats`` (``_sequence_sums``), the reference log-probs (DPO), ``log_odds`` / ``log_sigmoid_odds``
+    (ORPO), ``nll`` (ORPO, a scalar) and ``extra_loss``. See ``loss_fn`` for the arguments."""
     orpo = config.objective == "orpo"
     lp, mean_logits, extra = _token_stats(policy_apply, batch, with_logits=not orpo)
     stats = _sequence_sums(lp, mean_logits, batch, with_nll=orpo and config.orpo_nll_on_prompt)

@@ -21,8 +21,8 @@ A ``Recipe`` is three choices read from the run config by ``choose(cfg)``:
   (conversations in Mistral's chat format, loss on the assistant answers only; ``data/chat.py``) or
   ``PreferenceData`` (chosen / rejected pairs, ``data/preference.py``);
 * start (``init_from``): a fresh seeded init, or a checkpoint (HF, Mistral consolidated or mistral_jax dir)
-  whose architecture replaces the run's (``ModelConfig.with_architecture_of``) and whose weights are read slice by
-  slice onto the training mesh;
+  whose architecture replaces the run's (in the ``ModelConfig`` that ``run.resolve`` builds) and whose weights are
+  read slice by slice onto the training mesh;
 * adapters (``lora.rank``): none (every weight trains) or ``LoRA`` adapters wrapped around the target weights.
 
 The recipe fixes the training objective (``objective``): the token loss of ``training.loss`` for text and chat;
@@ -31,7 +31,7 @@ reference, or ORPO). DPO's reference is ``init_from`` (required): with adapters,
 (no second copy); without, a frozen copy of the initial weights in the train state's ``frozen`` part
 (``Objective.keeps_initial``), rebuilt from ``init_from`` on resume.
 
-It gives the trainer everything that differs between runs: the model config (``model_config``), the tokenizer
+It gives the trainer everything that differs between runs (the model config is the ``RunSpec``'s): the tokenizer
 (``tokenizer``), the data (``open_data``, ``batches``, ``empty_batch``, ``local_rows``), the objective, the hooks,
 the model to train (``abstract_model`` / ``init_model``) and the ``trainable`` ``nnx`` filter that splits it into
 the train state's ``params`` and ``frozen`` parts (``training.step.state_layout``). ``nnx.Param`` is that filter
@@ -82,8 +82,12 @@ def _get(cfg: Any, dotted: str, default: Any = None) -> Any:
     return node
 
 
-def process_rows(bsharding: NamedSharding, batch_size: int) -> list[int]:
-    """The global batch rows this process holds (and so reads), from the batch sharding."""
+def addressable_rows(bsharding: NamedSharding, batch_size: int) -> list[int]:
+    """The global batch rows that this process's devices hold under ``bsharding`` (and so the rows it reads).
+
+    Any row order the sharding gives (not only contiguous blocks per process): ``pipeline.RowReaders`` builds
+    exactly these rows.
+    """
     index = bsharding.addressable_devices_indices_map((batch_size, 1))
     return sorted({r for sl in index.values() for r in range(*sl[0].indices(batch_size))})
 
@@ -100,7 +104,7 @@ class TextData:
     def local_rows(self, source: Any, bsharding: NamedSharding, batch_size: int) -> int:
         """How many rows of a ``batch_size``-row global batch this process reads from ``source``."""
         if isinstance(source, pipeline.LocalSource):  # RowReaders: the rows of the batch sharding
-            return len(process_rows(bsharding, batch_size))
+            return len(addressable_rows(bsharding, batch_size))
         return batch_size // jax.process_count()
 
     def open(self, split: str) -> Any:
@@ -119,7 +123,7 @@ class TextData:
         """This process's rows of every ``batch_size``-row global batch (``RowReaders`` for local files)."""
         c, d = self.cfg, self.cfg.data
         if isinstance(source, pipeline.LocalSource):  # the same global batches on any number of processes
-            return pipeline.RowReaders(source, tok, d.seq_len, process_rows(bsharding, batch_size), batch_size,
+            return pipeline.RowReaders(source, tok, d.seq_len, addressable_rows(bsharding, batch_size), batch_size,
                                        seed=c.seed, shuffle=d.shuffle and train, add_bos=d.add_bos,
                                        add_eos=d.add_eos, loop=train)
         return pipeline.PackedBatches(
@@ -278,38 +282,6 @@ class Recipe:
         return not self.cfg.data.tokenizer and not self.init_from and self.data.trains_tokenizer
 
     # ------------------------------------------------------------------------------------------ model
-    def model_config(self, run_model: ModelConfig, explicit: dict[str, Any] | None = None,
-                     require_checkpoint: bool = True) -> ModelConfig:
-        """The network to train: ``run_model`` (``config.model``), on ``init_from``'s architecture if set.
-
-        Only the architecture comes from the checkpoint; dtypes, backends, scan / remat and loss weights stay the
-        run's. ``max_seq_len`` is the exception: an architecture field (it is the checkpoint's context length) that
-        holds no parameter (it bounds the RoPE table and caches), so ``config.model.max_seq_len`` set explicitly
-        (``explicit``: the fields ``config.model`` sets) still overrides it, e.g. to fine-tune at a longer context.
-
-        ``require_checkpoint=False`` (the AOT tool, which compiles without weights): an unset ``init_from`` or one
-        that is no directory here keeps ``run_model``'s architecture.
-        """
-        path = self.init_from
-        if path is None or (path and not os.path.isdir(path)):
-            if not require_checkpoint:
-                return run_model
-            if path is None:
-                raise ConfigError("config.init_from is required by this config (fine-tuning starts from a released "
-                                  "model). Fix: --config.init_from=PATH (HF dir, Mistral consolidated dir or "
-                                  "mistral_jax checkpoint).")
-            raise ConfigError(f"config.init_from={path!r} is not a directory. Fix: point at an HF, Mistral "
-                              "consolidated or mistral_jax checkpoint directory (or a training workdir).")
-        if not path:
-            return run_model
-        try:
-            out = run_model.with_architecture_of(loading.checkpoint_config(path))
-            if explicit and explicit.get("max_seq_len") is not None:
-                out = out.replace(max_seq_len=explicit["max_seq_len"])
-        except (ValueError, OSError) as e:
-            raise ConfigError(f"config.init_from={path!r}: {e}") from e
-        return out
-
     def abstract_model(self, model_cfg: ModelConfig) -> nnx.Module:
         """The model to train as abstract arrays (``nnx.eval_shape``): nothing read or allocated."""
         return nnx.eval_shape(lambda: self._wrap(Transformer(model_cfg, rngs=nnx.Rngs(0))))

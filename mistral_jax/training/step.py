@@ -23,8 +23,8 @@ Public functions (all usable on abstract inputs for ``jax.jit(...).lower(...).co
 * ``jit_train_step(graphdef, tx, shardings, mesh, rules, *, grad_accum_steps, schedule, objective)`` and
   ``jit_eval_step(graphdef, shardings, mesh, rules, objective)``: the steps jitted once with in/out shardings
   (state donated). Call them inside ``sharding.use_mesh(mesh, rules)``.
-* ``batch_sharding(mesh, rules)``, ``batch_shardings(objective, mesh, rules)`` (one per batch array) and
-  ``abstract_batch(batch_size, seq_len, mesh, rules, objective)``.
+* ``batch_shardings(objective, mesh, rules)`` (one per batch array; ``sharding.batch_sharding`` is the ``[B, T]``
+  one) and ``abstract_batch(batch_size, seq_len, mesh, rules, objective)``.
 
 What the step minimises is an ``Objective`` (the run's recipe gives it): the batch it reads (names, shapes, logical
 axes), the loss of the model on a (micro-)batch, what the loss needs besides the trained weights computed once per
@@ -54,7 +54,6 @@ from mistral_jax.model.transformer import Transformer
 from mistral_jax.training.loss import loss_fn, token_cross_entropy
 from mistral_jax.training.optimizer import make_optimizer
 
-BATCH_KEYS = ("tokens", "targets", "weights", "positions", "segment_ids")
 _BATCH_DTYPES = dict(tokens=jnp.int32, targets=jnp.int32, weights=jnp.float32, positions=jnp.int32,
                      segment_ids=jnp.int32)
 
@@ -112,11 +111,6 @@ class Objective:
 
 
 TOKEN_LOSS = Objective()
-
-
-def batch_sharding(mesh: Mesh, rules: sharding.ShardingRules = sharding.DEFAULT_RULES) -> NamedSharding:
-    """Sharding of every [B, T] batch array: batch over the data-parallel mesh axes."""
-    return NamedSharding(mesh, rules.spec(("batch", "seq"), mesh))
 
 
 def batch_shardings(objective: Objective, mesh: Mesh, rules: sharding.ShardingRules = sharding.DEFAULT_RULES

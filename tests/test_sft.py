@@ -109,18 +109,13 @@ def test_merge_equals_base_plus_scaled_update(base_models, name):
 
 # ------------------------------------------------------------------------------------------ runs through train.py
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
+def pretrained(tmp_path_factory, corpus_tokenizer):
     """A pretrained tiny checkpoint in HF format (config.json + model.safetensors + tokenizer.model): 40 steps of
     train.py's trainer on the bundled corpus, then exported, as a user's released base model would be."""
-    from mistral_jax.data import chat, corpus
-    from mistral_jax.data.pipeline import load_texts
-    from mistral_jax.data.tokenizer import Tokenizer
-    from mistral_jax.data.train_tokenizer import train_tokenizer
     from mistral_jax.export import save_hf
 
     root = tmp_path_factory.mktemp("pretrained")
-    texts = load_texts(corpus.TRAIN)[:200] + [m["content"] for c in chat.load_conversations("bundled") for m in c]
-    tok = Tokenizer(train_tokenizer(texts, str(root / "tok" / "tokenizer.model"), 512))
+    tok = corpus_tokenizer  # the shared tokenizer_path: byte fallback encodes the chat set's text too
     from configs import tiny
     from mistral_jax.training import trainer
 

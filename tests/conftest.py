@@ -39,7 +39,6 @@ if os.environ.get("MISTRAL_JAX_TEST_TIER") == "light":
 # ------------------------------------------------------------------------------------------- shared fixtures
 # Session-scoped and read-only: a test that changes one of these copies it first (tmp_path, shutil.copytree).
 import hashlib  # noqa: E402
-import json  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -50,33 +49,43 @@ def _sha256(path: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def tokenizer_path(tmp_path_factory):
-    """The tokenizer most tests share: sentencepiece BPE, 512 pieces, trained on the bundled corpus's TRAIN split
-    (the vocabulary of ``ModelConfig.tiny()``). A file that needs other data or another size trains its own."""
-    from mistral_jax.data.corpus import TRAIN
+def make_tokenizer(tmp_path_factory):
+    """``make_tokenizer(corpus="bundled", vocab_size=512, extra_symbols=())`` -> the path of a sentencepiece BPE
+    model (``mistral_jax.data.train_tokenizer``: byte fallback, Mistral's special ids) trained on
+    ``helpers.tokenizer_corpus(corpus)``; each parameter set is trained once per session and shared. The one place
+    the tests train a tokenizer for their own use: a test that needs other properties adds a parameter here, and
+    only tests of tokenizer training itself call ``train_tokenizer``."""
     from mistral_jax.data.train_tokenizer import train_tokenizer
+    from tests.helpers import tokenizer_corpus
 
-    with open(TRAIN, encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f]
-    path = train_tokenizer(texts, str(tmp_path_factory.mktemp("tok") / "tokenizer.model"), 512)
-    digest = _sha256(path)
-    yield path
-    assert _sha256(path) == digest, f"a test changed the shared tokenizer {path}: copy it before changing it"
+    made: dict[tuple, tuple[str, str]] = {}  # (corpus, vocab_size, extra_symbols) -> (path, sha256)
+
+    def make(corpus: str = "bundled", vocab_size: int = 512, extra_symbols: tuple[str, ...] = ()) -> str:
+        key = (corpus, vocab_size, tuple(extra_symbols))
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"tok_{corpus}_{vocab_size}") / "tokenizer.model"
+            path = train_tokenizer(tokenizer_corpus(corpus), str(out), vocab_size, tuple(extra_symbols))
+            made[key] = path, _sha256(path)
+        return made[key][0]
+
+    yield make
+    for path, digest in made.values():
+        assert _sha256(path) == digest, f"a test changed the shared tokenizer {path}: copy it before changing it"
 
 
 @pytest.fixture(scope="session")
-def syllable_tokenizer_path(tmp_path_factory):
+def tokenizer_path(make_tokenizer):
+    """The tokenizer most tests share: sentencepiece BPE, 512 pieces, trained on the bundled corpus's TRAIN split
+    (the vocabulary of ``ModelConfig.tiny()``)."""
+    return make_tokenizer("bundled")
+
+
+@pytest.fixture(scope="session")
+def syllable_tokenizer_path(make_tokenizer):
     """sentencepiece BPE, 512 pieces (the vocabulary of ``ModelConfig.tiny()``), trained on
     ``helpers.syllable_corpus()``: made-up words of short syllables, so every id a random tiny model emits decodes
     to readable text."""
-    from mistral_jax.data.train_tokenizer import train_tokenizer
-    from tests.helpers import syllable_corpus
-
-    _, texts = syllable_corpus()
-    path = train_tokenizer(texts, str(tmp_path_factory.mktemp("syllable_tok") / "tokenizer.model"), 512)
-    digest = _sha256(path)
-    yield path
-    assert _sha256(path) == digest, f"a test changed the shared tokenizer {path}: copy it before changing it"
+    return make_tokenizer("syllable")
 
 
 @pytest.fixture(scope="session")

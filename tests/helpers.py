@@ -1,8 +1,9 @@
 """What several test files share: random token batches, a run's losses, the small tokenizer corpora, and lazy
 handles on the oracles.
 
-Session-scoped tiny models, tokenizers and runs are pytest fixtures in ``tests/conftest.py`` (``tokenizer_path``,
-``corpus_tokenizer``, ``syllable_tokenizer_path``, ``tiny_trained_run``); this module holds the plain functions.
+Session-scoped tiny models, tokenizers and runs are pytest fixtures in ``tests/conftest.py`` (``make_tokenizer``,
+``tokenizer_path``, ``corpus_tokenizer``, ``syllable_tokenizer_path``, ``tiny_trained_run``); this module holds the
+plain functions.
 
 Oracles (torch, transformers, trl, lm-eval, ...) are never imported at a test module's top level: the light tier
 (``make test-light``) collects every test file where torch is not installed. A file that needs an oracle in many
@@ -55,3 +56,34 @@ def syllable_corpus(seed: int = 0) -> tuple[list[str], list[str]]:
     words = ["".join(rng.choice(syllables, rng.integers(1, 4))) for _ in range(400)]
     texts = [" ".join(rng.choice(words, 12)) for _ in range(2000)] + ["the cat sat on the mat"] * 20
     return words, texts
+
+
+# A small English vocabulary (test_eval's documents): a tokenizer trained on word_corpus() has one piece per word.
+WORDS = ("the cat dog bird fish red blue green small big old new runs eats sees likes a one two three what which "
+         "color is are on in under tree house water food day night yes no").split()
+
+
+def word_corpus(seed: int = 0) -> list[str]:
+    """3000 twelve-word sentences of ``WORDS``, each ending in ".", drawn with ``random.Random(seed)``."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(3000)]
+
+
+def tokenizer_corpus(name: str) -> list[str]:
+    """The texts a shared test tokenizer (conftest's ``make_tokenizer``) is trained on: ``"bundled"``, the bundled
+    corpus's TRAIN split; ``"syllable"``, the sentences of ``syllable_corpus()``; ``"words"``, ``word_corpus()``."""
+    if name == "bundled":
+        import json
+
+        from mistral_jax.data.corpus import TRAIN
+
+        with open(TRAIN, encoding="utf-8") as f:
+            return [json.loads(line)["text"] for line in f]
+    if name == "syllable":
+        return syllable_corpus()[1]
+    if name == "words":
+        return word_corpus()
+    raise ValueError(f"tokenizer corpus {name!r} is not one of 'bundled', 'syllable', 'words'. Fix: pick one, or "
+                     "add yours to tests/helpers.py tokenizer_corpus")

@@ -175,14 +175,12 @@ def test_dataset_layouts_and_data_config_fields(tmp_path):
         chat.chat_batches(data, TOK, batch_size=1)
 
 
-def test_bundled_set_with_sentencepiece(tmp_path):
+def test_bundled_set_with_sentencepiece(make_tokenizer):
     from mistral_jax.data.tokenizer import Tokenizer
-    from mistral_jax.data.train_tokenizer import train_tokenizer
 
     convs = list(chat.load_conversations("bundled"))
     assert len(convs) >= 100 and len(list(chat.load_conversations("bundled", "validation"))) >= 10
-    texts = [m["content"] for c in convs for m in c]
-    tok = Tokenizer(train_tokenizer(texts, str(tmp_path / "t.model"), 512, extra_symbols=("[INST]", "[/INST]")))
+    tok = Tokenizer(make_tokenizer(extra_symbols=("[INST]", "[/INST]")))  # [INST] and [/INST]: one piece each
     messages = [S("You are a polite assistant."), U("Say hello."), A("Hello!"), U("Say goodbye."), A("Goodbye!")]
     r = chat.render(messages, tok)
     enc = lambda s: tok.encode(s, bos=False)  # noqa: E731

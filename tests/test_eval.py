@@ -1,6 +1,7 @@
 """eval.py / the ``mistral_jax`` lm-eval backend against lm-eval's own ``hf`` backend on the same exported weights.
 
-A tiny random model is exported to HF (``mj.save_hf``, with a sentencepiece tokenizer trained here); local task
+A tiny random model is exported to HF (``mj.save_hf``, with the shared word-level tokenizer
+``make_tokenizer("words")``: one piece per word, so a task's prompts have equal lengths); local task
 YAMLs over json files made here cover multiple choice, generate_until and loglikelihood_rolling. The oracle is
 ``lm_eval.simple_evaluate(model="hf", ...)`` on the export in float32 on CPU.
 """
@@ -21,18 +22,16 @@ import pytest
 from flax import nnx
 
 import mistral_jax as mj
-from mistral_jax.data.train_tokenizer import train_tokenizer
 from mistral_jax.evals import presets
 from mistral_jax.evals.lm import MistralJaxLM
 from mistral_jax.evals.run import DatasetUnavailableError, evaluate, load_tasks
+from tests.helpers import WORDS
 
 # lm-eval is imported at the top (mistral_jax.evals is its backend): conftest.py leaves this file out of the light tier
 pytestmark = pytest.mark.oracle
 
 ATOL = 1e-4
 TASKS = ["local_mc", "local_gen", "local_ppl"]
-WORDS = ("the cat dog bird fish red blue green small big old new runs eats sees likes a one two three what which "
-         "color is are on in under tree house water food day night yes no").split()
 
 MC_YAML = """task: local_mc
 dataset_path: json
@@ -84,12 +83,14 @@ def _sentence(rng: random.Random, n: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, make_tokenizer):
     from lm_eval.tasks import TaskManager
 
     root = tmp_path_factory.mktemp("eval")
+    # Word-level (WORDS): a task's prompts have equal token lengths, so test_compilations_independent_of_sample_count
+    # sees the same length buckets for 3 and for 16 samples (with the subword tokenizer_path: 32 vs 35 compilations).
+    tok_path = make_tokenizer("words")
     rng = random.Random(0)
-    tok_path = train_tokenizer([_sentence(rng, 12) + "." for _ in range(3000)], str(root / "tok" / "tokenizer.model"))
     # max_seq_len 96 (= HF max_position_embeddings = both backends' max_length): rolling windows roll; window 16
     # < prompts; initializer_range 0.2 spreads the logits so greedy argmax has no near-ties between backends.
     cfg = mj.ModelConfig.tiny(max_seq_len=96, initializer_range=0.2)

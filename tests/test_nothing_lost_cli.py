@@ -516,6 +516,7 @@ def test_train_on_random_bytes_is_refused_leaving_no_checkpoints(tmp_path):
 # ---------------------------------------------------------------------------------------------- train_tokenizer
 def test_train_tokenizer_never_replaces_a_file_by_accident(tmp_path, capsys):
     """An existing --output is refused (byte-identical afterwards) unless --overwrite; bad values are one line."""
+    # Trains its own tokenizer: the train-tokenizer command's output handling is what this test is about.
     from mistral_jax.cli import train_tokenizer as tt
 
     text = tmp_path / "text.txt"

@@ -30,7 +30,7 @@ from mistral_jax.convert import paths
 from mistral_jax.model.transformer import params_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CFG = mj.ModelConfig.tiny(vocab_size=320, dim=32, hidden_dim=64, head_dim=8)  # vocab: the tokenizer's
+CFG = mj.ModelConfig.tiny(dim=32, hidden_dim=64, head_dim=8)  # vocab 512: the shared tokenizer_path's
 TOKENS = np.random.default_rng(0).integers(3, 320, (2, 20)).astype(np.int32)
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
 ENV.pop("MISTRAL_JAX_DEBUG", None)
@@ -68,16 +68,14 @@ def _save_ckpt(workdir, step: int, params) -> None:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tokenizer_path):
     """runs/{base_hf, run, sibling, lora}: an HF base model with a tokenizer, a training workdir (as train.py lays it
     out), a sibling run, and a LoRA run on the base (run_config.json + adapter-only checkpoint)."""
     from configs import tiny_sft
-    from mistral_jax.data.train_tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("world")
     runs = root / "runs"
-    tok = train_tokenizer([f"the quick brown fox {i} jumps over the lazy dog {i * 7}" for i in range(50)],
-                          str(root / "tok" / "tokenizer.model"), 320)
+    tok = tokenizer_path  # shared, read-only: the runs below get copies
     base = mj.Transformer(CFG, rngs=nnx.Rngs(0))
     mj.save_hf(base, runs / "base_hf", tokenizer=tok)
 

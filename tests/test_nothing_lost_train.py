@@ -351,5 +351,5 @@ def test_tokenizer_too_small_for_cjk_names_the_fields(tmp_path):
     assert f"--config.data.tokenizer_vocab_size={needed} --config.model.vocab_size={needed}" in msg, msg
     assert "character_coverage" not in msg  # sentencepiece's flag is not the fix
     assert not os.path.exists(workdir / "tokenizer.model")
-    # and the fix works: the suggested size trains
+    # and the fix works: the suggested size trains (its own tokenizer: the CJK data and the size are the test)
     assert train_tokenizer(texts, str(tmp_path / "ok.model"), needed)

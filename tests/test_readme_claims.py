@@ -21,20 +21,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_TOKENIZER = os.path.join(os.path.dirname(sys.executable), "mistral-jax-train-tokenizer")  # the console script
 
 
-def _tokenizer(tmp_path, vocab=512) -> str:
-    out = tmp_path / "tok.model"
-    proc = subprocess.run([TRAIN_TOKENIZER, "--input", TRAIN,
-                           "--output", str(out), "--vocab_size", str(vocab)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == str(out)
-    return str(out)
-
-
 @pytest.mark.heavy
 def test_train_tokenizer_command(tmp_path):
     """``mistral-jax-train-tokenizer``: a sentencepiece model with Mistral's special ids."""
-    sp = spm.SentencePieceProcessor(model_file=_tokenizer(tmp_path, 600))
+    # Trains its own tokenizer: the console script that trains it is what this test is about.
+    out = tmp_path / "tok.model"
+    proc = subprocess.run([TRAIN_TOKENIZER, "--input", TRAIN, "--output", str(out), "--vocab_size", "600"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(out)
+    sp = spm.SentencePieceProcessor(model_file=str(out))
     assert sp.get_piece_size() == 600
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2)
     text = "def f(x): return x # ünïcödé ✓"
@@ -48,13 +44,13 @@ def test_train_tokenizer_command(tmp_path):
 
 
 @pytest.mark.slow
-def test_expert_load_is_logged_per_expert(tmp_path):
+def test_expert_load_is_logged_per_expert(tmp_path, tokenizer_path):
     """A Mixtral run writes ``expert_load/e{i}`` to metrics.jsonl: each expert's share of the top-k assignments."""
     cfg = trainer.load_config_file(os.path.join(ROOT, "configs/tiny.py"))
     cfg.progress_bar = False
     cfg.update_from_flattened_dict({"model.preset": "tiny_mixtral", "num_steps": 3, "batch_size": 8, "log_every": 1,
                                     "data.seq_len": 32, "data.validation": "", "optimizer.warmup_steps": 1,
-                                    "checkpoint.every_steps": 3, "data.tokenizer": _tokenizer(tmp_path)})
+                                    "checkpoint.every_steps": 3, "data.tokenizer": tokenizer_path})
     trainer.train(cfg, str(tmp_path / "run"))
     rows = [r for r in read_metrics(str(tmp_path / "run")) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]

@@ -109,30 +109,17 @@ def test_merge_equals_base_plus_scaled_update(base_models, name):
 
 # ------------------------------------------------------------------------------------------ runs through train.py
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A pretrained tiny checkpoint in HF format (config.json + model.safetensors + tokenizer.model): 40 steps of
-    train.py's trainer on the bundled corpus, then exported, as a user's released base model would be."""
-    from mistral_jax.data import chat, corpus
-    from mistral_jax.data.pipeline import load_texts
-    from mistral_jax.data.tokenizer import Tokenizer
-    from mistral_jax.data.train_tokenizer import train_tokenizer
+def pretrained(tmp_path_factory, tiny_trained_run, corpus_tokenizer):
+    """A pretrained tiny checkpoint in HF format (config.json + model.safetensors + tokenizer.model): the shared
+    ``tiny_trained_run`` (30 steps of train.py's trainer on the bundled corpus with ``tokenizer_path``), exported as
+    a user's released base model would be."""
     from mistral_jax.export import save_hf
 
-    root = tmp_path_factory.mktemp("pretrained")
-    texts = load_texts(corpus.TRAIN)[:200] + [m["content"] for c in chat.load_conversations("bundled") for m in c]
-    tok = Tokenizer(train_tokenizer(texts, str(root / "tok" / "tokenizer.model"), 512))
-    from configs import tiny
-    from mistral_jax.training import trainer
-
-    c = tiny.get_config()
-    c.num_steps, c.log_every, c.eval_every, c.checkpoint.every_steps = 40, 10, 0, 40
-    c.data.tokenizer, c.data.validation = tok.path, ""
-    c.progress_bar, c.checkpoint.async_save = False, False
-    trainer.train(c, str(root / "pre"))
-    losses = [r["loss"] for r in read_metrics(str(root / "pre")) if "loss" in r]
+    losses = [r["loss"] for r in read_metrics(tiny_trained_run) if "loss" in r]
     assert losses[-1] < losses[0] - 0.5, losses  # really pretrained, not a random init
-    save_hf(mj.load_pretrained(str(root / "pre")), root / "hf", tokenizer=tok)
-    return root / "hf", tok
+    hf_dir = tmp_path_factory.mktemp("pretrained") / "hf"
+    save_hf(mj.load_pretrained(tiny_trained_run), hf_dir, tokenizer=corpus_tokenizer)  # reads the run, writes hf_dir
+    return hf_dir, corpus_tokenizer
 
 
 def _sft_config(init_from, **kw):

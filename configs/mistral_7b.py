@@ -4,7 +4,7 @@ Hyper-parameters follow Llama-2 / Mistral-style 7B recipes: AdamW (0.9, 0.95), p
 10%, weight decay 0.1 (not on norms / embeddings), clip 1.0, 4M-token batches (512 x 8192), bf16 compute with
 float32 master weights, full remat.
 
-    python train.py --config configs/mistral_7b.py --workdir gs://bucket/runs/m7b
+    python train.py --config configs/mistral_7b.py --workdir /mnt/runs/m7b
 
 The tokenizer is Mistral's own 32k sentencepiece model (``data.tokenizer = "mistral:v1"``, the file mistral-common
 ships), so the run's ids are those of the released Mistral 7B and its exports load in Mistral's tooling.

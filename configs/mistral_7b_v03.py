@@ -5,7 +5,7 @@ bf16 compute with float32 master weights, full remat) on the v0.3 network: no sl
 Mistral's v3 sentencepiece tokenizer (``mistral:v3``: control tokens ``[INST]`` = 3, ``[/INST]`` = 4, shipped in
 mistral-common, offline).
 
-    python train.py --config configs/mistral_7b_v03.py --workdir gs://bucket/runs/m7b_v03
+    python train.py --config configs/mistral_7b_v03.py --workdir /mnt/runs/m7b_v03
 """
 
 from configs import base

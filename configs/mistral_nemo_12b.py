@@ -6,7 +6,7 @@ full remat) at the NeMo geometry, with Mistral's tekken tokenizer (``mistral:tek
 mistral-common). No sliding window; theta 1e6 as released (NeMo's 128k context comes from long-context training
 after this stage: raise ``data.seq_len`` then).
 
-    python train.py --config configs/mistral_nemo_12b.py --workdir gs://bucket/runs/nemo
+    python train.py --config configs/mistral_nemo_12b.py --workdir /mnt/runs/nemo
 """
 
 from configs import base

@@ -6,7 +6,7 @@ in Mixtral-8x22B's config), router z-loss 1e-3, dropless ragged expert matmuls, 
 Mistral's v3 tokenizer (``mistral:v3``, 32768 pieces, shipped in mistral-common). Float32 master weights and Adam
 moments take 16 bytes per parameter (2.25 TB: 8.8 GB per chip over 256 v5p chips, before activations).
 
-    python train.py --config configs/mixtral_8x22b.py --workdir gs://bucket/runs/mx22
+    python train.py --config configs/mixtral_8x22b.py --workdir /mnt/runs/mx22
 """
 
 from configs import base

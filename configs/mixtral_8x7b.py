@@ -3,7 +3,7 @@
 Same recipe as Mistral 7B plus the MoE terms: load-balancing loss 0.02 (HF units, as released), router z-loss
 1e-3 (ST-MoE) for router stability, dropless ragged expert matmuls, experts sharded over `mesh.expert`.
 
-    python train.py --config configs/mixtral_8x7b.py --workdir gs://bucket/runs/mx --config.mesh.expert=8
+    python train.py --config configs/mixtral_8x7b.py --workdir /mnt/runs/mx --config.mesh.expert=8
 """
 
 from configs import base

@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 
-from mistral_jax import sharding
+from mistral_jax import sharding, storage
 from mistral_jax.convert import build, dtypes, hf, mistral, native, paths, sources, tokenizer_files, writing
 from mistral_jax.convert.sources import ConversionError
 from mistral_jax.loading import (
@@ -156,6 +156,8 @@ def convert(src: str, dst: str, input_dir: str | os.PathLike, output_dir: str | 
     for name, value in (("src", src), ("dst", dst)):
         if value not in FORMATS:
             raise ValueError(f"{name}={value!r} is not a format. Fix: use one of {FORMATS}.")
+    storage.check_local(input_dir, "input_dir")
+    storage.check_local(output_dir, "output_dir")
     if dtype is not None:
         dtypes.np_dtype(dtype)  # validate before reading anything
     if dst == "hf":

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import jax
 
-from mistral_jax import sharding
+from mistral_jax import sharding, storage
 from mistral_jax.config import ModelConfig
 from mistral_jax.convert import build, dtypes, hf, mistral, native, sources
 from mistral_jax.model import backends
@@ -90,6 +90,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 def formats_of(path: str | os.PathLike) -> list[str]:
     """Every format ``path`` could be read as (``hf`` first)."""
+    storage.check_local(path, "checkpoint")
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist. Fix: check the path.")

@@ -99,10 +99,33 @@ class ArgparseError(UsageError):
 
 
 class Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors raise :class:`ArgparseError` (one line, exit status 2 via :func:`run`)."""
+    """An ``ArgumentParser`` whose errors raise :class:`ArgparseError` (one line, exit status 2 via :func:`run`),
+    and which refuses a URL in any of ``PATH_FLAGS`` (``check_local_flags``)."""
 
     def error(self, message: str) -> NoReturn:
         raise ArgparseError(message, self.prog)
+
+    def parse_known_args(self, args=None, namespace=None):  # parse_args calls it
+        ns, rest = super().parse_known_args(args, namespace)
+        check_local_flags({name: getattr(ns, name) for name in PATH_FLAGS if hasattr(ns, name)})
+        return ns, rest
+
+
+# the flags that name files or directories, in every tool: a URL there is refused before any work
+PATH_FLAGS = ("workdir", "checkpoint", "tokenizer", "input", "output", "output_path", "config", "include_path")
+
+
+def check_local_flags(values: dict[str, Any]) -> None:
+    """``{flag name: value}`` of path flags: a ``UsageError`` for the first value that is a URL (``gs://``,
+    ``s3://``, ...), which would otherwise be taken for a local directory (``storage.check_local``)."""
+    from mistral_jax import storage
+
+    for name, value in values.items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            scheme = storage.url_scheme(v)
+            if scheme is not None:
+                raise UsageError(f"--{name}", v, f"is a {scheme}:// URL, which this version cannot open",
+                                 storage.FIX)
 
 
 def absl_flags_parser(prog: str, flag_values: Any) -> Callable[[list[str]], list[str]]:

@@ -34,8 +34,9 @@ def _topology_arg(name: str) -> Topology:
 
 def _check_config_file(path: str) -> None:
     """``--config`` names an existing file (a ``file.py:arg`` suffix allowed), or a ``UsageError``."""
-    from mistral_jax.cli import UsageError
+    from mistral_jax.cli import UsageError, check_local_flags
 
+    check_local_flags({"config": path})
     file = path.split(":", 1)[0]
     if not os.path.isfile(file):
         raise UsageError("--config", path, "does not exist" if not os.path.exists(file) else "is not a file",

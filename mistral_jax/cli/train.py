@@ -47,6 +47,7 @@ def check_args(argv: list[str]) -> None:
     config = _flag_value(argv, "config")
     if not config:
         raise cli.UsageError("--config", config, "is required", "pass --config configs/tiny.py (or another config)")
+    cli.check_local_flags({"config": config, "workdir": _flag_value(argv, "workdir")})  # a URL is no local path
     path = config.split(":")[0]
     if not os.path.isfile(path):
         names = sorted(n for n in os.listdir(run.CONFIG_DIR) if n.endswith(".py") and not n.startswith("_"))

@@ -28,6 +28,8 @@ import socket
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 
+from mistral_jax import storage
+
 log = logging.getLogger(__name__)
 
 # what each kind of export writes (and nothing else); ``dirs`` are sub-directories, ``required`` must be present
@@ -139,6 +141,7 @@ def check_output(out_dir: str | os.PathLike, kind: str | None, overwrite: bool =
     """
     if kind is not None and kind not in EXPORT_FILES:
         raise ValueError(f"unknown export kind {kind!r}. Fix: use one of {sorted(EXPORT_FILES)}.")
+    storage.check_local(out_dir, "output")  # a URL would be written as a local directory named "gs:"
     check_not_overlapping(out_dir, inputs, files)
     out = real(out_dir)
     shown = os.fspath(out_dir)

@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from mistral_jax.cli import UsageError, check_checkpoint_dir, check_dtype, check_tokenizer, number
+from mistral_jax.cli import UsageError, check_checkpoint_dir, check_dtype, check_local_flags, check_tokenizer, number
 from mistral_jax.evals import presets
 
 
@@ -68,6 +68,8 @@ def check_flags(values: Any, positional: Sequence[str] = ()) -> list[str]:
 def check_paths(values: Any) -> None:
     """The checkpoint is a checkpoint directory, the tokenizer exists, --include_path is a directory, and
     --output_path is not a file."""
+    check_local_flags({name: getattr(values, name) for name in ("checkpoint", "tokenizer", "include_path",
+                                                                "output_path")})
     fmt = check_checkpoint_dir(values.checkpoint)
     check_tokenizer(values.tokenizer, values.checkpoint, fmt)
     if values.include_path is not None and not os.path.isdir(values.include_path):

@@ -32,12 +32,12 @@ import optax
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from mistral_jax import flops, loading, sharding
+from mistral_jax import flops, loading, sharding, storage
 from mistral_jax.config import ModelConfig
 from mistral_jax.data import pipeline
 from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.training import optimizer as optimizer_lib
-from mistral_jax.training.recipe import ConfigError, Recipe, choose
+from mistral_jax.training.recipe import ConfigError, Recipe, _get, choose
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +292,11 @@ def _check_fields(cfg: ConfigDict, schema: ConfigDict | None) -> None:
     unknown = _unknown_keys(cfg, schema)
     if unknown:
         raise ConfigError("unknown config field(s): " + "; ".join(unknown) + ". Fix: remove or rename them.")
+    for name in ("init_from", "data.train", "data.validation", "data.tokenizer"):  # a URL is no local path
+        try:
+            storage.check_local(_get(cfg, name), f"config.{name}")
+        except storage.UnsupportedPath as e:
+            raise ConfigError(str(e)) from None
     for name in ("num_steps", "batch_size", "grad_accum_steps", "log_every"):
         if not isinstance(cfg[name], int) or cfg[name] < 1:
             raise ConfigError(f"config.{name}={cfg[name]!r} must be an integer >= 1. Fix: set --config.{name}.")

@@ -54,7 +54,7 @@ from typing import Any
 import jax
 from ml_collections import ConfigDict
 
-from mistral_jax import distributed
+from mistral_jax import distributed, storage
 from mistral_jax.config import ModelConfig
 from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.training import loop as loop_lib
@@ -259,6 +259,10 @@ def train(run: RunSpec | ConfigDict, workdir: str) -> dict[str, Any]:
     """
     if not isinstance(run, RunSpec):
         run = run_lib.resolve(run)
+    try:
+        storage.check_local(workdir, "workdir")  # os.path.abspath("gs://b/x") is a local path: never reached
+    except storage.UnsupportedPath as e:
+        raise ConfigError(str(e)) from None
     workdir = os.path.abspath(workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir={workdir} is a file, not a directory. Fix: pass a directory (new or a run's).")

@@ -1,0 +1,124 @@
+"""A URL is never taken for a local path: every path the project reads or writes is refused in one line, before
+any work, when it is ``gs://``, ``s3://`` or any other ``scheme://`` (mistral_jax/storage.py).
+
+Without the check, ``train.py --workdir gs://bkt/x`` trained into a local ``./gs:/bkt/x`` and failed at its first
+save, and ``convert --output gs://bkt/export`` wrote ``./gs:/bkt/export`` and exited 0."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import mistral_jax as mj
+from mistral_jax import storage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("path, scheme", [
+    ("gs://bkt/run", "gs"), ("s3://bkt/run", "s3"), ("GS://bkt", "gs"), ("file:///tmp/x", "file"),
+    ("hf://datasets/x", "hf"), ("runs/demo", None), ("/abs/gs://x", None), ("mistral:v3", None),
+    ("HuggingFaceH4/ultrachat_200k", None), ("C:\\runs\\x", None), ("", None), (None, None), (3, None),
+])
+def test_url_scheme(path, scheme):
+    assert storage.url_scheme(path) == scheme
+
+
+def test_check_local_names_the_field_the_url_and_the_fix():
+    storage.check_local("runs/x", "--workdir")
+    storage.check_local(["a.jsonl", "b.jsonl"], "--input")
+    with pytest.raises(storage.UnsupportedPath) as e:
+        storage.check_local(["a.jsonl", "s3://b/c.jsonl"], "--input")
+    msg = str(e.value)
+    assert msg.startswith("--input='s3://b/c.jsonl' is a s3:// URL") and "Fix: pass a local path" in msg
+    assert "\n" not in msg
+
+
+def _no_url_dirs(where) -> None:
+    """Nothing named like a URL's first segment was created (``gs:`` / ``s3:``)."""
+    assert not [n for n in os.listdir(where) if n.endswith(":")], os.listdir(where)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["mistral_jax.cli.convert", "--input", "gs://bkt/hf", "--output", "out", "--from", "hf", "--to", "jax"],
+     "--input"),
+    (["mistral_jax.cli.convert", "--input", "{hf}", "--output", "gs://bkt/export", "--from", "hf", "--to", "hf"],
+     "--output"),
+    (["mistral_jax.cli.generate", "--checkpoint", "s3://bkt/ckpt", "--prompt", "hi"], "--checkpoint"),
+    (["mistral_jax.cli.lora", "--workdir", "gs://bkt/lora", "--output", "out"], "--workdir"),
+    (["mistral_jax.cli.train_tokenizer", "--input", "a.txt", "gs://bkt/b.txt", "--output", "t.model"], "--input"),
+])
+def test_command_line_tools_refuse_a_url_in_one_line(argv, flag, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    monkeypatch.chdir(tmp_path)
+    module = importlib.import_module(argv[0])
+    from mistral_jax import cli
+
+    try:  # as each tool's console script runs main: a returned exit status, or a UsageError as one line, exit 2
+        code = cli.run(lambda: module.main([a.format(hf=hf) for a in argv[1:]]), argv[0])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, (code, err)
+    assert f"{flag}=" in err and "URL" in err and "Fix:" in err
+    _no_url_dirs(tmp_path)
+
+
+def test_eval_refuses_a_url_checkpoint_before_loading_lm_eval():
+    from absl import flags
+
+    from mistral_jax.cli import UsageError
+    from mistral_jax.evals import args
+
+    values = flags.FlagValues()
+    for name in ("checkpoint", "tokenizer", "include_path", "output_path"):
+        flags.DEFINE_string(name, None, "", flag_values=values)
+    values(["eval.py", "--checkpoint", "runs/demo", "--output_path", "gs://bkt/evals"])
+    with pytest.raises(UsageError, match=r"--output_path='gs://bkt/evals' is a gs:// URL"):
+        args.check_paths(values)
+
+
+@pytest.mark.heavy  # a Python subprocess
+def test_train_py_refuses_a_url_workdir_before_any_work(tmp_path):
+    """The issue's case, as a user runs it: exit 2, one line, no ``./gs:`` directory, nothing trained."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config",
+                           os.path.join(ROOT, "configs", "tiny.py"), "--workdir", "gs://bkt/run"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--workdir='gs://bkt/run' is a gs:// URL" in lines[0], proc.stderr
+    _no_url_dirs(tmp_path)
+
+
+@pytest.mark.parametrize("field", ["init_from", "data.train", "data.validation", "data.tokenizer"])
+def test_run_config_paths_are_checked(field):
+    from configs import tiny
+    from mistral_jax.training import run
+
+    cfg = tiny.get_config()
+    head, _, leaf = field.rpartition(".")
+    (cfg[head] if head else cfg)[leaf] = "s3://bkt/thing"
+    with pytest.raises(run.ConfigError, match=rf"config\.{field}='s3://bkt/thing' is a s3:// URL"):
+        run.validate_config(cfg)
+
+
+def test_library_entry_points_refuse_urls(tmp_path, monkeypatch):
+    from configs import tiny
+    from mistral_jax.training import trainer
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(storage.UnsupportedPath, match="checkpoint='gs://bkt/model'"):
+        mj.load_pretrained("gs://bkt/model")
+    model = mj.Transformer(mj.ModelConfig.tiny(), rngs=__import__("flax").nnx.Rngs(0))
+    for save in (mj.save_hf, mj.save_mistral, mj.save_jax):
+        with pytest.raises(storage.UnsupportedPath, match="output='gs://bkt/export'"):
+            save(model, "gs://bkt/export")
+    with pytest.raises(trainer.ConfigError, match="workdir='gs://bkt/run'"):
+        trainer.train(tiny.get_config(), "gs://bkt/run")
+    _no_url_dirs(tmp_path)

@@ -70,6 +70,7 @@ def test_command_line_tools_refuse_a_url_in_one_line(argv, flag, tmp_path, monke
     _no_url_dirs(tmp_path)
 
 
+@pytest.mark.oracle  # mistral_jax.evals imports lm-eval (not in the light extra)
 def test_eval_refuses_a_url_checkpoint_before_loading_lm_eval():
     from absl import flags
 

@@ -177,6 +177,7 @@ def _uncached_logprobs(model, prompt, new):
     return np.asarray([logp[len(prompt) - 1 + i, t] for i, t in enumerate(new)])
 
 
+@pytest.mark.heavy  # trains or compiles end to end: fast tier, not light
 def test_sampled_logprobs_equal_the_uncached_forward(model):
     prompts = [[1, 5, 9, 14, 3, 7, 30, 11, 4, 8, 21], [1, 40, 2 + 1, 17]]  # past the window of 8
     g = 3  # G completions per prompt, as GRPO samples them: one batch of G copies of each prompt

@@ -233,6 +233,7 @@ def test_grad_accumulation_changes_memory_not_the_step(init_run, corpus_tokenize
         np.testing.assert_allclose(a, b, atol=1e-5)  # Adam divides by sqrt(v): rounding grows a little
 
 
+@pytest.mark.heavy  # trains or compiles end to end: fast tier, not light
 def test_the_dpo_step_never_holds_the_pair_logits():
     """The compiled full-DPO train step (policy, frozen reference, gradient) at V = 32k needs fewer temporary bytes
     than one float32 ``[B, 2, T, V]`` logits tensor: sequence log-probs are computed over chunks of positions

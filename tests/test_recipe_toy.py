@@ -123,6 +123,7 @@ def test_an_unregistered_recipe_is_refused_naming_the_registry():
         recipe_lib.choose(c)
 
 
+@pytest.mark.heavy  # trains or compiles end to end: fast tier, not light
 def test_a_toy_recipe_trains_through_the_normal_entry(toy, tokenizer_path, tmp_path):
     cfg = _config(tokenizer_path)
     assert cfg.toy.scale == 3.0 and "toy.scale" in recipe_lib.state_fields()

@@ -114,6 +114,7 @@ def _train_main(monkeypatch, workdir, tokenizer_path, *extra):
 
 
 @pytest.mark.parametrize("start", ["fresh", "init_from"])
+@pytest.mark.heavy  # trains or compiles end to end: fast tier, not light
 def test_train_py_builds_each_part_of_the_run_once(start, monkeypatch, tmp_path, tokenizer_path, tiny_trained_run,
                                                    capsys):
     extra = [f"--config.init_from={tiny_trained_run}"] if start == "init_from" else []

@@ -124,3 +124,43 @@ def tiny_trained_run(tmp_path_factory, tokenizer_path):
     digest = _tree_digest(workdir)
     yield workdir
     assert _tree_digest(workdir) == digest, f"a test changed the shared run {workdir}: copy it before changing it"
+
+
+# ------------------------------------------------------------------------------------------- object storage
+# Emulators started by the tests on 127.0.0.1 (tests/emulators.py): a session server each, a new bucket per test.
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    from tests.emulators import FakeGCS
+
+    server = FakeGCS(str(tmp_path_factory.mktemp("fake-gcs")))
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    from tests.emulators import Moto
+
+    server = Moto()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture
+def gcs_bucket(gcs):
+    """``gs://<fresh bucket>`` on the session's fake-gcs-server."""
+    return gcs.bucket()
+
+
+@pytest.fixture
+def s3_bucket(s3):
+    """``s3://<fresh bucket>`` on the session's moto server."""
+    return s3.bucket()

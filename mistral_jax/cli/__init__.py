@@ -100,14 +100,20 @@ class ArgparseError(UsageError):
 
 class Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors raise :class:`ArgparseError` (one line, exit status 2 via :func:`run`),
-    and which refuses a URL in any of ``PATH_FLAGS`` (``check_local_flags``)."""
+    and which checks every path flag (``PATH_FLAGS``) with ``check_local_flags``: the flags named in
+    ``remote_ok`` may be ``gs://`` / ``s3://`` paths, a URL in any other is refused before any work."""
+
+    def __init__(self, *args, remote_ok: tuple[str, ...] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.remote_ok = tuple(remote_ok)
 
     def error(self, message: str) -> NoReturn:
         raise ArgparseError(message, self.prog)
 
     def parse_known_args(self, args=None, namespace=None):  # parse_args calls it
         ns, rest = super().parse_known_args(args, namespace)
-        check_local_flags({name: getattr(ns, name) for name in PATH_FLAGS if hasattr(ns, name)})
+        check_local_flags({name: getattr(ns, name) for name in PATH_FLAGS if hasattr(ns, name)},
+                          remote_ok=self.remote_ok)
         return ns, rest
 
 
@@ -115,17 +121,28 @@ class Parser(argparse.ArgumentParser):
 PATH_FLAGS = ("workdir", "checkpoint", "tokenizer", "input", "output", "output_path", "config", "include_path")
 
 
-def check_local_flags(values: dict[str, Any]) -> None:
-    """``{flag name: value}`` of path flags: a ``UsageError`` for the first value that is a URL (``gs://``,
-    ``s3://``, ...), which would otherwise be taken for a local directory (``storage.check_local``)."""
+def check_local_flags(values: dict[str, Any], remote_ok: tuple[str, ...] = ()) -> None:
+    """``{flag name: value}`` of path flags: a ``UsageError`` for the first value that is a URL the flag cannot
+    take, which would otherwise be taken for a local directory. Flags in ``remote_ok`` take ``gs://`` / ``s3://``
+    (``storage.check_supported``: other schemes, or a missing filesystem package, are refused); the others take
+    local paths only (``storage.check_local``)."""
     from mistral_jax import storage
 
     for name, value in values.items():
         for v in value if isinstance(value, (list, tuple)) else [value]:
             scheme = storage.url_scheme(v)
-            if scheme is not None:
-                raise UsageError(f"--{name}", v, f"is a {scheme}:// URL, which this version cannot open",
-                                 storage.FIX)
+            if scheme is None:
+                continue
+            if name in remote_ok:
+                try:
+                    storage.check_supported(v, f"--{name}")
+                except storage.UnsupportedPath as e:  # its message already names the flag, value and fix
+                    err = UsageError(f"--{name}", v, "", "")
+                    err.args = (str(e),)
+                    raise err from None
+                continue
+            raise UsageError(f"--{name}", v, f"is a {scheme}:// URL, which --{name} cannot take (a local path "
+                             "only)", storage.FIX)
 
 
 def absl_flags_parser(prog: str, flag_values: Any) -> Callable[[list[str]], list[str]]:

@@ -34,7 +34,6 @@ kept without (at least the start of) its answer.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import itertools
 import json
 import logging
@@ -44,6 +43,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mistral_jax import storage
+from mistral_jax.data import files
 from mistral_jax.data.epochs import EpochBatches
 
 ROLES = ("system", "user", "assistant")
@@ -316,20 +317,26 @@ def to_messages(example: Mapping[str, Any], messages_field: str = "messages") ->
 
 def load_conversations(source: str, split: str = "train", messages_field: str = "messages",
                        hub_config: str = "") -> Iterator[list[dict[str, str]]]:
-    """Yield ``messages`` lists from local JSONL / JSON files (path or glob) or an HF hub dataset name.
+    """Yield ``messages`` lists from JSONL / JSON files (path, directory or glob; local or ``gs://`` / ``s3://``) or
+    an HF hub dataset name.
 
     Args:
       source: ``.jsonl``/``.json`` file, directory or glob; ``"bundled"`` for the tiny bundled set; else a hub name.
+
+    Raises:
+      FileNotFoundError: a path that does not exist (or a bucket path naming no ``.json*`` file).
+      storage.StorageError: a bucket path whose endpoint, bucket or credentials fail (one line with the fix).
       split: hub split (``"validation"`` of ``"bundled"`` is the bundled held-out file).
       messages_field: the column holding the messages (see ``to_messages`` for other accepted layouts).
       hub_config: hub dataset configuration name.
     """
     if source == "bundled":
         source = BUNDLED_VALIDATION if split.startswith(("val", "test")) else BUNDLED_TRAIN
-    paths = sorted(glob.glob(os.path.join(source, "*.json*"))) if os.path.isdir(source) else sorted(glob.glob(source))
+    files.check_reachable(source, "chat data")  # a bucket path: endpoint, bucket, credentials, in one line
+    paths = files.json_files(source)
     if paths:
         for path in paths:
-            with open(path, encoding="utf-8") as f:
+            with files.open_text(path) as f:
                 if path.endswith(".jsonl"):
                     rows: Iterable[Any] = (json.loads(line) for line in f if line.strip())
                 else:
@@ -337,7 +344,7 @@ def load_conversations(source: str, split: str = "train", messages_field: str = 
                 for row in rows:
                     yield to_messages(row, messages_field)
         return
-    if os.path.sep in source and not os.path.exists(source):
+    if storage.url_scheme(source) is not None or os.path.sep in source and not os.path.exists(source):
         raise FileNotFoundError(f"chat data {source!r} does not exist. Fix: pass a .jsonl file, a directory of them, "
                                 "'bundled', or an HF hub dataset name.")
     import datasets  # deferred: heavy import, only for hub datasets

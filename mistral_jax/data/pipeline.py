@@ -1,17 +1,20 @@
 """Text documents -> sentencepiece tokens -> packed fixed-length rows -> per-process batches, resumable.
 
 Sources (``open_source``):
-  * local files: a path, a directory (every supported file inside, sorted) or a glob. ``.jsonl`` / ``.json``
+  * files, local or in a bucket (``gs://`` / ``s3://``, read through the path layer: ``data.files``): a path, a
+    directory (every supported file inside, recursively, sorted) or a glob (``**`` included). ``.jsonl`` / ``.json``
     (one JSON object per line, or a JSON array; the text under ``text_field``), ``.txt`` (one document per
     line, as HF ``datasets``' text builder) and ``.parquet`` (column ``text_field``). Loaded into memory.
   * anything else is an HF hub dataset name, opened with ``datasets.load_dataset(..., streaming=True)``;
     offline, this fails with a message naming the dataset and how to use a local file instead.
 
 Bad input: a missing path or an empty dataset raises ``DataError``; malformed JSON names the file and
-line. Non-UTF-8 bytes follow ``on_decode_error``: ``"replace"`` (default) decodes them as U+FFFD and warns
-once per file with the number of bad lines and the first one; ``"error"`` raises naming file and line. A file
-whose bytes are more than a quarter undecodable (``MAX_UNDECODABLE_FRACTION``: random or binary data, another
-encoding) holds no UTF-8 text and raises ``DataError`` under either policy.
+line. A bucket path is checked first (``storage.check_bucket``): an unreachable endpoint, a missing bucket or
+missing credentials is one ``DataError`` line with the fix, before any listing. Non-UTF-8 bytes follow
+``on_decode_error``: ``"replace"`` (default) decodes them as U+FFFD and warns once per file with the number of bad
+lines and the first one; ``"error"`` raises naming file and line. A file whose bytes are more than a quarter
+undecodable (``MAX_UNDECODABLE_FRACTION``: random or binary data, another encoding) holds no UTF-8 text and raises
+``DataError`` under either policy.
 
 Packing: each document becomes ``[<s>] + ids + [</s>]`` (``add_bos`` / ``add_eos``); its (input, target)
 pairs are laid greedily into rows of ``seq_len``. A document longer than the space left continues in the
@@ -22,8 +25,8 @@ end of a non-looping source, i.e. in eval).
 Order: each epoch visits the documents in a permutation drawn from ``seed + epoch`` (``shuffle``), and
 process ``p`` of ``P`` takes every P-th document of it. Hub datasets use ``datasets``' seeded shuffle buffer
 and ``split_dataset_by_node`` (so a streamed dataset's global batch depends on the process count). Training on
-local files uses ``RowReaders``: row ``r`` of the global batch reads documents ``r::rows``, so the global batch is
-the same on any number of processes and each process reads only the documents of its own rows.
+files (local or in a bucket) uses ``RowReaders``: row ``r`` of the global batch reads documents ``r::rows``, so the
+global batch is the same on any number of processes and each process reads only the documents of its own rows.
 
 Resumable state: ``{"epoch", "index", "offset"}`` (the next document of this process and the number of its
 pairs already emitted), plus a ``fingerprint`` of the settings that define the order. ``get_state()`` after a
@@ -33,7 +36,6 @@ batch and ``set_state()`` before the next reproduce the stream exactly; for hub 
 
 from __future__ import annotations
 
-import glob as globlib
 import hashlib
 import json
 import logging
@@ -43,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from mistral_jax import storage
+from mistral_jax.data import files
 from mistral_jax.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -60,21 +64,31 @@ class DataError(ValueError):
 
 # --------------------------------------------------------------------------- sources
 def _expand(spec: str) -> list[str] | None:
-    """Local files for ``spec`` (path, dir, glob), or None if ``spec`` does not look local (a hub name)."""
-    path = os.path.expanduser(spec)
-    if any(ch in spec for ch in "*?["):
-        files = sorted(f for f in globlib.glob(path, recursive=True) if os.path.isfile(f))
-        if not files:
+    """The files of ``spec`` (path, dir, glob; local or in a bucket), or None if ``spec`` does not look like a
+    path (a hub name)."""
+    remote = storage.url_scheme(spec) is not None
+    if remote:
+        try:  # one line before any listing: an unreachable endpoint, a missing bucket, no credentials
+            files.check_reachable(spec, "dataset")
+        except (storage.StorageError, storage.UnsupportedPath) as e:
+            raise DataError(str(e)) from None
+    path = spec if remote else os.path.expanduser(spec)
+    if files.is_glob(spec):
+        found = files.glob(path)
+        if not found:
             raise DataError(f"data glob {spec!r} matches no files. Fix: check the pattern and the working directory.")
-        return files
-    if os.path.isdir(path):
-        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.endswith(EXTENSIONS))
-        if not files:
+        return found
+    if files.isdir(path):
+        found = [f for f in files.walk(path) if f.endswith(EXTENSIONS)]
+        if not found:
             raise DataError(f"data directory {spec!r} holds no {'/'.join(EXTENSIONS)} files. "
                             "Fix: point at a directory of such files or at one file.")
-        return files
-    if os.path.isfile(path):
+        return found
+    if files.isfile(path):
         return [path]
+    if remote:
+        raise DataError(f"data file {spec!r} does not exist. Fix: check the object name (`gcloud storage ls` / "
+                        "`aws s3 ls` lists a bucket).")
     if spec.startswith(("/", ".", "~")) or spec.endswith(EXTENSIONS) or os.sep + os.sep in spec:
         raise DataError(f"data file {spec!r} does not exist (cwd: {os.getcwd()}). Fix: give an existing path, "
                         "or an HF hub dataset name such as 'allenai/c4'.")
@@ -83,7 +97,7 @@ def _expand(spec: str) -> list[str] | None:
 
 def _decode_lines(path: str, on_decode_error: str) -> Iterator[tuple[int, str]]:
     bad, first, bad_bytes, total = 0, None, 0, 0
-    with open(path, "rb") as f:
+    with files.open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
             total += len(raw)
             try:
@@ -113,7 +127,11 @@ def _read_file(path: str, text_field: str, on_decode_error: str) -> list[str]:
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        if storage.is_remote(path):
+            with files.open_binary(path) as f:
+                table = pq.read_table(f)
+        else:
+            table = pq.read_table(path)
         if text_field not in table.column_names:
             raise DataError(f"{path}: no column {text_field!r} (columns: {table.column_names}). "
                             "Fix: set config.data.text_field to the text column.")
@@ -150,7 +168,7 @@ def _read_file(path: str, text_field: str, on_decode_error: str) -> list[str]:
 
 
 class LocalSource:
-    """Documents of local files, held in memory."""
+    """Documents of files (local or in a bucket: ``data.files``), held in memory."""
 
     def __init__(self, spec: str, files: Sequence[str], text_field: str = "text", on_decode_error: str = "replace"):
         if on_decode_error not in DECODE_POLICIES:
@@ -216,12 +234,12 @@ class HubSource:
 
 def open_source(spec: str, *, split: str = "train", hub_config: str = "", text_field: str = "text",
                 on_decode_error: str = "replace", shuffle_buffer: int = 10_000) -> LocalSource | HubSource:
-    """Open local files (path / dir / glob) or, failing that, an HF hub dataset named ``spec``."""
+    """Open files (path / dir / glob, local or gs:// / s3://) or, failing that, an HF hub dataset named ``spec``."""
     if not spec:
         raise DataError("no dataset given (config.data.train is empty). Fix: --config.data.train=PATH_OR_HUB_NAME.")
-    files = _expand(spec)
-    if files is not None:
-        return LocalSource(spec, files, text_field, on_decode_error)
+    found = _expand(spec)
+    if found is not None:
+        return LocalSource(spec, found, text_field, on_decode_error)
     return HubSource(spec, split, hub_config, text_field, shuffle_buffer)
 
 

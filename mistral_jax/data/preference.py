@@ -41,7 +41,6 @@ ordinary packed batch (the ``training.loss`` contract), which ``training.prefere
 from __future__ import annotations
 
 import dataclasses
-import glob
 import itertools
 import json
 import logging
@@ -51,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from mistral_jax.data import chat
+from mistral_jax.data import chat, files
 from mistral_jax.data.epochs import EpochBatches
 
 log = logging.getLogger(__name__)
@@ -137,7 +136,8 @@ def to_pair(example: Mapping[str, Any], index: int | None = None) -> Pair:
 
 
 def load_records(source: str, split: str = "train", hub_config: str = "") -> Iterator[dict[str, Any]]:
-    """Yield raw preference records from local ``.jsonl`` / ``.json`` files or a streamed HF hub dataset.
+    """Yield raw preference records from ``.jsonl`` / ``.json`` files (local or ``gs://`` / ``s3://``) or a streamed
+    HF hub dataset.
 
     Args:
       source: a file, a directory of ``.json*`` files, a glob, ``"bundled"`` (this project's set), or a hub name
@@ -147,15 +147,17 @@ def load_records(source: str, split: str = "train", hub_config: str = "") -> Ite
       hub_config: the hub dataset configuration name.
 
     Raises:
-      FileNotFoundError: a path that does not exist.
+      FileNotFoundError: a path that does not exist (or a bucket path naming no ``.json*`` file).
+      storage.StorageError: a bucket path whose endpoint, bucket or credentials fail (one line with the fix).
       RuntimeError: the hub dataset cannot be streamed (offline, unknown name, unknown split), with the fix.
     """
     if source == "bundled":
         source = BUNDLED_VALIDATION if split.startswith(("val", "test")) else BUNDLED_TRAIN
-    paths = sorted(glob.glob(os.path.join(source, "*.json*"))) if os.path.isdir(source) else sorted(glob.glob(source))
+    files.check_reachable(source, "preference data")  # a bucket path: endpoint, bucket, credentials, in one line
+    paths = files.json_files(source)
     if paths:
         for path in paths:
-            with open(path, encoding="utf-8") as f:
+            with files.open_text(path) as f:
                 if path.endswith(".jsonl"):
                     yield from (json.loads(line) for line in f if line.strip())
                 else:

@@ -7,6 +7,11 @@ or ``tekken.json``, or the name of one of Mistral's released tokenizers (``MISTR
 format is read from the file's content (a tekken file is JSON), never from its name, so a tekken file copied as
 ``tokenizer.model`` still loads as tekken.
 
+Files and directories may be in a bucket (``gs://`` / ``s3://``, through ``mistral_jax.storage``): the file is read
+once; a sentencepiece model loads from its bytes (``model_proto``), and the readers that only take a local file name
+(mistral-common's ``Tekkenizer`` and instruct tokenizer) get a copy in ``storage.cache_dir("tokenizers")`` named by
+the content's hash. The ids are the local file's.
+
 Every tokenizer also knows its Mistral instruct version (``instruct_version``: ``v1``, ``v3``, ``v7`` ...) and
 hands ``data.chat`` the matching ``mistral-common`` instruct tokenizer (``instruct_tokenizer``), which renders
 conversations exactly as Mistral's own library does. The version comes from the name, from a ``.model.vN`` file
@@ -17,11 +22,15 @@ suffix (mistral-common's convention), from a tekken file's config, or from the c
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import sentencepiece as spm
+
+from mistral_jax import storage
 
 NAME_PREFIX = "mistral:"
 
@@ -66,26 +75,39 @@ def named_tokenizer_path(name: str) -> str:
     return os.path.join(os.fspath(MistralTokenizer._data_path()), MISTRAL_TOKENIZERS[name][0])
 
 
+def _isdir(path: str) -> bool:
+    return storage.path(path).is_dir() if storage.is_remote(path) else os.path.isdir(path)
+
+
+def _isfile(path: str) -> bool:
+    return storage.path(path).is_file() if storage.is_remote(path) else os.path.isfile(path)
+
+
 def resolve(tokenizer: str | os.PathLike) -> str:
     """The tokenizer file a tokenizer argument names: a ``mistral:`` name's shipped file, a directory's
-    ``tokenizer.model`` (else its ``tekken.json``), or the path itself (not checked: ``Tokenizer`` does that)."""
+    ``tokenizer.model`` (else its ``tekken.json``), or the path itself (not checked: ``Tokenizer`` does that).
+    Directories may be in a bucket (``gs://`` / ``s3://``)."""
     if is_named(tokenizer):
         return named_tokenizer_path(tokenizer)
     path = os.fspath(tokenizer)
-    if os.path.isdir(path):
-        sp_file, tekken = os.path.join(path, Tokenizer.FILENAME), os.path.join(path, Tokenizer.TEKKEN_FILENAME)
-        return tekken if not os.path.isfile(sp_file) and os.path.isfile(tekken) else sp_file
+    if _isdir(path):
+        sp_file, tekken = storage.join(path, Tokenizer.FILENAME), storage.join(path, Tokenizer.TEKKEN_FILENAME)
+        return tekken if not _isfile(sp_file) and _isfile(tekken) else sp_file
     return path
 
 
+def _is_tekken(data: bytes) -> bool:
+    return data[:64].lstrip().startswith(b"{")
+
+
 def is_tekken_file(path: str | os.PathLike) -> bool:
-    """True if ``path`` is a tekken tokenizer (a JSON file), judged by content, not by name."""
+    """True if ``path`` (local or in a bucket) is a tekken tokenizer (a JSON file), judged by content, not by name."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(64).lstrip()
+        with storage.path(path).open("rb") as f:
+            head = f.read(64)
     except OSError:
         return False
-    return head.startswith(b"{")
+    return _is_tekken(head)
 
 
 class Tokenizer:
@@ -93,14 +115,18 @@ class Tokenizer:
 
     Args:
       path: a sentencepiece ``.model`` file, a tekken ``.json`` file, a directory holding ``tokenizer.model`` or
-        ``tekken.json``, or a Mistral tokenizer name such as ``mistral:v3`` (``MISTRAL_TOKENIZERS``; the file ships
-        in mistral-common, no download).
+        ``tekken.json`` (each local or ``gs://`` / ``s3://``), or a Mistral tokenizer name such as ``mistral:v3``
+        (``MISTRAL_TOKENIZERS``; the file ships in mistral-common, no download).
 
     Attributes:
       name: the ``mistral:...`` name, if one was given.
-      path: the tokenizer file.
+      path: the tokenizer file (a bucket URL for a tokenizer in a bucket).
       kind: ``"sentencepiece"`` or ``"tekken"``.
       sp: the ``SentencePieceProcessor`` (None for tekken).
+
+    Raises:
+      FileNotFoundError: no tokenizer file there. ValueError: not a valid tokenizer file.
+      storage.StorageError: a bucket path whose endpoint, bucket or credentials fail (one line with the fix).
     """
 
     FILENAME = "tokenizer.model"
@@ -108,23 +134,29 @@ class Tokenizer:
 
     def __init__(self, path: str | os.PathLike):
         self.name = path if is_named(path) else None  # the mistral:... name, if one was given
+        if storage.url_scheme(path) is not None:
+            storage.check_bucket(path, "tokenizer")  # one line for an unreachable endpoint or a missing bucket
         path = resolve(path)
-        if not os.path.isfile(path):
+        if not _isfile(path):
             raise FileNotFoundError(
                 f"sentencepiece model not found at {path!r}. Fix: pass the path of a .model file (or a tekken.json), "
                 f"or a directory containing {self.FILENAME} (train one with mistral-jax-train-tokenizer), or a "
                 "Mistral tokenizer name such as mistral:v3.")
-        self.path = path
+        self.path = os.fspath(path)
         self.sp: spm.SentencePieceProcessor | None = None
         self._tekken: Any = None
-        if is_tekken_file(path):
+        # a bucket file is read once: its bytes (for save) and, when a reader needs a file name, a local copy
+        self._bytes: bytes | None = storage.read_bytes(path) if storage.is_remote(path) else None
+        self._local: str | None = None if self._bytes is not None else self.path
+        tekken = _is_tekken(self._bytes) if self._bytes is not None else is_tekken_file(path)
+        if tekken:
             self.kind = "tekken"
             try:
                 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
             except ImportError as e:
                 raise _mistral_common_missing(f"tekken tokenizer {path!r}", e) from None
             try:
-                self._tekken = Tekkenizer.from_file(path)
+                self._tekken = Tekkenizer.from_file(self.local_file)
             except Exception as e:  # noqa: BLE001 - any parse error of the JSON: one line with the fix
                 raise ValueError(f"{path!r} is not a valid tekken tokenizer ({type(e).__name__}: {e}). "
                                  "Fix: pass Mistral's tekken.json (e.g. mistral:tekken).") from e
@@ -132,18 +164,49 @@ class Tokenizer:
         self.kind = "sentencepiece"
         self.sp = spm.SentencePieceProcessor()
         try:
-            self.sp.Load(path)
+            if self._bytes is not None:
+                self.sp.LoadFromSerializedProto(self._bytes)
+            else:
+                self.sp.Load(path)
         except (OSError, RuntimeError) as e:
             raise ValueError(f"{path!r} is not a valid sentencepiece model ({e}). "
                              "Fix: re-train or re-download it.") from e
 
+    @property
+    def local_file(self) -> str:
+        """A local file holding the tokenizer: ``path`` itself, or (for a bucket file) a copy in
+        ``storage.cache_dir("tokenizers", <content hash>)`` under the same file name, written once."""
+        if self._local is None:  # a bucket file (a local one is its own path)
+            data = self.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()[:16]
+            target = os.path.join(storage.cache_dir("tokenizers", digest), self.path.rstrip("/").rsplit("/", 1)[-1])
+            if not os.path.isfile(target):  # a whole file or none: written aside, then renamed into place
+                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), suffix=".partial")
+                try:
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(data)
+                    os.replace(tmp, target)
+                except BaseException:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+                    raise
+            self._local = target
+        return self._local
+
+    def read_bytes(self) -> bytes:
+        """The tokenizer file's content."""
+        if self._bytes is not None:
+            return self._bytes
+        with open(self.path, "rb") as f:
+            return f.read()
+
     @classmethod
     def find(cls, directory: str | os.PathLike) -> Tokenizer | None:
-        """The tokenizer stored in a checkpoint / export directory (``tokenizer.model`` or ``tekken.json``), or
-        None if it has none."""
+        """The tokenizer stored in a checkpoint / export directory (``tokenizer.model`` or ``tekken.json``; local or
+        in a bucket), or None if it has none."""
         for name in (cls.FILENAME, cls.TEKKEN_FILENAME):
-            p = os.path.join(os.fspath(directory), name)
-            if os.path.isfile(p):
+            p = storage.join(directory, name)
+            if _isfile(p):
                 return cls(p)
         return None
 
@@ -153,12 +216,17 @@ class Tokenizer:
         return self.TEKKEN_FILENAME if self.kind == "tekken" else self.FILENAME
 
     def save(self, directory: str | os.PathLike) -> str:
-        """Copy the tokenizer file into ``directory`` as ``self.filename``; returns the new path."""
-        import shutil
+        """Copy the tokenizer file into ``directory`` (local or a bucket) as ``self.filename``; returns the new
+        path. A file onto itself is left alone."""
+        dest = storage.join(directory, self.filename)
+        if not storage.is_remote(dest) and not storage.is_remote(self.path):
+            import shutil
 
-        dest = os.path.join(os.fspath(directory), self.filename)
-        if not (os.path.exists(dest) and os.path.samefile(dest, self.path)):
-            shutil.copyfile(self.path, dest)
+            if not (os.path.exists(dest) and os.path.samefile(dest, self.path)):
+                shutil.copyfile(self.path, dest)
+            return dest
+        if dest.rstrip("/") != self.path.rstrip("/"):
+            storage.write_bytes(dest, self.read_bytes())
         return dest
 
     # ------------------------------------------------------------------ ids
@@ -235,7 +303,7 @@ class Tokenizer:
         if ".model.v" in base:
             from mistral_common.tokens.tokenizers.sentencepiece import get_spm_version
 
-            return get_spm_version(self.path).value
+            return get_spm_version(base).value  # read from the file name
 
         def control(piece: str) -> bool:
             i = self.sp.PieceToId(piece)
@@ -256,7 +324,7 @@ class Tokenizer:
         except ImportError as e:
             raise _mistral_common_missing(f"the chat format of tokenizer {self.path!r}", e) from None
         version = TokenizerVersion(self.instruct_version)
-        raw = self._tekken if self.sp is None else SentencePieceTokenizer(self.path, tokenizer_version=version)
+        raw = self._tekken if self.sp is None else SentencePieceTokenizer(self.local_file, tokenizer_version=version)
         cls = {"v1": instruct.InstructTokenizerV1, "v2": instruct.InstructTokenizerV2,
                "v3": instruct.InstructTokenizerV3, "v7": instruct.InstructTokenizerV7}.get(version.value)
         if cls is None:

@@ -9,11 +9,12 @@ a large script (CJK) needs more than the 512 pieces that suit Latin text. Too sm
 from __future__ import annotations
 
 import io
-import os
 import re
 from collections.abc import Iterable
 
 import sentencepiece as spm
+
+from mistral_jax import storage
 
 BYTE_PIECES, SPECIAL_PIECES = 256, 3  # byte_fallback <0x00>..<0xFF>; <unk> <s> </s>
 _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
@@ -31,12 +32,18 @@ class VocabularyTooSmall(ValueError):
                          f"characters (each gets a piece) plus {parts} pieces need at least {needed:,}")
 
 
-def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int = 512, extra_symbols: tuple[str, ...] = ()
-                    ) -> str:
-    """Train on ``texts`` and write ``out_path`` (a ``.model`` file). Returns the path.
+def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int = 512, extra_symbols: tuple[str, ...] = (),
+                    *, exclusive: bool = False) -> str:
+    """Train on ``texts`` and write ``out_path`` (a ``.model`` file, local or ``gs://`` / ``s3://``). Returns the
+    path. sentencepiece trains from the texts in memory and writes the model to memory, so nothing is staged.
+
+    Args:
+      exclusive: write only if ``out_path`` does not exist (``storage.create_exclusive``: two writers cannot both
+        succeed); else it is replaced.
 
     Raises:
       VocabularyTooSmall: ``vocab_size`` is below what the data's characters need (``.needed`` says how many).
+      FileExistsError: ``exclusive`` and ``out_path`` exists (it is left as it was).
     """
     texts = list(texts)
     if not isinstance(vocab_size, int) or vocab_size < 1:
@@ -56,7 +63,10 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int = 512, 
         needed = int(m.group(2))  # sentencepiece's own count: required characters + meta pieces
         n_chars = needed - 1 - BYTE_PIECES - SPECIAL_PIECES - len(extra_symbols)  # 1: the "\u2581" (space) piece
         raise VocabularyTooSmall(vocab_size, needed, n_chars, len(extra_symbols)) from None
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "wb") as f:
-        f.write(model.getvalue())
+    if exclusive:
+        if not storage.create_exclusive(out_path, model.getvalue()):
+            raise FileExistsError(f"{out_path!r} already exists: it was left as it was. Fix: pass another path, or "
+                                  "remove it first.")
+    else:
+        storage.write_bytes(out_path, model.getvalue())
     return out_path

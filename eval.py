@@ -9,7 +9,9 @@ Several processes (a TPU slice, SLURM / Open MPI, or ``MISTRAL_JAX_COORDINATOR``
 ``_PROCESS_ID``) run the same command: each scores every request on the global mesh; process 0 writes and prints.
 
 DIR is anything ``mistral_jax.load_pretrained`` accepts (HF, Mistral consolidated, mistral_jax export or
-training workdir). Results are written like lm-eval's (``results_<date>.json``, ``samples_<task>_<date>.jsonl``).
+training workdir), local or ``gs://`` / ``s3://``. Results are written like lm-eval's (``results_<date>.json``,
+``samples_<task>_<date>.jsonl``), into a local directory or a bucket path (``--output_path gs://bkt/evals``: written
+locally under the cache directory, then uploaded).
 
 Before anything loads, the flag values are checked, then the paths (checkpoint, tokenizer, --include_path), then
 the task names against lm-eval's index (with close matches); a bad one is one line on stderr naming the flag, the
@@ -20,20 +22,22 @@ from __future__ import annotations
 
 from absl import app, flags
 
-flags.DEFINE_string("checkpoint", None, "Checkpoint directory (HF, Mistral consolidated or mistral_jax).")
+flags.DEFINE_string("checkpoint", None, "Checkpoint directory (HF, Mistral consolidated or mistral_jax), local or "
+                    "gs:// / s3://.")
 flags.DEFINE_string("tasks", "", "Comma-separated lm-eval task / group / tag names.")
 flags.DEFINE_string("suite", None, "Preset suite run with its own shots and metrics: mistral_paper.")
 flags.DEFINE_integer("num_fewshot", None, "Few-shot examples for every task (default: the task's / suite's).")
 flags.DEFINE_float("limit", None, "Examples per task (a fraction of each task if < 1). For testing only.")
 flags.DEFINE_integer("batch_size", 8, "Rows per compiled batch (rounded up to a multiple of the device count).")
 flags.DEFINE_string("include_path", None, "Extra directory of task YAMLs (e.g. tasks over local files).")
-flags.DEFINE_string("output_path", None, "Directory for results_<date>.json (and samples_*.jsonl).")
+flags.DEFINE_string("output_path", None, "Directory for results_<date>.json (and samples_*.jsonl), local or "
+                    "gs:// / s3://.")
 flags.DEFINE_bool("log_samples", False, "Write per-sample inputs, outputs and metrics (needs --output_path).")
 flags.DEFINE_string("seed", "0,1234,1234,1234", "Seeds for python,numpy,torch,fewshot (one value = all four).")
 flags.DEFINE_bool("apply_chat_template", False, "Wrap prompts in Mistral's [INST] instruct template.")
 flags.DEFINE_bool("confirm_run_unsafe_code", False, "Allow tasks that execute generated code (HumanEval, MBPP).")
 flags.DEFINE_string("gen_kwargs", None, "Generation overrides, e.g. 'temperature=0,max_gen_toks=64'.")
-flags.DEFINE_string("tokenizer", None, "tokenizer.model to use when the checkpoint has none.")
+flags.DEFINE_string("tokenizer", None, "tokenizer.model to use when the checkpoint has none (local or gs:// / s3://).")
 flags.DEFINE_string("dtype", None, "Parameter dtype: float32 or bfloat16 (default: as stored).")
 flags.DEFINE_integer("max_length", None, "Context length (default: the model's max_seq_len).")
 flags.DEFINE_bool("verbose", False, "Show the traceback of argument errors too (as MISTRAL_JAX_DEBUG=1 does).")

@@ -47,9 +47,9 @@ def _no_url_dirs(where) -> None:
      "--input"),
     (["mistral_jax.cli.convert", "--input", "{hf}", "--output", "gs://bkt/export", "--from", "hf", "--to", "hf"],
      "--output"),
-    (["mistral_jax.cli.generate", "--checkpoint", "s3://bkt/ckpt", "--prompt", "hi"], "--checkpoint"),
+    (["mistral_jax.cli.generate", "--checkpoint", "hdfs://nn/ckpt", "--prompt", "hi"], "--checkpoint"),
     (["mistral_jax.cli.lora", "--workdir", "gs://bkt/lora", "--output", "out"], "--workdir"),
-    (["mistral_jax.cli.train_tokenizer", "--input", "a.txt", "gs://bkt/b.txt", "--output", "t.model"], "--input"),
+    (["mistral_jax.cli.train_tokenizer", "--input", "a.txt", "hdfs://nn/b.txt", "--output", "t.model"], "--input"),
 ])
 def test_command_line_tools_refuse_a_url_in_one_line(argv, flag, tmp_path, monkeypatch, capsys):
     import importlib
@@ -71,7 +71,7 @@ def test_command_line_tools_refuse_a_url_in_one_line(argv, flag, tmp_path, monke
 
 
 @pytest.mark.oracle  # mistral_jax.evals imports lm-eval (not in the light extra)
-def test_eval_refuses_a_url_checkpoint_before_loading_lm_eval():
+def test_eval_refuses_an_unsupported_url_before_loading_lm_eval():
     from absl import flags
 
     from mistral_jax.cli import UsageError
@@ -80,8 +80,8 @@ def test_eval_refuses_a_url_checkpoint_before_loading_lm_eval():
     values = flags.FlagValues()
     for name in ("checkpoint", "tokenizer", "include_path", "output_path"):
         flags.DEFINE_string(name, None, "", flag_values=values)
-    values(["eval.py", "--checkpoint", "runs/demo", "--output_path", "gs://bkt/evals"])
-    with pytest.raises(UsageError, match=r"--output_path='gs://bkt/evals' is a gs:// URL"):
+    values(["eval.py", "--checkpoint", "runs/demo", "--output_path", "hdfs://nn/evals"])
+    with pytest.raises(UsageError, match=r"--output_path='hdfs://nn/evals' is a hdfs:// URL"):
         args.check_paths(values)
 
 

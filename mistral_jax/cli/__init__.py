@@ -10,8 +10,10 @@ into that single line and exit status 2; other exceptions keep their traceback. 
 (or passing ``--verbose`` to tools that define it) shows the traceback of expected errors too.
 
 Also here, so every tool checks the same way: ``Parser`` (argparse, its errors as ``UsageError``),
-``absl_flags_parser`` (the same for absl flags), ``number`` / ``check_dtype`` (flag values), and
-``check_dir`` / ``check_checkpoint_dir`` / ``check_tokenizer`` (paths, read by name only, nothing loaded).
+``absl_flags_parser`` (the same for absl flags), ``number`` / ``check_dtype`` (flag values), ``check_reachable``
+(a ``gs://`` / ``s3://`` path's endpoint, bucket and credentials, one line) and ``check_dir`` /
+``check_checkpoint_dir`` / ``check_tokenizer`` (paths, read by name only, nothing loaded; the last two take bucket
+paths).
 """
 
 from __future__ import annotations
@@ -137,12 +139,32 @@ def check_local_flags(values: dict[str, Any], remote_ok: tuple[str, ...] = ()) -
                 try:
                     storage.check_supported(v, f"--{name}")
                 except storage.UnsupportedPath as e:  # its message already names the flag, value and fix
-                    err = UsageError(f"--{name}", v, "", "")
-                    err.args = (str(e),)
-                    raise err from None
+                    raise _storage_usage_error(f"--{name}", v, e) from None
                 continue
             raise UsageError(f"--{name}", v, f"is a {scheme}:// URL, which --{name} cannot take (a local path "
                              "only)", storage.FIX)
+
+
+def _storage_usage_error(flag: str, value: Any, err: Exception) -> UsageError:
+    """A ``UsageError`` whose line is a storage error's own (it already names the flag, the value and the fix)."""
+    out = UsageError(flag, value, "", "")
+    out.args = (str(err),)
+    return out
+
+
+def check_reachable(flag: str, value: Any, *, write: bool = False) -> None:
+    """A ``gs://`` / ``s3://`` value: its endpoint answers, its bucket exists, credentials are found (and, with
+    ``write``, an object can be written under it): ``storage.check_bucket``, fast, before anything loads. A
+    ``UsageError`` with its one line otherwise (exit status 2 through ``run``). Local paths and None pass."""
+    from mistral_jax import storage
+
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if v is None or storage.url_scheme(v) is None:
+            continue
+        try:
+            storage.check_bucket(v, flag, write=write)
+        except (storage.StorageError, storage.UnsupportedPath) as e:
+            raise _storage_usage_error(flag, v, e) from None
 
 
 def absl_flags_parser(prog: str, flag_values: Any) -> Callable[[list[str]], list[str]]:
@@ -200,34 +222,43 @@ def check_dtype(flag: str, value: str | None, allowed: tuple[str, ...] = DTYPES)
 
 
 def check_checkpoint_dir(path: str | None, flag: str = "--checkpoint") -> str:
-    """The format (``hf`` / ``mistral`` / ``jax``) of the checkpoint directory ``path``, read from its file names only.
+    """The format (``hf`` / ``mistral`` / ``jax``) of the checkpoint directory ``path`` (local or ``gs://`` /
+    ``s3://``), read from its file names only; a bucket is checked first (``check_reachable``).
 
     Raises:
-      UsageError: ``path`` is missing, not a directory, or holds no checkpoint (says what one must contain).
+      UsageError: ``path`` is missing, not a directory, in an unreachable or missing bucket, or holds no checkpoint
+        (says what one must contain).
     """
+    from mistral_jax import storage
+
     if not path:
         raise UsageError(flag, None, "is required", f"pass {flag} DIR: {CHECKPOINT_KINDS}")
-    if not os.path.exists(path):
+    check_reachable(flag, path)
+    root = storage.path(path)
+    if not root.exists():
         raise UsageError(flag, path, "does not exist", f"check the path; {flag} takes {CHECKPOINT_KINDS}")
-    if not os.path.isdir(path):
+    if not root.is_dir():
         raise UsageError(flag, path, "is a file, not a checkpoint directory",
                          f"pass the directory holding the checkpoint ({os.path.dirname(path) or '.'}?): "
                          f"{CHECKPOINT_KINDS}")
     from mistral_jax.convert import hf, mistral, native
     from mistral_jax.loading import formats_of
 
+    def isfile(name: str) -> bool:
+        return storage.path(storage.join(path, name)).is_file()
+
     found = formats_of(path)
-    names = sorted(os.listdir(path))
+    names = sorted(p.name for p in root.iterdir())
     listing = f"it holds {names[:8] + ['...'] if len(names) > 8 else names}"
     if not found:
-        if os.path.isfile(os.path.join(path, native.MODEL_CONFIG)):
+        if isfile(native.MODEL_CONFIG):
             raise UsageError(flag, path, f"has {native.MODEL_CONFIG} but neither {native.PARAMS}/ nor "
                              f"{native.CHECKPOINTS}/<step>/{native.PARAMS}/ ({listing})",
                              "train until a checkpoint is written, or point at a mistral_jax export dir")
         raise UsageError(flag, path, f"is not a checkpoint directory ({listing})", f"pass {CHECKPOINT_KINDS}")
     fmt = found[0]
     weights = {"hf": (hf.SINGLE, hf.INDEX), "mistral": (mistral.WEIGHTS,)}.get(fmt, ())
-    if weights and not any(os.path.isfile(os.path.join(path, w)) for w in weights):
+    if weights and not any(isfile(w) for w in weights):
         marker = hf.CONFIG if fmt == "hf" else mistral.PARAMS
         torch_bin = any(n.endswith(".bin") for n in names)
         raise UsageError(flag, path, f"has {marker} but no weights ({' or '.join(weights)}; {listing})",
@@ -238,8 +269,9 @@ def check_checkpoint_dir(path: str | None, flag: str = "--checkpoint") -> str:
 
 
 def check_tokenizer(path: str | None, checkpoint: str, fmt: str, flag: str = "--tokenizer") -> str:
-    """The tokenizer.model to use: ``path`` (a file, a directory holding tokenizer.model, or a named Mistral tokenizer
-    such as ``mistral:v1``) or the checkpoint's."""
+    """The tokenizer.model to use: ``path`` (a file, a directory holding tokenizer.model, each local or ``gs://`` /
+    ``s3://``, or a named Mistral tokenizer such as ``mistral:v1``) or the checkpoint's."""
+    from mistral_jax import storage
     from mistral_jax.data.tokenizer import Tokenizer, is_named, named_tokenizer_path, resolve
 
     if path is not None and is_named(path):
@@ -249,9 +281,10 @@ def check_tokenizer(path: str | None, checkpoint: str, fmt: str, flag: str = "--
             problem, _, fix = str(e).partition(". Fix: ")
             raise UsageError(flag, path, f"cannot be used: {problem}", fix or "pass a tokenizer.model path") from None
     if path is not None:
+        check_reachable(flag, path)
         file = resolve(path)  # a directory's tokenizer.model, else its tekken.json
-        if not os.path.isfile(file):
-            raise UsageError(flag, path, "does not exist" if not os.path.exists(path) else
+        if not storage.path(file).is_file():
+            raise UsageError(flag, path, "does not exist" if not storage.path(path).exists() else
                              f"is a directory without {Tokenizer.FILENAME} or {Tokenizer.TEKKEN_FILENAME}",
                              f"pass a sentencepiece {Tokenizer.FILENAME} or a tekken.json (or a directory "
                              "holding one), or a named tokenizer such as mistral:v3")
@@ -276,9 +309,10 @@ def check_dir(flag: str, value: str, what: str) -> None:
 # ------------------------------------------------------------------ tools that load a checkpoint (generate, serve)
 def add_checkpoint_flags(ap: argparse.ArgumentParser) -> None:
     """``--checkpoint``, ``--tokenizer``, ``--dtype`` and ``--verbose``, as every model-loading tool spells them."""
-    ap.add_argument("--checkpoint", help="HF / Mistral / mistral_jax export dir or training workdir (required)")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer file, directory holding one, or a named Mistral "
-                    "tokenizer such as mistral:v3 (default: the checkpoint's tokenizer)")
+    ap.add_argument("--checkpoint", help="HF / Mistral / mistral_jax export dir or training workdir, local or "
+                    "gs:// / s3:// (required)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer file or directory holding one (local or gs:// / "
+                    "s3://), or a named Mistral tokenizer such as mistral:v3 (default: the checkpoint's tokenizer)")
     ap.add_argument("--dtype", default=None, help="parameter and compute dtype: float32 or bfloat16 "
                     "(default: as stored)")
     ap.add_argument("--verbose", action="store_true", help="show tracebacks of argument errors too")
@@ -291,8 +325,13 @@ def check_checkpoint_flags(args: argparse.Namespace) -> None:
     check_dtype("--dtype", args.dtype)
 
 
+# the flags of add_checkpoint_flags that take gs:// / s3:// paths (Parser(remote_ok=...))
+CHECKPOINT_REMOTE_OK = ("checkpoint", "tokenizer")
+
+
 def check_checkpoint_paths(args: argparse.Namespace) -> str:
-    """The checkpoint directory and tokenizer (files only, nothing loaded); returns the tokenizer path or name."""
+    """The checkpoint directory and tokenizer (files only, nothing loaded; buckets checked first); returns the
+    tokenizer path or name."""
     fmt = check_checkpoint_dir(args.checkpoint)
     return check_tokenizer(args.tokenizer, args.checkpoint, fmt)
 

@@ -4,13 +4,14 @@
         [--top_k K] [--top_p P] [--seed S] [--instruct] [--stop STR ...] [--chunk_size C] [--tokenizer PATH]
         [--dtype float32|bfloat16] [--verbose]
 
-``--checkpoint`` is anything ``mistral_jax.load_pretrained`` reads (HF dir, Mistral consolidated dir, mistral_jax
-export dir, training workdir). The tokenizer is ``tokenizer.model`` in that directory unless ``--tokenizer`` is
-given. ``--instruct`` wraps the prompt in Mistral's instruction template ``<s>[INST] {prompt} [/INST]``.
+``--checkpoint`` is anything ``mistral_jax.load_pretrained`` reads, local or ``gs://`` / ``s3://`` (HF dir, Mistral
+consolidated dir, mistral_jax export dir, training workdir). The tokenizer is ``tokenizer.model`` in that directory
+unless ``--tokenizer`` is given. ``--instruct`` wraps the prompt in Mistral's instruction template
+``<s>[INST] {prompt} [/INST]``.
 
-Every flag value is checked first, then the paths, then the tokenizer and the model load: a bad value is one line
-on stderr naming the flag, the value and the fix, exit status 2 (``--verbose`` or ``MISTRAL_JAX_DEBUG=1`` also
-shows the traceback).
+Every flag value is checked first, then the paths (a bucket's endpoint, existence and credentials first), then the
+tokenizer and the model load: a bad value is one line on stderr naming the flag, the value and the fix, exit status 2
+(``--verbose`` or ``MISTRAL_JAX_DEBUG=1`` also shows the traceback).
 
 Also ``python -m mistral_jax.cli.generate``.
 """
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from mistral_jax.cli import (
+    CHECKPOINT_REMOTE_OK,
     Parser,
     UsageError,
     add_checkpoint_flags,
@@ -83,7 +85,7 @@ PROG = "generate"
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check every flag value (no file is opened); raises ``UsageError`` naming a bad flag."""
-    ap = Parser(prog="mistral-jax-generate", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="mistral-jax-generate", description=__doc__.split("\n\n")[0], remote_ok=CHECKPOINT_REMOTE_OK)
     add_checkpoint_flags(ap)
     ap.add_argument("--prompt", help="the prompt text (required)")
     ap.add_argument("--max_new_tokens", default="128", help="at most this many new tokens (>= 1)")

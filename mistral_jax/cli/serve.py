@@ -3,10 +3,11 @@
     python -m mistral_jax.serve --checkpoint DIR [--tokenizer PATH] [--host 127.0.0.1] [--port 8000]
         [--max_batch 16] [--max_queue 256] [--chunk_size C] [--model_name NAME] [--dtype float32|bfloat16]
 
-``--checkpoint`` is anything ``mistral_jax.load_pretrained`` reads (HF dir, Mistral consolidated dir, mistral_jax
-export dir, training workdir including LoRA runs). The tokenizer is ``tokenizer.model`` in that directory unless
-``--tokenizer`` is given. Every flag value is checked first, then the paths, then the tokenizer and the model load;
-a bad value is one line on stderr naming the flag, the value and the fix, exit status 2.
+``--checkpoint`` is anything ``mistral_jax.load_pretrained`` reads, local or ``gs://`` / ``s3://`` (HF dir, Mistral
+consolidated dir, mistral_jax export dir, training workdir including LoRA runs). The tokenizer is ``tokenizer.model``
+in that directory unless ``--tokenizer`` is given. Every flag value is checked first, then the paths (a bucket's
+endpoint, existence and credentials first), then the tokenizer and the model load; a bad value is one line on
+stderr naming the flag, the value and the fix, exit status 2.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+from mistral_jax import storage
 from mistral_jax.cli import (
+    CHECKPOINT_REMOTE_OK,
     Parser,
     UsageError,
     add_checkpoint_flags,
@@ -56,9 +59,16 @@ def parse_mesh(text: str | None) -> dict[str, int] | None:
     return {a: sizes.get(a, 1) for a in MESH_AXES}
 
 
+def checkpoint_name(checkpoint: str) -> str:
+    """The model id a checkpoint is served under by default: its directory's name (``gs://b/runs/tiny`` -> ``tiny``)."""
+    if storage.is_remote(checkpoint):
+        return checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    return os.path.basename(os.path.normpath(os.path.abspath(checkpoint)))
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check every flag value (no file is opened); raises ``UsageError`` naming a bad flag."""
-    ap = Parser(prog="mistral-jax-serve", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="mistral-jax-serve", description=__doc__.split("\n\n")[0], remote_ok=CHECKPOINT_REMOTE_OK)
     add_checkpoint_flags(ap)
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     ap.add_argument("--port", default="8000", help="TCP port (0 = any free port)")
@@ -124,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                              f"the mesh {args.mesh} splits the decode slots (data x fsdp x expert)",
                              "pass a multiple of it")
     tokenizer, model = load_checkpoint(args, tokenizer_file, spec)
-    name = args.model_name or os.path.basename(os.path.normpath(os.path.abspath(args.checkpoint)))
+    name = args.model_name or checkpoint_name(args.checkpoint)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                     chunk_size=args.chunk_size, mesh=mesh, rules=spec.rules).start()
     server.set_app(create_app(engine, name))

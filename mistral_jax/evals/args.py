@@ -11,7 +11,16 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from mistral_jax.cli import UsageError, check_checkpoint_dir, check_dtype, check_local_flags, check_tokenizer, number
+from mistral_jax import storage
+from mistral_jax.cli import (
+    UsageError,
+    check_checkpoint_dir,
+    check_dtype,
+    check_local_flags,
+    check_reachable,
+    check_tokenizer,
+    number,
+)
 from mistral_jax.evals import presets
 
 
@@ -65,19 +74,27 @@ def check_flags(values: Any, positional: Sequence[str] = ()) -> list[str]:
     return names
 
 
+REMOTE_OK = ("checkpoint", "tokenizer", "output_path")  # may be gs:// / s3:// (--include_path: lm-eval reads it)
+
+
 def check_paths(values: Any) -> None:
     """The checkpoint is a checkpoint directory, the tokenizer exists, --include_path is a directory, and
-    --output_path is not a file."""
+    --output_path is not a file. ``--checkpoint``, ``--tokenizer`` and ``--output_path`` may be ``gs://`` /
+    ``s3://`` paths: their buckets are checked first (endpoint, bucket, credentials; ``--output_path`` written to
+    once), so a bad one fails in one line before the model loads."""
     check_local_flags({name: getattr(values, name) for name in ("checkpoint", "tokenizer", "include_path",
-                                                                "output_path")})
+                                                                "output_path")}, remote_ok=REMOTE_OK)
+    if values.output_path is not None:
+        check_reachable("--output_path", values.output_path)
+        if storage.path(values.output_path).is_file():
+            raise UsageError("--output_path", values.output_path, "is a file", "pass a directory (created if missing)")
+        check_reachable("--output_path", values.output_path, write=True)  # a bucket: an object written and removed
     fmt = check_checkpoint_dir(values.checkpoint)
     check_tokenizer(values.tokenizer, values.checkpoint, fmt)
     if values.include_path is not None and not os.path.isdir(values.include_path):
         raise UsageError("--include_path", values.include_path,
                          "does not exist" if not os.path.exists(values.include_path) else "is not a directory",
                          "pass a directory holding task YAML files")
-    if values.output_path is not None and os.path.isfile(values.output_path):
-        raise UsageError("--output_path", values.output_path, "is a file", "pass a directory (created if missing)")
 
 
 def check_task_names(task_manager: Any, names: Sequence[str], tasks_flag: str) -> None:

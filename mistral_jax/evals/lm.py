@@ -40,7 +40,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from mistral_jax import sharding
+from mistral_jax import sharding, storage
 from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.inference.detokenize import decode_text
 from mistral_jax.inference.prompt import encode_prompt
@@ -203,7 +203,9 @@ class MistralJaxLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        return os.path.basename(os.path.dirname(os.path.abspath(self.tokenizer.path))) + "/tokenizer.model"
+        path = self.tokenizer.path  # a bucket URL keeps its scheme (abspath would make it a local path)
+        return os.path.basename(os.path.dirname(path if storage.is_remote(path) else os.path.abspath(path))) + (
+            "/tokenizer.model")
 
     @property
     def n_compilations(self) -> int:
@@ -400,23 +402,13 @@ class MistralJaxLM(TemplateLM):
                 "model_config": self.cfg.to_dict()}
 
 
-def _peek_config(checkpoint: str):
-    """The ModelConfig of a checkpoint from its config file only (None if it cannot be read cheaply)."""
-    from mistral_jax.config import ModelConfig
-
+def _peek_config(checkpoint: Any):
+    """The ModelConfig of a checkpoint (a path, local or in a bucket, or an opened ``loading.Checkpoint``) from its
+    config file only (None if it cannot be read cheaply)."""
     try:
-        from mistral_jax.loading import detect_format
+        from mistral_jax.loading import open_checkpoint
 
-        fmt = detect_format(checkpoint)
-        if fmt == "hf":
-            with open(os.path.join(checkpoint, "config.json")) as f:
-                return ModelConfig.from_hf(json.load(f))
-        if fmt == "mistral":
-            with open(os.path.join(checkpoint, "params.json")) as f:
-                return ModelConfig.from_mistral_params(json.load(f))
-        from mistral_jax.convert.native import read_config
-
-        return read_config(checkpoint)
+        return open_checkpoint(checkpoint).config
     except Exception:  # noqa: BLE001 - load_pretrained below raises the real, detailed error
         return None
 

@@ -1,17 +1,25 @@
-"""Run lm-evaluation-harness tasks or a benchmark suite on a mistral_jax checkpoint (the library side of eval.py)."""
+"""Run lm-evaluation-harness tasks or a benchmark suite on a mistral_jax checkpoint (the library side of eval.py).
+
+Results go where lm-eval puts them (``output_path/<model>/results_<date>.json``, ``samples_<task>_<date>.jsonl``),
+also in a bucket: lm-eval writes local files, so a ``gs://`` / ``s3://`` ``output_path`` is stood in for by a
+temporary directory under ``storage.cache_dir("eval_outputs")`` whose files are uploaded to the same places under
+``output_path`` when the evaluation ends (``staged_output``); the temporary directory is removed either way.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 
+from mistral_jax import storage
 from mistral_jax.evals import presets
 from mistral_jax.evals.lm import MistralJaxLM, xla_compile_count
 
@@ -195,6 +203,46 @@ def load_tasks(task_manager: Any, specs: Sequence[str | Mapping[str, Any]]) -> l
     return built
 
 
+def upload_tree(local_dir: str, remote_dir: str) -> list[str]:
+    """Copy every file under ``local_dir`` to the same relative path under the bucket path ``remote_dir``; returns
+    the URLs written, sorted."""
+    fs = storage.filesystem(storage.url_scheme(remote_dir))
+    written = []
+    for root, _, names in os.walk(local_dir):
+        for name in sorted(names):
+            src = os.path.join(root, name)
+            dest = storage.join(remote_dir, os.path.relpath(src, local_dir).replace(os.sep, "/"))
+            fs.put_file(src, dest)
+            written.append(dest)
+    return sorted(written)
+
+
+@contextlib.contextmanager
+def staged_output(output_path: str | None) -> Iterator[str | None]:
+    """The ``output_path`` to give lm-eval's ``EvaluationTracker``: itself when local (or None); for a bucket path,
+    a temporary local directory whose files are uploaded under ``output_path`` when the block ends without an
+    error. The temporary directory is removed either way.
+
+    lm-eval reads an ``output_path`` ending in ``.json`` as the results file's name (``<stem>_<date>.json``, the
+    samples beside it): the stand-in keeps that name, and the files land in its bucket directory."""
+    if output_path is None or not storage.is_remote(output_path):
+        yield output_path
+        return
+    import shutil
+    import tempfile
+
+    remote = output_path.rstrip("/")
+    head, _, name = remote.rpartition("/")
+    json_file = name.endswith(".json") and "://" in head  # lm-eval: the results file's name, not a directory
+    tmp = tempfile.mkdtemp(prefix="eval-", dir=storage.cache_dir("eval_outputs"))
+    try:
+        yield os.path.join(tmp, name) if json_file else tmp
+        written = upload_tree(tmp, head if json_file else remote)
+        log.info("eval outputs written to %s", ", ".join(written) or "(none: lm-eval wrote no file)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _leaf_tasks(obj: Any) -> list[Any]:
     return list(obj.get_all_tasks()) if hasattr(obj, "get_all_tasks") else [obj]
 
@@ -218,7 +266,8 @@ def evaluate(*, checkpoint: str | None = None, lm: MistralJaxLM | None = None, t
       batch_size: rows per compiled batch.
       include_path: extra directory of task YAMLs.
       output_path: write ``results_<date>.json`` (and ``samples_<task>_<date>.jsonl`` with ``log_samples``)
-        under ``output_path/<model name>/`` exactly as lm-eval does.
+        under ``output_path/<model name>/`` exactly as lm-eval does; a local directory or a ``gs://`` / ``s3://``
+        path (``staged_output``).
       log_samples: keep per-sample inputs, responses and metrics.
       seed: python, numpy, torch and few-shot seeds (lm-eval's ``--seed``).
       apply_chat_template: wrap prompts in Mistral's instruct template (for instruct models).
@@ -268,32 +317,34 @@ def evaluate(*, checkpoint: str | None = None, lm: MistralJaxLM | None = None, t
                           max_length=max_length, seed=seed[0], mesh=spec.mesh, rules=spec.rules)
 
     main = jax.process_index() == 0  # several processes run the same requests in lock-step; process 0 writes
-    tracker = EvaluationTracker(output_path=output_path) if output_path and main else None
-    compiles0, t0 = xla_compile_count(), time.perf_counter()
-    score0 = lm.n_compilations
-    results = lm_eval.simple_evaluate(
-        model=lm, model_args={"pretrained": checkpoint or "in-memory"}, tasks=objs, num_fewshot=num_fewshot,
-        batch_size=lm.batch_size, limit=limit, log_samples=log_samples, evaluation_tracker=tracker,
-        apply_chat_template=apply_chat_template, fewshot_as_multiturn=bool(apply_chat_template),
-        gen_kwargs=gen_kwargs, task_manager=task_manager, random_seed=seed[0], numpy_random_seed=seed[1],
-        torch_random_seed=seed[2], fewshot_random_seed=seed[3], confirm_run_unsafe_code=confirm_run_unsafe_code,
-        bootstrap_iters=0 if limit is not None else 100000)
-    info = {"score_compilations": lm.n_compilations - score0, "score_shapes": [s for _, s in lm.compile_log[score0:]],
-            "xla_compilations": xla_compile_count() - compiles0, "seconds": round(time.perf_counter() - t0, 2),
-            "batch_size": lm.batch_size, "devices": 1 if lm.mesh is None else lm.mesh.size}
-    results["config"]["mistral_jax"] = info
-    log.info("mistral_jax eval: %s", json.dumps(info))
-    if benchmarks:
-        table, averages = presets.paper_table(results["results"], benchmarks)
-        results["mistral_jax_suite"] = {"suite": suite, "category_averages": averages, "table": table}
-    if tracker is not None:
-        samples = results.pop("samples", None) if log_samples else None
-        written = copy.deepcopy(samples)  # the tracker rewrites samples in place as it serialises them
-        tracker.save_results_aggregated(results=results, samples=written)
-        for task_name in (results["configs"] if written else ()):
-            tracker.save_results_samples(task_name=task_name, samples=written[task_name])
-        if samples is not None:
-            results["samples"] = samples
+    with staged_output(output_path if main else None) as local_output:  # a bucket: written locally, then uploaded
+        tracker = EvaluationTracker(output_path=local_output) if local_output else None
+        compiles0, t0 = xla_compile_count(), time.perf_counter()
+        score0 = lm.n_compilations
+        results = lm_eval.simple_evaluate(
+            model=lm, model_args={"pretrained": checkpoint or "in-memory"}, tasks=objs, num_fewshot=num_fewshot,
+            batch_size=lm.batch_size, limit=limit, log_samples=log_samples, evaluation_tracker=tracker,
+            apply_chat_template=apply_chat_template, fewshot_as_multiturn=bool(apply_chat_template),
+            gen_kwargs=gen_kwargs, task_manager=task_manager, random_seed=seed[0], numpy_random_seed=seed[1],
+            torch_random_seed=seed[2], fewshot_random_seed=seed[3], confirm_run_unsafe_code=confirm_run_unsafe_code,
+            bootstrap_iters=0 if limit is not None else 100000)
+        info = {"score_compilations": lm.n_compilations - score0,
+                "score_shapes": [s for _, s in lm.compile_log[score0:]],
+                "xla_compilations": xla_compile_count() - compiles0, "seconds": round(time.perf_counter() - t0, 2),
+                "batch_size": lm.batch_size, "devices": 1 if lm.mesh is None else lm.mesh.size}
+        results["config"]["mistral_jax"] = info
+        log.info("mistral_jax eval: %s", json.dumps(info))
+        if benchmarks:
+            table, averages = presets.paper_table(results["results"], benchmarks)
+            results["mistral_jax_suite"] = {"suite": suite, "category_averages": averages, "table": table}
+        if tracker is not None:
+            samples = results.pop("samples", None) if log_samples else None
+            written = copy.deepcopy(samples)  # the tracker rewrites samples in place as it serialises them
+            tracker.save_results_aggregated(results=results, samples=written)
+            for task_name in (results["configs"] if written else ()):
+                tracker.save_results_samples(task_name=task_name, samples=written[task_name])
+            if samples is not None:
+                results["samples"] = samples
     if verbose and main:
         print(make_table(results))
         if "groups" in results:

@@ -207,6 +207,7 @@ def test_sentencepiece_tokenizer_from_a_bucket_gives_the_local_ids(where, tokeni
     assert Tokenizer.find(storage.join(bucket, "nothing-here")) is None
 
 
+@pytest.mark.heavy  # loads a 15 MB tekken file twice
 def test_tekken_tokenizer_from_a_bucket_gives_the_local_ids(gcs_bucket, tmp_path, monkeypatch):
     from mistral_jax.data.tokenizer import named_tokenizer_path
 

@@ -40,8 +40,9 @@ def parse_args(argv: Sequence[str] | None = None):
         check_reachable("--input", path)
         if not storage.path(path).is_file():
             raise UsageError("--input", path, "is not a file", "pass UTF-8 text files, one document per line")
+    check_reachable("--output", args.output)  # names the value: endpoint, bucket, credentials
     if storage.is_remote(args.output):
-        check_reachable("--output", _parent(args.output), write=True)
+        check_reachable("--output", _parent(args.output), write=True)  # an object written and removed beside it
     out = storage.path(args.output)
     if out.is_dir():
         raise UsageError("--output", args.output, "is a directory", "pass a file path such as DIR/tokenizer.model")

@@ -195,10 +195,7 @@ class Tokenizer:
 
     def read_bytes(self) -> bytes:
         """The tokenizer file's content."""
-        if self._bytes is not None:
-            return self._bytes
-        with open(self.path, "rb") as f:
-            return f.read()
+        return self._bytes if self._bytes is not None else storage.read_bytes(self.path)
 
     @classmethod
     def find(cls, directory: str | os.PathLike) -> Tokenizer | None:

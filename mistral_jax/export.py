@@ -12,6 +12,13 @@ killed leaves a temporary directory that the next conversion into the same place
 Nothing is lost (``convert.paths``): an output may not be an input, lie inside one or contain one (real paths,
 symlinks resolved), and ``overwrite`` only replaces a previous export of the same kind, never a training run or
 any other directory. Tokenizers are checked to be sentencepiece / tekken models before they are copied.
+
+Inputs and outputs may be on a bucket (``gs://``, ``s3://``; checked with ``storage.check_bucket`` before anything
+is read or written). A bucket has no rename: an export there is written in place and is complete once its
+marker ``mistral_jax_export.json`` (every file with its size) is written, last; until then
+``mistral_jax_export.incomplete`` is there and readers refuse it (``convert.paths``). Conversions still stream:
+safetensors are read with ranged reads, tensor by tensor, and written straight into the bucket, shard by shard;
+nothing is staged on the local disk.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from typing import Any
 import jax
 
 from mistral_jax import sharding, storage
-from mistral_jax.convert import build, dtypes, hf, mistral, native, paths, sources, tokenizer_files, writing
+from mistral_jax.convert import build, dtypes, files, hf, mistral, native, paths, sources, tokenizer_files, writing
 from mistral_jax.convert.sources import ConversionError
 from mistral_jax.loading import (
     FORMATS,
@@ -156,14 +163,17 @@ def convert(src: str, dst: str, input_dir: str | os.PathLike, output_dir: str | 
     for name, value in (("src", src), ("dst", dst)):
         if value not in FORMATS:
             raise ValueError(f"{name}={value!r} is not a format. Fix: use one of {FORMATS}.")
-    storage.check_local(input_dir, "input_dir")
-    storage.check_local(output_dir, "output_dir")
+    storage.check_supported(input_dir, "input_dir")
+    storage.check_supported(output_dir, "output_dir")
     if dtype is not None:
         dtypes.np_dtype(dtype)  # validate before reading anything
     if dst == "hf":
         writing.parse_size(max_shard_size)
-    if not os.path.isdir(input_dir):
+    storage.check_bucket(input_dir, "input_dir")
+    storage.check_bucket(output_dir, "output_dir")
+    if not files.is_dir(input_dir):
         raise FileNotFoundError(f"input directory {os.fspath(input_dir)!r} does not exist. Fix: check the path.")
+    paths.check_complete(input_dir, "input_dir")  # an unfinished export is refused as that, not as "no known format"
     try:  # opened once: its format, config file and tokenizer are read here, not again by each step below
         ckpt = open_checkpoint(input_dir)
     except (ValueError, OSError):  # not readable as any format: open_source names what is wrong

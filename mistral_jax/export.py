@@ -72,8 +72,8 @@ def save_hf(model: Any, out_dir: str | os.PathLike, *, dtype: str | None = None,
 
     Args:
       model: a ``Transformer``.
-      out_dir: the directory to create (absent or empty unless ``overwrite``); never the directory the model was
-        loaded from, inside it or a parent of it.
+      out_dir: the directory to create (absent or empty unless ``overwrite``), local or ``gs://`` / ``s3://``;
+        never the directory the model was loaded from, inside it or a parent of it.
       dtype: ``"float32"`` / ``"bfloat16"`` / ``"float16"``; None keeps the parameters' dtype.
       tokenizer: a ``Tokenizer``, a ``tokenizer.model`` path or a directory; default: the one of the
         directory the model was loaded from, if any.
@@ -87,6 +87,7 @@ def save_hf(model: Any, out_dir: str | os.PathLike, *, dtype: str | None = None,
       convert.paths.OutputPathError: ``out_dir`` overlaps the model's source directory or the tokenizer.
       convert.paths.OutputExistsError: ``out_dir`` is not empty (without ``overwrite``), or not a previous HF
         export (a training run, another checkpoint...).
+      storage.StorageError: a bucket ``out_dir`` whose bucket does not exist or cannot be reached.
     """
     tok = _tokenizer(model, tokenizer)
     if dtype is not None:
@@ -103,7 +104,7 @@ def save_mistral(model: Any, out_dir: str | os.PathLike, *, dtype: str | None = 
 
     Args:
       model: a ``Transformer``.
-      out_dir: the directory to create (absent or empty unless ``overwrite``).
+      out_dir: the directory to create (absent or empty unless ``overwrite``), local or ``gs://`` / ``s3://``.
       dtype: output dtype; None keeps the parameters' dtype.
       tokenizer: as for :func:`save_hf`; copied as ``tokenizer.model``.
       overwrite: replace a previous Mistral export at ``out_dir`` (as for :func:`save_hf`).
@@ -125,7 +126,8 @@ def save_jax(model: Any, out_dir: str | os.PathLike, tokenizer: Any = None, *, o
 
     Args:
       model: a ``Transformer``.
-      out_dir: the directory to create (absent or empty unless ``overwrite``).
+      out_dir: the directory to create (absent or empty unless ``overwrite``), local or ``gs://`` / ``s3://``
+        (Orbax writes the arrays there itself).
       tokenizer: as for :func:`save_hf`; copied as ``tokenizer.model``.
       overwrite: replace a previous mistral_jax export at ``out_dir`` (as for :func:`save_hf`).
 
@@ -147,9 +149,9 @@ def convert(src: str, dst: str, input_dir: str | os.PathLike, output_dir: str | 
     Args:
       src: format of ``input_dir`` (checked against its files).
       dst: format to write.
-      input_dir: the checkpoint to read.
-      output_dir: the directory to create, atomically (absent or empty unless ``overwrite``); never the input,
-        inside it or a parent of it.
+      input_dir: the checkpoint to read (local or ``gs://`` / ``s3://``).
+      output_dir: the directory to create, atomically (absent or empty unless ``overwrite``; local or on a bucket,
+        see the module docstring); never the input, inside it or a parent of it.
       dtype: output dtype; None keeps the stored one.
       max_shard_size: HF shard size (bytes, or ``"5GB"``).
       overwrite: replace a previous ``dst`` export at ``output_dir`` (never a training run or anything else).

@@ -94,10 +94,11 @@ def test_each_format_round_trips_through_a_bucket(fmt, where, request, tmp_path)
         assert _bytes_under(url) == _bytes_under(SAVE[fmt](m, tmp_path / fmt))
 
 
-def test_convert_streams_between_buckets_and_back(model, gcs_bucket, s3_bucket, tmp_path, capsys):
-    """hf on gs:// -> mistral on s3:// -> jax on gs:// -> hf local: the local hf export, byte for byte."""
-    local = mj.save_hf(model, tmp_path / "hf")
-    hf_url = mj.save_hf(model, storage.join(gcs_bucket, "hf"))
+def test_convert_streams_between_buckets_and_back(model, gcs_bucket, s3_bucket, tmp_path, capsys, tokenizer_path):
+    """hf on gs:// -> mistral on s3:// -> jax on gs:// -> hf local: the local hf export, byte for byte (the
+    tokenizer travels along, read from the buckets)."""
+    local = mj.save_hf(model, tmp_path / "hf", tokenizer=tokenizer_path)
+    hf_url = mj.save_hf(model, storage.join(gcs_bucket, "hf"), tokenizer=tokenizer_path)
     steps = [("hf", "mistral", hf_url, storage.join(s3_bucket, "consolidated")),
              ("mistral", "jax", storage.join(s3_bucket, "consolidated"), storage.join(gcs_bucket, "jax")),
              ("jax", "hf", storage.join(gcs_bucket, "jax"), str(tmp_path / "back"))]

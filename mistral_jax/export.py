@@ -12,6 +12,13 @@ killed leaves a temporary directory that the next conversion into the same place
 Nothing is lost (``convert.paths``): an output may not be an input, lie inside one or contain one (real paths,
 symlinks resolved), and ``overwrite`` only replaces a previous export of the same kind, never a training run or
 any other directory. Tokenizers are checked to be sentencepiece / tekken models before they are copied.
+
+Inputs and outputs may be on a bucket (``gs://``, ``s3://``; checked with ``storage.check_bucket`` before anything
+is read or written). A bucket has no rename: an export there is written in place and is complete once its
+marker ``mistral_jax_export.json`` (every file with its size) is written, last; until then
+``mistral_jax_export.incomplete`` is there and readers refuse it (``convert.paths``). Conversions still stream:
+safetensors are read with ranged reads, tensor by tensor, and written straight into the bucket, shard by shard;
+nothing is staged on the local disk.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from typing import Any
 import jax
 
 from mistral_jax import sharding, storage
-from mistral_jax.convert import build, dtypes, hf, mistral, native, paths, sources, tokenizer_files, writing
+from mistral_jax.convert import build, dtypes, files, hf, mistral, native, paths, sources, tokenizer_files, writing
 from mistral_jax.convert.sources import ConversionError
 from mistral_jax.loading import (
     FORMATS,
@@ -65,8 +72,8 @@ def save_hf(model: Any, out_dir: str | os.PathLike, *, dtype: str | None = None,
 
     Args:
       model: a ``Transformer``.
-      out_dir: the directory to create (absent or empty unless ``overwrite``); never the directory the model was
-        loaded from, inside it or a parent of it.
+      out_dir: the directory to create (absent or empty unless ``overwrite``), local or ``gs://`` / ``s3://``;
+        never the directory the model was loaded from, inside it or a parent of it.
       dtype: ``"float32"`` / ``"bfloat16"`` / ``"float16"``; None keeps the parameters' dtype.
       tokenizer: a ``Tokenizer``, a ``tokenizer.model`` path or a directory; default: the one of the
         directory the model was loaded from, if any.
@@ -80,6 +87,7 @@ def save_hf(model: Any, out_dir: str | os.PathLike, *, dtype: str | None = None,
       convert.paths.OutputPathError: ``out_dir`` overlaps the model's source directory or the tokenizer.
       convert.paths.OutputExistsError: ``out_dir`` is not empty (without ``overwrite``), or not a previous HF
         export (a training run, another checkpoint...).
+      storage.StorageError: a bucket ``out_dir`` whose bucket does not exist or cannot be reached.
     """
     tok = _tokenizer(model, tokenizer)
     if dtype is not None:
@@ -96,7 +104,7 @@ def save_mistral(model: Any, out_dir: str | os.PathLike, *, dtype: str | None = 
 
     Args:
       model: a ``Transformer``.
-      out_dir: the directory to create (absent or empty unless ``overwrite``).
+      out_dir: the directory to create (absent or empty unless ``overwrite``), local or ``gs://`` / ``s3://``.
       dtype: output dtype; None keeps the parameters' dtype.
       tokenizer: as for :func:`save_hf`; copied as ``tokenizer.model``.
       overwrite: replace a previous Mistral export at ``out_dir`` (as for :func:`save_hf`).
@@ -118,7 +126,8 @@ def save_jax(model: Any, out_dir: str | os.PathLike, tokenizer: Any = None, *, o
 
     Args:
       model: a ``Transformer``.
-      out_dir: the directory to create (absent or empty unless ``overwrite``).
+      out_dir: the directory to create (absent or empty unless ``overwrite``), local or ``gs://`` / ``s3://``
+        (Orbax writes the arrays there itself).
       tokenizer: as for :func:`save_hf`; copied as ``tokenizer.model``.
       overwrite: replace a previous mistral_jax export at ``out_dir`` (as for :func:`save_hf`).
 
@@ -140,9 +149,9 @@ def convert(src: str, dst: str, input_dir: str | os.PathLike, output_dir: str | 
     Args:
       src: format of ``input_dir`` (checked against its files).
       dst: format to write.
-      input_dir: the checkpoint to read.
-      output_dir: the directory to create, atomically (absent or empty unless ``overwrite``); never the input,
-        inside it or a parent of it.
+      input_dir: the checkpoint to read (local or ``gs://`` / ``s3://``).
+      output_dir: the directory to create, atomically (absent or empty unless ``overwrite``; local or on a bucket,
+        see the module docstring); never the input, inside it or a parent of it.
       dtype: output dtype; None keeps the stored one.
       max_shard_size: HF shard size (bytes, or ``"5GB"``).
       overwrite: replace a previous ``dst`` export at ``output_dir`` (never a training run or anything else).
@@ -156,14 +165,17 @@ def convert(src: str, dst: str, input_dir: str | os.PathLike, output_dir: str | 
     for name, value in (("src", src), ("dst", dst)):
         if value not in FORMATS:
             raise ValueError(f"{name}={value!r} is not a format. Fix: use one of {FORMATS}.")
-    storage.check_local(input_dir, "input_dir")
-    storage.check_local(output_dir, "output_dir")
+    storage.check_supported(input_dir, "input_dir")
+    storage.check_supported(output_dir, "output_dir")
     if dtype is not None:
         dtypes.np_dtype(dtype)  # validate before reading anything
     if dst == "hf":
         writing.parse_size(max_shard_size)
-    if not os.path.isdir(input_dir):
+    storage.check_bucket(input_dir, "input_dir")
+    storage.check_bucket(output_dir, "output_dir")
+    if not files.is_dir(input_dir):
         raise FileNotFoundError(f"input directory {os.fspath(input_dir)!r} does not exist. Fix: check the path.")
+    paths.check_complete(input_dir, "input_dir")  # an unfinished export is refused as that, not as "no known format"
     try:  # opened once: its format, config file and tokenizer are read here, not again by each step below
         ckpt = open_checkpoint(input_dir)
     except (ValueError, OSError):  # not readable as any format: open_source names what is wrong

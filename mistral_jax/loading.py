@@ -11,6 +11,14 @@ Kinds of directory (``detect_format``):
     ``mistral-jax-lora`` exports.
 A directory holding both HF and consolidated files (as some hub repos do) loads as ``hf``.
 
+Any of them may be on a bucket (``gs://``, ``s3://``): the directory is probed through the path layer
+(``storage``: epath over gcsfs / s3fs; the bucket is checked first, ``storage.check_bucket``, so a missing
+bucket or an unreachable endpoint is one line), safetensors are read tensor by tensor with ranged reads, Orbax
+restores arrays from the bucket itself. A mistral_jax export that was not finished is refused before anything
+is read (``convert.paths.check_complete``: ``mistral_jax_export.incomplete`` without ``mistral_jax_export.json``,
+or files missing from what that marker lists); directories written by other tools carry neither marker and load
+as before.
+
 A saved config is built for the platform that loads it: ``ModelConfig.platform`` (which the ``auto`` backends are
 resolved from) becomes this host's (the platform of ``mesh``'s devices when one is given) unless
 ``config_overrides`` names one, so a model trained and saved on a TPU runs the CPU / GPU backends here.
@@ -19,7 +27,6 @@ resolved from) becomes this host's (the platform of ``mesh``'s devices when one 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import weakref
 from typing import Any, Literal
@@ -28,7 +35,7 @@ import jax
 
 from mistral_jax import sharding, storage
 from mistral_jax.config import ModelConfig
-from mistral_jax.convert import build, dtypes, hf, mistral, native, sources
+from mistral_jax.convert import build, dtypes, files, hf, mistral, native, paths, sources
 from mistral_jax.model import backends
 from mistral_jax.model.transformer import Transformer, from_params
 
@@ -76,7 +83,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     tokenizer. A ``Checkpoint`` is returned as it is.
 
     Raises:
-      FileNotFoundError: no such directory; ValueError: a directory of no known format (both name the fix).
+      FileNotFoundError: no such directory; ValueError: a directory of no known format (both name the fix);
+      convert.paths.IncompleteExportError (a ValueError): an unfinished mistral_jax export;
+      storage.UnsupportedPath / storage.StorageError: a URL that cannot be opened, a bucket that cannot be read.
     """
     if isinstance(path, Checkpoint):
         return path
@@ -89,15 +98,18 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def formats_of(path: str | os.PathLike) -> list[str]:
-    """Every format ``path`` could be read as (``hf`` first)."""
-    storage.check_local(path, "checkpoint")
+    """Every format ``path`` could be read as (``hf`` first). A bucket path is checked first (reachable, the bucket
+    exists), and an unfinished mistral_jax export is refused (``convert.paths.check_complete``)."""
+    storage.check_supported(path, "checkpoint")
     path = os.fspath(path)
-    if not os.path.isdir(path):
+    storage.check_bucket(path, "checkpoint")
+    if not files.is_dir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist. Fix: check the path.")
+    paths.check_complete(path)
     out = []
-    if os.path.isfile(os.path.join(path, hf.CONFIG)):
+    if files.is_file(storage.join(path, hf.CONFIG)):
         out.append("hf")
-    if os.path.isfile(os.path.join(path, mistral.PARAMS)):
+    if files.is_file(storage.join(path, mistral.PARAMS)):
         out.append("mistral")
     try:
         native.config_and_params_dirs(path)
@@ -117,7 +129,7 @@ def detect_format(path: str | os.PathLike) -> Format:
 def _first_format(path: str | os.PathLike, found: list[str]) -> Format:
     if not found:
         raise ValueError(f"{os.fspath(path)!r} is not a checkpoint directory I can read (files: "
-                         f"{sorted(os.listdir(path))[:20]}). Fix: point at an HF dir (config.json + "
+                         f"{files.listdir(path)[:20]}). Fix: point at an HF dir (config.json + "
                          "model*.safetensors), "
                          "a Mistral dir (params.json + consolidated.safetensors) or a mistral_jax export dir / "
                          "training workdir (model_config.json + params/ or checkpoints/).")
@@ -130,17 +142,16 @@ def lora_run(path: str | os.PathLike) -> tuple[str, dict[str, Any], int | None] 
     A LoRA run (``train.py`` with ``config.lora.rank > 0``) writes ``run_config.json`` and checkpoints holding only
     the adapters; ``step`` is None for the workdir (newest step) and the step number for ``checkpoints/<step>``.
     """
-    path = os.path.abspath(os.fspath(path))
+    path = storage.absolute(path)
     root, step = path, None
-    if not os.path.isfile(os.path.join(path, RUN_CONFIG)):
+    if not files.is_file(storage.join(path, RUN_CONFIG)):
         up = os.path.dirname(path)
         if not (os.path.basename(path).isdigit() and os.path.basename(up) == native.CHECKPOINTS
-                and os.path.isfile(os.path.join(os.path.dirname(up), RUN_CONFIG))):
+                and files.is_file(storage.join(os.path.dirname(up), RUN_CONFIG))):
             return None
         root, step = os.path.dirname(up), int(os.path.basename(path))
     try:
-        with open(os.path.join(root, RUN_CONFIG)) as f:
-            run = json.load(f)
+        run = files.read_json(storage.join(root, RUN_CONFIG))
         rank = int((run.get("lora") or {}).get("rank") or 0)
     except (OSError, ValueError, TypeError, AttributeError):
         return None  # not a run config we can read: not recognisably a LoRA run
@@ -153,13 +164,13 @@ def input_dirs(path: str | os.PathLike, fmt: str | None = None) -> list[str]:
     if isinstance(path, Checkpoint):
         return list(path.inputs)
     path = os.fspath(path)
-    lora = lora_run(path) if fmt in (None, "jax") and os.path.isdir(path) else None
+    lora = lora_run(path) if fmt in (None, "jax") and files.is_dir(path) else None
     return _input_dirs(path, fmt, lora)
 
 
 def _input_dirs(path: str, fmt: str | None, lora: tuple[str, dict[str, Any], int | None] | None) -> list[str]:
     out = [path]
-    if fmt in (None, "jax") and os.path.isdir(path):
+    if fmt in (None, "jax") and files.is_dir(path):
         try:
             out.append(native.config_and_params_dirs(path)[0])
         except FileNotFoundError:
@@ -197,8 +208,8 @@ def tokenizer_path(path: str | os.PathLike, fmt: str) -> str | None:
 def _tokenizer_file(path: str, fmt: str) -> str | None:
     root = native.config_and_params_dirs(path)[0] if fmt == "jax" else path
     for name in ("tokenizer.model", "tekken.json"):
-        p = os.path.join(root, name)
-        if os.path.isfile(p):
+        p = storage.join(root, name)
+        if files.is_file(p):
             return p
     return None
 
@@ -228,7 +239,7 @@ def open_source(path: str | os.PathLike, fmt: Format | None = None, *, dtype: st
     if fmt not in found:
         raise ValueError(f"{path!r} is not a {fmt!r} checkpoint directory" +
                          (f"; it looks like {found}. Fix: use --from {found[0]}." if found else
-                          f" (files: {sorted(os.listdir(path))[:20]}). Fix: check the path."))
+                          f" (files: {files.listdir(path)[:20]}). Fix: check the path."))
     if fmt == "jax":
         run = handle.lora if handle else lora_run(path)
         if run:
@@ -317,11 +328,11 @@ def _load_lora_run(root: str, run: dict[str, Any], step: int | None, *, dtype: s
     base = os.fspath(run.get("init_from") or "")
     export = f"mistral-jax-lora --workdir {root} --output DIR"
     if base:
-        if not os.path.isdir(base):
+        if not files.is_dir(base):
             raise FileNotFoundError(
                 f"{root!r} is a LoRA training workdir: its checkpoints hold only adapters for the base model "
                 f"init_from={base!r}, which is not a directory (from {os.getcwd()!r}). Fix: make the base model "
-                f"readable at that path (or correct init_from in {os.path.join(root, RUN_CONFIG)}); then this "
+                f"readable at that path (or correct init_from in {storage.join(root, RUN_CONFIG)}); then this "
                 f"workdir loads merged, and `{export}` exports it.")
         same = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "param_dtype"}
         model = load_pretrained(base, dtype=cfg.param_dtype, mesh=mesh, rules=rules, config_overrides=same)
@@ -339,7 +350,7 @@ def _load_lora_run(root: str, run: dict[str, Any], step: int | None, *, dtype: s
                             nnx.to_pure_dict(lora_lib.adapter_state(model)))
     try:
         with native.quiet_orbax():
-            adapters, _ = restore_checkpoint_params(os.path.join(root, native.CHECKPOINTS), abstract, step)
+            adapters, _ = restore_checkpoint_params(storage.join(root, native.CHECKPOINTS), abstract, step)
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"{root!r} is a LoRA training workdir whose adapters could not be restored: {e}. Fix: point "
                          f"at a step that holds them (checkpoints/<step>), or export with `{export} --step N`.") from e

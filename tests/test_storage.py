@@ -43,12 +43,12 @@ def _no_url_dirs(where) -> None:
 
 
 @pytest.mark.parametrize("argv, flag", [
-    (["mistral_jax.cli.convert", "--input", "gs://bkt/hf", "--output", "out", "--from", "hf", "--to", "jax"],
-     "--input"),
-    (["mistral_jax.cli.convert", "--input", "{hf}", "--output", "gs://bkt/export", "--from", "hf", "--to", "hf"],
+    (["mistral_jax.cli.convert", "--input", "hdfs://nn/hf", "--output", "out", "--from", "hf", "--to", "jax"],
+     "--input"),  # gs:// and s3:// work there (tests/test_storage_export.py); other schemes are refused
+    (["mistral_jax.cli.convert", "--input", "{hf}", "--output", "hdfs://nn/export", "--from", "hf", "--to", "hf"],
      "--output"),
     (["mistral_jax.cli.generate", "--checkpoint", "hdfs://nn/ckpt", "--prompt", "hi"], "--checkpoint"),
-    (["mistral_jax.cli.lora", "--workdir", "gs://bkt/lora", "--output", "out"], "--workdir"),
+    (["mistral_jax.cli.lora", "--workdir", "hdfs://nn/lora", "--output", "out"], "--workdir"),
     (["mistral_jax.cli.train_tokenizer", "--input", "a.txt", "hdfs://nn/b.txt", "--output", "t.model"], "--input"),
 ])
 def test_command_line_tools_refuse_a_url_in_one_line(argv, flag, tmp_path, monkeypatch, capsys):
@@ -114,12 +114,12 @@ def test_library_entry_points_refuse_urls(tmp_path, monkeypatch):
     from mistral_jax.training import trainer
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(storage.UnsupportedPath, match="checkpoint='gs://bkt/model'"):
-        mj.load_pretrained("gs://bkt/model")
+    with pytest.raises(storage.UnsupportedPath, match="checkpoint='hdfs://nn/model' is a hdfs:// URL"):
+        mj.load_pretrained("hdfs://nn/model")  # gs:// and s3:// load (tests/test_storage_export.py)
     model = mj.Transformer(mj.ModelConfig.tiny(), rngs=__import__("flax").nnx.Rngs(0))
     for save in (mj.save_hf, mj.save_mistral, mj.save_jax):
-        with pytest.raises(storage.UnsupportedPath, match="output='gs://bkt/export'"):
-            save(model, "gs://bkt/export")
+        with pytest.raises(storage.UnsupportedPath, match="output='hdfs://nn/export' is a hdfs:// URL"):
+            save(model, "hdfs://nn/export")
     with pytest.raises(trainer.ConfigError, match="workdir='gs://bkt/run'"):
         trainer.train(tiny.get_config(), "gs://bkt/run")
     _no_url_dirs(tmp_path)

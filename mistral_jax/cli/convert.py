@@ -1,5 +1,5 @@
 """``mistral-jax-convert`` (``python -m mistral_jax.convert``): ``--from {hf,mistral,jax} --to {hf,mistral,jax}``
-``--input DIR --output DIR``.
+``--input DIR --output DIR``; either may be a ``gs://`` / ``s3://`` path.
 
 Arguments are checked before anything is read: a bad value is one line naming the flag, the value and the fix,
 exit status 2. The output may not be the input, lie inside it or contain it (real paths), and ``--overwrite``
@@ -20,12 +20,12 @@ PROG = "python -m mistral_jax.convert"
 
 
 def parser() -> cli.Parser:
-    ap = cli.Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    ap = cli.Parser(prog=PROG, description=__doc__.split("\n\n")[0], remote_ok=("input", "output"))
     ap.add_argument("--from", dest="src", required=True, choices=("hf", "mistral", "jax"), help="input format")
     ap.add_argument("--to", dest="dst", required=True, choices=("hf", "mistral", "jax"), help="output format")
-    ap.add_argument("--input", required=True, help="checkpoint directory to read")
-    ap.add_argument("--output", required=True, help="directory to create (written atomically; never the input, "
-                                                    "inside it or a parent of it)")
+    ap.add_argument("--input", required=True, help="checkpoint directory to read (local, gs:// or s3://)")
+    ap.add_argument("--output", required=True, help="directory to create (local, gs:// or s3://; written "
+                                                    "atomically; never the input, inside it or a parent of it)")
     ap.add_argument("--dtype", default=None, help="output dtype: bfloat16, float32 or float16 (default: keep the "
                                                   "stored dtype)")
     ap.add_argument("--max_shard_size", default="5GB", help="HF shard size, e.g. 5GB, 500MiB or bytes")
@@ -40,9 +40,9 @@ def validate(args) -> None:
     """Every check that needs no checkpoint read; raises ``cli.UsageError``."""
     from mistral_jax.loading import input_dirs
 
-    cli.check_dir("--input", args.input, f"the {args.src} checkpoint directory to read")
     args_lib.check_dtype("--dtype", args.dtype)
     args_lib.check_shard_size("--max_shard_size", args.max_shard_size)
+    args_lib.check_input_dir("--input", args.input, f"the {args.src} checkpoint directory to read")
     args_lib.check_output("--output", args.output, args.dst, args.overwrite, input_dirs(args.input, args.src))
 
 

@@ -3,20 +3,22 @@ adapters of its newest (or ``--step``) checkpoint merged in, as an HF, Mistral c
 
     python -m mistral_jax.cli.lora --workdir runs/tiny_lora --output exports/tiny_lora_hf [--to hf|mistral|jax]
 
+``--workdir`` and ``--output`` may be ``gs://`` / ``s3://`` paths.
+
 Arguments are checked before anything is read: a bad value is one line naming the flag, the value and the fix,
 exit status 2; an error reading or writing a checkpoint exits with status 1.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 
 import jax
 
-from mistral_jax import cli, sharding
+from mistral_jax import cli, sharding, storage
 from mistral_jax.cli import export_args as args_lib
+from mistral_jax.convert import files
 from mistral_jax.export import save_hf, save_jax, save_mistral
 from mistral_jax.loading import input_dirs, load_pretrained, lora_run
 
@@ -24,11 +26,12 @@ PROG = "mistral-jax-lora"
 
 
 def _parser() -> cli.Parser:
-    ap = cli.Parser(prog=PROG,
+    ap = cli.Parser(prog=PROG, remote_ok=("workdir", "output"),
                     description="Merge the adapters of a LoRA run (train.py with config.lora.rank > 0) into its "
                                 "init_from base model and export the result.")
-    ap.add_argument("--workdir", required=True, help="the LoRA run's --workdir")
-    ap.add_argument("--output", required=True, help="directory to write (absent or empty; never inside the workdir)")
+    ap.add_argument("--workdir", required=True, help="the LoRA run's --workdir (local, gs:// or s3://)")
+    ap.add_argument("--output", required=True, help="directory to write (local, gs:// or s3://; absent or empty; "
+                                                     "never inside the workdir)")
     ap.add_argument("--to", choices=("hf", "mistral", "jax"), default="hf", help="export format")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest that restores)")
     ap.add_argument("--dtype", default=None, help="hf / mistral output dtype (float32, bfloat16, float16)")
@@ -39,7 +42,7 @@ def _parser() -> cli.Parser:
 
 def _validate(args) -> str:
     """Check every argument before anything is loaded; returns the directory to load (workdir or step dir)."""
-    cli.check_dir("--workdir", args.workdir, "the --workdir of a train.py run with config.lora.rank > 0")
+    args_lib.check_input_dir("--workdir", args.workdir, "the --workdir of a train.py run with config.lora.rank > 0")
     if lora_run(args.workdir) is None:
         raise cli.UsageError("--workdir", args.workdir, "is not a LoRA training run (no run_config.json with "
                              "lora.rank > 0)", "pass the --workdir of a LoRA run; export any other checkpoint with "
@@ -47,12 +50,12 @@ def _validate(args) -> str:
                              "--output DIR")
     path = args.workdir
     if args.step is not None:
-        root = os.path.join(args.workdir, "checkpoints")
-        have = sorted(int(n) for n in os.listdir(root) if n.isdigit()) if os.path.isdir(root) else []
+        root = storage.join(args.workdir, "checkpoints")
+        have = sorted(int(n) for n in files.listdir(root) if n.isdigit())
         if args.step not in have:
             raise cli.UsageError("--step", args.step, f"is not a checkpoint of {args.workdir!r} (steps: {have})",
                                  "pass one of those steps, or leave --step out for the newest")
-        path = os.path.join(root, str(args.step))
+        path = storage.join(root, str(args.step))
     args_lib.check_dtype("--dtype", args.dtype)
     if args.dtype is not None and args.to == "jax":
         raise cli.UsageError("--dtype", args.dtype, "only applies to --to hf or mistral (a jax export keeps the "

@@ -12,8 +12,10 @@ import os
 import re
 from typing import Any
 
+from mistral_jax import storage
 from mistral_jax.config import ModelConfig
 from mistral_jax.convert import dtypes, sources, tokenizer_files, writing
+from mistral_jax.convert import files as fileio
 from mistral_jax.convert import keys as keys_lib
 
 CONFIG = "config.json"
@@ -43,13 +45,12 @@ def open_source(path: str, cfg: ModelConfig | None = None) -> sources.FileSource
     """A checked tensor source over an HF directory. Raises one ``ConversionError`` listing every problem."""
     path = os.fspath(path)
     cfg = cfg or read_config(path)
-    index_path = os.path.join(path, INDEX)
+    index_path = storage.join(path, INDEX)
     weight_map = None
-    if os.path.isfile(index_path):
+    if fileio.is_file(index_path):
         try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            weight_map = fileio.read_json(index_path)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{index_path!r} is not a safetensors index ({e!r}). Fix: re-download it.") from e
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError(f"{index_path!r}: 'weight_map' must map tensor names to file names. Fix: re-download "
@@ -59,11 +60,11 @@ def open_source(path: str, cfg: ModelConfig | None = None) -> sources.FileSource
                                for f in outside], f"HF checkpoint {path}",
                               "an index may only name shard files inside its own directory (plain file names such "
                               "as model-00001-of-00002.safetensors); re-download or re-export the checkpoint")
-        files = [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
-    elif os.path.isfile(os.path.join(path, SINGLE)):
-        files = [os.path.join(path, SINGLE)]
+        files = [storage.join(path, f) for f in sorted(set(weight_map.values()))]
+    elif fileio.is_file(storage.join(path, SINGLE)):
+        files = [storage.join(path, SINGLE)]
     else:
-        have = sorted(os.listdir(path))
+        have = fileio.listdir(path)
         bins = [f for f in have if f.endswith(".bin")]
         fix = ("convert the .bin files to safetensors first (transformers: model.save_pretrained(dir))" if bins
                else "point at a directory holding model.safetensors or model.safetensors.index.json")
@@ -211,47 +212,47 @@ def tekken_tokenizer_json(tokenizer: Any) -> dict[str, Any] | None:
     return json.loads(tok.to_str())
 
 
-def write_tokenizer_files(out_dir: str, cfg: ModelConfig, kind: str) -> None:
+def write_tokenizer_files(out_dir: str, cfg: ModelConfig, kind: str, tokenizer_file: str) -> None:
     """The HF tokenizer files next to the copied ``tokenizer.model`` / ``tekken.json``: ``tokenizer_config.json``
     (with the chat template), ``special_tokens_map.json``, ``tokenizer.json`` when it can be built, and for a
     sentencepiece model of a later Mistral version also ``tokenizer.model.<version>`` (mistral-common's name,
-    which its loaders and transformers' ``MistralCommonBackend`` read the version from)."""
-    import shutil
+    which its loaders and transformers' ``MistralCommonBackend`` read the version from).
 
+    ``tokenizer_file`` is a local copy of the tokenizer (the one copied into ``out_dir``, which may be a bucket).
+    """
     from mistral_jax.data.tokenizer import Tokenizer
 
-    tok = Tokenizer(os.path.join(out_dir, "tekken.json" if kind == "tekken" else "tokenizer.model"))
+    tok = Tokenizer(tokenizer_file)
     tj = tekken_tokenizer_json(tok) if kind == "tekken" else sentencepiece_tokenizer_json(tok)
     if tj is not None:
-        with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
-            json.dump(tj, f, ensure_ascii=False)
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump(tokenizer_config(cfg, tok, with_tokenizer_json=tj is not None), f, indent=2)
+        fileio.write_json(storage.join(out_dir, "tokenizer.json"), tj, ensure_ascii=False)
+    fileio.write_json(storage.join(out_dir, "tokenizer_config.json"),
+                         tokenizer_config(cfg, tok, with_tokenizer_json=tj is not None), indent=2)
     specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     if kind == "tekken":
         specials["pad_token"] = "<pad>"
-    with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
-        json.dump(specials, f, indent=2)
+    fileio.write_json(storage.join(out_dir, "special_tokens_map.json"), specials, indent=2)
     if kind == "sentencepiece" and tok.instruct_version != "v1":
-        shutil.copyfile(tok.path, os.path.join(out_dir, f"tokenizer.model.{tok.instruct_version}"))
+        fileio.copy_file(tokenizer_file, storage.join(out_dir, f"tokenizer.model.{tok.instruct_version}"))
 
 
 def write(out_dir: str, source: sources.Source, *, dtype: str | None = None, tokenizer: Any = None,
           max_shard_size: int | str = "5GB") -> None:
-    """Write an HF checkpoint of ``source`` into the (empty, temporary) directory ``out_dir``."""
+    """Write an HF checkpoint of ``source`` into the (empty, temporary) directory ``out_dir`` (local, or the
+    export's place on a bucket: see ``convert.paths.atomic_dir``)."""
     cfg = source.cfg
     es = keys_lib.entries(cfg)
     out_dtype = dtype or dtypes.dtype_name(source.dtype(es[0]))
-    weight_map = writing.write_tensors(out_dir, source, "hf", dtype, [SINGLE], max_shard_size)
+    weight_map, sizes = writing.write_tensors(out_dir, source, "hf", dtype, [SINGLE], max_shard_size)
     files = sorted(set(weight_map.values()))
     if len(files) > 1:
-        total = sum(os.path.getsize(os.path.join(out_dir, f)) for f in files)
-        with open(os.path.join(out_dir, INDEX), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
-    with open(os.path.join(out_dir, CONFIG), "w") as f:
-        json.dump(hf_config(cfg, out_dtype), f, indent=2, sort_keys=True)
-    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": 1, "eos_token_id": 2}, f, indent=2)
+        total = sum(sizes[f] for f in files)
+        fileio.write_json(storage.join(out_dir, INDEX), {"metadata": {"total_size": total},
+                                                            "weight_map": weight_map}, indent=2, sort_keys=True)
+    fileio.write_json(storage.join(out_dir, CONFIG), hf_config(cfg, out_dtype), indent=2, sort_keys=True)
+    fileio.write_json(storage.join(out_dir, "generation_config.json"), {"bos_token_id": 1, "eos_token_id": 2},
+                         indent=2)
     kind = tokenizer_files.copy_tokenizer(tokenizer, out_dir)
     if kind is not None:
-        write_tokenizer_files(out_dir, cfg, kind)
+        with storage.local_copy_for_reading(tokenizer_files.source_file(tokenizer)) as local:
+            write_tokenizer_files(out_dir, cfg, kind, local)

@@ -10,12 +10,13 @@ Legacy ``consolidated.00.pth`` pickles are not read (they need torch): convert t
 
 from __future__ import annotations
 
-import glob
-import json
+import fnmatch
 import os
 from typing import Any
 
+from mistral_jax import storage
 from mistral_jax.config import ModelConfig
+from mistral_jax.convert import files as fileio
 from mistral_jax.convert import sources, tokenizer_files, writing
 
 PARAMS = "params.json"
@@ -32,9 +33,10 @@ def open_source(path: str, cfg: ModelConfig | None = None) -> sources.FileSource
     """A checked tensor source over a consolidated directory; one ``ConversionError`` lists every problem."""
     path = os.fspath(path)
     cfg = cfg or read_config(path)
-    files = sorted(glob.glob(os.path.join(path, "consolidated*.safetensors")))
+    have = fileio.listdir(path)
+    files = [storage.join(path, n) for n in have
+             if fnmatch.fnmatchcase(n, "consolidated*.safetensors") and fileio.is_file(storage.join(path, n))]
     if not files:
-        have = sorted(os.listdir(path))
         pth = [f for f in have if f.endswith(".pth")]
         fix = ("convert the .pth file to safetensors first: safetensors.torch.save_file(torch.load(f), "
                f"'{WEIGHTS}')" if pth else f"point at a directory holding {WEIGHTS}")
@@ -46,8 +48,8 @@ def open_source(path: str, cfg: ModelConfig | None = None) -> sources.FileSource
 
 
 def write(out_dir: str, source: sources.Source, *, dtype: str | None = None, tokenizer: Any = None) -> None:
-    """Write ``params.json`` + ``consolidated.safetensors`` (streamed) into the (temporary) ``out_dir``."""
+    """Write ``params.json`` + ``consolidated.safetensors`` (streamed) into the (temporary) ``out_dir``, or the
+    export's place on a bucket."""
     writing.write_tensors(out_dir, source, "mistral", dtype, [WEIGHTS], None)
-    with open(os.path.join(out_dir, PARAMS), "w") as f:
-        json.dump(source.cfg.to_mistral_params(), f, indent=2)
+    fileio.write_json(storage.join(out_dir, PARAMS), source.cfg.to_mistral_params(), indent=2)
     tokenizer_files.copy_tokenizer(tokenizer, out_dir)

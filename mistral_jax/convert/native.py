@@ -5,12 +5,15 @@
 * training workdir: ``model_config.json``, optional ``tokenizer.model``, ``checkpoints/<step>/`` written by
   ``ocp.CheckpointManager`` with a ``params`` item (``StandardSave``) among others.
 * a step dir ``checkpoints/<step>/`` (its ``model_config.json`` two levels up).
+
+Each may be on a bucket (``gs://``, ``s3://``): Orbax reads and writes the arrays there itself (tensorstore's GCS /
+S3 drivers, ``mistral_jax.orbax_s3``); a step on a bucket counts once Orbax has committed it
+(``commit_success.txt``, its commit-file protocol on object stores: a half-written step is skipped).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import warnings
@@ -19,14 +22,15 @@ from typing import Any
 
 import jax
 
-from mistral_jax import sharding
+from mistral_jax import sharding, storage
 from mistral_jax.config import ModelConfig
-from mistral_jax.convert import dtypes, sources, tokenizer_files
+from mistral_jax.convert import dtypes, files, sources, tokenizer_files
 from mistral_jax.convert import keys as keys_lib
 
 MODEL_CONFIG = "model_config.json"
 PARAMS = "params"
 CHECKPOINTS = "checkpoints"
+COMMITTED = "commit_success.txt"  # Orbax's commit file (atomicity_types.COMMIT_SUCCESS_FILE) on object stores
 
 
 _HARMLESS = ("Metadata file does not exist", "read_only=True, setting save_interval_steps",
@@ -60,6 +64,7 @@ class AdaptersOnlyError(ValueError):
 def _ocp():
     import orbax.checkpoint as ocp  # imported lazily: slow, and only this format needs it
 
+    storage.configure()  # Orbax on s3:// (orbax_s3), emulator settings: before Orbax touches a bucket path
     return ocp
 
 
@@ -70,30 +75,33 @@ def read_config(path: str) -> ModelConfig:
 
 
 def step_dirs(workdir: str) -> list[str]:
-    """``checkpoints/<step>`` directories of a training workdir, newest first (temporary dirs skipped)."""
-    root = os.path.join(workdir, CHECKPOINTS)
-    if not os.path.isdir(root):
-        return []
-    steps = sorted((int(n) for n in os.listdir(root) if n.isdigit() and os.path.isdir(os.path.join(root, n))),
-                   reverse=True)
-    return [os.path.join(root, str(s)) for s in steps]
+    """``checkpoints/<step>`` directories of a training workdir, newest first (temporary dirs skipped; on a bucket,
+    steps that Orbax has not committed too)."""
+    root = storage.join(workdir, CHECKPOINTS)
+    kinds = files.entries(root)
+    steps = sorted((int(n) for n, k in kinds.items() if n.isdigit() and
+                    (k == "dir" or k == "link" and files.is_dir(storage.join(root, n)))), reverse=True)
+    out = [storage.join(root, str(s)) for s in steps]
+    if storage.is_remote(workdir):
+        out = [d for d in out if files.is_file(storage.join(d, COMMITTED))]
+    return out
 
 
 def config_and_params_dirs(path: str) -> tuple[str, list[str]]:
     """(directory holding ``model_config.json``, candidate ``params`` dirs in the order to try)."""
-    path = os.path.abspath(os.fspath(path))
-    if os.path.isfile(os.path.join(path, MODEL_CONFIG)):
-        if os.path.isdir(os.path.join(path, PARAMS)):  # export dir
-            return path, [os.path.join(path, PARAMS)]
+    path = storage.absolute(path)
+    if files.is_file(storage.join(path, MODEL_CONFIG)):
+        if files.is_dir(storage.join(path, PARAMS)):  # export dir
+            return path, [storage.join(path, PARAMS)]
         steps = step_dirs(path)
         if steps:
-            return path, [os.path.join(s, PARAMS) for s in steps]
+            return path, [storage.join(s, PARAMS) for s in steps]
         raise FileNotFoundError(f"{path!r} has {MODEL_CONFIG} but neither {PARAMS}/ nor {CHECKPOINTS}/<step>/. "
                                 "Fix: train until a checkpoint is written, or point at an export dir.")
-    if os.path.isdir(os.path.join(path, PARAMS)):  # a step dir
+    if files.is_dir(storage.join(path, PARAMS)):  # a step dir
         root = os.path.dirname(os.path.dirname(path))
-        if os.path.isfile(os.path.join(root, MODEL_CONFIG)):
-            return root, [os.path.join(path, PARAMS)]
+        if files.is_file(storage.join(root, MODEL_CONFIG)):
+            return root, [storage.join(path, PARAMS)]
         raise FileNotFoundError(f"{path!r} looks like a checkpoint step but {root}/{MODEL_CONFIG} is missing. "
                                 "Fix: keep the step inside its training workdir.")
     raise FileNotFoundError(f"{path!r} is not a mistral_jax directory (no {MODEL_CONFIG}).")
@@ -114,7 +122,7 @@ def _check_tree(cfg: ModelConfig, params_dir: str) -> dict[tuple[str, ...], Any]
               for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
     expected = keys_lib.param_shapes(cfg)
     if stored and all(len(k) >= 2 and k[-1] in ("a", "b") for k in stored):  # LoRA adapters (lora.LoRAWeight)
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(params_dir))))
+        root = os.path.dirname(os.path.dirname(os.path.dirname(storage.absolute(params_dir))))
         raise AdaptersOnlyError(f"checkpoint {params_dir!r} holds only LoRA adapters ({len(stored)} arrays), not "
                                 f"a model: {root!r} is a LoRA training workdir. Fix: keep its run_config.json (which "
                                 "names the base model) so it loads merged, or export it with `mistral-jax-lora "
@@ -184,11 +192,11 @@ def load(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = N
 
 
 def write(out_dir: str, cfg: ModelConfig, params: dict[str, Any], tokenizer: Any = None) -> None:
-    """Write an export dir (``model_config.json``, ``params/``, ``tokenizer.model``) into ``out_dir``."""
+    """Write an export dir (``model_config.json``, ``params/``, ``tokenizer.model``) into ``out_dir`` (a temporary
+    local directory, or the export's place on a bucket)."""
     ckpt = _ocp().StandardCheckpointer()
-    ckpt.save(os.path.join(out_dir, PARAMS), params)
+    ckpt.save(storage.join(out_dir, PARAMS), params)
     ckpt.wait_until_finished()
     ckpt.close()
-    with open(os.path.join(out_dir, MODEL_CONFIG), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2)
+    files.write_json(storage.join(out_dir, MODEL_CONFIG), cfg.to_dict(), indent=2)
     tokenizer_files.copy_tokenizer(tokenizer, out_dir)

@@ -7,6 +7,11 @@ need torch, so this module reads the (tiny) format itself with ``ml_dtypes`` for
 ``read`` allocates exactly one tensor and fills it with ``readinto``. The writer is given every tensor's
 name, dtype and shape up front, writes the header, then streams the tensors in order, so a shard is never
 assembled in memory.
+
+On a bucket (``gs://``, ``s3://``) a file is read with ranged reads, never downloaded whole: the header is one
+ranged GET (two when it is longer than the first guess) and each tensor one more, so memory stays at about one
+tensor, not one shard. A file written to a bucket is streamed into the object (fsspec's multipart / resumable
+upload, a few MB buffered at a time); nothing is staged on the local disk.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from collections.abc import Iterable, Sequence
 import ml_dtypes
 import numpy as np
 
+from mistral_jax import storage
+from mistral_jax.convert import files
+
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -27,6 +35,7 @@ DTYPES: dict[str, np.dtype] = {
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100_000_000  # the safetensors limit
+_FIRST_READ = 1 << 16  # bytes fetched for a bucket file's header at once (a 7B shard's header is ~30 KB)
 
 
 def dtype_code(dtype) -> str:
@@ -50,24 +59,25 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
+        self.remote = storage.is_remote(self.path)
+        if not files.is_file(self.path):
             raise FileNotFoundError(f"safetensors file {self.path!r} does not exist. Fix: check the directory holds "
                                     "every file its index names (re-download or re-export it).")
-        size = os.path.getsize(self.path)
-        with open(self.path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError(f"{self.path!r} is not a safetensors file (only {size} bytes, no header). "
-                                 "Fix: re-download or re-export it.")
-            (n,) = struct.unpack("<Q", raw)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise ValueError(f"{self.path!r}: the header claims {n} bytes but the file holds {size} bytes in all; "
-                                 "it is truncated or not a safetensors file. Fix: re-download or re-export it.")
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{self.path!r}: unreadable safetensors header ({e}). Fix: re-download or "
-                                 "re-export it.") from e
+        size = files.size(self.path)
+        head = files.read_range(self.path, 0, min(size, _FIRST_READ if self.remote else 8))
+        if len(head) < 8:
+            raise ValueError(f"{self.path!r} is not a safetensors file (only {size} bytes, no header). "
+                             "Fix: re-download or re-export it.")
+        (n,) = struct.unpack("<Q", head[:8])
+        if n > _MAX_HEADER or 8 + n > size:
+            raise ValueError(f"{self.path!r}: the header claims {n} bytes but the file holds {size} bytes in all; "
+                             "it is truncated or not a safetensors file. Fix: re-download or re-export it.")
+        raw = head[8:8 + n] if len(head) >= 8 + n else files.read_range(self.path, 8, n)
+        try:
+            header = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{self.path!r}: unreadable safetensors header ({e}). Fix: re-download or "
+                             "re-export it.") from e
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.data_start = 8 + n
         self.size = size
@@ -102,9 +112,16 @@ class SafetensorsFile:
         """One tensor as a fresh numpy array (bfloat16 via ``ml_dtypes``)."""
         code, shape, begin, end = self.tensors[name]
         out = np.empty(shape, DTYPES[code])
-        with open(self.path, "rb") as f:
-            f.seek(self.data_start + begin)
-            got = f.readinto(out.reshape(-1).view(np.uint8)) if out.size else 0
+        if self.remote:  # one ranged GET of this tensor's bytes (the shard is never fetched whole)
+            data = files.read_range(self.path, self.data_start + begin, end - begin)
+            got = len(data)
+            if got == end - begin and out.size:
+                out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8)
+            del data
+        else:
+            with open(self.path, "rb") as f:
+                f.seek(self.data_start + begin)
+                got = f.readinto(out.reshape(-1).view(np.uint8)) if out.size else 0
         if got != end - begin:
             raise ValueError(f"{self.path}: truncated while reading tensor {name!r}: expected {end - begin} bytes, got "
                              f"{got}. Fix: re-download or re-export the file.")
@@ -129,13 +146,17 @@ def tensor_nbytes(code: str, shape: Sequence[int]) -> int:
 
 
 def write_file(path: str | os.PathLike, specs: Sequence[tuple[str, str, tuple[int, ...]]],
-               arrays: Iterable[np.ndarray], metadata: dict[str, str] | None = None) -> None:
+               arrays: Iterable[np.ndarray], metadata: dict[str, str] | None = None) -> int:
     """Write a safetensors file whose tensors are produced one at a time by ``arrays`` (same order as ``specs``).
 
-    Each produced array is cast to its spec's dtype, checked against its shape, written and dropped.
+    Each produced array is cast to its spec's dtype, checked against its shape, written and dropped. ``path`` may
+    be on a bucket (streamed into the object). Returns the file's size in bytes.
     """
-    with open(path, "wb") as f:
-        f.write(header_bytes(specs, metadata))
+    path = os.fspath(path)
+    with storage.path(path).open("wb") as f:
+        head = header_bytes(specs, metadata)
+        f.write(head)
+        written = len(head)
         it = iter(arrays)
         for name, code, shape in specs:
             try:
@@ -147,4 +168,6 @@ def write_file(path: str | os.PathLike, specs: Sequence[tuple[str, str, tuple[in
                 raise ValueError(f"{path}: tensor {name!r} has shape {arr.shape}, the header says {tuple(shape)}")
             if arr.size:
                 f.write(arr.reshape(-1).view(np.uint8).data)
+                written += arr.nbytes
             del arr
+    return written

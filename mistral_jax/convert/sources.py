@@ -8,13 +8,14 @@ so no converter holds more than a tensor at once. A checkpoint's JSON config is 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
+from mistral_jax import storage
 from mistral_jax.config import ModelConfig
+from mistral_jax.convert import files
 from mistral_jax.convert import keys as keys_lib
 from mistral_jax.convert import safetensors_io as st
 from mistral_jax.convert.dtypes import np_dtype
@@ -125,18 +126,17 @@ def read_json_config(directory: str, filename: str, parse: Any, where: str) -> A
     """``parse(json of directory/filename)``; every failure names the file and says how to fix it.
 
     Args:
-      directory: the checkpoint directory.
+      directory: the checkpoint directory (local or on a bucket).
       filename: ``config.json``, ``params.json`` or ``model_config.json``.
       parse: dict -> ModelConfig (``ModelConfig.from_hf`` ...).
       where: what the directory should be, for the missing-file message.
     """
-    path = os.path.join(directory, filename)
-    if not os.path.isfile(path):
+    path = storage.join(directory, filename)
+    if not files.is_file(path):
         raise FileNotFoundError(f"{path!r} not found: not {where}. Fix: point at the directory holding {filename}.")
     try:
-        with open(path) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
+        d = files.read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path!r} is not valid JSON ({e}). Fix: repair or re-download it.") from e
     try:
         return parse(d)

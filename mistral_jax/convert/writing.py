@@ -1,11 +1,12 @@
-"""Writing safetensors checkpoints from a source: shard planning (HF's ``max_shard_size``) and streaming writes."""
+"""Writing safetensors checkpoints from a source: shard planning (HF's ``max_shard_size``) and streaming writes
+(shard by shard, tensor by tensor; into a local directory or straight into a bucket)."""
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 
+from mistral_jax import storage
 from mistral_jax.convert import keys as keys_lib
 from mistral_jax.convert import safetensors_io as st
 from mistral_jax.convert.dtypes import np_dtype
@@ -43,8 +44,10 @@ def plan_shards(specs: Sequence[tuple[str, str, tuple[int, ...]]], max_bytes: in
 
 
 def write_tensors(out_dir: str, source: Source, fmt: keys_lib.Format, dtype: str | None,
-                  file_names: Sequence[str] | None, max_shard_size: int | str | None) -> dict[str, str]:
-    """Stream every tensor of ``source.cfg`` into safetensors shard(s); returns ``{tensor name: file name}``.
+                  file_names: Sequence[str] | None, max_shard_size: int | str | None
+                  ) -> tuple[dict[str, str], dict[str, int]]:
+    """Stream every tensor of ``source.cfg`` into safetensors shard(s) in ``out_dir`` (local or a bucket); returns
+    ``({tensor name: file name}, {file name: bytes})``.
 
     ``file_names(i, n)`` style: when ``max_shard_size`` is None a single file ``file_names[0]`` is written,
     else shards ``model-0000i-of-0000n.safetensors`` (a single one is named ``file_names[0]``).
@@ -55,7 +58,7 @@ def write_tensors(out_dir: str, source: Source, fmt: keys_lib.Format, dtype: str
     specs = [(e.name(fmt), st.dtype_code(out_dt if out_dt is not None else source.dtype(e)), e.file_shape(fmt, cfg))
              for e in es]
     groups = [list(range(len(es)))] if max_shard_size is None else plan_shards(specs, parse_size(max_shard_size))
-    weight_map = {}
+    weight_map, sizes = {}, {}
     for s, idx in enumerate(groups):
         fname = file_names[0] if len(groups) == 1 else f"model-{s + 1:05d}-of-{len(groups):05d}.safetensors"
 
@@ -63,6 +66,6 @@ def write_tensors(out_dir: str, source: Source, fmt: keys_lib.Format, dtype: str
             for i in idx:
                 yield es[i].to_file(fmt, source.read(es[i]), cfg)
 
-        st.write_file(os.path.join(out_dir, fname), [specs[i] for i in idx], produce())
+        sizes[fname] = st.write_file(storage.join(out_dir, fname), [specs[i] for i in idx], produce())
         weight_map.update({specs[i][0]: fname for i in idx})
-    return weight_map
+    return weight_map, sizes

@@ -9,12 +9,11 @@ and what the run would do in its workdir.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 
-from mistral_jax import sharding
+from mistral_jax import sharding, storage
 from mistral_jax.aot import _collective_lines, compile_run
 from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.training import run as run_lib
@@ -42,10 +41,10 @@ def dry_run(run: Any, workdir: str, devices: list[Any] | None = None) -> dict[st
     if not isinstance(run, run_lib.RunSpec):
         run = run_lib.resolve(run, devices=devices)
     cfg = run.cfg
-    workdir = os.path.abspath(workdir)
+    workdir = storage.absolute(workdir)
     data = _dry_run_data(run, workdir, sharding.batch_sharding(run.mesh, run.rules))
     report = compile_run(run)
-    prev = trainer.previous_run(workdir) if os.path.isdir(workdir) else {"steps": [], "holds_run": False}
+    prev = trainer.previous_run(workdir) if storage.path(workdir).is_dir() else {"steps": [], "holds_run": False}
     report.update(processes=jax.process_count(), model_flops_per_device=report["model_flops_per_chip"], data=data,
                   workdir=(f"would resume {workdir} from step {prev['steps'][-1]}" if prev["steps"] and
                            cfg.checkpoint.resume else f"holds a run ({trainer._describe(prev)})" if prev["holds_run"]
@@ -56,8 +55,8 @@ def dry_run(run: Any, workdir: str, devices: list[Any] | None = None) -> dict[st
 def _dry_run_data(run: Any, workdir: str, bsharding) -> str:
     """Open the training data (and pack one batch of this process when the tokenizer is known): what was done."""
     cfg, recipe = run.cfg, run.recipe
-    path = recipe.tokenizer_source() or os.path.join(workdir, Tokenizer.FILENAME)
-    tok = Tokenizer(path) if recipe.tokenizer_source() or os.path.isfile(path) else None  # as the run would
+    path = recipe.tokenizer_source() or storage.join(workdir, Tokenizer.FILENAME)
+    tok = Tokenizer(path) if recipe.tokenizer_source() or storage.path(path).is_file() else None  # as the run would
     source = recipe.open_data("train")
     if tok is None:
         return f"opened {cfg.data.train} (no tokenizer yet: a real run trains one; no batch packed)"

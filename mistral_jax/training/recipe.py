@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -53,7 +52,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from ml_collections import ConfigDict
 
-from mistral_jax import loading, sharding
+from mistral_jax import loading, sharding, storage
 from mistral_jax import lora as lora_lib
 from mistral_jax.config import ConfigError, ModelConfig
 from mistral_jax.data import chat, pipeline
@@ -324,7 +323,7 @@ class Recipe:
     def tokenizer(self, workdir: str, model_cfg: ModelConfig) -> Tokenizer:
         """``data.tokenizer``, else ``init_from``'s ``tokenizer.model``, else the workdir's (a resumed run), else one
         trained on ``data.train``; copied into ``workdir`` as the run's ``tokenizer.model`` (process 0)."""
-        dest = os.path.join(workdir, Tokenizer.FILENAME)
+        dest = storage.join(workdir, Tokenizer.FILENAME)
         path = self.cfg.data.tokenizer
         if not path and self.init_from:
             path = loading.tokenizer_path(self.init_from, loading.detect_format(self.init_from))
@@ -333,14 +332,14 @@ class Recipe:
                                   "--config.data.tokenizer=PATH to the checkpoint's sentencepiece model.")
         if path:
             tok = Tokenizer(path)
-            if jax.process_index() == 0 and os.path.abspath(tok.path) != os.path.abspath(dest):
-                shutil.copyfile(tok.path, dest)
+            if jax.process_index() == 0 and storage.absolute(tok.path) != storage.absolute(dest):
+                storage.write_bytes(dest, tok.read_bytes())  # local or bucket, either side
             return tok
         if not self.data.trains_tokenizer:
             raise ConfigError(f"{self.data.name} fine-tuning needs the model's tokenizer. Fix: set "
                               "config.data.tokenizer or config.init_from (a checkpoint directory holding "
                               "tokenizer.model).")
-        if os.path.isfile(dest):  # a resumed run keeps the tokenizer it trained
+        if storage.path(dest).is_file():  # a resumed run keeps the tokenizer it trained
             return Tokenizer(dest)
         return self._train_tokenizer(dest, model_cfg)
 

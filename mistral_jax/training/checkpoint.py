@@ -58,12 +58,14 @@ from mistral_jax.training.checkpoint_compat import (  # noqa: F401 - re-exported
     lock_refresh_interval,
     looks_like_mismatch,
     make_workdir,
+    move_in_bucket,
     staging_dir,
 )
 
 log = logging.getLogger(__name__)
 
 ITEMS = ("params", "opt_state", "data_state", "meta")
+COMMIT_FILE = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE  # what Orbax writes last into a step in a bucket
 
 
 class CheckpointSaveError(RuntimeError):
@@ -211,6 +213,15 @@ class Checkpointer:
         """Steps Orbax finished, read from storage (not the manager's cache): see ``finalized_steps``."""
         return finalized_steps(self.directory)
 
+    def _finalized(self, step: int) -> bool:
+        """Whether Orbax finished ``step``: its directory renamed (local), its commit file written (a bucket: one
+        request, not a listing)."""
+        step_dir = storage.join(self.directory, str(step))
+        if not self.remote:
+            return os.path.isdir(step_dir)
+        fresh_listings(step_dir)
+        return storage.path(storage.join(step_dir, COMMIT_FILE)).exists()
+
     # ----------------------------------------------------------------------------------------- save
     def due(self, step: int, *, force: bool = False) -> bool:
         """Whether ``save(step, ..., force=force)`` would start a save (the same answer on every process)."""
@@ -261,7 +272,7 @@ class Checkpointer:
             self.manager.check_for_errors()
         except Exception as e:  # noqa: BLE001
             err = e
-        if err is None and step not in self.finalized_steps():
+        if err is None and not self._finalized(step):
             logged = self._logged_error()
             err = logged if isinstance(logged, BaseException) else RuntimeError(
                 logged or f"Orbax did not finalize {storage.join(self.directory, str(step))}")
@@ -365,7 +376,7 @@ class Checkpointer:
         if jax.process_index() == 0:
             src = storage.join(self.directory, str(step))
             if self.remote:  # a bucket moves by copy, then delete
-                storage.path(src).rename(storage.path(dest))
+                move_in_bucket(src, dest)
             else:
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
                 shutil.move(src, dest)

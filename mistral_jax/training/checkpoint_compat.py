@@ -154,6 +154,22 @@ def fresh_listings(path: str) -> None:
             instance.invalidate_cache()
 
 
+def move_in_bucket(src: str, dst: str) -> None:
+    """Move the object ``src``, or every object under the prefix ``src/``, to ``dst`` in the same bucket: all are
+    copied first, then the originals deleted, so an interruption leaves a copy, never nothing (a bucket has no
+    rename; ``etils.epath``'s wants ``dst``'s parent folder to exist, which a bucket never has)."""
+    fresh_listings(src)
+    fs = storage.filesystem(storage.url_scheme(src))
+    s, d = (storage.absolute(p).split("://", 1)[1] for p in (src, dst))
+    objects = fs.find(s)  # the object itself, or those under "s/" (not "s1/...")
+    if not objects:
+        raise FileNotFoundError(f"nothing to move at {src}")
+    for o in objects:
+        fs.cp_file(o, d + o[len(s):])
+    fs.rm(objects)
+    fresh_listings(dst)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -477,7 +493,7 @@ def archive_run(workdir: str, keep: tuple[str, ...] = (LOCK_NAME, ARCHIVE_DIR)) 
             os.rename(os.path.join(workdir, name), os.path.join(dest, name))
         return dest
     for name in names:
-        (root / name).rename(storage.path(storage.join(dest, name)))
+        move_in_bucket(storage.join(workdir, name), storage.join(dest, name))
     return dest
 
 

@@ -368,6 +368,7 @@ def check_storage(cfg: ConfigDict, workdir: str | None = None) -> None:
 
     Raises:
       storage.StorageError / storage.UnsupportedPath: one line naming the field, the path, what failed and the fix.
+      ValueError: a bucket workdir with a bad ``MISTRAL_JAX_LOCK_REFRESH_S``.
     """
     for name in PATH_FIELDS:
         value = _get(cfg, name)
@@ -375,6 +376,10 @@ def check_storage(cfg: ConfigDict, workdir: str | None = None) -> None:
             storage.check_bucket(value, f"config.{name}")
     if workdir is not None:
         storage.check_bucket(workdir, "--workdir", write=True)
+        if storage.is_remote(workdir):  # the bucket lock's refresh interval: a bad value is one line here too
+            from mistral_jax.training.checkpoint_compat import lock_refresh_interval
+
+            lock_refresh_interval()
 
 
 def check_processes(cfg: ConfigDict, workdir: str, process_count: int) -> None:

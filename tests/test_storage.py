@@ -87,26 +87,32 @@ def test_eval_refuses_an_unsupported_url_before_loading_lm_eval():
 
 @pytest.mark.heavy  # a Python subprocess
 def test_train_py_refuses_a_url_workdir_before_any_work(tmp_path):
-    """The issue's case, as a user runs it: exit 2, one line, no ``./gs:`` directory, nothing trained."""
+    """The issue's case, as a user runs it: a URL train.py cannot open (``gs://`` and ``s3://`` it can) is exit 2,
+    one line, no ``./hdfs:`` directory, nothing trained."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config",
-                           os.path.join(ROOT, "configs", "tiny.py"), "--workdir", "gs://bkt/run"],
+                           os.path.join(ROOT, "configs", "tiny.py"), "--workdir", "hdfs://bkt/run"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--workdir='gs://bkt/run' is a gs:// URL" in lines[0], proc.stderr
+    assert len(lines) == 1 and "--workdir='hdfs://bkt/run' is a hdfs:// URL" in lines[0], proc.stderr
+    assert "Fix:" in lines[0]
     _no_url_dirs(tmp_path)
 
 
 @pytest.mark.parametrize("field", ["init_from", "data.train", "data.validation", "data.tokenizer"])
 def test_run_config_paths_are_checked(field):
+    """A bucket path is a path (its readers open it); any other URL is refused in one line."""
     from configs import tiny
     from mistral_jax.training import run
 
     cfg = tiny.get_config()
     head, _, leaf = field.rpartition(".")
     (cfg[head] if head else cfg)[leaf] = "s3://bkt/thing"
-    with pytest.raises(run.ConfigError, match=rf"config\.{field}='s3://bkt/thing' is a s3:// URL"):
+    run.validate_config(cfg)
+    (cfg[head] if head else cfg)[leaf] = "hdfs://bkt/thing"
+    with pytest.raises(run.ConfigError) as e:
         run.validate_config(cfg)
+    assert str(e.value).startswith(f"config.{field}='hdfs://bkt/thing' is a hdfs:// URL") and "\n" not in str(e.value)
 
 
 def test_library_entry_points_refuse_urls(tmp_path, monkeypatch):
@@ -120,8 +126,8 @@ def test_library_entry_points_refuse_urls(tmp_path, monkeypatch):
     for save in (mj.save_hf, mj.save_mistral, mj.save_jax):
         with pytest.raises(storage.UnsupportedPath, match="output='hdfs://nn/export' is a hdfs:// URL"):
             save(model, "hdfs://nn/export")
-    with pytest.raises(trainer.ConfigError, match="workdir='gs://bkt/run'"):
-        trainer.train(tiny.get_config(), "gs://bkt/run")
+    with pytest.raises(trainer.ConfigError, match="workdir='hdfs://bkt/run' is a hdfs:// URL"):
+        trainer.train(tiny.get_config(), "hdfs://bkt/run")  # gs:// and s3:// are trained into
     _no_url_dirs(tmp_path)
 
 

@@ -1,6 +1,9 @@
 """``python train.py`` / ``mistral-jax-train``: ``--config configs/tiny.py --workdir runs/tiny [--config.a.b=v]``.
 
-Resumes from ``{workdir}/checkpoints`` when present. On SIGTERM / SIGINT it saves and exits with 128 + signal.
+Resumes from ``{workdir}/checkpoints`` when present. The workdir may be a bucket (``--workdir gs://bucket/run`` or
+``s3://bucket/run``): everything the run writes lives there (a local working copy of the metrics in
+``$MISTRAL_JAX_CACHE``), and a bucket that does not exist or does not answer is one line before any work.
+On SIGTERM / SIGINT it saves and exits with 128 + signal.
 Several processes (a TPU slice, SLURM, Open MPI, or the ``MISTRAL_JAX_*`` variables of ``mistral_jax.distributed``)
 run the same command; ``jax.distributed`` starts after the argument checks, before any device is used.
 The run config is resolved once (``mistral_jax.training.run.resolve``: model config for this host's platform, mesh,
@@ -19,7 +22,7 @@ import os
 import re
 import sys
 
-from mistral_jax import cli
+from mistral_jax import cli, storage
 
 PROG = "train"
 _FLAGS: dict = {}  # the absl flag holders, defined by ``entry`` (not at import: importing defines no flags)
@@ -47,7 +50,8 @@ def check_args(argv: list[str]) -> None:
     config = _flag_value(argv, "config")
     if not config:
         raise cli.UsageError("--config", config, "is required", "pass --config configs/tiny.py (or another config)")
-    cli.check_local_flags({"config": config, "workdir": _flag_value(argv, "workdir")})  # a URL is no local path
+    # --workdir may be gs:// or s3:// (another scheme is refused); --config is a local file
+    cli.check_local_flags({"config": config, "workdir": _flag_value(argv, "workdir")}, remote_ok=("workdir",))
     path = config.split(":")[0]
     if not os.path.isfile(path):
         names = sorted(n for n in os.listdir(run.CONFIG_DIR) if n.endswith(".py") and not n.startswith("_"))
@@ -60,7 +64,7 @@ def check_args(argv: list[str]) -> None:
     if not workdir:
         raise cli.UsageError("--workdir", workdir, "is required",
                              "pass --workdir DIR (a new directory, or a run's workdir to resume it)")
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    if storage.url_scheme(workdir) is None and os.path.exists(workdir) and not os.path.isdir(workdir):
         raise cli.UsageError("--workdir", workdir, "is a file", "pass a directory (a new one, or a run's workdir)")
     run.check_cli_overrides(argv)
 
@@ -75,6 +79,7 @@ def main(argv: list[str]) -> None:
     _plain_logs(logging.DEBUG if cli.debug_enabled() else logging.INFO)
     cfg, workdir = _FLAGS["config"].value, _FLAGS["workdir"].value
     try:
+        run.check_storage(cfg, workdir)  # the buckets answer (workdir writable) before any device or download
         run.check_processes(cfg, workdir, distributed.expected_process_count())  # before any device
         distributed.initialize()
         spec = run.resolve(cfg)  # the run, resolved once: mesh, rules, model config, optimizer, init_from
@@ -84,10 +89,11 @@ def main(argv: list[str]) -> None:
             report = format_dry_run(dry_run(spec, workdir))
             return print(report, flush=True) if jax.process_index() == 0 else None
         result = trainer.train(spec, workdir)
-    except (run.ConfigError, checkpoint.WorkdirBusy, ValueError) as e:
+    except (run.ConfigError, checkpoint.WorkdirBusy, storage.StorageError, ValueError) as e:
         if cli.debug_enabled():
             raise
-        named = isinstance(e, (run.ConfigError, checkpoint.WorkdirBusy))  # their message names the field
+        # their message names the field (or flag), the value and the fix
+        named = isinstance(e, (run.ConfigError, checkpoint.WorkdirBusy, storage.StorageError, storage.UnsupportedPath))
         cli.fail(PROG, str(e) if named else f"{type(e).__name__}: {e}", 2)
     except (checkpoint.CheckpointSaveError, FloatingPointError, distributed.DistributedStartError) as e:
         if cli.debug_enabled():
@@ -99,7 +105,8 @@ def main(argv: list[str]) -> None:
         cli.fail(PROG, f"process {jax.process_index()}: a step across the {jax.process_count()} processes failed, "
                  f"most likely because another process died (see its log): {str(e).splitlines()[0][:300]}", 1)
     loss = result["last_metrics"].get("loss")
-    if loss is None and jax.process_index() == 0 and os.path.isfile(os.path.join(workdir, "metrics.jsonl")):
+    if (loss is None and jax.process_index() == 0
+            and storage.path(storage.join(workdir, "metrics.jsonl")).is_file()):
         # a complete run, rerun: its last logged loss
         from mistral_jax.training.metrics import read_metrics
 

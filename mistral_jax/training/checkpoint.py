@@ -5,8 +5,11 @@
 * ``data_state``: the data iterator position (JsonSave, see ``data.pipeline.PackedBatches.get_state``).
 * ``meta``: ``{"step", "seed", "model_config", ...}`` (JsonSave).
 
-Saves are asynchronous (training continues while the files are written), every ``every_steps`` steps, keeping
-the newest ``keep``. A save that fails (disk full, permission denied, any I/O error) raises
+The directory is local or a bucket URL (``gs://``, ``s3://``): Orbax writes the arrays with tensorstore's GCS / S3
+drivers and the rest through ``etils.epath``; in a bucket a step is finished when Orbax's ``commit_success.txt`` is
+in it (``finalized_steps``), so a save killed half-way is no checkpoint, and a quarantine move is a copy, then a
+delete. Saves are asynchronous (training continues while the files are written), every ``every_steps`` steps,
+keeping the newest ``keep``. A save that fails (disk full, permission denied, any I/O error) raises
 ``CheckpointSaveError`` at the next ``check()`` / ``save()`` naming the error, the step and the newest intact
 checkpoint; checkpoints already on disk are left alone. The ``checkpoints`` directory is made by the first save,
 so a run that fails before it leaves none behind.
@@ -38,23 +41,31 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from mistral_jax import distributed
+from mistral_jax import distributed, storage
 from mistral_jax.training.checkpoint_compat import (  # noqa: F401 - re-exported: one import place for callers
     ARCHIVE_DIR,
     ARRAY_ITEMS,
+    DEFAULT_LOCK_REFRESH_S,
     LOCK_NAME,
+    LOCK_REFRESH_ENV,
+    STALE_AFTER_REFRESHES,
     CheckpointMismatch,
     WorkdirBusy,
     WorkdirLock,
     archive_run,
     compare_layouts,
+    fresh_listings,
+    lock_refresh_interval,
     looks_like_mismatch,
     make_workdir,
+    move_in_bucket,
+    staging_dir,
 )
 
 log = logging.getLogger(__name__)
 
 ITEMS = ("params", "opt_state", "data_state", "meta")
+COMMIT_FILE = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE  # what Orbax writes last into a step in a bucket
 
 
 class CheckpointSaveError(RuntimeError):
@@ -65,7 +76,9 @@ class CheckpointSaveError(RuntimeError):
         self.directory, self.step, self.error, self.newest = directory, step, error, newest
         err = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
         code = getattr(error, "errno", None)
-        if code in (errno.ENOSPC, errno.EDQUOT):
+        if storage.is_remote(directory):
+            fix = (f"check the network and this account's write access to {directory} (and the bucket's quota)")
+        elif code in (errno.ENOSPC, errno.EDQUOT):
             fix = f"free space on the filesystem of {directory} (or raise the quota)"
         elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
             fix = f"make {directory} writable by this user"
@@ -76,10 +89,19 @@ class CheckpointSaveError(RuntimeError):
             kept = "there is no earlier checkpoint"
             resume = "then rerun the same command (it starts from step 0)"
         else:
-            kept = f"the newest intact checkpoint is step {newest} ({os.path.join(directory, str(newest))})"
+            kept = f"the newest intact checkpoint is step {newest} ({storage.join(directory, str(newest))})"
             resume = f"then rerun the same command to resume from step {newest}"
         super().__init__(f"saving checkpoint step {step} failed: {err}{where}. Checkpoints already saved were not "
                          f"touched; {kept}. Fix: {fix}, {resume}.")
+
+
+def finalized_steps(directory: str) -> list[int]:
+    """The steps Orbax finished in ``directory`` (``{workdir}/checkpoints``, local or a bucket URL), read from
+    storage: on a local disk the step directories renamed from their temporary names, in a bucket those holding
+    ``commit_success.txt`` (Orbax's own test, ``ocp.path.step.checkpoint_steps``): a save killed half-way is not a
+    step."""
+    fresh_listings(directory)
+    return sorted(ocp.path.step.checkpoint_steps(storage.absolute(directory)))
 
 
 # --------------------------------------------------------------------------------------------- checkpointer
@@ -153,7 +175,9 @@ class Checkpointer:
     """A thin ``ocp.CheckpointManager`` wrapper for the train state of ``training.step``.
 
     Args:
-      directory: ``{workdir}/checkpoints``.
+      directory: ``{workdir}/checkpoints``: a local directory or a ``gs://`` / ``s3://`` URL (Orbax writes the
+        arrays with tensorstore's GCS / S3 drivers, the rest through ``etils.epath``; a step in a bucket is
+        finalized when Orbax's ``commit_success.txt`` is in it).
       every_steps: periodic save interval (``save(..., force=True)`` saves regardless).
       keep: number of newest checkpoints kept.
       async_save: write in a background thread.
@@ -163,7 +187,8 @@ class Checkpointer:
         if every_steps < 1 or keep < 1:
             raise ValueError(f"config.checkpoint.every_steps={every_steps}, keep={keep}: both must be >= 1. "
                              "Fix: set them to positive integers.")
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.absolute(directory)
+        self.remote = storage.is_remote(self.directory)
         self.every_steps, self.keep, self.async_save = every_steps, keep, async_save
         self._pending: int | None = None  # the step of the last save started and not yet checked
         self._failed: CheckpointSaveError | None = None
@@ -174,6 +199,7 @@ class Checkpointer:
         self._open()
 
     def _open(self) -> None:
+        fresh_listings(self.directory)  # Orbax lists the steps here (a bucket: configured, its listings re-read)
         options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, save_interval_steps=self.every_steps,
                                                enable_async_checkpointing=self.async_save, create=False)
         handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
@@ -184,11 +210,17 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def finalized_steps(self) -> list[int]:
-        """Steps whose directory Orbax finished (renamed from its temporary name), read from disk."""
-        if not os.path.isdir(self.directory):
-            return []
-        return sorted(int(n) for n in os.listdir(self.directory)
-                      if n.isdigit() and os.path.isdir(os.path.join(self.directory, n)))
+        """Steps Orbax finished, read from storage (not the manager's cache): see ``finalized_steps``."""
+        return finalized_steps(self.directory)
+
+    def _finalized(self, step: int) -> bool:
+        """Whether Orbax finished ``step``: its directory renamed (local), its commit file written (a bucket: one
+        request, not a listing)."""
+        step_dir = storage.join(self.directory, str(step))
+        if not self.remote:
+            return os.path.isdir(step_dir)
+        fresh_listings(step_dir)
+        return storage.path(storage.join(step_dir, COMMIT_FILE)).exists()
 
     # ----------------------------------------------------------------------------------------- save
     def due(self, step: int, *, force: bool = False) -> bool:
@@ -212,7 +244,8 @@ class Checkpointer:
         self._pending = int(step)
         self._errors.records.clear()  # what Orbax logs from here on belongs to this save
         try:
-            os.makedirs(self.directory, exist_ok=True)  # at the first save, so a run that fails before leaves none
+            if not self.remote:  # at the first save, so a run that fails before leaves none (buckets: no dirs)
+                os.makedirs(self.directory, exist_ok=True)
             started = self.manager.save(step, args=args, force=True)
         except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way
             self._fail(step, e, step)
@@ -239,10 +272,10 @@ class Checkpointer:
             self.manager.check_for_errors()
         except Exception as e:  # noqa: BLE001
             err = e
-        if err is None and not os.path.isdir(os.path.join(self.directory, str(step))):
+        if err is None and not self._finalized(step):
             logged = self._logged_error()
             err = logged if isinstance(logged, BaseException) else RuntimeError(
-                logged or f"Orbax did not finalize {os.path.join(self.directory, str(step))}")
+                logged or f"Orbax did not finalize {storage.join(self.directory, str(step))}")
         if err is not None:
             self._fail(step, err, current_step)
 
@@ -335,13 +368,18 @@ class Checkpointer:
         return None
 
     def _quarantine(self, step: int, err: BaseException) -> None:
-        dest = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints", f"{step}-{int(time.time())}")
+        parent = self.directory.rsplit("/", 1)[0] if self.remote else os.path.dirname(self.directory)
+        dest = storage.join(parent, "corrupt_checkpoints", f"{step}-{int(time.time())}")
         log.warning("checkpoint step %d in %s cannot be restored (%s: %s); moving it to %s and falling back to the "
                     "previous checkpoint.", step, self.directory, type(err).__name__, str(err)[:300], dest)
         self.manager.wait_until_finished()
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            shutil.move(os.path.join(self.directory, str(step)), dest)
+            src = storage.join(self.directory, str(step))
+            if self.remote:  # a bucket moves by copy, then delete
+                move_in_bucket(src, dest)
+            else:
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                shutil.move(src, dest)
         distributed.sync(f"mistral_jax.quarantine_{step}")  # the others reopen after process 0 moved it
         self.manager.close()
         self._open()
@@ -375,14 +413,15 @@ def restore_checkpoint_params(checkpoint_dir: str, abstract_params: Any, step: i
     (Not ``convert.native.restore_params``, which reads the ``params`` directory of a mistral_jax export.)
 
     Args:
-      checkpoint_dir: ``{workdir}/checkpoints``.
+      checkpoint_dir: ``{workdir}/checkpoints`` (local, or a ``gs://`` / ``s3://`` URL).
       abstract_params: ``ShapeDtypeStruct`` tree (with shardings) of the ``params_dict`` layout.
       step: which step; None = the newest that restores.
 
     Returns:
       ``(params, step)``.
     """
-    manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir), item_names=ITEMS,
+    fresh_listings(checkpoint_dir)  # a bucket: configured (Orbax on s3://), its listings re-read
+    manager = ocp.CheckpointManager(storage.absolute(checkpoint_dir), item_names=ITEMS,
                                     options=ocp.CheckpointManagerOptions(create=False, read_only=True))
     steps = sorted(manager.all_steps()) if step is None else [step]
     if not steps:

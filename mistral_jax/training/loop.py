@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from typing import Any
 import jax
 from ml_collections import ConfigDict
 
-from mistral_jax import distributed, sharding
+from mistral_jax import distributed, sharding, storage
 from mistral_jax.data import pipeline
 from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.training import step as step_lib
@@ -149,7 +148,7 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
 
     def newest() -> str | None:
         steps = ckpt.finalized_steps()
-        return os.path.join(ckpt.directory, str(steps[-1])) if steps else None
+        return storage.join(ckpt.directory, str(steps[-1])) if steps else None
 
     result: dict[str, Any] = {"status": "done", "step": start, "signal": None, "last_metrics": {}, "eval": None,
                               "checkpoint": None}
@@ -200,6 +199,7 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
                 if ckpt.due(step, force=force):  # every process's data position goes into the checkpoint
                     ckpt.save(step, state, saved_data_state(data_state), with_extras(meta, hooks, step),
                               force=force)
+                    writer.flush(force=True)  # a bucket workdir: the metrics so far go up with each checkpoint
                 if stop:
                     ckpt.wait()
                     how = "" if preempt.signum else " (received by another process)"

@@ -1,4 +1,10 @@
-"""The metrics writer (JSONL always, TensorBoard via tensorboardX) and reader.
+"""The metrics writer (JSONL always, TensorBoard via tensorboardX) and reader, for a local or a bucket workdir.
+
+A bucket (``gs://``, ``s3://``) cannot append to an object: for a bucket workdir the writer appends to a local
+working copy (``checkpoint_compat.staging_dir``, under ``storage.cache_dir()``) and uploads the whole
+``metrics.jsonl`` and the TensorBoard event files in a background thread, at most every ``upload_every`` seconds,
+at each ``flush(force=True)`` (the loop calls it at every checkpoint save) and at ``close()``. A resumed run first
+downloads the bucket's ``metrics.jsonl``, so its records append to the earlier ones.
 
 The model FLOPs and peaks behind the logged MFU live in ``mistral_jax.flops`` (shared with the dry run and the AOT
 tool); they are re-exported here for older imports.
@@ -7,35 +13,131 @@ tool); they are re-exported here for older imports.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+import threading
+import time
 from typing import Any
 
 import jax
 import numpy as np
 
+from mistral_jax import storage
 from mistral_jax.flops import flops_per_token, mean_attended_keys, measured_matmul_peak, peak_flops
 
 __all__ = ["MetricsWriter", "flops_per_token", "mean_attended_keys", "measured_matmul_peak", "peak_flops",
            "read_metrics"]
 
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+UPLOAD_EVERY_S = 15.0  # a bucket workdir's metrics and events: uploaded at most this often (and at saves, at close)
+
+
+class _Uploader:
+    """Copies a bucket workdir's staged files (``metrics.jsonl``, ``tb/*``) to the bucket, whole, in a background
+    thread: ``request()`` asks for an upload (several requests while one runs make one more upload), ``close()``
+    makes a last one and waits for it. A failed upload is retried at the next request; the local copy stays."""
+
+    def __init__(self, stage: str, workdir: str):
+        self.stage, self.workdir = stage, workdir
+        self._sent: dict[str, tuple[int, int]] = {}  # staged file -> (size, mtime_ns) last uploaded
+        self._wanted = threading.Event()
+        self._closing = False
+        self._failed: str | None = None
+        self._thread = threading.Thread(target=self._run, name="mistral_jax_metrics_upload", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        self._wanted.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            closing = self._closing  # read after the clear: a close() from here on sets _wanted again
+            self.upload()
+            if closing:
+                return
+
+    def upload(self) -> None:
+        """Upload every staged file that changed since its last upload."""
+        for root, _, files in os.walk(self.stage):
+            for name in sorted(files):
+                local = os.path.join(root, name)
+                try:
+                    st = os.stat(local)
+                    if self._sent.get(local) == (st.st_size, st.st_mtime_ns):
+                        continue
+                    with open(local, "rb") as f:
+                        data = f.read()
+                    if name.endswith(".jsonl"):  # whole records only: a line being appended waits for the next
+                        data = data[:data.rfind(b"\n") + 1]
+                    rel = os.path.relpath(local, self.stage).replace(os.sep, "/")
+                    storage.path(storage.join(self.workdir, rel)).write_bytes(data)
+                    self._sent[local] = (st.st_size, st.st_mtime_ns)
+                except Exception as e:  # noqa: BLE001 - reported once; the next upload tries again
+                    why = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+                    if self._failed is None:
+                        log.warning("could not upload %s to %s (%s); will retry (the local copy is in %s).", name,
+                                    self.workdir, why, self.stage)
+                    self._failed = why
+                    continue
+                if self._failed is not None:
+                    log.warning("uploaded the metrics to %s again.", self.workdir)
+                    self._failed = None
+
+    def close(self) -> None:
+        self._closing = True
+        self._wanted.set()
+        self._thread.join()
+        if self._failed is not None:
+            log.warning("the last metrics upload to %s failed (%s); the records are in %s.", self.workdir,
+                        self._failed, self.stage)
+
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to ``{workdir}/metrics.jsonl`` and mirrors scalars to TensorBoard.
+    """Appends one JSON object per logged step to ``{workdir}/metrics.jsonl`` and mirrors scalars to TensorBoard
+    (``{workdir}/tb/``); ``workdir`` is local or a bucket URL (see the module docstring).
 
     Only process 0 writes. Arrays are flattened to scalars (``expert_load`` -> ``expert_load/e{i}``).
     """
 
-    def __init__(self, workdir: str, tensorboard: bool = True):
+    def __init__(self, workdir: str, tensorboard: bool = True, upload_every: float = UPLOAD_EVERY_S):
         self.active = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.remote = storage.is_remote(workdir)
+        self.workdir = storage.absolute(workdir) if self.remote else workdir
+        self.upload_every = upload_every
         self.tb = None
+        self._uploader: _Uploader | None = None
+        self._last_upload = time.monotonic()
+        local = workdir
+        if self.active and self.remote:
+            from mistral_jax.training.checkpoint_compat import staging_dir
+
+            local = staging_dir(workdir, "workdir")
+            shutil.rmtree(local)  # a working copy of this run only: the bucket holds the truth
+            os.makedirs(local)
+            try:
+                earlier = storage.read_bytes(storage.join(self.workdir, METRICS_FILE))
+            except FileNotFoundError:
+                earlier = None
+            if earlier is not None:  # a resumed run appends to the bucket's records
+                with open(os.path.join(local, METRICS_FILE), "wb") as f:
+                    f.write(earlier)
+        self.path = os.path.join(local, METRICS_FILE)  # the file appended to (the staged copy for a bucket)
         if self.active:
-            os.makedirs(workdir, exist_ok=True)
+            os.makedirs(local, exist_ok=True)
             self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+                self.tb = SummaryWriter(os.path.join(local, TB_DIR))
+            if self.remote:
+                self._uploader = _Uploader(local, self.workdir)
+                self._uploader.request()
 
     @staticmethod
     def scalars(metrics: dict[str, Any]) -> dict[str, float]:
@@ -60,17 +162,32 @@ class MetricsWriter:
                 for k, v in s.items():
                     self.tb.add_scalar(k, v, int(step))
                 self.tb.flush()
+            self.flush()
         return s
 
+    def flush(self, force: bool = False) -> None:
+        """A bucket workdir: upload the records in the background, if ``upload_every`` seconds have passed since
+        the last upload or ``force``. A local workdir is written in place: nothing to do."""
+        if self._uploader is None or not (force or time.monotonic() - self._last_upload >= self.upload_every):
+            return
+        self._last_upload = time.monotonic()
+        self._uploader.request()
+
     def close(self) -> None:
+        """Close the files; a bucket workdir's last upload is made (and waited for) here."""
         if self.active:
             self._f.close()
             if self.tb is not None:
                 self.tb.close()
+            if self._uploader is not None:
+                self._uploader.close()
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """All records of ``{workdir}/metrics.jsonl`` (a resumed run appends; later records of a step win)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All records of ``{workdir}/metrics.jsonl``, local or in a bucket (a resumed run appends; later records of a
+    step win)."""
+    from mistral_jax.training.checkpoint_compat import fresh_listings
+
+    fresh_listings(workdir)  # a bucket: the file as it is now (another process may have uploaded it since)
+    text = storage.path(storage.join(workdir, METRICS_FILE)).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -9,7 +9,8 @@ on it (once each), builds the optimizer (once), chooses the recipe (``training.r
 ``init_from`` (once: ``loading.open_checkpoint``; the recipe and the loaders take the handle) and builds the
 model config (once: ``config.model`` preset + overrides, ``config.remat``, ``init_from``'s architecture) for the
 target platform (the devices' platform unless ``config.model.platform`` names one; on a TPU topology's devices the
-``auto`` backends resolve for the TPU). ``validate_config`` runs the same checks without devices.
+``auto`` backends resolve for the TPU). ``validate_config`` runs the same checks without devices. The path fields
+(``PATH_FIELDS``) may be local or ``gs://`` / ``s3://`` URLs; ``check_storage`` checks the buckets answer.
 
 The tools that start from a checkpoint rather than a run config (generate, serve, eval) resolve theirs with
 ``resolve_checkpoint`` -> ``CheckpointSpec`` (the opened checkpoint, its model config for the devices' platform,
@@ -41,10 +42,13 @@ from mistral_jax.training.recipe import ConfigError, Recipe, _get, choose
 
 log = logging.getLogger(__name__)
 
+# the run config's path fields: local paths, or gs:// / s3:// URLs (checked by check_storage before any work)
+PATH_FIELDS = ("init_from", "data.train", "data.validation", "data.tokenizer")
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
-__all__ = ["CONFIG_DIR", "ConfigError", "DataSpec", "MeshConfigError", "RunSpec", "base_config",
-           "CheckpointSpec", "check_cli_overrides", "check_processes", "describe", "load_config_file",
+__all__ = ["CONFIG_DIR", "ConfigError", "DataSpec", "MeshConfigError", "PATH_FIELDS", "RunSpec", "base_config",
+           "CheckpointSpec", "check_cli_overrides", "check_processes", "check_storage", "describe", "load_config_file",
            "model_config_from", "model_config_of", "resolve", "resolve_checkpoint", "rules_from", "validate_config"]
 
 
@@ -292,9 +296,9 @@ def _check_fields(cfg: ConfigDict, schema: ConfigDict | None) -> None:
     unknown = _unknown_keys(cfg, schema)
     if unknown:
         raise ConfigError("unknown config field(s): " + "; ".join(unknown) + ". Fix: remove or rename them.")
-    for name in ("init_from", "data.train", "data.validation", "data.tokenizer"):  # a URL is no local path
+    for name in PATH_FIELDS:  # a local path, or gs:// / s3://; another scheme is never taken for a local path
         try:
-            storage.check_local(_get(cfg, name), f"config.{name}")
+            storage.check_supported(_get(cfg, name), f"config.{name}")
         except storage.UnsupportedPath as e:
             raise ConfigError(str(e)) from None
     for name in ("num_steps", "batch_size", "grad_accum_steps", "log_every"):
@@ -357,12 +361,33 @@ def _check_seq_len(cfg: ConfigDict, model_cfg: ModelConfig) -> None:
                           f"{model_cfg.max_seq_len}]. Fix: lower seq_len or raise model.max_seq_len.")
 
 
+def check_storage(cfg: ConfigDict, workdir: str | None = None) -> None:
+    """The config's bucket paths (``PATH_FIELDS``) can be read and ``workdir`` (when given and a bucket URL) can be
+    written: endpoint up, bucket there, credentials found (``storage.check_bucket``). Local paths pass; run it
+    before anything is built or any device is used.
+
+    Raises:
+      storage.StorageError / storage.UnsupportedPath: one line naming the field, the path, what failed and the fix.
+      ValueError: a bucket workdir with a bad ``MISTRAL_JAX_LOCK_REFRESH_S``.
+    """
+    for name in PATH_FIELDS:
+        value = _get(cfg, name)
+        if value:  # local paths and names (mistral:v3, a hub dataset) pass
+            storage.check_bucket(value, f"config.{name}")
+    if workdir is not None:
+        storage.check_bucket(workdir, "--workdir", write=True)
+        if storage.is_remote(workdir):  # the bucket lock's refresh interval: a bad value is one line here too
+            from mistral_jax.training.checkpoint_compat import lock_refresh_interval
+
+            lock_refresh_interval()
+
+
 def check_processes(cfg: ConfigDict, workdir: str, process_count: int) -> None:
     """Checks of a run of ``process_count`` processes that need no device: raise ``ConfigError`` before
     ``jax.distributed`` starts (each process would otherwise train its own, different, tokenizer)."""
     if process_count <= 1 or not choose(cfg).trains_tokenizer:
         return
-    if os.path.isfile(os.path.join(workdir, Tokenizer.FILENAME)):  # a resumed run keeps the tokenizer it trained
+    if storage.path(storage.join(workdir, Tokenizer.FILENAME)).is_file():  # a resumed run keeps the one it trained
         return
     raise ConfigError(
         f"config.data.tokenizer='' asks the run to train a tokenizer, which a run of {process_count} processes "
@@ -377,7 +402,7 @@ def _open_init_from(recipe: Recipe, require_checkpoint: bool) -> loading.Checkpo
     required checkpoint is missing. ``require_checkpoint=False`` (a compile without weights): a missing one is
     None (``config.model``'s architecture is compiled)."""
     path = recipe.init_from
-    if path is None or (path and not os.path.isdir(path)):
+    if path is None or (path and not storage.path(path).is_dir()):
         if not require_checkpoint:
             return None
         if path is None:

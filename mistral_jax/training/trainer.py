@@ -23,6 +23,13 @@ Workdir layout (read by ``load_pretrained``, eval and generate)::
     {workdir}/corrupt_checkpoints/ steps that could not be read back (moved here, never deleted)
     {workdir}/archive/<time>/      earlier runs moved aside by ``checkpoint.reset`` (never deleted)
 
+The workdir is a local directory or a bucket URL (``gs://bucket/run``, ``s3://bucket/run``; ``mistral_jax.storage``):
+everything above lives under it. A bucket cannot append, so ``metrics.jsonl`` and the TensorBoard events are
+written to a local working copy and uploaded whole (``training.metrics``), and ``tokenizer.model`` is staged there
+for the tokenizer library; that copy is ``checkpoint_compat.staging_dir`` under ``storage.cache_dir()`` (the one
+local directory a bucket run writes to). The bucket is checked (reachable, exists, takes writes) before anything is
+built, and its lock is refreshed while the run lives (``checkpoint_compat.WorkdirLock``).
+
 Nothing is destroyed by accident: a config that cannot continue the workdir's run (its checkpoints hold another
 tree / shapes / dtypes, or its model_config.json or tokenizer differ) fails before anything is written, naming the
 fields and the fix; ``resume=False`` on a workdir holding a run fails unless ``checkpoint.reset`` archives it; a
@@ -63,12 +70,15 @@ from mistral_jax.training import run as run_lib
 from mistral_jax.training import step as step_lib
 from mistral_jax.training.checkpoint import (
     ARCHIVE_DIR,
+    LOCK_NAME,
     Checkpointer,
     CheckpointMismatch,
     WorkdirBusy,
     WorkdirLock,
     archive_run,
+    finalized_steps,
     make_workdir,
+    staging_dir,
 )
 from mistral_jax.training.run import (
     CONFIG_DIR,
@@ -107,8 +117,7 @@ MAY_CHANGE_ON_RESUME = (*ModelConfig.runtime_fields(), "max_seq_len")
 
 def _read_json(path: str) -> Any:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(storage.read_bytes(path))
     except (OSError, ValueError):
         return None
 
@@ -129,9 +138,8 @@ def _as_json(cfg: ConfigDict) -> dict[str, Any]:
 
 def previous_run(workdir: str) -> dict[str, Any]:
     """What a workdir holds: ``{"steps": finished checkpoint steps, "files": run files, "holds_run": bool}``."""
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    steps = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) if os.path.isdir(ckpt_dir) else []
-    files = [n for n in RUN_FILES if os.path.isfile(os.path.join(workdir, n))]
+    steps = finalized_steps(storage.join(workdir, "checkpoints"))  # fresh listings, also for the files below
+    files = [n for n in RUN_FILES if storage.path(storage.join(workdir, n)).is_file()]
     return {"steps": steps, "files": files, "holds_run": bool(steps or files)}
 
 
@@ -162,18 +170,17 @@ def _flag(key: str, value: Any) -> str:
 def _identity_differences(run: RunSpec, workdir: str) -> list[str]:
     """Read-only comparison of a resumed workdir's ``model_config.json`` and ``tokenizer.model`` with the run."""
     out = []
-    saved = _read_json(os.path.join(workdir, "model_config.json"))
+    saved = _read_json(storage.join(workdir, "model_config.json"))
     if isinstance(saved, dict):
         now = run.model_cfg.to_dict()
         for k in sorted(set(saved) | set(now)):
             if k not in MAY_CHANGE_ON_RESUME and saved.get(k) != now.get(k):
                 out.append(f"model_config.json: {k}={saved.get(k)!r} saved, {now.get(k)!r} now")
     src = run.recipe.tokenizer_source()
-    dest = os.path.join(workdir, Tokenizer.FILENAME)
-    if src and os.path.isfile(src) and os.path.isfile(dest) and os.path.abspath(src) != dest:
-        with open(src, "rb") as a, open(dest, "rb") as b:
-            if a.read() != b.read():
-                out.append(f"the tokenizer {src} differs from the run's {dest}")
+    dest = storage.join(workdir, Tokenizer.FILENAME)
+    if (src and storage.absolute(src) != dest and storage.path(src).is_file() and storage.path(dest).is_file()
+            and storage.read_bytes(src) != storage.read_bytes(dest)):
+        out.append(f"the tokenizer {src} differs from the run's {dest}")
     return out
 
 
@@ -183,7 +190,7 @@ def _layout_reason(e: CheckpointMismatch) -> str:
 
 
 def _mismatch(workdir: str, prev: dict[str, Any], reasons: list[str], cfg: ConfigDict) -> RunMismatch:
-    saved = _read_json(os.path.join(workdir, "run_config.json"))
+    saved = _read_json(storage.join(workdir, "run_config.json"))
     diffs = [d for d in config_differences(saved, cfg) if d[0].startswith(recipe_lib.state_fields())] if saved else []
     shown = "; ".join(reasons[:6]) + (f"; ... ({len(reasons) - 6} more)" if len(reasons) > 6 else "")
     if diffs:
@@ -191,12 +198,12 @@ def _mismatch(workdir: str, prev: dict[str, Any], reasons: list[str], cfg: Confi
         how = "rerun with the saved values (" + " ".join(_flag(k, old) for k, old, _ in diffs[:8]) + ")"
         changed = f" Config fields that differ from its run_config.json: {changed}."
     else:
-        changed, how = "", f"rerun with the config in {os.path.join(workdir, 'run_config.json')}"
+        changed, how = "", f"rerun with the config in {storage.join(workdir, 'run_config.json')}"
     return RunMismatch(
         f"workdir {workdir} holds a run ({_describe(prev)}) that this config cannot continue: {shown}.{changed} "
         f"Nothing in {workdir} was changed. Fix: {how}, or pass another --workdir, or pass "
         f"--config.checkpoint.reset=true to move the old run (checkpoints and configs) to "
-        f"{os.path.join(workdir, ARCHIVE_DIR)}/<time>/ and start over.")
+        f"{storage.join(workdir, ARCHIVE_DIR)}/<time>/ and start over.")
 
 
 def _start_over_or_resume(cfg: ConfigDict, workdir: str, prev: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
@@ -210,7 +217,7 @@ def _start_over_or_resume(cfg: ConfigDict, workdir: str, prev: dict[str, Any]) -
     if not prev["holds_run"]:
         return resume, prev
     if reset:
-        if _read_json(os.path.join(workdir, "run_config.json")) == _as_json(cfg):
+        if _read_json(storage.join(workdir, "run_config.json")) == _as_json(cfg):
             log.warning("config.checkpoint.reset=True, but %s holds the run this same config started (a requeued "
                         "job): resuming it. To start over again, pass another --workdir.", workdir)
             return True, prev
@@ -227,7 +234,7 @@ def _start_over_or_resume(cfg: ConfigDict, workdir: str, prev: dict[str, Any]) -
             f"config.checkpoint.resume=False, but workdir {workdir} holds a run ({_describe(prev)}); a new run would "
             f"mix with it (its saves skipped, its run_config.json overwritten). Nothing in {workdir} was changed. "
             "Fix: drop --config.checkpoint.resume=false to resume that run, or pass another --workdir, or pass "
-            f"--config.checkpoint.reset=true to move the old run to {os.path.join(workdir, ARCHIVE_DIR)}/<time>/ and "
+            f"--config.checkpoint.reset=true to move the old run to {storage.join(workdir, ARCHIVE_DIR)}/<time>/ and "
             "start over.")
     return resume, prev
 
@@ -244,7 +251,8 @@ def train(run: RunSpec | ConfigDict, workdir: str) -> dict[str, Any]:
     Args:
       run: the resolved run (``training.run.resolve``), or a run ConfigDict (``configs/*.py``) to resolve on the
         global devices.
-      workdir: output directory (created; an existing run there is resumed when ``checkpoint.resume``).
+      workdir: output directory (created; an existing run there is resumed when ``checkpoint.resume``), or a
+        ``gs://`` / ``s3://`` URL.
 
     Returns:
       ``{"status": "done" | "preempted", "step", "signal", "last_metrics", "eval", "checkpoint"}`` (``checkpoint``:
@@ -252,21 +260,23 @@ def train(run: RunSpec | ConfigDict, workdir: str) -> dict[str, Any]:
 
     Raises:
       ConfigError: a bad config (before anything is written); ``RunMismatch`` for a workdir this config cannot
-        continue.
+        continue; a workdir that cannot be written (a missing bucket, an endpoint that does not answer).
+      storage.StorageError: a bucket path of the config (``init_from``, ``data.*``) that cannot be read.
       checkpoint.WorkdirBusy: another live run holds the workdir.
       checkpoint.CheckpointSaveError: a checkpoint save failed (training stops at the next step).
       FloatingPointError: a non-finite loss with ``nan_policy="stop"``.
     """
-    if not isinstance(run, RunSpec):
-        run = run_lib.resolve(run)
     try:
-        storage.check_local(workdir, "workdir")  # os.path.abspath("gs://b/x") is a local path: never reached
+        storage.check_supported(workdir, "workdir")  # hdfs://... is refused, never taken for a local directory
     except storage.UnsupportedPath as e:
         raise ConfigError(str(e)) from None
-    workdir = os.path.abspath(workdir)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    if not isinstance(run, RunSpec):
+        run_lib.check_storage(run)  # the config's bucket paths answer, before anything is built or read
+        run = run_lib.resolve(run)
+    workdir = storage.absolute(workdir)
+    if not storage.is_remote(workdir) and os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir={workdir} is a file, not a directory. Fix: pass a directory (new or a run's).")
-    make_workdir(workdir, tokenizer=run.cfg.data.tokenizer)  # a missing tokenizer or read-only workdir: nothing made
+    make_workdir(workdir, tokenizer=run.cfg.data.tokenizer)  # a missing tokenizer or unwritable workdir: nothing made
     lock, busy = None, None
     if jax.process_index() == 0:  # process 0 owns the workdir; the others wait for its verdict here
         try:
@@ -275,7 +285,7 @@ def train(run: RunSpec | ConfigDict, workdir: str) -> dict[str, Any]:
             busy = e
     if distributed.any_process(busy is not None):
         raise busy or WorkdirBusy(f"workdir {workdir} is in use by another run (process 0 could not take "
-                                  f"{os.path.join(workdir, '.lock')}; its message names the holder). Fix: wait for "
+                                  f"{storage.join(workdir, LOCK_NAME)}; its message names the holder). Fix: wait for "
                                   "that run to end, or pass another --workdir.")
     try:
         return _train(run, workdir)
@@ -299,7 +309,7 @@ def _train(run: RunSpec, workdir: str) -> dict[str, Any]:
     graphdef, abstract_state, shardings = step_lib.state_layout(recipe.abstract_model(model_cfg), tx, mesh, rules,
                                                                 recipe.trainable,
                                                                 keep_initial=recipe.objective.keeps_initial)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
+    ckpt = Checkpointer(storage.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
                         keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     try:
         if resuming:  # read-only: what Orbax wrote (tree, shapes, dtypes) against this config's train state
@@ -309,7 +319,7 @@ def _train(run: RunSpec, workdir: str) -> dict[str, Any]:
                 reasons.append(_layout_reason(e))
             if reasons:
                 raise _mismatch(workdir, prev, reasons, cfg)
-        tok = recipe.tokenizer(workdir, model_cfg)
+        tok = _run_tokenizer(recipe, workdir, model_cfg)
         if tok.vocab_size > model_cfg.vocab_size:
             raise ConfigError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but config.model.vocab_size="
                               f"{model_cfg.vocab_size}. Fix: set --config.model.vocab_size={tok.vocab_size} or larger.")
@@ -321,13 +331,40 @@ def _train(run: RunSpec, workdir: str) -> dict[str, Any]:
                 raise _mismatch(workdir, prev, [_layout_reason(e)], cfg) from e
         distributed.sync("mistral_jax.workdir_read")  # every process has read the workdir before it changes
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, "run_config.json"), "w") as f:
-                f.write(cfg.to_json_best_effort(indent=2))
-            with open(os.path.join(workdir, "model_config.json"), "w") as f:
-                json.dump(model_cfg.to_dict(), f, indent=2)
+            storage.write_bytes(storage.join(workdir, "run_config.json"), cfg.to_json_best_effort(indent=2).encode())
+            storage.write_bytes(storage.join(workdir, "model_config.json"),
+                                json.dumps(model_cfg.to_dict(), indent=2).encode())
         return _loop(run, workdir, tok, ckpt, restored, graphdef, abstract_state, shardings, tx, schedule)
     finally:
         ckpt.close()
+
+
+def _run_tokenizer(recipe: recipe_lib.Recipe, workdir: str, model_cfg: ModelConfig) -> Tokenizer:
+    """``recipe.tokenizer(workdir, ...)``: the run's tokenizer, kept (or trained) as ``{workdir}/tokenizer.model``.
+
+    A bucket workdir is staged: the recipe reads and writes ``tokenizer.model`` in this process's local working
+    copy (``staging_dir``: the bucket's file downloaded first, a resumed run keeps it), and process 0 uploads the
+    file when the bucket's differs."""
+    if not storage.is_remote(workdir):
+        return recipe.tokenizer(workdir, model_cfg)
+    local = staging_dir(workdir, "tokenizer")
+    staged, remote = os.path.join(local, Tokenizer.FILENAME), storage.join(workdir, Tokenizer.FILENAME)
+    try:
+        saved = storage.read_bytes(remote)
+    except FileNotFoundError:
+        saved = None
+    if os.path.exists(staged):
+        os.remove(staged)
+    if saved is not None:
+        with open(staged, "wb") as f:
+            f.write(saved)
+    tok = recipe.tokenizer(local, model_cfg)
+    if jax.process_index() == 0 and os.path.isfile(staged):
+        with open(staged, "rb") as f:
+            data = f.read()
+        if data != saved:
+            storage.write_bytes(remote, data)
+    return tok
 
 
 def _initial_state(run: RunSpec, tx, shardings, abstract_state, restored) -> tuple[int, dict[str, Any], Any]:

@@ -5,10 +5,7 @@ path layer (``mistral_jax.storage``): nothing is mocked. Files are copied to a b
 each test compares what the project reads from the bucket with what it reads from the local copy: the same
 documents, batches, token ids, tokenizer bytes, eval files. Bad bucket paths (a missing bucket, a missing object, a
 stopped endpoint) fail in one line with the fix, before anything loads.
-
-The tests marked ``needs_bucket_loading`` load a model or train from a bucket end to end: they need the bucket-aware
-``loading.py`` (helper "exports") and ``training/run.py`` / ``recipe.py`` (helper "train") of issue 30, and are
-expected to fail (strict) until those are merged; then the marker goes.
+The end-to-end tests load a model (generate, the server, eval.py) or train from a bucket.
 """
 
 from __future__ import annotations
@@ -24,21 +21,11 @@ import numpy as np
 import pytest
 
 from mistral_jax import storage
-from mistral_jax.config import ConfigError
 from mistral_jax.data import chat, pipeline, preference
 from mistral_jax.data.corpus import TRAIN
 from mistral_jax.data.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-
-def needs_bucket_loading(raises: type[BaseException]):
-    """Remove once the bucket-aware loading (helper "exports") and run config checks (helper "train") are merged:
-    until then the test fails with ``raises`` (the local-only check refusing the URL); after, it passes, and strict
-    xfail turns that into a failure that says so."""
-    return pytest.mark.xfail(strict=True, raises=raises, reason="loads a model / trains from a bucket: needs the "
-                             "bucket-aware loading.py and training/run.py of issue 30 (helpers exports, train)")
 
 
 def upload(local: str, url: str) -> str:
@@ -405,7 +392,6 @@ def test_eval_writes_results_and_samples_to_a_bucket(tiny_export, tokenizer_path
 
 
 @pytest.mark.slow
-@needs_bucket_loading(storage.UnsupportedPath)  # loading.formats_of: check_local
 def test_generate_from_a_bucket_checkpoint_equals_local(tiny_export, gcs_bucket, capsys):
     import mistral_jax.cli.generate as tool
 
@@ -417,7 +403,6 @@ def test_generate_from_a_bucket_checkpoint_equals_local(tiny_export, gcs_bucket,
 
 
 @pytest.mark.slow
-@needs_bucket_loading(AssertionError)  # the server process exits 1 (loading.formats_of: check_local)
 def test_serve_from_a_bucket_checkpoint(tiny_export, gcs_bucket):
     import requests
 
@@ -449,7 +434,6 @@ def test_serve_from_a_bucket_checkpoint(tiny_export, gcs_bucket):
 
 @pytest.mark.oracle
 @pytest.mark.slow
-@needs_bucket_loading(storage.UnsupportedPath)  # loading.formats_of: check_local
 def test_eval_py_on_a_bucket_checkpoint_writes_to_a_bucket(tiny_export, gcs_bucket, monkeypatch, capsys):
     import importlib
 
@@ -474,7 +458,6 @@ def test_eval_py_on_a_bucket_checkpoint_writes_to_a_bucket(tiny_export, gcs_buck
 
 
 @pytest.mark.slow
-@needs_bucket_loading(ConfigError)  # run._check_fields: check_local on config.data.*
 def test_training_on_bucket_data_and_tokenizer_equals_local(tiny_trained_run, tokenizer_path, gcs_bucket, tmp_path):
     """The shared tiny run (bundled corpus, local tokenizer), again with both in a bucket: the same losses."""
     from configs import tiny

@@ -474,3 +474,27 @@ def test_training_on_bucket_data_and_tokenizer_equals_local(tiny_trained_run, to
     ours = [r["loss"] for r in read_metrics(str(tmp_path / "run")) if "loss" in r]
     ref = [r["loss"] for r in read_metrics(tiny_trained_run) if "loss" in r]
     assert len(ours) == len(ref) == 3 and ours == ref
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["tiny_sft", "tiny_dpo"])
+def test_fine_tuning_from_a_bucket_init_from_equals_local(recipe, tiny_trained_run, gcs_bucket, tmp_path):
+    """SFT and DPO with ``init_from=gs://...`` (the shared tiny run's workdir copied to the bucket), into a bucket
+    workdir: the same losses as from the local copy into a local workdir."""
+    import importlib
+
+    from mistral_jax.training import trainer
+    from mistral_jax.training.metrics import read_metrics
+
+    remote = upload(tiny_trained_run, storage.join(gcs_bucket, "pretrained"))
+    losses = {}
+    for where, init_from, workdir in (("local", tiny_trained_run, str(tmp_path / "run")),
+                                      ("bucket", remote, storage.join(gcs_bucket, "tuned"))):
+        c = importlib.import_module(f"configs.{recipe}").get_config()
+        c.update_from_flattened_dict({"init_from": init_from, "num_steps": 3, "optimizer.warmup_steps": 1,
+                                      "log_every": 1, "eval_every": 0, "data.validation": "", "progress_bar": False,
+                                      "checkpoint.every_steps": 3, "checkpoint.async_save": False})
+        trainer.train(c, workdir)
+        losses[where] = [r["loss"] for r in read_metrics(workdir) if "loss" in r]
+    assert len(losses["local"]) == 3 and losses["bucket"] == losses["local"]
+    assert storage.path(storage.join(gcs_bucket, "tuned", "checkpoints", "3", "commit_success.txt")).exists()

@@ -39,7 +39,7 @@ def get_config() -> ConfigDict:
     c.init_from = ""
 
     c.data = ConfigDict()
-    c.data.train = ""  # local file / dir / glob (.jsonl .json .txt .parquet) or an HF hub dataset name (streamed)
+    c.data.train = ""  # file / dir / glob (.jsonl .json .txt .parquet; local, gs:// or s3://) or an HF hub dataset
     c.data.train_split = "train"  # split of a hub dataset used for training
     c.data.validation = ""  # held-out data, same forms as `train`; "" = no periodic eval
     c.data.validation_split = "validation"  # split of a hub dataset used for eval

@@ -128,30 +128,28 @@ def tiny_trained_run(tmp_path_factory, tokenizer_path):
 
 # ------------------------------------------------------------------------------------------- object storage
 # Emulators started by the tests on 127.0.0.1 (tests/emulators.py): a session server each, a new bucket per test.
-@pytest.fixture(scope="session")
-def gcs(tmp_path_factory):
-    from tests.emulators import FakeGCS
-
-    server = FakeGCS(str(tmp_path_factory.mktemp("fake-gcs")))
+def _serving(server):
+    """Yield ``server`` with its variables in ``os.environ`` (subprocesses inherit them); stop and restore after."""
     saved = {k: os.environ.get(k) for k in server.env}
     os.environ.update(server.env)
     yield server
     server.stop()
     for k, v in saved.items():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    from tests.emulators import FakeGCS
+
+    yield from _serving(FakeGCS(str(tmp_path_factory.mktemp("fake-gcs"))))
 
 
 @pytest.fixture(scope="session")
 def s3():
     from tests.emulators import Moto
 
-    server = Moto()
-    saved = {k: os.environ.get(k) for k in server.env}
-    os.environ.update(server.env)
-    yield server
-    server.stop()
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    yield from _serving(Moto())
 
 
 @pytest.fixture

@@ -87,3 +87,11 @@ def tokenizer_corpus(name: str) -> list[str]:
         return word_corpus()
     raise ValueError(f"tokenizer corpus {name!r} is not one of 'bundled', 'syllable', 'words'. Fix: pick one, or "
                      "add yours to tests/helpers.py tokenizer_corpus")
+
+
+def mc_task_yaml(task: str, data: object, metrics: tuple[str, ...] = ("acc",)) -> str:
+    """An lm-eval multiple-choice task over a local jsonl of ``{"question", "choices", "label"}`` rows."""
+    return (f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+            "output_type: multiple_choice\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+            "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\nmetric_list:\n"
+            + "".join(f"  - metric: {m}\n" for m in metrics))

@@ -25,7 +25,7 @@ import mistral_jax as mj
 from mistral_jax.evals import presets
 from mistral_jax.evals.lm import MistralJaxLM
 from mistral_jax.evals.run import DatasetUnavailableError, evaluate, load_tasks
-from tests.helpers import WORDS
+from tests.helpers import WORDS, mc_task_yaml
 
 # lm-eval is imported at the top (mistral_jax.evals is its backend): conftest.py leaves this file out of the light tier
 pytestmark = pytest.mark.oracle
@@ -33,20 +33,6 @@ pytestmark = pytest.mark.oracle
 ATOL = 1e-4
 TASKS = ["local_mc", "local_gen", "local_ppl"]
 
-MC_YAML = """task: local_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
 GEN_YAML = """task: local_gen
 dataset_path: json
 dataset_kwargs:
@@ -106,10 +92,11 @@ def env(tmp_path_factory, make_tokenizer):
     ppl = [{"text": _sentence(rng, rng.randint(20, 150)) + "."} for _ in range(6)]
     tasks = root / "tasks"
     tasks.mkdir()
-    for name, rows, yaml in (("mc", mc, MC_YAML), ("gen", gen, GEN_YAML), ("ppl", ppl, PPL_YAML)):
+    for name, rows, yaml in (("mc", mc, lambda data: mc_task_yaml("local_mc", data, ("acc", "acc_norm"))),
+                             ("gen", gen, GEN_YAML.format), ("ppl", ppl, PPL_YAML.format)):
         with open(data / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-        (tasks / f"local_{name}.yaml").write_text(yaml.format(data=data / f"{name}.jsonl"))
+        (tasks / f"local_{name}.yaml").write_text(yaml(data=data / f"{name}.jsonl"))
     tm = TaskManager(include_path=str(tasks))  # with the built-in index too: the offline tests need hub tasks
     return dict(root=root, export=export, cfg=cfg, model=model, tok_path=tok_path, tm=tm, gen_rows=gen)
 

@@ -20,7 +20,7 @@ from mistral_jax.data import pipeline
 from mistral_jax.data.corpus import TRAIN
 from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.training.metrics import read_metrics
-from tests.helpers import run_losses
+from tests.helpers import mc_task_yaml, run_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POD_TRAIN = os.path.join(ROOT, "tests", "pod_train.py")
@@ -167,20 +167,6 @@ def test_killed_process_stops_the_others_then_resume(runs, tokenizer_path, tmp_p
     assert run_losses(workdir) == run_losses(runs["2x4"])
 
 
-LL_YAML = """task: pod_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
 PPL_YAML = """task: pod_ppl
 dataset_path: json
 dataset_kwargs:
@@ -203,9 +189,10 @@ def test_eval_two_processes_match_one(runs, tmp_path):
     mc = [{"question": " ".join(rng.choice(words, 5)), "choices": [" ".join(rng.choice(words, 3)) for _ in range(4)],
            "label": int(rng.integers(4))} for _ in range(12)]
     ppl = [{"text": t[:300]} for t in texts[:4]]
-    for name, rows, yaml in (("mc", mc, LL_YAML), ("ppl", ppl, PPL_YAML)):
+    for name, rows, yaml in (("mc", mc, lambda data: mc_task_yaml("pod_mc", data, ("acc", "acc_norm"))),
+                             ("ppl", ppl, PPL_YAML.format)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (tmp_path / f"pod_{name}.yaml").write_text(yaml.format(data=tmp_path / f"{name}.jsonl"))
+        (tmp_path / f"pod_{name}.yaml").write_text(yaml(data=tmp_path / f"{name}.jsonl"))
 
     def args(out):
         return [os.path.join(ROOT, "eval.py"), f"--checkpoint={runs['2x4']}", "--tasks=pod_mc,pod_ppl",

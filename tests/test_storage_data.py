@@ -24,6 +24,7 @@ from mistral_jax import storage
 from mistral_jax.data import chat, pipeline, preference
 from mistral_jax.data.corpus import TRAIN
 from mistral_jax.data.tokenizer import Tokenizer
+from tests.helpers import mc_task_yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -335,19 +336,6 @@ def test_staged_eval_outputs_land_in_the_bucket(gcs_bucket, tmp_path, monkeypatc
     assert staged_output(None).__enter__() is None
 
 
-MC_YAML = """task: bucket_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-"""
 
 
 @pytest.fixture(scope="module")
@@ -363,7 +351,7 @@ def tiny_export(tmp_path_factory, tokenizer_path):
     rows = [{"question": f"what is {i} plus {i}", "choices": ["two", "four", "six"], "label": i % 3} for i in range(4)]
     (root / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "tasks").mkdir()
-    (root / "tasks" / "bucket_mc.yaml").write_text(MC_YAML.format(data=root / "mc.jsonl"))
+    (root / "tasks" / "bucket_mc.yaml").write_text(mc_task_yaml("bucket_mc", root / "mc.jsonl"))
     return dict(root=root, model=model, export=str(root / "export"), tasks=str(root / "tasks"))
 
 

@@ -165,6 +165,12 @@ def configure() -> None:
         orbax_s3.install()
 
 
+def ready(p: Any) -> None:
+    """``configure()`` when ``p`` is a bucket URL: before handing it to a library that opens it itself (Orbax)."""
+    if is_remote(p):
+        configure()
+
+
 def path(p: Any):
     """``etils.epath.Path`` of a local path or a ``gs://`` / ``s3://`` URL (checked by ``check_supported``)."""
     check_supported(p, "path")

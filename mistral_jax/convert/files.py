@@ -7,11 +7,8 @@ things that the layer's ``epath.Path`` does not offer and that are done here wit
   checks and the completion marker of a bucket export (``convert.paths``);
 * ranged reads (``read_range``): a safetensors tensor is one ranged GET, never the whole shard.
 
-Bucket listings are cached by fsspec per filesystem instance, and epath keeps an instance of its own (GCS:
-``finalize_on_close=True``); Orbax writes arrays through tensorstore, which neither sees. ``fresh(path)`` drops
-both caches, and every probe here (``exists``, ``is_file``, ``is_dir``, ``entries``, ``listing``, ``size``) starts
-with it on a bucket, so a directory written a moment ago (by this process, Orbax, or another host) is seen as it
-is.
+Bucket listings are not cached (``storage.configure``), so a directory written a moment ago (by this process,
+Orbax through tensorstore, or another host) is seen as it is.
 """
 
 from __future__ import annotations
@@ -31,31 +28,16 @@ def _fs_key(p: str) -> tuple[Any, str]:
     return storage.filesystem(storage.url_scheme(p)), p.split("://", 1)[1].rstrip("/")
 
 
-def fresh(p: Any) -> None:
-    """Forget every cached bucket listing (ours and epath's) before probing ``p``; a no-op for local paths."""
-    p = os.fspath(p)
-    if not storage.is_remote(p):
-        return
-    fs, _ = _fs_key(p)
-    fs.invalidate_cache()
-    from etils.epath import backend
-
-    backend.fsspec_backend.fs(p).invalidate_cache()
-
-
 def exists(p: Any) -> bool:
-    fresh(p)
     return storage.path(p).exists()
 
 
 def is_file(p: Any) -> bool:
-    fresh(p)
     q = storage.path(p)
     return q.exists() and not q.is_dir()
 
 
 def is_dir(p: Any) -> bool:
-    fresh(p)
     return storage.path(p).is_dir()
 
 
@@ -78,7 +60,6 @@ def entries(p: Any) -> dict[str, str]:
                          "file" if os.path.isfile(q) else "other")
         return out
     fs, key = _fs_key(p)
-    fresh(p)
     try:
         infos = fs.ls(key, detail=True)
     except FileNotFoundError:
@@ -103,14 +84,12 @@ def listing(p: Any) -> dict[str, int]:
                 out[os.path.relpath(q, p).replace(os.sep, "/")] = os.path.getsize(q)
         return out
     fs, key = _fs_key(p)
-    fresh(p)
     found = fs.find(key, detail=True)
     return {name[len(key) + 1:]: int(info.get("size") or 0) for name, info in found.items()
             if name.startswith(key + "/") and info.get("type") != "directory" and not name.endswith("/")}
 
 
 def size(p: Any) -> int:
-    fresh(p)
     return int(storage.path(p).stat().length)
 
 
@@ -147,10 +126,8 @@ def remove_tree(p: Any) -> None:
     p = os.fspath(p)
     if storage.is_remote(p):
         fs, key = _fs_key(p)
-        fresh(p)
         if fs.exists(key):
             fs.rm(key, recursive=True)
-        fresh(p)
         return
     import shutil
 

@@ -54,7 +54,6 @@ from mistral_jax.training.checkpoint_compat import (  # noqa: F401 - re-exported
     WorkdirLock,
     archive_run,
     compare_layouts,
-    fresh_listings,
     lock_refresh_interval,
     looks_like_mismatch,
     make_workdir,
@@ -100,7 +99,7 @@ def finalized_steps(directory: str) -> list[int]:
     storage: on a local disk the step directories renamed from their temporary names, in a bucket those holding
     ``commit_success.txt`` (Orbax's own test, ``ocp.path.step.checkpoint_steps``): a save killed half-way is not a
     step."""
-    fresh_listings(directory)
+    storage.ready(directory)
     return sorted(ocp.path.step.checkpoint_steps(storage.absolute(directory)))
 
 
@@ -199,7 +198,7 @@ class Checkpointer:
         self._open()
 
     def _open(self) -> None:
-        fresh_listings(self.directory)  # Orbax lists the steps here (a bucket: configured, its listings re-read)
+        storage.ready(self.directory)  # a bucket: Orbax on s3:// (orbax_s3), quiet clients
         options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, save_interval_steps=self.every_steps,
                                                enable_async_checkpointing=self.async_save, create=False)
         handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
@@ -219,7 +218,6 @@ class Checkpointer:
         step_dir = storage.join(self.directory, str(step))
         if not self.remote:
             return os.path.isdir(step_dir)
-        fresh_listings(step_dir)
         return storage.path(storage.join(step_dir, COMMIT_FILE)).exists()
 
     # ----------------------------------------------------------------------------------------- save
@@ -420,7 +418,7 @@ def restore_checkpoint_params(checkpoint_dir: str, abstract_params: Any, step: i
     Returns:
       ``(params, step)``.
     """
-    fresh_listings(checkpoint_dir)  # a bucket: configured (Orbax on s3://), its listings re-read
+    storage.ready(checkpoint_dir)  # a bucket: Orbax on s3:// (orbax_s3), quiet clients
     manager = ocp.CheckpointManager(storage.absolute(checkpoint_dir), item_names=ITEMS,
                                     options=ocp.CheckpointManagerOptions(create=False, read_only=True))
     steps = sorted(manager.all_steps()) if step is None else [step]

@@ -143,22 +143,10 @@ def staging_dir(workdir: str, *parts: str) -> str:
     return storage.cache_dir("runs", scheme, *segments, f"process{jax.process_index()}", *parts)
 
 
-def fresh_listings(path: str) -> None:
-    """Forget this process's cached bucket listings before reading ``path``'s tree (a no-op for local paths):
-    fsspec caches listings in each filesystem instance, and tensorstore (Orbax's array writer) and the other
-    processes of a run write past those caches. Every instance of the scheme's filesystem class is cleared
-    (``etils.epath`` keeps its own gcsfs instance, ``finalize_on_close=True``, besides ``storage.filesystem``'s)."""
-    if storage.is_remote(path):
-        fs = storage.filesystem(storage.url_scheme(path))
-        for instance in [fs, *getattr(type(fs), "_cache", {}).values()]:  # fsspec's instance cache
-            instance.invalidate_cache()
-
-
 def move_in_bucket(src: str, dst: str) -> None:
     """Move the object ``src``, or every object under the prefix ``src/``, to ``dst`` in the same bucket: all are
     copied first, then the originals deleted, so an interruption leaves a copy, never nothing (a bucket has no
     rename; ``etils.epath``'s wants ``dst``'s parent folder to exist, which a bucket never has)."""
-    fresh_listings(src)
     fs = storage.filesystem(storage.url_scheme(src))
     s, d = (storage.absolute(p).split("://", 1)[1] for p in (src, dst))
     objects = fs.find(s)  # the object itself, or those under "s/" (not "s1/...")
@@ -167,7 +155,6 @@ def move_in_bucket(src: str, dst: str) -> None:
     for o in objects:
         fs.cp_file(o, d + o[len(s):])
     fs.rm(objects)
-    fresh_listings(dst)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -476,7 +463,6 @@ def archive_run(workdir: str, keep: tuple[str, ...] = (LOCK_NAME, ARCHIVE_DIR)) 
     Returns the archive directory, or None if there was nothing to move. Nothing is deleted (in a bucket a move
     is a copy, then the delete of the original).
     """
-    fresh_listings(workdir)
     root = storage.path(workdir)
     names = sorted(p.name for p in root.iterdir() if p.name not in keep) if root.is_dir() else []
     if not names:

@@ -186,8 +186,5 @@ class MetricsWriter:
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """All records of ``{workdir}/metrics.jsonl``, local or in a bucket (a resumed run appends; later records of a
     step win)."""
-    from mistral_jax.training.checkpoint_compat import fresh_listings
-
-    fresh_listings(workdir)  # a bucket: the file as it is now (another process may have uploaded it since)
     text = storage.path(storage.join(workdir, METRICS_FILE)).read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -363,7 +363,7 @@ def _check_seq_len(cfg: ConfigDict, model_cfg: ModelConfig) -> None:
 
 def check_storage(cfg: ConfigDict, workdir: str | None = None) -> None:
     """The config's bucket paths (``PATH_FIELDS``) can be read and ``workdir`` (when given and a bucket URL) can be
-    written: endpoint up, bucket there, credentials found (``storage.check_bucket``). Local paths pass; run it
+    written: storage server up, bucket there, credentials found (``storage.check_bucket``). Local paths pass; run it
     before anything is built or any device is used.
 
     Raises:

@@ -260,7 +260,7 @@ def train(run: RunSpec | ConfigDict, workdir: str) -> dict[str, Any]:
 
     Raises:
       ConfigError: a bad config (before anything is written); ``RunMismatch`` for a workdir this config cannot
-        continue; a workdir that cannot be written (a missing bucket, an endpoint that does not answer).
+        continue; a workdir that cannot be written (a missing bucket, a storage server that does not answer).
       storage.StorageError: a bucket path of the config (``init_from``, ``data.*``) that cannot be read.
       checkpoint.WorkdirBusy: another live run holds the workdir.
       checkpoint.CheckpointSaveError: a checkpoint save failed (training stops at the next step).

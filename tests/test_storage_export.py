@@ -65,6 +65,7 @@ def _everything(bucket: str) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------------ exports
+@pytest.mark.heavy  # seconds each: the fast tier (the light tier keeps the refusals)
 @pytest.mark.parametrize("shard", ["5GB", "40KB"])  # one model.safetensors / shards + index
 def test_hf_export_on_gcs_is_the_local_export(model, gcs_bucket, tmp_path, tokenizer_path, shard):
     """The same files, byte for byte (the tokenizer's too), plus the marker listing them; loads to the same
@@ -81,6 +82,7 @@ def test_hf_export_on_gcs_is_the_local_export(model, gcs_bucket, tmp_path, token
     _assert_same_params(mj.load_pretrained(url), mj.load_pretrained(local))
 
 
+@pytest.mark.heavy  # seconds each: the fast tier (the light tier keeps the refusals)
 @pytest.mark.parametrize("fmt, where", [("mistral", "gcs"), ("jax", "gcs"), ("hf", "s3"), ("jax", "s3")])
 def test_each_format_round_trips_through_a_bucket(fmt, where, request, tmp_path):
     """``save_<fmt>`` to the bucket, ``open_checkpoint`` / ``load_pretrained`` from it: the same model (MoE too)."""
@@ -94,6 +96,7 @@ def test_each_format_round_trips_through_a_bucket(fmt, where, request, tmp_path)
         assert _bytes_under(url) == _bytes_under(SAVE[fmt](m, tmp_path / fmt))
 
 
+@pytest.mark.heavy  # seconds each: the fast tier (the light tier keeps the refusals)
 def test_convert_streams_between_buckets_and_back(model, gcs_bucket, s3_bucket, tmp_path, capsys, tokenizer_path):
     """hf on gs:// -> mistral on s3:// -> jax on gs:// -> hf local: the local hf export, byte for byte (the
     tokenizer travels along, read from the buckets)."""
@@ -109,6 +112,7 @@ def test_convert_streams_between_buckets_and_back(model, gcs_bucket, s3_bucket, 
     _assert_same_params(mj.load_pretrained(storage.join(gcs_bucket, "jax")), model)
 
 
+@pytest.mark.heavy  # seconds each: the fast tier (the light tier keeps the refusals)
 def test_training_workdir_on_a_bucket_loads_its_newest_committed_step(model, gcs_bucket):
     """A workdir as train.py lays it out on a bucket: model_config.json + Orbax steps (commit-file protocol).
     A step that Orbax never committed (a killed save) is skipped; a step dir loads on its own."""
@@ -191,6 +195,7 @@ def test_a_failed_export_leaves_the_bucket_as_it_was(model, gcs_bucket, tmp_path
     assert _everything(gcs_bucket) == before
 
 
+@pytest.mark.heavy  # seconds each: the fast tier (the light tier keeps the refusals)
 def test_overwrite_replaces_a_previous_bucket_export_and_nothing_else(model, gcs_bucket, capsys):
     url = mj.save_hf(model, storage.join(gcs_bucket, "hf"), max_shard_size="40KB")
     assert sum(f.startswith("model-0") for f in files.listdir(url)) > 1

@@ -435,8 +435,8 @@ def test_metrics_are_staged_locally_and_uploaded_whole(where, request, tmp_path,
     writer = MetricsWriter(url, upload_every=3600)
     writer.write(1, {"loss": 2.5})
     writer.flush(force=True)  # what the loop does at each checkpoint save: uploaded in the background
-    deadline = time.time() + 30
-    while not _exists(storage.join(url, "metrics.jsonl")) and time.time() < deadline:
+    deadline = time.time() + 30  # the upload at start (an empty file) may land first: wait for this one
+    while (not _exists(storage.join(url, "metrics.jsonl")) or not read_metrics(url)) and time.time() < deadline:
         time.sleep(0.05)
     assert read_metrics(url) == [{"step": 1, "loss": 2.5}]
     writer.write(2, {"loss": 2.0})  # not uploaded yet (throttled) ...

@@ -131,6 +131,7 @@ def test_train_py_builds_each_part_of_the_run_once(start, monkeypatch, tmp_path,
     assert dict(counts.n) == want
 
 
+@pytest.mark.heavy  # the shared trained run (13 s to train): the fast tier
 def test_resolve_holds_the_run(tmp_path, tiny_trained_run, tokenizer_path):
     cfg = tiny.get_config()
     cfg.update_from_flattened_dict({"init_from": tiny_trained_run, "data.tokenizer": tokenizer_path,
@@ -206,6 +207,7 @@ def test_train_py_stderr_is_quiet(tmp_path, tokenizer_path):
 
 
 # ------------------------------------------------------------------- tools that start from a checkpoint
+@pytest.mark.heavy  # the shared trained run (13 s to train): the fast tier
 def test_resolve_checkpoint_gives_the_tools_mesh_rules_and_model_config(tiny_trained_run, monkeypatch):
     spec = run_lib.resolve_checkpoint(tiny_trained_run, mesh="auto")  # eval's mesh: FSDP when dim divides
     assert dict(spec.mesh.shape)["fsdp"] == 8 and spec.rules == sharding.rules_preset("fsdp")

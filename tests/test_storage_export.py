@@ -139,6 +139,7 @@ def test_training_workdir_on_a_bucket_loads_its_newest_committed_step(model, gcs
     _assert_same_params(mj.load_pretrained(storage.join(steps, "10")), model)
 
 
+@pytest.mark.heavy  # seconds (its HF export of the model): the fast tier
 def test_a_checkpoint_copied_by_another_tool_loads(model, gcs_bucket, tmp_path):
     """No markers (e.g. ``gcloud storage cp -r`` of an HF repo): read as it is."""
     local = mj.save_hf(model, tmp_path / "hf")

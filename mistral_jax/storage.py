@@ -189,9 +189,11 @@ def filesystem(scheme: str):
     return fsspec.filesystem(scheme)
 
 
-def _fs_key(p: str) -> tuple[Any, str]:
-    scheme = url_scheme(p)
-    return filesystem(scheme), p.split("://", 1)[1]
+def fs_and_key(p: Any) -> tuple[Any, str]:
+    """``(fsspec filesystem, "bucket/key")`` of a bucket URL: for what ``epath.Path`` does not offer (conditional
+    writes, ranged reads, listings with sizes, globs)."""
+    p = os.fspath(p)
+    return filesystem(url_scheme(p)), p.split("://", 1)[1]
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -210,7 +212,7 @@ def create_exclusive(p: Any, data: bytes) -> bool:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         return True
-    fs, key = _fs_key(p)
+    fs, key = fs_and_key(p)
     try:
         fs.pipe_file(key, data, mode="create")
     except FileExistsError:

@@ -20,12 +20,9 @@ from typing import Any
 from mistral_jax import storage
 
 
-def is_remote(p: Any) -> bool:
-    return storage.is_remote(p)
-
-
 def _fs_key(p: str) -> tuple[Any, str]:
-    return storage.filesystem(storage.url_scheme(p)), p.split("://", 1)[1].rstrip("/")
+    fs, key = storage.fs_and_key(p)
+    return fs, key.rstrip("/")
 
 
 def exists(p: Any) -> bool:

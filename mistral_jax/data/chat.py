@@ -332,7 +332,7 @@ def load_conversations(source: str, split: str = "train", messages_field: str = 
     """
     if source == "bundled":
         source = BUNDLED_VALIDATION if split.startswith(("val", "test")) else BUNDLED_TRAIN
-    files.check_reachable(source, "chat data")  # a bucket path: endpoint, bucket, credentials, in one line
+    storage.check_bucket(source, "chat data")  # a bucket path: endpoint, bucket, credentials, in one line
     paths = files.json_files(source)
     if paths:
         for path in paths:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import glob as globlib
 import os
-from typing import IO, Any
+from typing import IO
 
 from mistral_jax import storage
 
@@ -22,27 +22,11 @@ def is_glob(spec: str) -> bool:
     return any(ch in spec for ch in GLOB_CHARS)
 
 
-def _fs_key(url: str) -> tuple[Any, str, str]:
-    scheme = storage.url_scheme(url)
-    return storage.filesystem(scheme), url.split("://", 1)[1], scheme
-
-
-def check_reachable(spec: str, what: str) -> None:
-    """A bucket path's endpoint, bucket and credentials (``storage.check_bucket``; local paths pass).
-
-    Raises:
-      storage.UnsupportedPath: a URL scheme the project cannot open.
-      storage.StorageError: one line naming the bucket, what failed and the fix.
-    """
-    if storage.url_scheme(spec) is not None:
-        storage.check_bucket(spec, what)
-
-
 def glob(pattern: str, recursive: bool = True) -> list[str]:
     """The files (not directories) matching ``pattern``, sorted; for a bucket, as ``scheme://bucket/key`` URLs."""
     if not storage.is_remote(pattern):
         return sorted(f for f in globlib.glob(pattern, recursive=recursive) if os.path.isfile(f))
-    fs, key, scheme = _fs_key(pattern)
+    (fs, key), scheme = storage.fs_and_key(pattern), storage.url_scheme(pattern)
     return sorted(f"{scheme}://{k}" for k, info in fs.glob(key, detail=True).items() if info.get("type") == "file")
 
 
@@ -50,7 +34,7 @@ def walk(directory: str) -> list[str]:
     """Every file under ``directory`` (recursively), sorted."""
     if not storage.is_remote(directory):
         return sorted(os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs)
-    fs, key, scheme = _fs_key(directory)
+    (fs, key), scheme = storage.fs_and_key(directory), storage.url_scheme(directory)
     return sorted(f"{scheme}://{k}" for k in fs.find(key.rstrip("/")))
 
 

@@ -69,7 +69,7 @@ def _expand(spec: str) -> list[str] | None:
     remote = storage.url_scheme(spec) is not None
     if remote:
         try:  # one line before any listing: an unreachable endpoint, a missing bucket, no credentials
-            files.check_reachable(spec, "dataset")
+            storage.check_bucket(spec, "dataset")
         except (storage.StorageError, storage.UnsupportedPath) as e:
             raise DataError(str(e)) from None
     path = spec if remote else os.path.expanduser(spec)

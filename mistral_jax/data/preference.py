@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from mistral_jax import storage
 from mistral_jax.data import chat, files
 from mistral_jax.data.epochs import EpochBatches
 
@@ -153,7 +154,7 @@ def load_records(source: str, split: str = "train", hub_config: str = "") -> Ite
     """
     if source == "bundled":
         source = BUNDLED_VALIDATION if split.startswith(("val", "test")) else BUNDLED_TRAIN
-    files.check_reachable(source, "preference data")  # a bucket path: endpoint, bucket, credentials, in one line
+    storage.check_bucket(source, "preference data")  # a bucket path: endpoint, bucket, credentials, in one line
     paths = files.json_files(source)
     if paths:
         for path in paths:

@@ -136,7 +136,8 @@ def configure() -> None:
 
     * Under ``STORAGE_EMULATOR_HOST``: tensorstore's ``TENSORSTORE_GCS_HTTP_URL`` defaults to it, its credential
       lookup is skipped (``GOOGLE_AUTH_TOKEN_FOR_TESTING``), and gcsfs's bucket-type probe over gRPC (which no
-      emulator speaks: a minute of timeouts per bucket) is off (``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``).
+      emulator speaks: a minute of timeouts per bucket) is off (``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``);
+      ArrayRecord's GCS reader (google-cloud-cpp) follows ``CLOUD_STORAGE_EMULATOR_ENDPOINT``, set to it as well.
     * fsspec's listing caches are off for buckets (other writers, tensorstore among them, change them).
     * The client libraries' credential-discovery and retry warnings are kept off the normal path (ERROR only).
     * Orbax writes ``s3://`` arrays with tensorstore's S3 driver (``orbax_s3``).
@@ -151,6 +152,7 @@ def configure() -> None:
             os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", emulator)
             os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
             os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+            os.environ.setdefault("CLOUD_STORAGE_EMULATOR_ENDPOINT", emulator)  # ArrayRecord's GCS reader
         # No listing caches: Orbax writes through tensorstore, which no fsspec instance sees, and epath holds an
         # fsspec instance of its own; a cached listing would report a committed checkpoint as missing.
         import fsspec.config

@@ -40,7 +40,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -244,6 +244,45 @@ def open_source(spec: str, *, split: str = "train", hub_config: str = "", text_f
 
 
 # --------------------------------------------------------------------------- packing
+def pack_documents(docs: Iterable[Sequence[int]], seq_len: int) -> Iterator[dict[str, np.ndarray]]:
+    """Token ids of documents (``[<s>] + ids + [</s>]`` each) packed greedily into rows of ``seq_len``, in order.
+
+    The packing of the module docstring: a document's (input, target) pairs fill the row; one longer than the
+    space left continues in the next row as a new segment. The last row is padded (``segment_ids`` 0, weight 0).
+    A document of fewer than two ids has no pair and is skipped. Yields ``{tokens, targets, positions, segment_ids:
+    int32 [seq_len], weights: float32 [seq_len]}``. Prepared data (``data/prepare.py``) packs each unit of input
+    with this function, and the on-the-fly loader does too: the two give the same rows.
+    """
+    if seq_len < 1:
+        raise DataError(f"seq_len={seq_len}: must be >= 1.")
+    t = seq_len
+
+    def new_row() -> dict[str, np.ndarray]:
+        row = {k: np.zeros((t,), np.int32) for k in ("tokens", "targets", "positions", "segment_ids")}
+        row["weights"] = np.zeros((t,), np.float32)
+        return row
+
+    row, filled, seg = new_row(), 0, 0
+    for doc in docs:
+        ids = np.asarray(doc, np.int32)
+        pairs, o = len(ids) - 1, 0
+        while o < pairs:
+            n = min(pairs - o, t - filled)
+            seg += 1
+            row["tokens"][filled:filled + n] = ids[o:o + n]
+            row["targets"][filled:filled + n] = ids[o + 1:o + n + 1]
+            row["positions"][filled:filled + n] = np.arange(n)
+            row["segment_ids"][filled:filled + n] = seg
+            row["weights"][filled:filled + n] = 1.0
+            filled += n
+            o += n
+            if filled == t:
+                yield row
+                row, filled, seg = new_row(), 0, 0
+    if filled:
+        yield row
+
+
 class PackedBatches:
     """Iterator of packed ``[batch_size, seq_len]`` numpy batches (this process's share), with resumable state.
 

@@ -39,13 +39,21 @@ def get_config() -> ConfigDict:
     c.init_from = ""
 
     c.data = ConfigDict()
-    c.data.train = ""  # file / dir / glob (.jsonl .json .txt .parquet; local, gs:// or s3://) or an HF hub dataset
+    # a prepared dataset (a directory with manifest.json: python -m mistral_jax.data.prepare), or raw files: file /
+    # dir / glob (.jsonl .json .txt .parquet, .gz / .zst; local, gs:// or s3://), or an HF hub dataset name
+    c.data.train = ""
+    c.data.mixture = ""  # weighted prepared datasets instead of data.train, e.g. "web:0.7,code:0.2,math:0.1"
+    c.data.datasets = ""  # the mixture's names -> prepared directories, e.g. "web=gs://b/web,code=/d/code,math=/d/m"
+    c.data.allow_mixture_change = False  # resume with other mixture weights (same global batch, the new weights)
+    c.data.read_threads = 4  # prepared data: Grain's reading threads per process
+    c.data.prefetch = 4  # prepared data: batches read ahead per process
     c.data.train_split = "train"  # split of a hub dataset used for training
     c.data.validation = ""  # held-out data, same forms as `train`; "" = no periodic eval
     c.data.validation_split = "validation"  # split of a hub dataset used for eval
     c.data.hub_config = ""  # hub dataset configuration name (e.g. "en" for allenai/c4)
     c.data.text_field = "text"  # column / JSON key holding the document text
-    c.data.tokenizer = ""  # sentencepiece .model or Mistral's mistral:v1 (32k) / mistral:v3; "" = train one (workdir)
+    # sentencepiece .model or Mistral's mistral:v1 (32k) / mistral:v3; "" = the prepared data's, else train one
+    c.data.tokenizer = ""
     c.data.tokenizer_vocab_size = 512  # vocabulary of a tokenizer trained by the run (when data.tokenizer == "")
     c.data.seq_len = 64  # tokens per packed row
     c.data.add_bos = True  # prepend <s> to every document (Mistral's default)

@@ -95,3 +95,27 @@ def mc_task_yaml(task: str, data: object, metrics: tuple[str, ...] = ("acc",)) -
             "output_type: multiple_choice\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
             "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\nmetric_list:\n"
             + "".join(f"  - metric: {m}\n" for m in metrics))
+
+
+def write_prepared(dest: str, shards: list[list[str]], tokenizer_path: str, seq_len: int) -> str:
+    """A prepared text dataset at ``dest`` written directly with ``data.prepared`` (one shard per list of texts,
+    each packed with ``pipeline.pack_documents``), for loader tests that do not exercise ``data.prepare``."""
+    from mistral_jax.data import prepared
+    from mistral_jax.data.pipeline import pack_documents
+    from mistral_jax.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer_path)
+    entries = []
+    for i, texts in enumerate(shards):
+        rows = list(pack_documents((tok.encode(t, bos=True, eos=True) for t in texts), seq_len))
+        fields = prepared.storage_fields(rows[0], tok.vocab_size, seq_len)
+        w = prepared.ShardWriter(dest, i, fields)
+        for r in rows:
+            w.write(r)
+        entries.append({**w.close(), "documents": len(texts)})
+    tok.save(dest)
+    prepared.write_manifest(dest, {"kind": "text", "tokenizer": prepared.tokenizer_identity(tok), "seq_len": seq_len,
+                                   "packed": True, "fields": fields, "shards": entries,
+                                   "rows": sum(e["rows"] for e in entries), "tokens": sum(e["tokens"] for e in entries),
+                                   "documents": sum(e["documents"] for e in entries)})
+    return dest

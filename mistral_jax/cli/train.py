@@ -73,6 +73,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     from mistral_jax import distributed
+    from mistral_jax.data import loader, prepared
     from mistral_jax.training import checkpoint, run, trainer
 
     cli.quiet_libraries()  # again: absl's flag parsing resets the verbosity (Orbax logs every save at INFO)
@@ -80,6 +81,7 @@ def main(argv: list[str]) -> None:
     cfg, workdir = _FLAGS["config"].value, _FLAGS["workdir"].value
     try:
         run.check_storage(cfg, workdir)  # the buckets answer (workdir writable) before any device or download
+        run.check_data(cfg)  # prepared datasets and the mixture fit the run (manifests, shards), before any device
         run.check_processes(cfg, workdir, distributed.expected_process_count())  # before any device
         distributed.initialize()
         spec = run.resolve(cfg)  # the run, resolved once: mesh, rules, model config, optimizer, init_from
@@ -93,7 +95,8 @@ def main(argv: list[str]) -> None:
         if cli.debug_enabled():
             raise
         # their message names the field (or flag), the value and the fix
-        named = isinstance(e, (run.ConfigError, checkpoint.WorkdirBusy, storage.StorageError, storage.UnsupportedPath))
+        named = isinstance(e, (run.ConfigError, checkpoint.WorkdirBusy, storage.StorageError, storage.UnsupportedPath,
+                               prepared.PreparedError, loader.MixtureError, loader.MixtureChanged))
         cli.fail(PROG, str(e) if named else f"{type(e).__name__}: {e}", 2)
     except (checkpoint.CheckpointSaveError, FloatingPointError, distributed.DistributedStartError) as e:
         if cli.debug_enabled():

@@ -232,6 +232,19 @@ def read_manifest(path: str) -> dict[str, Any]:
     return m
 
 
+def check_tokenizer(path: str, manifest: Mapping[str, Any], tokenizer: Any, what: str = "config.data.train") -> None:
+    """The dataset at ``path`` (``manifest``) was tokenized with ``tokenizer`` (same file sha256), else
+    ``PreparedError`` naming both."""
+    want, have = tokenizer_identity(tokenizer), manifest.get("tokenizer", {})
+    if have.get("sha256") != want["sha256"]:
+        raise PreparedError(
+            f"{what}={path!r} was tokenized with {have.get('name')!r} (sha256 {str(have.get('sha256'))[:12]}, "
+            f"vocab {have.get('vocab_size')}), this run uses {want['name']!r} (sha256 {want['sha256'][:12]}, "
+            f"vocab {want['vocab_size']}) ({storage.join(path, MANIFEST)}). Fix: prepare the data with the run's "
+            f"tokenizer (--tokenizer={tokenizer.name or tokenizer.path}), or set config.data.tokenizer to the one "
+            "it was prepared with (its file is in the prepared directory).")
+
+
 class RowSource:
     """A Grain random-access data source over the rows of a prepared dataset (all shards, in shard order).
 
@@ -301,15 +314,7 @@ def open_dataset(path: str, *, what: str = "config.data.train", tokenizer: Any =
         raise PreparedError(f"{what}={path!r} holds {m.get('kind')!r} data ({mpath}), this run reads {kind!r}. "
                             f"Fix: prepare it with --format={kind}, or set config.data.format={m.get('kind')!r}.")
     if tokenizer is not None:
-        want = tokenizer_identity(tokenizer)
-        have = m.get("tokenizer", {})
-        if have.get("sha256") != want["sha256"]:
-            raise PreparedError(
-                f"{what}={path!r} was tokenized with {have.get('name')!r} (sha256 {str(have.get('sha256'))[:12]}, "
-                f"vocab {have.get('vocab_size')}), this run uses {want['name']!r} (sha256 {want['sha256'][:12]}, "
-                f"vocab {want['vocab_size']}) ({mpath}). Fix: prepare the data with the run's tokenizer "
-                f"(--tokenizer={tokenizer.name or tokenizer.path}), or set config.data.tokenizer to the one it "
-                "was prepared with.")
+        check_tokenizer(path, m, tokenizer, what)
     if seq_len is not None and int(m.get("seq_len", -1)) != int(seq_len):
         raise PreparedError(f"{what}={path!r} holds rows of seq_len={m.get('seq_len')} ({mpath}), the run has "
                             f"config.data.seq_len={seq_len}. Fix: set --config.data.seq_len={m.get('seq_len')}, or "

@@ -21,7 +21,7 @@ import jax
 from ml_collections import ConfigDict
 
 from mistral_jax import distributed, sharding, storage
-from mistral_jax.data import pipeline
+from mistral_jax.data import loader, pipeline
 from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.training import step as step_lib
 from mistral_jax.training.checkpoint import Checkpointer
@@ -43,13 +43,15 @@ def saved_data_state(local: dict[str, Any]) -> dict[str, Any]:
     states = distributed.allgather_json(local)
     if all("rows" in st for st in states):
         return pipeline.merge_row_states(states)
+    if all(st == states[0] for st in states) and states[0].get("kind") == loader.STATE_KIND:
+        return states[0]  # prepared data: one global batch index, the same on every process
     return {"process_count": jax.process_count(), "processes": states}
 
 
 def local_data_state(saved: dict[str, Any]) -> dict[str, Any]:
     """This process's data position from a checkpoint's ``data_state`` (see ``saved_data_state``)."""
     if "processes" not in saved:
-        if jax.process_count() > 1:
+        if jax.process_count() > 1 and saved.get("kind") != loader.STATE_KIND:
             log.warning("the checkpoint holds one data position (a run of 1 process) for %d processes: each "
                         "process resumes from it, so the data order differs from an uninterrupted run.",
                         jax.process_count())

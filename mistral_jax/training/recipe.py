@@ -55,7 +55,8 @@ from ml_collections import ConfigDict
 from mistral_jax import loading, sharding, storage
 from mistral_jax import lora as lora_lib
 from mistral_jax.config import ConfigError, ModelConfig
-from mistral_jax.data import chat, pipeline
+from mistral_jax.data import chat, pipeline, prepared
+from mistral_jax.data import loader as data_loader
 from mistral_jax.data import preference as preference_data
 from mistral_jax.data import tokenizer as tokenizer_lib
 from mistral_jax.data.tokenizer import Tokenizer
@@ -191,6 +192,19 @@ class PreferenceData:
         return preference_data.stack_rows([preference_data.empty_row(self.cfg.data.seq_len, pairs)] * rows)
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedData:
+    """Prepared datasets (``data/prepared.py``) of any data kind: ``[(name, RowSource, weight)]``, read with
+    ``data.loader.GrainBatches`` (each process its own rows; the position resumes in constant time)."""
+
+    components: list
+
+    def check_tokenizer(self, tok: Tokenizer) -> None:
+        """Each dataset was tokenized with ``tok`` (the sha256 of its file), else ``PreparedError``."""
+        for name, src, _ in self.components:
+            prepared.check_tokenizer(src.path, src.manifest, tok, f"data {name!r}")
+
+
 # the data kinds of ``data.format``; a recipe with a new kind of data adds it here from its own module
 DATA_KINDS: dict[str, type] = {"text": TextData, "chat": ChatData, "preference": PreferenceData}
 
@@ -278,7 +292,19 @@ class Recipe:
     @property
     def trains_tokenizer(self) -> bool:
         """Whether a new run trains its own tokenizer on ``data.train`` (no tokenizer given or inherited)."""
-        return not self.cfg.data.tokenizer and not self.init_from and self.data.trains_tokenizer
+        return (not self.cfg.data.tokenizer and not self.init_from and self.data.trains_tokenizer
+                and self.prepared_tokenizer() is None)
+
+    def prepared_tokenizer(self) -> str | None:
+        """The tokenizer file kept in the (first) prepared training dataset, if the data is prepared."""
+        d = self.cfg.data
+        first = d.get("train", "")
+        if d.get("mixture", ""):
+            first = data_loader.parse_mixture(d.mixture, d.get("datasets", ""))[0][1]
+        if not first or not prepared.is_prepared(first):
+            return None
+        found = Tokenizer.find(first)
+        return found.path if found is not None else None
 
     # ------------------------------------------------------------------------------------------ model
     def abstract_model(self, model_cfg: ModelConfig) -> nnx.Module:
@@ -318,7 +344,7 @@ class Recipe:
                 return loading.tokenizer_path(self.init_from, loading.detect_format(self.init_from))
             except (OSError, ValueError):
                 return None
-        return None
+        return self.prepared_tokenizer()
 
     def tokenizer(self, workdir: str, model_cfg: ModelConfig) -> Tokenizer:
         """``data.tokenizer``, else ``init_from``'s ``tokenizer.model``, else the workdir's (a resumed run), else one
@@ -330,6 +356,8 @@ class Recipe:
             if path is None:
                 raise ConfigError(f"config.init_from={self.init_from!r} has no tokenizer.model. Fix: set "
                                   "--config.data.tokenizer=PATH to the checkpoint's sentencepiece model.")
+        if not path:  # prepared data keeps the tokenizer it was tokenized with
+            path = self.prepared_tokenizer()
         if path:
             tok = Tokenizer(path)
             if jax.process_index() == 0 and storage.absolute(tok.path) != storage.absolute(dest):
@@ -368,12 +396,24 @@ class Recipe:
 
     # ------------------------------------------------------------------------------------------- data
     def open_data(self, split: str) -> Any:
-        """The source of ``split`` ("train" / "validation") for ``batches``; None when there is none."""
+        """The source of ``split`` ("train" / "validation") for ``batches``; None when there is none. Prepared data
+        (a directory with a manifest, or ``data.mixture``) is a ``PreparedData`` of any data kind."""
+        comps = data_loader.open_components(self.cfg.data, split, kind=self.data.name)
+        if comps is not None:
+            return PreparedData(comps)
         return self.data.open(split)
 
     def batches(self, source: Any, tok: Tokenizer, batch_size: int, *, train: bool, bsharding: NamedSharding):
         """This process's rows of every ``batch_size``-row global batch of ``source`` (an iterator of numpy
         batches with ``get_state`` / ``set_state``)."""
+        if isinstance(source, PreparedData):
+            source.check_tokenizer(tok)
+            d = self.cfg.data
+            return data_loader.GrainBatches(source.components, batch_size, addressable_rows(bsharding, batch_size),
+                                            seed=int(self.cfg.seed), shuffle=bool(d.shuffle) and train, loop=train,
+                                            num_threads=int(d.get("read_threads", 4) or 1),
+                                            prefetch=int(d.get("prefetch", 4) or 1),
+                                            allow_mixture_change=bool(d.get("allow_mixture_change", False)))
         return self.data.batches(source, tok, batch_size, train=train, bsharding=bsharding)
 
     def empty_batch(self, rows: int) -> dict[str, Any]:
@@ -382,6 +422,8 @@ class Recipe:
 
     def local_rows(self, source: Any, bsharding: NamedSharding, batch_size: int) -> int:
         """How many rows of a ``batch_size``-row global batch of ``source`` this process holds."""
+        if isinstance(source, PreparedData):
+            return len(addressable_rows(bsharding, batch_size))
         return self.data.local_rows(source, bsharding, batch_size)
 
 

@@ -35,7 +35,7 @@ from ml_collections import ConfigDict
 
 from mistral_jax import flops, loading, sharding, storage
 from mistral_jax.config import ModelConfig
-from mistral_jax.data import pipeline
+from mistral_jax.data import pipeline, prepared
 from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.training import optimizer as optimizer_lib
 from mistral_jax.training.recipe import ConfigError, Recipe, _get, choose
@@ -43,7 +43,7 @@ from mistral_jax.training.recipe import ConfigError, Recipe, _get, choose
 log = logging.getLogger(__name__)
 
 # the run config's path fields: local paths, or gs:// / s3:// URLs (checked by check_storage before any work)
-PATH_FIELDS = ("init_from", "data.train", "data.validation", "data.tokenizer")
+PATH_FIELDS = ("init_from", "data.train", "data.validation", "data.tokenizer")  # data.datasets: check_data
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
@@ -380,6 +380,19 @@ def check_storage(cfg: ConfigDict, workdir: str | None = None) -> None:
             from mistral_jax.training.checkpoint_compat import lock_refresh_interval
 
             lock_refresh_interval()
+
+
+def check_data(cfg: ConfigDict) -> None:
+    """The prepared datasets the config names (``data.train``, ``data.validation``, ``data.mixture``) fit the run:
+    manifest there, kind, seq_len, tokenizer (when ``data.tokenizer`` is set), every shard present and readable,
+    mixture weights and names. Run it before any device is used; raises ``loader.MixtureError`` /
+    ``prepared.PreparedError`` (one line each)."""
+    from mistral_jax.data import loader
+
+    tok = Tokenizer(cfg.data.tokenizer) if cfg.data.get("tokenizer") and (
+        cfg.data.get("mixture") or any(prepared.is_prepared(cfg.data.get(k, "")) for k in ("train", "validation"))
+    ) else None
+    loader.check_config(cfg.data, tokenizer=tok, kind=choose(cfg).data.name)
 
 
 def check_processes(cfg: ConfigDict, workdir: str, process_count: int) -> None:

@@ -25,14 +25,18 @@ point: a dataset whose weight grew resumes further into its epoch, one whose wei
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from mistral_jax import storage
 from mistral_jax.data import prepared
 
 log = logging.getLogger(__name__)
@@ -246,3 +250,60 @@ def check_config(data_cfg: Any, tokenizer: Any = None, kind: str | None = None) 
     for split in ("train", "validation"):
         open_components(data_cfg, split, tokenizer=tokenizer, kind=kind)
 
+
+
+# ------------------------------------------------------------------------------------------- raw files
+# the data options that define a prepared copy of raw files (``data/prepare.py``'s options, from ``config.data``)
+RAW_OPTIONS = ("seq_len", "add_bos", "add_eos", "text_field", "messages_field", "pairs_per_row", "skip_invalid",
+               "on_decode_error")
+
+
+def _file_identity(path: str) -> list[Any]:
+    """What changes when a file changes: size and modification time (a bucket object's size and etag /
+    generation), without reading it."""
+    if not storage.is_remote(path):
+        st = os.stat(path)
+        return [path, st.st_size, st.st_mtime_ns]
+    fs, key = storage.fs_and_key(path)
+    info = fs.info(key)
+    return [path, info.get("size"), info.get("etag") or info.get("generation") or info.get("md5Hash")
+            or str(info.get("updated") or info.get("LastModified") or info.get("mtime"))]
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+    """An exclusive lock on ``path`` between the processes of this machine (one prepares, the others wait)."""
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def cached_prepare(spec: str, data_cfg: Any, tokenizer: Any, kind: str) -> str:
+    """The prepared copy of the raw files ``spec`` (file / dir / glob, local or in a bucket) in this machine's cache
+    (``storage.cache_dir("data", <key>)``): prepared on first use (streamed, memory flat), reused while the files,
+    the tokenizer and the data options stay the same. Small runs on raw files read it with the same loader as
+    prepared data (global shuffle, constant-time resume); for a pod, prepare once into a bucket instead."""
+    from mistral_jax.data import documents
+    from mistral_jax.data.prepare import prepare
+
+    inputs = documents.expand(spec)
+    key = hashlib.sha256(json.dumps({
+        "files": [_file_identity(f) for f in inputs], "kind": kind, "version": prepared.VERSION,
+        "tokenizer": prepared.tokenizer_identity(tokenizer)["sha256"],
+        "options": {k: data_cfg.get(k) for k in RAW_OPTIONS}}, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    dest = storage.cache_dir("data", key)
+    with _locked(dest + ".lock"):
+        if not prepared.is_prepared(dest):
+            log.info("preparing %s (%d file(s)) into %s (once: later runs reuse it)", spec, len(inputs), dest)
+            prepare(",".join(inputs), dest, tokenizer=tokenizer.path, seq_len=int(data_cfg.seq_len), format=kind,
+                    add_bos=bool(data_cfg.get("add_bos", True)), add_eos=bool(data_cfg.get("add_eos", True)),
+                    text_field=data_cfg.get("text_field", "text"),
+                    messages_field=data_cfg.get("messages_field", "messages"),
+                    pairs_per_row=int(data_cfg.get("pairs_per_row", 1) or 1),
+                    skip_invalid=bool(data_cfg.get("skip_invalid", False)),
+                    on_decode_error=data_cfg.get("on_decode_error", "replace"),
+                    workers=min(os.cpu_count() or 1, max(1, len(inputs))), progress=False)
+    return dest

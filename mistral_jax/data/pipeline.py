@@ -96,75 +96,18 @@ def _expand(spec: str) -> list[str] | None:
 
 
 def _decode_lines(path: str, on_decode_error: str) -> Iterator[tuple[int, str]]:
-    bad, first, bad_bytes, total = 0, None, 0, 0
+    """``(line number, text)`` of a file's lines under the decode-error policy (``documents.decode_lines``)."""
+    from mistral_jax.data import documents
+
     with files.open_binary(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            total += len(raw)
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                if on_decode_error == "error":
-                    raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e}). Fix: re-encode the file as UTF-8, or "
-                                    "set config.data.on_decode_error='replace' to decode bad bytes as U+FFFD.") from e
-                bad += 1
-                first = first or lineno
-                escaped = raw.decode("utf-8", errors="surrogateescape")  # one lone surrogate per undecodable byte
-                bad_bytes += sum(1 for ch in escaped if "\udc80" <= ch <= "\udcff")
-                line = raw.decode("utf-8", errors="replace")
-            yield lineno, line
-    if bad_bytes > MAX_UNDECODABLE_FRACTION * total:
-        raise DataError(f"{path}: {bad_bytes} of its {total} bytes ({bad_bytes / total:.0%}, in {bad} of {lineno} "
-                        f"lines) are not valid UTF-8: it holds no UTF-8 text (random or binary data, or text in "
-                        f"another encoding), and more than {MAX_UNDECODABLE_FRACTION:.0%} undecodable bytes are "
-                        "refused even with config.data.on_decode_error='replace'. Fix: re-encode the file as UTF-8 "
-                        "(e.g. `iconv -f LATIN1 -t UTF-8`), or remove it from config.data.train.")
-    if bad:
-        log.warning("%s: %d line(s) are not valid UTF-8 (first: line %d); their bad bytes were replaced by U+FFFD "
-                    "(config.data.on_decode_error='replace').", path, bad, first)
+        yield from documents.decode_lines(f, path, on_decode_error)
 
 
 def _read_file(path: str, text_field: str, on_decode_error: str) -> list[str]:
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
+    """The documents of one file (``documents.read_unit``, streamed; also ``.gz`` / ``.zst`` line files)."""
+    from mistral_jax.data import documents
 
-        if storage.is_remote(path):
-            with files.open_binary(path) as f:
-                table = pq.read_table(f)
-        else:
-            table = pq.read_table(path)
-        if text_field not in table.column_names:
-            raise DataError(f"{path}: no column {text_field!r} (columns: {table.column_names}). "
-                            "Fix: set config.data.text_field to the text column.")
-        return [t for t in table.column(text_field).to_pylist() if isinstance(t, str)]
-    if path.endswith(".txt"):
-        return [line.rstrip("\n") for _, line in _decode_lines(path, on_decode_error)]
-    lines = list(_decode_lines(path, on_decode_error))
-    if path.endswith(".json") and "".join(line for _, line in lines).lstrip().startswith("["):
-        try:
-            records = json.loads("".join(line for _, line in lines))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}). Fix: the file must be a JSON array of "
-                            "objects or JSON lines.") from e
-        numbered = list(enumerate(records, 1))
-    else:
-        numbered = []
-        for lineno, line in lines:
-            if not line.strip():
-                continue
-            try:
-                numbered.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg}): {line[:80]!r}. "
-                                "Fix: one JSON object per line (JSON lines).") from e
-    texts = []
-    for lineno, rec in numbered:
-        if not isinstance(rec, dict) or text_field not in rec:
-            keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
-            raise DataError(f"{path}:{lineno}: record has no {text_field!r} field (has {keys}). "
-                            "Fix: set config.data.text_field to the key holding the text.")
-        if isinstance(rec[text_field], str):
-            texts.append(rec[text_field])
-    return texts
+    return list(documents.read_unit(documents.Unit(path), field=text_field, on_decode_error=on_decode_error))
 
 
 class LocalSource:

@@ -79,7 +79,8 @@ class FakeGCS(Emulator):
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait(f"{url}/storage/v1/b", self.proc, "fake-gcs-server")
         self.url = url
-        self.env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
+        self.env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+                    "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,  # ArrayRecord's GCS reader (google-cloud-cpp)
                     "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
                     "GOOGLE_CLOUD_PROJECT": "test"}
 

@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 
 from mistral_jax import distributed
-from mistral_jax.data import pipeline
 from mistral_jax.data.corpus import TRAIN
-from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.training.metrics import read_metrics
 from tests.helpers import mc_task_yaml, run_losses
 
@@ -257,21 +255,3 @@ def test_environment_detection(monkeypatch):
     assert distributed.any_process(3) == 3 and distributed.allgather_json({"a": 1}) == [{"a": 1}]  # one process
 
 
-def test_row_readers_do_not_depend_on_the_process_split(tokenizer_path):
-    """8 rows read by one process, or by 2 / 4 processes each holding its own rows, give the same global batches,
-    and a state merged from the processes resumes every row on any split."""
-    src = pipeline.open_source(TRAIN)
-    tok = Tokenizer(tokenizer_path)
-
-    def readers(rows):
-        return pipeline.RowReaders(src, tok, 32, rows, 8, seed=0)
-
-    one = readers(range(8))
-    want = [next(one)["tokens"] for _ in range(4)]
-    for split in (2, 4):
-        parts = [readers(range(p * 8 // split, (p + 1) * 8 // split)) for p in range(split)]
-        for b in range(3):
-            np.testing.assert_array_equal(np.concatenate([next(r)["tokens"] for r in parts]), want[b])
-        again = readers(range(8))  # resumed on one process from the split run's merged state
-        again.set_state(pipeline.merge_row_states([r.get_state() for r in parts]))
-        np.testing.assert_array_equal(next(again)["tokens"], want[3])

@@ -144,3 +144,56 @@ def test_bad_prepared_data_is_one_line_and_exit_2_before_any_device_work(corpora
         assert len(lines) == 1 and match in lines[0] and "Fix:" in lines[0], r.stderr[-2000:]
         assert not os.path.exists(tmp_path / "w" / "checkpoints")
     assert prepared.is_prepared(str(corpora / "web"))
+
+
+def test_prepared_batches_equal_the_streamed_path_batch_for_batch(tmp_path, tokenizer_path):
+    """``data.prepare`` + the Grain loader against the streamed packer (``PackedBatches`` over the documents held
+    in memory), unshuffled, one pass: the same token ids, targets, positions, segment ids and loss weights, batch
+    for batch (two implementations of the packing: ``pack_documents`` and ``PackedBatches``)."""
+    from mistral_jax.data import loader, pipeline
+    from mistral_jax.data.prepare import prepare
+    from mistral_jax.data.tokenizer import Tokenizer
+
+    corpus = os.path.join(ROOT, "mistral_jax", "data", "corpus", "pydoc_validation.jsonl")
+    prepare(corpus, str(tmp_path / "p"), tokenizer=tokenizer_path, seq_len=SEQ, workers=1, progress=False)
+    kept = tmp_path / "p" / "tokenizer.model"  # the tokenizer stays with its data (data.tokenizer="" reads it)
+    assert kept.read_bytes() == open(tokenizer_path, "rb").read()
+    grain_it = loader.GrainBatches([("v", prepared.open_dataset(str(tmp_path / "p")), 1.0)], 4, range(4),
+                                   shuffle=False, loop=False)
+    streamed = pipeline.PackedBatches(pipeline.open_source(corpus), Tokenizer(tokenizer_path), SEQ, 4, shuffle=False,
+                                      loop=False)
+    got, want = list(grain_it), list(streamed)
+    assert len(got) == len(want) > 10
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        for k in w:
+            assert g[k].dtype == w[k].dtype and np.array_equal(g[k], w[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["chat", "preference"])
+def test_sft_and_dpo_train_on_prepared_data(kind, tiny_trained_run, tokenizer_path, tmp_path):
+    """Instruction and preference data prepared once (loss masks / pair layout in the records): SFT and DPO
+    train on it without tokenizing in the loop, and the checkpoint holds the prepared data's position."""
+    from configs import tiny_dpo, tiny_sft
+    from mistral_jax.data.prepare import prepare
+    from mistral_jax.training import trainer
+
+    name = "instruct_train" if kind == "chat" else "preference_train"
+    corpus = os.path.join(ROOT, "mistral_jax", "data", "corpus", f"{name}.jsonl")
+    cfg = (tiny_sft if kind == "chat" else tiny_dpo).get_config()
+    seq = int(cfg.data.seq_len)
+    dest = str(tmp_path / "prepared")
+    m = prepare(corpus, dest, tokenizer=tokenizer_path, seq_len=seq, format=kind, workers=1, progress=False,
+                pairs_per_row=int(cfg.data.get("pairs_per_row", 1) or 1), skip_invalid=True)
+    assert m["kind"] == kind and m["rows"] > 0
+    cfg.init_from = tiny_trained_run
+    cfg.update_from_flattened_dict({"data.train": dest, "data.validation": "", "num_steps": 3, "log_every": 1,
+                                    "eval_every": 0, "progress_bar": False, "checkpoint.async_save": False,
+                                    "checkpoint.every_steps": 3, "optimizer.warmup_steps": 1})
+    workdir = str(tmp_path / "run")
+    assert trainer.train(cfg, workdir)["step"] == 3
+    losses = run_losses(workdir)
+    assert sorted(losses) == [1, 2, 3] and all(np.isfinite(v) for v in losses.values())
+    state = json.load(open(os.path.join(workdir, "checkpoints", "3", "data_state", "metadata")))
+    assert state["kind"] == "prepared" and state["grain"]["next_index"] == 3

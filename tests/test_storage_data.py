@@ -100,13 +100,20 @@ def test_text_data_from_a_bucket_gives_the_local_documents_and_batches(where, te
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
-    # the trainer's reader of local files: the same rows from a bucket
-    rows_local = pipeline.RowReaders(whole_local, corpus_tokenizer, 32, [0, 3], 4, seed=1)
-    rows_remote = pipeline.RowReaders(whole_remote, corpus_tokenizer, 32, [0, 3], 4, seed=1)
+    # the trainer's path for files: prepared once into the cache, then the Grain loader: the same rows from a bucket
+    from mistral_jax.data import loader, prepared
+    from mistral_jax.training.run import base_config
+
+    data_cfg = base_config().data
+    data_cfg.seq_len = 32
+    cached = [loader.cached_prepare(spec, data_cfg, corpus_tokenizer, "text") for spec in (text_tree, url)]
+    assert cached[0] != cached[1]  # keyed by the files (here their places), the tokenizer and the options
+    rows = [loader.GrainBatches([("d", prepared.open_dataset(c), 1.0)], 4, [0, 3], seed=1) for c in cached]
     for _ in range(2):
-        a, b = next(rows_local), next(rows_remote)
+        a, b = next(rows[0]), next(rows[1])
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
+    assert loader.cached_prepare(url, data_cfg, corpus_tokenizer, "text") == cached[1]  # reused, not prepared again
     assert pipeline.load_texts(storage.join(url, "a.jsonl"), limit=5) == whole_local.texts[:5]
 
 

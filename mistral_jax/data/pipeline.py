@@ -1,10 +1,16 @@
-"""Text documents -> sentencepiece tokens -> packed fixed-length rows -> per-process batches, resumable.
+"""Text documents -> sentencepiece tokens -> packed fixed-length rows: the packer, sources, and the streamed path.
+
+Training reads files (local or in a bucket) through their prepared copy (``data/prepared.py``, made once per
+machine by ``loader.cached_prepare``, or beforehand with ``python -m mistral_jax.data.prepare``) and the Grain
+loader (``data/loader.py``): global shuffle, per-process rows, constant-time resume, memory flat in the corpus
+size. This module keeps what that path shares and the streamed path of HF hub datasets:
 
 Sources (``open_source``):
   * files, local or in a bucket (``gs://`` / ``s3://``, read through the path layer: ``data.files``): a path, a
     directory (every supported file inside, recursively, sorted) or a glob (``**`` included). ``.jsonl`` / ``.json``
     (one JSON object per line, or a JSON array; the text under ``text_field``), ``.txt`` (one document per
-    line, as HF ``datasets``' text builder) and ``.parquet`` (column ``text_field``). Loaded into memory.
+    line, as HF ``datasets``' text builder) and ``.parquet`` (column ``text_field``). ``LocalSource`` holds them in
+    memory (small data: tests, inspection); ``load_texts`` streams the first documents (tokenizer training).
   * anything else is an HF hub dataset name, opened with ``datasets.load_dataset(..., streaming=True)``;
     offline, this fails with a message naming the dataset and how to use a local file instead.
 
@@ -16,22 +22,18 @@ lines and the first one; ``"error"`` raises naming file and line. A file whose b
 undecodable (``MAX_UNDECODABLE_FRACTION``: random or binary data, another encoding) holds no UTF-8 text and raises
 ``DataError`` under either policy.
 
-Packing: each document becomes ``[<s>] + ids + [</s>]`` (``add_bos`` / ``add_eos``); its (input, target)
-pairs are laid greedily into rows of ``seq_len``. A document longer than the space left continues in the
-next row as a new segment. ``segment_ids`` count the pieces of a row from 1 (0 = padding), ``positions``
-restart at 0 for each piece, ``weights`` are 1 on real targets and 0 on padding (padding only occurs at the
-end of a non-looping source, i.e. in eval).
+Packing (``pack_documents``, the one packer; ``PackedBatches`` packs the same way): each document becomes
+``[<s>] + ids + [</s>]`` (``add_bos`` / ``add_eos``); its (input, target) pairs are laid greedily into rows of
+``seq_len``. A document longer than the space left continues in the next row as a new segment. ``segment_ids``
+count the pieces of a row from 1 (0 = padding), ``positions`` restart at 0 for each piece, ``weights`` are 1 on
+real targets and 0 on padding.
 
-Order: each epoch visits the documents in a permutation drawn from ``seed + epoch`` (``shuffle``), and
-process ``p`` of ``P`` takes every P-th document of it. Hub datasets use ``datasets``' seeded shuffle buffer
-and ``split_dataset_by_node`` (so a streamed dataset's global batch depends on the process count). Training on
-files (local or in a bucket) uses ``RowReaders``: row ``r`` of the global batch reads documents ``r::rows``, so the
-global batch is the same on any number of processes and each process reads only the documents of its own rows.
-
-Resumable state: ``{"epoch", "index", "offset"}`` (the next document of this process and the number of its
-pairs already emitted), plus a ``fingerprint`` of the settings that define the order. ``get_state()`` after a
-batch and ``set_state()`` before the next reproduce the stream exactly; for hub datasets resuming skips
-``index`` documents of the stream again.
+Streamed order (``PackedBatches``, hub datasets): each epoch visits the documents in a permutation drawn from
+``seed + epoch`` (``shuffle``; hub datasets use ``datasets``' seeded shuffle buffer), and process ``p`` of ``P``
+takes every P-th document (``split_dataset_by_node``: a streamed dataset's global batch depends on the process
+count). Resumable state: ``{"epoch", "index", "offset"}`` (the next document of this process and the number of its
+pairs already emitted), plus a ``fingerprint`` of the settings that define the order; for hub datasets resuming
+skips ``index`` documents of the stream again (prepare the data for a constant-time resume).
 """
 
 from __future__ import annotations
@@ -347,73 +349,6 @@ class PackedBatches:
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-class RowReaders:
-    """Packed batches whose row ``r`` of every global batch is its own document stream: the global batch does not
-    depend on how many processes read it.
-
-    Row ``r`` of ``total_rows`` reads the documents ``r::total_rows`` of each epoch's order (a ``PackedBatches`` of
-    one row per batch); a process builds only its own ``rows`` (the global row ids it holds, see
-    ``recipe.addressable_rows``) and reads only their documents. One process of 8 devices and 2 processes of 4 therefore
-    train on identical global batches, and a run resumed on another process count continues every row's stream.
-    With fewer documents ``n`` than rows, row ``r`` reads the documents ``r % n :: n`` (rows repeat).
-
-    The state is ``{"epoch": oldest row's epoch, "rows": {row id: PackedBatches state}}``.
-    """
-
-    def __init__(self, source: LocalSource, tokenizer: Tokenizer, seq_len: int, rows: Sequence[int],
-                 total_rows: int, *, seed: int = 0, shuffle: bool = True, add_bos: bool = True, add_eos: bool = True,
-                 loop: bool = True):
-        if not rows or total_rows < 1 or any(not 0 <= r < total_rows for r in rows):
-            raise DataError(f"rows={list(rows)[:8]} of total_rows={total_rows}: row ids must lie in [0, total_rows).")
-        readers = min(total_rows, len(source))
-        self.rows = [int(r) for r in rows]
-        self.streams = [PackedBatches(source, tokenizer, seq_len, 1, seed=seed, shuffle=shuffle, add_bos=add_bos,
-                                      add_eos=add_eos, loop=loop, process_index=r % readers, process_count=readers)
-                        for r in self.rows]
-        self._ended = [False] * len(self.rows)
-
-    def get_state(self) -> dict[str, Any]:
-        """JSON-able position of every row's stream."""
-        states = [s.get_state() for s in self.streams]
-        return {"epoch": min(st["epoch"] for st in states), "rows": {str(r): st for r, st in zip(self.rows, states,
-                                                                                                  strict=True)}}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Continue from ``state`` (from ``get_state``; of this or another process count)."""
-        saved = state.get("rows")
-        missing = [r for r in self.rows if str(r) not in (saved or {})]
-        if missing:
-            raise DataError(f"the saved data position has no stream for rows {missing[:8]} (it holds "
-                            f"{sorted(saved or {}, key=int)[:8]}...): the checkpoint was written with another "
-                            "config.batch_size or data layout. Fix: resume with the batch_size it was written with.")
-        for r, s in zip(self.rows, self.streams, strict=True):
-            s.set_state(saved[str(r)])
-        self._ended = [False] * len(self.rows)
-
-    def __iter__(self) -> RowReaders:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        out: list[dict[str, np.ndarray] | None] = []
-        for i, s in enumerate(self.streams):
-            row = None if self._ended[i] else next(s, None)
-            self._ended[i] = row is None
-            out.append(row)
-        first = next((r for r in out if r is not None), None)
-        if first is None:  # every row's stream ended (eval): the caller pads with empty batches
-            raise StopIteration
-        return {k: np.concatenate([(r if r is not None else first)[k] * (r is not None) for r in out]).astype(v.dtype)
-                for k, v in first.items()}
-
-
-def merge_row_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One ``RowReaders`` state holding every row of ``states`` (the processes' states of one step)."""
-    rows: dict[str, Any] = {}
-    for st in states:
-        rows.update(st["rows"])
-    return {"epoch": min(st["epoch"] for st in states), "rows": dict(sorted(rows.items(), key=lambda kv: int(kv[0])))}
-
-
 def empty_batch(batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
     """An all-padding batch (weights 0): keeps eval steps in lock-step across processes."""
     b = {k: np.zeros((batch_size, seq_len), np.int32) for k in ("tokens", "targets", "positions", "segment_ids")}
@@ -421,15 +356,35 @@ def empty_batch(batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
     return b
 
 
+def is_files(spec: str) -> bool:
+    """Whether ``spec`` names files (a path, directory or glob, local or in a bucket) rather than a hub dataset;
+    a path that does not exist raises ``DataError`` (one line)."""
+    if not spec:
+        raise DataError("no dataset given (config.data.train is empty). Fix: --config.data.train=PATH_OR_HUB_NAME.")
+    return _expand(spec) is not None
+
+
 def load_texts(spec: str, text_field: str = "text", on_decode_error: str = "replace", limit: int = 200_000
                ) -> list[str]:
-    """Up to ``limit`` documents of ``spec`` (e.g. to train a tokenizer)."""
-    src = open_source(spec, text_field=text_field, on_decode_error=on_decode_error)
-    if isinstance(src, LocalSource):
-        return src.texts[:limit]
+    """Up to ``limit`` non-empty documents of ``spec`` (e.g. to train a tokenizer), streamed: files are read only as
+    far as needed."""
+    from mistral_jax.data import documents
+
+    if not is_files(spec):
+        out = []
+        for t in HubSource(spec, "train", text_field=text_field).documents(0, 0, 0, False, 0, 1):
+            out.append(t)
+            if len(out) >= limit:
+                break
+        return out
     out = []
-    for t in src.documents(0, 0, 0, False, 0, 1):
-        out.append(t)
-        if len(out) >= limit:
-            break
+    for unit in documents.units(spec):
+        for t in documents.read_unit(unit, field=text_field, on_decode_error=on_decode_error):
+            if isinstance(t, str) and t.strip():
+                out.append(t)
+                if len(out) >= limit:
+                    return out
+    if not out:
+        raise DataError(f"dataset {spec!r} has no non-empty documents under {text_field!r}. Fix: point at a file "
+                        "with text, or set config.data.text_field.")
     return out

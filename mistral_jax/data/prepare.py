@@ -395,6 +395,7 @@ def manifest(p: Plan, entries: Sequence[Mapping[str, Any]], sources: Sequence[Ma
 def finish(p: Plan, entries: Sequence[Mapping[str, Any]], sources: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Write ``manifest.json`` (last) and return the manifest."""
     m = manifest(p, entries, sources)
+    load_tokenizer(p.options.tokenizer).save(p.dest)  # kept beside the shards: a run with data.tokenizer="" uses it
     if not m["rows"]:
         log.warning("prepare of %r wrote no rows (%d units, skipped %s): the dataset is empty.", p.inputs,
                     len(p.units), m["skipped"])

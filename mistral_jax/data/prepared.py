@@ -160,6 +160,7 @@ class ShardWriter:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         size = os.path.getsize(self.tmp)
+        os.chmod(self.tmp, 0o644)  # mkstemp's 0600 would keep other users (a shared data disk) out
         if storage.is_remote(self.dest):
             try:
                 storage.path(self.target).write_bytes(open(self.tmp, "rb").read())

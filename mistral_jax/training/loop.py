@@ -21,7 +21,7 @@ import jax
 from ml_collections import ConfigDict
 
 from mistral_jax import distributed, sharding, storage
-from mistral_jax.data import loader, pipeline
+from mistral_jax.data import loader
 from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.training import step as step_lib
 from mistral_jax.training.checkpoint import Checkpointer
@@ -36,13 +36,12 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- data and signals
 def saved_data_state(local: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's ``data_state``: every process's position. ``RowReaders`` states merge into one (resumable
-    on any process count); other streams (hub datasets, chat) are kept per process."""
+    """The checkpoint's ``data_state``: every process's position. The loader of prepared data (and raw files) has
+    one position for all processes (resumable on any process count); other streams (hub datasets, chat) are kept
+    per process."""
     if jax.process_count() == 1:
         return local
     states = distributed.allgather_json(local)
-    if all("rows" in st for st in states):
-        return pipeline.merge_row_states(states)
     if all(st == states[0] for st in states) and states[0].get("kind") == loader.STATE_KIND:
         return states[0]  # prepared data: one global batch index, the same on every process
     return {"process_count": jax.process_count(), "processes": states}
@@ -127,7 +126,7 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
     step 0) to ``cfg.num_steps``: the loop of ``trainer.train``, which has locked the workdir, checked it, built the
     train state's layout and opened the checkpoints. Returns ``trainer.train``'s result."""
     cfg, model_cfg, mesh, rules, recipe = run.cfg, run.model_cfg, run.mesh, run.rules, run.recipe
-    train_src, eval_src = recipe.open_data("train"), recipe.open_data("validation")
+    train_src, eval_src = (recipe.ready_data(recipe.open_data(split), tok) for split in ("train", "validation"))
     bsharding = sharding.batch_sharding(mesh, rules)
     batch_shardings = step_lib.batch_shardings(recipe.objective, mesh, rules)
     data_it = recipe.batches(train_src, tok, cfg.batch_size, train=True, bsharding=bsharding)

@@ -85,7 +85,7 @@ def _get(cfg: Any, dotted: str, default: Any = None) -> Any:
 def addressable_rows(bsharding: NamedSharding, batch_size: int) -> list[int]:
     """The global batch rows that this process's devices hold under ``bsharding`` (and so the rows it reads).
 
-    Any row order the sharding gives (not only contiguous blocks per process): ``pipeline.RowReaders`` builds
+    Any row order the sharding gives (not only contiguous blocks per process): ``data.loader.GrainBatches`` reads
     exactly these rows.
     """
     index = bsharding.addressable_devices_indices_map((batch_size, 1))
@@ -102,30 +102,27 @@ class TextData:
     trains_tokenizer = True  # a new run without a tokenizer trains one on these documents
 
     def local_rows(self, source: Any, bsharding: NamedSharding, batch_size: int) -> int:
-        """How many rows of a ``batch_size``-row global batch this process reads from ``source``."""
-        if isinstance(source, pipeline.LocalSource):  # RowReaders: the rows of the batch sharding
-            return len(addressable_rows(bsharding, batch_size))
+        """How many rows of a ``batch_size``-row global batch this process reads from ``source`` (a hub stream)."""
+        del source, bsharding
         return batch_size // jax.process_count()
 
     def open(self, split: str) -> Any:
-        """The source of ``split`` ("train" / "validation"); None when the config has no such data."""
+        """The source of ``split`` ("train" / "validation"): files (local or in a bucket) as ``RawFiles``, read
+        through their prepared copy in the cache (``loader.cached_prepare``); a hub dataset as a stream; None when
+        the config has no such data."""
         d = self.cfg.data
-        if split == "train":
-            return pipeline.open_source(d.train, split=d.train_split, hub_config=d.hub_config,
-                                        text_field=d.text_field, on_decode_error=d.on_decode_error,
-                                        shuffle_buffer=d.shuffle_buffer)
-        if not d.validation:
+        spec = d.train if split == "train" else d.validation
+        if split != "train" and not spec:
             return None
-        return pipeline.open_source(d.validation, split=d.validation_split, hub_config=d.hub_config,
-                                    text_field=d.text_field, on_decode_error=d.on_decode_error)
+        if pipeline.is_files(spec):
+            return RawFiles(spec, split)
+        return pipeline.open_source(spec, split=d.train_split if split == "train" else d.validation_split,
+                                    hub_config=d.hub_config, text_field=d.text_field,
+                                    on_decode_error=d.on_decode_error, shuffle_buffer=d.shuffle_buffer)
 
     def batches(self, source: Any, tok: Tokenizer, batch_size: int, *, train: bool, bsharding: NamedSharding):
-        """This process's rows of every ``batch_size``-row global batch (``RowReaders`` for local files)."""
+        """This process's share of every ``batch_size``-row global batch of a streamed hub dataset."""
         c, d = self.cfg, self.cfg.data
-        if isinstance(source, pipeline.LocalSource):  # the same global batches on any number of processes
-            return pipeline.RowReaders(source, tok, d.seq_len, addressable_rows(bsharding, batch_size), batch_size,
-                                       seed=c.seed, shuffle=d.shuffle and train, add_bos=d.add_bos,
-                                       add_eos=d.add_eos, loop=train)
         return pipeline.PackedBatches(
             source, tok, d.seq_len, batch_size // jax.process_count(), seed=c.seed, shuffle=d.shuffle and train,
             add_bos=d.add_bos, add_eos=d.add_eos, loop=train, process_index=jax.process_index(),
@@ -190,6 +187,15 @@ class PreferenceData:
     def empty_batch(self, rows: int) -> dict[str, Any]:
         pairs = int(self.cfg.data.get("pairs_per_row", 1) or 1)
         return preference_data.stack_rows([preference_data.empty_row(self.cfg.data.seq_len, pairs)] * rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class RawFiles:
+    """Raw files of ``split`` (``data.train`` / ``data.validation``: file, dir, glob; local or in a bucket): read
+    through their prepared copy in this machine's cache, made on first use (``data.loader.cached_prepare``)."""
+
+    spec: str
+    split: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,11 +409,22 @@ class Recipe:
             return PreparedData(comps)
         return self.data.open(split)
 
+    def ready_data(self, source: Any, tok: Tokenizer) -> Any:
+        """``source`` ready to read with ``tok``: raw files prepared (once per machine, ``loader.cached_prepare``),
+        prepared data checked against the tokenizer. The loop calls it for the train and held-out data up front, so
+        nothing is prepared in the middle of training."""
+        if isinstance(source, RawFiles):
+            path = data_loader.cached_prepare(source.spec, self.cfg.data, tok, self.data.name)
+            return PreparedData([(source.split, prepared.open_dataset(path, tokenizer=tok), 1.0)])
+        if isinstance(source, PreparedData):
+            source.check_tokenizer(tok)
+        return source
+
     def batches(self, source: Any, tok: Tokenizer, batch_size: int, *, train: bool, bsharding: NamedSharding):
         """This process's rows of every ``batch_size``-row global batch of ``source`` (an iterator of numpy
         batches with ``get_state`` / ``set_state``)."""
+        source = self.ready_data(source, tok)
         if isinstance(source, PreparedData):
-            source.check_tokenizer(tok)
             d = self.cfg.data
             return data_loader.GrainBatches(source.components, batch_size, addressable_rows(bsharding, batch_size),
                                             seed=int(self.cfg.seed), shuffle=bool(d.shuffle) and train, loop=train,
@@ -422,7 +439,7 @@ class Recipe:
 
     def local_rows(self, source: Any, bsharding: NamedSharding, batch_size: int) -> int:
         """How many rows of a ``batch_size``-row global batch of ``source`` this process holds."""
-        if isinstance(source, PreparedData):
+        if isinstance(source, (PreparedData, RawFiles)):
             return len(addressable_rows(bsharding, batch_size))
         return self.data.local_rows(source, bsharding, batch_size)
 

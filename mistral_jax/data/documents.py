@@ -22,7 +22,7 @@ ranges of a file give every line exactly once.
 
 Decoding (``decode_lines``, also behind ``pipeline``'s file reader): bytes that are not UTF-8 follow
 ``on_decode_error`` (``"replace"``: U+FFFD, one warning per unit; ``"error"``: ``DataError`` naming file and
-line); a unit with more than ``pipeline.MAX_UNDECODABLE_FRACTION`` undecodable bytes raises under either policy.
+line); a unit with more than ``MAX_UNDECODABLE_FRACTION`` undecodable bytes raises under either policy.
 Line numbers count from the unit's first line (a range names its bytes: ``file (bytes 100-200):3``).
 """
 
@@ -40,9 +40,17 @@ from typing import IO, Any
 
 from mistral_jax import storage
 from mistral_jax.data import files
-from mistral_jax.data.pipeline import DECODE_POLICIES, MAX_UNDECODABLE_FRACTION, DataError
 
 log = logging.getLogger(__name__)
+
+DECODE_POLICIES = ("replace", "error")
+# A file with more undecodable bytes than this (random bytes: ~45%) holds no UTF-8 text: refused even under
+# "replace". Text in a Latin-1 code page stays well below it (accented letters are a few % of the bytes).
+MAX_UNDECODABLE_FRACTION = 0.25
+
+
+class DataError(ValueError):
+    """Bad or missing training data (the message names the source and the fix); ``pipeline.DataError`` too."""
 
 PLAIN = (".jsonl", ".json", ".txt", ".parquet")
 COMPRESSION = (".gz", ".zst")

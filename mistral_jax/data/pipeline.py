@@ -49,21 +49,12 @@ import numpy as np
 
 from mistral_jax import storage
 from mistral_jax.data import files
+from mistral_jax.data.documents import DECODE_POLICIES, MAX_UNDECODABLE_FRACTION, DataError  # noqa: F401
 from mistral_jax.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = (".jsonl", ".json", ".txt", ".parquet")
-DECODE_POLICIES = ("replace", "error")
-# A file with more undecodable bytes than this (random bytes: ~45%) holds no UTF-8 text: refused even under
-# "replace". Text in a Latin-1 code page stays well below it (accented letters are a few % of the bytes).
-MAX_UNDECODABLE_FRACTION = 0.25
-
-
-class DataError(ValueError):
-    """Bad or missing training data (the message names the source and the fix)."""
-
-
 # --------------------------------------------------------------------------- sources
 def _expand(spec: str) -> list[str] | None:
     """The files of ``spec`` (path, dir, glob; local or in a bucket), or None if ``spec`` does not look like a

@@ -480,7 +480,7 @@ def prepare(inputs: str | Sequence[str], dest: str, *, tokenizer: str, seq_len: 
     return m
 
 
-if __name__ == "__main__":
-    from mistral_jax.cli.prepare import entry
+if __name__ == "__main__":  # python -m mistral_jax.data.prepare: the command-line tool (cli/prepare.py)
+    import runpy
 
-    entry()
+    runpy.run_module("mistral_jax.cli.prepare", run_name="__main__", alter_sys=True)

@@ -45,8 +45,9 @@ VERSION = 1
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 KINDS = ("text", "chat", "preference")
-# one record per row, each compressed on its own: random access reads one row
-WRITER_OPTIONS = "group_size:1,zstd:3"
+# one record per row, each compressed on its own (random access reads one row); snappy: a third of zstd's write
+# time for about the same size on token rows (positions and segment ids compress well either way)
+WRITER_OPTIONS = "group_size:1,snappy"
 # the dtype each field has in a training batch
 LOAD_DTYPES = {"tokens": "int32", "targets": "int32", "positions": "int32", "segment_ids": "int32",
                "weights": "float32", "pair_mask": "float32"}
@@ -93,7 +94,7 @@ def encode_row(row: Mapping[str, np.ndarray], fields: Mapping[str, Mapping[str, 
         if list(a.shape) != list(spec["shape"]):
             raise PreparedError(f"row field {name!r} has shape {list(a.shape)}, the dataset's rows have "
                                 f"{spec['shape']}. Fix: every row of a dataset must have the same seq_len.")
-        if spec["dtype"] == "uint8" and name in ("weights", "pair_mask") and not np.isin(a, (0, 1)).all():
+        if spec["dtype"] == "uint8" and name in ("weights", "pair_mask") and not ((a == 0) | (a == 1)).all():
             raise PreparedError(f"row field {name!r} holds values other than 0 and 1 ({np.unique(a)[:5]}): "
                                 "prepared loss masks are 0/1. Fix: weight rows with config options, not the data.")
         parts.append(a.astype(spec["dtype"], copy=False).tobytes())

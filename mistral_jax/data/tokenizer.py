@@ -254,8 +254,7 @@ class Tokenizer:
                             "Fix: decode bytes as UTF-8 first.")
         if self.sp is None:
             return self._tekken.encode(text, bos=bos, eos=eos)
-        ids = self.sp.EncodeAsIds(text)
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+        return self.sp.encode(text, add_bos=bos, add_eos=eos)  # bos_id / eos_id: the model's own
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` (control / special ids are dropped)."""

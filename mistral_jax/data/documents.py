@@ -138,6 +138,18 @@ def _dir_files(spec: str, directory: str) -> list[str]:
     return [f for _, fs in sorted(out) for f in fs]
 
 
+def check_remote(spec: str, what: str) -> bool:
+    """Whether ``spec`` is a URL; a bucket URL is checked first (an unreachable endpoint, a missing bucket, no
+    credentials, an unknown scheme: one ``DataError`` line before any listing)."""
+    if storage.url_scheme(spec) is None:
+        return False
+    try:
+        storage.check_bucket(spec, what)
+    except (storage.StorageError, storage.UnsupportedPath) as e:
+        raise DataError(str(e)) from None
+    return True
+
+
 def expand(spec: str) -> list[str]:
     """The input files of ``spec`` (see the module docstring), in reading order; ``DataError`` (one line) if a part
     names nothing readable."""
@@ -147,12 +159,7 @@ def expand(spec: str) -> list[str]:
                         f"{'/'.join(SUPPORTED)} files, or an HF save_to_disk directory, comma-separated.")
     out: list[str] = []
     for part in parts:
-        remote = storage.url_scheme(part) is not None
-        if remote:
-            try:  # one line before any listing: an unreachable endpoint, a missing bucket, no credentials
-                storage.check_bucket(part, "input")
-            except (storage.StorageError, storage.UnsupportedPath) as e:
-                raise DataError(str(e)) from None
+        remote = check_remote(part, "input")
         path = part if remote else os.path.abspath(os.path.expanduser(part))
         if files.is_glob(part):
             found = [f for f in files.glob(path) if supported(f)]

@@ -47,9 +47,8 @@ from typing import Any
 
 import numpy as np
 
-from mistral_jax import storage
 from mistral_jax.data import files
-from mistral_jax.data.documents import DECODE_POLICIES, MAX_UNDECODABLE_FRACTION, DataError  # noqa: F401
+from mistral_jax.data.documents import DECODE_POLICIES, MAX_UNDECODABLE_FRACTION, DataError, check_remote  # noqa: F401
 from mistral_jax.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -59,12 +58,7 @@ EXTENSIONS = (".jsonl", ".json", ".txt", ".parquet")
 def _expand(spec: str) -> list[str] | None:
     """The files of ``spec`` (path, dir, glob; local or in a bucket), or None if ``spec`` does not look like a
     path (a hub name)."""
-    remote = storage.url_scheme(spec) is not None
-    if remote:
-        try:  # one line before any listing: an unreachable endpoint, a missing bucket, no credentials
-            storage.check_bucket(spec, "dataset")
-        except (storage.StorageError, storage.UnsupportedPath) as e:
-            raise DataError(str(e)) from None
+    remote = check_remote(spec, "dataset")
     path = spec if remote else os.path.expanduser(spec)
     if files.is_glob(spec):
         found = files.glob(path)

@@ -71,6 +71,7 @@ def test_unshuffled_stream_is_the_prepared_order(dataset):
         assert np.array_equal(flat[i], src[i % n]["tokens"])
 
 
+@pytest.mark.heavy
 def test_shuffle_is_a_permutation_per_epoch_and_seeded(dataset):
     src = _open(dataset)
     n = len(src)

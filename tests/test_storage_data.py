@@ -86,6 +86,7 @@ def _batches(source, tok, n=3, seq_len=32):
     return [next(it) for _ in range(n)]
 
 
+@pytest.mark.heavy  # prepares the tree twice (local, bucket): seconds
 @pytest.mark.parametrize("where", ["gcs", "s3"])
 def test_text_data_from_a_bucket_gives_the_local_documents_and_batches(where, text_tree, corpus_tokenizer, request):
     url = upload(text_tree, storage.join(request.getfixturevalue(f"{where}_bucket"), "data"))

@@ -160,11 +160,14 @@ def test_preempted_run_on_gcs_resumes_exactly_with_everything_in_the_bucket(refe
     assert ".lock" not in tree and not [p for p in tree if ".write_test" in p]
     with open(tokenizer_path, "rb") as f:
         assert tree["tokenizer.model"] == hashlib.sha256(f.read()).hexdigest()
-    # nothing local: the working directory, HOME and TMPDIR stay empty; the cache holds the run's staging copy only
+    # nothing local: the working directory, HOME and TMPDIR stay empty; the cache holds the run's staging copy and
+    # the prepared copy of its raw training data (data/<key>: manifest, shards, tokenizer, prepare progress)
     local = _local_files(tmp_path)
     assert local["cwd"] == local["home"] == local["tmp"] == [], local
     stage = os.path.join("runs", "gs", _key(url), "process0")
-    assert local["cache"] and all(p.startswith(stage + os.sep) for p in local["cache"]), local["cache"]
+    assert any(p.startswith(stage + os.sep) for p in local["cache"]), local["cache"]
+    assert any(p.startswith("data" + os.sep) and p.endswith("manifest.json") for p in local["cache"]), local["cache"]
+    assert all(p.startswith((stage + os.sep, "data" + os.sep)) for p in local["cache"]), local["cache"]
 
 
 @pytest.mark.slow

@@ -1,9 +1,9 @@
-"""Prepared-data pipeline figures: ``python benchmarks/data_pipeline.py [--mb 64] [--repeats 3]``.
+"""Prepared-data pipeline figures: ``python benchmarks/data_pipeline.py [--mb 128] [--repeats 3]``.
 
 A jsonl corpus of ``--mb`` MB is made from the bundled one (its documents repeated, each copy numbered) for the
-prepare figures (big enough that the workers' start-up, about 2 s of imports and tokenizer loading, is amortised
-as it is on a real corpus), and corpora of ``--rss_mb`` and ten times that for the loader figures. One JSON line
-per figure (median and range over ``--repeats``), ratios taken against a peer measured in the same run:
+prepare figures (big enough that a run's fixed costs are amortised as on a real corpus), and corpora of
+``--rss_mb`` and ten times that for the loader figures. One JSON line per figure (median and range over
+``--repeats``), ratios taken against a peer measured in the same run:
 
 * ``prepare_overhead``: seconds of ``data.prepare`` on one worker / seconds of plain ``SentencePieceProcessor.
   encode`` of the same documents (reading, packing and writing shards included); target <= 1.10;

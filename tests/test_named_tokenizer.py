@@ -4,6 +4,7 @@ mistral-common's own tokenizer does; the production configs name Mistral's real 
 import os
 import sys
 
+import numpy as np
 import pytest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
@@ -53,6 +54,8 @@ def test_named_tokenizer_resolves_offline_and_encodes_like_mistral_common(name, 
         for bos, eos in ((True, False), (False, True)):
             ids = tok.encode(text, bos=bos, eos=eos)
             assert ids == ref.encode(text, bos=bos, eos=eos), text
+            arr = tok.encode_array(text, bos=bos, eos=eos)  # prepare's path: sentencepiece writes the array
+            assert arr.dtype == np.int32 and arr.tolist() == ids, text
         assert tok.decode(tok.encode(text, bos=False)) == ref.decode(ref.encode(text, bos=False, eos=False))
     assert tok_lib.resolve(name) == tok.path
 
@@ -145,6 +148,8 @@ def test_tekken_through_the_one_tokenizer_interface(monkeypatch, tmp_path):
     for text in TEXTS + ["literal <s> </s> [INST] [/INST]"]:
         for bos, eos in ((True, False), (False, True)):
             assert tok.encode(text, bos=bos, eos=eos) == ref.encode(text, bos=bos, eos=eos), text
+            arr = tok.encode_array(text, bos=bos, eos=eos)
+            assert arr.dtype == np.int32 and arr.tolist() == ref.encode(text, bos=bos, eos=eos), text
         ids = tok.encode(text, bos=False)
         assert tok.decode(ids) == text and not any(tok.is_special(i) for i in ids)
     assert tok.piece_to_id("[INST]") == 3 and tok.piece_to_id("[/INST]") == 4 and tok.id_to_piece(3) == "[INST]"

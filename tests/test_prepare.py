@@ -297,14 +297,30 @@ def test_decode_errors_in_a_byte_range(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------- runs
-@pytest.mark.heavy  # a spawn pool
-def test_workers_do_not_change_the_output(tmp_path):
+@pytest.mark.heavy  # a fork and a spawn pool
+def test_workers_do_not_change_the_output(tmp_path, monkeypatch):
+    import multiprocessing
+
+    from mistral_jax.data import prepare as prepare_mod
+
     src = os.path.join(CORPUS, "pydoc_train.jsonl")
-    for w in (1, 2):
-        prepare(src, str(tmp_path / f"w{w}"), tokenizer=TOK, seq_len=128, shard_bytes=60_000, workers=w,
+    for name, w in (("one", 1), ("fork", 2), ("spawn", 2)):
+        if name != "one":
+            monkeypatch.setattr(prepare_mod, "pool_context", lambda m=name: multiprocessing.get_context(m))
+        prepare(src, str(tmp_path / name), tokenizer=TOK, seq_len=128, shard_bytes=60_000, workers=w,
                 progress=False)
-    a, b = tree(str(tmp_path / "w1")), tree(str(tmp_path / "w2"))
-    assert a == b and sum(k.startswith("shards/") for k in a) >= 7
+    a = tree(str(tmp_path / "one"))
+    assert a == tree(str(tmp_path / "fork")) == tree(str(tmp_path / "spawn"))
+    assert sum(k.startswith("shards/") for k in a) >= 7
+
+
+@pytest.mark.heavy  # a subprocess that starts JAX
+def test_workers_fork_only_before_jax_starts():
+    code = ("from mistral_jax.data.prepare import pool_context as c\n"
+            "a = c().get_start_method()\nimport jax\njax.devices()\nprint(a, c().get_start_method())")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["fork", "spawn"]
 
 
 def _cli_argv(src: str, dest: str, *extra: str) -> list[str]:

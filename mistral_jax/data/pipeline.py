@@ -186,31 +186,37 @@ def pack_documents(docs: Iterable[Sequence[int]], seq_len: int) -> Iterator[dict
     if seq_len < 1:
         raise DataError(f"seq_len={seq_len}: must be >= 1.")
     t = seq_len
+    count = np.arange(t, dtype=np.int32)
 
-    def new_row() -> dict[str, np.ndarray]:
-        row = {k: np.zeros((t,), np.int32) for k in ("tokens", "targets", "positions", "segment_ids")}
-        row["weights"] = np.zeros((t,), np.float32)
-        return row
+    def new_row() -> tuple[np.ndarray, ...]:
+        return (np.zeros((t,), np.int32), np.zeros((t,), np.int32), np.zeros((t,), np.int32),
+                np.zeros((t,), np.int32), np.zeros((t,), np.float32))
+
+    def done(r: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:
+        return dict(zip(("tokens", "targets", "positions", "segment_ids", "weights"), r, strict=True))
 
     row, filled, seg = new_row(), 0, 0
+    tokens, targets, positions, segments, weights = row
     for doc in docs:
         ids = np.asarray(doc, np.int32)
         pairs, o = len(ids) - 1, 0
         while o < pairs:
             n = min(pairs - o, t - filled)
             seg += 1
-            row["tokens"][filled:filled + n] = ids[o:o + n]
-            row["targets"][filled:filled + n] = ids[o + 1:o + n + 1]
-            row["positions"][filled:filled + n] = np.arange(n)
-            row["segment_ids"][filled:filled + n] = seg
-            row["weights"][filled:filled + n] = 1.0
-            filled += n
+            end = filled + n
+            tokens[filled:end] = ids[o:o + n]
+            targets[filled:end] = ids[o + 1:o + n + 1]
+            positions[filled:end] = count[:n]
+            segments[filled:end] = seg
+            weights[filled:end] = 1.0
+            filled = end
             o += n
             if filled == t:
-                yield row
+                yield done(row)
                 row, filled, seg = new_row(), 0, 0
+                tokens, targets, positions, segments, weights = row
     if filled:
-        yield row
+        yield done(row)
 
 
 class PackedBatches:

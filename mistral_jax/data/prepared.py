@@ -94,9 +94,14 @@ def encode_row(row: Mapping[str, np.ndarray], fields: Mapping[str, Mapping[str, 
         if list(a.shape) != list(spec["shape"]):
             raise PreparedError(f"row field {name!r} has shape {list(a.shape)}, the dataset's rows have "
                                 f"{spec['shape']}. Fix: every row of a dataset must have the same seq_len.")
-        if spec["dtype"] == "uint8" and name in ("weights", "pair_mask") and not ((a == 0) | (a == 1)).all():
-            raise PreparedError(f"row field {name!r} holds values other than 0 and 1 ({np.unique(a)[:5]}): "
-                                "prepared loss masks are 0/1. Fix: weight rows with config options, not the data.")
+        if spec["dtype"] == "uint8" and name in ("weights", "pair_mask"):
+            b = a.astype(np.uint8)
+            if (b > 1).any() or not np.array_equal(b, a):
+                    raise PreparedError(f"row field {name!r} holds values other than 0 and 1 ({np.unique(a)[:5]}): "
+                                    "prepared loss masks are 0/1. Fix: weight rows with config options, not the "
+                                    "data.")
+            parts.append(b.tobytes())
+            continue
         parts.append(a.astype(spec["dtype"], copy=False).tobytes())
     return b"".join(parts)
 
@@ -149,8 +154,7 @@ class ShardWriter:
     def write(self, row: Mapping[str, np.ndarray]) -> None:
         self._w.write(encode_row(row, self.fields))
         self.rows += 1
-        seg = np.asarray(row["segment_ids"])
-        self.tokens += int((seg > 0).sum())
+        self.tokens += int(np.count_nonzero(row["segment_ids"]))
 
     def close(self) -> dict[str, Any]:
         """Finish the shard; returns its manifest entry ``{file, rows, tokens, bytes, sha256}``."""

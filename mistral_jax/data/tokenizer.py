@@ -23,14 +23,19 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import os
 import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import sentencepiece as spm
 
 from mistral_jax import storage
+
+# sentencepiece >= 0.2.1 returns ids as a numpy array itself (return_type="numpy")
+_SP_NUMPY = "return_type" in inspect.signature(spm.SentencePieceProcessor.Encode).parameters
 
 NAME_PREFIX = "mistral:"
 
@@ -255,6 +260,12 @@ class Tokenizer:
         if self.sp is None:
             return self._tekken.encode(text, bos=bos, eos=eos)
         return self.sp.encode(text, add_bos=bos, add_eos=eos)  # bos_id / eos_id: the model's own
+
+    def encode_array(self, text: str, bos: bool = True, eos: bool = False) -> np.ndarray:
+        """``encode`` as an int32 array (sentencepiece writes it directly: no Python list of ints in between)."""
+        if self.sp is not None and isinstance(text, str) and _SP_NUMPY:
+            return self.sp.encode(text, add_bos=bos, add_eos=eos, return_type="numpy")
+        return np.asarray(self.encode(text, bos=bos, eos=eos), np.int32)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` (control / special ids are dropped)."""

@@ -115,6 +115,11 @@ def get_config() -> ConfigDict:
     # deleted; a requeued job with the same config resumes instead of archiving again
     c.checkpoint.reset = False
 
+    c.profile = ConfigDict()
+    # "100:105": a jax.profiler trace of the steps that make 100..104 into {workdir}/profile/ (XProf, TensorBoard)
+    c.profile.steps = ""
+    c.profile.processes = "0"  # "0": process 0 traces; "all": every process
+
     c.log_every = 10  # write metrics (JSONL + TensorBoard) every N steps
     c.eval_every = 200  # held-out eval every N steps (needs data.validation); 0 = only at the end
     c.eval_steps = 10  # batches per eval (fewer if the split is smaller)

@@ -118,8 +118,8 @@ def main(argv: list[str]) -> None:
     how = result["status"] if result["status"] == "done" else f"preempted by signal {result['signal']}"
     if jax.process_index() == 0:
         print(f"{PROG}: {how} at step {result['step']}/{cfg.num_steps}; final loss "
-              f"{'n/a' if loss is None else f'{loss:.4f}'}; newest checkpoint {result['checkpoint'] or 'none'}",
-              flush=True)
+              f"{'n/a' if loss is None else f'{loss:.4f}'}; newest checkpoint {result['checkpoint'] or 'none'}"
+              + (f"; {result['goodput']}" if result.get("goodput") else ""), flush=True)
     if result["status"] == "preempted":
         sys.exit(128 + result["signal"])
 

@@ -23,10 +23,12 @@ from ml_collections import ConfigDict
 from mistral_jax import distributed, sharding, storage
 from mistral_jax.data import loader
 from mistral_jax.data.tokenizer import Tokenizer
+from mistral_jax.training import goodput as goodput_lib
 from mistral_jax.training import step as step_lib
 from mistral_jax.training.checkpoint import Checkpointer
 from mistral_jax.training.hooks import Hooks
-from mistral_jax.training.metrics import MetricsWriter
+from mistral_jax.training.metrics import MetricsWriter, read_events, read_metrics
+from mistral_jax.training.profiling import Profiler, compiled_memory, memory_metrics
 from mistral_jax.training.progress import StepBar
 from mistral_jax.training.recipe import Recipe
 from mistral_jax.training.run import RunSpec
@@ -121,7 +123,8 @@ def evaluate(cfg: ConfigDict, recipe: Recipe, eval_fn, state: dict[str, Any], so
 # --------------------------------------------------------------------------- loop
 def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, restored: tuple | None, graphdef: Any,
              shardings: dict[str, Any], tx: Any, schedule: Any, *,
-             initial_state: Callable[[], tuple[int, dict[str, Any], Any]]) -> dict[str, Any]:
+             initial_state: Callable[[], tuple[int, dict[str, Any], Any]], restore_seconds: float = 0.0
+             ) -> dict[str, Any]:
     """Train ``run`` from ``initial_state()`` (``(step, state, data_state)``: the restored checkpoint ``restored`` or
     step 0) to ``cfg.num_steps``: the loop of ``trainer.train``, which has locked the workdir, checked it, built the
     train state's layout and opened the checkpoints. Returns ``trainer.train``'s result."""
@@ -146,13 +149,23 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
     peak, peak_how = run.peak_flops()
     log.info("model FLOPs/token %.3g; peak %.3g FLOP/s (%s)", flops_tok, peak, peak_how)
     writer = MetricsWriter(workdir)
+    earlier, redo_until = goodput_lib.previous(*(_records(workdir) if restored is not None else ([], [])))
+    goodput = goodput_lib.Goodput(earlier, redo_until=redo_until)
+    goodput.add("checkpoint", restore_seconds)
+    profiler = Profiler(cfg, workdir)
+    compiled = None
+    if start < cfg.num_steps:  # a finished run started again writes nothing
+        if restored is not None:
+            writer.event("resume", start, from_step=start, earlier_last_step=redo_until)
+        else:
+            writer.event("start", start)
 
     def newest() -> str | None:
         steps = ckpt.finalized_steps()
         return storage.join(ckpt.directory, str(steps[-1])) if steps else None
 
     result: dict[str, Any] = {"status": "done", "step": start, "signal": None, "last_metrics": {}, "eval": None,
-                              "checkpoint": None}
+                              "checkpoint": None, "goodput": None}
     bar = StepBar(total=cfg.num_steps, initial=start, disable=not cfg.progress_bar or jax.process_index() != 0,
                   dynamic_ncols=True, desc="train")  # its clock starts after the first (compiling) step
     skipped, window_tokens, window_start = 0, 0.0, time.perf_counter()
@@ -161,15 +174,33 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
             step = start
             while step < cfg.num_steps:
                 ckpt.check(current_step=step)  # a failed background save stops the run here, at the next step
-                local = next(data_it)
-                data_state = data_it.get_state()
-                local = hooks.rollout(step, state, local)  # may produce the batch (e.g. samples of the prompts)
-                state = hooks.before_step(step, state, local)
-                state, metrics = step_fn(state, distributed.global_batch(local, batch_shardings))
-                step += 1
-                metrics = hooks.after_step(step, state, metrics)
-                stop = distributed.any_process(preempt.signum or 0)  # a signal on any process stops all here
-                if int(metrics["nonfinite"]):  # one scalar sync per step: a bad update is caught at once
+                profiler.before(step + 1)
+                with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+                    with goodput.timed("data"), jax.profiler.TraceAnnotation("data"):
+                        local = next(data_it)
+                        data_state = data_it.get_state()
+                        local = hooks.rollout(step, state, local)  # may produce the batch (samples of prompts)
+                        state = hooks.before_step(step, state, local)
+                        batch = distributed.global_batch(local, batch_shardings)
+                    if compiled is None:  # compiled ahead of its first call: timed apart, its memory known
+                        with goodput.timed("compile"):
+                            compiled = step_fn.lower(state, batch).compile()
+                        writer.event("compiled", step)
+                        need = compiled_memory(compiled)
+                    t_step = time.perf_counter()
+                    state, metrics = compiled(state, batch)
+                    step += 1
+                    metrics = hooks.after_step(step, state, metrics)
+                    stop = distributed.any_process(preempt.signum or 0)  # a signal on any process stops all here
+                    nonfinite = int(metrics["nonfinite"])  # one scalar sync per step: a bad update caught at once
+                    goodput.add(goodput.step_category(step), time.perf_counter() - t_step)
+                profiler.after(step)
+                if step == start + 1:
+                    mem = memory_metrics()
+                    log.info("memory per device: the train step needs %s (compiled estimate); after step %d: %s in "
+                             "use, peak %s; host RSS %s", _gib(need), step, _gib(mem.get("memory/device_bytes_in_use")),
+                             _gib(mem.get("memory/device_peak_bytes")), _gib(mem.get("memory/host_rss_bytes")))
+                if nonfinite:
                     if cfg.nan_policy == "stop":
                         ckpt.wait()
                         raise FloatingPointError(
@@ -188,21 +219,29 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
                              epoch=data_state["epoch"])
                     if peak:
                         m["mfu"] = tps * flops_tok / peak
+                    m.update(memory_metrics())
+                    m.update(goodput.record())
                     result["last_metrics"] = writer.write(step, m)
                     result["step"] = step
                     bar.set_postfix(loss=f"{float(m['loss']):.3f}", tok_s=f"{tps:.0f}")
                     window_tokens, window_start = 0.0, time.perf_counter()
                 bar.update(1)
                 if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
-                    held_out = evaluate(cfg, recipe, eval_fn, state, eval_src, tok, bsharding, batch_shardings)
+                    with goodput.timed("eval"), jax.profiler.TraceAnnotation("eval"):
+                        held_out = evaluate(cfg, recipe, eval_fn, state, eval_src, tok, bsharding, batch_shardings)
                     result["eval"] = writer.write(step, hooks.eval(step, state, held_out), prefix="eval/")
+                    writer.event("eval", step)
                 force = bool(stop) or step == cfg.num_steps
                 if ckpt.due(step, force=force):  # every process's data position goes into the checkpoint
-                    ckpt.save(step, state, saved_data_state(data_state), with_extras(meta, hooks, step),
-                              force=force)
+                    with goodput.timed("checkpoint"), jax.profiler.TraceAnnotation("checkpoint"):
+                        ckpt.save(step, state, saved_data_state(data_state), with_extras(meta, hooks, step),
+                                  force=force)
+                    writer.event("checkpoint", step)
                     writer.flush(force=True)  # a bucket workdir: the metrics so far go up with each checkpoint
                 if stop:
-                    ckpt.wait()
+                    with goodput.timed("checkpoint"):
+                        ckpt.wait()
+                    result["goodput"] = _finish(writer, goodput, step, "preempted")
                     how = "" if preempt.signum else " (received by another process)"
                     log.warning("preempted by signal %d%s at step %d; checkpoint saved in %s.", stop, how, step,
                                 ckpt.directory)
@@ -210,11 +249,41 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
                     return result
             result["step"] = step
             if eval_fn is not None and step > start:
-                held_out = evaluate(cfg, recipe, eval_fn, state, eval_src, tok, bsharding, batch_shardings)
+                with goodput.timed("eval"), jax.profiler.TraceAnnotation("eval"):
+                    held_out = evaluate(cfg, recipe, eval_fn, state, eval_src, tok, bsharding, batch_shardings)
                 result["eval"] = writer.write(step, hooks.eval(step, state, held_out), prefix="eval/")
-            ckpt.wait()
+                writer.event("eval", step)
+            with goodput.timed("checkpoint"):
+                ckpt.wait()
             result["checkpoint"] = newest()
+            if step > start:
+                result["goodput"] = _finish(writer, goodput, step, "end")
             return result
     finally:
+        profiler.stop()
         bar.close()
         writer.close()
+
+
+def _records(workdir: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The workdir's metrics records and events (process 0 writes them; empty elsewhere or when there are none)."""
+    if jax.process_index() != 0:
+        return [], []
+    out = []
+    for read in (read_metrics, read_events):
+        try:
+            out.append(read(workdir))
+        except (FileNotFoundError, ValueError):
+            out.append([])
+    return out[0], out[1]
+
+
+def _finish(writer: MetricsWriter, goodput: goodput_lib.Goodput, step: int, event: str) -> str:
+    """The run's last goodput record and its end event; returns the goodput line (train.py prints it)."""
+    rec = goodput.record()  # in the end event (a metrics record without a loss would look like a step's)
+    writer.event(event, step, **{k.removeprefix(goodput_lib.PREFIX): round(v, 3) for k, v in rec.items()})
+    return goodput.summary()
+
+
+def _gib(x: float | None) -> str:
+    return "n/a" if x is None else f"{x / 2**30:.3f} GiB"

@@ -27,11 +27,12 @@ from mistral_jax import storage
 from mistral_jax.flops import flops_per_token, mean_attended_keys, measured_matmul_peak, peak_flops
 
 __all__ = ["MetricsWriter", "flops_per_token", "mean_attended_keys", "measured_matmul_peak", "peak_flops",
-           "read_metrics"]
+           "read_events", "read_metrics"]
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+EVENTS_FILE = "events.jsonl"
 TB_DIR = "tb"
 UPLOAD_EVERY_S = 15.0  # a bucket workdir's metrics and events: uploaded at most this often (and at saves, at close)
 
@@ -120,17 +121,19 @@ class MetricsWriter:
             local = staging_dir(workdir, "workdir")
             shutil.rmtree(local)  # a working copy of this run only: the bucket holds the truth
             os.makedirs(local)
-            try:
-                earlier = storage.read_bytes(storage.join(self.workdir, METRICS_FILE))
-            except FileNotFoundError:
-                earlier = None
-            if earlier is not None:  # a resumed run appends to the bucket's records
-                with open(os.path.join(local, METRICS_FILE), "wb") as f:
-                    f.write(earlier)
+            for name in (METRICS_FILE, EVENTS_FILE):
+                try:
+                    earlier = storage.read_bytes(storage.join(self.workdir, name))
+                except FileNotFoundError:
+                    earlier = None
+                if earlier is not None:  # a resumed run appends to the bucket's records
+                    with open(os.path.join(local, name), "wb") as f:
+                        f.write(earlier)
         self.path = os.path.join(local, METRICS_FILE)  # the file appended to (the staged copy for a bucket)
         if self.active:
             os.makedirs(local, exist_ok=True)
             self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            self._events = open(os.path.join(local, EVENTS_FILE), "a", encoding="utf-8")  # noqa: SIM115
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
@@ -146,8 +149,12 @@ class MetricsWriter:
             a = np.asarray(v)
             if k == "expert_load":
                 if a.size:
-                    for e, x in enumerate(a.reshape(-1, a.shape[-1]).mean(0)):  # mean over layers
+                    per_layer = a.reshape(-1, a.shape[-1])
+                    for e, x in enumerate(per_layer.mean(0)):  # mean over layers
                         out[f"expert_load/e{e}"] = float(x)
+                    for layer, row in enumerate(per_layer):  # the run report's heat map (metrics.jsonl only)
+                        for e, x in enumerate(row):
+                            out[f"expert_load/l{layer}/e{e}"] = float(x)
             elif a.size == 1:
                 out[k] = float(a)
         return out
@@ -156,14 +163,24 @@ class MetricsWriter:
         """Log ``metrics`` at ``step`` (``prefix`` e.g. ``"eval/"``); returns the flattened scalars."""
         s = {f"{prefix}{k}": v for k, v in self.scalars(metrics).items()}
         if self.active:
-            self._f.write(json.dumps({"step": int(step), **s}) + "\n")
+            self._f.write(json.dumps({"step": int(step), "time": round(time.time(), 3), **s}) + "\n")
             self._f.flush()
             if self.tb is not None:
                 for k, v in s.items():
-                    self.tb.add_scalar(k, v, int(step))
+                    if not k.startswith(("expert_load/l", f"{prefix}expert_load/l")):  # per layer: JSONL only
+                        self.tb.add_scalar(k, v, int(step))
                 self.tb.flush()
             self.flush()
         return s
+
+    def event(self, name: str, step: int, **fields: Any) -> None:
+        """Append ``{"time", "event": name, "step", **fields}`` to ``{workdir}/events.jsonl`` (the run's
+        timeline: start, resume, compiled, checkpoint, eval, preempted, hang, end; the run report draws it)."""
+        if self.active:
+            rec = {"time": round(time.time(), 3), "event": name, "step": int(step), **fields}
+            self._events.write(json.dumps(rec) + "\n")
+            self._events.flush()
+            self.flush()
 
     def flush(self, force: bool = False) -> None:
         """A bucket workdir: upload the records in the background, if ``upload_every`` seconds have passed since
@@ -177,6 +194,7 @@ class MetricsWriter:
         """Close the files; a bucket workdir's last upload is made (and waited for) here."""
         if self.active:
             self._f.close()
+            self._events.close()
             if self.tb is not None:
                 self.tb.close()
             if self._uploader is not None:
@@ -187,4 +205,10 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """All records of ``{workdir}/metrics.jsonl``, local or in a bucket (a resumed run appends; later records of a
     step win)."""
     text = storage.path(storage.join(workdir, METRICS_FILE)).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def read_events(workdir: str) -> list[dict[str, Any]]:
+    """All records of ``{workdir}/events.jsonl`` (``MetricsWriter.event``), local or in a bucket."""
+    text = storage.path(storage.join(workdir, EVENTS_FILE)).read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]

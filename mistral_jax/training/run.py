@@ -316,6 +316,12 @@ def _check_fields(cfg: ConfigDict, schema: ConfigDict | None) -> None:
     if cfg.checkpoint.every_steps < 1 or cfg.checkpoint.keep < 1:
         raise ConfigError(f"config.checkpoint.every_steps={cfg.checkpoint.every_steps}, keep={cfg.checkpoint.keep}: "
                           "both must be >= 1.")
+    from mistral_jax.training import profiling
+
+    try:
+        profiling.check(cfg)
+    except profiling.ProfileError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_batch(cfg: ConfigDict, sizes: dict[str, int], rules: sharding.ShardingRules, process_count: int) -> None:

@@ -250,7 +250,8 @@ def train_step(graphdef: Any, tx: optax.GradientTransformation, state: dict[str,
     counts = objective.count_metrics
 
     def micro_loss(p, mb, prepared):
-        loss, metrics = objective.loss(objective.model(graphdef, p, frozen), mb, prepared)
+        with jax.named_scope("forward"):  # profiler scopes: forward, backward (its transpose), optimizer
+            loss, metrics = objective.loss(objective.model(graphdef, p, frozen), mb, prepared)
         share = objective.weight(mb) / total  # this micro-batch's fraction of the step's loss weight
         return loss * share, (metrics, share)
 
@@ -258,7 +259,8 @@ def train_step(graphdef: Any, tx: optax.GradientTransformation, state: dict[str,
 
     def grads_of(mb):
         prepared = jax.lax.stop_gradient(objective.prepare(graphdef, params, frozen, mb))
-        return grad_fn(params, mb, prepared)
+        with jax.named_scope("backward"):
+            return grad_fn(params, mb, prepared)
 
     def body(carry, mb):
         g_acc, m_acc = carry
@@ -280,8 +282,9 @@ def train_step(graphdef: Any, tx: optax.GradientTransformation, state: dict[str,
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 
     def apply(params, opt_state):
-        updates, new_opt = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_opt
+        with jax.named_scope("optimizer"):
+            updates, new_opt = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt
 
     # A non-finite step keeps the previous params and optimizer state (the checkpoint stays clean); a branch
     # rather than a per-element select, so a finite step reads and writes every array once.

@@ -56,6 +56,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -324,6 +325,7 @@ def _train(run: RunSpec, workdir: str) -> dict[str, Any]:
             raise ConfigError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but config.model.vocab_size="
                               f"{model_cfg.vocab_size}. Fix: set --config.model.vocab_size={tok.vocab_size} or larger.")
         restored = None
+        t_restore = time.perf_counter()
         if resuming:
             try:
                 restored = ckpt.restore_latest(abstract_state)
@@ -334,7 +336,8 @@ def _train(run: RunSpec, workdir: str) -> dict[str, Any]:
             storage.write_bytes(storage.join(workdir, "run_config.json"), cfg.to_json_best_effort(indent=2).encode())
             storage.write_bytes(storage.join(workdir, "model_config.json"),
                                 json.dumps(model_cfg.to_dict(), indent=2).encode())
-        return _loop(run, workdir, tok, ckpt, restored, graphdef, abstract_state, shardings, tx, schedule)
+        restore_s = time.perf_counter() - t_restore
+        return _loop(run, workdir, tok, ckpt, restored, graphdef, abstract_state, shardings, tx, schedule, restore_s)
     finally:
         ckpt.close()
 
@@ -387,7 +390,8 @@ def _initial_state(run: RunSpec, tx, shardings, abstract_state, restored) -> tup
     return start, state, data_state
 
 
-def _loop(run: RunSpec, workdir, tok, ckpt, restored, graphdef, abstract_state, shardings, tx, schedule
-          ) -> dict[str, Any]:
+def _loop(run: RunSpec, workdir, tok, ckpt, restored, graphdef, abstract_state, shardings, tx, schedule,
+          restore_s: float = 0.0) -> dict[str, Any]:
     return loop_lib.run_loop(run, workdir, tok, ckpt, restored, graphdef, shardings, tx, schedule,
-                             initial_state=lambda: _initial_state(run, tx, shardings, abstract_state, restored))
+                             initial_state=lambda: _initial_state(run, tx, shardings, abstract_state, restored),
+                             restore_seconds=restore_s)

@@ -1,0 +1,115 @@
+"""Goodput accounting (``training/goodput.py``): every second of a job in a category, across restarts, with the
+steps made again after a resume counted as lost; memory and the run's timeline in the metrics."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mistral_jax.training import goodput as gp
+from mistral_jax.training.metrics import read_events, read_metrics
+from tests.helpers import run_losses
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_categories_add_up_to_the_wall_time():
+    g = gp.Goodput({"productive": 10.0, "compile": 2.0, "wall": 20.0, "idle": 8.0}, redo_until=5, start=1000.0)
+    g.add("data", 1.5)
+    g.add(g.step_category(5), 2.0)  # step 5 was made before: lost
+    g.add(g.step_category(6), 3.0)
+    t = g.totals(now=1010.0)
+    assert t["lost"] == 2.0 and t["productive"] == 13.0 and t["data"] == 1.5
+    assert t["wall"] == 30.0 and t["idle"] == 8.0 + (10.0 - 6.5)
+    assert sum(t[c] for c in gp.CATEGORIES) == pytest.approx(t["wall"])
+    rec = g.record(now=1010.0)
+    assert rec["goodput/percent"] == pytest.approx(100 * 13 / 30) and rec["goodput/wall_s"] == 30.0
+    assert g.summary(now=1010.0).startswith("goodput 43.3% of 30.0s (productive 13.0s")
+
+
+def test_previous_totals_are_the_newest_and_the_last_step_the_highest():
+    records = [{"step": 1, "loss": 5.0, "goodput/wall_s": 3.0, "goodput/productive_s": 1.0},
+               {"step": 2, "loss": 4.0, "goodput/wall_s": 4.0, "goodput/productive_s": 2.0},
+               {"step": 2, "eval/loss": 4.5}]
+    events = [{"event": "preempted", "step": 2, "wall_s": 5.5, "productive_s": 2.2, "checkpoint_s": 0.5}]
+    totals, last = gp.previous(records, events)
+    assert last == 2 and totals["wall"] == 5.5 and totals["productive"] == 2.2 and totals["checkpoint"] == 0.5
+    assert gp.previous(records)[0]["wall"] == 4.0 and gp.previous([], []) == ({c: 0.0 for c in (*gp.CATEGORIES,
+                                                                                                  "wall")}, 0)
+
+
+def test_process_start_time_is_before_now():
+    assert time.time() - 3600 * 24 * 365 < gp.process_start_time() <= time.time()
+
+
+def _cmd(workdir, tokenizer, steps):
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/tiny.py"),
+            f"--workdir={workdir}", f"--config.num_steps={steps}", "--config.batch_size=8", "--config.data.seq_len=32",
+            "--config.log_every=1", "--config.checkpoint.every_steps=3", "--config.checkpoint.keep=3",
+            "--config.eval_every=3", "--config.eval_steps=2", "--config.optimizer.warmup_steps=2",
+            f"--config.data.tokenizer={tokenizer}", "--config.progress_bar=False"]
+
+
+def _env():
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+            "PYTHONPATH": ROOT}
+
+
+@pytest.mark.slow
+def test_a_preempted_and_resumed_job_is_accounted_for(tokenizer_path, tmp_path):
+    """Compile, train, save, evaluate, SIGTERM; the newest checkpoint is lost (removed), so the resume makes some
+    steps again: the job's goodput wall is the two processes' lifetimes, the categories add up to it, and the steps
+    made again are lost time."""
+    workdir, steps = str(tmp_path / "run"), 14
+    t0 = time.time()
+    proc = subprocess.Popen(_cmd(workdir, tokenizer_path, steps), env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and len(run_losses(workdir)) >= 8:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    stopped = max(run_losses(workdir))
+    ev1 = read_events(workdir)
+    assert [e["event"] for e in ev1][:2] == ["start", "compiled"] and ev1[-1]["event"] == "preempted"
+    assert ev1[-1]["wall_s"] == pytest.approx(ev1[-1]["time"] - t0, rel=0.02, abs=0.3)  # from the process start
+    assert "checkpoint" in [e["event"] for e in ev1] and "eval" in [e["event"] for e in ev1]
+
+    ckpts = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert ckpts[-1] == stopped and len(ckpts) >= 2
+    shutil.rmtree(os.path.join(workdir, "checkpoints", str(stopped)))  # the newest save is lost
+    restored = ckpts[-2]
+
+    t1 = time.time()
+    r = subprocess.run(_cmd(workdir, tokenizer_path, steps), env=_env(), cwd=ROOT, capture_output=True, text=True,
+                       timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "; goodput " in r.stdout and "% of " in r.stdout  # printed at the end of the run
+    events = read_events(workdir)[len(ev1):]
+    assert events[0]["event"] == "resume" and events[0]["from_step"] == restored
+    assert events[0]["earlier_last_step"] == stopped
+    end = events[-1]
+    assert end["event"] == "end" and end["step"] == steps
+    wall = (ev1[-1]["time"] - t0) + (end["time"] - t1)  # each process's life up to its last record
+    assert end["wall_s"] == pytest.approx(wall, rel=0.02, abs=0.5)
+    cats = {c: end[f"{c}_s"] for c in gp.CATEGORIES}
+    assert sum(cats.values()) == pytest.approx(end["wall_s"], rel=0.02)
+    for c in ("productive", "compile", "data", "checkpoint", "eval", "lost", "idle"):
+        assert cats[c] > 0, (c, cats)
+    # the lost time is the steps made again: about (stopped - restored) steps' worth of productive time
+    per_step = cats["productive"] / (steps - (stopped - restored))
+    assert 0.2 < cats["lost"] / ((stopped - restored) * per_step) < 5, (cats, stopped, restored)
+    assert end["percent"] == pytest.approx(100 * cats["productive"] / end["wall_s"], rel=1e-3)
+    # every metrics record carries the job's totals so far and the memory in use
+    recs = [x for x in read_metrics(workdir) if "loss" in x]
+    walls = [x["goodput/wall_s"] for x in recs]
+    assert walls == sorted(walls) and all(x["memory/host_rss_bytes"] > 50e6 for x in recs)
+    assert all(x["time"] >= t0 for x in recs)

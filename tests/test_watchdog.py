@@ -177,6 +177,21 @@ def test_overhead_per_step():
     assert per_step < 50e-6, per_step
 
 
+@pytest.mark.heavy
+def test_exit_on_hang_single_process(tmp_path):
+    script = ("import time\nfrom mistral_jax.training.watchdog import Watchdog\n"
+              f"with Watchdog(min_seconds=0.2, compile_seconds=None, interval=0.02, exit_on_hang=True, "
+              f"dump_dir={str(tmp_path)!r}) as wd:\n"
+              "    wd.step_started(0); wd.step_finished(0); wd.step_started(1); wd.entered('train_step')\n"
+              "    time.sleep(30)\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == EXIT_CODE, p.stderr[-3000:]
+    assert "step 1 has run 0.2 s (> min_seconds 0.2 s): process 0 is slow (at step 1, last entered 'train_step')" \
+        in p.stderr and "time.sleep" not in p.stderr and "<string>\", line 5 in <module>" in p.stderr
+    assert (tmp_path / "hang-p0-step1.txt").exists()
+
+
 # ---------------------------------------------------------------------- two processes
 def _free_port():
     with socket.socket() as s:

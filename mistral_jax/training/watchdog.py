@@ -113,7 +113,7 @@ class Watchdog:
         self._finished = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._client, self.process_index, self.process_count = _coordination()
+        self._client, self.process_index, self.process_count = _coordination()  # again at start()
         self._prefix = f"{KEY_PREFIX}/{next(_instances)}"
         self._published: tuple | None = None
         self._reported_step: int | None = None  # one report per step
@@ -142,6 +142,7 @@ class Watchdog:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Watchdog:
         if self._thread is None:
+            self._client, self.process_index, self.process_count = _coordination()
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="mistral_jax-watchdog", daemon=True)
             self._thread.start()
@@ -183,7 +184,7 @@ class Watchdog:
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
-        seen, since = self._state, time.perf_counter()
+        seen, since, next_poll = self._state, time.perf_counter(), 0.0
         while not self._stop.wait(self.interval):
             try:
                 s, now = self._state, time.perf_counter()
@@ -194,8 +195,9 @@ class Watchdog:
                     if lim is not None and now - s[5] > lim:
                         self._report(s, now - s[5], lim, how, reporter=self.process_index)
                         continue
-                if now - since >= self.publish_after and self._client is not None:
-                    self._publish(s)
+                if now - since >= self.publish_after and self._client is not None and now >= next_poll:
+                    next_poll = now + self.publish_after  # at most one look-up per publish_after (a big job's
+                    self._publish(s)  # processes all ask the one coordination service)
                     notice = self._notice()
                     if notice is not None and s[0] != self._reported_step:
                         self._report(s, now - s[5], None, "", reporter=notice["process"], notice=notice)

@@ -165,6 +165,31 @@ def test_killed_process_stops_the_others_then_resume(runs, tokenizer_path, tmp_p
     assert run_losses(workdir) == run_losses(runs["2x4"])
 
 
+@pytest.mark.slow
+def test_stalled_process_is_named_by_every_process_and_exit_mode_restarts(runs, tokenizer_path, tmp_path):
+    """Process 1 sleeps inside step 5 (the test hook): both processes dump their stacks and name process 1
+    within the watchdog limit; in exit mode both exit 75, and the same command resumes to the same losses."""
+    from mistral_jax.training.watchdog import ENV_TEST_STALL, EXIT_CODE
+
+    workdir = str(tmp_path / "run")
+    args = [POD_TRAIN, *_train_args(workdir, tokenizer_path, "--config.watchdog.min_seconds=4",
+                                    "--config.watchdog.exit=True")]
+    t0 = time.time()
+    results = _wait(_launch(args, 2, **{ENV_TEST_STALL: "5:1:600"}), timeout=240)
+    took = time.time() - t0
+    assert [rc for rc, _ in results] == [EXIT_CODE, EXIT_CODE], "\n".join(log[-2000:] for _, log in results)
+    assert took < 200  # not the 600 s stall
+    for i, (_, log) in enumerate(results):
+        assert "process 1 is slow" in log, (i, log[-3000:])
+        dump = os.path.join(workdir, "hangs", f"hang-p{i}-step5.txt")
+        text = open(dump).read()
+        assert "Thread" in text and "File " in text, text[:2000]  # faulthandler's stacks of every thread
+    assert max(run_losses(workdir)) == 4
+
+    _ok(_wait(_launch(args, 2)))  # no stall: the same command resumes from the newest checkpoint
+    assert run_losses(workdir) == run_losses(runs["2x4"])
+
+
 PPL_YAML = """task: pod_ppl
 dataset_path: json
 dataset_kwargs:

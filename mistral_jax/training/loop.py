@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -32,8 +33,11 @@ from mistral_jax.training.profiling import Profiler, compiled_memory, memory_met
 from mistral_jax.training.progress import StepBar
 from mistral_jax.training.recipe import Recipe
 from mistral_jax.training.run import RunSpec
+from mistral_jax.training.watchdog import Watchdog, maybe_stall
 
 log = logging.getLogger(__name__)
+
+HANGS_DIR = "hangs"  # {workdir}/hangs/hang-p{process}-step{step}.txt: the watchdog's stack dumps (local workdirs)
 
 
 # --------------------------------------------------------------------------- data and signals
@@ -153,6 +157,14 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
     goodput = goodput_lib.Goodput(earlier, redo_until=redo_until)
     goodput.add("checkpoint", restore_seconds)
     profiler = Profiler(cfg, workdir)
+    wcfg = cfg.get("watchdog")
+    watch = None
+    if wcfg is not None and wcfg.enabled:
+        dump = None if storage.is_remote(workdir) else os.path.join(workdir, HANGS_DIR)
+        watch = Watchdog(factor=wcfg.factor, min_seconds=wcfg.min_seconds, compile_seconds=wcfg.compile_seconds,
+                         exit_on_hang=wcfg.exit, dump_dir=dump)
+        watch.start()
+    hangs_seen = 0
     compiled = None
     if start < cfg.num_steps:  # a finished run started again writes nothing
         if restored is not None:
@@ -173,6 +185,9 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
         with Preemption() as preempt, sharding.use_mesh(mesh, rules):
             step = start
             while step < cfg.num_steps:
+                if watch is not None:
+                    watch.step_started(step + 1)
+                    maybe_stall(step + 1)
                 ckpt.check(current_step=step)  # a failed background save stops the run here, at the next step
                 profiler.before(step + 1)
                 with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
@@ -181,17 +196,25 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
                         data_state = data_it.get_state()
                         local = hooks.rollout(step, state, local)  # may produce the batch (samples of prompts)
                         state = hooks.before_step(step, state, local)
+                        _entered(watch, "global_batch")
                         batch = distributed.global_batch(local, batch_shardings)
                     if compiled is None:  # compiled ahead of its first call: timed apart, its memory known
-                        with goodput.timed("compile"):
-                            compiled = step_fn.lower(state, batch).compile()
+                        need = None
+                        if hasattr(step_fn, "lower"):
+                            with goodput.timed("compile"):
+                                compiled = step_fn.lower(state, batch).compile()
+                            need = compiled_memory(compiled)
+                        else:  # a wrapped step function (tests): compiled by its first call
+                            compiled = step_fn
                         writer.event("compiled", step)
-                        need = compiled_memory(compiled)
                     t_step = time.perf_counter()
+                    _entered(watch, "train_step")
                     state, metrics = compiled(state, batch)
                     step += 1
                     metrics = hooks.after_step(step, state, metrics)
+                    _entered(watch, "any_process")
                     stop = distributed.any_process(preempt.signum or 0)  # a signal on any process stops all here
+                    _entered(watch, "train_step results")
                     nonfinite = int(metrics["nonfinite"])  # one scalar sync per step: a bad update caught at once
                     goodput.add(goodput.step_category(step), time.perf_counter() - t_step)
                 profiler.after(step)
@@ -226,18 +249,28 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
                     bar.set_postfix(loss=f"{float(m['loss']):.3f}", tok_s=f"{tps:.0f}")
                     window_tokens, window_start = 0.0, time.perf_counter()
                 bar.update(1)
+                busy = False  # an eval or a save this step: its time stays out of the watchdog's median
                 if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
+                    busy = True
+                    _entered(watch, "eval")
                     with goodput.timed("eval"), jax.profiler.TraceAnnotation("eval"):
                         held_out = evaluate(cfg, recipe, eval_fn, state, eval_src, tok, bsharding, batch_shardings)
                     result["eval"] = writer.write(step, hooks.eval(step, state, held_out), prefix="eval/")
                     writer.event("eval", step)
                 force = bool(stop) or step == cfg.num_steps
                 if ckpt.due(step, force=force):  # every process's data position goes into the checkpoint
+                    busy = True
+                    _entered(watch, "checkpoint")
                     with goodput.timed("checkpoint"), jax.profiler.TraceAnnotation("checkpoint"):
                         ckpt.save(step, state, saved_data_state(data_state), with_extras(meta, hooks, step),
                                   force=force)
                     writer.event("checkpoint", step)
                     writer.flush(force=True)  # a bucket workdir: the metrics so far go up with each checkpoint
+                if watch is not None:
+                    watch.step_finished(step, record=not busy and step > start + 1)
+                    for h in watch.fired[hangs_seen:]:
+                        writer.event("hang", h.step, seconds=round(h.elapsed, 3), slow=h.slow)
+                    hangs_seen = len(watch.fired)
                 if stop:
                     with goodput.timed("checkpoint"):
                         ckpt.wait()
@@ -260,6 +293,8 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
                 result["goodput"] = _finish(writer, goodput, step, "end")
             return result
     finally:
+        if watch is not None:
+            watch.close()
         profiler.stop()
         bar.close()
         writer.close()
@@ -283,6 +318,11 @@ def _finish(writer: MetricsWriter, goodput: goodput_lib.Goodput, step: int, even
     rec = goodput.record()  # in the end event (a metrics record without a loss would look like a step's)
     writer.event(event, step, **{k.removeprefix(goodput_lib.PREFIX): round(v, 3) for k, v in rec.items()})
     return goodput.summary()
+
+
+def _entered(watch: Watchdog | None, name: str) -> None:
+    if watch is not None:
+        watch.entered(name)
 
 
 def _gib(x: float | None) -> str:

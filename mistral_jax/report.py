@@ -423,7 +423,13 @@ def _now() -> float:
 
 
 def _quiet_matplotlib() -> None:
-    """No font-cache or font-lookup chatter on the normal path (``MISTRAL_JAX_DEBUG=1`` shows it)."""
+    """matplotlib is importable (else a one-line ``ReportError``); no font-cache or font-lookup chatter on the
+    normal path (``MISTRAL_JAX_DEBUG=1`` shows it)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ReportError("the run report draws its figures with matplotlib, which is not installed. Fix: pip "
+                          "install matplotlib") from None
     if os.environ.get("MISTRAL_JAX_DEBUG", "") in ("", "0"):
         logging.getLogger("matplotlib").setLevel(logging.ERROR)
 
@@ -433,7 +439,7 @@ def build_report(workdir: str, out: str | None = None) -> str:
     ``index.html``, one PNG per figure, ``report.json``. Returns the path of ``index.html``.
 
     Raises:
-      ReportError: ``workdir`` holds no ``metrics.jsonl``.
+      ReportError: ``workdir`` holds no ``metrics.jsonl``, or matplotlib is not installed.
     """
     workdir = storage.absolute(workdir)
     out = storage.absolute(out) if out is not None else storage.join(workdir, REPORT_DIR)

@@ -177,6 +177,15 @@ def test_cli_bad_input_is_one_line_exit_2(argv, expected, tmp_path, capsys, monk
     assert not os.path.exists(tmp_path / "report")
 
 
+def test_without_matplotlib_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 6.2}\n')
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as where it is not installed: import fails
+    monkeypatch.delenv("MISTRAL_JAX_DEBUG", raising=False)
+    assert report_cli.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "matplotlib, which is not installed. Fix: pip install matplotlib" in err, err
+
+
 def test_cli_writes_the_report(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 6.2}\n{"step": 2, "loss": 6.1}\n')
@@ -231,6 +240,18 @@ def test_report_of_a_real_tiny_run(tiny_trained_run, tmp_path):
     assert data["series"]["loss"]["step"] == [10, 20, 30]
     assert {"loss", "throughput", "optimizer"} <= set(data["figures"])
     assert set(data["figures"]) | set(data["absent"]) == set(FIGURES)
+
+    def logged(prefix):  # a figure is drawn exactly when the run logged its data
+        return any(k.startswith(prefix) for r in records for k in r)
+
+    assert ("goodput" in data["figures"]) == logged("goodput/")
+    assert ("memory" in data["figures"]) == logged("memory/")
+    assert ("expert_load" in data["figures"]) == logged("expert_load/")  # tiny is dense: absent
+    assert ("timeline" in data["figures"]) == (logged("time") or storage.path(storage.join(tiny_trained_run,
+                                                                                          "events.jsonl")).exists())
+    for key in ("memory/device_bytes_in_use", "memory/host_rss_bytes", "mfu"):
+        if logged(key):
+            assert data["series"][key] == _expected([r for r in records if "loss" in r], key), key
     page = open(index, encoding="utf-8").read()
     assert page.count("src='data:image/png;base64,") == len(data["figures"])
     assert "data.tokenizer" in page and "num_steps" in page  # the run config as a table

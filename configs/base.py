@@ -121,11 +121,11 @@ def get_config() -> ConfigDict:
     c.profile.processes = "0"  # "0": process 0 traces; "all": every process
 
     c.watchdog = ConfigDict()  # a step far slower than usual: every process dumps its stacks, names the slow one
+    c.watchdog.enabled = True  # False: no watchdog thread
     c.watchdog.factor = 10.0  # a step may take max(min_seconds, factor x the median step time)
-    c.watchdog.min_seconds = 300.0
-    c.watchdog.compile_seconds = 3600.0  # the first step of a run (it compiles)
+    c.watchdog.min_seconds = 300.0  # the shortest limit of a step, whatever the median
+    c.watchdog.compile_seconds = 3600.0  # the limit of the first step of a run (it compiles)
     c.watchdog.exit = False  # True: after the report, every process exits 75 (a scheduler restarts the job)
-    c.watchdog.enabled = True
 
     c.log_every = 10  # write metrics (JSONL + TensorBoard) every N steps
     c.eval_every = 200  # held-out eval every N steps (needs data.validation); 0 = only at the end

@@ -237,6 +237,11 @@ class _Report:
     def goodput(self) -> None:
         title = "Goodput"
         last = _last_with(self.records, lambda k: k.startswith("goodput/"))
+        final = [e for e in self.events if e["event"] in ("end", "preempted") and _number(e.get("wall_s"))]
+        if final and (last is None or final[-1]["wall_s"] > (_number(last.get("goodput/wall_s")) or 0)):
+            # a run's end event holds its final totals (after its last metrics record)
+            last = {"step": final[-1].get("step"), **{f"goodput/{k}": v for k, v in final[-1].items()
+                                                      if k.endswith("_s") or k == "percent"}}
         if last is None:
             return self._absent("goodput", title, f"No record in {METRICS_FILE} has goodput/* keys (runs before "
                                 "goodput accounting was added do not log them).")
@@ -456,6 +461,6 @@ def build_report(workdir: str, out: str | None = None) -> str:
 
 
 if __name__ == "__main__":  # python -m mistral_jax.report: the command-line tool (cli/report.py)
-    from mistral_jax.cli.report import entry
+    import runpy
 
-    entry()
+    runpy.run_module("mistral_jax.cli.report", run_name="__main__", alter_sys=True)

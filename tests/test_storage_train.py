@@ -441,10 +441,12 @@ def test_metrics_are_staged_locally_and_uploaded_whole(where, request, tmp_path,
     deadline = time.time() + 30  # the upload at start (an empty file) may land first: wait for this one
     while (not _exists(storage.join(url, "metrics.jsonl")) or not read_metrics(url)) and time.time() < deadline:
         time.sleep(0.05)
-    assert read_metrics(url) == [{"step": 1, "loss": 2.5}]
+    untimed = lambda: [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(url)]  # noqa: E731
+    assert untimed() == [{"step": 1, "loss": 2.5}]
     writer.write(2, {"loss": 2.0})  # not uploaded yet (throttled) ...
     writer.close()  # ... but at close
-    assert read_metrics(url) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}]
+    assert untimed() == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}]
+    assert all(r["time"] > 1.7e9 for r in read_metrics(url))  # unix seconds of each record
     assert any(k.startswith("tb/events.out.tfevents") for k in _tree(url))
     writer = MetricsWriter(url)  # a resumed run: appends to the bucket's records
     writer.write(3, {"loss": 1.5})

@@ -16,6 +16,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -180,7 +181,8 @@ def test_reset_archives_the_old_run_and_a_requeue_resumes(run_copy, tokenizer_pa
     assert "Metadata file does not exist" not in proc.stderr and "orbax" not in proc.stderr.lower()
     assert proc.stdout.strip().splitlines()[-1].startswith(
         f"train: done at step {STEPS}/{STEPS}; final loss "), proc.stdout
-    assert proc.stdout.strip().endswith(f"newest checkpoint {os.path.join(run_copy, 'checkpoints', str(STEPS))}")
+    assert re.search(rf"; newest checkpoint {re.escape(os.path.join(run_copy, 'checkpoints', str(STEPS)))}; "
+                     rf"goodput \d+\.\d% of \d+\.\ds \(", proc.stdout.strip().splitlines()[-1]), proc.stdout
 
     # the same command again (a requeued job): resumes the run it started, archives nothing more
     after = hashes(run_copy)

@@ -41,10 +41,11 @@ def process_start_time() -> float:
         with open("/proc/self/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         ticks = int(fields[19])  # field 22 of stat(5): start time in clock ticks after boot
-        with open("/proc/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        with open("/proc/uptime") as f:  # to 10 ms; /proc/stat's btime is whole seconds (up to 1 s off)
+            uptime = float(f.read().split()[0])
+        now = time.time()
+        return min(now - uptime + ticks / os.sysconf("SC_CLK_TCK"), now)
+    except (OSError, ValueError, IndexError):
         return _IMPORTED
 
 

@@ -114,6 +114,12 @@ def get_config() -> ConfigDict:
     # start over: move the workdir's run (checkpoints, configs, metrics) to {workdir}/archive/<time>/, never
     # deleted; a requeued job with the same config resumes instead of archiving again
     c.checkpoint.reset = False
+    # emergency checkpoints: a local tier on each host's own disk (a RAM disk like /dev/shm, or a local SSD) saved
+    # every local_every_steps between the persistent saves; "" = off. Needs mesh.data (or dcn_data) >= 2 with each
+    # replica on its own hosts (Orbax's emergency manager): docs/operating.md
+    c.checkpoint.local_dir = ""
+    c.checkpoint.local_every_steps = 20  # a few minutes of a pod run (persistent: every_steps, ~an hour)
+    c.checkpoint.local_keep = 2  # local steps kept on each host
 
     c.profile = ConfigDict()
     # "100:105": a jax.profiler trace of the steps that make 100..104 into {workdir}/profile/ (XProf, TensorBoard)

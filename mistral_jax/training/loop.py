@@ -141,7 +141,8 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
     hooks = recipe.hooks()
     if restored is not None:
         data_it.set_state(local_data_state(data_state))
-        log.info("resumed from %s at step %d", ckpt.directory, start)
+        tier = getattr(ckpt, "restored_from", "persistent")  # emergency.TieredCheckpointer: local or persistent
+        log.info("resumed from %s at step %d", "the local tier" if tier == "local" else ckpt.directory, start)
     hooks.restore_extras(dict(restored[3].get(RECIPE_EXTRAS) or {}) if restored is not None else {})
     meta = {"seed": cfg.seed, "model_config": model_cfg.to_dict()}
 
@@ -168,7 +169,8 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
     compiled = None
     if start < cfg.num_steps:  # a finished run started again writes nothing
         if restored is not None:
-            writer.event("resume", start, from_step=start, earlier_last_step=redo_until)
+            writer.event("resume", start, from_step=start, earlier_last_step=redo_until,
+                         tier=getattr(ckpt, "restored_from", "persistent"))
         else:
             writer.event("start", start)
 
@@ -264,7 +266,7 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
                     with goodput.timed("checkpoint"), jax.profiler.TraceAnnotation("checkpoint"):
                         ckpt.save(step, state, saved_data_state(data_state), with_extras(meta, hooks, step),
                                   force=force)
-                    writer.event("checkpoint", step)
+                    writer.event("checkpoint", step, **getattr(ckpt, "last_saved", {}))  # tier: local / persistent
                     writer.flush(force=True)  # a bucket workdir: the metrics so far go up with each checkpoint
                 if watch is not None:
                     watch.step_finished(step, record=not busy and step > start + 1)

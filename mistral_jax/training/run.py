@@ -316,6 +316,7 @@ def _check_fields(cfg: ConfigDict, schema: ConfigDict | None) -> None:
     if cfg.checkpoint.every_steps < 1 or cfg.checkpoint.keep < 1:
         raise ConfigError(f"config.checkpoint.every_steps={cfg.checkpoint.every_steps}, keep={cfg.checkpoint.keep}: "
                           "both must be >= 1.")
+    _check_local_tier(cfg)
     from mistral_jax.training import profiling
 
     try:
@@ -480,3 +481,28 @@ def describe(run: RunSpec) -> str:
     return (f"{run.recipe.name}; mesh {' x '.join(f'{k}={v}' for k, v in run.mesh.shape.items())} over "
             f"{run.mesh.size} devices ({jax.process_count()} processes); rules {run.cfg.mesh.rules}: "
             f"{_describe_rules(run.rules)}; platform {run.model_cfg.platform}")
+
+
+def _check_local_tier(cfg: ConfigDict) -> None:
+    """``checkpoint.local_*`` (emergency checkpoints): what can be checked before any device work. The mesh's
+    replicas are checked when the tier opens (``emergency.check_local_tier``)."""
+    ck = cfg.checkpoint
+    local_dir = ck.get("local_dir", "") or ""
+    if not local_dir:
+        return
+    if storage.is_remote(local_dir):
+        raise ConfigError(f"config.checkpoint.local_dir={local_dir!r} is a bucket, but the local tier is each "
+                          "host's own disk (fast, lost with the host). Fix: a local path such as /dev/shm/mistral_jax "
+                          "or a local SSD; the bucket belongs in --workdir (the persistent tier).")
+    for name in ("local_every_steps", "local_keep"):
+        v = ck.get(name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"config.checkpoint.{name}={v!r} must be an integer >= 1. "
+                              f"Fix: set --config.checkpoint.{name}.")
+    from mistral_jax import distributed
+
+    if distributed.expected_process_count() < 2:
+        raise ConfigError(f"config.checkpoint.local_dir={local_dir!r} needs a run of two or more processes (hosts): "
+                          "the local tier keeps one copy per replica of the train state, on the replica's own hosts, "
+                          "and a one-process run has one. Fix: leave checkpoint.local_dir empty on one host.")
+

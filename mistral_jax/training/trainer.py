@@ -65,6 +65,7 @@ from ml_collections import ConfigDict
 from mistral_jax import distributed, storage
 from mistral_jax.config import ModelConfig
 from mistral_jax.data.tokenizer import Tokenizer
+from mistral_jax.training import emergency
 from mistral_jax.training import loop as loop_lib
 from mistral_jax.training import recipe as recipe_lib
 from mistral_jax.training import run as run_lib
@@ -299,7 +300,10 @@ def _train(run: RunSpec, workdir: str) -> dict[str, Any]:
     cfg, model_cfg, mesh, rules, recipe = run.cfg, run.model_cfg, run.mesh, run.rules, run.recipe
     prev = previous_run(workdir)
     resume, prev = _start_over_or_resume(cfg, workdir, prev)
+    local_dir = cfg.checkpoint.get("local_dir", "") or ""
     resuming = resume and bool(prev["steps"])
+    if local_dir and resume and prev["holds_run"] and not resuming:  # killed before its first persistent save
+        resuming = bool(distributed.any_process(emergency.has_local_steps(local_dir, workdir)))
     if resume and prev["holds_run"] and not prev["steps"]:
         log.warning("%s holds a run without a checkpoint (%s): starting at step 0.", workdir, _describe(prev))
     reasons = _identity_differences(run, workdir) if resuming else []
@@ -312,6 +316,15 @@ def _train(run: RunSpec, workdir: str) -> dict[str, Any]:
                                                                 keep_initial=recipe.objective.keeps_initial)
     ckpt = Checkpointer(storage.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
                         keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    if local_dir:  # emergency checkpoints: a local tier in front of the persistent one
+        try:
+            ckpt = emergency.TieredCheckpointer(ckpt, local_dir=local_dir, workdir=workdir, mesh=mesh,
+                                                abstract_state=abstract_state,
+                                                every_steps=cfg.checkpoint.local_every_steps,
+                                                keep=cfg.checkpoint.local_keep, fresh=not resuming)
+        except BaseException:
+            ckpt.close()
+            raise
     try:
         if resuming:  # read-only: what Orbax wrote (tree, shapes, dtypes) against this config's train state
             try:

@@ -33,11 +33,25 @@ import logging
 import os
 import re
 import socket
+import sys
 import threading
 from typing import Any
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (prepare's workers) must not use the parent's bucket clients: fsspec's async filesystems
+    refuse another process ("not fork-safe"), and etils.epath caches one filesystem per protocol. Drop that cache
+    (fsspec drops its own instance cache by itself)."""
+    backend = sys.modules.get("etils.epath.backend")  # not imported yet: nothing cached
+    if backend is not None:
+        backend._FileSystemSpecBackend._get_filesystem.cache_clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # ``scheme://``: RFC 3986's scheme syntax followed by "//". Windows drive letters ("C:\\") and the project's own
 # names ("mistral:v3", "hf:...") have no "//" and are not URLs.

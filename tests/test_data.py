@@ -87,6 +87,25 @@ def test_empty_and_malformed_inputs(tmp_path):
         P.open_source("")
 
 
+def test_a_directory_of_compressed_line_files_is_files_like_prepare_reads_it(tmp_path):
+    """``data.train`` and prepare agree on what a directory holds: ``.jsonl.zst`` / ``.txt.gz`` count."""
+    import gzip
+
+    import zstandard
+
+    from mistral_jax.data import documents
+
+    d = tmp_path / "zdir"
+    d.mkdir()
+    (d / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "alpha beta"}\n'))
+    (d / "b.txt.gz").write_bytes(gzip.compress(b"gamma delta\n"))
+    (d / "notes.md").write_text("not data")
+    assert P.is_files(str(d))
+    assert sorted(P._expand(str(d))) == sorted(documents.expand(str(d))) == [str(d / "a.jsonl.zst"),
+                                                                               str(d / "b.txt.gz")]
+    assert sorted(P.open_source(str(d)).texts) == ["alpha beta", "gamma delta"]
+
+
 def test_non_utf8_replace_warns_with_count_or_errors(tmp_path, caplog):
     path = tmp_path / "latin1.txt"
     path.write_bytes(b"good line\n" + "caf\xe9 one\n".encode("latin-1") + b"ok\n" + b"\xff\xfe two\n")

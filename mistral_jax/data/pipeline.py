@@ -48,12 +48,19 @@ from typing import Any
 import numpy as np
 
 from mistral_jax.data import files
-from mistral_jax.data.documents import DECODE_POLICIES, MAX_UNDECODABLE_FRACTION, DataError, check_remote  # noqa: F401
+from mistral_jax.data.documents import (  # noqa: F401 - re-exported
+    DECODE_POLICIES,
+    MAX_UNDECODABLE_FRACTION,
+    SUPPORTED,
+    DataError,
+    check_remote,
+    supported,
+)
 from mistral_jax.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = (".jsonl", ".json", ".txt", ".parquet")
+EXTENSIONS = SUPPORTED  # documents.SUPPORTED: what prepare reads (also .gz / .zst line files)
 # --------------------------------------------------------------------------- sources
 def _expand(spec: str) -> list[str] | None:
     """The files of ``spec`` (path, dir, glob; local or in a bucket), or None if ``spec`` does not look like a
@@ -66,7 +73,7 @@ def _expand(spec: str) -> list[str] | None:
             raise DataError(f"data glob {spec!r} matches no files. Fix: check the pattern and the working directory.")
         return found
     if files.isdir(path):
-        found = [f for f in files.walk(path) if f.endswith(EXTENSIONS)]
+        found = [f for f in files.walk(path) if supported(f)]
         if not found:
             raise DataError(f"data directory {spec!r} holds no {'/'.join(EXTENSIONS)} files. "
                             "Fix: point at a directory of such files or at one file.")

@@ -126,6 +126,11 @@ def get_config() -> ConfigDict:
     c.profile.steps = ""
     c.profile.processes = "0"  # "0": process 0 traces; "all": every process
 
+    c.goodput = ConfigDict()  # Google's ml-goodput-measurement recorder, beside the offline categories (always on)
+    # "" off; "file": {workdir}/goodput_log.jsonl (a local workdir); "cloud": Cloud Logging on GCP (process 0)
+    c.goodput.recorder = ""
+    c.goodput.job_name = ""  # the recorder's job name ("" = the workdir's last path component)
+
     c.watchdog = ConfigDict()  # a step far slower than usual: every process dumps its stacks, names the slow one
     c.watchdog.enabled = True  # False: no watchdog thread
     c.watchdog.factor = 10.0  # a step may take max(min_seconds, factor x the median step time)

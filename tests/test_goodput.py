@@ -11,6 +11,7 @@ import time
 import pytest
 
 from mistral_jax.training import goodput as gp
+from mistral_jax.training import goodput_recorder
 from mistral_jax.training.metrics import read_events, read_metrics
 from tests.helpers import run_losses
 
@@ -51,7 +52,7 @@ def _cmd(workdir, tokenizer, steps):
             f"--workdir={workdir}", f"--config.num_steps={steps}", "--config.batch_size=8", "--config.data.seq_len=32",
             "--config.log_every=1", "--config.checkpoint.every_steps=3", "--config.checkpoint.keep=3",
             "--config.eval_every=3", "--config.eval_steps=2", "--config.optimizer.warmup_steps=2",
-            f"--config.data.tokenizer={tokenizer}", "--config.progress_bar=False"]
+            f"--config.data.tokenizer={tokenizer}", "--config.progress_bar=False", "--config.goodput.recorder=file"]
 
 
 def _env():
@@ -113,3 +114,65 @@ def test_a_preempted_and_resumed_job_is_accounted_for(tokenizer_path, tmp_path):
     walls = [x["goodput/wall_s"] for x in recs]
     assert walls == sorted(walls) and all(x["memory/host_rss_bytes"] > 50e6 for x in recs)
     assert all(x["time"] >= t0 for x in recs)
+
+    # the oracle: Google's ml-goodput-measurement calculator over what the recorder logged (goodput_log.jsonl)
+    pct, badput, last = goodput_recorder.calculate(workdir)
+    print(f"ml-goodput-measurement: {pct:.2f}% vs ours {end['percent']:.2f}%; badput {badput}; ours {cats}")
+    assert last == steps - 1  # its steps count from 0
+    seconds = {k: v / 100 * end["wall_s"] for k, v in badput.items() if not isinstance(v, dict)}
+    custom = {k: v / 100 * end["wall_s"] for k, v in badput["CUSTOM_BADPUT_EVENTS"].items()}
+    assert seconds["PROGRAM_STARTUP"] == pytest.approx(cats["compile"], rel=0.5, abs=1.0)  # the compiling steps
+    assert custom["EVAL"] == pytest.approx(cats["eval"], rel=0.5, abs=0.5)
+    # it sees the restart: the time from the preempted job's last step to the resumed job's first one (the steps
+    # made again overwrite their earlier start times in its step table, so it has no "lost" of its own here)
+    assert seconds["INFRASTRUCTURE_RECOVERY_FROM_DISRUPTION"] > 0
+    # it counts the loop's own work between steps (logging, host syncs) as productive, we count it idle
+    assert end["percent"] - 1 <= pct <= end["percent"] + 15
+
+
+def _recorder_cfg(**goodput):
+    from ml_collections import ConfigDict
+
+    return ConfigDict({"goodput": {"recorder": "", "job_name": "", **goodput}})
+
+
+@pytest.mark.parametrize("goodput, workdir, match", [
+    ({"recorder": "tensorboard"}, "/tmp/run", r"config.goodput.recorder='tensorboard'. Fix: use '' \(off\)"),
+    ({"recorder": "file"}, "gs://bucket/run", r"writes goodput_log.jsonl into a local workdir, but --workdir=gs://"),
+])
+def test_bad_recorder_config_is_one_line(goodput, workdir, match):
+    with pytest.raises(goodput_recorder.RecorderError, match=match) as e:
+        goodput_recorder.check(_recorder_cfg(**goodput), workdir)
+    assert "\n" not in str(e.value) and "Fix:" in str(e.value)
+
+
+@pytest.mark.heavy
+def test_the_cloud_recorder_without_credentials_is_one_line_before_any_device(tmp_path, monkeypatch):
+    """Offline there is no Cloud Logging: train.py's storage check (before any device) says so in one line."""
+    from mistral_jax.config import ConfigError
+    from mistral_jax.training import run
+
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")  # no metadata server: fail at once, not after a timeout
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))  # no user credentials either
+    cfg = _recorder_cfg(recorder="cloud")
+    with pytest.raises(ConfigError, match=r"recorder='cloud' could not open Cloud Logging \(.*\). Fix: run on GCP"):
+        run.check_storage(cfg, str(tmp_path / "run"))
+
+
+def test_file_logger_reads_like_cloud_logging(tmp_path):
+    """One job's entries, in time order, the next read continuing after the last entry read; the job start kept."""
+    path = str(tmp_path / goodput_recorder.LOG_FILE)
+    a, other = goodput_recorder.FileLogger(path, "a"), goodput_recorder.FileLogger(path, "b")
+    a.write_cloud_logging_entry({"job_name": "a", "job_start_time": 100.0})
+    other.write_cloud_logging_entry({"job_name": "b", "step_count": 0, "step_start_time": 101.0})
+    a.write_cloud_logging_entry({"job_name": "b", "step_count": 9})  # another job's entry: not written by a
+    a.write_cloud_logging_entry({"job_name": "a", "step_count": 0, "step_start_time": 102.0})
+    reader = goodput_recorder.FileLogger(path, "a")
+    got, last = reader.read_cloud_logging_entries()
+    assert [e.get("step_count") for e in got] == [None, 0] and all(e["job_name"] == "a" for e in got)
+    assert reader.job_start_time.timestamp() == 100.0
+    a.write_cloud_logging_entry({"job_name": "a", "step_count": 1, "step_start_time": 103.0})
+    more, _ = reader.read_cloud_logging_entries(last_entry_info=last)
+    assert [e["step_count"] for e in more] == [1]
+    assert reader.read_cloud_logging_entries(end_time=last[0])[0] == got

@@ -75,14 +75,17 @@ class Goodput:
         self.redo_until = int(redo_until)
         self.start = process_start_time() if start is None else float(start)
         self.spent = {c: 0.0 for c in CATEGORIES if c != "idle"}
+        self.listeners: list[Any] = []  # fn(category, wall start, wall end) per timed block (goodput_recorder)
 
     @contextlib.contextmanager
     def timed(self, category: str) -> Iterator[None]:
-        t = time.perf_counter()
+        t, wall = time.perf_counter(), time.time()
         try:
             yield
         finally:
             self.add(category, time.perf_counter() - t)
+            for fn in self.listeners:
+                fn(category, wall, time.time())
 
     def add(self, category: str, seconds: float) -> None:
         self.spent[category] += seconds

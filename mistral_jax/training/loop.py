@@ -25,6 +25,7 @@ from mistral_jax import distributed, sharding, storage
 from mistral_jax.data import loader
 from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.training import goodput as goodput_lib
+from mistral_jax.training import goodput_recorder
 from mistral_jax.training import step as step_lib
 from mistral_jax.training.checkpoint import Checkpointer
 from mistral_jax.training.hooks import Hooks
@@ -158,6 +159,9 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
     goodput = goodput_lib.Goodput(earlier, redo_until=redo_until)
     goodput.add("checkpoint", restore_seconds)
     profiler = Profiler(cfg, workdir)
+    recorder = goodput_recorder.Recorder(cfg, workdir, jax.process_index())  # config.goodput.recorder
+    if recorder:
+        goodput.listeners.append(recorder.timed)
     wcfg = cfg.get("watchdog")
     watch = None
     if wcfg is not None and wcfg.enabled:
@@ -168,6 +172,8 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
     hangs_seen = 0
     compiled = None
     if start < cfg.num_steps:  # a finished run started again writes nothing
+        if recorder:
+            recorder.job_start(goodput.start, time.time())
         if restored is not None:
             writer.event("resume", start, from_step=start, earlier_last_step=redo_until,
                          tier=getattr(ckpt, "restored_from", "persistent"))
@@ -191,6 +197,8 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
                     watch.step_started(step + 1)
                     maybe_stall(step + 1)
                 ckpt.check(current_step=step)  # a failed background save stops the run here, at the next step
+                if recorder:
+                    recorder.step_start(step, time.time())
                 profiler.before(step + 1)
                 with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
                     with goodput.timed("data"), jax.profiler.TraceAnnotation("data"):
@@ -276,7 +284,7 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
                 if stop:
                     with goodput.timed("checkpoint"):
                         ckpt.wait()
-                    result["goodput"] = _finish(writer, goodput, step, "preempted")
+                    result["goodput"] = _finish(writer, goodput, step, "preempted", recorder)
                     how = "" if preempt.signum else " (received by another process)"
                     log.warning("preempted by signal %d%s at step %d; checkpoint saved in %s.", stop, how, step,
                                 ckpt.directory)
@@ -292,7 +300,7 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
                 ckpt.wait()
             result["checkpoint"] = newest()
             if step > start:
-                result["goodput"] = _finish(writer, goodput, step, "end")
+                result["goodput"] = _finish(writer, goodput, step, "end", recorder)
             return result
     finally:
         if watch is not None:
@@ -315,10 +323,13 @@ def _records(workdir: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return out[0], out[1]
 
 
-def _finish(writer: MetricsWriter, goodput: goodput_lib.Goodput, step: int, event: str) -> str:
+def _finish(writer: MetricsWriter, goodput: goodput_lib.Goodput, step: int, event: str,
+            recorder: goodput_recorder.Recorder | None = None) -> str:
     """The run's last goodput record and its end event; returns the goodput line (train.py prints it)."""
     rec = goodput.record()  # in the end event (a metrics record without a loss would look like a step's)
     writer.event(event, step, **{k.removeprefix(goodput_lib.PREFIX): round(v, 3) for k, v in rec.items()})
+    if recorder:
+        recorder.job_end(time.time())
     return goodput.summary()
 
 

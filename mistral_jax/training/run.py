@@ -323,6 +323,12 @@ def _check_fields(cfg: ConfigDict, schema: ConfigDict | None) -> None:
         profiling.check(cfg)
     except profiling.ProfileError as e:
         raise ConfigError(str(e)) from None
+    from mistral_jax.training import goodput_recorder
+
+    try:
+        goodput_recorder.check(cfg)
+    except goodput_recorder.RecorderError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_batch(cfg: ConfigDict, sizes: dict[str, int], rules: sharding.ShardingRules, process_count: int) -> None:
@@ -377,6 +383,12 @@ def check_storage(cfg: ConfigDict, workdir: str | None = None) -> None:
       storage.StorageError / storage.UnsupportedPath: one line naming the field, the path, what failed and the fix.
       ValueError: a bucket workdir with a bad ``MISTRAL_JAX_LOCK_REFRESH_S``.
     """
+    from mistral_jax.training import goodput_recorder
+
+    try:
+        goodput_recorder.check(cfg, workdir, probe=True)  # 'file': a local workdir; 'cloud': credentials
+    except goodput_recorder.RecorderError as e:
+        raise ConfigError(str(e)) from None
     for name in PATH_FIELDS:
         value = _get(cfg, name)
         if value:  # local paths and names (mistral:v3, a hub dataset) pass

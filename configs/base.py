@@ -131,6 +131,12 @@ def get_config() -> ConfigDict:
     c.goodput.recorder = ""
     c.goodput.job_name = ""  # the recorder's job name ("" = the workdir's last path component)
 
+    c.wandb = ConfigDict()  # Weights & Biases beside metrics.jsonl and TensorBoard (process 0; the wandb extra)
+    c.wandb.project = ""  # "" = off; WANDB_MODE=offline keeps the run in {workdir}/wandb/ for `wandb sync`
+    c.wandb.entity = ""  # "" = W&B's default entity
+    c.wandb.name = ""  # the run's display name ("" = the workdir's last path component)
+    c.wandb.figures = True  # log the run report's figures as images at the end of the run
+
     c.watchdog = ConfigDict()  # a step far slower than usual: every process dumps its stacks, names the slow one
     c.watchdog.enabled = True  # False: no watchdog thread
     c.watchdog.factor = 10.0  # a step may take max(min_seconds, factor x the median step time)

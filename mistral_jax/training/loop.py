@@ -154,7 +154,7 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
     flops_tok = run.flops_per_step / run.data.tokens_per_step  # mistral_jax.flops: the dry run's and AOT's count
     peak, peak_how = run.peak_flops()
     log.info("model FLOPs/token %.3g; peak %.3g FLOP/s (%s)", flops_tok, peak, peak_how)
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, cfg=cfg)
     earlier, redo_until = goodput_lib.previous(*(_records(workdir) if restored is not None else ([], [])))
     goodput = goodput_lib.Goodput(earlier, redo_until=redo_until)
     goodput.add("checkpoint", restore_seconds)

@@ -106,7 +106,8 @@ class MetricsWriter:
     Only process 0 writes. Arrays are flattened to scalars (``expert_load`` -> ``expert_load/e{i}``).
     """
 
-    def __init__(self, workdir: str, tensorboard: bool = True, upload_every: float = UPLOAD_EVERY_S):
+    def __init__(self, workdir: str, tensorboard: bool = True, upload_every: float = UPLOAD_EVERY_S,
+                 cfg: Any = None):
         self.active = jax.process_index() == 0
         self.remote = storage.is_remote(workdir)
         self.workdir = storage.absolute(workdir) if self.remote else workdir
@@ -141,6 +142,11 @@ class MetricsWriter:
             if self.remote:
                 self._uploader = _Uploader(local, self.workdir)
                 self._uploader.request()
+        self.wandb = None  # config.wandb: Weights & Biases beside the files (training/wandb_writer.py)
+        if cfg is not None and self.active:
+            from mistral_jax.training.wandb_writer import WandbWriter
+
+            self.wandb = WandbWriter(cfg, workdir, local, jax.process_index()) or None
 
     @staticmethod
     def scalars(metrics: dict[str, Any]) -> dict[str, float]:
@@ -170,6 +176,9 @@ class MetricsWriter:
                     if not k.startswith(("expert_load/l", f"{prefix}expert_load/l")):  # per layer: JSONL only
                         self.tb.add_scalar(k, v, int(step))
                 self.tb.flush()
+            if self.wandb is not None:
+                self.wandb.log(step, {k: v for k, v in s.items() if not k.startswith(("expert_load/l",
+                                                                                        f"{prefix}expert_load/l"))})
             self.flush()
         return s
 
@@ -199,6 +208,8 @@ class MetricsWriter:
                 self.tb.close()
             if self._uploader is not None:
                 self._uploader.close()
+            if self.wandb is not None:  # after the upload: the report's figures read the workdir's records
+                self.wandb.finish(self.workdir)
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

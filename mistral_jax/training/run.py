@@ -323,11 +323,12 @@ def _check_fields(cfg: ConfigDict, schema: ConfigDict | None) -> None:
         profiling.check(cfg)
     except profiling.ProfileError as e:
         raise ConfigError(str(e)) from None
-    from mistral_jax.training import goodput_recorder
+    from mistral_jax.training import goodput_recorder, wandb_writer
 
     try:
         goodput_recorder.check(cfg)
-    except goodput_recorder.RecorderError as e:
+        wandb_writer.check(cfg)
+    except (goodput_recorder.RecorderError, wandb_writer.WandbError) as e:
         raise ConfigError(str(e)) from None
 
 

@@ -140,9 +140,9 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
     data_it = recipe.batches(train_src, tok, cfg.batch_size, train=True, bsharding=bsharding)
     start, state, data_state = initial_state()
     hooks = recipe.hooks()
+    tier = getattr(ckpt, "restored_from", "persistent")  # emergency.TieredCheckpointer: local or persistent
     if restored is not None:
         data_it.set_state(local_data_state(data_state))
-        tier = getattr(ckpt, "restored_from", "persistent")  # emergency.TieredCheckpointer: local or persistent
         log.info("resumed from %s at step %d", "the local tier" if tier == "local" else ckpt.directory, start)
     hooks.restore_extras(dict(restored[3].get(RECIPE_EXTRAS) or {}) if restored is not None else {})
     meta = {"seed": cfg.seed, "model_config": model_cfg.to_dict()}
@@ -175,8 +175,7 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
         if recorder:
             recorder.job_start(goodput.start, time.time())
         if restored is not None:
-            writer.event("resume", start, from_step=start, earlier_last_step=redo_until,
-                         tier=getattr(ckpt, "restored_from", "persistent"))
+            writer.event("resume", start, from_step=start, earlier_last_step=redo_until, tier=tier)
         else:
             writer.event("start", start)
 

@@ -171,14 +171,14 @@ class MetricsWriter:
         if self.active:
             self._f.write(json.dumps({"step": int(step), "time": round(time.time(), 3), **s}) + "\n")
             self._f.flush()
+            shown = {k: v for k, v in s.items()  # per-layer expert load: JSONL only (the report's heat map)
+                     if not k.startswith(("expert_load/l", f"{prefix}expert_load/l"))}
             if self.tb is not None:
-                for k, v in s.items():
-                    if not k.startswith(("expert_load/l", f"{prefix}expert_load/l")):  # per layer: JSONL only
-                        self.tb.add_scalar(k, v, int(step))
+                for k, v in shown.items():
+                    self.tb.add_scalar(k, v, int(step))
                 self.tb.flush()
             if self.wandb is not None:
-                self.wandb.log(step, {k: v for k, v in s.items() if not k.startswith(("expert_load/l",
-                                                                                        f"{prefix}expert_load/l"))})
+                self.wandb.log(step, shown)
             self.flush()
         return s
 

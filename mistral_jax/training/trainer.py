@@ -304,7 +304,7 @@ def _train(run: RunSpec, workdir: str) -> dict[str, Any]:
     resuming = resume and bool(prev["steps"])
     if local_dir and resume and prev["holds_run"] and not resuming:  # killed before its first persistent save
         resuming = bool(distributed.any_process(emergency.has_local_steps(local_dir, workdir)))
-    if resume and prev["holds_run"] and not prev["steps"]:
+    if resume and prev["holds_run"] and not resuming:
         log.warning("%s holds a run without a checkpoint (%s): starting at step 0.", workdir, _describe(prev))
     reasons = _identity_differences(run, workdir) if resuming else []
 

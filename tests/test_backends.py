@@ -25,6 +25,7 @@ def _primitives(model, tokens) -> dict[str, int]:
     return {p: len(re.findall(rf"\b{p}\[", text)) for p in PRIMITIVES}
 
 
+@pytest.mark.heavy  # 3-5 s on 2 busy cores: the light tier stays near its 90 s
 def test_the_choice_ignores_the_active_mesh():
     """The same forward traced outside and under ``use_mesh`` of an expert-parallel mesh runs the same backends;
     only the mesh passed to the model switches to expert parallelism (and splash's shard_map), with or without an

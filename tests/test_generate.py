@@ -237,6 +237,7 @@ def test_seeded_sampling_is_deterministic(mistral):
 
 
 # ----------------------------------------------------------------------------- stopping
+@pytest.mark.heavy  # 3-5 s on 2 busy cores: the light tier stays near its 90 s
 def test_stop_on_eos(mistral):
     prompts = [_prompt(MISTRAL, 12, 30), _prompt(MISTRAL, 7, 31)]
     free = mj.generate(mistral, prompts, max_new_tokens=40, eos_id=None)

@@ -134,6 +134,7 @@ def test_command_line_tools_accept_named_tokenizers():
         cli.check_tokenizer("mistral:v9", "unused", "hf")
 
 
+@pytest.mark.heavy  # 3-5 s on 2 busy cores: the light tier stays near its 90 s
 def test_tekken_through_the_one_tokenizer_interface(monkeypatch, tmp_path):
     """mistral:tekken (Mistral NeMo's tiktoken-based vocabulary) works through mj.Tokenizer: encode / decode /
     vocab size / bos / eos / pad as mistral-common's Tekkenizer; literal control text stays text; the format is

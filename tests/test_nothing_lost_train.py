@@ -306,6 +306,7 @@ def test_bad_arguments_are_one_line_exit_2(args, expect, tmp_path):
     assert not os.path.exists(tmp_path / "w")  # validated before anything was loaded or written
 
 
+@pytest.mark.heavy  # 3-5 s on 2 busy cores: the light tier stays near its 90 s
 def test_debug_shows_the_traceback(tmp_path):
     proc = train_py(["--config", "configs/tiny.py", f"--workdir={tmp_path / 'w'}", "--config.optimizer.b1=1.0"],
                     timeout=120, MISTRAL_JAX_DEBUG="1")
@@ -331,6 +332,7 @@ def test_optimizer_values_are_range_checked(field, value, match, tokenizer_path,
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
+@pytest.mark.heavy  # 3-5 s on 2 busy cores: the light tier stays near its 90 s
 def test_tokenizer_too_small_for_cjk_names_the_fields(tmp_path):
     import random
 

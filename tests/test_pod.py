@@ -247,6 +247,7 @@ def test_dry_run_prints_memory_and_flops_writes_nothing(tokenizer_path, tmp_path
     assert not workdir.exists()
 
 
+@pytest.mark.heavy  # 3-5 s on 2 busy cores: the light tier stays near its 90 s
 def test_tokenizer_training_refused_on_several_processes(tmp_path):
     # fails before jax.distributed starts: no coordinator is listening on this port, nothing waits
     env = _env(4, MISTRAL_JAX_COORDINATOR=f"127.0.0.1:{_free_port()}", MISTRAL_JAX_NUM_PROCESSES=2,

@@ -8,6 +8,7 @@ the importing file may rely on:
 - the package itself, ``train.py``, ``configs/``, ``scripts/``: the core dependencies only;
 - ``eval.py`` and ``mistral_jax/evals/``: core + ``eval``; ``mistral_jax/aot/``: core + ``tpu``;
   ``mistral_jax/serve/``: core + ``serve``; ``mistral_jax/data/prepare_beam.py``: core + ``beam``;
+  ``mistral_jax/training/goodput_recorder.py``: core + ``goodput``; ``.../wandb_writer.py``: core + ``wandb``;
 - ``benchmarks/`` and ``tests/``: core + ``test`` (which includes ``eval`` and ``tpu``).
 """
 
@@ -34,6 +35,8 @@ GROUPS: list[tuple[str, tuple[str, ...]]] = [
     ("mistral_jax/cli/serve.py", ("", "serve")),
     ("mistral_jax/convert/hf.py", ("", "hf")),
     ("mistral_jax/data/prepare_beam.py", ("", "beam")),
+    ("mistral_jax/training/goodput_recorder.py", ("", "goodput")),
+    ("mistral_jax/training/wandb_writer.py", ("", "wandb")),
     ("mistral_jax/", ("",)),
     ("eval.py", ("", "eval")),
     ("train.py", ("",)),

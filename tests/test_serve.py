@@ -9,6 +9,7 @@ import concurrent.futures as cf
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -44,7 +45,8 @@ def env(tmp_path_factory, tokenizer_path, corpus_tokenizer):
     mj.save_jax(mj.Transformer(cfg, rngs=nnx.Rngs(0)), ckpt, tokenizer=tok_path)
     model = mj.load_pretrained(ckpt)  # what the CLI does
     compile_count()  # start listening before anything compiles
-    engine = Engine(model, tok, max_batch=4, max_queue=8).start()
+    # sync_ms 0.2: decode calls of a few steps (a stream in many chunks; multi-step decoding still runs)
+    engine = Engine(model, tok, max_batch=4, max_queue=8, sync_ms=0.2).start()
     server = Server(create_app(engine, NAME)).start()
     words = [w for t in texts[:200] for w in t.split()][:5000]
     yield dict(root=root, ckpt=ckpt, tok=tok, tok_path=tok_path, model=model, engine=engine, server=server,
@@ -255,11 +257,174 @@ def test_full_queue_answers_429(env):
         assert eng.stats()["waiting"] == 8
         r = requests.post(env["url"] + "/v1/completions", json={"prompt": "the", "max_tokens": 2}, timeout=TIMEOUT)
         assert _error(r, 429)["type"] == "rate_limit_error"
+        assert 1 <= int(r.headers["Retry-After"]) <= 60
     finally:
         for h in held:
             h.cancel()
     wait_idle(env)
     assert client(env).completions.create(model=NAME, prompt="the", max_tokens=2, temperature=0).choices[0].text
+
+
+@pytest.mark.heavy
+def test_overload_answers_429_with_retry_after_never_5xx(env):
+    """64 clients at once against 4 slots and a queue of 8: every answer is 200 or 429 (with Retry-After), none
+    hangs, and the server serves normally afterwards."""
+    wait_idle(env)
+
+    def one(i):
+        r = requests.post(env["url"] + "/v1/completions", json={"prompt": prompt_text(env, 6, 500 + i),
+                          "max_tokens": 12, "temperature": 0}, timeout=TIMEOUT)
+        return r.status_code, r.headers.get("Retry-After")
+
+    with cf.ThreadPoolExecutor(64) as ex:
+        answers = list(ex.map(one, range(64)))
+    codes = [c for c, _ in answers]
+    assert set(codes) <= {200, 429} and codes.count(200) >= 12 and codes.count(429) >= 1, codes
+    assert all(ra is not None and int(ra) >= 1 for c, ra in answers if c == 429)
+    wait_idle(env)
+    metrics = requests.get(env["url"] + "/metrics", timeout=TIMEOUT).text
+    assert f"mistral_jax_requests_rejected_total {float(codes.count(429))}" in metrics or \
+        "mistral_jax_requests_rejected_total" in metrics
+
+
+def _metrics(env) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(env["url"] + "/metrics", timeout=TIMEOUT).text
+    return {s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}" if s.labels else ""):
+            s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_metrics_count_requests_tokens_and_latencies(env):
+    wait_idle(env)
+    before = _metrics(env)
+    ids = encode_prompt(env["tok"], prompt_text(env, 9, 77))
+    n = len(client(env).completions.create(model=NAME, prompt=ids, max_tokens=7, temperature=0,
+                                           extra_body={"ignore_eos": True}).choices[0].text.split()) * 0 + 7
+    after = _metrics(env)
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    assert delta["mistral_jax_generation_tokens_total"] == n
+    assert delta["mistral_jax_prompt_tokens_total"] == len(ids)
+    assert delta["mistral_jax_prefill_tokens_total"] + delta["mistral_jax_prefix_cache_hit_tokens_total"] == len(ids)
+    assert delta["mistral_jax_requests_total{finish_reason=length}"] == 1
+    assert delta["mistral_jax_time_to_first_token_seconds_count"] == 1
+    assert delta["mistral_jax_inter_token_latency_seconds_count"] == n - 1
+    assert after["mistral_jax_requests_running"] == 0 and after["mistral_jax_requests_waiting"] == 0
+
+
+# ----------------------------------------------------------------------------- logprobs, echo, n, prefix cache
+def _forward_logprobs(env, ids):
+    """log_softmax of the model's logits over the whole sequence at once (float32, no cache)."""
+    import jax
+
+    logits = np.asarray(env["model"](np.asarray([ids], np.int32))[0], np.float64)
+    return np.asarray(jax.nn.log_softmax(logits, axis=-1))
+
+
+def test_logprobs_and_echo(env):
+    """echo + logprobs give every prompt token's log-prob (None for the first) and the new tokens', equal to a
+    full-sequence forward; top_logprobs hold the k most likely; max_tokens=0 scores the prompt only."""
+    c = client(env)
+    ids = encode_prompt(env["tok"], prompt_text(env, 14, 31))  # longer than the window W=8: chunks and wraps
+    new = mj.generate(env["model"], ids, max_new_tokens=4, eos_id=None)
+    r = c.completions.create(model=NAME, prompt=ids, max_tokens=4, temperature=0, logprobs=3, echo=True,
+                             extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    seq = ids + list(new)
+    assert len(lp.token_logprobs) == len(seq) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    ref = _forward_logprobs(env, seq)
+    want = [ref[t - 1, seq[t]] for t in range(1, len(seq))]
+    np.testing.assert_allclose(lp.token_logprobs[1:], want, atol=1e-4)
+    for t in range(1, len(seq)):
+        top = lp.top_logprobs[t]
+        assert len(top) <= 3 and max(top.values()) == pytest.approx(ref[t - 1].max(), abs=1e-4)
+        assert sorted(top.values(), reverse=True) == pytest.approx(np.sort(ref[t - 1])[::-1][:len(top)], abs=1e-4)
+    assert r.choices[0].text.startswith(decode_text(env["tok"], ids))
+    assert lp.tokens[len(ids):] == [a for a in lp.tokens[len(ids):]] and len(lp.text_offset) == len(seq)
+    # scoring only
+    r0 = c.completions.create(model=NAME, prompt=ids, max_tokens=0, temperature=0, logprobs=1, echo=True)
+    np.testing.assert_allclose(r0.choices[0].logprobs.token_logprobs[1:], want[:len(ids) - 1], atol=1e-4)
+    assert r0.usage.completion_tokens == 0
+    # without echo: the new tokens only; chat: the content's tokens
+    r1 = c.completions.create(model=NAME, prompt=ids, max_tokens=4, temperature=0, logprobs=0,
+                              extra_body={"ignore_eos": True})
+    np.testing.assert_allclose(r1.choices[0].logprobs.token_logprobs, want[len(ids) - 1:], atol=1e-4)
+    ch = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "the"}], max_tokens=3,
+                                   temperature=0, logprobs=True, top_logprobs=2)
+    content = ch.choices[0].logprobs.content
+    assert 1 <= len(content) <= 3 and all(len(x.top_logprobs) == 2 and x.logprob <= 1e-6 for x in content)
+    assert content[0].top_logprobs[0].logprob == pytest.approx(content[0].logprob, abs=1e-5)  # greedy: the top one
+    for bad in ({"logprobs": 21}, {"logprobs": -1}, {"logprobs": "5"}, {"echo": "yes"},
+                {"max_tokens": 0, "echo": True}):
+        err = _error(requests.post(env["url"] + "/v1/completions", json={"prompt": "the", **bad}, timeout=TIMEOUT),
+                     400)
+        assert err["param"] in bad and "\n" not in err["message"], err
+
+
+def test_n_completions_share_one_prefill_and_are_reproducible(env):
+    c = client(env)
+    wait_idle(env)
+    ids = encode_prompt(env["tok"], prompt_text(env, 13, 4242))
+    before = _metrics(env)
+    r = c.completions.create(model=NAME, prompt=ids, max_tokens=10, temperature=1.0, n=4, seed=11)
+    after = _metrics(env)
+    texts = [ch.text for ch in r.choices]
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3] and len(set(texts)) > 1, texts
+    assert after["mistral_jax_prefill_tokens_total"] - before["mistral_jax_prefill_tokens_total"] <= len(ids)
+    again = c.completions.create(model=NAME, prompt=ids, max_tokens=10, temperature=1.0, n=4, seed=11)
+    assert [ch.text for ch in again.choices] == texts
+    # completion i draws with seed + i: the second completion of seed 11 is the first of seed 12
+    one = c.completions.create(model=NAME, prompt=ids, max_tokens=10, temperature=1.0, seed=12)
+    assert one.choices[0].text == texts[1]
+    # greedy: every completion is generate's; best_of picks n of them
+    g = c.completions.create(model=NAME, prompt=ids, max_tokens=6, temperature=0, n=2, best_of=3)
+    assert [ch.text for ch in g.choices] == [reference(env, ids, 6)[0]] * 2
+    err = _error(requests.post(env["url"] + "/v1/completions", json={"prompt": "the", "n": 5}, timeout=TIMEOUT), 400)
+    assert "n=5" in err["message"]
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("chunk", [8, 4])  # the window W=8: prefixes cached at multiples of 8, and of 4 (< W)
+def test_prefix_cache_outputs_equal_no_cache(chunk):
+    """Prompts sharing prefixes (shorter and longer than the window): greedy outputs with the prefix cache equal
+    those without it and generate's; the repeated prefixes were restored, not prefilled."""
+    cfg = mj.ModelConfig.tiny(sliding_window=8, max_seq_len=256, initializer_range=0.2)
+    model = mj.Transformer(cfg, rngs=nnx.Rngs(3))
+    rng = np.random.default_rng(chunk)
+    shared = [int(x) for x in rng.integers(3, cfg.vocab_size, 29)]
+    prompts = [shared[:k] + [int(x) for x in rng.integers(3, cfg.vocab_size, m)]
+               for k, m in ((29, 3), (29, 9), (6, 5), (6, 1), (17, 4), (29, 3))]
+    want = [list(mj.generate(model, p, max_new_tokens=9, eos_id=None)) for p in prompts]
+    outs = {}
+    for mb in (0, 64):
+        eng = Engine(model, IdsTok(), max_batch=2, chunk_size=chunk, prefix_cache_mb=mb).start()
+        try:
+            outs[mb] = [submit_all(eng, [p], 9, timeout=120)[0] for p in prompts]  # one after the other
+            stats = eng.stats()
+        finally:
+            eng.stop()
+        if mb:
+            assert stats["prefix_hit_tokens"] >= (29 // chunk) * chunk * 2 and stats["prefix_entries"] > 0, stats
+        else:
+            assert stats["prefix_hit_tokens"] == 0
+    assert outs[64] == outs[0] == [[t for t in w if t != 2] for w in want]
+
+
+@pytest.mark.heavy
+def test_prefix_cache_evicts_least_recently_used():
+    cfg = mj.ModelConfig.tiny(sliding_window=8, max_seq_len=128)
+    model = mj.Transformer(cfg, rngs=nnx.Rngs(0))
+    row = 2 * cfg.n_layers * 8 * cfg.n_kv_heads * cfg.head_dim * 4 + 8 * 4  # k, v float32 and positions
+    eng = Engine(model, IdsTok(), max_batch=1, chunk_size=8, prefix_cache_mb=2.5 * row / 2**20).start()
+    try:
+        a, b, c = ([i + 3] * 12 for i in range(3))  # each prompt leaves one snapshot (its first 8 tokens)
+        for p in (a, b, a, c):
+            submit_all(eng, [p], 2, timeout=60)
+        keys = [eng._prefix_key(p, 8) for p in (a, b, c)]
+        assert eng.stats()["prefix_entries"] == 2 and eng.stats()["prefix_bytes"] <= 2.5 * row
+        assert keys[0] in eng.prefix and keys[2] in eng.prefix and keys[1] not in eng.prefix  # b was the LRU
+    finally:
+        eng.stop()
 
 
 # ----------------------------------------------------------------------------- the engine alone
@@ -376,8 +541,37 @@ def test_cli_serves_a_checkpoint(env):
                           timeout=TIMEOUT).json()
         ids = encode_prompt(env["tok"], "the")
         assert r["choices"][0]["text"] == reference(env, ids, 6)[0] and r["model"] == "ckpt"
+        # SIGTERM under load: the streams in flight run to their end, then the process exits 0
+        started, results = threading.Semaphore(0), {}
+
+        def stream(i):
+            chunks = []
+            with requests.post(url + "/v1/completions", json={"prompt": "the", "max_tokens": 60, "temperature": 0,
+                               "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}},
+                               stream=True, timeout=TIMEOUT) as resp:
+                for line in resp.iter_lines():
+                    if line.startswith(b"data: {"):
+                        if not chunks:
+                            started.release()
+                        chunks.append(json.loads(line[6:]))
+            results[i] = chunks
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for _ in threads:
+            assert started.acquire(timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(timeout=60)
+        assert proc.wait(timeout=60) == 0
+        for chunks in results.values():
+            assert chunks[-1]["usage"]["completion_tokens"] == 60
+            assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+        assert len(results) == 3
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
         proc.wait(timeout=30)
 
 
@@ -428,3 +622,73 @@ def test_lm_eval_local_completions_equals_in_process_backend(env):
     assert sorted(served) == sorted(ours) == list(range(12))
     assert served == ours
     assert sum(bool(v.strip()) for v in ours.values()) >= 6, ours  # not vacuous
+
+
+MAXL = MAX_LEN - 8  # one rolling window per document
+PPL_YAML = """task: serve_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_loglikelihood_equals_eval(env):
+    """lm-eval's ``local-completions`` finds the server's tokenizer endpoints (vLLM's /tokenizer_info, /tokenize)
+    and scores through echo + logprobs: a multiple-choice task and a rolling-perplexity task (documents of 20-70
+    words: many prefill chunks, past the window) give eval.py's backend's numbers to 1e-4 (both without BOS: the
+    API path sends text tokenized with add_special_tokens=false; one window per document: lm-eval's API and hf
+    backends cut rolling windows differently)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from mistral_jax.evals.lm import MistralJaxLM
+    from tests.helpers import mc_task_yaml
+
+    rng = random.Random(5)
+    mc = [{"question": prompt_text(env, rng.randint(3, 10), 900 + i),
+           "choices": [prompt_text(env, rng.randint(1, 4), 1000 + 4 * i + j) for j in range(4)],
+           "label": rng.randrange(4)} for i in range(10)]
+    ppl = [{"text": prompt_text(env, rng.randint(20, 70), 2000 + i)} for i in range(4)]
+    tasks = env["root"] / "ll_tasks"
+    tasks.mkdir()
+    (tasks / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    (tasks / "ppl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ppl))
+    (tasks / "serve_mc.yaml").write_text(mc_task_yaml("serve_mc", tasks / "mc.jsonl", ("acc", "acc_norm")))
+    (tasks / "serve_ppl.yaml").write_text(PPL_YAML.format(data=tasks / "ppl.jsonl"))
+    tm = TaskManager(include_path=str(tasks), include_defaults=False)
+
+    def run(model, **kw):
+        return lm_eval.simple_evaluate(model=model, tasks=["serve_mc", "serve_ppl"], task_manager=tm,
+                                       log_samples=True, verbosity="ERROR", **kw)
+
+    ours = run(MistralJaxLM(model=env["model"], tokenizer=env["tok_path"], batch_size=4, max_length=MAXL - 1,
+                            add_bos_token=False))
+    served = run("local-completions", model_args=dict(model=NAME, base_url=env["url"] + "/v1/completions",
+                                                      num_concurrent=4, max_retries=1, timeout=TIMEOUT,
+                                                      max_length=MAXL))
+
+    def by_doc(out, task):
+        return {s["doc_id"]: s for s in out["samples"][task]}
+
+    a, b = by_doc(ours, "serve_mc"), by_doc(served, "serve_mc")
+    assert sorted(a) == sorted(b) == list(range(10))
+    for d in a:
+        np.testing.assert_allclose([x[0] for x in b[d]["filtered_resps"]], [x[0] for x in a[d]["filtered_resps"]],
+                                   atol=1e-4)
+        assert [x[1] for x in b[d]["filtered_resps"]] == [x[1] for x in a[d]["filtered_resps"]]  # is_greedy
+    for m in ("acc,none", "acc_norm,none"):
+        assert served["results"]["serve_mc"][m] == ours["results"]["serve_mc"][m]
+    a, b = by_doc(ours, "serve_ppl"), by_doc(served, "serve_ppl")
+    np.testing.assert_allclose([b[d]["filtered_resps"][0] for d in sorted(b)],
+                               [a[d]["filtered_resps"][0] for d in sorted(a)], rtol=1e-5, atol=1e-4)
+    assert min(len(env["tok"].encode(r["text"], bos=False)) for r in ppl) > 3 * W  # several chunks, past W
+    np.testing.assert_allclose(served["results"]["serve_ppl"]["word_perplexity,none"],
+                               ours["results"]["serve_ppl"]["word_perplexity,none"], rtol=1e-4)

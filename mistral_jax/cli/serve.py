@@ -2,18 +2,23 @@
 
     python -m mistral_jax.serve --checkpoint DIR [--tokenizer PATH] [--host 127.0.0.1] [--port 8000]
         [--max_batch 16] [--max_queue 256] [--chunk_size C] [--model_name NAME] [--dtype float32|bfloat16]
+        [--prefix_cache_mb 1024] [--sync_ms 20] [--drain_timeout 30]
 
 ``--checkpoint`` is anything ``mistral_jax.load_pretrained`` reads, local or ``gs://`` / ``s3://`` (HF dir, Mistral
 consolidated dir, mistral_jax export dir, training workdir including LoRA runs). The tokenizer is ``tokenizer.model``
 in that directory unless ``--tokenizer`` is given. Every flag value is checked first, then the paths (a bucket's
 endpoint, existence and credentials first), then the tokenizer and the model load; a bad value is one line on
 stderr naming the flag, the value and the fix, exit status 2.
+
+SIGTERM (or Ctrl-C) drains: the server stops accepting connections, the requests in flight run to their end (at most
+``--drain_timeout`` seconds), then the process exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -75,6 +80,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max_batch", default="16", help="decode slots: requests decoded together (>= 1)")
     ap.add_argument("--max_queue", default="256", help="requests waiting for a slot before 429 answers (>= 0)")
     ap.add_argument("--chunk_size", default=None, help="prefill chunk (>= 1; default: the sliding window)")
+    ap.add_argument("--prefix_cache_mb", default="1024", help="device memory for prefix-cache snapshots in MiB "
+                    "(0: off; a snapshot is one cache row: O(window) under a sliding window)")
+    ap.add_argument("--sync_ms", default="20", help="the longest one decode call runs before its tokens are "
+                    "streamed (more tokens per host sync; lower for token-by-token streams)")
+    ap.add_argument("--drain_timeout", default="30", help="seconds SIGTERM waits for requests in flight")
     ap.add_argument("--model_name", default=None, help="model id in the API (default: the checkpoint dir's name)")
     ap.add_argument("--mesh", default=None, help="serve sharded over this machine's devices, e.g. "
                     "'tensor=4' or 'data=2,tensor=4' (axes data, fsdp, tensor, expert; one may be -1 = the rest; "
@@ -89,6 +99,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                             "pass how many requests may wait for a slot, e.g. --max_queue 256")
     args.chunk_size = number("--chunk_size", args.chunk_size, int, lambda v: v >= 1, "must be at least 1",
                              "pass a positive prefill chunk such as --chunk_size 512, or omit it (the window)")
+    args.prefix_cache_mb = number("--prefix_cache_mb", args.prefix_cache_mb, float, lambda v: v >= 0,
+                                  "must be >= 0", "pass MiB for the prefix cache, e.g. 1024, or 0 to turn it off")
+    args.sync_ms = number("--sync_ms", args.sync_ms, float, lambda v: v > 0, "must be > 0",
+                          "pass milliseconds such as --sync_ms 20")
+    args.drain_timeout = number("--drain_timeout", args.drain_timeout, float, lambda v: v >= 0, "must be >= 0",
+                                "pass seconds such as --drain_timeout 30")
     args.mesh = parse_mesh(args.mesh)
     if not args.host:
         raise UsageError("--host", args.host, "is empty", "pass an address such as --host 127.0.0.1")
@@ -114,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from mistral_jax.serve.engine import Engine
 
     try:
-        server = Server(None, args.host, args.port)  # bind first: a busy port fails before the model loads
+        # bind first: a busy port fails before the model loads
+        server = Server(None, args.host, args.port, drain_timeout=args.drain_timeout)
     except OSError as e:
         raise UsageError("--port", args.port, f"cannot be bound on {args.host}: {e.strerror}",
                          "pass a free port (or --port 0 for any)") from None
@@ -136,15 +153,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     tokenizer, model = load_checkpoint(args, tokenizer_file, spec)
     name = args.model_name or checkpoint_name(args.checkpoint)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                    chunk_size=args.chunk_size, mesh=mesh, rules=spec.rules).start()
+                    chunk_size=args.chunk_size, mesh=mesh, rules=spec.rules, prefix_cache_mb=args.prefix_cache_mb,
+                    sync_ms=args.sync_ms).start()
     server.set_app(create_app(engine, name))
     where = "" if mesh is None else f", mesh={dict(mesh.shape)}"
     print(f"serving {name!r} on {server.url} (max_batch={args.max_batch}, cache slots per row="
           f"{engine.cache_slots}, prefill chunk={engine.chunk}{where})", file=sys.stderr, flush=True)
+    # uvicorn drains on SIGTERM, then re-raises it under the handler it found: a no-op one makes the exit status 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        server.run()
+        server.run()  # returns after SIGTERM / Ctrl-C once the requests in flight are done (uvicorn's shutdown)
     finally:
         engine.stop()
+    print("mistral-jax-serve: drained, exiting", file=sys.stderr, flush=True)
 
 
 def entry() -> None:

@@ -39,12 +39,13 @@ from jaxtyping import Array, Bool, Float, Int
 
 from mistral_jax import sharding
 from mistral_jax.inference.per_layer import serving_forward
-from mistral_jax.inference.sampling import sample
+from mistral_jax.inference.sampling import sample, top_logprobs
 from mistral_jax.model.kv_cache import EMPTY, KVCache
 
 DEFAULT_CHUNK = 4096  # prefill chunk for models without a sliding window
 DECODE_BLOCK = 32  # decode steps per device loop between host syncs (when nothing needs every token)
 NO_EOS = -1  # eos id that never matches
+TOP_LOGPROBS = 20  # alternatives computed per token when a server request asks for logprobs (OpenAI's most)
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -98,6 +99,20 @@ def pad_prompts(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0
             tokens[b, length - len(p):] = np.asarray(p, np.int32)
             positions[b, length - len(p):] = np.arange(len(p), dtype=np.int32)
     return tokens, positions
+
+
+def prompt_chunks(prompt: Sequence[int], chunk: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A prompt as prefill chunks ``[1, chunk]`` whose boundaries are multiples of ``chunk`` counted from the first
+    token (so two prompts with a common prefix share its chunks exactly: the server's prefix cache); the last,
+    partial chunk is right-aligned (its padding, at position -1, first), so its last column is the last token."""
+    n = len(prompt)
+    out = []
+    for start in range(0, n, chunk):
+        piece = prompt[start:start + chunk]
+        tokens, positions = pad_prompts([piece], chunk)
+        positions = np.where(positions >= 0, positions + start, -1).astype(np.int32)
+        out.append((tokens, positions))
+    return out
 
 
 @functools.lru_cache(maxsize=16)
@@ -155,6 +170,24 @@ def forward_chunk(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, toke
     return (out.logits[:, -1] if last_only else out.logits), _put_row(cache, out.cache, row)
 
 
+@functools.partial(jax.jit)
+def cache_row(cache: KVCache, b: Int[Array, ""]) -> KVCache:
+    """A copy of row ``b`` as a one-row cache ``[L, 1, S, ...]`` (the server's prefix-cache snapshot)."""
+    return _cache_row(cache, b)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def put_row(cache: KVCache, row: KVCache, b: Int[Array, ""]) -> KVCache:
+    """The cache with row ``b`` replaced by the one-row cache ``row`` (a restored snapshot)."""
+    return _put_row(cache, row, b)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def copy_row(cache: KVCache, src: Int[Array, ""], dst: Int[Array, ""]) -> KVCache:
+    """The cache with row ``dst`` a copy of row ``src`` (``n > 1`` completions of one prefilled prompt)."""
+    return _put_row(cache, _cache_row(cache, src), dst)
+
+
 _forward_chunk = jax.jit(forward_chunk, static_argnames=("graphdef", "last_only"), donate_argnames=("cache",))
 
 
@@ -209,6 +242,23 @@ def prefill_chunk(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, toke
     return (out[0], cache, out[1]) if logprobs else (out, cache)
 
 
+def prefill_chunk_scored(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: Int[Array, "1 C"],
+                         positions: Int[Array, "1 C"], targets: Int[Array, "1 C"], key: Any, *,
+                         temperature: Any = 0.0, top_k: Any = None, top_p: Any = None, layers: tuple | None = None,
+                         row: Int[Array, ""], reset: Bool[Array, ""], top: int = TOP_LOGPROBS) -> tuple:
+    """``prefill_chunk`` into one row that also scores the chunk: the log-prob of ``targets`` (each column's next
+    prompt token; -1: the sampled token, for the prompt's last column) and the ``top`` alternatives of every column
+    (the server's ``echo`` with ``logprobs``). The chunk's float32 logits ``[1, C, V]`` exist inside the step.
+
+    Returns:
+      ``(next [1], cache, target_logprobs [1, C], top_logprobs [1, C, top], top_ids [1, C, top])``.
+    """
+    logits, cache = forward_chunk(graphdef, state, cache, tokens, positions, layers=layers, row=row, reset=reset)
+    nxt = sample(logits[:, -1], key, temperature, top_k, top_p)
+    chosen, values, ids = top_logprobs(logits, jnp.where(targets < 0, nxt[:, None], targets), top)
+    return nxt, cache, chosen, values, ids
+
+
 def decode_step(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: Int[Array, " B"],
                 positions: Int[Array, " B"], key: Any, *, temperature: Any = 0.0, top_k: Any = None,
                 top_p: Any = None, layers: tuple | None = None, logprobs: bool = False) -> tuple:
@@ -235,6 +285,57 @@ _decode_step = jax.jit(decode_step, static_argnames=("graphdef", "temperature", 
 # Sampling settings as per-row arrays [B] (traced): the server's steps, one compilation whatever requests ask.
 decode_rows = jax.jit(decode_step, static_argnames=("graphdef", "logprobs"), donate_argnames=("cache",))
 prefill_rows = jax.jit(prefill_chunk, static_argnames=("graphdef", "logprobs"), donate_argnames=("cache",))
+prefill_rows_scored = jax.jit(prefill_chunk_scored, static_argnames=("graphdef", "top"), donate_argnames=("cache",))
+
+
+def decode_rows_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: Int[Array, " R"],
+                     positions: Int[Array, " R"], seeds: Int[Array, " R"], steps: Int[Array, " R"],
+                     budget: Int[Array, " R"], eos: Int[Array, " R"], num_steps: Int[Array, ""], *,
+                     temperature: Any, top_k: Any, top_p: Any, rows: int, block: int = DECODE_BLOCK,
+                     layers: tuple | None = None, logprobs: bool = False) -> tuple:
+    """The server's decode: up to ``min(num_steps, block)`` steps for the first ``rows`` rows of the cache (a bucket
+    of the B decode slots: the step's cost follows the load) in one device loop, per-row settings (arrays ``[R]``).
+
+    Row ``r`` feeds ``tokens[r]`` at ``positions[r]`` (-1: idle) and draws its i-th token of this call with
+    ``fold_in(key(seeds[r]), steps[r] + i)`` (as ``decode_rows``, so the block length changes no draw). It stops
+    after ``budget[r]`` tokens or when it samples ``eos[r]`` (-1: never); a stopped row feeds nothing more. The
+    loop ends early when every row has stopped. Rows ``>= rows`` are neither read nor written.
+
+    Returns:
+      ``(new_tokens [R, block], steps_taken, cache)``; with ``logprobs`` also ``(token_logprobs [R, block],
+      top_logprobs [R, block, TOP_LOGPROBS], top_ids [R, block, TOP_LOGPROBS])``.
+    """
+    sub = KVCache(k=cache.k[:, :rows], v=cache.v[:, :rows], pos=cache.pos[:rows])
+    out = jnp.zeros((rows, block), jnp.int32)
+    extra = ((jnp.zeros((rows, block), jnp.float32), jnp.zeros((rows, block, TOP_LOGPROBS), jnp.float32),
+              jnp.zeros((rows, block, TOP_LOGPROBS), jnp.int32)) if logprobs else ())
+    done = (positions < 0) | (budget <= 0)
+
+    def cond(carry):
+        i, _, _, _, done, _, _ = carry
+        return (i < jnp.minimum(num_steps, block)) & ~jnp.all(done)
+
+    def body(carry):
+        i, sub, tok, pos, done, out, extra = carry
+        pos = jnp.where(done, -1, pos)
+        step = decode_step(graphdef, state, sub, tok, pos, (seeds, steps + i), temperature=temperature,
+                           top_k=top_k, top_p=top_p, layers=layers)
+        nxt, logits, sub = step
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+        if logprobs:
+            chosen, values, ids = top_logprobs(logits, nxt, TOP_LOGPROBS)
+            extra = (jax.lax.dynamic_update_slice(extra[0], chosen[:, None], (0, i)),
+                     jax.lax.dynamic_update_slice(extra[1], values[:, None], (0, i, 0)),
+                     jax.lax.dynamic_update_slice(extra[2], ids[:, None], (0, i, 0)))
+        done = done | (nxt == eos) | (i + 1 >= budget)
+        return i + 1, sub, nxt, pos + 1, done, out, extra
+
+    i, sub, _, _, _, out, extra = jax.lax.while_loop(
+        cond, body, (jnp.zeros((), jnp.int32), sub, tokens, positions, done, out, extra))
+    cache = KVCache(k=jax.lax.dynamic_update_slice_in_dim(cache.k, sub.k, 0, axis=1),
+                    v=jax.lax.dynamic_update_slice_in_dim(cache.v, sub.v, 0, axis=1),
+                    pos=jax.lax.dynamic_update_slice_in_dim(cache.pos, sub.pos, 0, axis=0))
+    return (out, i, cache) + tuple(extra)
 
 
 def decode_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: Int[Array, " B"],
@@ -283,6 +384,9 @@ def decode_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens
     return (out, i, cache, tokens, positions, done) + ((lp,) if logprobs else ())
 
 
+# The server's multi-step decode over a bucket of rows (per-row settings traced; one compilation per bucket).
+decode_rows_loop_jit = jax.jit(decode_rows_loop, static_argnames=("graphdef", "rows", "block", "logprobs"),
+                               donate_argnames=("cache",))
 _decode_loop = jax.jit(decode_loop, static_argnames=("graphdef", "block", "temperature", "top_k", "top_p", "eos_id",
                                                      "pad_id", "logprobs"), donate_argnames=("cache",))
 _sample = jax.jit(sample, static_argnames=("temperature", "top_k", "top_p", "logprobs"))

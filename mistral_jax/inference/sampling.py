@@ -113,6 +113,16 @@ def token_logprobs(logits: Float[Array, "*B V"], tokens: Int[Array, "*B"]) -> Fl
     return jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
+def top_logprobs(logits: Float[Array, "*B V"], tokens: Int[Array, "*B"], k: int
+                 ) -> tuple[Float[Array, "*B"], Float[Array, "*B k"], Int[Array, "*B k"]]:
+    """OpenAI's ``logprobs``: ``token_logprobs`` of ``tokens`` and the ``k`` most likely tokens' log-probs and ids
+    (decreasing; ties: the lower id first), all under the raw distribution (temperature 1, no filter), float32."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    values, ids = jax.lax.top_k(logp, k)
+    return chosen, values, ids.astype(jnp.int32)
+
+
 def greedy(logits: Float[Array, "*B V"]) -> Int[Array, "*B"]:
     """The most likely token (argmax; the first on ties)."""
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)

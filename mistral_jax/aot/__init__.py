@@ -21,6 +21,9 @@ Topologies: ``v5p-N`` / ``v4-N`` (N TensorCores, 2 per chip), ``v5e-N`` / ``v6e-
 ``v5p:4x4x4``-style chip grid. ``--num_slices N`` compiles for N such slices joined by the data-center network
 (DCN): the devices carry their ``slice_index`` and the mesh puts ``mesh.dcn_data = N`` (unless the config sets
 ``mesh.dcn_data`` / ``mesh.dcn_fsdp``), so data parallelism spans the slices and memory per chip is one slice's.
+
+Serving (``--serve``, ``aot.serving``): the server's decode step and prefill chunk for ``config.model`` on a mesh,
+with its KV cache and a prefix-cache budget, per chip against HBM (``serving.plan_serving``, ``compile_serving``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,12 @@
 """``python -m mistral_jax.aot --config configs/X.py --topology v5p-128 [--num_slices N] [--json]``: the AOT tool's
-command line (the library is ``mistral_jax.aot``; see its docstring)."""
+command line (the library is ``mistral_jax.aot``; see its docstring).
+
+``--serve`` checks a serving configuration instead of the train step: ``config.model`` served at ``--dtype`` with
+``--max_batch`` decode slots up to ``--max_len`` positions on ``--mesh`` (``mistral_jax.aot.serving``)::
+
+    python -m mistral_jax.aot --config configs/mistral_7b.py --topology v5e-8 --serve --mesh tensor=8 \\
+        --max_batch 64 --max_len 32768 --prefix_cache_mb 1024
+"""
 
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from mistral_jax.aot import (
 )
 
 PROG = "aot"
+SERVE_FLAGS = ("mesh", "max_batch", "max_len", "prefix_cache_mb", "dtype", "chunk_size")  # only with --serve
 
 
 def _topology_arg(name: str) -> Topology:
@@ -75,7 +83,15 @@ def main(argv: list[str]) -> None:
     if f.num_slices < 1:
         raise UsageError("--num_slices", f.num_slices, "must be at least 1",
                          "pass the number of TPU slices the job spans, e.g. --num_slices 2")
+    given = [name for name in SERVE_FLAGS if f[name].present]
+    if given and not f.serve:
+        raise UsageError(f"--{given[0]}", f[given[0]].value, "only applies to a serving check",
+                         f"add --serve (or drop --{given[0]} to compile the train step)")
+    serve_args = _serve_args(f, topo) if f.serve else None
     run_cfg = _config_arg(f["config"])
+    if serve_args is not None:
+        _serve(run_cfg, topo, *serve_args, as_json=f.json)
+        return
     devices = topology_devices(topo, f.num_slices)
     report = compile_train_step(run_cfg, devices)
     report.update(hbm=topo.hbm_bytes, fits=report["fits"] is not False and report["total"] <= topo.hbm_bytes,
@@ -85,6 +101,68 @@ def main(argv: list[str]) -> None:
     print(format_report(report, f"AOT train step for {topo.name}{slices} ({topo.libtpu_name})"))
     if f.json:
         print(json.dumps(report))
+
+
+def _serve_args(f: Any, topo: Topology) -> tuple[Any, ...]:
+    """The serving flags, checked (``UsageError``): ``(mesh sizes or None, max_batch, max_len, prefix MiB, dtype,
+    chunk_size)``."""
+    from mistral_jax.cli import DTYPES, UsageError, number
+    from mistral_jax.cli.serve import parse_mesh
+
+    if f.num_slices != 1:
+        raise UsageError("--num_slices", f.num_slices, "is not supported with --serve (a server runs on one slice)",
+                         "drop --num_slices")
+    max_batch = number("--max_batch", f.max_batch, int, lambda v: v >= 1, "must be at least 1",
+                       "pass the decode slots (requests decoded together), e.g. --max_batch 64")
+    max_len = number("--max_len", f.max_len, int, lambda v: v >= 1, "must be at least 1",
+                     "pass the positions a request may reach (prompt + new tokens), e.g. --max_len 32768, or omit "
+                     "it (the model's max_seq_len)")
+    prefix = number("--prefix_cache_mb", f.prefix_cache_mb, float, lambda v: v >= 0, "must be >= 0",
+                    "pass the prefix cache's budget in MiB, e.g. --prefix_cache_mb 1024, or 0 for none")
+    chunk = number("--chunk_size", f.chunk_size, int, lambda v: v >= 1, "must be at least 1",
+                   "pass a positive prefill chunk such as --chunk_size 512, or omit it (the window)")
+    dtype = f.dtype or "bfloat16"
+    if dtype not in DTYPES:
+        raise UsageError("--dtype", dtype, f"is not a serving dtype {list(DTYPES)}",
+                         "pass --dtype bfloat16 (the default: half the memory) or --dtype float32")
+    mesh = parse_mesh(f.mesh)
+    if mesh is not None:
+        from mistral_jax import sharding
+
+        try:
+            sharding.mesh_shape(mesh, topo.chips)
+        except ValueError as e:
+            raise UsageError("--mesh", f.mesh, f"does not lay out the {topo.chips} chips of {topo.name} "
+                             f"({str(e).split(' Fix: ')[0].rstrip('.')})",
+                             f"make the sizes multiply to {topo.chips}, or use -1 for one axis") from None
+    return mesh, max_batch, max_len, prefix, dtype, chunk
+
+
+def _serve(run_cfg: Any, topo: Topology, mesh: dict[str, int] | None, max_batch: int, max_len: int | None,
+           prefix_mb: float, dtype: str, chunk: int | None, as_json: bool) -> None:
+    """Plan the serving check (one-line ``ServingConfigError`` before anything compiles), compile, print; exit status
+    2 with one line when it does not fit."""
+    from mistral_jax import cli
+    from mistral_jax.aot import serving
+    from mistral_jax.training.run import model_config_of
+
+    model_cfg = model_config_of(run_cfg)
+    # --mesh: the rules the server picks for it (auto); else the run config's mesh and rules
+    mesh_cfg = mesh if mesh is not None else run_cfg.mesh.to_dict()
+    plan = serving.plan_serving(model_cfg, mesh_cfg, topo.chips, max_batch=max_batch, max_len=max_len, dtype=dtype,
+                                prefix_cache_mb=prefix_mb, chunk_size=chunk, platform="tpu")
+    report = serving.compile_serving(plan, topology_devices(topo), topo.hbm_bytes)
+    report.update(topology=topo.name, libtpu_topology=topo.libtpu_name, preset=run_cfg.model.get("preset", ""))
+    print(serving.format_serving_report(report, f"AOT serving {report['preset'] or 'model'} for {topo.name} "
+                                                f"({topo.libtpu_name})"))
+    if as_json:
+        print(json.dumps(report))
+    if not report["fits"]:
+        largest = max(report["decode"]["total"], report["prefill"]["total"])
+        cli.fail(PROG, f"serving does not fit: {report['total'] / serving.GiB:.2f} GiB per chip (the larger program "
+                       f"{largest / serving.GiB:.2f} GiB + prefix cache {report['prefix_cache'] / serving.GiB:.2f} "
+                       f"GiB) over the {topo.hbm_bytes / serving.GiB:.0f} GiB of a {topo.generation} chip. Fix: lower "
+                       "--max_batch or --prefix_cache_mb, or use more chips (a larger --topology)")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -137,13 +215,26 @@ def _run() -> None:
     flags.DEFINE_integer("num_slices", 1, "compile for this many copies of --topology joined over DCN (a multi-slice "
                          "job); the mesh gets mesh.dcn_data = num_slices unless the config sets its dcn_* axes")
     flags.DEFINE_bool("json", False, "also print the report as one JSON line")
+    flags.DEFINE_bool("serve", False, "check a serving configuration instead of the train step: compile the server's "
+                      "decode loop and prefill chunk for config.model (mistral_jax.aot.serving)")
+    flags.DEFINE_string("mesh", None, "--serve: mesh axis sizes such as 'tensor=8' or 'data=2,tensor=4' (axes data, "
+                        "fsdp, tensor, expert; one may be -1; the rules the server picks for it); default config.mesh")
+    flags.DEFINE_integer("max_batch", 16, "--serve: decode slots B (requests decoded together)")
+    flags.DEFINE_integer("max_len", None, "--serve: positions a request may reach (prompt + new tokens); the cache "
+                         "holds the sliding window W per row, else max_len; default the model's max_seq_len")
+    flags.DEFINE_float("prefix_cache_mb", 1024.0, "--serve: prefix-cache budget in MiB, as mistral-jax-serve's (0: "
+                       "off; row snapshots, each split over the tensor ways, a copy per batch shard)")
+    flags.DEFINE_string("dtype", None, "--serve: weights and compute dtype, bfloat16 (default) or float32")
+    flags.DEFINE_integer("chunk_size", None, "--serve: prefill chunk (default: the window W, else 4096; at most the "
+                         "cache slots)")
     flags.DEFINE_bool("verbose", False, "show the traceback of argument errors too (as MISTRAL_JAX_DEBUG=1 does)")
     flags.mark_flags_as_required(["config"])
     if not jax.config.jax_platforms:  # compile for the TPU topology from this host's CPU; never grab a local TPU
         jax.config.update("jax_platforms", "cpu")
+    from mistral_jax.aot.serving import ServingConfigError
     from mistral_jax.training.recipe import ConfigError
 
-    app.run(lambda argv: cli.run(lambda: main(argv), PROG, expected=(MeshConfigError, ConfigError)),
+    app.run(lambda argv: cli.run(lambda: main(argv), PROG, expected=(MeshConfigError, ConfigError, ServingConfigError)),
             flags_parser=_parse_flags)
 
 

@@ -97,6 +97,13 @@ def mc_task_yaml(task: str, data: object, metrics: tuple[str, ...] = ("acc",)) -
             + "".join(f"  - metric: {m}\n" for m in metrics))
 
 
+def ppl_task_yaml(task: str, data: object, metrics: tuple[str, ...] = ("word_perplexity",)) -> str:
+    """An lm-eval rolling-perplexity task (``loglikelihood_rolling``) over a local jsonl of ``{"text"}`` rows."""
+    return (f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+            "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\nmetric_list:\n"
+            + "".join(f"  - metric: {m}\n" for m in metrics))
+
+
 def write_prepared(dest: str, shards: list[list[str]], tokenizer_path: str, seq_len: int) -> str:
     """A prepared text dataset at ``dest`` written directly with ``data.prepared`` (one shard per list of texts,
     each packed with ``pipeline.pack_documents``), for loader tests that do not exercise ``data.prepare``."""

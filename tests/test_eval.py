@@ -25,7 +25,7 @@ import mistral_jax as mj
 from mistral_jax.evals import presets
 from mistral_jax.evals.lm import MistralJaxLM
 from mistral_jax.evals.run import DatasetUnavailableError, evaluate, load_tasks
-from tests.helpers import WORDS, mc_task_yaml
+from tests.helpers import WORDS, mc_task_yaml, ppl_task_yaml
 
 # lm-eval is imported at the top (mistral_jax.evals is its backend): conftest.py leaves this file out of the light tier
 pytestmark = pytest.mark.oracle
@@ -48,19 +48,6 @@ generation_kwargs:
   do_sample: false
 metric_list:
   - metric: exact_match
-"""
-PPL_YAML = """task: local_ppl
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: word_perplexity
-  - metric: byte_perplexity
 """
 
 
@@ -93,7 +80,9 @@ def env(tmp_path_factory, make_tokenizer):
     tasks = root / "tasks"
     tasks.mkdir()
     for name, rows, yaml in (("mc", mc, lambda data: mc_task_yaml("local_mc", data, ("acc", "acc_norm"))),
-                             ("gen", gen, GEN_YAML.format), ("ppl", ppl, PPL_YAML.format)):
+                             ("gen", gen, GEN_YAML.format),
+                             ("ppl", ppl, lambda data: ppl_task_yaml("local_ppl", data, ("word_perplexity",
+                                                                                         "byte_perplexity")))):
         with open(data / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         (tasks / f"local_{name}.yaml").write_text(yaml(data=data / f"{name}.jsonl"))

@@ -18,7 +18,7 @@ import pytest
 from mistral_jax import distributed
 from mistral_jax.data.corpus import TRAIN
 from mistral_jax.training.metrics import read_metrics
-from tests.helpers import mc_task_yaml, run_losses
+from tests.helpers import mc_task_yaml, ppl_task_yaml, run_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POD_TRAIN = os.path.join(ROOT, "tests", "pod_train.py")
@@ -190,18 +190,6 @@ def test_stalled_process_is_named_by_every_process_and_exit_mode_restarts(runs, 
     assert run_losses(workdir) == run_losses(runs["2x4"])
 
 
-PPL_YAML = """task: pod_ppl
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: word_perplexity
-"""
 
 
 @pytest.mark.slow
@@ -213,7 +201,7 @@ def test_eval_two_processes_match_one(runs, tmp_path):
            "label": int(rng.integers(4))} for _ in range(12)]
     ppl = [{"text": t[:300]} for t in texts[:4]]
     for name, rows, yaml in (("mc", mc, lambda data: mc_task_yaml("pod_mc", data, ("acc", "acc_norm"))),
-                             ("ppl", ppl, PPL_YAML.format)):
+                             ("ppl", ppl, lambda data: ppl_task_yaml("pod_ppl", data))):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (tmp_path / f"pod_{name}.yaml").write_text(yaml(data=tmp_path / f"{name}.jsonl"))
 

@@ -200,14 +200,12 @@ def token_text(tokenizer: Any, i: int) -> str:
     return piece.replace("\u2581", " ")
 
 
-def completion_logprobs(tokenizer: Any, entries: Sequence[TokenLogprob | None], offset: int = 0) -> dict[str, Any]:
-    """``/v1/completions``' ``logprobs`` object: ``tokens``, ``token_logprobs``, ``top_logprobs`` (a dict per token,
-    None for an echoed prompt's first token), ``text_offset``."""
+def completion_logprobs(tokenizer: Any, entries: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """``/v1/completions``' ``logprobs`` object: ``tokens``, ``token_logprobs``, ``top_logprobs`` (a dict per token;
+    None for an echoed prompt's first token, whose entry has log-prob None), ``text_offset``."""
     tokens, lps, tops, offsets = [], [], [], []
     pos = offset
     for e in entries:
-        if e is None:  # the prompt's first token has no log-prob
-            continue
         tokens.append(token_text(tokenizer, e.id))
         lps.append(e.logprob)
         tops.append({token_text(tokenizer, i): v for i, v in e.top} if e.top or e.logprob is not None else None)

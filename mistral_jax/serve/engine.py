@@ -438,9 +438,10 @@ class Engine:
         into its row."""
         n = len(req.prompt_ids)
         for j in range((n - 1) // self.chunk, 0, -1):
-            snap = self.prefix.get(self._prefix_key(req.prompt_ids, j * self.chunk))
+            key = self._prefix_key(req.prompt_ids, j * self.chunk)
+            snap = self.prefix.get(key)
             if snap is not None:
-                self.prefix.move_to_end(self._prefix_key(req.prompt_ids, j * self.chunk))
+                self.prefix.move_to_end(key)
                 self.cache = put_row(self.cache, snap, np.int32(req.row))
                 req.next_chunk = j
                 self.steps["prefix_hit_tokens"] += j * self.chunk
@@ -537,6 +538,7 @@ class Engine:
         self.pos[b], self.last[b] = n, tok
         self._on_token(req, tok, first_lp)
         self._flush(req)
+        self.metrics.generated(1)
 
     def _token_lp(self, tok: int, lp: float, top_lp: np.ndarray, top_ids: np.ndarray,
                   p: SamplingParams) -> TokenLogprob:
@@ -582,6 +584,7 @@ class Engine:
         self.steps["decode_steps"] += n
         self.steps["decode_calls"] += 1
         self.steps["peak_rows"] = max(self.steps["peak_rows"], len(rows))
+        before = self.steps["tokens"]
         for b in rows:
             req = self.slots[b]
             for t in range(n):
@@ -595,6 +598,7 @@ class Engine:
                 self.pos[b] += n
                 self.last[b] = tokens[b, n - 1]
             self._flush(req)
+        self.metrics.generated(self.steps["tokens"] - before)
 
     def _flush(self, req: Request) -> None:
         """Send ``req``'s buffered delta (if it has text or tokens)."""
@@ -627,7 +631,6 @@ class Engine:
         req.last_time = now
         req.generated.append(tok)
         self.steps["tokens"] += 1
-        self.metrics.generated(1)
         p = req.params
         eos = tok == self.eos_id and not p.ignore_eos
         last = len(req.generated) >= p.max_tokens

@@ -296,6 +296,7 @@ def _metrics(env) -> dict[str, float]:
             s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
+@pytest.mark.oracle  # the openai client
 def test_metrics_count_requests_tokens_and_latencies(env):
     wait_idle(env)
     before = _metrics(env)
@@ -324,6 +325,7 @@ def _forward_logprobs(env, ids):
     return np.asarray(jax.nn.log_softmax(logits, axis=-1))
 
 
+@pytest.mark.oracle  # the openai client
 def test_logprobs_and_echo(env):
     """echo + logprobs give every prompt token's log-prob (None for the first) and the new tokens', equal to a
     full-sequence forward; top_logprobs hold the k most likely; max_tokens=0 scores the prompt only."""
@@ -364,6 +366,7 @@ def test_logprobs_and_echo(env):
         assert err["param"] in bad and "\n" not in err["message"], err
 
 
+@pytest.mark.oracle  # the openai client
 def test_n_completions_share_one_prefill_and_are_reproducible(env):
     c = client(env)
     wait_idle(env)
@@ -428,6 +431,47 @@ def test_prefix_cache_evicts_least_recently_used():
         assert keys[0] in eng.prefix and keys[2] in eng.prefix and keys[1] not in eng.prefix  # b was the LRU
     finally:
         eng.stop()
+
+
+def test_batched_prefill_equals_one_row_at_a_time_and_padding_changes_nothing():
+    """``decode.prefill_rows_batch`` (the engine's prefill of several prompts in one call) writes each row as
+    ``prefill_rows`` does for that row alone, and its padding entries leave every row as it was (the last row,
+    which they read, included)."""
+    import jax
+
+    from mistral_jax.inference import decode
+
+    cfg = mj.ModelConfig.tiny(sliding_window=8, max_seq_len=64)
+    g, state = nnx.split(mj.Transformer(cfg, rngs=nnx.Rngs(1)))
+    rng = np.random.default_rng(0)
+    b = 4
+    base = decode.new_cache(cfg, b, 8)
+    for r in range(b):  # every row holds a prefilled prompt of its own
+        toks, pos = decode.prompt_chunks([int(x) for x in rng.integers(3, cfg.vocab_size, 8)], 8)[0]
+        _, base = decode.prefill_rows(g, state, base, toks, pos, row=np.int32(r), reset=np.bool_(True),
+                                      key=(np.zeros(1, np.int32), np.zeros(1, np.int32)), temperature=np.zeros(1),
+                                      top_k=np.zeros(1, np.int32), top_p=np.ones(1))
+    chunks = [decode.prompt_chunks([int(x) for x in rng.integers(3, cfg.vocab_size, n)], 8)[-1] for n in (5, 8)]
+    rows, reset = np.array([2, 0, b, b], np.int32), np.array([True, False, False, False])
+    tokens = np.zeros((4, 8), np.int32)
+    positions = np.full((4, 8), -1, np.int32)
+    for i, (t, p) in enumerate(chunks):
+        tokens[i], positions[i] = t[0], p[0] + (8 if i == 1 else 0)  # row 0: its prompt goes on
+    keep = jax.tree.map(np.asarray, base)
+    smp = dict(temperature=np.zeros(4), top_k=np.zeros(4, np.int32), top_p=np.ones(4))
+    nxt, got = decode.prefill_rows_batch_jit(g, state, jax.tree.map(np.copy, base), tokens, positions, rows, reset,
+                                             (np.zeros(4, np.int32), np.zeros(4, np.int32)), **smp)
+    want = jax.tree.map(np.copy, keep)
+    for i in range(2):
+        one, want = decode.prefill_rows(g, state, want, tokens[i:i + 1], positions[i:i + 1], row=np.int32(rows[i]),
+                                        reset=np.bool_(reset[i]), key=(np.zeros(1, np.int32), np.zeros(1, np.int32)),
+                                        temperature=np.zeros(1), top_k=np.zeros(1, np.int32), top_p=np.ones(1))
+        assert int(np.asarray(one)[0]) == int(np.asarray(nxt)[i])
+    for a, w, k in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(keep), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(w), atol=1e-5)
+        a, k = np.asarray(a), np.asarray(k)
+        untouched = (slice(None), [1, 3]) if a.ndim > 2 else ([1, 3],)  # rows 1 and 3 (the padding's) as they were
+        np.testing.assert_array_equal(a[untouched], k[untouched])
 
 
 # ----------------------------------------------------------------------------- the engine alone

@@ -9,8 +9,9 @@ arguments laid out as the engine lays them out on a mesh, so nothing is read or 
 - decode: ``decode.decode_rows_loop`` over all B decode slots (the engine's largest bucket; ``decode.DECODE_BLOCK``
   steps per call, each one token per row, as ``decode.decode_rows`` computes it) over the rolling-buffer cache
   ``[L, B, S, K, H]`` (``decode.new_cache``: S = the sliding window W, else ``max_len``), per-row sampling arrays;
-- prefill: ``decode.prefill_rows``, one chunk ``[1, C]`` of one prompt into one row of that cache (C = the engine's
-  chunk: W, else ``decode.DEFAULT_CHUNK``, capped at S).
+- prefill: ``decode.prefill_rows_batch`` at the engine's largest prefill bucket, one chunk ``[k, C]`` of k prompts
+  at once into their rows of that cache (C = the engine's chunk: W, else ``decode.DEFAULT_CHUNK``, capped at S;
+  k = ``decode.prefill_batch_limit``: ``decode.PREFILL_TOKENS // C`` at most B).
 
 The weights are sharded by their logical axes (``sharding.state_shardings`` with the mesh's rules), the cache's rows
 over the batch axes and its kv heads over ``tensor`` (``KVCache.shardings``), as ``Engine.__init__`` places them.
@@ -227,7 +228,12 @@ def compile_serving(plan: ServingPlan, devices: list[Any], hbm_bytes: int | None
     from flax import nnx
 
     from mistral_jax.aot import _oom_report, memory_report
-    from mistral_jax.inference.decode import DECODE_BLOCK, decode_rows_loop_jit, prefill_rows
+    from mistral_jax.inference.decode import (
+        DECODE_BLOCK,
+        decode_rows_loop_jit,
+        prefill_batch_limit,
+        prefill_rows_batch_jit,
+    )
     from mistral_jax.model.kv_cache import KVCache
     from mistral_jax.model.transformer import Transformer
 
@@ -252,7 +258,8 @@ def compile_serving(plan: ServingPlan, devices: list[Any], hbm_bytes: int | None
         snapshot_bytes=plan.snapshot_bytes, prefix_ways=plan.kv_ways,
         params=sum(x.size for x in jax.tree.leaves(state)), n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads,
         head_dim=cfg.head_dim, sliding_window=cfg.sliding_window, max_len=cfg.max_seq_len, max_batch=b,
-        cache_slots=s, chunk=c, dtype=cfg.dtype, attention_impl=cfg.attention_impl, moe_impl=cfg.moe_impl,
+        cache_slots=s, chunk=c, prefill_rows=prefill_batch_limit(b, c), dtype=cfg.dtype,
+        attention_impl=cfg.attention_impl, moe_impl=cfg.moe_impl,
         platform=cfg.platform, mesh={k: int(v) for k, v in mesh.shape.items()}, rules=plan.rules_name,
         devices=mesh.size, hbm=hbm_bytes)
     static = weights + kv + positions + prefix
@@ -276,13 +283,14 @@ def compile_serving(plan: ServingPlan, devices: list[Any], hbm_bytes: int | None
     def settings(n: int) -> dict[str, Any]:  # Engine._sampling: per-row settings [n], traced
         return dict(temperature=arg((n,), jnp.float32), top_k=arg((n,), jnp.int32), top_p=arg((n,), jnp.float32))
 
+    k = prefill_batch_limit(b, c)  # prompts per batched prefill call, as the engine's largest prefill bucket
     per_row = [arg((b,), jnp.int32) for _ in range(6)]  # last tokens, positions, seeds, steps, budgets, eos ids
-    programs = {  # as Engine._decode_call (the largest bucket) and Engine._prefill_one call them; layers: stacked
+    programs = {  # as Engine._decode_call and Engine._prefill call them (the largest buckets); layers: stacked
         "decode": lambda: decode_rows_loop_jit.lower(graphdef, state, cache, *per_row, arg((), jnp.int32), rows=b,
                                                      block=DECODE_BLOCK, layers=None, logprobs=False, **settings(b)),
-        "prefill": lambda: prefill_rows.lower(graphdef, state, cache, arg((1, c), jnp.int32), arg((1, c), jnp.int32),
-                                              (arg((1,), jnp.int32), arg((1,), jnp.int32)), layers=None,
-                                              row=arg((), jnp.int32), reset=arg((), jnp.bool_), **settings(1)),
+        "prefill": lambda: prefill_rows_batch_jit.lower(
+            graphdef, state, cache, arg((k, c), jnp.int32), arg((k, c), jnp.int32), arg((k,), jnp.int32),
+            arg((k,), jnp.bool_), (arg((k,), jnp.int32), arg((k,), jnp.int32)), layers=None, **settings(k)),
     }
     with sharding.use_mesh(mesh, rules):
         for name, lower in programs.items():
@@ -313,13 +321,14 @@ def format_serving_report(r: dict[str, Any], title: str) -> str:
              f"  mesh {r['mesh']} ({r['devices']} chips), rules {r['rules']}, dtype {r['dtype']}, attention "
              f"{r['attention_impl']}, moe {r['moe_impl']} (for {r['platform']}); {r['params']:,} parameters",
              f"  {r['max_batch']} decode slots x {r['cache_slots']} cache slots ({window}), "
-             f"prefill chunk [1, {r['chunk']}]",
+             f"prefill chunk [{r['prefill_rows']}, {r['chunk']}]",
              f"  per chip: weights {gib(r['weights'])}  KV cache {gib(r['kv_cache'])}  (slot positions "
              f"{size(r['cache_positions'])})",
              f"  prefix cache: {size(r['prefix_cache_budget'])} holds {r['prefix_cache_rows']} row snapshot(s) of "
              f"{size(r['snapshot_bytes'])}, each split {r['prefix_ways']} ways (a copy per batch shard); per chip "
              f"{gib(r['prefix_cache'])}"]
-    for name, what in (("decode", f"decode loop [{r['max_batch']}]"), ("prefill", f"prefill chunk [1, {r['chunk']}]")):
+    for name, what in (("decode", f"decode loop [{r['max_batch']}]"),
+                       ("prefill", f"prefill chunk [{r['prefill_rows']}, {r['chunk']}]")):
         p = r[name]
         lines.append(f"  {what}: arguments {gib(p['arguments'])}  outputs {gib(p['outputs'])}  aliased "
                      f"{gib(p['aliased'])}  temps {gib(p['temps'])}  total {gib(p['total'])}  (compiled in "

@@ -46,6 +46,13 @@ DEFAULT_CHUNK = 4096  # prefill chunk for models without a sliding window
 DECODE_BLOCK = 32  # decode steps per device loop between host syncs (when nothing needs every token)
 NO_EOS = -1  # eos id that never matches
 TOP_LOGPROBS = 20  # alternatives computed per token when a server request asks for logprobs (OpenAI's most)
+PREFILL_TOKENS = 4096  # prompt tokens one batched prefill call of the server may take (bounds its activations)
+
+
+def prefill_batch_limit(max_batch: int, chunk: int, max_tokens: int = PREFILL_TOKENS) -> int:
+    """How many prompts' chunks one batched prefill call takes at most: ``max_tokens // chunk`` (at least one, at
+    most ``max_batch``)."""
+    return max(1, min(max_batch, max_tokens // chunk))
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -242,6 +249,35 @@ def prefill_chunk(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, toke
     return (out[0], cache, out[1]) if logprobs else (out, cache)
 
 
+def prefill_rows_batch(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: Int[Array, "k C"],
+                       positions: Int[Array, "k C"], rows: Int[Array, " k"], reset: Bool[Array, " k"], key: Any, *,
+                       temperature: Any = 0.0, top_k: Any = None, top_p: Any = None,
+                       layers: tuple | None = None) -> tuple:
+    """One prefill chunk for each of ``k`` requests at once, into their rows ``rows`` of the batched cache: the
+    rows are copied out ``[L, k, S, ...]``, extended together and written back one by one in place (a row index
+    ``>= B`` is a padding entry, whose positions must all be -1: it changes nothing). ``reset[i]`` clears row
+    ``i``'s stored positions first (a new request's first chunk). Samples each row's next token from its last
+    column (per-row settings, ``[k]``).
+
+    Returns:
+      ``(next [k] int32, cache)``.
+    """
+    n_rows, k = cache.pos.shape[0], tokens.shape[0]
+    pad = rows >= n_rows
+    rows = jnp.minimum(rows, n_rows - 1)  # a padding entry reads the last row and, feeding nothing, leaves it as is
+    parts = [_cache_row(cache, rows[i]) for i in range(k)]
+    sub = KVCache(k=jnp.concatenate([p.k for p in parts], axis=1), v=jnp.concatenate([p.v for p in parts], axis=1),
+                  pos=jnp.concatenate([p.pos for p in parts], axis=0))
+    sub = KVCache(k=sub.k, v=sub.v, pos=jnp.where((reset & ~pad)[:, None], EMPTY, sub.pos))
+    model = nnx.merge(graphdef, state)
+    out = serving_forward(model, layers, tokens, positions, cache=sub, logits_to_keep=1)
+    nxt = sample(out.logits[:, -1], key, temperature, top_k, top_p)
+    new = out.cache
+    for i in reversed(range(k)):  # row by row, in place; padding entries (last) first, so a real row's write wins
+        cache = _put_row(cache, KVCache(k=new.k[:, i:i + 1], v=new.v[:, i:i + 1], pos=new.pos[i:i + 1]), rows[i])
+    return nxt, cache
+
+
 def prefill_chunk_scored(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: Int[Array, "1 C"],
                          positions: Int[Array, "1 C"], targets: Int[Array, "1 C"], key: Any, *,
                          temperature: Any = 0.0, top_k: Any = None, top_p: Any = None, layers: tuple | None = None,
@@ -285,6 +321,8 @@ _decode_step = jax.jit(decode_step, static_argnames=("graphdef", "temperature", 
 # Sampling settings as per-row arrays [B] (traced): the server's steps, one compilation whatever requests ask.
 decode_rows = jax.jit(decode_step, static_argnames=("graphdef", "logprobs"), donate_argnames=("cache",))
 prefill_rows = jax.jit(prefill_chunk, static_argnames=("graphdef", "logprobs"), donate_argnames=("cache",))
+# One chunk for each of k requests (the server's prefill of several prompts at once; one compilation per bucket k).
+prefill_rows_batch_jit = jax.jit(prefill_rows_batch, static_argnames=("graphdef",), donate_argnames=("cache",))
 prefill_rows_scored = jax.jit(prefill_chunk_scored, static_argnames=("graphdef", "top"), donate_argnames=("cache",))
 
 

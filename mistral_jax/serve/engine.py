@@ -6,11 +6,11 @@ The engine only schedules; the decoding core (``inference``) does the rest. The 
 ``decode.new_cache(cfg, B, S)``: row ``b`` belongs to the request in decode slot ``b`` (``S = W`` with a sliding
 window, else ``max_seq_len``), exactly as in ``mj.generate``. The core's jitted steps run on it:
 
-* ``decode.prefill_rows``: one chunk ``[1, C]`` of one request's prompt into its row (a traced index; the row is
-  cleared on the first chunk); after the last chunk it samples the first new token. Chunk boundaries are multiples
-  of C from the first token (``decode.prompt_chunks``), so equal prefixes have equal chunks.
-  ``decode.prefill_rows_scored`` is the same chunk with every column's log-prob and top alternatives (``echo`` with
-  ``logprobs``).
+* ``decode.prefill_rows_batch``: one chunk ``[k, C]`` for each of k requests being prefilled (k the smallest
+  bucket holding them), their rows gathered, extended and scattered back (a new request's row cleared first);
+  after a prompt's last chunk it samples the first new token. Chunk boundaries are multiples of C from the first
+  token (``decode.prompt_chunks``), so equal prefixes have equal chunks. ``decode.prefill_rows_scored`` is one
+  request's chunk with every column's log-prob and top alternatives (``echo`` with ``logprobs``).
 * ``decode.decode_rows_loop``: up to ``block`` decode steps in one device loop for the first R rows, R the smallest
   bucket (1, 2, 4, ..., B) holding every occupied row: a lone request decodes a batch of one, and the host syncs
   once per block, not per token. The block shrinks to one step while a request waits for a slot or a prompt is
@@ -31,8 +31,9 @@ Least recently used snapshots go first when ``prefix_cache_mb`` is exceeded.
 (``decode.copy_row``) and start by feeding the prompt's last token again, drawing with seeds ``seed + i``.
 
 The loop (one thread owns the device): admit waiting requests into free slots (the lowest first), run one prefill
-chunk, run one decode call for the decoding rows, account the new tokens (EOS, stop strings, ``max_tokens``) and
-hand events to the request's ``emit`` callback. A finished or cancelled request frees its slot at once. Shapes
+chunk of each prompt being prefilled (at most ``decode.PREFILL_TOKENS`` tokens in all), run one decode call for the
+decoding rows, account the new tokens (EOS, stop strings, ``max_tokens``) and hand events to the request's ``emit``
+callback. A finished or cancelled request frees its slot at once. Shapes
 never change after the warm-up, so requests coming and going cause no recompilation (``compile_count`` counts XLA
 compilations); the first request asking for ``logprobs`` compiles the scoring variants once.
 """
@@ -64,7 +65,8 @@ from mistral_jax.inference.decode import (
     copy_row,
     decode_rows_loop_jit,
     new_cache,
-    prefill_rows,
+    prefill_batch_limit,
+    prefill_rows_batch_jit,
     prefill_rows_scored,
     prompt_chunks,
     put_row,
@@ -249,7 +251,9 @@ class Engine:
                                  "data / fsdp ways.")
             with self._mesh():
                 self.state = jax.device_put(self.state, sharding.state_shardings(self.state, mesh, self.rules))
-        self.buckets = _buckets(max_batch, batch_ways)
+        self.buckets = _buckets(max_batch, batch_ways)  # decode: rows [0, R)
+        # prefill: any k rows, gathered; k * C <= decode.PREFILL_TOKENS
+        self.buckets_prefill = _buckets(prefill_batch_limit(max_batch, self.chunk), 1)
         self.cache = self._new_cache()
         self.layers = serving_layers(model, unstack, self.state)
         self.slots: list[Request | None] = [None] * max_batch
@@ -303,13 +307,15 @@ class Engine:
         self.waiting.clear()
 
     def warmup(self) -> None:
-        """Compile the core's ``prefill_rows``, ``decode_rows_loop`` (every bucket) and the prefix cache's row copies
-        on an idle cache: nothing changes."""
+        """Compile the core's ``prefill_rows_batch`` and ``decode_rows_loop`` (every bucket) and the prefix cache's
+        row copies on an idle cache: nothing changes."""
         with self._mesh():
-            tok = np.zeros((1, self.chunk), np.int32)
-            pos = np.full((1, self.chunk), -1, np.int32)
-            _, self.cache = prefill_rows(self.graphdef, self.state, self.cache, tok, pos, layers=self.layers,
-                                         row=np.int32(0), reset=np.bool_(True), **self._sampling([None]))
+            for k in self.buckets_prefill:  # padding entries only: nothing is read or written
+                tok = np.zeros((k, self.chunk), np.int32)
+                pos = np.full((k, self.chunk), -1, np.int32)
+                _, self.cache = prefill_rows_batch_jit(
+                    self.graphdef, self.state, self.cache, tok, pos, np.full(k, self.max_batch, np.int32),
+                    np.zeros(k, np.bool_), layers=self.layers, **self._sampling([None] * k))
             for rows in self.buckets:
                 out = self._decode_call([None] * rows, 1, logprobs=False)
             if self.prefix_budget:  # the prefix cache's copies (row 0 written with itself)
@@ -488,31 +494,66 @@ class Engine:
                 r.finished = True
                 self._free(r)
 
-    def _prefill_one(self) -> None:
-        req = self.prefilling[0]
-        b, k = req.row, req.next_chunk
-        tokens, positions = req.chunks[k]
-        first, last = k == 0, k == len(req.chunks) - 1
-        p = req.params
-        scored = p.prompt_logprobs or (last and p.logprobs is not None)
-        common = dict(layers=self.layers, row=np.int32(b), reset=np.bool_(first), **self._sampling([req], [0]))
+    def _scored(self, req: Request) -> bool:
+        """Whether ``req``'s next chunk needs its log-probs (echo: every chunk; logprobs: the last one)."""
+        return req.params.prompt_logprobs or (req.next_chunk == len(req.chunks) - 1 and
+                                              req.params.logprobs is not None)
+
+    def _prefill(self) -> None:
+        """One prefill chunk for each request being prefilled (as many as ``decode.PREFILL_TOKENS`` allows, the
+        longest waiting first), in one call over a bucket of them; a request whose chunk needs log-probs goes alone
+        through the scoring step."""
+        scored = [r for r in self.prefilling if self._scored(r)]
+        plain = [r for r in self.prefilling if not self._scored(r)][:self.buckets_prefill[-1]]
         if scored:
-            targets = np.zeros_like(tokens)
-            idx = positions[0] + 1
-            ok = (positions[0] >= 0) & (idx < len(req.prompt_ids))
-            targets[0, ok] = np.asarray(req.prompt_ids, np.int32)[idx[ok]]
-            if last:
-                targets[0, -1] = -1  # the prompt's last column: the sampled token
-            nxt, self.cache, lp, top_lp, top_ids = prefill_rows_scored(
-                self.graphdef, self.state, self.cache, tokens, positions, targets, **common)
-            lp, top_lp, top_ids = np.asarray(lp)[0], np.asarray(top_lp)[0], np.asarray(top_ids)[0]
-            if p.prompt_logprobs:
-                for c in np.nonzero(ok)[0]:
-                    req.prompt_lp.append(self._token_lp(int(targets[0, c]), lp[c], top_lp[c], top_ids[c], p))
-            first_lp = self._token_lp(int(np.asarray(nxt)[0]), lp[-1], top_lp[-1], top_ids[-1], p)
-        else:
-            nxt, self.cache = prefill_rows(self.graphdef, self.state, self.cache, tokens, positions, **common)
-            first_lp = None
+            self._prefill_scored(scored[0])
+        if not plain:
+            return
+        k = next(n for n in self.buckets_prefill if n >= len(plain))
+        tokens = np.zeros((k, self.chunk), np.int32)
+        positions = np.full((k, self.chunk), -1, np.int32)
+        rows = np.full(k, self.max_batch, np.int32)  # >= B: a padding entry
+        reset = np.zeros(k, np.bool_)
+        for i, r in enumerate(plain):
+            tokens[i], positions[i] = r.chunks[r.next_chunk][0][0], r.chunks[r.next_chunk][1][0]
+            rows[i], reset[i] = r.row, r.next_chunk == 0
+        nxt, self.cache = prefill_rows_batch_jit(self.graphdef, self.state, self.cache, tokens, positions, rows,
+                                                 reset, layers=self.layers,
+                                                 **self._sampling([*plain, *[None] * (k - len(plain))]))
+        nxt = np.asarray(nxt)
+        for i, r in enumerate(plain):
+            self._after_chunk(r, int(nxt[i]), None)
+        for r in plain:  # round robin: the requests that just had a chunk go to the back
+            if r in self.prefilling:
+                self.prefilling.remove(r)
+                self.prefilling.append(r)
+
+    def _prefill_scored(self, req: Request) -> None:
+        tokens, positions = req.chunks[req.next_chunk]
+        last = req.next_chunk == len(req.chunks) - 1
+        p = req.params
+        targets = np.zeros_like(tokens)
+        idx = positions[0] + 1
+        ok = (positions[0] >= 0) & (idx < len(req.prompt_ids))
+        targets[0, ok] = np.asarray(req.prompt_ids, np.int32)[idx[ok]]
+        if last:
+            targets[0, -1] = -1  # the prompt's last column: the sampled token
+        nxt, self.cache, lp, top_lp, top_ids = prefill_rows_scored(
+            self.graphdef, self.state, self.cache, tokens, positions, targets, layers=self.layers,
+            row=np.int32(req.row), reset=np.bool_(req.next_chunk == 0), **self._sampling([req], [0]))
+        lp, top_lp, top_ids = np.asarray(lp)[0], np.asarray(top_lp)[0], np.asarray(top_ids)[0]
+        if p.prompt_logprobs:
+            for c in np.nonzero(ok)[0]:
+                req.prompt_lp.append(self._token_lp(int(targets[0, c]), lp[c], top_lp[c], top_ids[c], p))
+        tok = int(np.asarray(nxt)[0])
+        self._after_chunk(req, tok, self._token_lp(tok, lp[-1], top_lp[-1], top_ids[-1], p))
+
+    def _after_chunk(self, req: Request, tok: int, first_lp: TokenLogprob | None) -> None:
+        """Account a prefilled chunk of ``req``: counters, a prefix-cache snapshot; after the last chunk, the
+        siblings' rows and the first new token ``tok``."""
+        b = req.row
+        _, positions = req.chunks[req.next_chunk]
+        last = req.next_chunk == len(req.chunks) - 1
         n_real = int((positions >= 0).sum())
         self.steps["prefill_chunks"] += 1
         self.steps["prefill_tokens"] += n_real
@@ -521,20 +562,18 @@ class Engine:
         end = int(positions[0, -1]) + 1
         if self.prefix_budget and n_real == self.chunk and end % self.chunk == 0:
             self._snapshot(req, end)
-        if not last:  # round robin between prompts being prefilled
-            self.prefilling.rotate(-1)
+        if not last:
             return
-        self.prefilling.popleft()
+        self.prefilling.remove(req)
         n = len(req.prompt_ids)
         for s in req.siblings:  # n > 1: copies of the prefilled row; each feeds the last prompt token again
             if s.row is not None and not s.finished:
                 self.cache = copy_row(self.cache, np.int32(b), np.int32(s.row))
                 self.pos[s.row], self.last[s.row] = n - 1, req.prompt_ids[-1]
                 s.prompt_lp = req.prompt_lp
-        if p.max_tokens == 0:  # scoring only (echo): no new token
+        if req.params.max_tokens == 0:  # scoring only (echo): no new token
             self._finish(req, "length")
             return
-        tok = int(np.asarray(nxt)[0])
         self.pos[b], self.last[b] = n, tok
         self._on_token(req, tok, first_lp)
         self._flush(req)
@@ -669,7 +708,7 @@ class Engine:
                 self._drop_cancelled()
                 self._admit()
                 if self.prefilling:
-                    self._prefill_one()
+                    self._prefill()
                 self._drop_cancelled()
                 self._decode()
             except Exception as e:  # noqa: BLE001 -- fail the running requests, keep serving

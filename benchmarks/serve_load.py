@@ -3,6 +3,7 @@ at several concurrencies, against sequential ``mj.generate`` and HF transformers
 
     python benchmarks/serve_load.py [--preset tiny|small] [--concurrency 1,4,16,64] [--requests 16]
         [--prompt_len 128] [--new_tokens 48] [--repeats 3] [--max_batch 16]
+    python benchmarks/serve_load.py --prefix [--preset small] [--prefix_len 2048]
     python benchmarks/serve_load.py --overload [--preset tiny] [--overload_clients 256] [--max_queue 32]
         [--overload_tokens 8]
 
@@ -15,8 +16,10 @@ over repeats with its [min, max]. Ratios pair the server with its peer of the sa
 
 Sides:
 
-* server: ``mistral_jax.serve`` on 127.0.0.1 (a free port, in this process; ``--max_batch`` decode slots). c client
-  threads share the requests; each is a streaming ``client.completions.create(prompt=<ids>, max_tokens=N,
+* server: ``mistral_jax.serve`` on 127.0.0.1 (a free port, in this process; ``--max_batch`` decode slots; the
+  prefix cache off, since every repeat sends the same prompts). c client threads (in this process, or with
+  ``--client_process`` in one of their own, where they do not hold the server's interpreter lock) share the
+  requests; each is a streaming ``client.completions.create(prompt=<ids>, max_tokens=N,
   temperature=0, stream=True)``.
 * sequential ``mj.generate``: one prompt after the other, after a warm-up that compiles every prompt bucket.
 * HF transformers ``generate`` (the same weights through ``mj.save_hf``, float32): static left-padded batches of
@@ -187,6 +190,12 @@ def one_request(client, prompt, new_tokens):
     return dict(ttft=first, latency=latency, itl=itl, ids=ids, tokens=n)
 
 
+def served_in_process(url, prompts, new_tokens, concurrency):
+    """``served`` in a client process of its own (``--client_process``): the clients' work (HTTP, SSE parsing,
+    the openai client's models) then competes with the server for the CPU, not for its interpreter lock."""
+    return served(make_client(url, REQUEST_TIMEOUT), prompts, new_tokens, concurrency)
+
+
 def served(client, prompts, new_tokens, concurrency):
     """Run ``prompts`` through ``concurrency`` client threads: (per-request results, wall seconds)."""
     start = time.perf_counter()
@@ -229,6 +238,12 @@ def load(args, model, prompts, levels):
     warm = compile_count()
     client = make_client(server.url, REQUEST_TIMEOUT)
     rec = collections.defaultdict(lambda: collections.defaultdict(list))  # rec[c][figure] = [per repeat]
+    clients = None
+    if args.client_process:
+        import multiprocessing
+
+        clients = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        clients.submit(served_in_process, server.url, pool[:1], 2, 1).result()  # start it, first round trip
     try:
         one_request(client, pool[0], 2)  # first HTTP round trip
         for _ in range(args.repeats):
@@ -244,7 +259,10 @@ def load(args, model, prompts, levels):
                 r["hf_agree"].append(agree(hf_out, seq_out[:n]))
             for c in levels:
                 n = n_of[c]
-                res, wall = served(client, pool[:n], args.new_tokens, c)
+                if clients is not None:
+                    res, wall = clients.submit(served_in_process, server.url, pool[:n], args.new_tokens, c).result()
+                else:
+                    res, wall = served(client, pool[:n], args.new_tokens, c)
                 r = rec[c]
                 tps = sum(x["tokens"] for x in res) / wall
                 r["tps"].append(tps)
@@ -260,6 +278,8 @@ def load(args, model, prompts, levels):
                     r["overhead"].append(statistics.median(
                         (x["latency"] - t) * 1e3 for x, t in zip(res, t_n[:n], strict=True)))
     finally:
+        if clients is not None:
+            clients.shutdown()
         server.stop()
         engine.stop()
     del hf
@@ -405,6 +425,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max_batch", type=int, default=16)
     ap.add_argument("--overload", action="store_true", help="the overload check instead of the load figures")
+    ap.add_argument("--client_process", action="store_true", help="run the load's clients in a process of their "
+                    "own (as real clients are), not in the server's")
     ap.add_argument("--prefix", action="store_true", help="the prefix cache's TTFT figure instead of the load ones")
     ap.add_argument("--prefix_len", type=int, default=2048, help="--prefix: tokens the two prompts share")
     ap.add_argument("--overload_clients", type=int, default=256)

@@ -2,7 +2,7 @@
 
     python -m mistral_jax.serve --checkpoint DIR [--tokenizer PATH] [--host 127.0.0.1] [--port 8000]
         [--max_batch 16] [--max_queue 256] [--chunk_size C] [--model_name NAME] [--dtype float32|bfloat16]
-        [--prefix_cache_mb 1024] [--sync_ms 20] [--drain_timeout 30]
+        [--prefix_cache_mb 1024] [--sync_ms 50] [--drain_timeout 30]
 
 ``--checkpoint`` is anything ``mistral_jax.load_pretrained`` reads, local or ``gs://`` / ``s3://`` (HF dir, Mistral
 consolidated dir, mistral_jax export dir, training workdir including LoRA runs). The tokenizer is ``tokenizer.model``
@@ -82,7 +82,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--chunk_size", default=None, help="prefill chunk (>= 1; default: the sliding window)")
     ap.add_argument("--prefix_cache_mb", default="1024", help="device memory for prefix-cache snapshots in MiB "
                     "(0: off; a snapshot is one cache row: O(window) under a sliding window)")
-    ap.add_argument("--sync_ms", default="20", help="the longest one decode call runs before its tokens are "
+    ap.add_argument("--sync_ms", default="50", help="the longest one decode call runs before its tokens are "
                     "streamed (more tokens per host sync; lower for token-by-token streams)")
     ap.add_argument("--drain_timeout", default="30", help="seconds SIGTERM waits for requests in flight")
     ap.add_argument("--model_name", default=None, help="model id in the API (default: the checkpoint dir's name)")
@@ -102,7 +102,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.prefix_cache_mb = number("--prefix_cache_mb", args.prefix_cache_mb, float, lambda v: v >= 0,
                                   "must be >= 0", "pass MiB for the prefix cache, e.g. 1024, or 0 to turn it off")
     args.sync_ms = number("--sync_ms", args.sync_ms, float, lambda v: v > 0, "must be > 0",
-                          "pass milliseconds such as --sync_ms 20")
+                          "pass milliseconds such as --sync_ms 50")
     args.drain_timeout = number("--drain_timeout", args.drain_timeout, float, lambda v: v >= 0, "must be >= 0",
                                 "pass seconds such as --drain_timeout 30")
     args.mesh = parse_mesh(args.mesh)

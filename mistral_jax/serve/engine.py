@@ -6,9 +6,10 @@ The engine only schedules; the decoding core (``inference``) does the rest. The 
 ``decode.new_cache(cfg, B, S)``: row ``b`` belongs to the request in decode slot ``b`` (``S = W`` with a sliding
 window, else ``max_seq_len``), exactly as in ``mj.generate``. The core's jitted steps run on it:
 
-* ``decode.prefill_rows_batch``: one chunk ``[k, C]`` for each of k requests being prefilled (k the smallest
-  bucket holding them), their rows gathered, extended and scattered back (a new request's row cleared first);
-  after a prompt's last chunk it samples the first new token. Chunk boundaries are multiples of C from the first
+* ``decode.prefill_rows_batch``: one chunk ``[k, w]`` for each of k requests being prefilled (k the smallest
+  bucket holding them, w the smallest width, C / 8 ... C, holding their chunks' tokens), their rows copied out,
+  extended together and written back (a new request's row cleared first); after a prompt's last chunk it samples
+  the first new token. Chunk boundaries are multiples of C from the first
   token (``decode.prompt_chunks``), so equal prefixes have equal chunks. ``decode.prefill_rows_scored`` is one
   request's chunk with every column's log-prob and top alternatives (``echo`` with ``logprobs``).
 * ``decode.decode_rows_loop``: up to ``block`` decode steps in one device loop for the first R rows, R the smallest
@@ -185,6 +186,16 @@ class Request:
         self.cancelled = True
 
 
+def _widths(chunk: int) -> list[int]:
+    """Prefill call widths: powers of two from ``max(8, chunk // 8)`` below ``chunk``, then ``chunk`` (a prompt's
+    last, partial chunk runs at the smallest width holding its tokens)."""
+    out, w = [], max(8, chunk // 8)
+    while w < chunk:
+        out.append(w)
+        w *= 2
+    return [*out, chunk]
+
+
 def _buckets(max_batch: int, ways: int) -> list[int]:
     """Decode batch sizes: ``ways`` x powers of two below ``max_batch``, then ``max_batch``; one size when the
     mesh splits the rows (a bucket must cover every batch shard)."""
@@ -221,7 +232,7 @@ class Engine:
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 256,
                  chunk_size: int | None = None, unstack: bool | None = None,
                  mesh: jax.sharding.Mesh | None = None, rules: sharding.ShardingRules | None = None,
-                 prefix_cache_mb: float = 1024, sync_ms: float = 20.0):
+                 prefix_cache_mb: float = 1024, sync_ms: float = 50.0):
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be >= 1. Fix: pass e.g. 16.")
         if max_queue < 0:
@@ -229,7 +240,7 @@ class Engine:
         if prefix_cache_mb < 0:
             raise ValueError(f"prefix_cache_mb={prefix_cache_mb} must be >= 0 (0: off). Fix: pass e.g. 1024.")
         if sync_ms <= 0:
-            raise ValueError(f"sync_ms={sync_ms} must be > 0. Fix: pass e.g. 20.")
+            raise ValueError(f"sync_ms={sync_ms} must be > 0. Fix: pass e.g. 50.")
         self.cfg = cfg = model.cfg
         self.tokenizer = tokenizer
         self.eos_id = int(tokenizer.eos_id)
@@ -254,6 +265,7 @@ class Engine:
         self.buckets = _buckets(max_batch, batch_ways)  # decode: rows [0, R)
         # prefill: any k rows, gathered; k * C <= decode.PREFILL_TOKENS
         self.buckets_prefill = _buckets(prefill_batch_limit(max_batch, self.chunk), 1)
+        self.widths = _widths(self.chunk)
         self.cache = self._new_cache()
         self.layers = serving_layers(model, unstack, self.state)
         self.slots: list[Request | None] = [None] * max_batch
@@ -307,15 +319,16 @@ class Engine:
         self.waiting.clear()
 
     def warmup(self) -> None:
-        """Compile the core's ``prefill_rows_batch`` and ``decode_rows_loop`` (every bucket) and the prefix cache's
-        row copies on an idle cache: nothing changes."""
+        """Compile the core's ``prefill_rows_batch`` (every bucket and width) and ``decode_rows_loop`` (every bucket)
+        and the prefix cache's row copies on an idle cache: nothing changes."""
         with self._mesh():
             for k in self.buckets_prefill:  # padding entries only: nothing is read or written
-                tok = np.zeros((k, self.chunk), np.int32)
-                pos = np.full((k, self.chunk), -1, np.int32)
-                _, self.cache = prefill_rows_batch_jit(
-                    self.graphdef, self.state, self.cache, tok, pos, np.full(k, self.max_batch, np.int32),
-                    np.zeros(k, np.bool_), layers=self.layers, **self._sampling([None] * k))
+                for w in self.widths:
+                    tok = np.zeros((k, w), np.int32)
+                    pos = np.full((k, w), -1, np.int32)
+                    _, self.cache = prefill_rows_batch_jit(
+                        self.graphdef, self.state, self.cache, tok, pos, np.full(k, self.max_batch, np.int32),
+                        np.zeros(k, np.bool_), layers=self.layers, **self._sampling([None] * k))
             for rows in self.buckets:
                 out = self._decode_call([None] * rows, 1, logprobs=False)
             if self.prefix_budget:  # the prefix cache's copies (row 0 written with itself)
@@ -510,12 +523,14 @@ class Engine:
         if not plain:
             return
         k = next(n for n in self.buckets_prefill if n >= len(plain))
-        tokens = np.zeros((k, self.chunk), np.int32)
-        positions = np.full((k, self.chunk), -1, np.int32)
+        need = max(int((r.chunks[r.next_chunk][1] >= 0).sum()) for r in plain)
+        w = next(x for x in self.widths if x >= need)  # chunks are right-aligned: their tokens are the last columns
+        tokens = np.zeros((k, w), np.int32)
+        positions = np.full((k, w), -1, np.int32)
         rows = np.full(k, self.max_batch, np.int32)  # >= B: a padding entry
         reset = np.zeros(k, np.bool_)
         for i, r in enumerate(plain):
-            tokens[i], positions[i] = r.chunks[r.next_chunk][0][0], r.chunks[r.next_chunk][1][0]
+            tokens[i], positions[i] = r.chunks[r.next_chunk][0][0, -w:], r.chunks[r.next_chunk][1][0, -w:]
             rows[i], reset[i] = r.row, r.next_chunk == 0
         nxt, self.cache = prefill_rows_batch_jit(self.graphdef, self.state, self.cache, tokens, positions, rows,
                                                  reset, layers=self.layers,

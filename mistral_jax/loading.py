@@ -308,9 +308,25 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str | None = None, mesh: 
     return model
 
 
+def load_lora_adapters(path: str | os.PathLike, step: int | None = None) -> Transformer:
+    """A LoRA training workdir's model *unmerged*: its base with the adapters of ``step`` (newest by default) as
+    ``lora.LoRAWeight`` s, for ``lora.stack_adapters`` (the server's multi-LoRA).
+
+    Raises:
+      ValueError: ``path`` is not a LoRA training workdir, or its adapters cannot be restored.
+    """
+    path = os.fspath(path)
+    run = lora_run(path) if files.is_dir(path) else None
+    if run is None:
+        raise ValueError(f"{path!r} is not a LoRA training workdir (a run_config.json with lora.rank > 0 and "
+                         "checkpoints). Fix: pass the workdir of a run trained with config.lora.rank > 0.")
+    root, config, found_step = run
+    return _load_lora_run(root, config, found_step if step is None else step, merge=False)
+
+
 def _load_lora_run(root: str, run: dict[str, Any], step: int | None, *, dtype: str | None = None,
                    mesh: jax.sharding.Mesh | None = None, rules: sharding.ShardingRules | None = None,
-                   config_overrides: dict[str, Any] | None = None) -> Transformer:
+                   config_overrides: dict[str, Any] | None = None, merge: bool = True) -> Transformer:
     """The merged model of a LoRA run: its base (``init_from``, or the seeded init) + the adapters of ``step``.
 
     The base is loaded as the run trained it (``model_config.json``: the base's network with the run's numerics,
@@ -357,6 +373,8 @@ def _load_lora_run(root: str, run: dict[str, Any], step: int | None, *, dtype: s
     state = lora_lib.adapter_state(model)
     nnx.replace_by_pure_dict(state, adapters)
     nnx.update(model, state)
+    if not merge:
+        return model
     model = lora_lib.merge_lora(model)
     new = model.cfg.replace(**(config_overrides or {}))
     if dtype is not None or new != model.cfg:

@@ -112,6 +112,114 @@ class LoRAWeight(nnx.Module):
         return self.merged()[index]
 
 
+class MultiLoRAWeight(nnx.Module):
+    """A base weight with several LoRA adapters side by side, for serving them in one batch (multi-LoRA).
+
+    Indexing gives the base weight; ``model.projection.weight_proj`` adds, under ``adapter_rows(ids)``, each row's
+    own update ``scale[i] * (x A[i]) B[i]`` (``i = ids[b]``; adapter 0 is the base: zeros) as two small gathered
+    matmuls, never a merged weight per adapter.
+
+    Attributes:
+      base: ``W`` [lead..., in..., out...].
+      a: ``A`` stacked [lead..., n, in..., R] (ranks padded with zeros to the largest).
+      b: ``B`` stacked [lead..., n, R, out...].
+      scale: ``alpha / rank`` per adapter, [lead..., n] (float32).
+      n_in: number of input dims of ``W``.
+    """
+
+    def __init__(self, base: nnx.Variable, a: np.ndarray, b: np.ndarray, scale: np.ndarray, n_in: int):
+        self.base, self.n_in = base, int(n_in)
+        self.a, self.b, self.scale = Frozen(jnp.asarray(a)), Frozen(jnp.asarray(b)), Frozen(jnp.asarray(scale))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.base.shape
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    def __getitem__(self, index: Any) -> jax.Array:
+        return self.base[index]
+
+    def row_delta(self, x: jax.Array, ids: jax.Array) -> jax.Array:
+        """Each row's update ``scale[i] x A[i] B[i]`` for ``x`` [B, ..., in...] and adapter ids [B], float32,
+        shaped ``[B, ..., out...]`` (one layer's weights: no leading axes)."""
+        a, b, scale = self.a[...], self.b[...], self.scale[...]
+        n, rank = a.shape[0], a.shape[-1]
+        ins, outs = a.shape[1:-1], b.shape[2:]
+        i_size = math.prod(ins)
+        mid = x.shape[1:x.ndim - self.n_in]  # e.g. T
+        x2 = x.reshape(x.shape[0], -1, i_size).astype(jnp.float32)  # [B, M, I]
+        a_rows = jnp.take(a.reshape(n, i_size, rank), ids, axis=0).astype(jnp.float32)  # [B, I, R]
+        b_rows = jnp.take(b.reshape(n, rank, math.prod(outs)), ids, axis=0).astype(jnp.float32)  # [B, R, O]
+        xa = jnp.einsum("BMI,BIR->BMR", x2, a_rows)
+        y = jnp.einsum("BMR,BRO->BMO", xa, b_rows) * jnp.take(scale, ids)[:, None, None]
+        return y.reshape(x.shape[0], *mid, *outs)
+
+
+def stack_adapters(base: nnx.Module, adapters: Sequence[nnx.Module]) -> nnx.Module:
+    """Serve several LoRA models over one base: every weight that some adapter adapts becomes a
+    ``MultiLoRAWeight`` whose adapter ``i + 1`` is ``adapters[i]``'s (adapter 0: none), in place.
+
+    Args:
+      base: a plain ``Transformer`` (the adapters' base model).
+      adapters: LoRA models (``apply_lora`` wrapped, not merged) of the same architecture, e.g. from
+        ``loading.load_lora_adapters``. Ranks and targets may differ. Expert weights (Mixtral's ``w1 w2 w3``)
+        are not supported.
+
+    Returns:
+      ``base``, with ``n = len(adapters) + 1`` adapters per adapted weight; select them per row with
+      ``model.projection.adapter_rows``.
+    """
+    if is_lora(base):
+        raise ValueError("the base of a multi-LoRA model must be plain. Fix: pass the base model, not a LoRA one.")
+    owners = {path: node for path, node in nnx.iter_graph(base) if isinstance(node, nnx.Module)}
+    found: dict[tuple, dict[str, list]] = {}
+    for i, model in enumerate(adapters):
+        for path, node in nnx.iter_graph(model):
+            if not isinstance(node, nnx.Module) or isinstance(node, LoRAWeight):
+                continue
+            for name, value in vars(node).items():
+                if isinstance(value, LoRAWeight):
+                    if type(node).__name__ == "MoE":
+                        raise ValueError(f"adapter {i + 1} adapts the experts' {name}, which multi-LoRA serving "
+                                         "does not support. Fix: serve it merged (its workdir as --checkpoint).")
+                    like = getattr(owners.get(path), name, None)
+                    if like is None or tuple(like.shape) != tuple(value.base.shape):
+                        raise ValueError(f"adapter {i + 1} adapts {'.'.join(map(str, path))}.{name} of shape "
+                                         f"{tuple(value.base.shape)}, which the base model has as "
+                                         f"{None if like is None else tuple(like.shape)}. Fix: serve adapters "
+                                         "trained on this base model only.")
+                    found.setdefault((path, name), {})[i] = value
+    if not found:
+        raise ValueError("none of the adapters adapts a weight. Fix: pass LoRA models (apply_lora, not merged).")
+    n = len(adapters) + 1
+    for (path, name), per in found.items():
+        node = owners[path]
+        var = getattr(node, name)
+        n_in, _ = _IN_OUT[name]
+        rank = max(w.a.shape[-1] for w in per.values())
+        some = next(iter(per.values()))
+        lead_n = some.a.ndim - 1 - n_in
+        lead, ins, outs = some.a.shape[:lead_n], some.a.shape[lead_n:-1], some.b.shape[lead_n + 1:]
+        a = np.zeros((*lead, n, *ins, rank), np.float32)
+        b = np.zeros((*lead, n, rank, *outs), np.float32)
+        scale = np.zeros((*lead, n), np.float32)
+        for i, w in per.items():
+            r = w.a.shape[-1]
+            a[(*(slice(None),) * lead_n, i + 1, ..., slice(0, r))] = np.asarray(w.a[...], np.float32)
+            b[(*(slice(None),) * lead_n, i + 1, slice(0, r))] = np.asarray(w.b[...], np.float32)
+            scale[..., i + 1] = w.scale
+        setattr(node, name, MultiLoRAWeight(var, a, b, scale, n_in))
+    return base
+
+
+def is_multi_lora(model: nnx.Module) -> bool:
+    """Whether ``stack_adapters`` has given ``model`` several adapters."""
+    return any(isinstance(node, MultiLoRAWeight) for _, node in nnx.iter_graph(model))
+
+
 def resolve_targets(targets: Sequence[str] | str) -> tuple[str, ...]:
     """Canonical target names (``wq wk wv wo w1 w2 w3``) from our names, HF PEFT names or ``"all"``."""
     if isinstance(targets, str):

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import requests
@@ -558,6 +559,26 @@ def test_cli_checks_flags_before_loading(tmp_path):
     assert "--max_batch=0" in res.stderr and "Fix:" in res.stderr
 
 
+@pytest.mark.parametrize("flags, expected", [(["--lora", "support"], "is not NAME=WORKDIR"),
+                                             (["--lora", "a=x", "--lora", "a=y"], "repeats the name 'a'"),
+                                             (["--lora", "a=x", "--mesh", "tensor=2"], "cannot be served on a mesh")])
+def test_cli_checks_lora_flags_before_loading(flags, expected):
+    from mistral_jax.cli import UsageError
+    from mistral_jax.cli.serve import parse_args
+
+    with pytest.raises(UsageError, match="--lora") as e:
+        parse_args(["--checkpoint", "x", *flags])
+    assert expected in str(e.value) and "Fix:" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_refuses_a_lora_path_that_is_no_lora_workdir(env, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "mistral_jax.serve", "--checkpoint", env["ckpt"], "--port", "0",
+                          "--lora", f"mine={tmp_path}"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert "--lora='mine=" in res.stderr and "not a LoRA training workdir" in res.stderr
+
+
 @pytest.mark.parametrize("mesh, expected", [("tensor=two", "not an integer"), ("heads=2", "'heads=2'"),
                                             ("data=-1,fsdp=-1", "more than one -1"), ("tensor=0", "size of tensor")])
 def test_cli_checks_the_mesh_before_loading(mesh, expected):
@@ -727,3 +748,52 @@ def test_lm_eval_local_completions_loglikelihood_equals_eval(env):
     assert min(len(env["tok"].encode(r["text"], bos=False)) for r in ppl) > 3 * W  # several chunks, past W
     np.testing.assert_allclose(served["results"]["serve_ppl"]["word_perplexity,none"],
                                ours["results"]["serve_ppl"]["word_perplexity,none"], rtol=1e-4)
+
+
+@pytest.mark.heavy
+def test_multi_lora_rows_of_different_adapters_decode_together():
+    """Two LoRA adapters and the base in one batch (lora.stack_adapters, gathered adapter matmuls): each request's
+    greedy tokens equal that adapter served alone and generate on the adapter merged into the base."""
+    import copy
+
+    from mistral_jax import lora
+
+    cfg = mj.ModelConfig.tiny(sliding_window=8, max_seq_len=128, initializer_range=0.2)
+    base = mj.Transformer(cfg, rngs=nnx.Rngs(0))
+    adapters, merged = [], []
+    for i, (rank, targets) in enumerate(((4, "all"), (2, "wq,wv,w2"))):
+        m = lora.apply_lora(copy.deepcopy(base), rank, 2.0 * rank, targets, seed=i)
+        rng = np.random.default_rng(10 + i)
+        for _, node in nnx.iter_graph(m):  # B starts at zero: give the adapters an effect
+            if isinstance(node, lora.LoRAWeight):
+                node.b[...] = jnp.asarray(rng.normal(0, 0.3, node.b.shape), node.b[...].dtype)
+        adapters.append(m)
+        merged.append(lora.merge_lora(copy.deepcopy(m)))
+    served = lora.stack_adapters(copy.deepcopy(base), adapters)
+    assert lora.is_multi_lora(served)
+    rng = np.random.default_rng(1)
+    prompts = [[int(x) for x in rng.integers(3, cfg.vocab_size, n)] for n in (5, 11, 19, 7, 13, 3)]
+    which = [0, 1, 2, 2, 1, 0]
+    want = [list(mj.generate(base if a == 0 else merged[a - 1], p, max_new_tokens=10, eos_id=None))
+            for p, a in zip(prompts, which, strict=True)]
+    assert len({tuple(w) for w in want[:3]}) == 3  # the adapters change the answers
+
+    def run(eng, ps, ads):
+        out = {i: [] for i in range(len(ps))}
+        done = threading.Semaphore(0)
+        for i, (p, a) in enumerate(zip(ps, ads, strict=True)):
+            eng.submit(p, SamplingParams(max_tokens=10, ignore_eos=True, adapter=a),
+                       lambda ev, i=i: (out[i].extend(ev.token_ids), ev.kind != "delta" and done.release()))
+        for _ in ps:
+            assert done.acquire(timeout=120)
+        return [out[i] for i in range(len(ps))]
+
+    eng = Engine(served, IdsTok(), max_batch=8, chunk_size=4).start()
+    try:
+        together = run(eng, prompts, which)
+        alone = [run(eng, [p], [a])[0] for p, a in zip(prompts, which, strict=True)]
+        with pytest.raises(ValueError, match="adapter 3 does not exist"):
+            eng.submit(prompts[0], SamplingParams(adapter=3), lambda ev: None)
+    finally:
+        eng.stop()
+    assert together == alone == want

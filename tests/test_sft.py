@@ -276,6 +276,39 @@ def test_lora_sft_trains_only_adapters_and_merges(pretrained, tmp_path):
                                + scale * np.einsum("LDr,LrNH->LDNH", att["wq"]["a"], att["wq"]["b"]), atol=1e-6)
     np.testing.assert_allclose(m["layers"]["feed_forward"]["w2"], b["layers"]["feed_forward"]["w2"]
                                + scale * np.einsum("LFr,LrD->LFD", ff["w2"]["a"], ff["w2"]["b"]), atol=1e-6)
+    # served unmerged beside the base (multi-LoRA): the workdir's adapters over the base give the merged model's
+    # greedy tokens, and the base's own under the base's id
+    import requests
+
+    from mistral_jax.loading import load_lora_adapters
+    from mistral_jax.serve.app import Server, create_app
+    from mistral_jax.serve.engine import Engine
+
+    class IdsTok:  # the answer's text is its ids
+        eos_id, bos_id = 2, 1
+
+        def decode(self, ids):
+            return "".join(f" {i}" for i in ids)
+
+    served = lora.stack_adapters(load_pretrained(hf_dir), [load_lora_adapters(tmp_path)])
+    engine = Engine(served, IdsTok(), max_batch=4, chunk_size=8).start()
+    server = Server(create_app(engine, "base", ["sft"])).start()
+    try:
+        listed = requests.get(server.url + "/v1/models", timeout=60).json()["data"]
+        assert [m["id"] for m in listed] == ["base", "sft"] and listed[1]["parent"] == "base"
+        ids = [int(x) for x in np.asarray(TOKENS)[0, :12]]
+        answers = {}
+        for name, model in (("sft", merged), ("base", base)):
+            r = requests.post(server.url + "/v1/completions", json={"model": name, "prompt": ids, "max_tokens": 8,
+                              "temperature": 0, "ignore_eos": True}, timeout=60).json()
+            answers[name] = [int(x) for x in r["choices"][0]["text"].split()]
+            assert r["model"] == name
+            assert answers[name] == list(mj.generate(model, ids, max_new_tokens=8, eos_id=None))
+        bad = requests.post(server.url + "/v1/completions", json={"model": "other", "prompt": ids}, timeout=60)
+        assert bad.status_code == 400 and "other" in bad.json()["error"]["message"]
+    finally:
+        server.stop()
+        engine.stop()
     # everything that is not adapted is bit-identical to the base checkpoint
     for path in (("embed",), ("lm_head",), ("layers", "attention", "wk"), ("layers", "attention", "wo"),
                  ("layers", "feed_forward", "w1"), ("layers", "attention_norm", "weight")):

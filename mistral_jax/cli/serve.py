@@ -2,13 +2,16 @@
 
     python -m mistral_jax.serve --checkpoint DIR [--tokenizer PATH] [--host 127.0.0.1] [--port 8000]
         [--max_batch 16] [--max_queue 256] [--chunk_size C] [--model_name NAME] [--dtype float32|bfloat16]
-        [--prefix_cache_mb 1024] [--sync_ms 50] [--drain_timeout 30]
+        [--prefix_cache_mb 1024] [--sync_ms 50] [--drain_timeout 30] [--lora NAME=WORKDIR ...]
 
 ``--checkpoint`` is anything ``mistral_jax.load_pretrained`` reads, local or ``gs://`` / ``s3://`` (HF dir, Mistral
 consolidated dir, mistral_jax export dir, training workdir including LoRA runs). The tokenizer is ``tokenizer.model``
 in that directory unless ``--tokenizer`` is given. Every flag value is checked first, then the paths (a bucket's
 endpoint, existence and credentials first), then the tokenizer and the model load; a bad value is one line on
 stderr naming the flag, the value and the fix, exit status 2.
+
+``--lora NAME=WORKDIR`` (repeatable) serves LoRA training workdirs of this base over it, all in one batch: a
+request's ``model`` picks the adapter (NAME; the base under its own id), and ``/v1/models`` lists them.
 
 SIGTERM (or Ctrl-C) drains: the server stops accepting connections, the requests in flight run to their end (at most
 ``--drain_timeout`` seconds), then the process exits 0.
@@ -64,6 +67,22 @@ def parse_mesh(text: str | None) -> dict[str, int] | None:
     return {a: sizes.get(a, 1) for a in MESH_AXES}
 
 
+def parse_lora(items: Sequence[str], mesh: dict[str, int] | None) -> dict[str, str]:
+    """``--lora NAME=WORKDIR`` values -> ``{NAME: WORKDIR}`` (names unique; no mesh)."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, eq, path = item.partition("=")
+        if not eq or not name.strip() or not path.strip():
+            raise UsageError("--lora", item, "is not NAME=WORKDIR", "pass e.g. --lora support=runs/sft_support")
+        if name in out:
+            raise UsageError("--lora", item, f"repeats the name {name!r}", "give each adapter its own name")
+        out[name] = path
+    if out and mesh is not None:
+        raise UsageError("--lora", ",".join(items), "cannot be served on a mesh yet",
+                         "drop --mesh, or serve one adapter merged: its workdir as --checkpoint")
+    return out
+
+
 def checkpoint_name(checkpoint: str) -> str:
     """The model id a checkpoint is served under by default: its directory's name (``gs://b/runs/tiny`` -> ``tiny``)."""
     if storage.is_remote(checkpoint):
@@ -85,6 +104,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sync_ms", default="50", help="the longest one decode call runs before its tokens are "
                     "streamed (more tokens per host sync; lower for token-by-token streams)")
     ap.add_argument("--drain_timeout", default="30", help="seconds SIGTERM waits for requests in flight")
+    ap.add_argument("--lora", action="append", default=[], metavar="NAME=WORKDIR",
+                    help="serve a LoRA training workdir of this base as model NAME (repeatable; not with --mesh)")
     ap.add_argument("--model_name", default=None, help="model id in the API (default: the checkpoint dir's name)")
     ap.add_argument("--mesh", default=None, help="serve sharded over this machine's devices, e.g. "
                     "'tensor=4' or 'data=2,tensor=4' (axes data, fsdp, tensor, expert; one may be -1 = the rest; "
@@ -106,6 +127,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.drain_timeout = number("--drain_timeout", args.drain_timeout, float, lambda v: v >= 0, "must be >= 0",
                                 "pass seconds such as --drain_timeout 30")
     args.mesh = parse_mesh(args.mesh)
+    args.lora = parse_lora(args.lora, args.mesh)
     if not args.host:
         raise UsageError("--host", args.host, "is empty", "pass an address such as --host 127.0.0.1")
     if args.model_name is not None and not args.model_name.strip():
@@ -150,13 +172,32 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise UsageError("--max_batch", args.max_batch, f"is not a multiple of the {batch_shards(mesh)} ways "
                              f"the mesh {args.mesh} splits the decode slots (data x fsdp x expert)",
                              "pass a multiple of it")
-    tokenizer, model = load_checkpoint(args, tokenizer_file, spec)
+    from mistral_jax.loading import lora_run
+
     name = args.model_name or checkpoint_name(args.checkpoint)
+    for adapter, path in args.lora.items():  # before anything loads
+        if adapter == name:
+            raise UsageError("--lora", f"{adapter}={path}", f"uses the base model's id {name!r}",
+                             "give the adapter another name (or the base one with --model_name)")
+        if lora_run(path) is None:
+            raise UsageError("--lora", f"{adapter}={path}", "is not a LoRA training workdir (run_config.json with "
+                             "lora.rank > 0)", "pass the workdir of a run trained with config.lora.rank > 0")
+    tokenizer, model = load_checkpoint(args, tokenizer_file, spec)
+    if args.lora:
+        from mistral_jax.loading import load_lora_adapters
+        from mistral_jax.lora import stack_adapters
+
+        try:
+            model = stack_adapters(model, [load_lora_adapters(p) for p in args.lora.values()])
+        except ValueError as e:
+            raise UsageError("--lora", ",".join(f"{k}={v}" for k, v in args.lora.items()), str(e),
+                             "serve adapters trained on this --checkpoint") from None
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                     chunk_size=args.chunk_size, mesh=mesh, rules=spec.rules, prefix_cache_mb=args.prefix_cache_mb,
                     sync_ms=args.sync_ms).start()
-    server.set_app(create_app(engine, name))
+    server.set_app(create_app(engine, name, list(args.lora)))
     where = "" if mesh is None else f", mesh={dict(mesh.shape)}"
+    where += f", LoRA adapters {list(args.lora)}" if args.lora else ""
     print(f"serving {name!r} on {server.url} (max_batch={args.max_batch}, cache slots per row="
           f"{engine.cache_slots}, prefill chunk={engine.chunk}{where})", file=sys.stderr, flush=True)
     # uvicorn drains on SIGTERM, then re-raises it under the handler it found: a no-op one makes the exit status 0.

@@ -41,6 +41,7 @@ from mistral_jax import sharding
 from mistral_jax.inference.per_layer import serving_forward
 from mistral_jax.inference.sampling import sample, top_logprobs
 from mistral_jax.model.kv_cache import EMPTY, KVCache
+from mistral_jax.model.projection import adapter_rows
 
 DEFAULT_CHUNK = 4096  # prefill chunk for models without a sliding window
 DECODE_BLOCK = 32  # decode steps per device loop between host syncs (when nothing needs every token)
@@ -252,12 +253,13 @@ def prefill_chunk(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, toke
 def prefill_rows_batch(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: Int[Array, "k C"],
                        positions: Int[Array, "k C"], rows: Int[Array, " k"], reset: Bool[Array, " k"], key: Any, *,
                        temperature: Any = 0.0, top_k: Any = None, top_p: Any = None,
-                       layers: tuple | None = None) -> tuple:
+                       layers: tuple | None = None, adapters: Int[Array, " k"] | None = None) -> tuple:
     """One prefill chunk for each of ``k`` requests at once, into their rows ``rows`` of the batched cache: the
     rows are copied out ``[L, k, S, ...]``, extended together and written back one by one in place (a row index
     ``>= B`` is a padding entry, whose positions must all be -1: it changes nothing). ``reset[i]`` clears row
     ``i``'s stored positions first (a new request's first chunk). Samples each row's next token from its last
-    column (per-row settings, ``[k]``).
+    column (per-row settings, ``[k]``). ``adapters``: each row's LoRA adapter in a multi-LoRA model
+    (``lora.stack_adapters``; 0 = none).
 
     Returns:
       ``(next [k] int32, cache)``.
@@ -270,7 +272,8 @@ def prefill_rows_batch(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache,
                   pos=jnp.concatenate([p.pos for p in parts], axis=0))
     sub = KVCache(k=sub.k, v=sub.v, pos=jnp.where((reset & ~pad)[:, None], EMPTY, sub.pos))
     model = nnx.merge(graphdef, state)
-    out = serving_forward(model, layers, tokens, positions, cache=sub, logits_to_keep=1)
+    with adapter_rows(adapters):
+        out = serving_forward(model, layers, tokens, positions, cache=sub, logits_to_keep=1)
     nxt = sample(out.logits[:, -1], key, temperature, top_k, top_p)
     new = out.cache
     for i in reversed(range(k)):  # row by row, in place; padding entries (last) first, so a real row's write wins
@@ -281,7 +284,8 @@ def prefill_rows_batch(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache,
 def prefill_chunk_scored(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: Int[Array, "1 C"],
                          positions: Int[Array, "1 C"], targets: Int[Array, "1 C"], key: Any, *,
                          temperature: Any = 0.0, top_k: Any = None, top_p: Any = None, layers: tuple | None = None,
-                         row: Int[Array, ""], reset: Bool[Array, ""], top: int = TOP_LOGPROBS) -> tuple:
+                         row: Int[Array, ""], reset: Bool[Array, ""], top: int = TOP_LOGPROBS,
+                         adapters: Int[Array, " 1"] | None = None) -> tuple:
     """``prefill_chunk`` into one row that also scores the chunk: the log-prob of ``targets`` (each column's next
     prompt token; -1: the sampled token, for the prompt's last column) and the ``top`` alternatives of every column
     (the server's ``echo`` with ``logprobs``). The chunk's float32 logits ``[1, C, V]`` exist inside the step.
@@ -289,7 +293,9 @@ def prefill_chunk_scored(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCach
     Returns:
       ``(next [1], cache, target_logprobs [1, C], top_logprobs [1, C, top], top_ids [1, C, top])``.
     """
-    logits, cache = forward_chunk(graphdef, state, cache, tokens, positions, layers=layers, row=row, reset=reset)
+    with adapter_rows(adapters):
+        logits, cache = forward_chunk(graphdef, state, cache, tokens, positions, layers=layers, row=row,
+                                      reset=reset)
     nxt = sample(logits[:, -1], key, temperature, top_k, top_p)
     chosen, values, ids = top_logprobs(logits, jnp.where(targets < 0, nxt[:, None], targets), top)
     return nxt, cache, chosen, values, ids
@@ -330,14 +336,16 @@ def decode_rows_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, t
                      positions: Int[Array, " R"], seeds: Int[Array, " R"], steps: Int[Array, " R"],
                      budget: Int[Array, " R"], eos: Int[Array, " R"], num_steps: Int[Array, ""], *,
                      temperature: Any, top_k: Any, top_p: Any, rows: int, block: int = DECODE_BLOCK,
-                     layers: tuple | None = None, logprobs: bool = False) -> tuple:
+                     layers: tuple | None = None, logprobs: bool = False,
+                     adapters: Int[Array, " R"] | None = None) -> tuple:
     """The server's decode: up to ``min(num_steps, block)`` steps for the first ``rows`` rows of the cache (a bucket
     of the B decode slots: the step's cost follows the load) in one device loop, per-row settings (arrays ``[R]``).
 
     Row ``r`` feeds ``tokens[r]`` at ``positions[r]`` (-1: idle) and draws its i-th token of this call with
     ``fold_in(key(seeds[r]), steps[r] + i)`` (as ``decode_rows``, so the block length changes no draw). It stops
     after ``budget[r]`` tokens or when it samples ``eos[r]`` (-1: never); a stopped row feeds nothing more. The
-    loop ends early when every row has stopped. Rows ``>= rows`` are neither read nor written.
+    loop ends early when every row has stopped. Rows ``>= rows`` are neither read nor written. ``adapters``: each
+    row's LoRA adapter in a multi-LoRA model (``lora.stack_adapters``; 0 = none).
 
     Returns:
       ``(new_tokens [R, block], steps_taken, cache)``; with ``logprobs`` also ``(token_logprobs [R, block],
@@ -368,8 +376,9 @@ def decode_rows_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, t
         done = done | (nxt == eos) | (i + 1 >= budget)
         return i + 1, sub, nxt, pos + 1, done, out, extra
 
-    i, sub, _, _, _, out, extra = jax.lax.while_loop(
-        cond, body, (jnp.zeros((), jnp.int32), sub, tokens, positions, done, out, extra))
+    with adapter_rows(adapters):  # the body is traced here
+        i, sub, _, _, _, out, extra = jax.lax.while_loop(
+            cond, body, (jnp.zeros((), jnp.int32), sub, tokens, positions, done, out, extra))
     cache = KVCache(k=jax.lax.dynamic_update_slice_in_dim(cache.k, sub.k, 0, axis=1),
                     v=jax.lax.dynamic_update_slice_in_dim(cache.v, sub.v, 0, axis=1),
                     pos=jax.lax.dynamic_update_slice_in_dim(cache.pos, sub.pos, 0, axis=0))

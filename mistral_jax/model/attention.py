@@ -28,7 +28,7 @@ from mistral_jax import sharding
 from mistral_jax.model import kernels  # noqa: F401 - registers cuDNN and splash first: auto prefers them
 from mistral_jax.model import kv_cache as kvc
 from mistral_jax.model.backends import ATTENTION, Backends, choose_attention, register_attention, resolve
-from mistral_jax.model.projection import proj
+from mistral_jax.model.projection import weight_proj
 from mistral_jax.model.rope import apply_rope
 
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row gives a uniform row, not NaN
@@ -176,9 +176,9 @@ class Attention(nnx.Module):
         Returns ``(out [B, T, D], the updated cache or None)``.
         """
         cfg, dt = self.cfg, self.cfg.jnp_dtype
-        q = proj("BTD,DNH->BTNH", x, self.wq[...].astype(dt))
-        k = proj("BTD,DKH->BTKH", x, self.wk[...].astype(dt))
-        v = proj("BTD,DKH->BTKH", x, self.wv[...].astype(dt))
+        q = weight_proj("BTD,DNH->BTNH", x, self.wq, dt)
+        k = weight_proj("BTD,DKH->BTKH", x, self.wk, dt)
+        v = weight_proj("BTD,DKH->BTKH", x, self.wv, dt)
         q = checkpoint_name(apply_rope(q, positions, cfg.rope_theta), "qkv_proj")
         k = checkpoint_name(apply_rope(k, positions, cfg.rope_theta), "qkv_proj")
         v = checkpoint_name(v, "qkv_proj")
@@ -191,4 +191,4 @@ class Attention(nnx.Module):
             # the cache buffer already is the band: the reference attention over it
             mask = make_mask(positions, k_pos, window=cfg.sliding_window)  # [B, T, S2]
             out = reference_attention(q, keys.astype(dt), values.astype(dt), mask)
-        return proj("BTNH,NHD->BTD", out, self.wo[...].astype(dt)), cache
+        return weight_proj("BTNH,NHD->BTD", out, self.wo, dt), cache

@@ -14,11 +14,41 @@ docs/benchmarks.md#projections-as-one-2-d-matmul).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import jax.numpy as jnp
-from jaxtyping import Array
+from jaxtyping import Array, Int
+
+# Per-row adapter ids [B] for weights holding several LoRA adapters (``lora.MultiLoRAWeight``); None outside a
+# multi-adapter serving forward. Set at trace time by the decoding core (``adapter_rows``).
+_ADAPTER_ROWS: contextvars.ContextVar[Any] = contextvars.ContextVar("adapter_rows", default=None)
+
+
+@contextlib.contextmanager
+def adapter_rows(ids: Int[Array, " B"] | None) -> Iterator[None]:
+    """Within this context, ``weight_proj`` adds each row's own adapter (``ids[b]``; 0 = none) where a weight
+    holds several (the server's multi-LoRA batches)."""
+    token = _ADAPTER_ROWS.set(ids)
+    try:
+        yield
+    finally:
+        _ADAPTER_ROWS.reset(token)
+
+
+def weight_proj(spec: str, x: Array, var: Any, dtype: Any) -> Array:
+    """``proj(spec, x, var[...].astype(dtype))`` for a weight variable; a weight with per-row adapters
+    (``row_delta``, ``lora.MultiLoRAWeight``) adds ``x A[ids] B[ids]`` for the rows' adapters (``adapter_rows``)."""
+    y = proj(spec, x, var[...].astype(dtype))
+    ids = _ADAPTER_ROWS.get()
+    row_delta = getattr(var, "row_delta", None)
+    if ids is not None and row_delta is not None:
+        y = y + row_delta(x, ids).astype(y.dtype)
+    return y
 
 
 @functools.cache

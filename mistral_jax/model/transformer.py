@@ -33,7 +33,7 @@ from mistral_jax.model import moe as moe_lib
 from mistral_jax.model.attention import Attention
 from mistral_jax.model.backends import Backends, resolve
 from mistral_jax.model.moe import MoE
-from mistral_jax.model.projection import proj
+from mistral_jax.model.projection import proj, weight_proj
 
 
 class RMSNorm(nnx.Module):
@@ -61,10 +61,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
         dt = self.cfg.jnp_dtype
-        w1, w3, w2 = (w[...].astype(dt) for w in (self.w1, self.w3, self.w2))
-        h = jax.nn.silu(proj("BTD,DF->BTF", x, w1)) * proj("BTD,DF->BTF", x, w3)
+        h = jax.nn.silu(weight_proj("BTD,DF->BTF", x, self.w1, dt)) * weight_proj("BTD,DF->BTF", x, self.w3, dt)
         h = sharding.constrain(h, ("batch", "seq", "act_mlp"))
-        return proj("BTF,FD->BTD", h, w2)
+        return weight_proj("BTF,FD->BTD", h, self.w2, dt)
 
 
 def empty_router_stats(cfg: ModelConfig) -> dict[str, Array]:

@@ -224,8 +224,15 @@ def chat_logprobs(tokenizer: Any, entries: Sequence[TokenLogprob]) -> dict[str, 
 
 
 # ----------------------------------------------------------------------------- the app
-def create_app(engine: Engine, model_name: str) -> FastAPI:
-    """The FastAPI app serving ``engine`` under the model id ``model_name``."""
+def create_app(engine: Engine, model_name: str, adapters: Sequence[str] = ()) -> FastAPI:
+    """The FastAPI app serving ``engine`` under the model id ``model_name``; with a multi-LoRA model
+    (``lora.stack_adapters``), adapter ``i + 1`` under the id ``adapters[i]`` (a request's ``model`` picks it)."""
+    if adapters and len(adapters) + 1 != engine.n_adapters:
+        raise ValueError(f"{len(adapters)} adapter names for a model with {max(engine.n_adapters - 1, 0)} adapters. "
+                         "Fix: name each adapter stack_adapters was given, in order.")
+    ids = {model_name: 0, **{name: i + 1 for i, name in enumerate(adapters)}}
+    if len(ids) != len(adapters) + 1:
+        raise ValueError(f"model ids must differ: {[model_name, *adapters]}. Fix: give each adapter its own name.")
     from fastapi.responses import Response
 
     from mistral_jax.serve.metrics import CONTENT_TYPE
@@ -248,8 +255,9 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "mistral_jax", "max_model_len": engine.max_len}]}
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "mistral_jax", "root": name,
+             "parent": None if i == 0 else model_name, "max_model_len": engine.max_len} for name, i in ids.items()]}
 
     # vLLM's tokenizer endpoints: lm-eval's local-completions finds them and tokenizes with the server's tokenizer.
     @app.get("/tokenizer_info")
@@ -289,10 +297,13 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         if not isinstance(body, dict):
             raise APIError("the request body must be a JSON object", None, "invalid_json")
         model = body.get("model")
-        if model is not None and model != model_name:
-            raise APIError(f"the model {model!r} does not exist; this server serves {model_name!r}", "model",
-                           "model_not_found")
+        if model is not None and model not in ids:
+            raise APIError(f"the model {model!r} does not exist; this server serves {', '.join(map(repr, ids))}",
+                           "model", "model_not_found")
         return body
+
+    def adapter_of(body: dict[str, Any]) -> int:
+        return ids.get(body.get("model"), 0)
 
     def submit_all(prompts: Sequence[list[int]], params: SamplingParams, per_prompt: int,
                    queue: asyncio.Queue) -> list:
@@ -357,6 +368,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         per = opts.best_of
         reqs = submit_all([ids for ids, _ in prompts], params, per, queue)
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        served = next(name for name, i in ids.items() if i == params.adapter)
         obj = "chat.completion" if chat else "text_completion"
         now = int(time.time())
 
@@ -401,14 +413,14 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                                     "finish_reason": ev.finish_reason})
             p_tokens = sum(len(ids) for ids, _ in prompts)
             c_tokens = sum(e.completion_tokens for e in done.values())
-            return {"id": rid, "object": obj, "created": now, "model": model_name, "choices": choices,
+            return {"id": rid, "object": obj, "created": now, "model": served, "choices": choices,
                     "usage": {"prompt_tokens": p_tokens, "completion_tokens": c_tokens,
                               "total_tokens": p_tokens + c_tokens}}
 
         async def sse() -> AsyncIterator[str]:
             def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
                 return "data: " + json.dumps({"id": rid, "object": obj + ".chunk" if chat else obj, "created": now,
-                                              "model": model_name, "choices": choices, **extra}) + "\n\n"
+                                              "model": served, "choices": choices, **extra}) + "\n\n"
 
             def choice(i: int, text: str | None, finish: str | None, role: bool = False,
                        logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -472,6 +484,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             raise APIError("prompt is required", "prompt", "missing_required_parameter")
         prompts = _completion_prompts(tokenizer, body["prompt"])
         params, opts = parse_sampling(body, DEFAULT_COMPLETION_TOKENS)
+        params.adapter = adapter_of(body)
         return await run(request, prompts, params, opts, False, *stream_flags(body))
 
     @app.post("/v1/chat/completions")
@@ -479,6 +492,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         body = await read_body(request)
         prompt = _chat_prompt(tokenizer, body.get("messages"))
         params, opts = parse_sampling(body, max(engine.max_len - len(prompt), 1), chat=True)
+        params.adapter = adapter_of(body)
         return await run(request, [(prompt, None)], params, opts, True, *stream_flags(body))
 
     return app

@@ -31,6 +31,10 @@ Least recently used snapshots go first when ``prefix_cache_mb`` is exceeded.
 ``n > 1``: the prompt is prefilled once, into the first request's row; the others get copies of that row
 (``decode.copy_row``) and start by feeding the prompt's last token again, drawing with seeds ``seed + i``.
 
+Multi-LoRA: with a model of ``lora.stack_adapters``, every step gets each row's adapter id (``adapters`` of the
+core's steps; ``SamplingParams.adapter``, 0 = the base), so requests for different adapters share a batch; a prefix
+snapshot is kept per adapter.
+
 The loop (one thread owns the device): admit waiting requests into free slots (the lowest first), run one prefill
 chunk of each prompt being prefilled (at most ``decode.PREFILL_TOKENS`` tokens in all), run one decode call for the
 decoding rows, account the new tokens (EOS, stop strings, ``max_tokens``) and hand events to the request's ``emit``
@@ -74,6 +78,7 @@ from mistral_jax.inference.decode import (
 )
 from mistral_jax.inference.detokenize import TextStream
 from mistral_jax.inference.per_layer import serving_layers
+from mistral_jax.lora import MultiLoRAWeight
 from mistral_jax.model.kv_cache import KVCache
 from mistral_jax.serve.metrics import ServeMetrics
 
@@ -127,6 +132,7 @@ class SamplingParams:
     ignore_eos: bool = False  # run to max_tokens / a stop string (vLLM's extension; benchmarks)
     logprobs: int | None = None  # None: none; k >= 0: each new token's log-prob and its k most likely alternatives
     prompt_logprobs: bool = False  # also every prompt token's log-prob (and alternatives): OpenAI's echo
+    adapter: int = 0  # the LoRA adapter of a multi-LoRA model (``lora.stack_adapters``); 0 = the base model
 
 
 @dataclasses.dataclass
@@ -252,6 +258,12 @@ class Engine:
             raise ValueError(f"chunk_size={chunk_size} must be >= 1. Fix: omit it (the window).")
         self.mesh, self.rules = mesh, (rules or sharding.DEFAULT_RULES)
         self.graphdef, self.state = nnx.split(model)
+        # a multi-LoRA model (lora.stack_adapters): every step gets each row's adapter id
+        self.n_adapters = max((int(node.scale.shape[-1]) for _, node in nnx.iter_graph(model)
+                               if isinstance(node, MultiLoRAWeight)), default=0)
+        if self.n_adapters and mesh is not None:
+            raise ValueError("serving several LoRA adapters on a mesh is not supported yet. Fix: serve them on one "
+                             "device (no mesh), or one adapter merged (its workdir as the checkpoint) on the mesh.")
         batch_ways = 1
         if mesh is not None:
             batch_ways = batch_shards(mesh, self.rules)
@@ -350,6 +362,9 @@ class Engine:
             raise ValueError(f"logprobs={params.logprobs} must be in [0, {TOP_LOGPROBS}]")
         if not 1 <= n <= self.max_batch:
             raise ValueError(f"n={n} must be in [1, {self.max_batch}] (the server's decode slots)")
+        if not 0 <= params.adapter < max(self.n_adapters, 1):
+            raise ValueError(f"adapter {params.adapter} does not exist (this model has {max(self.n_adapters - 1, 0)}"
+                             " LoRA adapters)")
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, emit: Callable[[Event], None]) -> Request:
         """Queue a request; ``emit`` receives its events from the engine thread.
@@ -405,7 +420,10 @@ class Engine:
                 seeds[i], top_k[i] = np.int32(p.seed % 2**31), p.top_k
                 temp[i], top_p[i] = p.temperature, p.top_p
         st = np.zeros(n, np.int32) if steps is None else np.asarray(steps, np.int32)
-        return dict(key=(seeds, st), temperature=temp, top_k=top_k, top_p=top_p)
+        out = dict(key=(seeds, st), temperature=temp, top_k=top_k, top_p=top_p)
+        if self.n_adapters:
+            out["adapters"] = np.array([0 if r is None else r.params.adapter for r in reqs], np.int32)
+        return out
 
     def _fail(self, req: Request, message: str) -> None:
         if not req.finished:
@@ -449,15 +467,15 @@ class Engine:
         self.prefilling.append(req)
 
     # ------------------------------------------------------------------ prefix cache
-    def _prefix_key(self, ids: Sequence[int], end: int) -> bytes:
-        return np.asarray(ids[:end], np.int32).tobytes()
+    def _prefix_key(self, ids: Sequence[int], end: int, adapter: int = 0) -> bytes:
+        return np.asarray([adapter, *ids[:end]], np.int32).tobytes()  # a prefix's state depends on the adapter
 
     def _restore_prefix(self, req: Request) -> None:
         """Put the longest cached prefix of ``req``'s prompt (whole chunks, at least one token left to prefill)
         into its row."""
         n = len(req.prompt_ids)
         for j in range((n - 1) // self.chunk, 0, -1):
-            key = self._prefix_key(req.prompt_ids, j * self.chunk)
+            key = self._prefix_key(req.prompt_ids, j * self.chunk, req.params.adapter)
             snap = self.prefix.get(key)
             if snap is not None:
                 self.prefix.move_to_end(key)
@@ -469,7 +487,7 @@ class Engine:
 
     def _snapshot(self, req: Request, end: int) -> None:
         """Keep the row after the prompt's first ``end`` tokens (a whole chunk boundary) in the prefix cache."""
-        key = self._prefix_key(req.prompt_ids, end)
+        key = self._prefix_key(req.prompt_ids, end, req.params.adapter)
         if key in self.prefix:
             self.prefix.move_to_end(key)
             return

@@ -45,7 +45,15 @@ def test_a_killed_run_resumes_from_the_local_tier_and_a_replaced_host_from_the_p
     reference = _launch(_args(ref, tokenizer_path), 2)
     procs = _launch(_args(run_a, tokenizer_path, *_local(local_a)), 2, POD_STEP_SLEEP=0.4)
     deadline = time.time() + 300
-    while time.time() < deadline and all(p.poll() is None for p in procs) and 6 not in _steps(f"{p1}/state"):
+
+    def saved_6():  # step 6 of the local tier on process 1's disk, and its event written (a race under load)
+        try:
+            events = read_events(run_a) if 6 in _steps(f"{p1}/state") else []
+        except (OSError, ValueError):  # not written yet, or a line being written
+            return False
+        return any(e["event"] == "checkpoint" and e["step"] == 6 for e in events)
+
+    while time.time() < deadline and all(p.poll() is None for p in procs) and not saved_6():
         time.sleep(0.05)
     for p in procs:  # both hosts die at once: no signal handler, no final save
         p.send_signal(signal.SIGKILL)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -50,7 +49,6 @@ from typing import Any
 
 import numpy as np
 
-from mistral_jax import storage
 from mistral_jax.data import chat, files
 from mistral_jax.data.epochs import EpochBatches
 
@@ -148,44 +146,12 @@ def load_records(source: str, split: str = "train", hub_config: str = "") -> Ite
       hub_config: the hub dataset configuration name.
 
     Raises:
-      FileNotFoundError: a path that does not exist (or a bucket path naming no ``.json*`` file).
-      storage.StorageError: a bucket path whose endpoint, bucket or credentials fail (one line with the fix).
-      RuntimeError: the hub dataset cannot be streamed (offline, unknown name, unknown split), with the fix.
+      FileNotFoundError, storage.StorageError, RuntimeError: as ``files.load_records`` (a missing path, a bucket
+        that fails, a hub dataset that cannot be streamed), each one line with the fix.
     """
     if source == "bundled":
         source = BUNDLED_VALIDATION if split.startswith(("val", "test")) else BUNDLED_TRAIN
-    storage.check_bucket(source, "preference data")  # a bucket path: endpoint, bucket, credentials, in one line
-    paths = files.json_files(source)
-    if paths:
-        for path in paths:
-            with files.open_text(path) as f:
-                if path.endswith(".jsonl"):
-                    yield from (json.loads(line) for line in f if line.strip())
-                else:
-                    rows = json.load(f)
-                    yield from (rows if isinstance(rows, list) else [rows])
-        return
-    looks_local = source.startswith(("/", ".", "~")) or source.count("/") > 1 or source.endswith((".json", ".jsonl"))
-    if looks_local or os.path.exists(source):  # else a hub name: "name" or "owner/name"
-        raise FileNotFoundError(f"preference data {source!r} does not exist. Fix: pass a .jsonl/.json file, a "
-                                "directory of them, 'bundled', or an HF hub dataset name.")
-    try:
-        import datasets  # deferred: heavy import, only for hub datasets
-
-        rows = iter(datasets.load_dataset(source, hub_config or None, split=split, streaming=True))
-        first = next(rows)
-    except StopIteration:
-        return
-    except Exception as e:  # offline, unknown dataset / split: the datasets library raises many types
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-        raise RuntimeError(
-            f"cannot stream the hub dataset {source!r} (config {hub_config or None!r}, split {split!r}): "
-            f"{type(e).__name__}: {str(e)[:300]}. Fix: "
-            + ("unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE and check the network, or " if offline else
-               "check the name, split and network, or ")
-            + "download the data and pass a local .jsonl file ('bundled' is this project's offline set).") from e
-    yield first
-    yield from rows
+    yield from files.load_records(source, split, hub_config, what="preference data")
 
 
 # ----------------------------------------------------------------------------------------------- rendering

@@ -38,7 +38,7 @@ RUN_CONFIG = "run_config.json"
 MODEL_CONFIG = "model_config.json"
 REPORT_DIR = "report"
 
-GOODPUT_PARTS = ("productive", "compile", "data", "checkpoint", "eval", "lost", "idle")
+GOODPUT_PARTS = ("productive", "compile", "data", "rollout", "checkpoint", "eval", "lost", "idle")
 MEMORY_KEYS = ("memory/device_bytes_in_use", "memory/device_peak_bytes", "memory/host_rss_bytes")
 _LAYER_LOAD = re.compile(r"^expert_load/l(\d+)/e(\d+)$")
 _MEAN_LOAD = re.compile(r"^expert_load/e(\d+)$")

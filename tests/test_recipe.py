@@ -47,9 +47,9 @@ def test_the_trainer_step_and_aot_name_no_recipe():
 def test_every_recipe_is_registered_in_one_place():
     """The built-in recipes are entries of ``RECIPES``; ``data.format`` picks its default one when
     ``config.recipe`` is "", and the schema holds each registered recipe's own block (none listed in base.py)."""
-    assert {"pretrain", "sft", "preference"} <= set(recipe_lib.RECIPES)
+    assert {"pretrain", "sft", "preference", "grpo"} <= set(recipe_lib.RECIPES)
     assert {k: c.default_for for k, c in recipe_lib.RECIPES.items() if c.default_for} == {
-        "pretrain": "text", "sft": "chat", "preference": "preference"}
+        "pretrain": "text", "sft": "chat", "preference": "preference", "grpo": "prompts"}
     base = open(os.path.join(ROOT, "configs", "base.py"), encoding="utf-8").read()
     assert "c.preference" not in base and "preference" in run_lib.base_config()
     assert "preference.objective" in recipe_lib.state_fields()

@@ -75,6 +75,7 @@ def main(argv: list[str]) -> None:
     from mistral_jax import distributed
     from mistral_jax.data import loader, prepared
     from mistral_jax.training import checkpoint, run, trainer
+    from mistral_jax.training.hooks import StopRun
 
     cli.quiet_libraries()  # again: absl's flag parsing resets the verbosity (Orbax logs every save at INFO)
     _plain_logs(logging.DEBUG if cli.debug_enabled() else logging.INFO)
@@ -98,7 +99,7 @@ def main(argv: list[str]) -> None:
         named = isinstance(e, (run.ConfigError, checkpoint.WorkdirBusy, storage.StorageError, storage.UnsupportedPath,
                                prepared.PreparedError, loader.MixtureError, loader.MixtureChanged))
         cli.fail(PROG, str(e) if named else f"{type(e).__name__}: {e}", 2)
-    except (checkpoint.CheckpointSaveError, FloatingPointError, distributed.DistributedStartError) as e:
+    except (checkpoint.CheckpointSaveError, FloatingPointError, distributed.DistributedStartError, StopRun) as e:
         if cli.debug_enabled():
             raise
         cli.fail(PROG, f"{type(e).__name__}: {e}", 1)

@@ -52,6 +52,7 @@ BATCH_DTYPES = dict(tokens=np.int32, targets=np.int32, weights=np.float32, posit
 log = logging.getLogger(__name__)
 BUNDLED_TRAIN = os.path.join(os.path.dirname(__file__), "corpus", "instruct_train.jsonl")
 BUNDLED_VALIDATION = os.path.join(os.path.dirname(__file__), "corpus", "instruct_validation.jsonl")
+ARITHMETIC = "bundled:arithmetic"  # data.arithmetic's problems, question -> worked answer
 
 
 class TokenizerLike(Protocol):
@@ -321,7 +322,9 @@ def load_conversations(source: str, split: str = "train", messages_field: str = 
     an HF hub dataset name.
 
     Args:
-      source: ``.jsonl``/``.json`` file, directory or glob; ``"bundled"`` for the tiny bundled set; else a hub name.
+      source: ``.jsonl``/``.json`` file, directory or glob; ``"bundled"`` for the tiny bundled set;
+        ``"bundled:arithmetic"`` for the generated arithmetic problems (``data.arithmetic``) as chats; else a hub
+        name.
 
     Raises:
       FileNotFoundError: a path that does not exist (or a bucket path naming no ``.json*`` file).
@@ -330,6 +333,12 @@ def load_conversations(source: str, split: str = "train", messages_field: str = 
       messages_field: the column holding the messages (see ``to_messages`` for other accepted layouts).
       hub_config: hub dataset configuration name.
     """
+    if source == ARITHMETIC:  # the RL demo's problems as one-turn chats: the answer-format warm start of GRPO
+        from mistral_jax.data import arithmetic
+
+        for r in arithmetic.bundled_records(split):
+            yield [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
+        return
     if source == "bundled":
         source = BUNDLED_VALIDATION if split.startswith(("val", "test")) else BUNDLED_TRAIN
     storage.check_bucket(source, "chat data")  # a bucket path: endpoint, bucket, credentials, in one line

@@ -65,7 +65,7 @@ def generate(model: nnx.Module, prompt_ids: Any, max_new_tokens: int = 64, tempe
              chunk_size: int | None = None, *, stop: Sequence[str] = (), tokenizer: Any = None,
              stream: Callable[[list[list[int]]], None] | None = None, mesh: jax.sharding.Mesh | None = None,
              rules: sharding.ShardingRules = sharding.DEFAULT_RULES, pad_id: int = 0,
-             unstack: bool | None = None, logprobs: bool = False) -> Any:
+             unstack: bool | None = None, logprobs: bool | float = False) -> Any:
     """Generate continuations with the rolling-buffer cache: chunked prefill, then one token per step.
 
     Args:
@@ -91,7 +91,8 @@ def generate(model: nnx.Module, prompt_ids: Any, max_new_tokens: int = 64, tempe
         on the CPU backend when the copy fits comfortably in memory (there it makes decoding faster:
         docs/benchmarks.md#per-layer-weight-copies-for-cpu-decoding).
       logprobs: also return each new token's log-prob under the model (``sampling.token_logprobs``: float32
-        ``log_softmax`` of the raw logits), e.g. for RL rollouts (G samples of a prompt: pass it G times).
+        ``log_softmax`` of the raw logits), or, a float ``t``, of ``logits / t`` (RL rollouts: the sampling
+        policy's log-probs at temperature ``t``; G samples of a prompt: pass it G times).
 
     Returns:
       The new token ids only (not the prompt), as Python ints: ``list[int]`` for one prompt, else

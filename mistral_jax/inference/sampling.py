@@ -135,7 +135,7 @@ def is_greedy(logits: Float[Array, "*B V"], tokens: Int[Array, "*B"]) -> Bool[Ar
 
 def sample(logits: Float[Array, "B V"], key: Any, temperature: float | Float[Array, " B"] = 0.0,
            top_k: int | None | Int[Array, " B"] = None, top_p: float | None | Float[Array, " B"] = None, *,
-           logprobs: bool = False) -> Int[Array, " B"] | tuple[Int[Array, " B"], Float[Array, " B"]]:
+           logprobs: bool | float = False) -> Int[Array, " B"] | tuple[Int[Array, " B"], Float[Array, " B"]]:
     """One token per row: argmax where the temperature is 0, else a draw from the filtered distribution.
 
     Args:
@@ -144,7 +144,9 @@ def sample(logits: Float[Array, "B V"], key: Any, temperature: float | Float[Arr
         module docstring); ignored by greedy rows.
       temperature, top_k, top_p: Python values for the batch (static under ``jit``) or per-row arrays ``[B]``
         (temperature 0 = greedy, top_k 0 = all, top_p 1 = no cut); see ``filter_logits``.
-      logprobs: also return ``token_logprobs`` of the chosen tokens.
+      logprobs: also return ``token_logprobs`` of the chosen tokens: ``True`` under the raw distribution, a float
+        ``t > 0`` under ``softmax(logits / t)`` (the sampling policy at temperature ``t``, before any top-k / top-p
+        cut: what RL's policy ratio compares, TRL's convention).
 
     Returns:
       int32 token ids ``[B]``, and with ``logprobs`` their float32 log-probs ``[B]``.
@@ -173,4 +175,7 @@ def sample(logits: Float[Array, "B V"], key: Any, temperature: float | Float[Arr
 
         tokens = draw(None) if _static(temperature) else jax.lax.cond(
             jnp.any(temperature > 0), draw, lambda _: argmax, None)
-    return (tokens, token_logprobs(logits, tokens)) if logprobs else tokens
+    if not logprobs:
+        return tokens
+    scale = 1.0 if logprobs is True else 1.0 / float(logprobs)  # a float t: log-probs of softmax(logits / t)
+    return tokens, token_logprobs(logits if scale == 1.0 else logits.astype(jnp.float32) * scale, tokens)

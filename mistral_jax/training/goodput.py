@@ -4,7 +4,8 @@ Categories (seconds, process 0's clock, cumulative over every run of the job in 
 
 * ``productive``: train steps that advanced the run for the first time;
 * ``compile``: compiling the train step (the first step of each run: ``Compiled`` ahead of its first call);
-* ``data``: waiting for this process's batch (reading, the hooks' rollouts, building the global batch);
+* ``data``: waiting for this process's batch (reading, building the global batch);
+* ``rollout``: an RL recipe's rollouts (the hooks' ``rollout``: sampling completions, scoring them);
 * ``checkpoint``: restoring at start and the blocking part of saves (the device-to-host copy; an async save's
   writes overlap training), plus waiting for the last save at the end;
 * ``eval``: held-out evaluations;
@@ -30,7 +31,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-CATEGORIES = ("productive", "compile", "data", "checkpoint", "eval", "lost", "idle")
+CATEGORIES = ("productive", "compile", "data", "rollout", "checkpoint", "eval", "lost", "idle")
 PREFIX = "goodput/"
 _IMPORTED = time.time()
 

@@ -28,7 +28,7 @@ from mistral_jax.training import goodput as goodput_lib
 from mistral_jax.training import goodput_recorder
 from mistral_jax.training import step as step_lib
 from mistral_jax.training.checkpoint import Checkpointer
-from mistral_jax.training.hooks import Hooks
+from mistral_jax.training.hooks import Hooks, LoopContext, StopRun
 from mistral_jax.training.metrics import MetricsWriter, read_events, read_metrics
 from mistral_jax.training.profiling import Profiler, compiled_memory, memory_metrics
 from mistral_jax.training.progress import StepBar
@@ -144,6 +144,8 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
     if restored is not None:
         data_it.set_state(local_data_state(data_state))
         log.info("resumed from %s at step %d", "the local tier" if tier == "local" else ckpt.directory, start)
+    data_state = data_it.get_state()  # this process's position before the first batch (saved if a hook stops the run)
+    hooks.setup(LoopContext(run=run, graphdef=graphdef, tokenizer=tok, workdir=workdir))
     hooks.restore_extras(dict(restored[3].get(RECIPE_EXTRAS) or {}) if restored is not None else {})
     meta = {"seed": cfg.seed, "model_config": model_cfg.to_dict()}
 
@@ -202,8 +204,20 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
                 with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
                     with goodput.timed("data"), jax.profiler.TraceAnnotation("data"):
                         local = next(data_it)
-                        data_state = data_it.get_state()
-                        local = hooks.rollout(step, state, local)  # may produce the batch (samples of prompts)
+                        data_before, data_state = data_state, data_it.get_state()
+                    try:
+                        with goodput.timed("rollout"), jax.profiler.TraceAnnotation("rollout"):
+                            local = hooks.rollout(step, state, local)  # may produce the batch (samples of prompts)
+                    except StopRun as e:  # the last finished step is saved, its data position before this batch
+                        if restored is None or step > start:  # else the restored checkpoint is this step
+                            with goodput.timed("checkpoint"):
+                                ckpt.save(step, state, saved_data_state(data_before), with_extras(meta, hooks, step),
+                                          force=True)
+                                ckpt.wait()
+                        writer.event("stopped", step, reason=str(e)[:500])
+                        raise StopRun(f"{e} The run stopped before step {step + 1}; step {step} is saved in "
+                                      f"{ckpt.directory} (the same command resumes there).") from e
+                    with goodput.timed("data"), jax.profiler.TraceAnnotation("data"):
                         state = hooks.before_step(step, state, local)
                         _entered(watch, "global_batch")
                         batch = distributed.global_batch(local, batch_shardings)
@@ -263,7 +277,9 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
                     busy = True
                     _entered(watch, "eval")
                     with goodput.timed("eval"), jax.profiler.TraceAnnotation("eval"):
-                        held_out = evaluate(cfg, recipe, eval_fn, state, eval_src, tok, bsharding, batch_shardings)
+                        held_out = hooks.held_out(step, state)
+                        if held_out is None:
+                            held_out = evaluate(cfg, recipe, eval_fn, state, eval_src, tok, bsharding, batch_shardings)
                     result["eval"] = writer.write(step, hooks.eval(step, state, held_out), prefix="eval/")
                     writer.event("eval", step)
                 force = bool(stop) or step == cfg.num_steps
@@ -292,7 +308,9 @@ def run_loop(run: RunSpec, workdir: str, tok: Tokenizer, ckpt: Checkpointer, res
             result["step"] = step
             if eval_fn is not None and step > start:
                 with goodput.timed("eval"), jax.profiler.TraceAnnotation("eval"):
-                    held_out = evaluate(cfg, recipe, eval_fn, state, eval_src, tok, bsharding, batch_shardings)
+                    held_out = hooks.held_out(step, state)
+                    if held_out is None:
+                        held_out = evaluate(cfg, recipe, eval_fn, state, eval_src, tok, bsharding, batch_shardings)
                 result["eval"] = writer.write(step, hooks.eval(step, state, held_out), prefix="eval/")
                 writer.event("eval", step)
             with goodput.timed("checkpoint"):

@@ -128,11 +128,30 @@ def chunked_token_logps(hidden: Float[Array, "B T D"], head: Float[Array, "D V"]
         return (out, jnp.mean(logits, axis=-1)) if with_mean_logits else (out,)
 
     outs, _ = _scan_chunks(hidden, head, (targets,), chunk_size, head_logits, stats)
+    return _unchunk(outs[0], b, t), (_unchunk(outs[1], b, t) if with_mean_logits else None)
 
-    def unchunk(x):  # [n, B, C] -> [B, T]
-        return sharding.constrain(x.swapaxes(0, 1).reshape(b, -1)[:, :t], ("batch", "seq"))
 
-    return unchunk(outs[0]), (unchunk(outs[1]) if with_mean_logits else None)
+def _unchunk(x: Array, b: int, t: int) -> Array:
+    """``[n, B, C]`` per-chunk values -> ``[B, T]`` (the padding sliced off)."""
+    return sharding.constrain(x.swapaxes(0, 1).reshape(b, -1)[:, :t], ("batch", "seq"))
+
+
+def chunked_token_stats(hidden: Float[Array, "B T D"], head: Float[Array, "D V"], targets: Int[Array, "B T"],
+                        chunk_size: int, head_logits: Callable[[Array, Array], Array], *,
+                        with_entropy: bool = False) -> tuple[Array, Array | None]:
+    """``chunked_token_logps``'s per-position ``log p(target)`` and, with ``with_entropy``, the entropy of each
+    position's distribution (nats, float32; the RL objectives' metric), the ``[B, T, V]`` logits never whole."""
+    b, t = targets.shape
+
+    def stats(logits, tgt):
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        out = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0] - lse
+        if not with_entropy:
+            return (out,)
+        return out, lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+
+    outs, _ = _scan_chunks(hidden, head, (targets,), chunk_size, head_logits, stats)
+    return _unchunk(outs[0], b, t), (_unchunk(outs[1], b, t) if with_entropy else None)
 
 
 def token_cross_entropy(model, batch: dict[str, Array]) -> tuple[Array, Array, dict[str, Array]]:

@@ -62,7 +62,10 @@ from mistral_jax.data import tokenizer as tokenizer_lib
 from mistral_jax.data.tokenizer import Tokenizer
 from mistral_jax.data.train_tokenizer import VocabularyTooSmall, train_tokenizer
 from mistral_jax.model.transformer import Transformer
+from mistral_jax.training import grpo as grpo_lib
 from mistral_jax.training import preference as preference_lib
+from mistral_jax.training import rewards as rewards_lib
+from mistral_jax.training import rl
 from mistral_jax.training import step as step_lib
 from mistral_jax.training.hooks import Hooks
 
@@ -212,7 +215,8 @@ class PreparedData:
 
 
 # the data kinds of ``data.format``; a recipe with a new kind of data adds it here from its own module
-DATA_KINDS: dict[str, type] = {"text": TextData, "chat": ChatData, "preference": PreferenceData}
+DATA_KINDS: dict[str, type] = {"text": TextData, "chat": ChatData, "preference": PreferenceData,
+                               "prompts": rl.PromptData}
 
 
 # ------------------------------------------------------------------------------------------------- adapters
@@ -287,6 +291,10 @@ class Recipe:
     def hooks(self) -> Hooks:
         """The loop's hooks of one run (``training.hooks.Hooks``); a fresh object per ``train`` call."""
         return Hooks()
+
+    def check_data(self) -> None:
+        """Checks of the recipe's data that need no device (``train.py`` runs them before anything loads; the
+        tokenizer file may be read): raise ``ConfigError``. Default: none."""
 
     # ------------------------------------------------------------------------------------------- name
     @property
@@ -587,3 +595,79 @@ class Preference(Recipe):
         c = self.objective.config
         return (f"DPO preference tuning ({c.loss_type}, beta {c.beta:g})" if c.needs_reference
                 else f"ORPO preference tuning (lambda {c.beta:g})")
+
+
+@register_recipe("grpo")
+class GRPO(Recipe):
+    """RL with verifiable rewards on prompts (``data.format = "prompts"``): GRPO, Dr. GRPO, BNPO / DAPO or RLOO
+    (``config.grpo``, ``training.grpo``), rollouts from the live weights by the decoding core (``training.rl``)."""
+
+    default_for = "prompts"
+    state_fields = ("grpo.loss_type", "grpo.num_generations")
+
+    @classmethod
+    def config_defaults(cls) -> ConfigDict:
+        """``config.grpo``: rollouts, rewards and the loss (TRL's GRPOTrainer / RLOOTrainer math)."""
+        b = ConfigDict()
+        b.loss_type = "grpo"  # grpo (sequence mean), dr_grpo (token sum / constant), bnpo / dapo (token mean), rloo
+        b.num_generations = 8  # G completions per prompt (>= 2); config.batch_size = prompts per step x G
+        b.max_completion_length = 64  # new tokens per completion at most (data.seq_len holds prompt + completion)
+        b.temperature = 1.0  # sampling temperature (log-probs are those of logits / temperature)
+        b.top_p = 1.0  # nucleus sampling of the rollouts (1 = off)
+        b.beta = 0.0  # KL to the frozen reference (init_from; LoRA: adapters off); 0 = no reference
+        b.epsilon_low = 0.2  # ratio clipped below at 1 - epsilon_low
+        b.epsilon_high = 0.2  # ratio clipped above at 1 + epsilon_high (DAPO: 0.28)
+        b.bias_correction_kl = True  # the KL term times each token's ratio (TRL's use_bias_correction_kl)
+        b.scale_rewards = "group"  # GRPO family: advantages / the group's std ("group"), the batch's, or "none"
+        b.normalize_advantages = False  # rloo: normalise advantages over the batch
+        # reward functions (prompt, completion, example) -> float by import path, comma-separated
+        b.rewards = "mistral_jax.training.rewards:exact_answer,mistral_jax.training.rewards:format_reward"
+        b.reward_weights = ""  # comma-separated, one per reward function; "" = all 1
+        b.prompt_field = "question"  # the record field holding the prompt (GSM8K: question)
+        b.chat = True  # render each prompt as a user turn in the tokenizer's chat format ([INST] ... [/INST])
+        b.eval_prompts = 64  # held-out prompts answered greedily at each eval (eval/reward)
+        return b
+
+    @classmethod
+    def make_objective(cls, cfg: Any, init_from: str | None, adapters: LoRA | None) -> step_lib.Objective:
+        block = _get(cfg, "grpo", None) or {}
+        try:
+            gc = grpo_lib.GRPOConfig.from_config(block)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"config.grpo: {e}") from None
+        g = block.get("num_generations", 8)
+        if not isinstance(g, int) or isinstance(g, bool) or g < 2:
+            raise ConfigError(f"config.grpo.num_generations={g!r}: advantages compare the G completions of a prompt, "
+                              "so G must be an integer >= 2. Fix: e.g. --config.grpo.num_generations=8.")
+        bs = _get(cfg, "batch_size", g)
+        if isinstance(bs, int) and bs % g:
+            raise ConfigError(f"config.batch_size={bs} is not a multiple of config.grpo.num_generations={g} (a batch "
+                              f"is prompts x G completions). Fix: e.g. --config.batch_size={max(1, bs // g) * g}.")
+        if gc.beta and init_from == "":
+            raise ConfigError(f"config.grpo.beta={gc.beta} keeps the policy near a frozen reference, the starting "
+                              "checkpoint, but config.init_from is '' (a fresh init). Fix: pass "
+                              "--config.init_from=PATH, or --config.grpo.beta=0.")
+        try:
+            rewards_lib.resolve(block.get("rewards", ""))
+        except ValueError as e:
+            raise ConfigError(f"config.grpo.rewards: {e}") from None
+        reference = "none" if not gc.beta else "adapters_off" if adapters else "initial"
+        return grpo_lib.GRPOObjective(config=gc, reference=reference)
+
+    def describe(self) -> str:
+        c = self.objective.config
+        return (f"{c.loss_type.upper()} on prompts ({self.cfg.grpo.num_generations} completions each, "
+                f"beta {c.beta:g})")
+
+    def hooks(self) -> Hooks:
+        return rl.GRPOHooks(self.cfg, self.objective)
+
+    def check_data(self) -> None:
+        """Every prompt fits the rollout budget, each reward function scores a reference answer as a number."""
+        source = self.tokenizer_source()
+        if source is None:
+            raise ConfigError("config.recipe='grpo' needs the model's tokenizer. Fix: set config.init_from (a "
+                              "checkpoint with tokenizer.model) or config.data.tokenizer.")
+        rewards = rewards_lib.resolve(self.cfg.grpo.rewards)
+        rl.reward_weights(self.cfg.grpo, len(rewards))
+        rl.check_prompts(self.cfg, Tokenizer(source), rewards)

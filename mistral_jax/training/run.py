@@ -412,7 +412,9 @@ def check_data(cfg: ConfigDict) -> None:
     tok = Tokenizer(cfg.data.tokenizer) if cfg.data.get("tokenizer") and (
         cfg.data.get("mixture") or any(prepared.is_prepared(cfg.data.get(k, "")) for k in ("train", "validation"))
     ) else None
-    loader.check_config(cfg.data, tokenizer=tok, kind=choose(cfg).data.name)
+    recipe = choose(cfg)
+    loader.check_config(cfg.data, tokenizer=tok, kind=recipe.data.name)
+    recipe.check_data()
 
 
 def check_processes(cfg: ConfigDict, workdir: str, process_count: int) -> None:

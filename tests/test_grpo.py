@@ -240,3 +240,30 @@ def test_cli_bad_reward_exits_2_with_one_line(tiny_trained_run, tmp_path):
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "nothing_here" in lines[0] and "Fix:" in lines[0], proc.stderr
     assert not os.path.exists(tmp_path / "bad" / "checkpoints")
+
+
+@pytest.mark.slow
+def test_aot_reports_the_rollout_with_the_train_state_resident():
+    """The AOT tool compiles a GRPO run's train step and its rollout programs (decode loop, prefill chunk) for a TPU
+    topology; each rollout program's memory adds what the train state keeps outside it (optimizer, reference)."""
+    from mistral_jax import aot
+
+    assert aot.libtpu_available(), "libtpu is missing. Fix: pip install -e '.[test]' (or '.[tpu]')"
+    cfg = _config("", **{"grpo.beta": 0.0, "batch_size": 16, "data.seq_len": 64,
+                         "model.dtype": "bfloat16"})
+    topo = aot.parse_topology("v5p-8")
+    r = aot.compile_train_step(cfg, aot.topology_devices(topo))
+    assert set(r["programs"]) == {"rollout decode", "rollout prefill"}
+    tiny = r["programs"]["rollout decode"]
+    # the cache: L x B rows x slots (the window, 16) x kv heads x head_dim, k and v, bfloat16, rows over 4 chips
+    assert tiny["parts"]["kv_cache"] == 2 * 16 * 16 * 2 * 16 * 2 * 2 // 4
+    assert tiny["parts"]["reference"] == 0 and tiny["parts"]["optimizer"] == r["state"]["opt_state"]
+    assert tiny["with_state"] == tiny["total"] + tiny["resident"] and tiny["arguments"] >= r["state"]["params"]
+    # with beta > 0 the frozen reference copy is resident during rollouts too
+    cfg.init_from, cfg.grpo.beta = "/nonexistent/checkpoint", 0.04
+    r2 = aot.compile_train_step(cfg, aot.topology_devices(topo))
+    ref = r2["programs"]["rollout prefill"]["parts"]["reference"]
+    assert ref == r2["state"]["params"] > 0 and r2["programs"]["rollout prefill"]["resident"] == ref + \
+        r2["state"]["opt_state"]
+    text = aot.format_report({**r2, "hbm": topo.hbm_bytes, "fits": True}, "tiny grpo")
+    assert "rollout decode: program" in text and "the run: FITS" in text

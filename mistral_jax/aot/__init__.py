@@ -223,8 +223,19 @@ def compile_run(run: Any) -> dict[str, Any]:
             traffic = hlo.collective_traffic(text)
             report.update(collectives=traffic.kinds, collective_loops_counted_once=traffic.uncounted_loops,
                           hbm_bytes=hlo.hbm_traffic(text).bytes)
+        extras = {}
+        for name, (lower, resident, parts) in recipe.aot_programs(run, graphdef, state).items():
+            t1 = time.perf_counter()
+            try:
+                r = memory_report(lower().compile())
+            except Exception as e:  # noqa: BLE001 - the TPU compiler refuses programs that exceed HBM
+                r = _oom_report(e)
+            r.update(resident=resident, parts=parts, with_state=r["total"] + resident,
+                     compile_s=round(time.perf_counter() - t1, 1))
+            extras[name] = r
     model_flops = run.flops_per_step
-    report.update(recipe=recipe.name, trainable_params=sum(x.size for x in jax.tree.leaves(state["params"])),
+    report.update(programs=extras, recipe=recipe.name,
+                  trainable_params=sum(x.size for x in jax.tree.leaves(state["params"])),
                   frozen_params=sum(x.size for x in jax.tree.leaves(state["frozen"])), state=state_bytes(state),
                   mesh={k: int(v) for k, v in mesh.shape.items()}, rules=cfg.mesh.get("rules", "auto"),
                   devices=mesh.size, compile_s=round(time.perf_counter() - t0, 1),
@@ -284,15 +295,32 @@ def format_report(r: dict[str, Any], title: str) -> str:
              f"  per chip: arguments {gib(r['arguments'])}  outputs {gib(r['outputs'])}  aliased {gib(r['aliased'])}"
              f"  temps {gib(r['temps'])}",
              f"  per chip: total {gib(r['total'])} of HBM {gib(r['hbm'])} -> "
-             + ("FITS" if r["fits"] else "DOES NOT FIT")
+             + ("FITS" if r["fits"] or (r.get("programs") and r["total"] <= (r["hbm"] or 0)) else "DOES NOT FIT")
              + (f" (and {gib(r['host_temps']).strip()} of host memory)" if r.get("host_temps") else ""),
              *([f"  compiler: {r['compiler_error']} (temps alone; arguments not counted)"] if "compiler_error" in r
                else []),
+             *_program_lines(r, gib),
              f"  FLOPs per step per chip: model (6N + attention) {r['model_flops_per_chip']:.3e}; XLA cost analysis "
              f"{r['flops']:.3e} (counts each scan / while-loop body once)",
              *_collective_lines(r),
              f"  compiled in {r['compile_s']} s"]
     return "\n".join(lines)
+
+
+def _program_lines(r: dict[str, Any], gib: Any) -> list[str]:
+    """The recipe's other programs (RL rollouts): each one's memory with the train state resident."""
+    out = []
+    programs = r.get("programs") or {}
+    for name, p in programs.items():
+        g = {k: gib(p[k]).strip() for k in ("total", "arguments", "temps", "resident", "with_state")}
+        parts = "  ".join(f"{k.replace('_', ' ')} {gib(v).strip()}" for k, v in p["parts"].items() if v)
+        fits = "" if r.get("hbm") is None else " -> FITS" if p["with_state"] <= r["hbm"] else " -> DOES NOT FIT"
+        out.append(f"  {name}: program {g['total']} (arguments {g['arguments']}, temps {g['temps']}) + resident "
+                   f"{g['resident']} = {g['with_state']} per chip{fits} ({parts})")
+    if programs and r.get("hbm") is not None:
+        verdict = "FITS" if r["fits"] else "DOES NOT FIT"
+        out.append(f"  the run: {verdict} (the train step and every program above)")
+    return out
 
 
 def _seconds(x: float) -> str:

@@ -94,7 +94,9 @@ def main(argv: list[str]) -> None:
         return
     devices = topology_devices(topo, f.num_slices)
     report = compile_train_step(run_cfg, devices)
-    report.update(hbm=topo.hbm_bytes, fits=report["fits"] is not False and report["total"] <= topo.hbm_bytes,
+    others = report.get("programs") or {}  # an RL recipe's rollouts, with the train state resident
+    report.update(hbm=topo.hbm_bytes, fits=report["fits"] is not False and report["total"] <= topo.hbm_bytes
+                  and all(p["fits"] is not False and p["with_state"] <= topo.hbm_bytes for p in others.values()),
                   topology=topo.name,
                   libtpu_topology=topo.libtpu_name)
     slices = f" x {f.num_slices} slices" if f.num_slices > 1 else ""

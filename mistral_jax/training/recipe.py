@@ -296,6 +296,13 @@ class Recipe:
         """Checks of the recipe's data that need no device (``train.py`` runs them before anything loads; the
         tokenizer file may be read): raise ``ConfigError``. Default: none."""
 
+    def aot_programs(self, run: Any, graphdef: Any, state: dict[str, Any]) -> dict[str, tuple[Any, int, dict]]:
+        """Programs the run executes besides the train step, with the train state resident (an RL recipe's
+        rollouts), for the AOT tool: ``{name: (lower, resident bytes per chip outside its arguments, named parts)}``
+        on the abstract ``state``. Default: none."""
+        del run, graphdef, state
+        return {}
+
     # ------------------------------------------------------------------------------------------- name
     @property
     def name(self) -> str:
@@ -661,6 +668,10 @@ class GRPO(Recipe):
 
     def hooks(self) -> Hooks:
         return rl.GRPOHooks(self.cfg, self.objective)
+
+    def aot_programs(self, run: Any, graphdef: Any, state: dict[str, Any]) -> dict[str, tuple[Any, int, dict]]:
+        """The rollout's decode loop and prefill chunk over ``batch_size`` rows (``rl.rollout_programs``)."""
+        return rl.rollout_programs(run, graphdef, state, self.objective)
 
     def check_data(self) -> None:
         """Every prompt fits the rollout budget, each reward function scores a reference answer as a number."""

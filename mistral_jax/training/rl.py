@@ -170,6 +170,16 @@ def completion_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Seq
     return out
 
 
+def rollout_chunk(model_cfg: Any, rows: int) -> int:
+    """The prefill chunk of a rollout over ``rows`` rows: the window (``decode.default_chunk_size``) cut so one call
+    feeds at most ``decode.PREFILL_TOKENS`` tokens (the server's bound: a chunk's attention temporaries grow with
+    rows x chunk x the window), a power of two >= 16."""
+    from mistral_jax.inference import decode
+
+    limit = max(16, 1 << max(0, (decode.PREFILL_TOKENS // max(rows, 1)).bit_length() - 1))
+    return min(decode.default_chunk_size(model_cfg), limit)
+
+
 def step_seed(seed: int, step: int, process: int = 0) -> int:
     """The sampling seed of train step ``step + 1`` on ``process`` (the same in a resumed run)."""
     return int(np.random.SeedSequence([int(seed) % 2**32, int(step), int(process)]).generate_state(1)[0] >> 1)
@@ -207,6 +217,7 @@ class GRPOHooks(Hooks):
         top_p = float(self.cfg.grpo.top_p)
         lora = self.objective.reference == "adapters_off" or bool(self.cfg.lora.rank)
         return generate(model, prompts, max_new_tokens=c.max_completion_length,
+                        chunk_size=rollout_chunk(model.cfg, len(prompts)),
                         temperature=0.0 if greedy else c.temperature, top_p=None if greedy or top_p >= 1 else top_p,
                         seed=seed, eos_id=self.ctx.tokenizer.eos_id, logprobs=True if greedy else c.temperature,
                         unstack=False if lora else None)
@@ -276,13 +287,30 @@ class GRPOHooks(Hooks):
         if not self.cfg.data.validation:
             return {}
         pset = prompt_set(self.cfg, self.ctx.tokenizer, "validation")
-        n = min(int(self.cfg.grpo.eval_prompts), len(pset.prompts))
-        ids, _ = self._generate(self._model(state), pset.prompts[:n], seed=0, greedy=True)
-        rewards, _ = self._score(list(zip(range(n), ids, strict=True)), pset)
-        out = {f"rewards/{name}/mean": float(np.mean(rewards[:, k])) for k, (name, _) in enumerate(self.rewards)}
-        out["reward"] = float(np.mean(rewards @ self.weights))
-        out["prompts"] = float(n)
-        return out
+        try:
+            return greedy_rewards(self._model(state), self.ctx.tokenizer, pset, self.rewards, self.weights,
+                                  n=int(self.cfg.grpo.eval_prompts), max_new_tokens=self.config.max_completion_length,
+                                  unstack=False if self.cfg.lora.rank else None)
+        except rewards_lib.RewardError as e:
+            raise StopRun(str(e)) from e
+
+
+def greedy_rewards(model: Any, tok: Any, pset: PromptSet, rewards: list[tuple[str, Any]], weights: np.ndarray, *,
+                   n: int, max_new_tokens: int, unstack: bool | None = None) -> dict[str, float]:
+    """The mean reward per function (``rewards/<name>/mean``) and weighted (``reward``) of ``model``'s greedy
+    answers to the first ``n`` prompts of ``pset`` (the held-out measure of a GRPO run; ``benchmarks/grpo.py``
+    measures any checkpoint with it)."""
+    from mistral_jax.inference.generate import generate  # the decoding core
+
+    n = min(int(n), len(pset.prompts))
+    ids = generate(model, pset.prompts[:n], max_new_tokens=max_new_tokens, temperature=0.0, eos_id=tok.eos_id,
+                   chunk_size=rollout_chunk(model.cfg, n), unstack=unstack)
+    scores = np.array([rewards_lib.score(rewards, pset.texts[i], tok.decode([x for x in ids[i] if x != tok.eos_id]),
+                                         pset.records[i], i) for i in range(n)])
+    out = {f"rewards/{name}/mean": float(np.mean(scores[:, k])) for k, (name, _) in enumerate(rewards)}
+    out["reward"] = float(np.mean(scores @ weights))
+    out["prompts"] = float(n)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- the config
@@ -325,3 +353,68 @@ def check_prompts(cfg: Any, tok: Any, rewards: list[tuple[str, Any]]) -> None:
     except rewards_lib.RewardError as e:
         raise ConfigError(f"config.grpo.rewards: on train example 0 (its reference answer as the completion): {e}"
                           ) from None
+
+
+# ------------------------------------------------------------------------------------------------------ AOT
+def rollout_programs(run: Any, graphdef: Any, state: dict[str, Any], objective: grpo_lib.GRPOObjective
+                     ) -> dict[str, tuple[Any, int, dict[str, int]]]:
+    """The rollout's programs for the AOT tool, on ``state``'s abstract arrays (their train shardings): the decode
+    loop (``DECODE_BLOCK`` steps) and one prefill chunk (``rollout_chunk``) over all ``batch_size`` rows, with a rolling
+    cache of ``cache_length(data.seq_len)`` slots sharded as the training mesh shards rows and kv heads.
+
+    Returns ``{name: (lower, resident, parts)}``: ``lower()`` gives the lowered program, ``resident`` the bytes per
+    chip the train state keeps outside the program's arguments (the optimizer state; the reference copy), ``parts``
+    the named bytes per chip (``kv_cache``, ``optimizer``, ``reference``)."""
+    import math
+
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from mistral_jax.inference import decode
+    from mistral_jax.model.kv_cache import KVCache
+
+    cfg, mesh, rules = run.model_cfg, run.mesh, run.rules
+    b, c = run.data.batch_size, objective.config
+    slots = decode.cache_length(cfg, run.data.seq_len)
+    abstract = jax.eval_shape(lambda: KVCache.init(cfg, b, slots))
+    cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                         abstract.shardings(mesh, rules))
+    frozen = state["frozen"]["model"] if objective.keeps_initial else state["frozen"]
+
+    def per_chip(tree: Any) -> int:
+        return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    parts = {"kv_cache": per_chip((cache.k, cache.v)), "optimizer": per_chip(state["opt_state"]),
+             "reference": per_chip(state["frozen"]["initial"]) if objective.keeps_initial else 0}
+    resident = parts["optimizer"] + parts["reference"]
+    rows = NamedSharding(mesh, rules.spec(("batch",), mesh))
+    grid = NamedSharding(mesh, rules.spec(("batch", None), mesh))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    chunk = rollout_chunk(cfg, b)
+
+    def model_state(params: Any, frozen: Any) -> tuple[Any, Any]:
+        return nnx.split(objective.model(graphdef, params, {"model": frozen} if objective.keeps_initial else frozen))
+
+    def decode_loop(params, frozen, cache, tokens, positions, done, key, start, n):
+        g, s = model_state(params, frozen)
+        return decode.decode_loop(g, s, cache, tokens, positions, done, key, start, n, block=decode.DECODE_BLOCK,
+                                  temperature=c.temperature, logprobs=c.temperature)
+
+    def prefill_chunk(params, frozen, cache, tokens, positions):
+        g, s = model_state(params, frozen)
+        return decode.forward_chunk(g, s, cache, tokens, positions, last_only=True)
+
+    def arr(shape: tuple[int, ...], dtype: Any, sh: Any) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    programs = {
+        "rollout decode": lambda: jax.jit(decode_loop, donate_argnums=(2,)).lower(
+            state["params"], frozen, cache, arr((b,), jnp.int32, rows), arr((b,), jnp.int32, rows),
+            arr((b,), jnp.bool_, rows), jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
+            arr((), jnp.int32, replicated), arr((), jnp.int32, replicated)),
+        "rollout prefill": lambda: jax.jit(prefill_chunk, donate_argnums=(2,)).lower(
+            state["params"], frozen, cache, arr((b, chunk), jnp.int32, grid), arr((b, chunk), jnp.int32, grid)),
+    }
+    return {name: (lower, resident, parts) for name, lower in programs.items()}

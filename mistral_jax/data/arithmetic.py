@@ -3,14 +3,15 @@
 A record is ``{"question": str, "answer": str}``; the answer is a short worked solution whose last line is
 ``#### <number>`` (GSM8K's convention)::
 
-    {"question": "Tom has 3 apples and buys 4 more. How many apples does Tom have now?",
-     "answer": "Tom has 3 + 4 = 7 apples now.\\n#### 7"}
+    {"question": "Tom has 3 apples and buys 4 more. How many now?", "answer": "3 + 4 = 7.\\n#### 7"}
 
-The problems are easy and short on purpose (a tiny model learns them on a CPU): one addition or subtraction of
-operands 0..20 with a non-negative result, in a few templates with names and objects, 10 to 20 words a question.
-They are deterministic from a seed (``make_problems``). The bundled splits (``bundled_records``) are disjoint by
-construction: a question belongs to the held-out split when a hash of its text falls in one bucket of ten, so no
-question of ``"validation"`` / ``"test"`` can appear in ``"train"``.
+The problems are easy and short on purpose: one addition or subtraction of operands 1..9 with a non-negative
+result, in two templates with names and objects, 11 words a question. A tiny model on a CPU learns them, and RL
+measurably improves it: the demo model (2 layers, a 16-token window) needs the operands within about 30 tokens of
+its answer, which the chat-formatted prompt of a longer word problem does not leave (GSM8K's own problems are for
+real models). They are deterministic from a seed (``make_problems``). The bundled splits (``bundled_records``) are
+disjoint by construction: a question belongs to the held-out split when a hash of its text falls in one bucket of
+ten, so no question of ``"validation"`` / ``"test"`` can appear in ``"train"``.
 
 ``load_records`` reads this task or any data of the same layout (``.jsonl`` / ``.json`` files, local or in a bucket,
 or an HF hub dataset such as ``openai/gsm8k`` with ``hub_config="main"``). ``example_answer`` is the reference
@@ -33,7 +34,7 @@ from mistral_jax.data import files
 TRAIN_SIZE = 2000
 HELD_OUT_SIZE = 200
 HELD_OUT_BUCKETS = 10  # a question is held out when the hash of its text is 0 modulo this
-MAX_OPERAND = 20
+MAX_OPERAND = 9
 
 # A number as written in an answer: an optional sign and "$", digits with optional "," thousands separators and an
 # optional decimal part ("-$1,234.50"). ``normalize_number`` turns a match into the canonical form.
@@ -51,22 +52,8 @@ class Template:
 
 
 TEMPLATES = (
-    Template("+", "{name} has {a} {obj_a} and buys {b} more. How many {obj} does {name} have now?",
-             "{name} has {a} + {b} = {r} {obj_r} now."),
-    Template("+", "There are {a} {obj_a} in a box. {name} puts in {b} more. How many {obj} are in the box?",
-             "The box has {a} + {b} = {r} {obj_r}."),
-    Template("+", "{name} has {a} {obj_a} and {other} has {b} {obj_b}. How many {obj} do they have together?",
-             "Together they have {a} + {b} = {r} {obj_r}."),
-    Template("+", "{name} had {a} {obj_a}. {other} gave {name} {b} more. How many {obj} does {name} have?",
-             "{name} has {a} + {b} = {r} {obj_r}."),
-    Template("-", "{name} has {a} {obj_a} and gives away {b}. How many {obj} does {name} have left?",
-             "{name} has {a} - {b} = {r} {obj_r} left."),
-    Template("-", "There are {a} {obj_a} on the table. {name} takes {b}. How many {obj} are left?",
-             "There are {a} - {b} = {r} {obj_r} left."),
-    Template("-", "{name} had {a} {obj_a} and lost {b} of them. How many {obj} does {name} have now?",
-             "{name} has {a} - {b} = {r} {obj_r} now."),
-    Template("-", "{name} has {a} {obj_a} and {other} has {b} {obj_b}. How many more {obj} does {name} have?",
-             "{name} has {a} - {b} = {r} more {obj_r}."),
+    Template("+", "{name} has {a} {obj_a} and buys {b} more. How many now?", "{a} + {b} = {r}."),
+    Template("-", "{name} has {a} {obj_a} and gives away {b}. How many left?", "{a} - {b} = {r}."),
 )
 NAMES = ("Tom", "Anna", "Sam", "Mia", "Ben", "Lily", "Max", "Emma", "Leo", "Zoe", "Jack", "Nora")
 OBJECTS = (("apple", "apples"), ("pen", "pens"), ("book", "books"), ("coin", "coins"), ("card", "cards"),

@@ -267,3 +267,27 @@ def test_aot_reports_the_rollout_with_the_train_state_resident():
         r2["state"]["opt_state"]
     text = aot.format_report({**r2, "hbm": topo.hbm_bytes, "fits": True}, "tiny grpo")
     assert "rollout decode: program" in text and "the run: FITS" in text
+
+
+@pytest.mark.heavy
+def test_several_steps_per_rollout_resume_mid_group(tiny_trained_run, tmp_path):
+    """grpo.num_iterations = 2: two optimizer steps per rollout (the second one's ratio is no longer 1, so some
+    tokens clip); a run stopped after the first step of a group resumes on the same completions."""
+    from mistral_jax.training import trainer
+
+    over = {"grpo.num_iterations": 2, "optimizer.learning_rate": 3e-2, "log_every": 1, "num_steps": 4}
+    ref = str(tmp_path / "ref")
+    trainer.train(_config(tiny_trained_run, **over), ref)
+    got = _per_step(ref)
+    assert got[1][1:] == got[2][1:] and got[3][1:] == got[4][1:]  # one rollout per group: the same rewards
+    assert got[2][1:] != got[3][1:]
+    from mistral_jax.training.metrics import read_metrics
+
+    clipped = {r["step"]: r["clip_ratio/region_mean"] for r in read_metrics(ref) if "loss" in r}
+    assert clipped[1] == 0 and clipped[2] > 0  # the first step's ratio is 1; the second's has moved
+    work = str(tmp_path / "run")
+    trainer.train(_config(tiny_trained_run, **{**over, "num_steps": 3}), work)  # stops mid-group (step 3 of 4)
+    meta = json.load(open(os.path.join(work, "checkpoints", "3", "meta", "metadata")))
+    assert "rollout" in meta["recipe"]
+    trainer.train(_config(tiny_trained_run, **over), work)
+    assert _per_step(work) == got

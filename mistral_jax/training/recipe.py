@@ -610,7 +610,7 @@ class GRPO(Recipe):
     (``config.grpo``, ``training.grpo``), rollouts from the live weights by the decoding core (``training.rl``)."""
 
     default_for = "prompts"
-    state_fields = ("grpo.loss_type", "grpo.num_generations")
+    state_fields = ("grpo.loss_type", "grpo.num_generations", "grpo.num_iterations")
 
     @classmethod
     def config_defaults(cls) -> ConfigDict:
@@ -619,6 +619,7 @@ class GRPO(Recipe):
         b.loss_type = "grpo"  # grpo (sequence mean), dr_grpo (token sum / constant), bnpo / dapo (token mean), rloo
         b.num_generations = 8  # G completions per prompt (>= 2); config.batch_size = prompts per step x G
         b.max_completion_length = 64  # new tokens per completion at most (data.seq_len holds prompt + completion)
+        b.num_iterations = 1  # optimizer steps per rollout (TRL's num_iterations, mu); num_steps counts optimizer steps
         b.temperature = 1.0  # sampling temperature (log-probs are those of logits / temperature)
         b.top_p = 1.0  # nucleus sampling of the rollouts (1 = off)
         b.beta = 0.0  # KL to the frozen reference (init_from; LoRA: adapters off); 0 = no reference
@@ -646,6 +647,10 @@ class GRPO(Recipe):
         if not isinstance(g, int) or isinstance(g, bool) or g < 2:
             raise ConfigError(f"config.grpo.num_generations={g!r}: advantages compare the G completions of a prompt, "
                               "so G must be an integer >= 2. Fix: e.g. --config.grpo.num_generations=8.")
+        mu = block.get("num_iterations", 1)
+        if not isinstance(mu, int) or isinstance(mu, bool) or mu < 1:
+            raise ConfigError(f"config.grpo.num_iterations={mu!r} must be an integer >= 1 (optimizer steps per "
+                              "rollout). Fix: e.g. --config.grpo.num_iterations=1.")
         bs = _get(cfg, "batch_size", g)
         if isinstance(bs, int) and bs % g:
             raise ConfigError(f"config.batch_size={bs} is not a multiple of config.grpo.num_generations={g} (a batch "

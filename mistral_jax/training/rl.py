@@ -12,7 +12,10 @@ Each train step of a ``grpo`` run (``training.recipe.GRPO``):
 3. the reward functions (``grpo.rewards``: ``(prompt, completion, example) -> float``, ``training.rewards``) score
    each completion; ``training.grpo.group_advantages`` turns the rewards of each prompt's ``G`` completions into
    advantages;
-4. the train step minimises ``training.grpo.GRPOObjective`` on the ``[B, T]`` batch of completions.
+4. the train step minimises ``training.grpo.GRPOObjective`` on the ``[B, T]`` batch of completions; with
+   ``grpo.num_iterations`` = mu > 1, mu optimizer steps train on each rollout (the loader gives each prompt batch mu
+   times; the ratio to the sampling policy then moves from 1 and the clipping acts; a checkpoint in the middle of
+   a group keeps its rollout in the checkpoint's meta, so a resumed run trains on the same completions).
 
 Metrics (TRL's names where TRL has them): ``reward``, ``reward_std``, ``rewards/<function>/mean`` / ``std``,
 ``frac_reward_zero_std``, ``completions/mean_length`` / ``min_length`` / ``max_length`` / ``clipped_ratio`` (no
@@ -101,15 +104,16 @@ def prompt_set(cfg: Any, tok: Any, split: str) -> PromptSet:
 
 class PromptBatches(EpochBatches):
     """This process's prompts of each step: ``{"prompt_index": int32 [n]}`` (``n`` = prompts per step / processes),
-    every epoch a fresh permutation (``shuffle``); a last partial batch is dropped (a step has all its prompts)."""
+    every epoch a fresh permutation (``shuffle``); a last partial batch is dropped (a step has all its prompts).
+    ``repeat``: each batch is given that many times in a row (``grpo.num_iterations`` steps on one rollout)."""
 
     def __init__(self, n_prompts: int, prompts_per_step: int, *, seed: int, shuffle: bool, loop: bool,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, repeat: int = 1):
         if prompts_per_step > n_prompts:
             raise ConfigError(f"a step takes {prompts_per_step} prompts (config.batch_size / grpo.num_generations) "
                               f"but the data has {n_prompts}. Fix: lower config.batch_size or add prompts.")
         self.n, self.batch_size, self.seed, self.shuffle, self.loop = n_prompts, prompts_per_step, seed, shuffle, loop
-        self.process_index, self.process_count = process_index, process_count
+        self.process_index, self.process_count, self.repeat = process_index, process_count, max(1, int(repeat))
         self.epoch = self.batch_in_epoch = 0
         self._epoch_batches = None
 
@@ -118,7 +122,7 @@ class PromptBatches(EpochBatches):
         full = len(order) - len(order) % self.batch_size
         sl = slice(self.process_index, None, self.process_count)
         return [{"prompt_index": order[i:i + self.batch_size][sl].astype(np.int32)}
-                for i in range(0, full, self.batch_size)]
+                for i in range(0, full, self.batch_size) for _ in range(self.repeat)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +146,8 @@ class PromptData:
         g = int(self.cfg.grpo.num_generations)
         return PromptBatches(len(prompt_set(self.cfg, tok, source).prompts), batch_size // g,
                              seed=int(self.cfg.seed), shuffle=bool(self.cfg.data.shuffle) and train, loop=train,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+                             process_index=jax.process_index(), process_count=jax.process_count(),
+                             repeat=int(self.cfg.grpo.get("num_iterations", 1) or 1) if train else 1)
 
     def empty_batch(self, rows: int) -> dict[str, np.ndarray]:
         return {"prompt_index": np.zeros((0,), np.int32)}
@@ -199,6 +204,8 @@ class GRPOHooks(Hooks):
         self.stats: dict[str, float] = {}
         self._t_train = 0.0
         self._ref = None
+        self.iterations = max(1, int(cfg.grpo.get("num_iterations", 1) or 1))
+        self._group: tuple[dict[str, np.ndarray], dict[str, float]] | None = None  # (batch, stats) of the rollout
 
     def setup(self, context: LoopContext) -> None:
         self.ctx = context
@@ -237,6 +244,17 @@ class GRPOHooks(Hooks):
         return out, texts
 
     def rollout(self, step: int, state: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
+        """A new rollout every ``num_iterations`` steps (the first of each group), else the group's rollout again
+        (its ``old_logps`` stay the sampling policy's: the ratio moves from 1 as the policy is updated)."""
+        if step % self.iterations and self._group is not None:
+            self.stats = {**self._group[1], "rollout/seconds": 0.0, "rollout/reused": 1.0}
+            self._tokens = float(np.sum(self._group[0]["segment_ids"] > 0))
+            return dict(self._group[0])
+        out = self._rollout(step - step % self.iterations, state, batch)
+        self._group = (out, dict(self.stats))
+        return dict(out)
+
+    def _rollout(self, step: int, state: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
         ctx, c, g = self.ctx, self.config, self.g
         pset = prompt_set(self.cfg, ctx.tokenizer, "train")
         index = [int(i) for i in batch["prompt_index"] for _ in range(g)]
@@ -265,6 +283,26 @@ class GRPOHooks(Hooks):
         self.stats = stats
         self._tokens = float(np.sum(out["segment_ids"] > 0))
         return out
+
+    def checkpoint_extras(self, step: int) -> dict[str, Any]:
+        """Mid-group (``num_iterations`` > 1, ``step`` not a multiple of it): the group's rollout, so a resumed run
+        trains on the same completions (``restore_extras``)."""
+        if self.iterations == 1 or step % self.iterations == 0 or self._group is None:
+            return {}
+        import base64
+        import io
+
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **self._group[0])
+        return {"rollout": base64.b64encode(buf.getvalue()).decode("ascii"), "rollout_stats": self._group[1]}
+
+    def restore_extras(self, extras: dict[str, Any]) -> None:
+        if "rollout" in extras:
+            import base64
+            import io
+
+            with np.load(io.BytesIO(base64.b64decode(extras["rollout"]))) as z:
+                self._group = ({k: z[k] for k in z.files}, dict(extras.get("rollout_stats") or {}))
 
     def _reference_logps(self, state: dict[str, Any], batch: dict[str, np.ndarray]) -> Any:
         if self._ref is None:

@@ -208,6 +208,29 @@ class _Report:
         ax.legend()
         self._add("loss", "Loss", fig)
 
+    def rewards(self) -> None:
+        """RL runs only (a ``reward`` metric): the mean reward of the rollouts and of the held-out answers, and the
+        completions' mean length. Runs without rewards get no figure (and no absence note)."""
+        train, ev = self._series("reward", self.train), self._series("eval/reward", self.eval)
+        if not train and not ev:
+            return
+        length = self._series("completions/mean_length", self.train)
+        fig, axes = _canvas(2 if length else 1, 1, size=(8.0, 5.8 if length else 3.2), sharex=True)
+        ax = axes[0, 0]
+        if train:
+            ax.plot(train["step"], train["value"], color="tab:blue", lw=1.2, label="rollouts (sampled)")
+        if ev:
+            ax.plot(ev["step"], ev["value"], "o-", color="tab:orange", ms=5, lw=1, label="held-out (greedy)")
+        ax.set(ylabel="reward", title="Reward")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        if length:
+            axes[1, 0].plot(length["step"], length["value"], color="tab:green", lw=1.2)
+            axes[1, 0].set_ylabel("completion tokens")
+            axes[1, 0].grid(alpha=0.3)
+        axes[-1, 0].set_xlabel("step")
+        self._add("rewards", "Reward", fig)
+
     def optimizer(self) -> None:
         lr, gn = self._series("learning_rate", self.train), self._series("grad_norm", self.train)
         if not lr and not gn:
@@ -392,7 +415,9 @@ class _Report:
         e = html.escape
         parts = [f"<h1>Training run report</h1><p class='meta'>{e(self.workdir)}, made {e(_utc(_now()))}</p>",
                  "<h2>Summary</h2>", _table(self.summary())]
-        for key in ("loss", "throughput", "optimizer", "goodput", "expert_load", "timeline", "memory"):
+        for key in ("loss", "rewards", "throughput", "optimizer", "goodput", "expert_load", "timeline", "memory"):
+            if key not in self.titles:  # an optional figure (rewards: RL runs only)
+                continue
             parts.append(f"<h2 id='{key}'>{e(self.titles[key])}</h2>")
             if key in self.pngs:
                 data = base64.b64encode(self.pngs[key]).decode("ascii")
@@ -450,7 +475,7 @@ def build_report(workdir: str, out: str | None = None) -> str:
     out = storage.absolute(out) if out is not None else storage.join(workdir, REPORT_DIR)
     _quiet_matplotlib()
     r = _Report(workdir)
-    for draw in (r.loss, r.throughput, r.optimizer, r.goodput, r.expert_load, r.timeline, r.memory):
+    for draw in (r.loss, r.rewards, r.throughput, r.optimizer, r.goodput, r.expert_load, r.timeline, r.memory):
         draw()
     for key, png in r.pngs.items():
         storage.write_bytes(storage.join(out, f"{key}.png"), png)

@@ -255,3 +255,18 @@ def test_report_of_a_real_tiny_run(tiny_trained_run, tmp_path):
     page = open(index, encoding="utf-8").read()
     assert page.count("src='data:image/png;base64,") == len(data["figures"])
     assert "data.tokenizer" in page and "num_steps" in page  # the run config as a table
+
+
+def test_an_rl_run_gets_a_reward_figure(tmp_path):
+    """Records with ``reward`` (GRPO's rollouts), ``eval/reward`` and ``completions/mean_length``: a Reward figure
+    with their series; the runs of the other tests have none and no absence note (asserted there)."""
+    records = [{"step": s, "loss": 0.01 * s, "reward": 0.5 + 0.01 * s, "completions/mean_length": 20.0 - s / 10}
+               for s in (10, 20, 30)]
+    records += [{"step": s, "eval/reward": 0.4 + 0.02 * s} for s in (20, 30)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = json.load(open(os.path.dirname(build_report(str(tmp_path), str(tmp_path / "out"))) + "/report.json"))
+    assert "rewards" in data["figures"] and "rewards" not in data["absent"]
+    assert data["series"]["reward"] == _expected(records, "reward")
+    assert data["series"]["eval/reward"] == _expected(records, "eval/reward")
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert "<h2 id='rewards'>Reward</h2>" in page and page.index("id='loss'") < page.index("id='rewards'")

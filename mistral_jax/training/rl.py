@@ -185,6 +185,18 @@ def rollout_chunk(model_cfg: Any, rows: int) -> int:
     return min(decode.default_chunk_size(model_cfg), limit)
 
 
+def batch_ways(mesh: Any, rules: Any) -> int:
+    """How many shards the rows of a batch take on ``mesh`` under ``rules`` (the product of its batch axes)."""
+    import math
+
+    from mistral_jax import sharding
+
+    spec = sharding.batch_sharding(mesh, rules).spec
+    axes = spec[0] if spec else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(int(mesh.shape[a]) for a in axes)
+
+
 def step_seed(seed: int, step: int, process: int = 0) -> int:
     """The sampling seed of train step ``step + 1`` on ``process`` (the same in a resumed run)."""
     return int(np.random.SeedSequence([int(seed) % 2**32, int(step), int(process)]).generate_state(1)[0] >> 1)
@@ -223,7 +235,10 @@ class GRPOHooks(Hooks):
         c = self.config
         top_p = float(self.cfg.grpo.top_p)
         lora = self.objective.reference == "adapters_off" or bool(self.cfg.lora.rank)
-        return generate(model, prompts, max_new_tokens=c.max_completion_length,
+        run = self.ctx.run
+        ways = batch_ways(run.mesh, run.rules)
+        mesh = run.mesh if ways > 1 and len(prompts) % ways == 0 else None  # rows and cache over the batch axes
+        return generate(model, prompts, max_new_tokens=c.max_completion_length, mesh=mesh, rules=run.rules,
                         chunk_size=rollout_chunk(model.cfg, len(prompts)),
                         temperature=0.0 if greedy else c.temperature, top_p=None if greedy or top_p >= 1 else top_p,
                         seed=seed, eos_id=self.ctx.tokenizer.eos_id, logprobs=True if greedy else c.temperature,
@@ -326,15 +341,20 @@ class GRPOHooks(Hooks):
             return {}
         pset = prompt_set(self.cfg, self.ctx.tokenizer, "validation")
         try:
-            return greedy_rewards(self._model(state), self.ctx.tokenizer, pset, self.rewards, self.weights,
-                                  n=int(self.cfg.grpo.eval_prompts), max_new_tokens=self.config.max_completion_length,
-                                  unstack=False if self.cfg.lora.rank else None)
+            n = min(int(self.cfg.grpo.eval_prompts), len(pset.prompts))
+            ways = batch_ways(self.ctx.run.mesh, self.ctx.run.rules)
+            return greedy_rewards(self._model(state), self.ctx.tokenizer, pset, self.rewards, self.weights, n=n,
+                                  max_new_tokens=self.config.max_completion_length,
+                                  unstack=False if self.cfg.lora.rank else None,
+                                  mesh=self.ctx.run.mesh if ways > 1 and n % ways == 0 else None,
+                                  rules=self.ctx.run.rules)
         except rewards_lib.RewardError as e:
             raise StopRun(str(e)) from e
 
 
 def greedy_rewards(model: Any, tok: Any, pset: PromptSet, rewards: list[tuple[str, Any]], weights: np.ndarray, *,
-                   n: int, max_new_tokens: int, unstack: bool | None = None) -> dict[str, float]:
+                   n: int, max_new_tokens: int, unstack: bool | None = None, mesh: Any = None,
+                   rules: Any = None) -> dict[str, float]:
     """The mean reward per function (``rewards/<name>/mean``) and weighted (``reward``) of ``model``'s greedy
     answers to the first ``n`` prompts of ``pset`` (the held-out measure of a GRPO run; ``benchmarks/grpo.py``
     measures any checkpoint with it)."""
@@ -342,7 +362,8 @@ def greedy_rewards(model: Any, tok: Any, pset: PromptSet, rewards: list[tuple[st
 
     n = min(int(n), len(pset.prompts))
     ids = generate(model, pset.prompts[:n], max_new_tokens=max_new_tokens, temperature=0.0, eos_id=tok.eos_id,
-                   chunk_size=rollout_chunk(model.cfg, n), unstack=unstack)
+                   chunk_size=rollout_chunk(model.cfg, n), unstack=unstack, mesh=mesh,
+                   **({"rules": rules} if rules is not None else {}))
     scores = np.array([rewards_lib.score(rewards, pset.texts[i], tok.decode([x for x in ids[i] if x != tok.eos_id]),
                                          pset.records[i], i) for i in range(n)])
     out = {f"rewards/{name}/mean": float(np.mean(scores[:, k])) for k, (name, _) in enumerate(rewards)}

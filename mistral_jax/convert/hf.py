@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any
 
 from mistral_jax import storage
@@ -150,51 +149,6 @@ def tokenizer_config(cfg: ModelConfig, tokenizer: Any = None, with_tokenizer_jso
     return d
 
 
-def sentencepiece_tokenizer_json(tokenizer: Any) -> dict[str, Any] | None:
-    """An HF ``tokenizer.json`` equivalent to a sentencepiece BPE model (None if ``tokenizers`` is missing, the
-    model is not BPE or has user-defined pieces other than Mistral's ``[REFERENCE_DOC_n]``): sentencepiece's merge
-    order (by piece score), byte fallback, and a ``▁`` prepended to every
-    text run between special tokens (the legacy Llama / Mistral normalisation, mistral-common's per-segment
-    dummy prefix). transformers' own conversion of ``tokenizer.model`` orders merges by id and prepends only when
-    the text does not already start with a space, which changes the ids of whitespace runs."""
-    try:
-        from sentencepiece import sentencepiece_model_pb2
-        from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, processors  # noqa: F401
-        from tokenizers.models import BPE
-    except ImportError:
-        return None
-    m = sentencepiece_model_pb2.ModelProto()
-    with open(tokenizer.path, "rb") as f:
-        m.ParseFromString(f.read())
-    user_defined = [p.piece for p in m.pieces if p.type == 4]
-    if m.trainer_spec.model_type != 2 or not all(re.fullmatch(r"\[REFERENCE_DOC_\d+\]", u) for u in user_defined):
-        return None  # not BPE, or user-defined pieces such as a trained "[INST]": LlamaTokenizer (approximate)
-    vocab = {p.piece: i for i, p in enumerate(m.pieces)}
-    scores = {p.piece: p.score for p in m.pieces}
-    ordinary = {p.piece for p in m.pieces if p.type == 1}  # NORMAL pieces take part in merges
-    merges = []
-    for piece in ordinary:
-        for k in range(1, len(piece)):
-            left, right = piece[:k], piece[k:]
-            if left in vocab and right in vocab:
-                merges.append((-scores[piece], vocab[left], vocab[right], left, right))
-    merges.sort()
-    tok = Tokenizer(BPE(vocab, [(lft, rgt) for *_, lft, rgt in merges], unk_token="<unk>", fuse_unk=True,
-                        byte_fallback=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.add_special_tokens([AddedToken(tokenizer.id_to_piece(i), special=True, normalized=False)
-                            for i in range(tokenizer.vocab_size) if tokenizer.is_special(i)])
-    # v3 / v7's [REFERENCE_DOC_n] user-defined pieces: whole tokens, as sentencepiece matches them (the spacing
-    # around one typed in text may differ from sentencepiece's)
-    tok.add_tokens([AddedToken(u, special=False, normalized=False) for u in user_defined])
-    bos = tokenizer.id_to_piece(tokenizer.bos_id)
-    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                       special_tokens=[(bos, tokenizer.bos_id)])
-    return json.loads(tok.to_str())
-
-
 def tekken_tokenizer_json(tokenizer: Any) -> dict[str, Any] | None:
     """An HF ``tokenizer.json`` for a tekken file (byte-level BPE, the tekken split pattern, the 1000 special ids
     first) via transformers' ``MistralConverter``; None when transformers / tokenizers are not installed."""
@@ -223,7 +177,7 @@ def write_tokenizer_files(out_dir: str, cfg: ModelConfig, kind: str, tokenizer_f
     from mistral_jax.data.tokenizer import Tokenizer
 
     tok = Tokenizer(tokenizer_file)
-    tj = tekken_tokenizer_json(tok) if kind == "tekken" else sentencepiece_tokenizer_json(tok)
+    tj = tekken_tokenizer_json(tok) if kind == "tekken" else tokenizer_files.sentencepiece_tokenizer_json(tok)
     if tj is not None:
         fileio.write_json(storage.join(out_dir, "tokenizer.json"), tj, ensure_ascii=False)
     fileio.write_json(storage.join(out_dir, "tokenizer_config.json"),

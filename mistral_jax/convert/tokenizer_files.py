@@ -1,10 +1,12 @@
-"""Tokenizer files in checkpoints: which kind a file is (sentencepiece or tekken, checked by content) and copying a
-checked one into an export. Either side may be on a bucket (a tokenizer is small: it is read whole)."""
+"""Tokenizer files in checkpoints: which kind a file is (sentencepiece or tekken, checked by content), copying a
+checked one into an export, and the HF ``tokenizer.json`` of a sentencepiece BPE model. Either side may be on a
+bucket (a tokenizer is small: it is read whole)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 from mistral_jax import storage
@@ -101,3 +103,119 @@ def copy_tokenizer(tokenizer: Any, out_dir: str) -> str | None:
     kind = tokenizer_kind(path)
     files.copy_file(path, storage.join(out_dir, "tekken.json" if kind == "tekken" else "tokenizer.model"))
     return kind
+
+
+# ------------------------------------------------------------------------------------------ HF tokenizer.json
+def sentencepiece_tokenizer_json(tokenizer: Any) -> dict[str, Any] | None:
+    """An HF ``tokenizer.json`` whose ids are sentencepiece's for every text (None if ``tokenizers`` is missing, the
+    model is not BPE, has user-defined pieces other than Mistral's ``[REFERENCE_DOC_n]``, or fails the whitespace-run
+    check below: transformers then builds its own, approximate, tokenizer from ``tokenizer.model``).
+
+    Byte fallback, and a ``▁`` prepended to every text run between special tokens (the legacy Llama / Mistral
+    normalisation, mistral-common's per-segment dummy prefix). The merges in sentencepiece's order
+    (``sentencepiece_merges``): transformers' own conversion of ``tokenizer.model`` orders merges by id and
+    prepends only when the text does not already start with a space, which changes the ids of whitespace runs.
+    """
+    try:
+        import sentencepiece as spm
+        from sentencepiece import sentencepiece_model_pb2
+        from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+        from tokenizers.models import BPE
+    except ImportError:
+        return None
+    with open(tokenizer.path, "rb") as f:
+        proto = f.read()
+    m = sentencepiece_model_pb2.ModelProto()
+    m.ParseFromString(proto)
+    user_defined = [p.piece for p in m.pieces if p.type == 4]
+    if m.trainer_spec.model_type != 2 or not all(re.fullmatch(r"\[REFERENCE_DOC_\d+\]", u) for u in user_defined):
+        return None  # not BPE, or user-defined pieces such as a trained "[INST]": LlamaTokenizer (approximate)
+    vocab = {p.piece: i for i, p in enumerate(m.pieces)}
+    tok = Tokenizer(BPE(vocab, sentencepiece_merges(m), unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(tokenizer.id_to_piece(i), special=True, normalized=False)
+                            for i in range(tokenizer.vocab_size) if tokenizer.is_special(i)])
+    # v3 / v7's [REFERENCE_DOC_n] user-defined pieces: whole tokens, as sentencepiece matches them (the spacing
+    # around one typed in text may differ from sentencepiece's)
+    tok.add_tokens([AddedToken(u, special=False, normalized=False) for u in user_defined])
+    bos = tokenizer.id_to_piece(tokenizer.bos_id)
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, tokenizer.bos_id)])
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(proto)
+    for text in _run_check_texts(m):
+        if tok.encode(text, add_special_tokens=False).ids != sp.encode(text):
+            return None  # tied merges this order cannot reproduce (not Mistral's): LlamaTokenizer (approximate)
+    return json.loads(tok.to_str())
+
+
+def sentencepiece_merges(m: Any) -> list[tuple[str, str]]:
+    """The BPE merges of a sentencepiece ``ModelProto`` ``m``, ranked so that HF's BPE (lowest rank first, then
+    leftmost) merges as sentencepiece does (highest piece score first, then leftmost).
+
+    Every split ``(left, right)`` of a normal piece into two pieces is a merge, ranked by the piece's score. Where
+    scores differ that is all; where several pieces share a score, sentencepiece takes the leftmost of their pairs,
+    which no fixed rank order reproduces in general. Mistral's models (v1 ... v7) have one such tie: the
+    whitespace pieces ``▁`` x 2 ... 14 and 16, all scored -1e9 (merged last, after every other piece). On a run of
+    n ``▁`` sentencepiece grows the leftmost piece as far as the vocabulary allows: 16-``▁`` pieces, then the rest
+    as one piece (``▁`` x 14 + ``▁`` for 15). Ranked by the ids of their parts (``▁▁`` + anything first), HF split
+    runs of 16 and more otherwise (14 + 3 for 17). For a tie among runs of one character the merges are ranked:
+    doubling first (1+1, 2+2, 4+4, 8+8: the 16-pieces from the left, the rest as its binary pieces, largest first),
+    then the largest left piece first (8+4, 12+2: the rest joined from the left). ``sentencepiece_tokenizer_json``
+    checks the result on runs of every such character against sentencepiece itself. Other ties keep the order of
+    their parts' ids.
+    """
+    vocab = {p.piece: i for i, p in enumerate(m.pieces)}
+    groups: dict[float, list[tuple[str, str, str]]] = {}
+    for p in m.pieces:
+        if p.type != 1:  # NORMAL pieces take part in merges (not control, user-defined, unknown or byte pieces)
+            continue
+        for k in range(1, len(p.piece)):
+            left, right = p.piece[:k], p.piece[k:]
+            if left in vocab and right in vocab:
+                groups.setdefault(p.score, []).append((p.piece, left, right))
+    merges: list[tuple[str, str]] = []
+    for score in sorted(groups, reverse=True):
+        group = groups[score]
+        chars = {_run_char(piece) for piece, _, _ in group}
+        if len({piece for piece, _, _ in group}) > 1 and len(chars) == 1 and None not in chars:
+            group.sort(key=_run_rank)  # a tie among runs of one character
+        else:
+            group.sort(key=lambda t: (vocab[t[1]], vocab[t[2]]))
+        merges += [(left, right) for _, left, right in group]
+    return merges
+
+
+def _run_char(piece: str) -> str | None:
+    """The character of a piece that repeats one character (``"▁▁▁"`` -> ``"▁"``), else None."""
+    return piece[0] if len(piece) > 1 and len(set(piece)) == 1 else None
+
+
+def _run_rank(merge: tuple[str, str, str]) -> tuple[int, int, int]:
+    """Rank of a merge of one-character runs: doublings of a power of two first (shortest first), then the longest
+    left part first (the run joined from the left), then the longest right part."""
+    _, left, right = merge
+    n = len(left)
+    if left == right and n & (n - 1) == 0:
+        return (0, n, 0)
+    return (1, -n, -len(right))
+
+
+def _run_check_texts(m: Any) -> list[str]:
+    """Texts with runs of each tied run character (lengths 1 to 4x the longest such piece + 1, alone, between
+    words and at the ends) on which ``sentencepiece_tokenizer_json`` compares its ids with sentencepiece's."""
+    scores: dict[float, list[str]] = {}
+    for p in m.pieces:
+        if p.type == 1 and _run_char(p.piece):
+            scores.setdefault(p.score, []).append(p.piece)
+    texts = []
+    for pieces in scores.values():
+        if len(pieces) < 2:
+            continue
+        for char in {piece[0] for piece in pieces}:
+            char = " " if char == "\u2581" else char
+            for n in range(1, 4 * max(map(len, pieces)) + 2):
+                texts += [char * n, f"x{char * n}y", f"if{char * n}東🙂", f"a {char * n}\nb"]
+    return texts

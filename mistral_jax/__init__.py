@@ -11,10 +11,10 @@ from mistral_jax.inference.generate import generate  # noqa: E402
 
 __all__ += ["generate"]
 
-from mistral_jax.export import ConversionError, convert, save_hf, save_jax, save_mistral  # noqa: E402
+from mistral_jax.export import ConversionError, convert, save_hf, save_jax, save_mistral, save_peft  # noqa: E402
 from mistral_jax.loading import load_pretrained  # noqa: E402
 
-__all__ += ["ConversionError", "convert", "load_pretrained", "save_hf", "save_jax", "save_mistral"]
+__all__ += ["ConversionError", "convert", "load_pretrained", "save_hf", "save_jax", "save_mistral", "save_peft"]
 
 from mistral_jax.lora import apply_lora, merge_lora  # noqa: E402
 

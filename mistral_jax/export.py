@@ -36,6 +36,7 @@ from mistral_jax.loading import (
     _cfg_of,
     input_dirs,
     known_tokenizer,
+    lora_run,
     open_checkpoint,
     open_source,
     sources_of,
@@ -43,7 +44,7 @@ from mistral_jax.loading import (
 )
 from mistral_jax.model.transformer import params_dict
 
-__all__ = ["ConversionError", "convert", "save_hf", "save_jax", "save_mistral"]
+__all__ = ["ConversionError", "convert", "save_hf", "save_jax", "save_mistral", "save_peft"]
 
 
 def _source_of(model: Any) -> sources.ParamsSource:
@@ -139,6 +140,100 @@ def save_jax(model: Any, out_dir: str | os.PathLike, tokenizer: Any = None, *, o
         source = _source_of(model)
         native.write(tmp, source.cfg, source.params, tokenizer=tok)
     return os.fspath(out_dir)
+
+
+def save_peft(lora_model: Any, out_dir: str | os.PathLike, *, step: int | None = None, base_model: str | None = None,
+              dtype: str | None = None, overwrite: bool = False) -> str:
+    """Export LoRA adapters alone as a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``,
+    ``convert.peft``), which ``peft.PeftModel.from_pretrained`` loads over the HF export of the base model.
+
+    Args:
+      lora_model: an unmerged LoRA model (``mj.apply_lora``, ``loading.load_lora_adapters``), or a LoRA training
+        workdir or one of its ``checkpoints/<step>`` dirs (local or on a bucket), whose adapters are then read
+        alone: the base model is never loaded.
+      out_dir: the directory to create (absent or empty unless ``overwrite``), local or ``gs://`` / ``s3://``;
+        never a directory the adapters or their base are read from.
+      step: for a workdir, the checkpoint step (default: the newest that restores).
+      base_model: ``base_model_name_or_path`` in ``adapter_config.json`` (e.g. the base's HF export or hub id);
+        default: a run's ``init_from`` as given, else None.
+      dtype: the tensors' dtype (``"float32"`` when None, ``"bfloat16"``, ``"float16"``).
+      overwrite: replace a previous PEFT export at ``out_dir`` (anything else is never replaced).
+
+    Returns:
+      ``out_dir``.
+
+    Raises:
+      ValueError: no adapters (a plain or merged model, not a LoRA workdir), adapters of different ranks or
+        scales, a target PEFT cannot hold (``convert.peft.check_targets``), a checkpoint that does not restore.
+      convert.paths.OutputPathError / OutputExistsError: as for :func:`save_hf`.
+    """
+    from flax import nnx
+
+    from mistral_jax import lora as lora_lib
+    from mistral_jax.convert import peft
+
+    if dtype is not None:
+        dtypes.np_dtype(dtype)  # validate before reading anything
+    if isinstance(lora_model, (str, os.PathLike)):
+        lora_model, init_from, inputs = _run_adapters(os.fspath(lora_model), step)
+        base_model = base_model if base_model is not None else init_from
+    else:
+        inputs = sources_of(lora_model)
+    if lora_lib.is_multi_lora(lora_model):
+        raise ValueError("the model serves several adapters (stack_adapters). Fix: export each adapter's own LoRA "
+                         "model (loading.load_lora_adapters(workdir)).")
+    found = {tuple(map(str, path)): node for path, node in nnx.iter_graph(lora_model)
+             if isinstance(node, lora_lib.LoRAWeight)}
+    if not found:
+        raise ValueError("the model has no LoRA adapters (a plain or merged model). Fix: pass the model before "
+                         "merge_lora, loading.load_lora_adapters(workdir), or the LoRA run's workdir.")
+    kinds = sorted({(int(w.a.shape[-1]), float(w.scale)) for w in found.values()})
+    if len(kinds) > 1:
+        raise ValueError(f"the adapters have different (rank, scale) pairs {kinds}; one PEFT config holds one. Fix: "
+                         "export a model whose adapters share one rank and alpha (apply_lora gives them all one).")
+    rank, scale = kinds[0]
+    cfg = _cfg_of(lora_model)
+    peft.check_targets(cfg, tuple(p[-1] for p in found))  # before the output is touched
+    with paths.atomic_dir(out_dir, overwrite, peft.KIND, inputs=inputs) as tmp:
+        peft.write(tmp, cfg, {p: (w.a[...], w.b[...]) for p, w in found.items()}, rank=rank,
+                   alpha=scale * rank, base_model=None if base_model is None else os.fspath(base_model),
+                   dtype=dtype)
+    return os.fspath(out_dir)
+
+
+def _run_adapters(path: str, step: int | None) -> tuple[Any, str | None, list[str]]:
+    """``(LoRA model, init_from, input dirs)`` of a LoRA workdir (or step dir): the adapters of ``step`` restored
+    over an abstract base (shapes only, nothing read or allocated for it)."""
+    from flax import nnx
+
+    from mistral_jax import lora as lora_lib
+    from mistral_jax.model.transformer import Transformer
+    from mistral_jax.training.checkpoint import restore_checkpoint_params
+
+    run = lora_run(path) if files.is_dir(path) else None
+    if run is None:
+        raise ValueError(f"{path!r} is not a LoRA training workdir (a run_config.json with lora.rank > 0 and "
+                         "checkpoints). Fix: pass the workdir of a run trained with config.lora.rank > 0.")
+    root, config, found_step = run
+    cfg = native.read_config(root).for_platform()
+    spec = config["lora"]
+    model = nnx.eval_shape(lambda: lora_lib.apply_lora(Transformer(cfg, rngs=nnx.Rngs(0)), int(spec["rank"]),
+                                                       float(spec["alpha"]), spec.get("targets", "all")))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # adapters are small: one device holds them
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            nnx.to_pure_dict(lora_lib.adapter_state(model)))
+    try:
+        with native.quiet_orbax():
+            adapters, _ = restore_checkpoint_params(storage.join(root, native.CHECKPOINTS), abstract,
+                                                    found_step if step is None else step)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"{root!r} is a LoRA training workdir whose adapters could not be restored: {e}. Fix: point "
+                         "at a step that holds them (checkpoints/<step>).") from e
+    state = lora_lib.adapter_state(model)
+    nnx.replace_by_pure_dict(state, adapters)
+    nnx.update(model, state)
+    init_from = config.get("init_from") or None
+    return model, None if init_from is None else os.fspath(init_from), input_dirs(path, "jax")
 
 
 def convert(src: str, dst: str, input_dir: str | os.PathLike, output_dir: str | os.PathLike, *,

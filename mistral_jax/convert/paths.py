@@ -64,6 +64,9 @@ EXPORT_FILES: dict[str, dict[str, set[str]]] = {
                 "required": {"params.json", "consolidated.safetensors"}},
     "jax": {"files": {"model_config.json", *_TOKENIZER_FILES}, "dirs": {"params"},
             "required": {"model_config.json", "params"}},
+    # LoRA adapters alone in PEFT's format (convert/peft.py)
+    "peft": {"files": {"adapter_config.json", "adapter_model.safetensors"}, "dirs": set(),
+             "required": {"adapter_config.json", "adapter_model.safetensors"}},
 }
 # a bucket export's markers: written first (removed last) and written last (see the module docstring)
 MARKER = "mistral_jax_export.json"

@@ -14,6 +14,11 @@ places names it with ``oracle_module`` (imported on first use); the tests that u
 from __future__ import annotations
 
 import importlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import numpy as np
@@ -126,3 +131,31 @@ def write_prepared(dest: str, shards: list[list[str]], tokenizer_path: str, seq_
                                    "rows": sum(e["rows"] for e in entries), "tokens": sum(e["tokens"] for e in entries),
                                    "documents": sum(e["documents"] for e in entries)})
     return dest
+
+
+def train_env() -> dict[str, str]:
+    """The environment of a ``train.py`` subprocess in the tests: 8 CPU devices, float32 matmuls, the repo on the
+    path (its configs and the reward functions tests name by import path)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               JAX_DEFAULT_MATMUL_PRECISION="float32", PYTHONPATH=root)
+    return env
+
+
+def signal_when(cmd: Sequence[str], ready: Callable[[], bool], sig: int = signal.SIGTERM, *, env: dict | None = None,
+                timeout: float = 300.0) -> tuple[int, str]:
+    """Start ``cmd``, send it ``sig`` once ``ready()`` (polled every 0.1 s) and return ``(returncode, output)``;
+    fails the test if the process ends before it could be signalled."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(list(cmd), env=env or train_env(), cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ready():
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stdout.read()[-3000:]
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    return proc.returncode, out

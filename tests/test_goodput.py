@@ -13,7 +13,7 @@ import pytest
 from mistral_jax.training import goodput as gp
 from mistral_jax.training import goodput_recorder
 from mistral_jax.training.metrics import read_events, read_metrics
-from tests.helpers import run_losses
+from tests.helpers import run_losses, signal_when
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,17 +67,9 @@ def test_a_preempted_and_resumed_job_is_accounted_for(tokenizer_path, tmp_path):
     made again are lost time."""
     workdir, steps = str(tmp_path / "run"), 14
     t0 = time.time()
-    proc = subprocess.Popen(_cmd(workdir, tokenizer_path, steps), env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and len(run_losses(workdir)) >= 8:
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, proc.stdout.read()[-3000:]
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    rc, out = signal_when(_cmd(workdir, tokenizer_path, steps), lambda: os.path.exists(
+        os.path.join(workdir, "metrics.jsonl")) and len(run_losses(workdir)) >= 8, env=_env())
+    assert rc == 128 + signal.SIGTERM, out[-3000:]
     stopped = max(run_losses(workdir))
     ev1 = read_events(workdir)
     assert [e["event"] for e in ev1][:2] == ["start", "compiled"] and ev1[-1]["event"] == "preempted"

@@ -11,10 +11,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+
+from tests.helpers import signal_when, train_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CALLS = {"n": 0, "fail_at": -1}
@@ -191,13 +192,6 @@ def _cmd(workdir, init_from, steps):
             "--config.optimizer.learning_rate=1e-3", "--config.progress_bar=False"]
 
 
-def _env():
-    env = dict(os.environ)
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               JAX_DEFAULT_MATMUL_PRECISION="float32", PYTHONPATH=ROOT)
-    return env
-
-
 def _per_step(workdir):
     from mistral_jax.training.metrics import read_metrics
 
@@ -209,25 +203,17 @@ def _per_step(workdir):
 def test_sigterm_then_the_same_command_repeats_rewards_and_losses(tiny_trained_run, tmp_path):
     steps = 8
     ref = str(tmp_path / "ref")
-    done = subprocess.run(_cmd(ref, tiny_trained_run, steps), env=_env(), cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(_cmd(ref, tiny_trained_run, steps), env=train_env(), cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     work = str(tmp_path / "run")
-    proc = subprocess.Popen(_cmd(work, tiny_trained_run, steps), env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(os.path.join(work, "metrics.jsonl")) and len(_per_step(work)) >= 3:
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stdout.read()[-3000:]
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    rc, out = signal_when(_cmd(work, tiny_trained_run, steps), lambda: os.path.exists(
+        os.path.join(work, "metrics.jsonl")) and len(_per_step(work)) >= 3)
+    assert rc == 128 + signal.SIGTERM, out[-3000:]
     killed_at = max(_per_step(work))
     assert 3 <= killed_at < steps
-    again = subprocess.run(_cmd(work, tiny_trained_run, steps), env=_env(), cwd=ROOT, capture_output=True, text=True,
-                           timeout=600)
+    again = subprocess.run(_cmd(work, tiny_trained_run, steps), env=train_env(), cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _per_step(work) == _per_step(ref)  # the same rollouts, rewards and losses, step by step
 
@@ -235,7 +221,7 @@ def test_sigterm_then_the_same_command_repeats_rewards_and_losses(tiny_trained_r
 @pytest.mark.heavy
 def test_cli_bad_reward_exits_2_with_one_line(tiny_trained_run, tmp_path):
     cmd = _cmd(str(tmp_path / "bad"), tiny_trained_run, 2) + ["--config.grpo.rewards=tests.test_grpo:nothing_here"]
-    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=train_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "nothing_here" in lines[0] and "Fix:" in lines[0], proc.stderr

@@ -25,7 +25,7 @@ import numpy as np
 
 # Top-level packages of the oracles (and of lm-eval's and transformers' helpers): not in the light extra, and
 # blocked under `make test-light` (conftest.py).
-ORACLES = ("torch", "transformers", "trl", "lm_eval", "peft", "accelerate", "openai")
+ORACLES = ("torch", "transformers", "trl", "lm_eval", "peft", "accelerate", "openai", "llama_cpp")
 
 
 def oracle_module(name: str) -> ModuleType:

@@ -67,6 +67,8 @@ EXPORT_FILES: dict[str, dict[str, set[str]]] = {
     # LoRA adapters alone in PEFT's format (convert/peft.py)
     "peft": {"files": {"adapter_config.json", "adapter_model.safetensors"}, "dirs": set(),
              "required": {"adapter_config.json", "adapter_model.safetensors"}},
+    # llama.cpp's one-file format (convert/gguf.py)
+    "gguf": {"files": {"model.gguf"}, "dirs": set(), "required": {"model.gguf"}},
 }
 # a bucket export's markers: written first (removed last) and written last (see the module docstring)
 MARKER = "mistral_jax_export.json"

@@ -6,12 +6,12 @@ A record is ``{"question": str, "answer": str}``; the answer is a short worked s
     {"question": "Tom has 3 apples and buys 4 more. How many now?", "answer": "3 + 4 = 7.\\n#### 7"}
 
 The problems are easy and short on purpose: one addition or subtraction of operands 1..9 with a non-negative
-result, in two templates with names and objects, 11 words a question. A tiny model on a CPU learns them, and RL
-measurably improves it: the demo model (2 layers, a 16-token window) needs the operands within about 30 tokens of
-its answer, which the chat-formatted prompt of a longer word problem does not leave (GSM8K's own problems are for
-real models). They are deterministic from a seed (``make_problems``). The bundled splits (``bundled_records``) are
-disjoint by construction: a question belongs to the held-out split when a hash of its text falls in one bucket of
-ten, so no question of ``"validation"`` / ``"test"`` can appear in ``"train"``.
+result, in two templates with names and objects, 11 words a question: the demo model (2 layers, a 16-token window)
+learns their answer format and a little of their arithmetic (12.5 % exact after SFT, 2-5 % with longer word
+problems); GSM8K's own problems are for real models. They are deterministic from a seed (``make_problems``). The
+bundled splits (``bundled_records``) are disjoint by construction: a question belongs to the held-out split when a
+hash of its text falls in one bucket of ten, so no question of ``"validation"`` / ``"test"`` can appear in
+``"train"``.
 
 ``load_records`` reads this task or any data of the same layout (``.jsonl`` / ``.json`` files, local or in a bucket,
 or an HF hub dataset such as ``openai/gsm8k`` with ``hub_config="main"``). ``example_answer`` is the reference

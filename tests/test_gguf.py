@@ -28,14 +28,13 @@ from mistral_jax.convert.sources import ParamsSource
 from mistral_jax.data.chat import render_prompt
 from mistral_jax.model.transformer import params_dict
 from tests.helpers import oracle_module
+from tests.llama_worker import LlamaProcess
 
 pytestmark = pytest.mark.oracle  # llama.cpp (llama-cpp-python) reads every export back
-llama_cpp = oracle_module("llama_cpp")
 gguf = oracle_module("gguf")
 
 ATOL = 1e-3
 NEW_TOKENS = 16
-F32 = 0  # GGML_TYPE_F32: llama.cpp's K / V cache in float32 (its default float16 cache rounds beyond 1e-3)
 # Single spaces: the trained tokenizer collapses whitespace runs (sentencepiece's remove_extra_whitespaces), which
 # llama.cpp's SPM tokenizer never does (Mistral's own tokenizers keep them: see TEXTS below).
 PROMPTS = (
@@ -47,25 +46,28 @@ PROMPTS = (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _worker():
+    """llama.cpp in its own process for the module (tests/llama_worker.py): never loaded next to XLA's compiler."""
+    global WORKER
+    WORKER = LlamaProcess()
+    yield WORKER
+    WORKER.close()
+
+
+WORKER: LlamaProcess | None = None
+
+
 def _llama(path: str, n_ctx: int = 256, vocab_only: bool = False):
-    return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2, seed=0,
-                           type_k=F32, type_v=F32, vocab_only=vocab_only)
+    return WORKER.open(path, n_ctx, vocab_only)
 
 
 def _llama_logits(llm, ids: list[int]) -> np.ndarray:
-    llm.reset()
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], np.float32)
+    return np.array(llm.logits(ids), np.float32)
 
 
 def _llama_greedy(llm, prompt: list[int], n: int = NEW_TOKENS) -> list[int]:
-    llm.reset()
-    llm.eval(prompt)
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval([out[-1]])
-    return out
+    return llm.greedy(prompt, n)
 
 
 def _logits(model, ids: list[int]) -> np.ndarray:
@@ -291,12 +293,10 @@ def test_mistral_tokenizers_tokenize_as_the_project(tmp_path, name):
 
     template = meta["tokenizer.chat_template"]
     assert template == chat_template(tok.instruct_version)
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
     messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"},
                 {"role": "user", "content": "And 3 + 3?"}]
-    prompt = Jinja2ChatFormatter(template, eos_token=tok.id_to_piece(tok.eos_id),
-                                 bos_token=tok.id_to_piece(tok.bos_id))(messages=messages).prompt
+    prompt = WORKER.chat(template, bos=tok.id_to_piece(tok.bos_id), eos=tok.id_to_piece(tok.eos_id),
+                         messages=messages)
     ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
     assert ids == render_prompt(messages, tok), (name, prompt)
 

@@ -43,6 +43,18 @@ import hashlib  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """After each test module, drop JAX's caches of compiled programs: every XLA:CPU executable keeps memory
+    mappings of its JIT code, and one process running the whole suite otherwise reaches the kernel's
+    vm.max_map_count (65530) and a later compile dies with a segmentation fault (CI, inside test_sharding)."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
+
+
 def _sha256(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()

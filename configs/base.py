@@ -98,9 +98,10 @@ def get_config() -> ConfigDict:
     c.mesh = ConfigDict()
     c.mesh.data = 1  # pure data parallelism (replicated params); -1 = fill the devices
     c.mesh.fsdp = -1  # fully sharded data parallelism; -1 = fill the devices
+    c.mesh.context = 1  # context parallelism: the sequence split over chips (ring / halo attention, long context)
     c.mesh.tensor = 1  # tensor parallelism (heads / mlp / vocab)
     c.mesh.expert = 1  # expert parallelism (Mixtral experts)
-    # multi-slice TPU: data/fsdp/tensor/expert above lay out one slice (ICI); dcn_* repeat data / fsdp over the
+    # multi-slice TPU: data/fsdp/context/tensor/expert above lay out one slice (ICI); dcn_* repeat data / fsdp over the
     # slices (DCN): the mesh's data axis is dcn_data * data, fsdp is dcn_fsdp * fsdp; dcn_data * dcn_fsdp = slices
     c.mesh.dcn_data = 1  # data parallelism across slices (the usual multi-slice choice)
     c.mesh.dcn_fsdp = 1  # FSDP across slices (parameter all-gathers over DCN: for models one slice cannot hold)

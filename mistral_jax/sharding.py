@@ -19,29 +19,31 @@ import numpy as np
 from jax.experimental import mesh_utils  # a submodule: `import jax` alone does not load it
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+MESH_AXES = ("data", "fsdp", "context", "tensor", "expert")
 
 MeshAxes = str | tuple[str, ...] | None
 
-# Rule presets. FSDP shards parameters' embed dimension over every axis that also shards the batch (`fsdp`, and
-# `expert`, which is one more batch axis for everything but the experts) and the batch over data x fsdp x
-# expert; TP shards heads / mlp / vocab over `tensor`; EP shards experts over `expert` and their embed dimension
-# (`expert_embed`) over `fsdp`. So no weight is replicated over the expert groups: the non-expert weights'
-# gradients are reduce-scattered over fsdp x expert, not all-reduced over the expert axis.
+# Rule presets. FSDP shards parameters' embed dimension over every axis that also shards the tokens (`fsdp`;
+# `context`, which shards the sequence; `expert`, which is one more batch axis for everything but the experts)
+# and the batch over data x fsdp x expert, the sequence over `context` (context parallelism: attention then runs
+# the ring or halo backend of model/context.py); TP shards heads / mlp / vocab over `tensor`; EP shards experts
+# over `expert` and their embed dimension (`expert_embed`) over `fsdp` x `context`. So no weight is replicated
+# over the expert groups: the non-expert weights' gradients are reduce-scattered over fsdp x context x expert, not
+# all-reduced over the expert axis.
 _BASE: dict[str, MeshAxes] = {
     # parameters
     "layers": None,
     "vocab": "tensor",
-    "embed": ("fsdp", "expert"),
+    "embed": ("fsdp", "context", "expert"),
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
     "experts": "expert",
-    "expert_embed": "fsdp",  # the embed dimension of expert weights [experts, expert_embed, mlp]
+    "expert_embed": ("fsdp", "context"),  # the embed dimension of expert weights [experts, expert_embed, mlp]
     # activations
     "batch": ("data", "fsdp", "expert"),
-    "seq": None,
+    "seq": "context",  # context parallelism: the sequence of activations split over `context` (model/context.py)
     "act_embed": None,
     "act_heads": "tensor",
     "act_kv_heads": "tensor",
@@ -58,7 +60,8 @@ _BASE: dict[str, MeshAxes] = {
 #   fsdp_tp_ep:  the same table, named for Mixtral runs with mesh.expert > 1 (MoE blocks then run the
 #                expert-parallel path of model/moe.py).
 _FSDP: dict[str, MeshAxes] = {**_BASE, "vocab": None, "heads": None, "kv_heads": None, "mlp": None,
-                              "embed": ("fsdp", "tensor", "expert"), "expert_embed": ("fsdp", "tensor"),
+                              "embed": ("fsdp", "context", "tensor", "expert"),
+                              "expert_embed": ("fsdp", "context", "tensor"),
                               "act_heads": None, "act_kv_heads": None, "act_mlp": None, "act_vocab": None,
                               "batch": ("data", "fsdp", "tensor", "expert")}
 
@@ -140,7 +143,7 @@ def num_slices(devices: Sequence | None = None) -> int:
 
 
 def _fill_sizes(sizes: dict[str, int], n_devices: int, where: str) -> dict[str, int]:
-    """Check the (data, fsdp, tensor, expert) sizes and resolve the one -1 against ``n_devices``."""
+    """Check the (data, fsdp, context, tensor, expert) sizes and resolve the one -1 against ``n_devices``."""
     sizes = dict(sizes)
     shown = ", ".join(f"mesh.{k}={v}" for k, v in sizes.items())
     for k, v in sizes.items():
@@ -162,20 +165,20 @@ def _fill_sizes(sizes: dict[str, int], n_devices: int, where: str) -> dict[str, 
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, expert: int = 1, devices=None, *,
-              dcn_data: int = 1, dcn_fsdp: int = 1) -> Mesh:
-    """A (data, fsdp, tensor, expert) mesh with Auto axis types; one axis may be -1 (= fill the devices).
+              dcn_data: int = 1, dcn_fsdp: int = 1, context: int = 1) -> Mesh:
+    """A (data, fsdp, context, tensor, expert) mesh with Auto axis types; one axis may be -1 (= fill the devices).
 
-    Multi-slice (``dcn_data * dcn_fsdp > 1``): ``data, fsdp, tensor, expert`` lay out the devices of one slice
+    Multi-slice (``dcn_data * dcn_fsdp > 1``): ``data, fsdp, context, tensor, expert`` lay out the devices of one slice
     (ICI; -1 fills a slice) and ``dcn_data, dcn_fsdp`` the slices (DCN), grouped by the devices' ``slice_index``
-    (``mesh_utils.create_hybrid_device_mesh``). The mesh keeps the same four axes: ``data`` has
+    (``mesh_utils.create_hybrid_device_mesh``). The mesh keeps the same five axes: ``data`` has
     ``dcn_data * data`` entries and ``fsdp`` ``dcn_fsdp * fsdp``, slice-major, so only the data / FSDP
-    collectives cross slices while tensor and expert parallelism stay inside one.
+    collectives cross slices while context, tensor and expert parallelism stay inside one.
 
     Raises:
       ValueError: sizes that do not lay out the devices, or DCN axes that do not match the devices' slices.
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert}
+    sizes = {"data": data, "fsdp": fsdp, "context": context, "tensor": tensor, "expert": expert}
     dcn = {"dcn_data": dcn_data, "dcn_fsdp": dcn_fsdp}
     for k, v in dcn.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -318,11 +321,11 @@ def _get(cfg, key: str, default):
 def mesh_from_config(mesh_cfg, devices=None) -> Mesh:
     """The mesh of a run config's ``config.mesh``.
 
-    Fields ``data, fsdp, tensor, expert`` (one slice's layout; -1 = fill) and ``dcn_data, dcn_fsdp`` (how the data
-    and fsdp axes repeat over TPU slices; see ``make_mesh``).
+    Fields ``data, fsdp, context, tensor, expert`` (one slice's layout; -1 = fill) and ``dcn_data, dcn_fsdp`` (how
+    the data and fsdp axes repeat over TPU slices; see ``make_mesh``).
 
     Args:
-      mesh_cfg: a ConfigDict or mapping; missing fields default to ``data=1, fsdp=-1, tensor=1, expert=1,
+      mesh_cfg: a ConfigDict or mapping; missing fields default to ``data=1, fsdp=-1, context=1, tensor=1, expert=1,
         dcn_data=1, dcn_fsdp=1``.
       devices: the devices to lay out (default: all global devices, every process's).
 
@@ -451,7 +454,7 @@ class ExpertParallel:
     mesh: Mesh
     expert_axis: str  # mesh axis that shards the experts dimension
     tensor_axis: str | None  # mesh axis that shards the expert hidden (mlp) dimension, if any
-    batch_axes: tuple[str, ...]  # mesh axes that shard the token (batch) dimension
+    batch_axes: tuple[str, ...]  # mesh axes that shard the token dimension (batch x sequence, flattened)
 
     @property
     def tokens_split_over_experts(self) -> bool:
@@ -471,8 +474,9 @@ def expert_parallel(mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> ExpertP
     if t_axes is not None and not isinstance(t_axes, str):
         raise ValueError(f"`mlp` is sharded over several mesh axes {t_axes}; the expert-parallel MoE supports one. "
                          "Fix: map `mlp` to a single mesh axis (or None).")
-    (b_axes,) = rules.spec(("batch",), mesh)
-    b_axes = () if b_axes is None else (b_axes,) if isinstance(b_axes, str) else tuple(b_axes)
+    # the tokens [M = B*T, D]: rows over the batch axes, then the sequence's (context parallelism)
+    b_axes = tuple(a for axes in rules.spec(("batch", "seq"), mesh) if axes is not None
+                   for a in ((axes,) if isinstance(axes, str) else axes))
     if t_axes is not None and t_axes in b_axes:
         raise ValueError(f"mesh axis {t_axes!r} shards both the batch and `mlp`; the expert-parallel MoE needs "
                          "them disjoint. Fix: change the rules table.")

@@ -64,15 +64,21 @@ def row(name: str, r: dict, shown: str, maxtext: float | None) -> str:
             f"{'–' if maxtext is None else f'{maxtext:.2f}'} | {coll / GiB:.0f} GiB | {hbm} | {step} | `{shown}` |")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(description: str, names: list[str]) -> tuple[list[str], str]:
+    """``--rows`` (checked against ``names``; empty: all) and ``--python``: ``(wanted rows, interpreter)``."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
     ap.add_argument("--python", default=sys.executable, help="the interpreter whose jax / libtpu compile")
     args = ap.parse_args()
     wanted = [n for n in args.rows.split(",") if n]
-    unknown = sorted(set(wanted) - {r[0] for r in ROWS})
+    unknown = sorted(set(wanted) - set(names))
     if unknown:
-        sys.exit(f"--rows: unknown row(s) {unknown}. Fix: choose from {[r[0] for r in ROWS]}.")
+        sys.exit(f"--rows: unknown row(s) {unknown}. Fix: choose from {names}.")
+    return wanted, args.python
+
+
+def main() -> None:
+    wanted, python = parse_args(__doc__.splitlines()[0], [r[0] for r in ROWS])
     print("| Row | Topology (chips) | Mesh d/f/t/e | Batch × seq (accum) | Remat | Args GiB | Temps GiB | "
           "Total / HBM GiB | Fits | MaxText GiB | Collectives / step | HBM traffic / step | Roofline step | Command |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -81,7 +87,7 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         try:
-            r, shown = run(args.python, config, topology, overrides)
+            r, shown = run(python, config, topology, overrides)
         except RuntimeError as e:  # a compiler error is a finding for its row, not the end of the table
             error = next((line for line in str(e).splitlines() if "Error" in line), str(e).splitlines()[0])
             print(f"{name}: failed: {error}", file=sys.stderr)

@@ -52,7 +52,7 @@ def test_aot_compiles_tiny_mixtral_for_a_tpu_topology():
     devices = aot.topology_devices(topo)
     assert len(devices) == 4 and devices[0].platform == "tpu"
     r = aot.compile_train_step(cfg, devices)
-    assert r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1, "expert": 2}
+    assert r["mesh"] == {"data": 1, "fsdp": 2, "context": 1, "tensor": 1, "expert": 2}
     assert 0 < r["total"] < topo.hbm_bytes
     # XLA's per-chip FLOPs agree with the analytic 6 * N * tokens (+ attention) estimate to within 2x.
     assert 0.5 < r["flops"] / r["model_flops_per_chip"] < 2.0

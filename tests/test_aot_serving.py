@@ -83,7 +83,7 @@ def test_serving_programs_compile_for_a_tpu_topology():
     assert r["kv_cache"] == b * row // topo.chips  # rows over data, kv heads over tensor
     assert r["cache_positions"] == b * s * 4 // 2  # int32 [B, S], rows over data
     assert r["params"] == 139_584 and r["params"] * itemsize // 2 <= r["weights"] < r["params"] * itemsize  # tensor=2
-    assert r["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2, "expert": 1} and r["platform"] == "tpu"
+    assert r["mesh"] == {"data": 2, "fsdp": 1, "context": 1, "tensor": 2, "expert": 1} and r["platform"] == "tpu"
     for name in ("decode", "prefill"):
         p = r[name]
         assert p["arguments"] >= r["weights"] + r["kv_cache"] + r["cache_positions"], (name, p)

@@ -80,11 +80,11 @@ def test_expert_parallel_dispatch_modes_follow_the_mesh_and_the_config():
 
 def test_unknown_or_unsupported_backends_name_the_options():
     with pytest.raises(ValueError, match=r"unknown attention backend 'flash'; registered: \['blocked', 'cudnn', "
-                                         r"'reference', 'splash'\]"):
+                                         r"'halo', 'reference', 'ring', 'splash'\]"):
         backends.choose_attention("flash", platform="cpu", self_attention=True, seq_len=64, window=None, block=16,
                                   has_segments=False)
     with pytest.raises(ValueError, match=r"attention_impl='cudnn' runs on \['gpu'\], not on platform='cpu'. "
-                                         r"Fix: use 'auto' or one of \['blocked', 'reference'\]"):
+                                         r"Fix: use 'auto' or one of \['blocked', 'reference', 'halo', 'ring'\]"):
         mj.Transformer(mj.ModelConfig.tiny(attention_impl="cudnn", platform="cpu"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"unknown MoE backend 'sparse'; registered: \['all_gather', 'all_to_all', "
                                          r"'dense', 'ragged'\]"):
@@ -113,5 +113,5 @@ def test_a_registered_attention_backend_is_chosen_by_name():
     finally:
         del backends.ATTENTION["test_recorder"]
     with pytest.raises(ValueError, match=r"attention_impl='test_recorder': unknown attention backend. Fix: use one "
-                                         r"of auto, cudnn, splash, blocked, reference \(or register yours"):
+                                         r"of auto, cudnn, splash, blocked, reference, halo, ring \(or register yours"):
         mj.ModelConfig.tiny(attention_impl="test_recorder")

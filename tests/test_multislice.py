@@ -64,15 +64,15 @@ def test_dcn_axes_without_slices_fail_in_one_line(mesh_cfg, match):
 # ------------------------------------------------------------------------------------------ two slices
 def test_data_axis_spans_slices_and_the_other_axes_stay_inside_one(two_slices):
     mesh = sh.mesh_from_config({"fsdp": -1, "expert": 2, "dcn_data": 2}, devices=two_slices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 1, "expert": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 1, "expert": 2}
     for i in range(2):  # data index i is slice i: its devices form the whole (fsdp, tensor, expert) sub-mesh
         assert {d.slice_index for d in mesh.devices[i].flat} == {i}
         assert len(set(mesh.devices[i].flat)) == 4
 
     # dcn_fsdp: the fsdp axis is (slice, ici fsdp), slice-major; data stays inside a slice.
     mesh = sh.mesh_from_config({"fsdp": 2, "data": 2, "dcn_fsdp": 2}, devices=two_slices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1}
-    slices = np.vectorize(lambda d: d.slice_index)(mesh.devices[:, :, 0, 0])
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1, "expert": 1}
+    slices = np.vectorize(lambda d: d.slice_index)(mesh.devices[:, :, 0, 0, 0])
     assert (slices == np.array([[0, 0, 1, 1]] * 2)).all()
 
 
@@ -143,7 +143,7 @@ def test_aot_compiles_tiny_mixtral_for_two_slices(two_slices):
     cfg.mesh.fsdp, cfg.mesh.expert = -1, 2  # the config sets no DCN axis: --num_slices gives dcn_data = 2
     r = aot.compile_train_step(cfg, two_slices)
     assert r["slices"] == 2 and r["devices"] == 8 and r["dcn"] == {"dcn_data": 2, "dcn_fsdp": 1}
-    assert r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1, "expert": 2}
+    assert r["mesh"] == {"data": 2, "fsdp": 2, "context": 1, "tensor": 1, "expert": 2}
     topo = aot.parse_topology("v5p-8")
     assert 0 < r["total"] < topo.hbm_bytes
     text = aot.format_report({**r, "hbm": topo.hbm_bytes, "fits": True}, "tiny")
@@ -203,5 +203,5 @@ def test_layout_fallback_keeps_each_slice_one_block(two_slices, monkeypatch):
     for i in range(2):
         assert {d.slice_index for d in got.devices[i].flat} == {i}
     got = sh.mesh_from_config({"fsdp": 2, "data": 2, "dcn_fsdp": 2}, devices=two_slices)
-    slices = np.vectorize(lambda d: d.slice_index)(got.devices[:, :, 0, 0])
+    slices = np.vectorize(lambda d: d.slice_index)(got.devices[:, :, 0, 0, 0])
     assert (slices == np.array([[0, 0, 1, 1]] * 2)).all()

@@ -111,7 +111,7 @@ def test_resolve_gives_model_mesh_rules_and_platform():
     c = tiny.get_config()
     c.mesh.fsdp, c.mesh.tensor = 4, 2
     run = run_lib.resolve(c)
-    assert dict(run.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2, "expert": 1}
+    assert dict(run.mesh.shape) == {"data": 1, "fsdp": 4, "context": 1, "tensor": 2, "expert": 1}
     assert run.rules.mesh_axes("heads") == "tensor"  # auto: the TP preset for tensor > 1
     assert run.model_cfg == mj.ModelConfig.tiny(platform="cpu")
     c.model.platform = "tpu"  # an explicit target platform wins over the devices'

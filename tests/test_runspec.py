@@ -215,7 +215,7 @@ def test_resolve_checkpoint_gives_the_tools_mesh_rules_and_model_config(tiny_tra
     wide = run_lib.resolve_checkpoint(spec.checkpoint, mesh="auto", devices=jax.devices()[:3])  # 64 % 3: replicas
     assert dict(wide.mesh.shape)["data"] == 3 and wide.checkpoint is spec.checkpoint
     one = run_lib.resolve_checkpoint(tiny_trained_run, mesh={"data": 2, "fsdp": -1}, dtype="bfloat16")
-    assert dict(one.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1}
+    assert dict(one.mesh.shape) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1, "expert": 1}
     assert one.model_cfg.dtype == "bfloat16"
     assert run_lib.resolve_checkpoint(tiny_trained_run).mesh is None  # generate: one device
     with pytest.raises(run_lib.MeshConfigError, match="mesh.data=3.*8 devices are not divisible by 3"):

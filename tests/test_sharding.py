@@ -256,7 +256,7 @@ def test_size_one_axes_are_dropped_and_presets_differ():
 
 def test_mesh_from_config_fills_and_validates():
     mesh = sh.mesh_from_config(ConfigDict(dict(data=2, fsdp=-1, tensor=2, expert=1)))
-    assert dict(mesh.shape) == dict(data=2, fsdp=2, tensor=2, expert=1)
+    assert dict(mesh.shape) == dict(data=2, fsdp=2, context=1, tensor=2, expert=1)
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
     assert dict(sh.mesh_from_config({}).shape)["fsdp"] == 8
     with pytest.raises(ValueError, match="not divisible by 3"):

@@ -223,6 +223,7 @@ def compile_run(run: Any) -> dict[str, Any]:
             traffic = hlo.collective_traffic(text)
             report.update(collectives=traffic.kinds, collective_loops_counted_once=traffic.uncounted_loops,
                           hbm_bytes=hlo.hbm_traffic(text).bytes)
+            report["attention"] = _attention_exchange(run, text)
         extras = {}
         for name, (lower, resident, parts) in recipe.aot_programs(run, graphdef, state).items():
             t1 = time.perf_counter()
@@ -248,6 +249,22 @@ def compile_run(run: Any) -> dict[str, Any]:
     return report
 
 
+def _attention_exchange(run: Any, hlo_text: str) -> dict[str, Any] | None:
+    """Context parallelism (the sequence split over ``context`` shards): the attention backend and the bytes per
+    chip and step its exchanges move (the collectives under ``model.context.SCOPE``); None without it."""
+    from mistral_jax.model import backends as backends_lib
+    from mistral_jax.model import context
+    from mistral_jax.model.attention import self_attention_backend
+
+    b = backends_lib.resolve(run.model_cfg, run.mesh, run.rules)
+    if b.context == 1:
+        return None
+    name = self_attention_backend(run.model_cfg, b, run.data.seq_len, True)
+    traffic = hlo.collective_traffic(hlo_text, scope=context.SCOPE)
+    return dict(backend=name, context=b.context, bytes=traffic.bytes,
+                count=sum(v["count"] for v in traffic.kinds.values()))
+
+
 def compile_train_step(run_cfg: Any, devices: list[Any]) -> dict[str, Any]:
     """Resolve ``run_cfg`` on ``devices`` as ``train.py`` does and compile its train step; returns the report.
 
@@ -264,6 +281,12 @@ def compile_train_step(run_cfg: Any, devices: list[Any]) -> dict[str, Any]:
         run_cfg.mesh.dcn_data = n_slices  # data parallelism across the slices
     run = run_lib.resolve(run_cfg, devices=devices, process_count=1, require_checkpoint=False)
     report = compile_run(run)
+    if (report.get("attention") or {}).get("backend") == "halo":  # the ring's figures beside the halo's
+        ring_cfg = run_cfg.copy_and_resolve_references()
+        ring_cfg.model.attention_impl = "ring"
+        ring = compile_run(run_lib.resolve(ring_cfg, devices=devices, process_count=1, require_checkpoint=False))
+        if ring.get("attention"):
+            report["attention"]["ring"] = dict(bytes=ring["attention"]["bytes"], total=ring["total"])
     model_cfg = run.model_cfg
     report.update(
         slices=n_slices, dcn={f"dcn_{a}": int(run_cfg.mesh.get(f"dcn_{a}", 1)) for a in sharding.DCN_AXES},
@@ -303,6 +326,7 @@ def format_report(r: dict[str, Any], title: str) -> str:
              f"  FLOPs per step per chip: model (6N + attention) {r['model_flops_per_chip']:.3e}; XLA cost analysis "
              f"{r['flops']:.3e} (counts each scan / while-loop body once)",
              *_collective_lines(r),
+             *_attention_lines(r),
              f"  compiled in {r['compile_s']} s"]
     return "\n".join(lines)
 
@@ -321,6 +345,19 @@ def _program_lines(r: dict[str, Any], gib: Any) -> list[str]:
         verdict = "FITS" if r["fits"] else "DOES NOT FIT"
         out.append(f"  the run: {verdict} (the train step and every program above)")
     return out
+
+
+def _attention_lines(r: dict[str, Any]) -> list[str]:
+    """Context parallelism: the attention exchanges (and the ring's, when the halo runs)."""
+    a = r.get("attention")
+    if not a:
+        return []
+    line = (f"  attention over context={a['context']} shards: {a['backend']} moves {hlo.size(a['bytes'])} per step per "
+            f"chip ({a['count']} exchanges)")
+    if a.get("ring"):
+        line += (f"; ring attention would move {hlo.size(a['ring']['bytes'])} and need "
+                 f"{a['ring']['total'] / GiB:.2f} GiB per chip")
+    return [line]
 
 
 def _seconds(x: float) -> str:

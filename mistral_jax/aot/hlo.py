@@ -428,14 +428,19 @@ def _weighted_totals(computations: dict[str, Computation], entry: str, visit: _V
     return dict(totals(entry)), sorted(set(uncounted))
 
 
-def collective_traffic(hlo_text: str) -> CollectiveTraffic:
-    """Per-device collective bytes and counts of one execution of an optimized HLO module (module docstring)."""
+def collective_traffic(hlo_text: str, scope: str | None = None) -> CollectiveTraffic:
+    """Per-device collective bytes and counts of one execution of an optimized HLO module (module docstring).
+
+    ``scope``: count only the collectives whose ``op_name`` metadata contains it (a ``jax.named_scope``, e.g.
+    ``context.SCOPE`` for the context-parallel attention's exchanges)."""
     computations, entry, devices = parse_module(hlo_text)
 
     def visit(inst: Instruction, comp: Computation,
               callees: dict[str, list[str]]) -> tuple[dict[Any, float], list[str]]:
         own: dict[Any, float] = {}
         found = _kind(inst, comp, computations)
+        if found is not None and scope is not None and scope not in _op_name(inst):
+            found = None
         if found is not None:
             kind, holder, holder_comp = found
             moved, upper = _bytes_moved(kind, holder, _result_shape(inst), holder_comp, devices)
@@ -478,6 +483,11 @@ _NO_TRAFFIC = frozenset({"parameter", "constant", "tuple", "get-tuple-element", 
                          "conditional", "async-start", "after-all", "partition-id", "replica-id", "opt-barrier",
                          "add-dependency", "domain", "get-dimension-size"})
 _SLICING = frozenset({"dynamic-slice", "slice", "gather"})
+
+
+def _op_name(inst: Instruction) -> str:
+    m = re.search(r'op_name="([^"]*)"', inst.attrs)
+    return m.group(1) if m else ""
 
 
 def _callee(inst: Instruction) -> str | None:

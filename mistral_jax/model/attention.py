@@ -12,6 +12,8 @@ Backends (``ModelConfig.attention_impl``; registered in ``backends.py``'s table,
   * ``blocked``: pure-JAX banded attention that computes only the key blocks inside the window of each
     query block: cost T * (W + Q) instead of T * S. Used for self-attention with a window on CPU/fallback.
   * ``cudnn`` (GPU) and ``splash`` (TPU): platform kernels, in ``kernels.py``.
+  * ``ring`` and ``halo``: context parallelism (the sequence split over the mesh's context axis), in
+    ``context.py``; the only backends used when the sequence is split.
   * ``auto``: cudnn on GPU, splash on TPU, blocked when a window makes it cheaper, else reference. The platform
     is ``ModelConfig.platform`` (the target the program is built for), never the host's backend.
 """
@@ -147,11 +149,17 @@ def attend(cfg, backends: Backends, q: Float[Array, "B T N H"], k: Float[Array, 
            v: Float[Array, "B T K H"], positions: Int[Array, "B T"], segment_ids: Int[Array, "B T"] | None
            ) -> Float[Array, "B T N H"]:
     """Self-attention by the backend ``choose_attention`` picks for these shapes; all agree with the reference."""
-    block = band_block(cfg)
-    name = choose_attention(backends.attention, platform=backends.platform, self_attention=True, seq_len=q.shape[1],
-                            window=cfg.sliding_window, block=block, has_segments=segment_ids is not None)
-    return ATTENTION[name].fn(q, k, v, positions, segment_ids, window=cfg.sliding_window, block=block,
+    name = self_attention_backend(cfg, backends, q.shape[1], segment_ids is not None)
+    return ATTENTION[name].fn(q, k, v, positions, segment_ids, window=cfg.sliding_window, block=band_block(cfg),
                               backends=backends)
+
+
+def self_attention_backend(cfg, backends: Backends, seq_len: int, has_segments: bool) -> str:
+    """The attention backend of a self-attention call over ``seq_len`` tokens (split over ``backends.context``
+    shards of the context axis): ``ring`` means the model lays the sequence out zig-zag (``model/context.py``)."""
+    return choose_attention(backends.attention, platform=backends.platform, self_attention=True, seq_len=seq_len,
+                            window=cfg.sliding_window, block=band_block(cfg), has_segments=has_segments,
+                            context=backends.context)
 
 
 # ----------------------------------------------------------------------------- module

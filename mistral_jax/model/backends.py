@@ -35,6 +35,7 @@ from jax.sharding import Mesh, PartitionSpec
 from mistral_jax import sharding
 
 PLATFORMS = ("cpu", "gpu", "tpu")
+CONTEXT_PARALLEL = ("halo", "ring")  # the attention backends that take a sequence split over the context axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,7 @@ class AttentionCall:
     window: int | None
     block: int  # the blocked backend's query block (``attention.band_block``)
     has_segments: bool
+    context: int = 1  # shards of the sequence (the mesh's context axis; > 1: only ring and halo support the call)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +141,8 @@ class Backends:
     mesh: Mesh | None = None  # the mesh the model runs on (kernels XLA cannot partition run in a shard_map over it)
     attention_specs: tuple[PartitionSpec, PartitionSpec, PartitionSpec] | None = None  # q, k/v, segment ids
     expert_parallel: sharding.ExpertParallel | None = None  # the experts' layout when the mesh shards them
+    context_axis: str | None = None  # the mesh axis that shards the sequence (``seq``), if its size is > 1
+    context: int = 1  # its size: > 1 is context parallelism (attention: ring or halo, model/context.py)
 
     def experts_fn(self) -> Callable:
         """The expert MLP function (``fn(x, w1, w3, w2, group_sizes)``)."""
@@ -165,15 +169,22 @@ def resolve(cfg, mesh: Mesh | None = None, rules: sharding.ShardingRules | None 
                              f"platform={platform!r}. Fix: use 'auto' or one of {usable}.")
     ep = None
     specs = None
+    context_axis, context = None, 1
     if mesh is not None:
         rules = rules or sharding.DEFAULT_RULES
         ep = sharding.expert_parallel(mesh, rules)
         specs = (rules.spec(("batch", "seq", "act_heads", "head_dim"), mesh),
                  rules.spec(("batch", "seq", "act_kv_heads", "head_dim"), mesh), rules.spec(("batch", "seq"), mesh))
+        (seq_axes,) = rules.spec(("seq",), mesh)
+        if seq_axes is not None:
+            if not isinstance(seq_axes, str):
+                raise ValueError(f"the sequence (`seq`) is sharded over several mesh axes {seq_axes}; context "
+                                 "parallelism needs one. Fix: map `seq` to a single mesh axis in the rules table.")
+            context_axis, context = seq_axes, mesh.shape[seq_axes]
     return Backends(platform=platform, attention=cfg.attention_impl, moe=choose_moe(cfg, ep),
                     expert_mlp=_first_for(EXPERT_MLP, "expert MLP", platform),
                     exchange=_first_for(EXCHANGE, "exchange", platform), mesh=mesh, attention_specs=specs,
-                    expert_parallel=ep if cfg.is_moe else None)
+                    expert_parallel=ep if cfg.is_moe else None, context_axis=context_axis, context=context)
 
 
 # What ``ModelConfig.moe_impl`` accepts. A policy, not a registered path (``choose_moe`` maps it to one): ``dense``
@@ -201,17 +212,29 @@ def choose_moe(cfg, ep: sharding.ExpertParallel | None) -> str:
 
 
 def choose_attention(impl: str, *, platform: str, self_attention: bool, seq_len: int, window: int | None, block: int,
-                     has_segments: bool) -> str:
+                     has_segments: bool, context: int = 1) -> str:
     """The attention backend of one call: ``impl`` (``attention_impl``) resolved for the target ``platform``.
 
     ``auto``: the first registered backend for the platform that supports the call. A named backend that does
     not support the call (no window for ``blocked``), and any backend in cached decoding (``self_attention``
     False: the cache buffer already is the band), fall back to ``reference``.
+
+    Context parallelism (``context`` > 1 shards of the sequence): only the backends whose ``supports`` accepts
+    the call (``ring``, ``halo``) apply; ``auto`` and every backend that does not take a sharded sequence get
+    the first of them that does (``halo`` when a window makes its exchange smaller than the ring's).
     """
     _check_platform(platform)
     if not self_attention:
         return "reference"
-    call = AttentionCall(seq_len=seq_len, window=window, block=block, has_segments=has_segments)
+    call = AttentionCall(seq_len=seq_len, window=window, block=block, has_segments=has_segments, context=context)
+    if context > 1:
+        if impl != "auto" and lookup(ATTENTION, "attention", impl).supports(call) and impl in CONTEXT_PARALLEL:
+            return impl
+        for name in CONTEXT_PARALLEL:
+            if name in ATTENTION and platform in ATTENTION[name].platforms and ATTENTION[name].supports(call):
+                return name
+        raise ValueError(f"no attention backend supports a sequence of {seq_len} split over {context} shards "
+                         f"(window {window}). Fix: make the sequence length a multiple of 2 x mesh.context.")
     if impl == "auto":
         for name, b in ATTENTION.items():
             if platform in b.platforms and b.supports(call):

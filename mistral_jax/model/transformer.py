@@ -28,9 +28,10 @@ from jaxtyping import Array, Float, Int
 
 from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
+from mistral_jax.model import context
 from mistral_jax.model import kv_cache as kvc
 from mistral_jax.model import moe as moe_lib
-from mistral_jax.model.attention import Attention
+from mistral_jax.model.attention import Attention, self_attention_backend
 from mistral_jax.model.backends import Backends, resolve
 from mistral_jax.model.moe import MoE
 from mistral_jax.model.projection import proj, weight_proj
@@ -194,6 +195,8 @@ class Transformer(nnx.Module):
         table = sharding.constrain(self.embed[...], (None, "embed"))  # [V, D]
         x = jnp.take(table, sharding.constrain(tokens, ("batch", None), yield_to=("embed",)), axis=0)  # [B, T, D]
         x = sharding.constrain(x, ("batch", None, "embed"), yield_to=("embed",)).astype(self.cfg.jnp_dtype)
+        if sharding.spec(("seq",))[0] is not None:  # context parallelism: D's other axes to the batch, then the
+            x = sharding.constrain(x, ("batch", None, "seq"))  # context axis from D to T (XLA replicates x for both)
         return sharding.constrain(x, ("batch", "seq", "act_embed"))
 
     def _run_layers(self, x, positions, segment_ids, caches: kvc.LayerCache | None):
@@ -276,8 +279,18 @@ class Transformer(nnx.Module):
           (None unless ``return_hidden``).
         """
         positions = self.default_positions(tokens, positions, cache)
+        # context parallelism with ring attention: the tokens in the zig-zag layout that balances the causal work
+        # over the context shards, the hidden states back in order after the last layer (model/context.py)
+        zigzag = cache is None and self.backends.context > 1 and self_attention_backend(
+            self.cfg, self.backends, tokens.shape[1], segment_ids is not None) == "ring"
+        if zigzag:
+            p = self.backends.context
+            tokens, positions = context.to_zigzag(tokens, p), context.to_zigzag(positions, p)
+            segment_ids = None if segment_ids is None else context.to_zigzag(segment_ids, p)
         x = self.embed_tokens(tokens)
         x, stats, new_caches = self._run_layers(x, positions, segment_ids, None if cache is None else cache.layers())
+        if zigzag:
+            x = sharding.constrain(context.from_zigzag(x, self.backends.context), ("batch", "seq", "act_embed"))
         return self.output(x, stats, cache, new_caches, logits_to_keep, return_hidden=return_hidden)
 
     def __call__(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None,

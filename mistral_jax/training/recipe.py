@@ -49,7 +49,7 @@ from typing import Any, ClassVar
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from mistral_jax import loading, sharding, storage
@@ -91,7 +91,8 @@ def addressable_rows(bsharding: NamedSharding, batch_size: int) -> list[int]:
     Any row order the sharding gives (not only contiguous blocks per process): ``data.loader.GrainBatches`` reads
     exactly these rows.
     """
-    index = bsharding.addressable_devices_indices_map((batch_size, 1))
+    rows = NamedSharding(bsharding.mesh, PartitionSpec(*tuple(bsharding.spec)[:1]))  # the row dimension's sharding
+    index = rows.addressable_devices_indices_map((batch_size,))
     return sorted({r for sl in index.values() for r in range(*sl[0].indices(batch_size))})
 
 

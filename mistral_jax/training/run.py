@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
@@ -365,14 +366,60 @@ def validate_config(cfg: ConfigDict, n_devices: int | None = None, process_count
     sizes = _mesh_sizes(cfg, n_devices, sharding.num_slices() if n_slices is None else n_slices)
     _check_batch(cfg, sizes, rules_from(cfg, sizes), jax.process_count() if process_count is None else process_count)
     if not cfg.get("init_from"):  # with init_from the context length may be the checkpoint's: see resolve
-        _check_seq_len(cfg, model_cfg)
+        _check_seq_len(cfg, model_cfg, sizes, rules_from(cfg, sizes))
     return model_cfg
 
 
-def _check_seq_len(cfg: ConfigDict, model_cfg: ModelConfig) -> None:
+def _check_seq_len(cfg: ConfigDict, model_cfg: ModelConfig, sizes: dict[str, int] | None = None,
+                   rules: sharding.ShardingRules | None = None) -> None:
     if cfg.data.seq_len < 2 or cfg.data.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"config.data.seq_len={cfg.data.seq_len} must be in [2, model max_seq_len="
                           f"{model_cfg.max_seq_len}]. Fix: lower seq_len or raise model.max_seq_len.")
+    if sizes is not None and rules is not None:
+        _check_context(cfg, model_cfg, sizes, rules)
+
+
+def _check_context(cfg: ConfigDict, model_cfg: ModelConfig, sizes: dict[str, int],
+                   rules: sharding.ShardingRules) -> None:
+    """Context parallelism (the sequence split over the mesh axis that ``seq`` maps to): a sequence the ring or
+    halo attention can split, and a recipe that runs with it."""
+    from mistral_jax.model import backends
+
+    seq_axes = rules.mesh_axes("seq")
+    seq_axes = (seq_axes,) if isinstance(seq_axes, str) else tuple(seq_axes or ())
+    shards = math.prod(sizes.get(a, 1) for a in seq_axes)
+    if shards == 1:
+        return
+    name = choose(cfg).name
+    if name == "grpo":
+        raise MeshConfigError(f"config.mesh.context={shards} splits the sequence, but the grpo recipe's rollouts "
+                              "decode with a KV cache, which context parallelism does not shard. Fix: set "
+                              "--config.mesh.context=1 (and use fsdp / tensor for the model).")
+    t = int(cfg.data.seq_len)
+    try:
+        backends.choose_attention("auto", platform="cpu", self_attention=True, seq_len=t,
+                                  window=model_cfg.sliding_window, block=model_cfg.attention_block_size,
+                                  has_segments=True, context=shards)
+    except ValueError:
+        need = 2 * shards
+        fit = t // need * need or need
+        raise MeshConfigError(f"config.data.seq_len={t} does not split over mesh.context={shards}: ring attention "
+                              f"lays the sequence out in {need} equal chunks (zig-zag). Fix: set "
+                              f"--config.data.seq_len={fit} (a multiple of {need}) or change mesh.context.") from None
+
+
+def _check_context_hosts(mesh, rules: sharding.ShardingRules) -> None:
+    """Each process feeds whole rows of its batch (``distributed.global_batch``), so the sequence's shards must
+    be on one process's devices."""
+    (seq_axes,) = rules.spec(("seq",), mesh)
+    if seq_axes is None or jax.process_count() == 1:
+        return
+    axis = mesh.axis_names.index(seq_axes)
+    groups = np.moveaxis(mesh.devices, axis, -1).reshape(-1, mesh.shape[seq_axes])
+    if any(len({d.process_index for d in g}) > 1 for g in groups):
+        raise MeshConfigError(f"mesh.context={mesh.shape[seq_axes]} spreads one sequence over the devices of several "
+                              f"processes, whose data loaders each feed whole rows. Fix: keep mesh.context <= the "
+                              f"{jax.local_device_count()} devices of one host.")
 
 
 def check_storage(cfg: ConfigDict, workdir: str | None = None) -> None:
@@ -483,7 +530,8 @@ def resolve(cfg: ConfigDict, *, devices: Sequence[Any] | None = None, process_co
     if init_from is not None:
         recipe = dataclasses.replace(recipe, init_from=init_from)  # the recipe reads the opened handle
     model_cfg = _run_model_config(cfg, init_from, devices[0].platform)
-    _check_seq_len(cfg, model_cfg)
+    _check_seq_len(cfg, model_cfg, dict(mesh.shape), rules)
+    _check_context_hosts(mesh, rules)
     d = cfg.data
     data = DataSpec(format=recipe.data.name, train=d.train, validation=d.validation, tokenizer=d.tokenizer,
                     seq_len=int(d.seq_len), batch_size=int(cfg.batch_size), grad_accum_steps=int(cfg.grad_accum_steps))

@@ -4,8 +4,10 @@ On a TPU pod slice every host runs the same command; ``initialize()`` calls ``ja
 which auto-detects the coordinator, the process count and this process's id from the TPU metadata. Elsewhere
 (GPU clusters, several CPU processes in tests) pass them explicitly or set the environment variables
 ``MISTRAL_JAX_COORDINATOR`` (``host:port``), ``MISTRAL_JAX_NUM_PROCESSES`` and ``MISTRAL_JAX_PROCESS_ID``
-(SLURM / Open MPI environments are auto-detected by JAX itself). Multi-node GPU: one process per host sees all its
-GPUs; one process per GPU sets ``MISTRAL_JAX_LOCAL_DEVICE_IDS`` (e.g. ``0`` or ``0,1``) to the GPUs it owns.
+(SLURM / Open MPI environments are auto-detected by JAX itself; torchrun-style launchers' ``MASTER_ADDR``,
+``MASTER_PORT``, ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` are read when ours are not set: ``torchrun_env``).
+Multi-node GPU: one process per host sees all its GPUs; one process per GPU sets ``MISTRAL_JAX_LOCAL_DEVICE_IDS``
+(e.g. ``0`` or ``0,1``) to the GPUs it owns (under torchrun, ``LOCAL_RANK`` when ``LOCAL_WORLD_SIZE`` > 1).
 
 A process that dies is noticed by the others through the coordination service's heartbeats: after
 ``MISTRAL_JAX_HEARTBEAT_TIMEOUT`` seconds (default 60) every other process is terminated by JAX with a message
@@ -57,7 +59,8 @@ def _env_int(name: str, *, minimum: int = 0) -> int | None:
 
 
 def _cluster_size() -> int | None:
-    """Process count announced by a cluster environment (TPU slice, multi-slice, SLURM, Open MPI), or None."""
+    """Process count announced by a cluster environment (TPU slice, multi-slice, SLURM, Open MPI, torchrun), or
+    None."""
     tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
     slices = _soft_int("MEGASCALE_NUM_SLICES") or 1
     if len(tpu_hosts) > 1 or (tpu_hosts and slices > 1):
@@ -66,6 +69,8 @@ def _cluster_size() -> int | None:
         return _soft_int("SLURM_NTASKS")
     if (_soft_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
         return _soft_int("OMPI_COMM_WORLD_SIZE")
+    if os.environ.get("MASTER_ADDR") and (_soft_int("WORLD_SIZE") or 1) > 1:  # torchrun-style (``torchrun_env``)
+        return _soft_int("WORLD_SIZE")
     return None
 
 
@@ -95,6 +100,26 @@ def expected_process_count() -> int:
     if explicit is not None:
         return explicit
     return _cluster_size() or 1
+
+
+TORCHRUN_PORT_OFFSET = 1  # the JAX coordinator listens on MASTER_PORT + 1: torchrun's own agent store holds MASTER_PORT
+
+
+def torchrun_env() -> tuple[str, int, int, list[int] | None] | None:
+    """``(coordinator, num_processes, process_id, local_device_ids)`` from torchrun-style variables (``MASTER_ADDR``,
+    ``MASTER_PORT``, ``WORLD_SIZE``, ``RANK``; ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` > 1: one process per GPU,
+    which owns GPU ``LOCAL_RANK``), or None when they are not all set or ``WORLD_SIZE`` is 1. The coordinator is
+    ``MASTER_ADDR:MASTER_PORT + 1`` (torchrun's agent store holds ``MASTER_PORT`` itself)."""
+    names = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
+    if not all(os.environ.get(n, "").strip() for n in names):
+        return None
+    port, world, rank = (_env_int(n, minimum=m) for n, m in (("MASTER_PORT", 1), ("WORLD_SIZE", 1), ("RANK", 0)))
+    if world == 1:
+        return None
+    local_rank = _env_int("LOCAL_RANK")
+    per_host = _env_int("LOCAL_WORLD_SIZE", minimum=1) or 1
+    ids = [local_rank] if local_rank is not None and per_host > 1 else None
+    return f"{os.environ['MASTER_ADDR'].strip()}:{port + TORCHRUN_PORT_OFFSET}", world, rank, ids
 
 
 def _local_device_ids(value: Any) -> Any:
@@ -146,6 +171,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if process_id is None:
         process_id = _env_int(ENV_PROCESS_ID)
     local_device_ids = _local_device_ids(local_device_ids)
+    if coordinator_address is None and num_processes is None and process_id is None:
+        torchrun = torchrun_env()  # torchrun-style launchers: their variables, when ours are not set
+        if torchrun is not None:
+            coordinator_address, num_processes, process_id, ids = torchrun
+            local_device_ids = local_device_ids if local_device_ids is not None else ids
     heartbeat = heartbeat_timeout or _env_int(ENV_HEARTBEAT_TIMEOUT, minimum=1) or DEFAULT_HEARTBEAT_TIMEOUT
     init = init_timeout or _env_int(ENV_INIT_TIMEOUT, minimum=1) or DEFAULT_INIT_TIMEOUT
     timeouts = dict(heartbeat_timeout_seconds=int(heartbeat), initialization_timeout=int(init))

@@ -182,6 +182,15 @@ def test_auto_backend_choice(platform):
     assert pick(1, self_attention=False) == "reference"  # cached decoding: the cache buffer already is the band
     assert backends.choose_attention("blocked", platform=platform, self_attention=False, seq_len=1, window=512,
                                      block=512, has_segments=False) == "reference"
+    named = lambda impl, segments: backends.choose_attention(impl, platform=platform, self_attention=True,
+                                                             seq_len=4096, window=512, block=512, has_segments=segments)
+    if platform == "gpu":  # a named cuDNN never drops the segment ids of packed rows: the reference takes them
+        assert (named("cudnn", False), named("cudnn", True)) == ("cudnn", "reference")
+    # the sequence split over 4 context shards: only ring / halo, whatever was named
+    split = lambda impl, window: backends.choose_attention(impl, platform=platform, self_attention=True, seq_len=4096,
+                                                           window=window, block=512, has_segments=True, context=4)
+    assert (split("auto", 512), split("auto", None), split("reference", 512), split("ring", 512)) == (
+        "halo", "ring", "halo", "ring")
     with pytest.raises(ValueError, match="platform=''"):
         backends.choose_attention("auto", platform="", self_attention=True, seq_len=1, window=512, block=512,
                                   has_segments=False)

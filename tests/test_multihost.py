@@ -97,3 +97,30 @@ def test_initialize_reports_missing_arguments():
     with pytest.raises(ValueError, match="process_id=3 is outside"):
         distributed.initialize("127.0.0.1:1234", 2, 3)
     assert jax.process_count() == 1
+
+
+def test_torchrun_variables_start_jax_distributed(monkeypatch):
+    """torchrun-style launchers: MASTER_ADDR / MASTER_PORT / WORLD_SIZE / RANK give the coordinator (on MASTER_PORT
+    + 1: torchrun's agent store holds MASTER_PORT), the process count and id; LOCAL_RANK the GPU of a process when
+    LOCAL_WORLD_SIZE > 1; a bad value is one line naming the variable."""
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.torchrun_env() is None
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("RANK", "9")
+    assert distributed.torchrun_env() == ("10.0.0.7:29501", 16, 9, None)  # one process per node
+    assert distributed.expected_process_count() == 16
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert distributed.torchrun_env() == ("10.0.0.7:29501", 16, 9, [1])  # one process per GPU
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.torchrun_env() is None and distributed.expected_process_count() == 1
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match=r"WORLD_SIZE='two' is not an integer >= 1. Fix: set WORLD_SIZE"):
+        distributed.torchrun_env()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "5")
+    with pytest.raises(ValueError, match=r"process_id=5 is outside \[0, num_processes=2\)"):
+        distributed.initialize()  # checked before anything connects

@@ -55,12 +55,14 @@ _GRIDS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128:
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
-    """A TPU slice: generation, chip grid (``libtpu`` topology name) and HBM per chip."""
+    """A TPU slice (generation, chip grid: the ``libtpu`` topology name, HBM per chip) or GPU nodes (``platform``
+    gpu: the GPU model, JAX's CUDA topology ``1 x nodes x GPUs per node``, memory per GPU; ``aot.gpu``)."""
 
-    name: str  # as given, e.g. v5p-128
-    generation: str  # v4 | v5e | v5p | v6e
-    grid: str  # e.g. 4x4x4
+    name: str  # as given, e.g. v5p-128, h100-8
+    generation: str  # v4 | v5e | v5p | v6e | h100 | h200
+    grid: str  # e.g. 4x4x4; GPUs: 1xNODESxGPUS
     hbm_bytes: int
+    platform: str = "tpu"
 
     @property
     def chips(self) -> int:
@@ -68,16 +70,24 @@ class Topology:
 
     @property
     def libtpu_name(self) -> str:
-        return f"{self.generation}:{self.grid}"
+        """The compiler's name of the topology: ``v5p:4x4x4``; GPUs ``cuda:1x1x8``."""
+        return f"cuda:{self.grid}" if self.platform == "gpu" else f"{self.generation}:{self.grid}"
 
 
 def parse_topology(name: str) -> Topology:
-    """``v5p-128`` / ``v6e-256`` / ``v5p:4x4x4`` -> ``Topology``; raises listing the accepted forms."""
+    """``v5p-128`` / ``v6e-256`` / ``v5p:4x4x4``, or GPU nodes ``h100-8`` / ``h200-8`` / ``2xh100-8`` ->
+    ``Topology``; raises listing the accepted forms."""
+    from mistral_jax.aot import gpu
+
+    if gpu.is_gpu_topology(name):
+        g = gpu.parse(name)
+        return Topology(name=name, generation=g.gpu, grid=g.topology, hbm_bytes=g.hbm_bytes, platform="gpu")
     gen, sep, rest = name.replace(":", "-", 1).partition("-")
     gen = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v5": "v5p"}.get(gen, gen)
     if gen not in _HBM or not sep or not rest:
         raise ValueError(f"unknown TPU topology {name!r}. Fix: use v4-N, v5p-N (N TensorCores, 2 per chip), "
-                         f"v5e-N, v6e-N (N chips) or generation:grid such as v5p:4x4x4.")
+                         f"v5e-N, v6e-N (N chips) or generation:grid such as v5p:4x4x4; GPU nodes: h100-8, "
+                         f"h200-8, 2xh100-8.")
     if "x" in rest:
         grid = rest
         if not all(x.isdigit() and int(x) > 0 for x in grid.split("x")):
@@ -107,6 +117,13 @@ def topology_devices(topology: Topology, num_slices: int = 1) -> list[Any]:
 
     from jax.experimental import topologies
 
+    if topology.platform == "gpu":
+        from mistral_jax.aot import gpu
+
+        if num_slices > 1:
+            raise ValueError(f"--num_slices applies to TPU slices; for {num_slices} GPU nodes name them in the "
+                             f"topology. Fix: --topology {num_slices}x{topology.name}.")
+        return gpu.devices(gpu.parse(topology.name))
     # Compiling needs no TPU, so several compiling processes may share libtpu (else: a lockfile error).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
@@ -249,6 +266,15 @@ def compile_run(run: Any) -> dict[str, Any]:
     return report
 
 
+def _attention_backend(run: Any) -> str:
+    """The self-attention backend the run's train step uses (its batches are packed: segment ids)."""
+    from mistral_jax.model import backends as backends_lib
+    from mistral_jax.model.attention import self_attention_backend
+
+    b = backends_lib.resolve(run.model_cfg, run.mesh, run.rules)
+    return self_attention_backend(run.model_cfg, b, run.data.seq_len, True)
+
+
 def _attention_exchange(run: Any, hlo_text: str) -> dict[str, Any] | None:
     """Context parallelism (the sequence split over ``context`` shards): the attention backend and the bytes per
     chip and step its exchanges move (the collectives under ``model.context.SCOPE``); None without it."""
@@ -281,6 +307,7 @@ def compile_train_step(run_cfg: Any, devices: list[Any]) -> dict[str, Any]:
         run_cfg.mesh.dcn_data = n_slices  # data parallelism across the slices
     run = run_lib.resolve(run_cfg, devices=devices, process_count=1, require_checkpoint=False)
     report = compile_run(run)
+    report["attention_backend"] = _attention_backend(run)
     if (report.get("attention") or {}).get("backend") == "halo":  # the ring's figures beside the halo's
         ring_cfg = run_cfg.copy_and_resolve_references()
         ring_cfg.model.attention_impl = "ring"
@@ -310,7 +337,7 @@ def format_report(r: dict[str, Any], title: str) -> str:
     lines = [title,
              f"  mesh {r['mesh']} ({r['devices']} chips{slices}), rules {r['rules']}, batch {r['batch_size']} x "
              f"{r['seq_len']} (grad_accum {r['grad_accum_steps']}), remat {r['remat']}, dtype {r['dtype']}, attention "
-             f"{r['attention_impl']}, moe {r['moe_impl']} (for {r['platform']})",
+             f"{r['attention_impl']}{_resolved(r)}, moe {r['moe_impl']} (for {r['platform']})",
              f"  recipe: {r['recipe']}: {r['trainable_params']:,} trainable parameters, {r['frozen_params']:,} frozen",
              *([f"  note: {r['note']}"] if r.get("note") else []),
              f"  per chip state: params {gib(r['state']['params'])}  frozen {gib(r['state']['frozen'])}  optimizer "
@@ -345,6 +372,11 @@ def _program_lines(r: dict[str, Any], gib: Any) -> list[str]:
         verdict = "FITS" if r["fits"] else "DOES NOT FIT"
         out.append(f"  the run: {verdict} (the train step and every program above)")
     return out
+
+
+def _resolved(r: dict[str, Any]) -> str:
+    name = r.get("attention_backend")
+    return f" -> {name}" if name and name != r.get("attention_impl") else ""
 
 
 def _attention_lines(r: dict[str, Any]) -> list[str]:

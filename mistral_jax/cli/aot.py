@@ -83,6 +83,15 @@ def main(argv: list[str]) -> None:
     if f.num_slices < 1:
         raise UsageError("--num_slices", f.num_slices, "must be at least 1",
                          "pass the number of TPU slices the job spans, e.g. --num_slices 2")
+    if topo.platform == "gpu":
+        from mistral_jax.aot import gpu
+
+        if not gpu.cuda_plugin_available():
+            raise UsageError("--topology", topo.name, "needs JAX's CUDA plugin to compile for GPUs, and it is not "
+                             "installed", f"pip install 'jax[cuda12]=={jax.__version__}' (no GPU or driver needed)")
+    if topo.platform == "gpu" and f.num_slices > 1:
+        raise UsageError("--num_slices", f.num_slices, f"counts TPU slices, not nodes of {topo.name}",
+                         f"name the nodes in the topology: --topology {f.num_slices}x{topo.name}")
     given = [name for name in SERVE_FLAGS if f[name].present]
     if given and not f.serve:
         raise UsageError(f"--{given[0]}", f[given[0]].value, "only applies to a serving check",
@@ -213,7 +222,8 @@ def _run() -> None:
 
     config_flags.DEFINE_config_file("config", None, "run config file (configs/X.py)", lock_config=True)
     flags.DEFINE_string("topology", "v5p-128", "TPU topology: v5p-N, v4-N (TensorCores), v5e-N, v6e-N (chips), or "
-                        "generation:grid (v5p:4x4x4)")
+                        "generation:grid (v5p:4x4x4); GPU nodes (the jax[cuda12] plugin, no GPU needed): h100-8, "
+                        "h200-8, 2xh100-8")
     flags.DEFINE_integer("num_slices", 1, "compile for this many copies of --topology joined over DCN (a multi-slice "
                          "job); the mesh gets mesh.dcn_data = num_slices unless the config sets its dcn_* axes")
     flags.DEFINE_bool("json", False, "also print the report as one JSON line")
@@ -231,8 +241,9 @@ def _run() -> None:
                          "cache slots)")
     flags.DEFINE_bool("verbose", False, "show the traceback of argument errors too (as MISTRAL_JAX_DEBUG=1 does)")
     flags.mark_flags_as_required(["config"])
-    if not jax.config.jax_platforms:  # compile for the TPU topology from this host's CPU; never grab a local TPU
+    if not jax.config.jax_platforms:  # compile for the topology from this host's CPU; never grab a local TPU / GPU
         jax.config.update("jax_platforms", "cpu")
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # a CUDA plugin without a driver: compile only
     from mistral_jax.aot.serving import ServingConfigError
     from mistral_jax.training.recipe import ConfigError
 

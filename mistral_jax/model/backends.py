@@ -216,8 +216,8 @@ def choose_attention(impl: str, *, platform: str, self_attention: bool, seq_len:
     """The attention backend of one call: ``impl`` (``attention_impl``) resolved for the target ``platform``.
 
     ``auto``: the first registered backend for the platform that supports the call. A named backend that does
-    not support the call (no window for ``blocked``), and any backend in cached decoding (``self_attention``
-    False: the cache buffer already is the band), fall back to ``reference``.
+    not support the call (no window for ``blocked``, packed segments for ``cudnn``), and any backend in cached
+    decoding (``self_attention`` False: the cache buffer already is the band), fall back to ``reference``.
 
     Context parallelism (``context`` > 1 shards of the sequence): only the backends whose ``supports`` accepts
     the call (``ring``, ``halo``) apply; ``auto`` and every backend that does not take a sharded sequence get
@@ -240,8 +240,10 @@ def choose_attention(impl: str, *, platform: str, self_attention: bool, seq_len:
             if platform in b.platforms and b.supports(call):
                 return name
         return "reference"
-    lookup(ATTENTION, "attention", impl)
-    return "reference" if impl == "blocked" and window is None else impl
+    backend = lookup(ATTENTION, "attention", impl)
+    if impl == "blocked":  # computes any windowed call (the band merely saves less on short sequences)
+        return "blocked" if window is not None else "reference"
+    return impl if backend.supports(call) else "reference"  # e.g. cuDNN has no segment ids: packed rows
 
 
 def bind(model, mesh: Mesh | None, rules: sharding.ShardingRules | None = None):

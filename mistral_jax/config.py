@@ -68,6 +68,9 @@ class ModelConfig:
     param_dtype: str = _runtime("float32")  # parameter (master weight) dtype
     attention_impl: str = _runtime("auto")  # "auto" (picked for `platform`) or a name registered in model/backends.py
     attention_block_size: int = _runtime(512)  # query block of the blocked banded backend (<= max(64, W/4))
+    # the decoding KV cache: "auto" holds keys and values in the compute dtype; "int8" in int8 with one float32
+    # scale per slot and kv head (half a bfloat16 cache's bytes; model/kv_cache.py)
+    kv_cache_dtype: str = _runtime("auto")
     moe_impl: str = _runtime("ragged")  # "dense" oracle, "ragged" / "expert_parallel": dropless, EP on an expert mesh
     # Expert parallelism (model/moe.py): how tokens reach the experts' shards. "all_to_all": each assignment goes
     # to its expert's shard and back (ragged all-to-all); "all_gather": every shard sees every token of its group.
@@ -124,6 +127,9 @@ class ModelConfig:
                        "mistral_jax.model.backends.register_attention)")
         if self.attention_block_size <= 0:
             raise _bad("attention_block_size", self.attention_block_size, "must be > 0", "use e.g. 512")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise _bad("kv_cache_dtype", self.kv_cache_dtype, "unknown KV cache dtype",
+                       "use auto (the compute dtype) or int8 (per-head scales)")
         if self.moe_impl not in backends.MOE_IMPLS:
             raise _bad("moe_impl", self.moe_impl, "unknown MoE backend", f"use one of {', '.join(backends.MOE_IMPLS)}")
         if self.moe_dispatch not in ("all_to_all", "all_gather"):

@@ -17,6 +17,7 @@ import importlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -159,3 +160,34 @@ def signal_when(cmd: Sequence[str], ready: Callable[[], bool], sig: int = signal
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     return proc.returncode, out
+
+
+# ------------------------------------------------------------------------------------------- serving engine
+class IdsTok:
+    """Ids only: the engine decodes text for stop strings and deltas."""
+
+    eos_id, bos_id = 2, 1
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def submit_all(eng, prompts, max_tokens, timeout):
+    """Submit every prompt at once (greedy) and wait for all; returns each one's generated ids, in prompt order."""
+    from mistral_jax.serve.engine import SamplingParams
+
+    out = {i: [] for i in range(len(prompts))}
+    done = threading.Semaphore(0)
+
+    def emit(i):
+        def f(ev):
+            out[i].extend(ev.token_ids)
+            if ev.kind != "delta":
+                done.release()
+        return f
+
+    for i, p in enumerate(prompts):
+        eng.submit(p, SamplingParams(max_tokens=max_tokens), emit(i))
+    for _ in prompts:
+        assert done.acquire(timeout=timeout)
+    return [out[i] for i in range(len(prompts))]

@@ -264,6 +264,24 @@ def _platform():
     assert "pallas_call" not in jaxpr(DENSE.replace(platform="cpu"), 256)
 
 
+def _kv_cache_dtype():
+    """int8 stores the decoding cache in int8 (the uncached forward does not change) and decodes close to float."""
+    from mistral_jax.model.kv_cache import KVCache
+
+    q = DENSE.replace(kv_cache_dtype="int8")
+    assert KVCache.init(q, 1, 16).k.dtype == jnp.int8 and KVCache.init(DENSE, 1, 16).k.dtype == jnp.float32
+    model = mj.Transformer(DENSE, rngs=nnx.Rngs(0))
+    _, state = nnx.split(model)
+    q_model = nnx.merge(nnx.graphdef(mj.Transformer(q, rngs=nnx.Rngs(0))), state)
+    tokens = np.asarray(TOKENS)
+    positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+    outs = [m.forward(tokens, positions, cache=KVCache.init(m.cfg, tokens.shape[0], 64)).logits
+            for m in (model, q_model)]
+    err = float(jnp.max(jnp.abs(outs[0] - outs[1])))
+    assert 0 < err < 0.05 * float(jnp.max(jnp.abs(outs[0]))), err
+    np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(q_model(tokens)))
+
+
 FIELD_CHECKS = {
     "vocab_size": _shape_field("vocab_size", 256),
     "dim": _shape_field("dim", 32),
@@ -287,6 +305,7 @@ FIELD_CHECKS = {
                                                          attention_impl="blocked"),
     "attention_block_size": lambda: _same_output_other_program(DENSE.replace(attention_impl="blocked"),
                                                                attention_block_size=4),
+    "kv_cache_dtype": _kv_cache_dtype,
     "moe_impl": _moe_impl,
     "moe_dispatch": _moe_dispatch,
     "moe_chunk_tokens": _moe_chunk_tokens,

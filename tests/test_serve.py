@@ -25,6 +25,7 @@ import mistral_jax as mj
 from mistral_jax.inference.detokenize import decode_text
 from mistral_jax.serve.app import Server, create_app, encode_prompt
 from mistral_jax.serve.engine import Engine, SamplingParams, compile_count
+from tests.helpers import IdsTok, submit_all
 
 W = 8  # sliding window: prompts and answers run past it, so the rolling buffer wraps
 MAX_LEN = 4096  # long enough that a hung-up stream is cancelled long before max_tokens
@@ -476,32 +477,6 @@ def test_batched_prefill_equals_one_row_at_a_time_and_padding_changes_nothing():
 
 
 # ----------------------------------------------------------------------------- the engine alone
-class IdsTok:
-    """Ids only: the engine decodes text for stop strings and deltas."""
-
-    eos_id, bos_id = 2, 1
-
-    def decode(self, ids):
-        return " ".join(map(str, ids))
-
-
-def submit_all(eng, prompts, max_tokens, timeout):
-    """Submit every prompt at once (greedy) and wait for all; returns each one's generated ids, in prompt order."""
-    out = {i: [] for i in range(len(prompts))}
-    done = threading.Semaphore(0)
-
-    def emit(i):
-        def f(ev):
-            out[i].extend(ev.token_ids)
-            if ev.kind != "delta":
-                done.release()
-        return f
-
-    for i, p in enumerate(prompts):
-        eng.submit(p, SamplingParams(max_tokens=max_tokens), emit(i))
-    for _ in prompts:
-        assert done.acquire(timeout=timeout)
-    return [out[i] for i in range(len(prompts))]
 
 
 @pytest.mark.heavy

@@ -68,8 +68,11 @@ class ServingPlan:
 
     @property
     def row_kv_bytes(self) -> int:
-        """Bytes of one rolling-buffer row's k and v (every layer): ``L * S * K * H * 2 * bytes``."""
+        """Bytes of one rolling-buffer row's k and v (every layer): ``L * S * K * H * 2 * bytes``; an int8 cache
+        (``kv_cache_dtype``) adds its float32 per-head scales, ``L * S * K * 2 * 4``."""
         c = self.model_cfg
+        if c.kv_cache_dtype == "int8":
+            return c.n_layers * self.cache_slots * c.n_kv_heads * 2 * (c.head_dim + 4)
         return c.n_layers * self.cache_slots * c.n_kv_heads * c.head_dim * 2 * jnp.dtype(c.jnp_dtype).itemsize
 
     @property
@@ -249,7 +252,7 @@ def compile_serving(plan: ServingPlan, devices: list[Any], hbm_bytes: int | None
     abstract_cache = jax.eval_shape(lambda: KVCache.init(cfg, b, s))
     cache = _abstract(abstract_cache, abstract_cache.shardings(mesh, rules))
     weights = sum(_per_chip(x) for x in jax.tree.leaves(state))
-    kv = _per_chip(cache.k) + _per_chip(cache.v)
+    kv = sum(_per_chip(x) for x in (cache.k, cache.v, cache.k_scale, cache.v_scale) if x is not None)  # int8: scales
     positions = _per_chip(cache.pos)
     prefix = plan.prefix_rows * plan.snapshot_bytes_per_chip
     report: dict[str, Any] = dict(

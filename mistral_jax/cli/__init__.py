@@ -315,6 +315,8 @@ def add_checkpoint_flags(ap: argparse.ArgumentParser) -> None:
                     "s3://), or a named Mistral tokenizer such as mistral:v3 (default: the checkpoint's tokenizer)")
     ap.add_argument("--dtype", default=None, help="parameter and compute dtype: float32 or bfloat16 "
                     "(default: as stored)")
+    ap.add_argument("--kv_cache_dtype", default=None, help="the decoding KV cache: auto (the compute dtype) or int8 "
+                    "(per-head scales: half the memory of bfloat16)")
     ap.add_argument("--verbose", action="store_true", help="show tracebacks of argument errors too")
 
 
@@ -323,6 +325,9 @@ def check_checkpoint_flags(args: argparse.Namespace) -> None:
     if args.checkpoint is None:
         raise UsageError("--checkpoint", None, "is required", f"pass --checkpoint DIR: {CHECKPOINT_KINDS}")
     check_dtype("--dtype", args.dtype)
+    if args.kv_cache_dtype not in (None, "auto", "int8"):
+        raise UsageError("--kv_cache_dtype", args.kv_cache_dtype, "is not a KV cache dtype",
+                         "pass auto (the compute dtype) or int8")
 
 
 # the flags of add_checkpoint_flags that take gs:// / s3:// paths (Parser(remote_ok=...))
@@ -350,7 +355,8 @@ def load_checkpoint(args: argparse.Namespace, tokenizer_file: str, spec: Any = N
     except ValueError as e:  # not a tokenizer file
         raise UsageError("--tokenizer", tokenizer_file, f"is not a valid tokenizer ({e})",
                          "pass the tokenizer the checkpoint was trained with") from e
-    model = (spec or resolve_checkpoint(args.checkpoint, dtype=args.dtype)).load()
+    model = (spec or resolve_checkpoint(args.checkpoint, dtype=args.dtype,
+                                        kv_cache_dtype=getattr(args, "kv_cache_dtype", None))).load()
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise UsageError("--tokenizer", tokenizer_file, f"has {tokenizer.vocab_size} pieces but the model only "
                          f"{model.cfg.vocab_size} embeddings", "pass the tokenizer the model was trained with")

@@ -142,16 +142,12 @@ def new_cache(cfg, batch: int, n_slots: int, mesh: jax.sharding.Mesh | None = No
 # ----------------------------------------------------------------------------- pure steps
 def _cache_row(cache: KVCache, b: Int[Array, ""]) -> KVCache:
     """Row ``b`` of the cache as a one-row cache ``[L, 1, S, ...]``."""
-    return KVCache(k=jax.lax.dynamic_slice_in_dim(cache.k, b, 1, axis=1),
-                   v=jax.lax.dynamic_slice_in_dim(cache.v, b, 1, axis=1),
-                   pos=jax.lax.dynamic_slice_in_dim(cache.pos, b, 1, axis=0))
+    return cache.map_rows(lambda x, axis: jax.lax.dynamic_slice_in_dim(x, b, 1, axis=axis))
 
 
 def _put_row(cache: KVCache, row: KVCache, b: Int[Array, ""]) -> KVCache:
     """The cache with row ``b`` replaced by the one-row cache ``row``."""
-    return KVCache(k=jax.lax.dynamic_update_slice_in_dim(cache.k, row.k, b, axis=1),
-                   v=jax.lax.dynamic_update_slice_in_dim(cache.v, row.v, b, axis=1),
-                   pos=jax.lax.dynamic_update_slice_in_dim(cache.pos, row.pos, b, axis=0))
+    return cache.update_rows(row, b)
 
 
 def forward_chunk(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: Int[Array, "B C"],
@@ -173,7 +169,7 @@ def forward_chunk(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, toke
         return (out.logits[:, -1] if last_only else out.logits), out.cache.constrain()
     r = _cache_row(cache, row)
     if reset is not None:
-        r = KVCache(k=r.k, v=r.v, pos=jnp.where(reset, EMPTY, r.pos))
+        r = r.replace(pos=jnp.where(reset, EMPTY, r.pos))
     out = serving_forward(model, layers, tokens, positions, cache=r, logits_to_keep=int(last_only))
     return (out.logits[:, -1] if last_only else out.logits), _put_row(cache, out.cache, row)
 
@@ -268,16 +264,16 @@ def prefill_rows_batch(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache,
     pad = rows >= n_rows
     rows = jnp.minimum(rows, n_rows - 1)  # a padding entry reads the last row and, feeding nothing, leaves it as is
     parts = [_cache_row(cache, rows[i]) for i in range(k)]
-    sub = KVCache(k=jnp.concatenate([p.k for p in parts], axis=1), v=jnp.concatenate([p.v for p in parts], axis=1),
-                  pos=jnp.concatenate([p.pos for p in parts], axis=0))
-    sub = KVCache(k=sub.k, v=sub.v, pos=jnp.where((reset & ~pad)[:, None], EMPTY, sub.pos))
+    sub = KVCache.concat_rows(parts)
+    sub = sub.replace(pos=jnp.where((reset & ~pad)[:, None], EMPTY, sub.pos))
     model = nnx.merge(graphdef, state)
     with adapter_rows(adapters):
         out = serving_forward(model, layers, tokens, positions, cache=sub, logits_to_keep=1)
     nxt = sample(out.logits[:, -1], key, temperature, top_k, top_p)
     new = out.cache
     for i in reversed(range(k)):  # row by row, in place; padding entries (last) first, so a real row's write wins
-        cache = _put_row(cache, KVCache(k=new.k[:, i:i + 1], v=new.v[:, i:i + 1], pos=new.pos[i:i + 1]), rows[i])
+        cache = _put_row(cache, new.map_rows(lambda x, axis, i=i: jax.lax.slice_in_dim(x, i, i + 1, axis=axis)),
+                         rows[i])
     return nxt, cache
 
 
@@ -351,7 +347,7 @@ def decode_rows_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, t
       ``(new_tokens [R, block], steps_taken, cache)``; with ``logprobs`` also ``(token_logprobs [R, block],
       top_logprobs [R, block, TOP_LOGPROBS], top_ids [R, block, TOP_LOGPROBS])``.
     """
-    sub = KVCache(k=cache.k[:, :rows], v=cache.v[:, :rows], pos=cache.pos[:rows])
+    sub = cache.map_rows(lambda x, axis: jax.lax.slice_in_dim(x, 0, rows, axis=axis))
     out = jnp.zeros((rows, block), jnp.int32)
     extra = ((jnp.zeros((rows, block), jnp.float32), jnp.zeros((rows, block, TOP_LOGPROBS), jnp.float32),
               jnp.zeros((rows, block, TOP_LOGPROBS), jnp.int32)) if logprobs else ())
@@ -379,9 +375,7 @@ def decode_rows_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, t
     with adapter_rows(adapters):  # the body is traced here
         i, sub, _, _, _, out, extra = jax.lax.while_loop(
             cond, body, (jnp.zeros((), jnp.int32), sub, tokens, positions, done, out, extra))
-    cache = KVCache(k=jax.lax.dynamic_update_slice_in_dim(cache.k, sub.k, 0, axis=1),
-                    v=jax.lax.dynamic_update_slice_in_dim(cache.v, sub.v, 0, axis=1),
-                    pos=jax.lax.dynamic_update_slice_in_dim(cache.pos, sub.pos, 0, axis=0))
+    cache = cache.update_rows(sub, 0)
     return (out, i, cache) + tuple(extra)
 
 

@@ -251,15 +251,19 @@ class CheckpointSpec:
     mesh: Mesh | None  # None: one device, unsharded
     rules: sharding.ShardingRules
     dtype: str | None  # parameter and compute dtype; None keeps the stored one
+    kv_cache_dtype: str | None = None  # the decoding cache's dtype (ModelConfig.kv_cache_dtype); None: the default
 
     def load(self) -> Any:
         """The model (``loading.load_pretrained`` of the opened checkpoint on the mesh)."""
+        overrides = {**({"dtype": self.dtype} if self.dtype else {}),
+                     **({"kv_cache_dtype": self.kv_cache_dtype} if self.kv_cache_dtype else {})}
         return loading.load_pretrained(self.checkpoint, dtype=self.dtype, mesh=self.mesh, rules=self.rules,
-                                       config_overrides=dict(dtype=self.dtype) if self.dtype else None)
+                                       config_overrides=overrides or None)
 
 
 def resolve_checkpoint(path: str | os.PathLike, *, mesh: str | dict[str, int] | None = None,
-                       devices: Sequence[Any] | None = None, dtype: str | None = None) -> CheckpointSpec:
+                       devices: Sequence[Any] | None = None, dtype: str | None = None,
+                       kv_cache_dtype: str | None = None) -> CheckpointSpec:
     """The one place the checkpoint tools get their mesh, rules and model config (``resolve`` for run configs).
 
     Args:
@@ -269,6 +273,7 @@ def resolve_checkpoint(path: str | os.PathLike, *, mesh: str | dict[str, int] | 
         (``{"data": 1, "fsdp": -1, ...}``).
       devices: the devices (default: every global device).
       dtype: parameter and compute dtype; None keeps the stored one.
+      kv_cache_dtype: the decoding KV cache's dtype (``auto`` or ``int8``); None keeps the default.
 
     Raises:
       FileNotFoundError / ValueError: not a checkpoint directory. MeshConfigError: sizes that do not lay out the
@@ -286,8 +291,10 @@ def resolve_checkpoint(path: str | os.PathLike, *, mesh: str | dict[str, int] | 
         raise MeshConfigError(str(e)) from None
     rules = sharding.rules_from_config(sizes or {}, built)
     platform = ModelConfig.resolve_platform(devices[0].platform)
-    model_cfg = ckpt.config.replace(platform=platform, **({"dtype": dtype} if dtype else {}))
-    return CheckpointSpec(checkpoint=ckpt, model_cfg=model_cfg, mesh=built, rules=rules, dtype=dtype)
+    model_cfg = ckpt.config.replace(platform=platform, **({"dtype": dtype} if dtype else {}),
+                                    **({"kv_cache_dtype": kv_cache_dtype} if kv_cache_dtype else {}))
+    return CheckpointSpec(checkpoint=ckpt, model_cfg=model_cfg, mesh=built, rules=rules, dtype=dtype,
+                          kv_cache_dtype=kv_cache_dtype)
 
 
 # ------------------------------------------------------------------------------------------------- checks

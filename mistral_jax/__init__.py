@@ -19,3 +19,7 @@ __all__ += ["ConversionError", "convert", "load_pretrained", "save_hf", "save_ja
 from mistral_jax.lora import apply_lora, merge_lora  # noqa: E402
 
 __all__ += ["apply_lora", "merge_lora"]
+
+from mistral_jax.quant import quantize_weights  # noqa: E402
+
+__all__ += ["quantize_weights"]

@@ -84,6 +84,7 @@ GENERATE_FLAG_CASES = [  # (extra argv, expected text: the flag and the value)
     (["--seed", "-1"], "--seed=-1"),
     (["--dtype", "fp8"], "--dtype='fp8'"),
     (["--kv_cache_dtype", "int4"], "--kv_cache_dtype='int4'"),
+    (["--quantize", "nf4"], "--quantize='nf4'"),
     (["--stop", ""], "--stop=''"),
 ]
 

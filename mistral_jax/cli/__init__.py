@@ -317,6 +317,8 @@ def add_checkpoint_flags(ap: argparse.ArgumentParser) -> None:
                     "(default: as stored)")
     ap.add_argument("--kv_cache_dtype", default=None, help="the decoding KV cache: auto (the compute dtype) or int8 "
                     "(per-head scales: half the memory of bfloat16)")
+    ap.add_argument("--quantize", default=None, help="weight-only quantization: int8 (per-channel scales: half the "
+                    "weight memory of bfloat16; default: none)")
     ap.add_argument("--verbose", action="store_true", help="show tracebacks of argument errors too")
 
 
@@ -328,6 +330,9 @@ def check_checkpoint_flags(args: argparse.Namespace) -> None:
     if args.kv_cache_dtype not in (None, "auto", "int8"):
         raise UsageError("--kv_cache_dtype", args.kv_cache_dtype, "is not a KV cache dtype",
                          "pass auto (the compute dtype) or int8")
+    if args.quantize not in (None, "int8"):
+        raise UsageError("--quantize", args.quantize, "is not a weight quantization mode",
+                         "pass int8 (or leave it out)")
 
 
 # the flags of add_checkpoint_flags that take gs:// / s3:// paths (Parser(remote_ok=...))
@@ -356,7 +361,8 @@ def load_checkpoint(args: argparse.Namespace, tokenizer_file: str, spec: Any = N
         raise UsageError("--tokenizer", tokenizer_file, f"is not a valid tokenizer ({e})",
                          "pass the tokenizer the checkpoint was trained with") from e
     model = (spec or resolve_checkpoint(args.checkpoint, dtype=args.dtype,
-                                        kv_cache_dtype=getattr(args, "kv_cache_dtype", None))).load()
+                                        kv_cache_dtype=getattr(args, "kv_cache_dtype", None),
+                                        quantize=getattr(args, "quantize", None))).load()
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise UsageError("--tokenizer", tokenizer_file, f"has {tokenizer.vocab_size} pieces but the model only "
                          f"{model.cfg.vocab_size} embeddings", "pass the tokenizer the model was trained with")

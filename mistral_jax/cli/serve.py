@@ -160,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from mistral_jax.training.run import MeshConfigError, resolve_checkpoint
 
     try:  # the checkpoint's mesh, rules and model config: one place for every checkpoint tool
-        spec = resolve_checkpoint(args.checkpoint, mesh=args.mesh, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
+        spec = resolve_checkpoint(args.checkpoint, mesh=args.mesh, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+                                  quantize=args.quantize)
     except MeshConfigError as e:
         raise UsageError("--mesh", args.mesh, f"does not lay out this machine's devices ({e})",
                          "make the sizes multiply to the device count, or use -1 for one axis") from None

@@ -252,18 +252,25 @@ class CheckpointSpec:
     rules: sharding.ShardingRules
     dtype: str | None  # parameter and compute dtype; None keeps the stored one
     kv_cache_dtype: str | None = None  # the decoding cache's dtype (ModelConfig.kv_cache_dtype); None: the default
+    quantize: str | None = None  # weight-only quantization for inference (``quant.quantize_weights``): int8 or None
 
     def load(self) -> Any:
-        """The model (``loading.load_pretrained`` of the opened checkpoint on the mesh)."""
+        """The model (``loading.load_pretrained`` of the opened checkpoint on the mesh), its projection weights
+        quantized when ``quantize`` says so."""
         overrides = {**({"dtype": self.dtype} if self.dtype else {}),
                      **({"kv_cache_dtype": self.kv_cache_dtype} if self.kv_cache_dtype else {})}
-        return loading.load_pretrained(self.checkpoint, dtype=self.dtype, mesh=self.mesh, rules=self.rules,
-                                       config_overrides=overrides or None)
+        model = loading.load_pretrained(self.checkpoint, dtype=self.dtype, mesh=self.mesh, rules=self.rules,
+                                        config_overrides=overrides or None)
+        if self.quantize:
+            from mistral_jax import quant
+
+            quant.quantize_weights(model, self.quantize)
+        return model
 
 
 def resolve_checkpoint(path: str | os.PathLike, *, mesh: str | dict[str, int] | None = None,
                        devices: Sequence[Any] | None = None, dtype: str | None = None,
-                       kv_cache_dtype: str | None = None) -> CheckpointSpec:
+                       kv_cache_dtype: str | None = None, quantize: str | None = None) -> CheckpointSpec:
     """The one place the checkpoint tools get their mesh, rules and model config (``resolve`` for run configs).
 
     Args:
@@ -274,6 +281,7 @@ def resolve_checkpoint(path: str | os.PathLike, *, mesh: str | dict[str, int] | 
       devices: the devices (default: every global device).
       dtype: parameter and compute dtype; None keeps the stored one.
       kv_cache_dtype: the decoding KV cache's dtype (``auto`` or ``int8``); None keeps the default.
+      quantize: weight-only quantization of the loaded model (``int8``; ``quant.quantize_weights``) or None.
 
     Raises:
       FileNotFoundError / ValueError: not a checkpoint directory. MeshConfigError: sizes that do not lay out the
@@ -294,7 +302,7 @@ def resolve_checkpoint(path: str | os.PathLike, *, mesh: str | dict[str, int] | 
     model_cfg = ckpt.config.replace(platform=platform, **({"dtype": dtype} if dtype else {}),
                                     **({"kv_cache_dtype": kv_cache_dtype} if kv_cache_dtype else {}))
     return CheckpointSpec(checkpoint=ckpt, model_cfg=model_cfg, mesh=built, rules=rules, dtype=dtype,
-                          kv_cache_dtype=kv_cache_dtype)
+                          kv_cache_dtype=kv_cache_dtype, quantize=quantize)
 
 
 # ------------------------------------------------------------------------------------------------- checks

@@ -40,6 +40,8 @@ flags.DEFINE_string("gen_kwargs", None, "Generation overrides, e.g. 'temperature
 flags.DEFINE_string("tokenizer", None, "tokenizer.model to use when the checkpoint has none (local or gs:// / s3://).")
 flags.DEFINE_string("dtype", None, "Parameter dtype: float32 or bfloat16 (default: as stored).")
 flags.DEFINE_integer("max_length", None, "Context length (default: the model's max_seq_len).")
+flags.DEFINE_string("quantize", None, "Weight-only quantization of the checkpoint: int8 (default: none).")
+flags.DEFINE_string("kv_cache_dtype", None, "Generation tasks' KV cache: auto or int8 (default: auto).")
 flags.DEFINE_bool("verbose", False, "Show the traceback of argument errors too (as MISTRAL_JAX_DEBUG=1 does).")
 FLAGS = flags.FLAGS
 PROG = "eval.py"
@@ -67,7 +69,8 @@ def _main(argv: list[str]) -> int:
              output_path=FLAGS.output_path, log_samples=FLAGS.log_samples, seed=args.parse_seed(FLAGS.seed),
              apply_chat_template=FLAGS.apply_chat_template, confirm_run_unsafe_code=FLAGS.confirm_run_unsafe_code,
              gen_kwargs=FLAGS.gen_kwargs, tokenizer=FLAGS.tokenizer, dtype=FLAGS.dtype,
-             max_length=FLAGS.max_length, task_manager=task_manager)
+             max_length=FLAGS.max_length, task_manager=task_manager, quantize=FLAGS.quantize,
+             kv_cache_dtype=FLAGS.kv_cache_dtype)
     return 0
 
 

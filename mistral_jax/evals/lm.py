@@ -114,6 +114,8 @@ class MistralJaxLM(TemplateLM):
       max_length: the context length (default ``cfg.max_seq_len``, as HF's ``max_position_embeddings``).
       max_gen_toks: default generation budget when a task does not set one (256, as the hf backend).
       dtype: parameter dtype when loading a checkpoint (``float32`` / ``bfloat16``); None keeps the stored one.
+      quantize: ``int8``: the loaded checkpoint's projection weights in int8 (``quant.quantize_weights``).
+      kv_cache_dtype: the decoding cache of generation tasks (``auto`` / ``int8``; ``ModelConfig.kv_cache_dtype``).
       add_bos_token: prepend BOS to every encoded text (Mistral: True).
       seed: sampling seed for ``do_sample`` generation tasks.
       devices: devices to shard over (default all); ``mesh`` overrides the automatic mesh.
@@ -125,14 +127,16 @@ class MistralJaxLM(TemplateLM):
                  batch_size: int | str | None = 8, max_length: int | None = None, max_gen_toks: int = 256,
                  dtype: str | None = None, add_bos_token: bool = True, seed: int = 0,
                  devices: Sequence[Any] | None = None, mesh: jax.sharding.Mesh | None = None,
-                 rules: sharding.ShardingRules | None = None, **unused: Any) -> None:
+                 rules: sharding.ShardingRules | None = None, quantize: str | None = None,
+                 kv_cache_dtype: str | None = None, **unused: Any) -> None:
         super().__init__()
         if checkpoint is None and model is None:
             checkpoint = unused.pop("pretrained", None)  # lm-eval's usual name for the model directory
         unused = {k: v for k, v in unused.items() if k not in ("device", "max_batch_size")}
         if unused:
             raise TypeError(f"mistral_jax backend: unknown model_args {sorted(unused)}. Fix: use checkpoint=, "
-                            "tokenizer=, batch_size=, max_length=, max_gen_toks=, dtype=, add_bos_token=, seed=.")
+                            "tokenizer=, batch_size=, max_length=, max_gen_toks=, dtype=, add_bos_token=, seed=, "
+                            "quantize=, kv_cache_dtype=.")
         if (checkpoint is None) == (model is None):
             raise ValueError("mistral_jax backend needs exactly one of checkpoint=<dir> or model=<Transformer>; "
                              f"got checkpoint={checkpoint!r}, model={type(model).__name__ if model else None}.")
@@ -144,7 +148,12 @@ class MistralJaxLM(TemplateLM):
             cfg0 = _peek_config(checkpoint)
             if mesh is None:
                 mesh, rules = eval_mesh(cfg0, devices) if cfg0 is not None else (None, rules)
-            model = load_pretrained(checkpoint, dtype=dtype, mesh=mesh, rules=rules)
+            overrides = {"kv_cache_dtype": kv_cache_dtype} if kv_cache_dtype else None
+            model = load_pretrained(checkpoint, dtype=dtype, mesh=mesh, rules=rules, config_overrides=overrides)
+            if quantize:
+                from mistral_jax import quant
+
+                quant.quantize_weights(model, quantize)
         elif mesh is None:
             mesh, rules = eval_mesh(model.cfg, devices)
         self.cfg = model.cfg

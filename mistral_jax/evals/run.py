@@ -253,7 +253,8 @@ def evaluate(*, checkpoint: str | None = None, lm: MistralJaxLM | None = None, t
              log_samples: bool = False, seed: Sequence[int] = (0, 1234, 1234, 1234),
              apply_chat_template: bool = False, confirm_run_unsafe_code: bool = False,
              gen_kwargs: str | None = None, tokenizer: str | None = None, dtype: str | None = None,
-             max_length: int | None = None, task_manager: Any = None, verbose: bool = True) -> dict[str, Any]:
+             max_length: int | None = None, task_manager: Any = None, verbose: bool = True,
+             quantize: str | None = None, kv_cache_dtype: str | None = None) -> dict[str, Any]:
     """Evaluate with lm-evaluation-harness through the ``mistral_jax`` backend.
 
     Args:
@@ -275,6 +276,8 @@ def evaluate(*, checkpoint: str | None = None, lm: MistralJaxLM | None = None, t
       gen_kwargs: generation overrides, ``"temperature=0,max_gen_toks=64"``.
       tokenizer: a tokenizer.model path when the checkpoint has none.
       dtype: parameter dtype for loading (``bfloat16`` / ``float32``).
+      quantize: ``int8`` to evaluate the checkpoint with int8 weights; kv_cache_dtype: ``int8`` for an int8 KV
+        cache in generation tasks.
       max_length: context length (default the model's ``max_seq_len``).
       task_manager: a ready ``lm_eval.tasks.TaskManager`` (it indexes every task YAML: slow to build).
       verbose: print the result tables.
@@ -314,7 +317,8 @@ def evaluate(*, checkpoint: str | None = None, lm: MistralJaxLM | None = None, t
 
         spec = resolve_checkpoint(checkpoint, mesh="auto", dtype=dtype)  # opened once; mesh and rules resolved here
         lm = MistralJaxLM(spec.checkpoint, tokenizer=tokenizer, batch_size=batch_size, dtype=dtype,
-                          max_length=max_length, seed=seed[0], mesh=spec.mesh, rules=spec.rules)
+                          max_length=max_length, seed=seed[0], mesh=spec.mesh, rules=spec.rules, quantize=quantize,
+                          kv_cache_dtype=kv_cache_dtype)
 
     main = jax.process_index() == 0  # several processes run the same requests in lock-step; process 0 writes
     with staged_output(output_path if main else None) as local_output:  # a bucket: written locally, then uploaded

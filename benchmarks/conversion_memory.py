@@ -17,10 +17,8 @@ import subprocess
 import sys
 import tempfile
 
-_CASE = """
-import json, resource, sys, threading, time
-import psutil
-import mistral_jax as mj
+# The worker scripts' prologue (after their imports): a thread samples the process's RSS into ``peak[0]``.
+RSS_SAMPLER = """
 proc = psutil.Process()
 start = proc.memory_info().rss
 peak = [start]
@@ -29,6 +27,13 @@ def sample():
         peak[0] = max(peak[0], proc.memory_info().rss)
         time.sleep(0.005)
 threading.Thread(target=sample, daemon=True).start()
+"""
+
+_CASE = """
+import json, resource, sys, threading, time
+import psutil
+import mistral_jax as mj
+""" + RSS_SAMPLER + """
 t0 = time.time()
 case, src, out = sys.argv[1:4]
 if case == "hf_to_mistral":
@@ -66,28 +71,47 @@ def _write_random_hf(cfg, out_dir: str, shard: str) -> None:
         hf.write(tmp, RandomSource(cfg), max_shard_size=shard)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+def model_args(ap: argparse.ArgumentParser) -> None:
+    """The random model's size flags and the scratch directory (shared with benchmarks/convert.py)."""
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--experts", type=int, default=0)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, removed)")
+
+
+def model_config(args: argparse.Namespace):
+    """The ``ModelConfig`` of ``model_args``' flags: heads of 64, a kv head per 256 of dim, window 4096."""
+    import mistral_jax as mj
+
+    return mj.ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.dim // 64,
+                          n_kv_heads=max(args.dim // 256, 1), head_dim=64, hidden_dim=args.hidden,
+                          num_experts=args.experts, sliding_window=4096)
+
+
+def random_checkpoint(args: argparse.Namespace, prefix: str) -> tuple[object, str, str, int]:
+    """``(cfg, root, src, bytes)``: the scratch directory (``--workdir`` or a new temporary one) and the random HF
+    checkpoint of ``model_config(args)`` in ``root/hf`` (written once; 200 MB shards) with its size."""
+    cfg = model_config(args)
+    root = args.workdir or tempfile.mkdtemp(prefix=prefix)
+    src = os.path.join(root, "hf")
+    if not os.path.isdir(src):
+        _write_random_hf(cfg, src, "200MB")
+    size = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src) if f.endswith(".safetensors"))
+    return cfg, root, src, size
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    model_args(ap)
     ap.add_argument("--cases", default="baseline,hf_to_mistral,mistral_to_hf,hf_to_hf_bf16,hf_to_jax,load_pretrained")
     args = ap.parse_args()
 
     import mistral_jax as mj
 
-    cfg = mj.ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.dim // 64,
-                         n_kv_heads=max(args.dim // 256, 1), head_dim=64, hidden_dim=args.hidden,
-                         num_experts=args.experts, sliding_window=4096)
-    root = args.workdir or tempfile.mkdtemp(prefix="mj_mem_")
+    cfg, root, src, size = random_checkpoint(args, "mj_mem_")
     try:
-        src = os.path.join(root, "hf")
-        if not os.path.isdir(src):
-            _write_random_hf(cfg, src, "200MB")
-        size = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src) if f.endswith(".safetensors"))
         print(json.dumps({"params": mj.count_params(cfg), "checkpoint_bytes": size,
                           "shards": len([f for f in os.listdir(src) if f.endswith(".safetensors")])}), flush=True)
         for case in args.cases.split(","):

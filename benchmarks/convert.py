@@ -21,10 +21,9 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conversion_memory import _write_random_hf  # noqa: E402  (the random checkpoint writer)
+from conversion_memory import RSS_SAMPLER, model_args, random_checkpoint  # noqa: E402  (shared with it)
 
 _CASE = """
 import json, os, shutil, sys, threading, time
@@ -32,14 +31,7 @@ import psutil
 case, src, out = sys.argv[1:4]
 if case != "copy":
     from mistral_jax.cli import convert
-proc = psutil.Process()
-start = proc.memory_info().rss
-peak = [start]
-def sample():
-    while True:
-        peak[0] = max(peak[0], proc.memory_info().rss)
-        time.sleep(0.005)
-threading.Thread(target=sample, daemon=True).start()
+""" + RSS_SAMPLER + """
 t0 = time.perf_counter()
 if case == "copy":
     os.makedirs(out)
@@ -64,27 +56,17 @@ def _median_range(xs: list[float]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--dim", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=24)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--vocab", type=int, default=32000)
+    model_args(ap)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, removed)")
     ap.add_argument("--cases", default="copy,hf_to_hf,hf_to_gguf,hf_to_gguf_q8_0")
     args = ap.parse_args()
 
     import mistral_jax as mj
     from mistral_jax.data import tokenizer as tokenizer_lib
 
-    cfg = mj.ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.dim // 64,
-                         n_kv_heads=max(args.dim // 256, 1), head_dim=64, hidden_dim=args.hidden, sliding_window=4096)
-    root = args.workdir or tempfile.mkdtemp(prefix="mj_convert_")
+    cfg, root, src, size = random_checkpoint(args, "mj_convert_")
     try:
-        src = os.path.join(root, "hf")
-        if not os.path.isdir(src):
-            _write_random_hf(cfg, src, "200MB")
-            shutil.copyfile(tokenizer_lib.resolve("mistral:v1"), os.path.join(src, "tokenizer.model"))
-        size = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src) if f.endswith(".safetensors"))
+        shutil.copyfile(tokenizer_lib.resolve("mistral:v1"), os.path.join(src, "tokenizer.model"))
         largest = max(args.vocab * args.dim, args.hidden * args.dim) * 4  # the embedding or an MLP matrix, float32
         print(json.dumps({"params": mj.count_params(cfg), "checkpoint_mb": round(size / 2**20, 1),
                           "largest_tensor_mb": round(largest / 2**20, 1)}), flush=True)

@@ -360,6 +360,10 @@ def _load_lora_run(root: str, run: dict[str, Any], step: int | None, *, dtype: s
             model = sharding.create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)), mesh,
                                             rules or sharding.DEFAULT_RULES)
     lora = run["lora"]
+    if lora.get("quantize_base"):  # QLoRA: the adapters were trained over the int8 base; merged into it dequantized
+        from mistral_jax import quant
+
+        quant.quantize_weights(model, lora["quantize_base"])
     lora_lib.apply_lora(model, int(lora["rank"]), float(lora["alpha"]), lora.get("targets", "all"),
                         seed=int(run.get("seed", 0)))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),

@@ -248,12 +248,17 @@ def _place(x: np.ndarray, like: Any, axes: tuple[str | None, ...]) -> jax.Array:
     return jax.device_put(x, sh) if sh is not None else jnp.asarray(x)
 
 
-def _weight_owners(model: nnx.Module) -> list[tuple[nnx.Module, str, nnx.Variable]]:
+def _is_quantized(value: Any) -> bool:
+    """A quantized weight (``quant.Int8Weight``: indexing dequantizes, ``to_param`` gives the float Param)."""
+    return isinstance(value, nnx.Module) and callable(getattr(value, "to_param", None))
+
+
+def _weight_owners(model: nnx.Module) -> list[tuple[nnx.Module, str, Any]]:
     found = []
     for _, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Module) and not isinstance(node, LoRAWeight):
+        if isinstance(node, nnx.Module) and not isinstance(node, LoRAWeight) and not _is_quantized(node):
             for name, value in list(vars(node).items()):
-                if isinstance(value, nnx.Variable):
+                if isinstance(value, nnx.Variable) or _is_quantized(value):
                     found.append((node, name, value))
     return found
 
@@ -287,10 +292,11 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float, targets: Sequence[str
     rng = np.random.default_rng(seed)  # host-side init: adapters are small, and eager jax.random compiles per shape
     wrapped = 0
     for owner, name, var in _weight_owners(model):
-        if not isinstance(var, nnx.Param):
+        quantized = _is_quantized(var)  # QLoRA: an int8 base (quant.Int8Weight) stays as it is, frozen
+        if not isinstance(var, nnx.Param) and not quantized:
             continue
         md = var.get_metadata()
-        frozen = Frozen(var[...], **md)
+        frozen = var if quantized else Frozen(var[...], **md)
         if type(owner).__name__ not in _OWNERS or name not in names:
             setattr(owner, name, frozen)
             continue
@@ -303,8 +309,9 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float, targets: Sequence[str
         bound = 1.0 / math.sqrt(math.prod(ins))  # PEFT: kaiming_uniform(a=sqrt(5)) on A
         a = rng.uniform(-bound, bound, (*lead, *ins, rank)).astype(np.float32)
         b = np.zeros((*lead, rank, *outs), np.float32)
-        adapter = LoRAWeight(frozen, LoRAParam(_place(a, var[...], a_axes), logical_axes=a_axes),
-                             LoRAParam(_place(b, var[...], b_axes), logical_axes=b_axes), alpha / rank, n_in)
+        like = var.q[...] if quantized else var[...]  # the placement of the adapters: the base's
+        adapter = LoRAWeight(frozen, LoRAParam(_place(a, like, a_axes), logical_axes=a_axes),
+                             LoRAParam(_place(b, like, b_axes), logical_axes=b_axes), alpha / rank, n_in)
         setattr(owner, name, adapter)
         wrapped += 1
     if not wrapped:
@@ -314,7 +321,8 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float, targets: Sequence[str
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
-    """Fold every adapter into its weight (``W + scale * A @ B``) and unfreeze: a plain model again (in place).
+    """Fold every adapter into its weight (``W + scale * A @ B``; an int8 base of QLoRA dequantized first) and
+    unfreeze: a plain model again (in place).
 
     Returns:
       ``model``, now with only ``nnx.Param`` weights (the same tree as before ``apply_lora``), ready for export.
@@ -328,6 +336,8 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
                 found.append((node, name, value))
             elif isinstance(value, Frozen):
                 setattr(node, name, nnx.Param(value[...], **value.get_metadata()))
+            elif _is_quantized(value):  # QLoRA's int8 base: dequantized
+                setattr(node, name, value.to_param())
     merged = _merge_all([(w.base[...], w.a[...], w.b[...]) for _, _, w in found],
                         tuple((w.scale, w.n_in) for _, _, w in found))
     for (node, name, w), value in zip(found, merged, strict=True):

@@ -7,8 +7,10 @@ dequantized weight, so every reader of the weight (``weight_proj``, the MoE expe
 model's compute dtype from int8 storage: half a bfloat16 model's weight bytes (a quarter of float32's). The token
 embedding (a gather), the norms and the MoE router stay as they are.
 
-Used by ``generate``, the server and evals through ``--quantize int8``; a quantized model is for inference:
-exports and training take the float model.
+Used by ``generate``, the server and evals through ``--quantize int8``, and by QLoRA (``config.lora.quantize_base``:
+the frozen base of a LoRA run in int8, the adapters in float32; ``lora.apply_lora`` wraps an ``Int8Weight`` like a
+float weight, ``lora.merge_lora`` dequantizes). Otherwise a quantized model is for inference: exports and full
+training take the float model.
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ class Int8Weight(nnx.Module):
 
     def __getitem__(self, index: Any) -> jax.Array:
         return (self.q[...].astype(jnp.float32) * self.scale[...])[index]
+
+    def get_metadata(self) -> dict[str, Any]:
+        """The weight's metadata (its logical axes), as an ``nnx.Param``'s."""
+        return self.q.get_metadata()
+
+    def to_param(self) -> nnx.Param:
+        """The dequantized weight as a float32 ``nnx.Param`` (``lora.merge_lora`` makes a plain model with it)."""
+        return nnx.Param(self[...], **self.get_metadata())
 
 
 def quantize_array(w: jax.Array, in_axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:

@@ -229,12 +229,18 @@ class LoRA:
     alpha: float
     targets: str
     seed: int
+    quantize_base: str = ""  # QLoRA: "int8" stores the frozen base weights in int8 (quant.py) before the adapters
 
     def wrap(self, model: nnx.Module) -> nnx.Module:
+        if self.quantize_base:
+            from mistral_jax import quant
+
+            quant.quantize_weights(model, self.quantize_base)
         return lora_lib.apply_lora(model, self.rank, self.alpha, self.targets, seed=self.seed)
 
     def __str__(self) -> str:
-        return f"LoRA rank {self.rank} on {','.join(lora_lib.resolve_targets(self.targets))}"
+        base = f" over an {self.quantize_base} base (QLoRA)" if self.quantize_base else ""
+        return f"LoRA rank {self.rank} on {','.join(lora_lib.resolve_targets(self.targets))}{base}"
 
 
 # --------------------------------------------------------------------------------------------------- recipe
@@ -531,7 +537,12 @@ def choose(cfg: Any) -> Recipe:
     rank = int(_get(cfg, "lora.rank", 0) or 0)
     adapters = None
     if rank:
-        adapters = LoRA(rank=rank, alpha=float(cfg.lora.alpha), targets=cfg.lora.targets, seed=int(cfg.seed))
+        quantize_base = str(_get(cfg, "lora.quantize_base", "") or "")
+        if quantize_base not in ("", "int8"):
+            raise ConfigError(f"config.lora.quantize_base={quantize_base!r} is not a base quantization. Fix: use "
+                              "'int8' (QLoRA: the frozen base in int8) or '' (the base as loaded).")
+        adapters = LoRA(rank=rank, alpha=float(cfg.lora.alpha), targets=cfg.lora.targets, seed=int(cfg.seed),
+                        quantize_base=quantize_base)
         try:
             lora_lib.resolve_targets(adapters.targets)
         except ValueError as e:

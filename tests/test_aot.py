@@ -17,8 +17,8 @@ def test_parse_topology():
     t = aot.parse_topology("v6e-256")  # v6e counts chips
     assert (t.libtpu_name, t.chips, t.hbm_bytes) == ("v6e:16x16", 256, 32 * aot.GiB)
     assert aot.parse_topology("v5p:2x2x4").chips == 16
-    with pytest.raises(ValueError, match="unknown TPU topology 'h100-8'"):
-        aot.parse_topology("h100-8")
+    with pytest.raises(ValueError, match="unknown TPU topology 'a100-8'.*GPU nodes: h100-8"):
+        aot.parse_topology("a100-8")  # GPU nodes: h100 / h200 (tests/test_gpu_aot.py)
     with pytest.raises(ValueError, match="no known chip grid for 'v5p-6'"):
         aot.parse_topology("v5p-6")
 

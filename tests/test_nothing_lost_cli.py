@@ -266,7 +266,7 @@ def _subprocess(argv: list[str], debug: bool = False, timeout: float = 300) -> s
     pytest.param(["eval.py", "--checkpoint", "{ckpt}", "--tasks", "hellaswag", "--batch_size", "0"], "eval.py",
                  "--batch_size=0", marks=pytest.mark.oracle),  # checked after eval.py imports lm-eval
     (["eval.py", "--checkpoint", "{ckpt}", "--tasks", "hellaswag", "--batch_size", "x"], "eval.py", "--batch_size=x"),
-    (["-m", "mistral_jax.aot", "--config", "configs/tiny.py", "--topology", "h100-8"], "aot", "--topology='h100-8'"),
+    (["-m", "mistral_jax.aot", "--config", "configs/tiny.py", "--topology", "a100-8"], "aot", "--topology='a100-8'"),
     (["-m", "mistral_jax.aot", "--config", "configs/tiny.py", "--topology", "v5p-abc"], "aot", "--topology='v5p-abc'"),
     (["-m", "mistral_jax.aot", "--config", "/nope/x.py", "--topology", "v5p-8"], "aot",
      "--config='/nope/x.py' does not exist"),
@@ -295,7 +295,7 @@ def test_unknown_lm_eval_task_is_reported_before_the_model_loads(fake_ckpt):
 @pytest.mark.parametrize("argv", [
     ["-m", "mistral_jax.cli.generate", "--checkpoint", "/nope", "--prompt", "hi", "--top_p", "1.5"],
     ["eval.py", "--checkpoint", "/nope", "--tasks", "hellaswag", "--limit", "0"],
-    ["-m", "mistral_jax.aot", "--config", "configs/tiny.py", "--topology", "h100-8"],
+    ["-m", "mistral_jax.aot", "--config", "configs/tiny.py", "--topology", "a100-8"],
 ])
 @pytest.mark.slow
 def test_debug_shows_the_traceback(argv):

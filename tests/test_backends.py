@@ -78,6 +78,22 @@ def test_expert_parallel_dispatch_modes_follow_the_mesh_and_the_config():
     assert backends.resolve(cfg.replace(moe_impl="dense"), mesh, split).moe == "dense"
 
 
+def test_cudnn_attention_is_chosen_for_16_bit_gpu_calls_only():
+    """cuDNN's fused attention takes fp16 / bf16 inputs and no segment ids: a float32 or packed GPU call falls back
+    (auto: to blocked with a window, named: to reference)."""
+    pick = lambda impl, **kw: backends.choose_attention(impl, platform="gpu", self_attention=True, seq_len=4096,
+                                                        window=512, block=128, **{"has_segments": False, **kw})
+    assert pick("auto") == pick("auto", dtype="float16") == pick("cudnn", dtype="bfloat16") == "cudnn"
+    assert pick("auto", dtype="float32") == "blocked" and pick("cudnn", dtype="float32") == "reference"
+    assert pick("auto", has_segments=True) == "blocked"
+    b = backends.resolve(mj.ModelConfig.tiny(platform="gpu"))  # float32 compute
+    from mistral_jax.model.attention import self_attention_backend
+
+    cfg = mj.ModelConfig.tiny(platform="gpu")
+    assert self_attention_backend(cfg, b, 64, False) != "cudnn"
+    assert self_attention_backend(cfg.replace(dtype="bfloat16"), b, 64, False) == "cudnn"
+
+
 def test_unknown_or_unsupported_backends_name_the_options():
     with pytest.raises(ValueError, match=r"unknown attention backend 'flash'; registered: \['blocked', 'cudnn', "
                                          r"'halo', 'reference', 'ring', 'splash'\]"):

@@ -159,7 +159,7 @@ def self_attention_backend(cfg, backends: Backends, seq_len: int, has_segments: 
     shards of the context axis): ``ring`` means the model lays the sequence out zig-zag (``model/context.py``)."""
     return choose_attention(backends.attention, platform=backends.platform, self_attention=True, seq_len=seq_len,
                             window=cfg.sliding_window, block=band_block(cfg), has_segments=has_segments,
-                            context=backends.context)
+                            context=backends.context, dtype=cfg.dtype)
 
 
 # ----------------------------------------------------------------------------- module

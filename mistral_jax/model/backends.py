@@ -47,6 +47,7 @@ class AttentionCall:
     block: int  # the blocked backend's query block (``attention.band_block``)
     has_segments: bool
     context: int = 1  # shards of the sequence (the mesh's context axis; > 1: only ring and halo support the call)
+    dtype: str = "bfloat16"  # the compute dtype (cuDNN's fused attention takes 16-bit inputs only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,12 +213,13 @@ def choose_moe(cfg, ep: sharding.ExpertParallel | None) -> str:
 
 
 def choose_attention(impl: str, *, platform: str, self_attention: bool, seq_len: int, window: int | None, block: int,
-                     has_segments: bool, context: int = 1) -> str:
+                     has_segments: bool, context: int = 1, dtype: str = "bfloat16") -> str:
     """The attention backend of one call: ``impl`` (``attention_impl``) resolved for the target ``platform``.
 
     ``auto``: the first registered backend for the platform that supports the call. A named backend that does
-    not support the call (no window for ``blocked``, packed segments for ``cudnn``), and any backend in cached
-    decoding (``self_attention`` False: the cache buffer already is the band), fall back to ``reference``.
+    not support the call (no window for ``blocked``, packed segments or a float32 ``dtype`` for ``cudnn``), and any
+    backend in cached decoding (``self_attention`` False: the cache buffer already is the band), fall back to
+    ``reference``.
 
     Context parallelism (``context`` > 1 shards of the sequence): only the backends whose ``supports`` accepts
     the call (``ring``, ``halo``) apply; ``auto`` and every backend that does not take a sharded sequence get
@@ -226,7 +228,8 @@ def choose_attention(impl: str, *, platform: str, self_attention: bool, seq_len:
     _check_platform(platform)
     if not self_attention:
         return "reference"
-    call = AttentionCall(seq_len=seq_len, window=window, block=block, has_segments=has_segments, context=context)
+    call = AttentionCall(seq_len=seq_len, window=window, block=block, has_segments=has_segments, context=context,
+                         dtype=dtype)
     if context > 1:
         if impl != "auto" and lookup(ATTENTION, "attention", impl).supports(call) and impl in CONTEXT_PARALLEL:
             return impl

@@ -24,7 +24,8 @@ SPLASH_BLOCK = 128  # splash's default query / key block: sequences of other len
 
 
 # ---------------------------------------------------------------------------------------------------- attention
-@backends.register_attention("cudnn", platforms=("gpu",), supports=lambda call: not call.has_segments)
+@backends.register_attention("cudnn", platforms=("gpu",), supports=lambda call: not call.has_segments
+                             and call.dtype in ("bfloat16", "float16"))
 def cudnn_attention(q, k, v, positions, segment_ids, *, window, block=None, backends=None):
     """GPU: cuDNN fused attention with a local window (segment ids must be absent; causal on index)."""
     local = None if window is None else (window - 1, 0)

@@ -17,6 +17,8 @@ RematPolicy = Literal["none", "full", "save_dots", "save_qkv_proj", "save_dots_n
 Platform = Literal["", "cpu", "gpu", "tpu"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# ModelConfig.matmul_quant's values: no quantization, or model/quantized.py's qwix modes
+MATMUL_QUANT = ("none", "int8", "fp8")
 
 
 class ConfigError(ValueError):
@@ -71,6 +73,10 @@ class ModelConfig:
     # the decoding KV cache: "auto" holds keys and values in the compute dtype; "int8" in int8 with one float32
     # scale per slot and kv head (half a bfloat16 cache's bytes; model/kv_cache.py)
     kv_cache_dtype: str = _runtime("auto")
+    # quantized training (model/quantized.py, qwix): the decoder layers' weight matmuls (projections, experts)
+    # multiply quantized operands, gradients too; master weights, optimizer, embedding, router, head stay float.
+    # "none", "int8" (int8 operands and gradients) or "fp8" (float8_e4m3fn operands, float8_e5m2 gradients)
+    matmul_quant: str = _runtime("none")
     moe_impl: str = _runtime("ragged")  # "dense" oracle, "ragged" / "expert_parallel": dropless, EP on an expert mesh
     # Expert parallelism (model/moe.py): how tokens reach the experts' shards. "all_to_all": each assignment goes
     # to its expert's shard and back (ragged all-to-all); "all_gather": every shard sees every token of its group.
@@ -132,6 +138,12 @@ class ModelConfig:
                        "use auto (the compute dtype) or int8 (per-head scales)")
         if self.moe_impl not in backends.MOE_IMPLS:
             raise _bad("moe_impl", self.moe_impl, "unknown MoE backend", f"use one of {', '.join(backends.MOE_IMPLS)}")
+        if self.matmul_quant not in MATMUL_QUANT:
+            raise _bad("matmul_quant", self.matmul_quant, "unknown quantized-training mode",
+                       f"use one of {', '.join(MATMUL_QUANT)}")
+        if self.matmul_quant != "none" and self.num_experts and self.moe_impl == "dense":
+            raise _bad("matmul_quant", self.matmul_quant, "is not supported by moe_impl='dense' (the oracle's "
+                       "einsums over all experts are not quantized)", "use moe_impl='ragged' (or expert_parallel)")
         if self.moe_dispatch not in ("all_to_all", "all_gather"):
             raise _bad("moe_dispatch", self.moe_dispatch, "unknown expert-parallel dispatch",
                        "use all_to_all or all_gather")

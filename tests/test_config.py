@@ -47,6 +47,7 @@ def test_presets():
         (dict(attention_impl="flash"), ["attention_impl='flash'"]),
         (dict(moe_impl="sparse"), ["moe_impl='sparse'", "dense, ragged, expert_parallel"]),
         (dict(remat="most"), ["remat='most'"]),
+        (dict(matmul_quant="int4"), ["matmul_quant='int4'", "none, int8, fp8"]),
     ],
 )
 def test_invalid_configs_raise_with_values_and_fix(changes, words):
@@ -282,6 +283,44 @@ def _kv_cache_dtype():
     np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(q_model(tokens)))
 
 
+def _matmul_operands(fn, *args) -> set[tuple[str, str, str]]:
+    """``(primitive, lhs dtype, rhs dtype)`` of every dot_general / ragged_dot in ``fn``'s jaxpr, nested ones too."""
+    found = set()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("dot_general", "ragged_dot", "ragged_dot_general"):
+                found.add((eqn.primitive.name, *(str(v.aval.dtype) for v in eqn.invars[:2])))
+            for p in eqn.params.values():
+                for sub in p if isinstance(p, list | tuple) else [p]:
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def _matmul_quant():
+    """int8 / fp8: the same weights give logits within a few percent of float, and the decoder layers' matmuls,
+    the Mixtral experts' ragged_dot included, take int8 / float8 operands in the forward and backward programs."""
+    def operands(m):
+        graphdef, state = nnx.split(m)
+        return _matmul_operands(jax.grad(lambda s, x: nnx.merge(graphdef, s)(x).sum()), state, TOKENS)
+
+    for base, matmul in ((DENSE, "dot_general"), (MOE, "ragged_dot_general")):
+        ref, model = _logits(base)
+        assert {(p, a, b) for p, a, b in operands(model) if a != "float32" or b != "float32"} == set()
+        for mode, fwd, bwd, tol in (("int8", "int8", "int8", 0.05), ("fp8", "float8_e4m3fn", "float8_e5m2", 0.15)):
+            out, q_model = _logits(base.replace(matmul_quant=mode), params_dict(model))
+            err = np.abs(out - ref).max() / np.abs(ref).max()
+            assert 1e-4 < err < tol, (base.num_experts, mode, err)
+            found = operands(q_model)
+            assert (matmul, fwd, fwd) in found, (mode, found)  # forward: activations x weights
+            assert any(bwd in (a, b) for _, a, b in found), (mode, found)  # backward: the incoming gradients
+            assert ("dot_general", "float32", "float32") in found  # attention scores, router and head stay float
+
 FIELD_CHECKS = {
     "vocab_size": _shape_field("vocab_size", 256),
     "dim": _shape_field("dim", 32),
@@ -306,6 +345,7 @@ FIELD_CHECKS = {
     "attention_block_size": lambda: _same_output_other_program(DENSE.replace(attention_impl="blocked"),
                                                                attention_block_size=4),
     "kv_cache_dtype": _kv_cache_dtype,
+    "matmul_quant": _matmul_quant,
     "moe_impl": _moe_impl,
     "moe_dispatch": _moe_dispatch,
     "moe_chunk_tokens": _moe_chunk_tokens,

@@ -184,9 +184,9 @@ class Attention(nnx.Module):
         Returns ``(out [B, T, D], the updated cache or None)``.
         """
         cfg, dt = self.cfg, self.cfg.jnp_dtype
-        q = weight_proj("BTD,DNH->BTNH", x, self.wq, dt)
-        k = weight_proj("BTD,DKH->BTKH", x, self.wk, dt)
-        v = weight_proj("BTD,DKH->BTKH", x, self.wv, dt)
+        q = weight_proj("BTD,DNH->BTNH", x, self.wq, dt, cfg.matmul_quant)
+        k = weight_proj("BTD,DKH->BTKH", x, self.wk, dt, cfg.matmul_quant)
+        v = weight_proj("BTD,DKH->BTKH", x, self.wv, dt, cfg.matmul_quant)
         q = checkpoint_name(apply_rope(q, positions, cfg.rope_theta), "qkv_proj")
         k = checkpoint_name(apply_rope(k, positions, cfg.rope_theta), "qkv_proj")
         v = checkpoint_name(v, "qkv_proj")
@@ -199,4 +199,4 @@ class Attention(nnx.Module):
             # the cache buffer already is the band: the reference attention over it
             mask = make_mask(positions, k_pos, window=cfg.sliding_window)  # [B, T, S2]
             out = reference_attention(q, keys.astype(dt), values.astype(dt), mask)
-        return weight_proj("BTNH,NHD->BTD", out, self.wo, dt), cache
+        return weight_proj("BTNH,NHD->BTD", out, self.wo, dt, cfg.matmul_quant), cache

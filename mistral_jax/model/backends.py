@@ -144,6 +144,7 @@ class Backends:
     expert_parallel: sharding.ExpertParallel | None = None  # the experts' layout when the mesh shards them
     context_axis: str | None = None  # the mesh axis that shards the sequence (``seq``), if its size is > 1
     context: int = 1  # its size: > 1 is context parallelism (attention: ring or halo, model/context.py)
+    quant: str = "none"  # ModelConfig.matmul_quant: the experts' grouped matmuls quantized (model/moe.py)
 
     def experts_fn(self) -> Callable:
         """The expert MLP function (``fn(x, w1, w3, w2, group_sizes)``)."""
@@ -185,7 +186,8 @@ def resolve(cfg, mesh: Mesh | None = None, rules: sharding.ShardingRules | None 
     return Backends(platform=platform, attention=cfg.attention_impl, moe=choose_moe(cfg, ep),
                     expert_mlp=_first_for(EXPERT_MLP, "expert MLP", platform),
                     exchange=_first_for(EXCHANGE, "exchange", platform), mesh=mesh, attention_specs=specs,
-                    expert_parallel=ep if cfg.is_moe else None, context_axis=context_axis, context=context)
+                    expert_parallel=ep if cfg.is_moe else None, context_axis=context_axis, context=context,
+                    quant=cfg.matmul_quant)
 
 
 # What ``ModelConfig.moe_impl`` accepts. A policy, not a registered path (``choose_moe`` maps it to one): ``dense``

@@ -295,13 +295,24 @@ def _chunk(m: int, chunk_tokens: int) -> int:
     return max(c for c in range(1, chunk_tokens + 1) if m % c == 0)
 
 
+def expert_mlp(backends: Backends):
+    """The expert MLP of ``backends``: the platform's (``Backends.experts_fn``), or with quantized training
+    (``ModelConfig.matmul_quant``) the SwiGLU experts over qwix's quantized ``ragged_dot`` on every platform
+    (``model/quantized.py``)."""
+    if backends.quant == "none":
+        return backends.experts_fn()
+    from mistral_jax.model import quantized  # qwix, imported by the runs that quantize
+
+    return functools.partial(swiglu_experts, gmm=functools.partial(quantized.grouped_matmul, mode=backends.quant))
+
+
 # The registered paths: fn(x, w1, w3, w2, top_w, top_idx, backends, cfg) -> [M, D].
 register_moe("dense")(lambda *args, backends, cfg: dense_experts(*args))
-register_moe("ragged")(lambda *args, backends, cfg: ragged_experts(*args, mlp=backends.experts_fn()))
+register_moe("ragged")(lambda *args, backends, cfg: ragged_experts(*args, mlp=expert_mlp(backends)))
 register_moe("all_gather")(lambda *args, backends, cfg: expert_parallel_experts(
-    *args, ep=backends.expert_parallel, mlp=backends.experts_fn()))
+    *args, ep=backends.expert_parallel, mlp=expert_mlp(backends)))
 register_moe("all_to_all")(lambda *args, backends, cfg: all_to_all_experts(
-    *args, ep=backends.expert_parallel, mlp=backends.experts_fn(), exchange=backends.exchange_fn(),
+    *args, ep=backends.expert_parallel, mlp=expert_mlp(backends), exchange=backends.exchange_fn(),
     chunk_tokens=cfg.moe_chunk_tokens))
 
 

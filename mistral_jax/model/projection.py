@@ -40,10 +40,10 @@ def adapter_rows(ids: Int[Array, " B"] | None) -> Iterator[None]:
         _ADAPTER_ROWS.reset(token)
 
 
-def weight_proj(spec: str, x: Array, var: Any, dtype: Any) -> Array:
-    """``proj(spec, x, var[...].astype(dtype))`` for a weight variable; a weight with per-row adapters
+def weight_proj(spec: str, x: Array, var: Any, dtype: Any, quant: str = "none") -> Array:
+    """``proj(spec, x, var[...].astype(dtype), quant=quant)`` for a weight variable; a weight with per-row adapters
     (``row_delta``, ``lora.MultiLoRAWeight``) adds ``x A[ids] B[ids]`` for the rows' adapters (``adapter_rows``)."""
-    y = proj(spec, x, var[...].astype(dtype))
+    y = proj(spec, x, var[...].astype(dtype), quant=quant)
     ids = _ADAPTER_ROWS.get()
     row_delta = getattr(var, "row_delta", None)
     if ids is not None and row_delta is not None:
@@ -70,7 +70,7 @@ def _plan(spec: str) -> tuple[int, int]:
     return len(kept), n
 
 
-def proj(spec: str, x: Array, w: Array, *, preferred_element_type=None) -> Array:
+def proj(spec: str, x: Array, w: Array, *, preferred_element_type=None, quant: str = "none") -> Array:
     """``jnp.einsum(spec, x, w)`` for a projection, computed as one ``[M, C] x [C, F]`` matmul (same numbers).
 
     Args:
@@ -80,6 +80,8 @@ def proj(spec: str, x: Array, w: Array, *, preferred_element_type=None) -> Array
       x: the input, e.g. ``[B, T, D]``.
       w: the weight, e.g. ``[D, N, H]``.
       preferred_element_type: accumulation / output dtype of the matmul (e.g. float32 logits).
+      quant: ``ModelConfig.matmul_quant``: "none", or "int8" / "fp8" for qwix's quantized matmul (quantized
+        operands and gradients, ``model/quantized.py``; the result in ``x``'s dtype).
     """
     kept, n = _plan(spec)
     lead, contract, produced = x.shape[:kept], x.shape[kept:], w.shape[n:]
@@ -87,5 +89,12 @@ def proj(spec: str, x: Array, w: Array, *, preferred_element_type=None) -> Array
         raise ValueError(f"proj {spec!r}: input {tuple(x.shape)} and weight {tuple(w.shape)} disagree on the "
                          f"contracted axes ({tuple(contract)} vs {tuple(w.shape[:n])}).")
     c, f = math.prod(contract), math.prod(produced)
-    y = jnp.matmul(x.reshape(-1, c), w.reshape(c, f), preferred_element_type=preferred_element_type)  # [M, F]
+    if quant != "none":
+        from mistral_jax.model import quantized  # qwix, imported by the runs that quantize
+
+        if preferred_element_type is not None:
+            raise ValueError(f"proj {spec!r}: quant={quant!r} with preferred_element_type is not supported.")
+        y = quantized.matmul(x.reshape(-1, c), w.reshape(c, f), quant)
+    else:
+        y = jnp.matmul(x.reshape(-1, c), w.reshape(c, f), preferred_element_type=preferred_element_type)  # [M, F]
     return y.reshape(*lead, *produced)

@@ -61,10 +61,10 @@ class MLP(nnx.Module):
         self.w2 = nnx.Param(init(rngs.params(), (f, d), pd), logical_axes=("mlp", "embed"))
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        dt = self.cfg.jnp_dtype
-        h = jax.nn.silu(weight_proj("BTD,DF->BTF", x, self.w1, dt)) * weight_proj("BTD,DF->BTF", x, self.w3, dt)
+        dt, q = self.cfg.jnp_dtype, self.cfg.matmul_quant
+        h = jax.nn.silu(weight_proj("BTD,DF->BTF", x, self.w1, dt, q)) * weight_proj("BTD,DF->BTF", x, self.w3, dt, q)
         h = sharding.constrain(h, ("batch", "seq", "act_mlp"))
-        return weight_proj("BTF,FD->BTD", h, self.w2, dt)
+        return weight_proj("BTF,FD->BTD", h, self.w2, dt, q)
 
 
 def empty_router_stats(cfg: ModelConfig) -> dict[str, Array]:

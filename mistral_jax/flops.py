@@ -46,6 +46,7 @@ CHIPS: dict[str, Chip] = {
     "v5p": Chip(bf16_flops=459e12, hbm_bytes_per_s=2765e9, ici_bytes_per_s=4800e9 / 8),
     "v6e": Chip(bf16_flops=918e12, hbm_bytes_per_s=1640e9, ici_bytes_per_s=3584e9 / 8),
     "H100": Chip(bf16_flops=989e12), "H200": Chip(bf16_flops=989e12), "H800": Chip(bf16_flops=989e12),
+    "H100 PCIe": Chip(bf16_flops=756e12), "H100 NVL": Chip(bf16_flops=835e12),  # "H100" above is the SXM part
     "A100": Chip(bf16_flops=312e12), "B200": Chip(bf16_flops=2250e12), "L4": Chip(bf16_flops=121e12),
     "A10G": Chip(bf16_flops=125e12),
 }
@@ -54,7 +55,7 @@ CHIPS: dict[str, Chip] = {
 # say e.g. "TPU v5" for v5p and "TPU v5 lite" for v5e.
 DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5p": "v5p", "TPU v5": "v5p",
                 "TPU v6 lite": "v6e", "TPU v6e": "v6e", **{k: k for k in ("H100", "H200", "H800", "A100", "B200",
-                                                                           "L4", "A10G")}}
+                                                                           "L4", "A10G", "H100 PCIe", "H100 NVL")}}
 
 
 def chip_of(device: Any) -> str | None:

@@ -155,7 +155,7 @@ def test_one_flop_count_and_one_peak_table():
     for gen, chip in roofline.CHIPS.items():
         assert flops.CHIPS[gen] is chip
     kinds = {"TPU v5": "v5p", "TPU v5 lite": "v5e", "TPU v6 lite": "v6e", "TPU v4": "v4",
-             "NVIDIA H100 80GB HBM3": "H100"}
+             "NVIDIA H100 80GB HBM3": "H100", "NVIDIA H100 PCIe": "H100 PCIe", "NVIDIA H100 NVL": "H100 NVL"}
     for kind, chip in kinds.items():
         assert flops.chip_of(type("D", (), {"device_kind": kind, "platform": "tpu"})()) == chip
     assert flops.chip_of(jax.devices()[0]) is None  # CPU: a measured peak

@@ -1,10 +1,13 @@
 """Prefill and decode tokens/s of mistral_jax vs HF transformers' PyTorch ``generate`` on the same model.
 
     python benchmarks/decode.py [--batch_sizes 1,8] [--prompt_len 384] [--new_tokens 128] [--repeats 3]
+                                [--device cpu|cuda] [--dtype float32|bfloat16]
 
 Both run the same random ~60M-parameter Mistral shape (vocab 32000, dim 512, 8 layers, GQA 8/2, window 256)
-in float32, greedy, EOS disabled, on this machine's default JAX / torch device, in one process. HF gets the
-weights through ``mj.save_hf`` + ``AutoModelForCausalLM.from_pretrained`` (sdpa attention, its default).
+in ``--dtype`` (weights and compute; default float32), greedy, EOS disabled, in one process: ours on JAX's default
+device, HF on torch device ``--device`` (default cpu; ``cuda`` for a GPU, where JAX then does not preallocate GPU
+memory, so both fit). HF gets the weights through ``mj.save_hf`` + ``AutoModelForCausalLM.from_pretrained`` (sdpa
+attention, its default). ``scripts/gpu_check.sh`` runs ``compare`` on a GPU.
 
 Timing (medians of ``--repeats`` after one warm-up that compiles):
   * prefill: ours = per-layer weight copies on CPU (``per_layer.serving_layers``) + chunked prefill + first sample;
@@ -71,50 +74,52 @@ def ours_run(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, float,
     return mid - start, end - mid, np.concatenate(out, axis=1)
 
 
+def load_hf(model, device: str = "cpu"):
+    """HF transformers' model with ``model``'s weights (``mj.save_hf`` + ``from_pretrained``) in its parameter
+    dtype on torch ``device``, EOS disabled."""
+    import torch
+    import transformers
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[model.cfg.param_dtype]
+    with tempfile.TemporaryDirectory() as d:
+        mj.save_hf(model, d)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
+    hf.generation_config.eos_token_id = None
+    return hf
+
+
 def hf_run(hf, prompts: np.ndarray, new_tokens: int) -> tuple[float, float, np.ndarray]:
     import torch
 
-    ids = torch.from_numpy(prompts).long()
+    ids = torch.from_numpy(prompts).long().to(hf.device)
+    sync = torch.cuda.synchronize if hf.device.type == "cuda" else (lambda: None)  # CUDA calls return early
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.inference_mode():
+        sync()
         start = time.perf_counter()
         hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        sync()
         mid = time.perf_counter()
         out = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        sync()
         end = time.perf_counter()
     prefill = mid - start
-    return prefill, (end - mid) - prefill, out[:, prompts.shape[1]:].numpy()
+    return prefill, (end - mid) - prefill, out[:, prompts.shape[1]:].cpu().numpy()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch_sizes", default="1,8")
-    ap.add_argument("--prompt_len", type=int, default=384)
-    ap.add_argument("--new_tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-
-    import torch
-    import transformers
-    from flax import nnx
-
-    cfg = CONFIG
-    model = mj.Transformer(cfg, rngs=nnx.Rngs(0))
-    with tempfile.TemporaryDirectory() as d:
-        mj.save_hf(model, d)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None
-
+def compare(model, hf, batch_sizes, prompt_len: int, new_tokens: int, repeats: int) -> list[dict]:
+    """Per batch size: prefill and decode tokens/s of ``model`` (ours) and ``hf``, their ratios (ours / HF) and
+    the fraction of greedy tokens that agree."""
     rows = []
-    for b in (int(x) for x in args.batch_sizes.split(",")):
-        prompts = np.random.default_rng(b).integers(3, cfg.vocab_size, (b, args.prompt_len)).astype(np.int32)
+    for b in batch_sizes:
+        prompts = np.random.default_rng(b).integers(3, model.cfg.vocab_size, (b, prompt_len)).astype(np.int32)
         prompts[:, 0] = 1
-        ours_run(model, prompts, args.new_tokens)  # warm-up: compiles every shape
+        ours_run(model, prompts, new_tokens)  # warm-up: compiles every shape
         hf_run(hf, prompts, 4)
-        ours = [ours_run(model, prompts, args.new_tokens) for _ in range(args.repeats)]
-        ref = [hf_run(hf, prompts, args.new_tokens) for _ in range(args.repeats)]
+        ours = [ours_run(model, prompts, new_tokens) for _ in range(repeats)]
+        ref = [hf_run(hf, prompts, new_tokens) for _ in range(repeats)]
         med = lambda runs, i: statistics.median(r[i] for r in runs)
-        n_prefill, n_decode = b * args.prompt_len, b * (args.new_tokens - 1)
+        n_prefill, n_decode = b * prompt_len, b * (new_tokens - 1)
         row = dict(
             batch=b,
             ours_prefill_tok_s=round(n_prefill / med(ours, 0), 1), hf_prefill_tok_s=round(n_prefill / med(ref, 0), 1),
@@ -124,11 +129,34 @@ def main() -> None:
         row["prefill_ratio"] = round(row["ours_prefill_tok_s"] / row["hf_prefill_tok_s"], 2)
         row["decode_ratio"] = round(row["ours_decode_tok_s"] / row["hf_decode_tok_s"], 2)
         rows.append(row)
+    return rows
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch_sizes", default="1,8")
+    ap.add_argument("--prompt_len", type=int, default=384)
+    ap.add_argument("--new_tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="torch device of the HF side: cpu or cuda")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and compute")
+    args = ap.parse_args()
+    if args.device != "cpu":  # JAX would otherwise take 75% of the GPU's memory before torch gets any
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+    import torch
+    from flax import nnx
+
+    cfg = CONFIG.replace(dtype=args.dtype, param_dtype=args.dtype)
+    model = mj.Transformer(cfg, rngs=nnx.Rngs(0))
+    hf = load_hf(model, args.device)
+    rows = compare(model, hf, [int(x) for x in args.batch_sizes.split(",")], args.prompt_len, args.new_tokens,
+                   args.repeats)
     print(json.dumps(dict(
-        benchmark="decode", device=str(jax.devices()[0].device_kind), jax=jax.__version__, torch=torch.__version__,
-        torch_threads=torch.get_num_threads(), params=mj.count_params(cfg), prompt_len=args.prompt_len,
-        new_tokens=args.new_tokens, window=cfg.sliding_window, repeats=args.repeats, dtype="float32", results=rows,
+        benchmark="decode", device=str(jax.devices()[0].device_kind), torch_device=args.device, jax=jax.__version__,
+        torch=torch.__version__, torch_threads=torch.get_num_threads(), params=mj.count_params(cfg),
+        prompt_len=args.prompt_len, new_tokens=args.new_tokens, window=cfg.sliding_window, repeats=args.repeats,
+        dtype=args.dtype, results=rows,
     )))
 
 

@@ -62,9 +62,10 @@ def batch_arrays(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, n
                 segment_ids=np.ones((batch, seq), np.int32))
 
 
-def jax_step_times(cfg: ModelConfig, batch: dict, steps: int, warmup: int) -> tuple[list[float], float]:
+def jax_step_times(cfg: ModelConfig, batch: dict, steps: int, warmup: int, devices=None) -> tuple[list[float], float]:
+    """Seconds of each timed train step and the last loss, on an FSDP mesh over ``devices`` (default: all)."""
     run = run_config(steps)
-    mesh = sharding.make_mesh(fsdp=-1)
+    mesh = sharding.make_mesh(fsdp=-1, devices=devices)
     graphdef, state, shardings = step_lib.make_train_state(cfg, run, mesh)
     tx, schedule = make_optimizer(run.optimizer, run.num_steps)
     with sharding.use_mesh(mesh):

@@ -108,10 +108,39 @@ def test_serving_programs_compile_for_a_tpu_topology():
     assert "FITS" in text and "8 decode slots x 16 cache slots" in text and "decode loop [8]" in text, text
 
 
+@pytest.mark.heavy
+def test_int8_weights_and_kv_cache_hold_about_half_the_bfloat16_bytes_per_chip():
+    """``--quantize int8`` with ``kv_cache_dtype=int8`` (what mistral-jax-serve runs with those flags): the weights
+    per chip are int8 plus float32 per-channel scales, the KV cache int8 plus one float32 scale per slot and kv head;
+    both programs compile for the TPU topology and take int8 arguments."""
+    assert aot.libtpu_available(), "libtpu is missing. Fix: pip install -e '.[test]' (or '.[tpu]')"
+    topo = aot.parse_topology("v5e-4")
+    cfg = ModelConfig.tiny()
+    mesh, b = {"data": 2, "tensor": 2, "fsdp": 1}, 8
+
+    def report(model_cfg, quantize):
+        plan = serving.plan_serving(model_cfg, mesh, topo.chips, max_batch=b, prefix_cache_mb=0)
+        return serving.compile_serving(plan, aot.topology_devices(topo), topo.hbm_bytes, quantize=quantize)
+
+    bf16, q = report(cfg, None), report(cfg.replace(kv_cache_dtype="int8"), "int8")
+    s = cfg.sliding_window
+    scales = cfg.n_layers * b * s * cfg.n_kv_heads * 2 * 4 // topo.chips  # k and v: float32 per slot and kv head
+    assert q["kv_cache"] == bf16["kv_cache"] // 2 + scales, (q["kv_cache"], bf16["kv_cache"])
+    assert q["params"] == bf16["params"] and (q["quantize"], q["kv_cache_dtype"]) == ("int8", "int8")
+    # the projections and the head in int8 (+ scales); the embedding and the norms stay bfloat16
+    assert 0.5 * bf16["weights"] < q["weights"] < 0.75 * bf16["weights"], (q["weights"], bf16["weights"])
+    for name in ("decode", "prefill"):
+        assert q[name]["arguments"] < bf16[name]["arguments"] and q[name]["temps"] > 0, name
+    text = serving.format_serving_report(q, "tiny")
+    assert "dtype bfloat16, weights int8, KV cache int8, attention" in text, text
+    assert "weights int8" not in serving.format_serving_report(bf16, "tiny")
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--serve", "--mesh", "tensor=4"], "the model's 2 kv heads do not split over the mesh's tensor axis"),
     (["--serve", "--mesh", "tensor=3"], "--mesh='tensor=3' does not lay out the 4 chips of v5e-4"),
     (["--max_batch", "8"], "--max_batch=8 only applies to a serving check. Fix: add --serve"),
+    (["--serve", "--quantize", "int4"], "--quantize='int4' is not a weight quantization mode. Fix: pass --quantize"),
 ])
 @pytest.mark.heavy
 def test_cli_bad_serving_values_are_one_line(argv, expected):

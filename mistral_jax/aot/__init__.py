@@ -241,6 +241,7 @@ def compile_run(run: Any) -> dict[str, Any]:
             report.update(collectives=traffic.kinds, collective_loops_counted_once=traffic.uncounted_loops,
                           hbm_bytes=hlo.hbm_traffic(text).bytes)
             report["attention"] = _attention_exchange(run, text)
+            report["dot_types"] = hlo.dot_operand_types(text)
         extras = {}
         for name, (lower, resident, parts) in recipe.aot_programs(run, graphdef, state).items():
             t1 = time.perf_counter()
@@ -318,7 +319,8 @@ def compile_train_step(run_cfg: Any, devices: list[Any]) -> dict[str, Any]:
     report.update(
         slices=n_slices, dcn={f"dcn_{a}": int(run_cfg.mesh.get(f"dcn_{a}", 1)) for a in sharding.DCN_AXES},
         batch_size=run.data.batch_size, seq_len=run.data.seq_len, grad_accum_steps=run.data.grad_accum_steps,
-        remat=model_cfg.remat, dtype=model_cfg.dtype, attention_impl=model_cfg.attention_impl,
+        remat=model_cfg.remat, dtype=model_cfg.dtype, matmul_quant=model_cfg.matmul_quant,
+        attention_impl=model_cfg.attention_impl,
         moe_impl=model_cfg.moe_impl, platform=model_cfg.platform,
     )
     start = run.recipe.init_from
@@ -354,6 +356,7 @@ def format_report(r: dict[str, Any], title: str) -> str:
              f"{r['flops']:.3e} (counts each scan / while-loop body once)",
              *_collective_lines(r),
              *_attention_lines(r),
+             *_quant_lines(r),
              f"  compiled in {r['compile_s']} s"]
     return "\n".join(lines)
 
@@ -390,6 +393,15 @@ def _attention_lines(r: dict[str, Any]) -> list[str]:
         line += (f"; ring attention would move {hlo.size(a['ring']['bytes'])} and need "
                  f"{a['ring']['total'] / GiB:.2f} GiB per chip")
     return [line]
+
+
+def _quant_lines(r: dict[str, Any]) -> list[str]:
+    """Quantized training: the compiled program's matmuls by operand types (the quantized ones are what the chip's
+    int8 / fp8 rate applies to)."""
+    if r.get("matmul_quant", "none") == "none" or not r.get("dot_types"):
+        return []
+    kinds = ", ".join(f"{n} {k}" for k, n in r["dot_types"].items())
+    return [f"  matmul_quant {r['matmul_quant']} (qwix): the program's matmuls by operand types: {kinds}"]
 
 
 def _seconds(x: float) -> str:

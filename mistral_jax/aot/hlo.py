@@ -618,6 +618,23 @@ def hbm_traffic(hlo_text: str) -> HbmTraffic:
     return HbmTraffic(bytes=sum(by_opcode.values()), by_opcode=by_opcode, uncounted_loops=uncounted)
 
 
+def dot_operand_types(hlo_text: str) -> dict[str, int]:
+    """How many matmuls (``dot`` and ``convolution`` instructions, fused ones included; each counted once, not per
+    loop iteration) of a compiled program take operands of each element type: ``{"s8 x s8": 40, "bf16 x bf16": 12}``.
+    Quantized training (``ModelConfig.matmul_quant``) shows as ``s8`` / ``f8e4m3fn`` / ``f8e5m2`` operands."""
+    computations, _, _ = parse_module(hlo_text)
+    counts: dict[str, int] = {}
+    for comp in computations.values():
+        for inst in comp.instructions.values():
+            if inst.opcode not in ("dot", "convolution"):
+                continue
+            types = [comp.instructions[o].shape.split("[")[0] if o in comp.instructions else "?"
+                     for o in inst.operands[:2]]
+            key = " x ".join(types)
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def size(b: float) -> str:
     """Bytes in the largest binary unit that keeps a leading digit: ``3.40 MiB``."""
     for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):

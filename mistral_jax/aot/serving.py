@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mistral_jax import sharding
+from mistral_jax import quant, sharding
 from mistral_jax.config import ModelConfig
 
 GiB, MiB = 1024**3, 1024**2
@@ -213,9 +213,11 @@ def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(put, tree, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def compile_serving(plan: ServingPlan, devices: list[Any], hbm_bytes: int | None = None) -> dict[str, Any]:
+def compile_serving(plan: ServingPlan, devices: list[Any], hbm_bytes: int | None = None,
+                    quantize: str | None = None) -> dict[str, Any]:
     """Lower and compile the server's decode loop and prefill chunk for ``plan`` on ``devices`` (compile-only TPU
-    topology devices: ``aot.topology_devices``); nothing is allocated.
+    topology devices: ``aot.topology_devices``); nothing is allocated. ``quantize="int8"``: the weights as
+    ``mistral-jax-serve --quantize int8`` holds them (``quant.quantize_weights``: int8 with per-channel scales).
 
     Checks the memory the weights, the cache and the prefix-cache budget take per chip against ``hbm_bytes`` first
     (a ``ServingConfigError`` when they alone exceed it), then compiles.
@@ -238,7 +240,7 @@ def compile_serving(plan: ServingPlan, devices: list[Any], hbm_bytes: int | None
         prefill_rows_batch_jit,
     )
     from mistral_jax.model.kv_cache import KVCache
-    from mistral_jax.model.transformer import Transformer
+    from mistral_jax.model.transformer import Transformer, count_params
 
     cfg, b, s, c = plan.model_cfg, plan.max_batch, plan.cache_slots, plan.chunk
     if len(devices) != math.prod(plan.mesh_sizes.values()):
@@ -246,8 +248,11 @@ def compile_serving(plan: ServingPlan, devices: list[Any], hbm_bytes: int | None
                                  f"chips but {len(devices)} devices were given. Fix: plan for len(devices) chips.")
     mesh = sharding.make_mesh(**plan.mesh_sizes, devices=devices)
     rules = plan.rules
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
-    graphdef, state = nnx.split(model)
+    def build():
+        model = Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh, rules=rules)
+        return quant.quantize_weights(model, quantize) if quantize else model
+
+    graphdef, state = nnx.split(nnx.eval_shape(build))
     state = _abstract(state, sharding.state_shardings(state, mesh, rules))
     abstract_cache = jax.eval_shape(lambda: KVCache.init(cfg, b, s))
     cache = _abstract(abstract_cache, abstract_cache.shardings(mesh, rules))
@@ -259,8 +264,9 @@ def compile_serving(plan: ServingPlan, devices: list[Any], hbm_bytes: int | None
         weights=weights, kv_cache=kv, cache_positions=positions, prefix_cache=prefix,
         prefix_cache_budget=plan.prefix_cache_bytes, prefix_cache_rows=plan.prefix_rows,
         snapshot_bytes=plan.snapshot_bytes, prefix_ways=plan.kv_ways,
-        params=sum(x.size for x in jax.tree.leaves(state)), n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads,
+        params=count_params(cfg), n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads,
         head_dim=cfg.head_dim, sliding_window=cfg.sliding_window, max_len=cfg.max_seq_len, max_batch=b,
+        quantize=quantize, kv_cache_dtype=cfg.kv_cache_dtype,
         cache_slots=s, chunk=c, prefill_rows=prefill_batch_limit(b, c), dtype=cfg.dtype,
         attention_impl=cfg.attention_impl, moe_impl=cfg.moe_impl,
         platform=cfg.platform, mesh={k: int(v) for k, v in mesh.shape.items()}, rules=plan.rules_name,
@@ -321,7 +327,10 @@ def format_serving_report(r: dict[str, Any], title: str) -> str:
     window = (f"S = window {r['sliding_window']}; max_len {r['max_len']}" if r["sliding_window"] is not None
               else f"no window: S = max_len {r['max_len']}")
     lines = [title,
-             f"  mesh {r['mesh']} ({r['devices']} chips), rules {r['rules']}, dtype {r['dtype']}, attention "
+             f"  mesh {r['mesh']} ({r['devices']} chips), rules {r['rules']}, dtype {r['dtype']}"
+             + (f", weights {r['quantize']}" if r.get("quantize") else "")
+             + (f", KV cache {r['kv_cache_dtype']}" if r.get("kv_cache_dtype", "auto") != "auto" else "")
+             + ", attention "
              f"{r['attention_impl']}, moe {r['moe_impl']} (for {r['platform']}); {r['params']:,} parameters",
              f"  {r['max_batch']} decode slots x {r['cache_slots']} cache slots ({window}), "
              f"prefill chunk [{r['prefill_rows']}, {r['chunk']}]",

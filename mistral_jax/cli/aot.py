@@ -26,7 +26,8 @@ from mistral_jax.aot import (
 )
 
 PROG = "aot"
-SERVE_FLAGS = ("mesh", "max_batch", "max_len", "prefix_cache_mb", "dtype", "chunk_size")  # only with --serve
+# only with --serve
+SERVE_FLAGS = ("mesh", "max_batch", "max_len", "prefix_cache_mb", "dtype", "chunk_size", "quantize")
 
 
 def _topology_arg(name: str) -> Topology:
@@ -116,7 +117,8 @@ def main(argv: list[str]) -> None:
 
 def _serve_args(f: Any, topo: Topology) -> tuple[Any, ...]:
     """The serving flags, checked (``UsageError``): ``(mesh sizes or None, max_batch, max_len, prefix MiB, dtype,
-    chunk_size)``."""
+    chunk_size, quantize)``."""
+    from mistral_jax import quant
     from mistral_jax.cli import DTYPES, UsageError, number
     from mistral_jax.cli.serve import parse_mesh
 
@@ -136,6 +138,9 @@ def _serve_args(f: Any, topo: Topology) -> tuple[Any, ...]:
     if dtype not in DTYPES:
         raise UsageError("--dtype", dtype, f"is not a serving dtype {list(DTYPES)}",
                          "pass --dtype bfloat16 (the default: half the memory) or --dtype float32")
+    if f.quantize not in (None, *quant.QUANT_MODES):
+        raise UsageError("--quantize", f.quantize, "is not a weight quantization mode",
+                         f"pass --quantize {' or '.join(quant.QUANT_MODES)} (as mistral-jax-serve's), or omit it")
     mesh = parse_mesh(f.mesh)
     if mesh is not None:
         from mistral_jax import sharding
@@ -146,11 +151,11 @@ def _serve_args(f: Any, topo: Topology) -> tuple[Any, ...]:
             raise UsageError("--mesh", f.mesh, f"does not lay out the {topo.chips} chips of {topo.name} "
                              f"({str(e).split(' Fix: ')[0].rstrip('.')})",
                              f"make the sizes multiply to {topo.chips}, or use -1 for one axis") from None
-    return mesh, max_batch, max_len, prefix, dtype, chunk
+    return mesh, max_batch, max_len, prefix, dtype, chunk, f.quantize
 
 
 def _serve(run_cfg: Any, topo: Topology, mesh: dict[str, int] | None, max_batch: int, max_len: int | None,
-           prefix_mb: float, dtype: str, chunk: int | None, as_json: bool) -> None:
+           prefix_mb: float, dtype: str, chunk: int | None, quantize: str | None, as_json: bool) -> None:
     """Plan the serving check (one-line ``ServingConfigError`` before anything compiles), compile, print; exit status
     2 with one line when it does not fit."""
     from mistral_jax import cli
@@ -162,7 +167,7 @@ def _serve(run_cfg: Any, topo: Topology, mesh: dict[str, int] | None, max_batch:
     mesh_cfg = mesh if mesh is not None else run_cfg.mesh.to_dict()
     plan = serving.plan_serving(model_cfg, mesh_cfg, topo.chips, max_batch=max_batch, max_len=max_len, dtype=dtype,
                                 prefix_cache_mb=prefix_mb, chunk_size=chunk, platform="tpu")
-    report = serving.compile_serving(plan, topology_devices(topo), topo.hbm_bytes)
+    report = serving.compile_serving(plan, topology_devices(topo), topo.hbm_bytes, quantize=quantize)
     report.update(topology=topo.name, libtpu_topology=topo.libtpu_name, preset=run_cfg.model.get("preset", ""))
     print(serving.format_serving_report(report, f"AOT serving {report['preset'] or 'model'} for {topo.name} "
                                                 f"({topo.libtpu_name})"))
@@ -239,6 +244,8 @@ def _run() -> None:
     flags.DEFINE_string("dtype", None, "--serve: weights and compute dtype, bfloat16 (default) or float32")
     flags.DEFINE_integer("chunk_size", None, "--serve: prefill chunk (default: the window W, else 4096; at most the "
                          "cache slots)")
+    flags.DEFINE_string("quantize", None, "--serve: weight-only quantization as mistral-jax-serve's: int8 (per-channel "
+                        "scales); the int8 KV cache is --config.model.kv_cache_dtype=int8")
     flags.DEFINE_bool("verbose", False, "show the traceback of argument errors too (as MISTRAL_JAX_DEBUG=1 does)")
     flags.mark_flags_as_required(["config"])
     if not jax.config.jax_platforms:  # compile for the topology from this host's CPU; never grab a local TPU / GPU

@@ -14,8 +14,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
-import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.util.spec_from_file_location("aot_table", os.path.join(HERE, "aot_table.py"))
@@ -56,20 +54,10 @@ def row(name: str, r: dict, shown: str) -> str:
 
 def main() -> None:
     wanted, python = aot_table.parse_args(__doc__.splitlines()[0], [r[0] for r in ROWS])
-    print(f"jax {importlib.metadata.version('jax')} / libtpu {importlib.metadata.version('libtpu')}"
-          if python == sys.executable else f"interpreter {python}")
-    print("| Row | Topology (chips) | Mesh d/f/c/t/e | Batch × seq | Temps GiB | Total / HBM GiB | Fits | "
-          "Attention exchange / step | Ring's exchange / step | Ring's total GiB | Command |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, config, topology, overrides in ROWS:
-        if wanted and name not in wanted:
-            continue
-        t0 = time.time()
-        print(f"{name}: compiling ...", file=sys.stderr, flush=True)
-        report, shown = aot_table.run(python, config, topology, overrides)
-        report["topology"] = topology
-        print(row(name, report, shown), flush=True)
-        print(f"{name}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    aot_table.print_header(python, ["Row", "Topology (chips)", "Mesh d/f/c/t/e", "Batch × seq", "Temps GiB",
+                                     "Total / HBM GiB", "Fits", "Attention exchange / step", "Ring's exchange / step",
+                                     "Ring's total GiB", "Command"])
+    aot_table.print_rows(ROWS, wanted, python, row)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,35 @@ def parse_args(description: str, names: list[str]) -> tuple[list[str], str]:
     return wanted, args.python
 
 
+def print_header(python: str, columns: list[str]) -> None:
+    """The versions that compile (this interpreter's jax / libtpu, else the interpreter's path) and a Markdown table
+    header of ``columns``."""
+    import importlib.metadata
+
+    print(f"jax {importlib.metadata.version('jax')} / libtpu {importlib.metadata.version('libtpu')}"
+          if python == sys.executable else f"interpreter {python}")
+    print_columns(columns)
+
+
+def print_columns(columns: list[str]) -> None:
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+
+
+def print_rows(rows: list[tuple], wanted: list[str], python: str, fmt) -> None:
+    """Compile each ``(name, config, topology, overrides)`` row named in ``wanted`` (empty: all) and print
+    ``fmt(name, report, shown)`` (the report gets its ``topology``); progress on stderr."""
+    for name, config, topology, overrides in rows:
+        if wanted and name not in wanted:
+            continue
+        t0 = time.time()
+        print(f"{name}: compiling ...", file=sys.stderr, flush=True)
+        report, shown = run(python, config, topology, overrides)
+        report["topology"] = topology
+        print(fmt(name, report, shown), flush=True)
+        print(f"{name}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     wanted, python = parse_args(__doc__.splitlines()[0], [r[0] for r in ROWS])
     print("| Row | Topology (chips) | Mesh d/f/t/e | Batch × seq (accum) | Remat | Args GiB | Temps GiB | "

@@ -103,3 +103,16 @@ def test_cudnn_sliding_window_and_ragged_experts_compile_for_an_h100():
     assert r["platform"] == "gpu" and r["device"] == gpu.GPUS["h100"].name
     assert r["cudnn_fmha_calls"] >= 2 and r["cudnn_windows"] == [4096]  # forward and backward, windowed
     assert r["expert_mlp"] == "ragged_dot" and r["moe_ragged_dots"] >= 6 and r["moe_dots_over_all_experts"] == 0
+
+
+@needs_cuda
+@pytest.mark.heavy
+def test_fp8_training_compiles_for_an_h100_node_with_fp8_matmuls():
+    """``matmul_quant=fp8`` (qwix, issue "Quantization") for h100-8: the compiled step's weight matmuls take
+    float8_e4m3fn operands forward and float8_e5m2 gradients backward (the H100's fp8 tensor-core types)."""
+    r = _aot("configs/tiny.py", "h100-8", "--config.model.dtype=bfloat16", "--config.model.matmul_quant=fp8",
+             "--config.data.seq_len=128")
+    assert r["platform"] == "gpu" and r["matmul_quant"] == "fp8" and r["fits"]
+    dots = r["dot_types"]
+    assert dots.get("f8e4m3fn x f8e4m3fn", 0) > 0, dots
+    assert sum(n for k, n in dots.items() if "f8e5m2" in k) > 0, dots

@@ -80,7 +80,7 @@ def get_config() -> ConfigDict:
     c.lora.rank = 0  # LoRA adapter rank; 0 = no LoRA (every weight trains)
     c.lora.alpha = 16.0  # LoRA scale numerator: the update is (alpha / rank) * A @ B
     c.lora.targets = "all"  # adapted weights: comma list of wq,wk,wv,wo,w1,w2,w3 (or q_proj..down_proj) or "all"
-    c.lora.quantize_base = ""  # QLoRA: "int8" keeps the frozen base weights in int8 (per-channel scales); "": as is
+    c.lora.quantize_base = ""  # QLoRA's frozen base: "int8" (per-channel scales), "int4" (scale per 64 rows), "": as is
 
     c.optimizer = ConfigDict()
     c.optimizer.name = "adamw"  # only AdamW (decoupled weight decay)

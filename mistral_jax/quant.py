@@ -7,10 +7,15 @@ dequantized weight, so every reader of the weight (``weight_proj``, the MoE expe
 model's compute dtype from int8 storage: half a bfloat16 model's weight bytes (a quarter of float32's). The token
 embedding (a gather), the norms and the MoE router stay as they are.
 
+``mode="int4"`` (QLoRA's base, ``BASE_QUANT_MODES``) stores 4-bit values (-7..7, two to a byte: packed here into
+uint8 along the last input axis, so every platform and Orbax hold half of int8's bytes) with one float32 scale per
+block of ``INT4_BLOCK`` = 64 input rows and output channel (group-wise absmax along that axis, as QLoRA's blocks of
+64): a quarter of bfloat16's bytes plus the scales (half a bit per weight).
+
 Used by ``generate``, the server and evals through ``--quantize int8``, and by QLoRA (``config.lora.quantize_base``:
-the frozen base of a LoRA run in int8, the adapters in float32; ``lora.apply_lora`` wraps an ``Int8Weight`` like a
-float weight, ``lora.merge_lora`` dequantizes). Otherwise a quantized model is for inference: exports and full
-training take the float model.
+the frozen base of a LoRA run in int8 or int4, the adapters in float32; ``lora.apply_lora`` wraps an ``Int8Weight``
+like a float weight, ``lora.merge_lora`` dequantizes). Otherwise a quantized model is for inference: exports and
+full training take the float model.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from flax import nnx
 
 from mistral_jax.lora import _IN_OUT, LoRAWeight, MultiLoRAWeight
 
-QUANT_MODES = ("int8",)
+QUANT_MODES = ("int8",)  # weight-only inference (--quantize)
+BASE_QUANT_MODES = ("int8", "int4")  # QLoRA's frozen base (config.lora.quantize_base)
+INT4_BLOCK = 64  # input rows per int4 scale (one block when the axis is not a multiple)
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "lm_head")
 _OWNERS = ("Attention", "MLP", "MoE", "Transformer")
 
@@ -33,25 +40,40 @@ class QuantizedValue(nnx.Variable):
 
 
 class Int8Weight(nnx.Module):
-    """A weight stored as int8 values and per-output-channel float32 scales; indexing gives ``q * scale`` (float32).
+    """A weight stored as int8 (or packed int4) values and float32 scales; indexing gives ``q * scale`` (float32).
 
     Attributes:
-      q: int8 [lead..., in..., out...]. scale: float32, ``q``'s shape with the input axes of size 1.
+      q: int8 [lead..., in..., out...]; int4: uint8 of the same shape but ``block_axis`` halved, each byte two values
+        (consecutive rows of that axis, + 8, low nibble first). scale: float32, the weight's shape with the input axes
+        of size 1 (per output channel), except ``block_axis`` (int4: the last input axis, negative: counted from the
+        last axis, as the layer scan slices the stacked leading axis off) of size blocks: a scale per block of rows.
     """
 
-    def __init__(self, q: QuantizedValue, scale: QuantizedValue):
-        self.q, self.scale = q, scale
+    def __init__(self, q: QuantizedValue, scale: QuantizedValue, block_axis: int | None = None):
+        self.q, self.scale, self.block_axis = q, scale, block_axis
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.q.shape
+        """The weight's shape (int4: twice the packed ``q``'s rows along ``block_axis``)."""
+        shape = list(self.q.shape)
+        if self.block_axis is not None:
+            shape[self.block_axis] *= 2
+        return tuple(shape)
 
     @property
     def dtype(self):
         return jnp.float32
 
     def __getitem__(self, index: Any) -> jax.Array:
-        return (self.q[...].astype(jnp.float32) * self.scale[...])[index]
+        if self.block_axis is None:
+            return (self.q[...].astype(jnp.float32) * self.scale[...])[index]
+        packed, scale = self.q[...], self.scale[...]
+        a = self.block_axis % packed.ndim
+        pairs = jnp.stack([packed & 15, packed >> 4], axis=a + 1)  # [..., n / 2, 2, ...]
+        q = pairs.reshape(*packed.shape[:a], -1, *packed.shape[a + 1:]).astype(jnp.float32) - 8.0
+        blocks = scale.shape[a]
+        q = q.reshape(*q.shape[:a], blocks, q.shape[a] // blocks, *q.shape[a + 1:])
+        return (q * jnp.expand_dims(scale, a + 1)).reshape(self.shape)[index]
 
     def get_metadata(self) -> dict[str, Any]:
         """The weight's metadata (its logical axes), as an ``nnx.Param``'s."""
@@ -70,14 +92,34 @@ def quantize_array(w: jax.Array, in_axes: tuple[int, ...]) -> tuple[jax.Array, j
     return q, scale
 
 
+def quantize_array_int4(w: jax.Array, in_axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array, int]:
+    """Symmetric int4 (-7..7) of ``w`` with one scale per block of ``INT4_BLOCK`` rows of the last of ``in_axes`` and
+    per output channel, packed two values to a byte along that axis (``Int8Weight``'s int4 layout):
+    ``(packed uint8, scale, block axis counted from the end)``; ``scale`` has ``w``'s shape with the other input axes
+    of size 1 and the block axis of size blocks. The axis must have an even length."""
+    wf = w.astype(jnp.float32)
+    a, n = in_axes[-1], w.shape[in_axes[-1]]
+    if n % 2:
+        raise ValueError(f"int4 packs two rows to a byte, but the weight's input axis {a} has {n} rows (shape "
+                         f"{w.shape}). Fix: quantize it to int8.")
+    block = INT4_BLOCK if n % INT4_BLOCK == 0 else n
+    wb = wf.reshape(*w.shape[:a], n // block, block, *w.shape[a + 1:])  # the block axis a, its rows a + 1
+    scale = jnp.max(jnp.abs(wb), axis=(*in_axes[:-1], a + 1), keepdims=True) / 7.0
+    q = jnp.clip(jnp.round(wb / jnp.where(scale == 0, 1.0, scale)), -7, 7).reshape(w.shape)
+    u = (q + 8).astype(jnp.uint8).reshape(*w.shape[:a], n // 2, 2, *w.shape[a + 1:])
+    packed = jnp.take(u, 0, axis=a + 1) | (jnp.take(u, 1, axis=a + 1) << 4)
+    return packed, jnp.squeeze(scale, a + 1), a - w.ndim
+
+
 def quantize_weights(model: nnx.Module, mode: str = "int8") -> nnx.Module:
-    """Store ``model``'s projection weights (``TARGETS``) as ``Int8Weight`` (in place); returns ``model``.
+    """Store ``model``'s projection weights (``TARGETS``) as ``Int8Weight`` (in place), in int8 or (``mode="int4"``)
+    group-wise int4; returns ``model``.
 
     Raises ``ValueError`` for an unknown mode, a model that holds LoRA adapters (merge them first) or one already
     quantized.
     """
-    if mode not in QUANT_MODES:
-        raise ValueError(f"quantization mode {mode!r} is not supported. Fix: use one of {list(QUANT_MODES)}.")
+    if mode not in BASE_QUANT_MODES:
+        raise ValueError(f"quantization mode {mode!r} is not supported. Fix: use one of {list(BASE_QUANT_MODES)}.")
     nodes = [node for _, node in nnx.iter_graph(model)]
     if any(isinstance(n, LoRAWeight | MultiLoRAWeight) for n in nodes):
         raise ValueError("the model holds LoRA adapters. Fix: merge them first (mj.merge_lora(model)), then quantize.")
@@ -94,10 +136,14 @@ def quantize_weights(model: nnx.Module, mode: str = "int8") -> nnx.Module:
             axes = tuple(var.get_metadata().get("logical_axes") or (None,) * var.ndim)
             first_in = var.ndim - n_in - n_out
             in_axes = tuple(range(first_in, first_in + n_in))
-            q, scale = quantize_array(var[...], in_axes)
+            block_axis = None
+            if mode == "int4":
+                q, scale, block_axis = quantize_array_int4(var[...], in_axes)
+            else:
+                q, scale = quantize_array(var[...], in_axes)
             scale_axes = tuple(None if i in in_axes else a for i, a in enumerate(axes))
             setattr(node, name, Int8Weight(QuantizedValue(q, logical_axes=axes),
-                                           QuantizedValue(scale, logical_axes=scale_axes)))
+                                           QuantizedValue(scale, logical_axes=scale_axes), block_axis))
             done += 1
     if not done:
         raise ValueError("no projection weight of the model could be quantized. Fix: pass a mistral_jax Transformer.")

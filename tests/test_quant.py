@@ -140,12 +140,33 @@ def test_int8_weights_hold_a_quarter_of_float32_and_dequantize_within_half_a_ste
     assert isinstance(model.layers.feed_forward.gate, nnx.Param)  # the router stays float32
     with pytest.raises(ValueError, match="already quantized"):
         quant.quantize_weights(model)
-    with pytest.raises(ValueError, match=r"mode 'nf4' is not supported. Fix: use one of \['int8'\]"):
+    with pytest.raises(ValueError, match=r"mode 'nf4' is not supported. Fix: use one of \['int8', 'int4'\]"):
         quant.quantize_weights(mj.Transformer(cfg, rngs=nnx.Rngs(0)), "nf4")
     lora_model = mj.apply_lora(mj.Transformer(cfg, rngs=nnx.Rngs(0)), rank=2, alpha=4.0)
     with pytest.raises(ValueError, match="LoRA adapters. Fix: merge them first"):
         quant.quantize_weights(lora_model)
 
+
+
+def test_int4_weights_pack_two_to_a_byte_and_dequantize_within_half_a_step():
+    """QLoRA's int4 base (``quantize_array_int4``): uint8 bytes of two values, a float32 scale per 64 input rows and
+    output channel; the dequantized weight is numpy's round-to-nearest of each block, within half a step."""
+    from mistral_jax import quant
+
+    w = jax.random.normal(jax.random.key(0), (3, 128, 5)) * jnp.arange(1, 129)[None, :, None] / 64  # blocks differ
+    packed, scale, axis = quant.quantize_array_int4(w, (1,))
+    assert packed.dtype == jnp.uint8 and packed.shape == (3, 64, 5) and scale.shape == (3, 2, 5) and axis == -2
+    weight = quant.Int8Weight(quant.QuantizedValue(packed), quant.QuantizedValue(scale), axis)
+    assert weight.shape == w.shape
+    wn = np.asarray(w, np.float64).reshape(3, 2, 64, 5)
+    step = np.abs(wn).max(axis=2, keepdims=True) / 7
+    expected = (np.clip(np.round(wn / step), -7, 7) * step).reshape(w.shape)
+    np.testing.assert_allclose(np.asarray(weight[...]), expected, rtol=1e-6, atol=1e-6)
+    assert np.all(np.abs(np.asarray(weight[...]) - np.asarray(w)) <= np.repeat(step, 64, axis=2).reshape(w.shape) / 2
+                  + 1e-6)
+    assert not np.allclose(step[:, 0], step[:, 1])  # two blocks, two scales
+    with pytest.raises(ValueError, match=r"int4 packs two rows to a byte, but .* 7 rows .* Fix: quantize it to int8"):
+        quant.quantize_array_int4(jnp.ones((7, 3)), (0,))
 
 @pytest.mark.slow
 def test_int8_weights_logits_and_greedy_decoding_agree_with_the_float_model(trained):

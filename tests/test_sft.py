@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -320,11 +321,11 @@ def test_lora_sft_trains_only_adapters_and_merges(pretrained, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.oracle  # transformers reads the export
-def test_qlora_over_an_int8_base_trains_like_lora_and_exports_full_precision(pretrained, tmp_path):
-    """QLoRA (``lora.quantize_base = "int8"``): the frozen base is int8 in the train state (under a third of the float
-    base's bytes here); 30 steps reach a held-out loss within 3 % of float LoRA's on the same data and seed; the
-    export merges the adapters into the dequantized base in float32, and HF transformers' logits of it equal the
-    project's merged model to 1e-4."""
+def test_qlora_over_an_int8_or_int4_base_trains_like_lora_and_exports_full_precision(pretrained, tmp_path):
+    """QLoRA (``lora.quantize_base = "int8"`` / ``"int4"``): the frozen base is int8 (under a third of the float base's
+    bytes here) or group-wise int4 in the train state; 30 steps reach a held-out loss within 3 % of float LoRA's on
+    the same data and seed; the export merges the adapters into the dequantized base in float32, and HF transformers'
+    logits of it equal the project's merged model to 1e-4 (int4: the restored run, from its checkpoint)."""
     import torch
     import transformers
 
@@ -337,22 +338,27 @@ def test_qlora_over_an_int8_base_trains_like_lora_and_exports_full_precision(pre
     hf_dir, _ = pretrained
     kw = {"lora.rank": 4, "lora.alpha": 8.0, "optimizer.learning_rate": 1e-2, "data.validation": "bundled"}
     evals = {}
-    for name, extra in (("lora", {}), ("qlora", {"lora.quantize_base": "int8"})):
+    runs = (("lora", {}), ("qlora", {"lora.quantize_base": "int8"}), ("qlora4", {"lora.quantize_base": "int4"}))
+    for name, extra in runs:
         cfg = _sft_config(hf_dir, num_steps=30, **kw, **extra)
         evals[name] = trainer.train(cfg, str(tmp_path / name))["eval"]["eval/loss"]
-    print(f"held-out loss: LoRA {evals['lora']:.4f}, QLoRA {evals['qlora']:.4f}")
+    print(f"held-out loss: LoRA {evals['lora']:.4f}, QLoRA {evals['qlora']:.4f}, int4 {evals['qlora4']:.4f}")
     assert abs(evals["qlora"] / evals["lora"] - 1) <= 0.03, evals
+    assert abs(evals["qlora4"] / evals["lora"] - 1) <= 0.03, evals
+    assert evals["qlora4"] != evals["qlora"]  # a different base
 
     # the train state's frozen base: int8 values and scales where float LoRA keeps float32 weights
     frozen = {}
-    for name, extra in (("lora", {}), ("qlora", {"lora.quantize_base": "int8"})):
+    for name, extra in runs:
         adapters = recipe_lib.choose(_sft_config(hf_dir, **kw, **extra)).adapters
         model = adapters.wrap(load_pretrained(hf_dir))
         frozen[name] = model
-        assert quant.is_quantized(model) == (name == "qlora")
+        assert quant.is_quantized(model) == (name != "lora")
     nbytes = lambda m: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(m, nnx.Not(lora.LoRAParam))))
     int8 = [x for x in jax.tree.leaves(nnx.state(frozen["qlora"], quant.QuantizedValue)) if x.dtype == np.int8]
     assert int8 and nbytes(frozen["qlora"]) < nbytes(frozen["lora"]) / 2
+    int4 = [x for x in jax.tree.leaves(nnx.state(frozen["qlora4"], quant.QuantizedValue)) if x.dtype == np.uint8]
+    assert len(int4) == len(int8) and sum(x.size for x in int4) * 2 == sum(x.size for x in int8)  # two to a byte
 
     export = tmp_path / "qlora_export"
     assert lora_cli.main(["--workdir", str(tmp_path / "qlora"), "--output", str(export), "--to", "hf"]) == 0
@@ -362,3 +368,22 @@ def test_qlora_over_an_int8_base_trains_like_lora_and_exports_full_precision(pre
     with torch.no_grad():
         theirs = hf(torch.from_numpy(TOKENS.astype(np.int64))).logits.numpy()
     np.testing.assert_allclose(theirs, np.asarray(merged(TOKENS)), atol=1e-4, rtol=0)
+
+    # int4: the merged model of the run is its base as trained on, dequantized from int4 (the LM head is quantized
+    # and not adapted, so it is exactly the dequantized head), plus the adapters
+    merged4 = load_pretrained(tmp_path / "qlora4")
+    assert not quant.is_quantized(merged4) and merged4.layers.attention.wq[...].dtype == np.float32
+    head = load_pretrained(hf_dir).lm_head[...]
+    q, scale, axis = quant.quantize_array_int4(head, (0,))
+    expected = quant.Int8Weight(quant.QuantizedValue(q), quant.QuantizedValue(scale), axis)[...]
+    np.testing.assert_array_equal(np.asarray(merged4.lm_head[...]), np.asarray(expected))
+    assert 0 < float(jnp.abs(expected - head).max()) <= float(jnp.abs(head).max()) / 14 + 1e-6  # half a step
+
+
+def test_an_unknown_base_quantization_is_one_line_with_the_fix(tmp_path):
+    from mistral_jax.training import recipe as recipe_lib
+
+    with pytest.raises(recipe_lib.ConfigError) as e:
+        recipe_lib.choose(_sft_config(tmp_path, **{"lora.rank": 4, "lora.quantize_base": "int2"}))
+    text = str(e.value)
+    assert "\n" not in text and "config.lora.quantize_base='int2'" in text and "Fix: use 'int8' or 'int4'" in text

@@ -229,7 +229,7 @@ class LoRA:
     alpha: float
     targets: str
     seed: int
-    quantize_base: str = ""  # QLoRA: "int8" stores the frozen base weights in int8 (quant.py) before the adapters
+    quantize_base: str = ""  # QLoRA: "int8" / "int4" stores the frozen base weights so (quant.py) before the adapters
 
     def wrap(self, model: nnx.Module) -> nnx.Module:
         if self.quantize_base:
@@ -538,9 +538,10 @@ def choose(cfg: Any) -> Recipe:
     adapters = None
     if rank:
         quantize_base = str(_get(cfg, "lora.quantize_base", "") or "")
-        if quantize_base not in ("", "int8"):
+        if quantize_base not in ("", "int8", "int4"):
             raise ConfigError(f"config.lora.quantize_base={quantize_base!r} is not a base quantization. Fix: use "
-                              "'int8' (QLoRA: the frozen base in int8) or '' (the base as loaded).")
+                              "'int8' or 'int4' (QLoRA: the frozen base in int8, or int4 in blocks of 64) or '' (the "
+                              "base as loaded).")
         adapters = LoRA(rank=rank, alpha=float(cfg.lora.alpha), targets=cfg.lora.targets, seed=int(cfg.seed),
                         quantize_base=quantize_base)
         try:

@@ -1,6 +1,6 @@
 """Regenerate the quantization AOT tables (docs/benchmarks.md#quantization): bfloat16 against int8 / fp8 training
-(``--config.model.matmul_quant``), LoRA against QLoRA (``--config.lora.quantize_base=int8``), and bfloat16 against
-int8 serving at 32k context (``--serve --quantize int8 --config.model.kv_cache_dtype=int8``), per chip.
+(``--config.model.matmul_quant``), LoRA against QLoRA (``--config.lora.quantize_base=int8`` / ``int4``), and bfloat16
+against int8 serving at 32k context (``--serve --quantize int8 --config.model.kv_cache_dtype=int8``), per chip.
 
     python scripts/aot_quant_table.py [--rows mistral_7b_int8,...] [--python .venv312/bin/python]
 
@@ -31,8 +31,8 @@ ROWS = [
     *[(f"mixtral_8x7b_{m}", "configs/mixtral_8x7b.py", "v5p-128", [f"--config.model.matmul_quant={q}"])
       for m, q in (("bf16", "none"), ("int8", "int8"))],
     ("mixtral_8x7b_lora_r16", "configs/mixtral_8x7b_instruct.py", "v5p-8", _LORA),
-    ("mixtral_8x7b_qlora_r16", "configs/mixtral_8x7b_instruct.py", "v5p-8",
-     [*_LORA, "--config.lora.quantize_base=int8"]),
+    *[(f"mixtral_8x7b_qlora{bits}_r16", "configs/mixtral_8x7b_instruct.py", "v5p-8",
+       [*_LORA, f"--config.lora.quantize_base=int{bits}"]) for bits in (8, 4)],
 ]
 _INT8_SERVE = ["--quantize", "int8", "--config.model.kv_cache_dtype=int8"]
 # serving at 32k context: Mistral 7B (window 4096: the cache holds W) and Mixtral 8x7B (no window: all 32k)

@@ -93,7 +93,9 @@ def proj(spec: str, x: Array, w: Array, *, preferred_element_type=None, quant: s
         from mistral_jax.model import quantized  # qwix, imported by the runs that quantize
 
         if preferred_element_type is not None:
-            raise ValueError(f"proj {spec!r}: quant={quant!r} with preferred_element_type is not supported.")
+            raise ValueError(f"proj {spec!r}: quant={quant!r} with preferred_element_type={preferred_element_type} is "
+                             "not supported (the quantized matmul returns x's dtype). Fix: pass quant='none' for a "
+                             "matmul that needs another output dtype (the LM head is never quantized).")
         y = quantized.matmul(x.reshape(-1, c), w.reshape(c, f), quant)
     else:
         y = jnp.matmul(x.reshape(-1, c), w.reshape(c, f), preferred_element_type=preferred_element_type)  # [M, F]

@@ -28,7 +28,6 @@ from flax import nnx
 
 from mistral_jax.lora import _IN_OUT, LoRAWeight, MultiLoRAWeight
 
-QUANT_MODES = ("int8",)  # weight-only inference (--quantize)
 BASE_QUANT_MODES = ("int8", "int4")  # QLoRA's frozen base (config.lora.quantize_base)
 INT4_BLOCK = 64  # input rows per int4 scale (one block when the axis is not a multiple)
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "lm_head")

@@ -327,12 +327,23 @@ def check_checkpoint_flags(args: argparse.Namespace) -> None:
     if args.checkpoint is None:
         raise UsageError("--checkpoint", None, "is required", f"pass --checkpoint DIR: {CHECKPOINT_KINDS}")
     check_dtype("--dtype", args.dtype)
-    if args.kv_cache_dtype not in (None, "auto", "int8"):
-        raise UsageError("--kv_cache_dtype", args.kv_cache_dtype, "is not a KV cache dtype",
-                         "pass auto (the compute dtype) or int8")
-    if args.quantize not in (None, "int8"):
-        raise UsageError("--quantize", args.quantize, "is not a weight quantization mode",
-                         "pass int8 (or leave it out)")
+    check_quantize_flags(args.quantize, args.kv_cache_dtype)
+
+
+QUANTIZE_MODES = ("int8",)  # weight-only inference (--quantize of generate / serve / eval / aot --serve)
+KV_CACHE_DTYPES = ("auto", "int8")  # --kv_cache_dtype (config.model.kv_cache_dtype)
+
+
+def check_quantize_flags(quantize: str | None, kv_cache_dtype: str | None = None) -> None:
+    """``--quantize`` and ``--kv_cache_dtype``: None or one of ``QUANTIZE_MODES`` / ``KV_CACHE_DTYPES`` (the one check
+    of every command that takes them)."""
+    if quantize not in (None, *QUANTIZE_MODES):
+        raise UsageError("--quantize", quantize, "is not a weight quantization mode",
+                         f"pass --quantize {' or '.join(QUANTIZE_MODES)} (per-channel int8 weights), or leave it out")
+    if kv_cache_dtype not in (None, *KV_CACHE_DTYPES):
+        raise UsageError("--kv_cache_dtype", kv_cache_dtype, "is not a KV cache dtype",
+                         f"pass --kv_cache_dtype {' or '.join(KV_CACHE_DTYPES)} (auto: the compute dtype), or leave "
+                         "it out")
 
 
 # the flags of add_checkpoint_flags that take gs:// / s3:// paths (Parser(remote_ok=...))

@@ -118,8 +118,7 @@ def main(argv: list[str]) -> None:
 def _serve_args(f: Any, topo: Topology) -> tuple[Any, ...]:
     """The serving flags, checked (``UsageError``): ``(mesh sizes or None, max_batch, max_len, prefix MiB, dtype,
     chunk_size, quantize)``."""
-    from mistral_jax import quant
-    from mistral_jax.cli import DTYPES, UsageError, number
+    from mistral_jax.cli import DTYPES, UsageError, check_quantize_flags, number
     from mistral_jax.cli.serve import parse_mesh
 
     if f.num_slices != 1:
@@ -138,9 +137,7 @@ def _serve_args(f: Any, topo: Topology) -> tuple[Any, ...]:
     if dtype not in DTYPES:
         raise UsageError("--dtype", dtype, f"is not a serving dtype {list(DTYPES)}",
                          "pass --dtype bfloat16 (the default: half the memory) or --dtype float32")
-    if f.quantize not in (None, *quant.QUANT_MODES):
-        raise UsageError("--quantize", f.quantize, "is not a weight quantization mode",
-                         f"pass --quantize {' or '.join(quant.QUANT_MODES)} (as mistral-jax-serve's), or omit it")
+    check_quantize_flags(f.quantize)
     mesh = parse_mesh(f.mesh)
     if mesh is not None:
         from mistral_jax import sharding

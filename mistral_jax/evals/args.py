@@ -17,6 +17,7 @@ from mistral_jax.cli import (
     check_checkpoint_dir,
     check_dtype,
     check_local_flags,
+    check_quantize_flags,
     check_reachable,
     check_tokenizer,
     number,
@@ -62,10 +63,7 @@ def check_flags(values: Any, positional: Sequence[str] = ()) -> list[str]:
     number("--max_length", values.max_length, int, lambda v: v >= 1, "must be at least 1",
            "pass a context length in tokens such as --max_length 4096, or omit it for the model's max_seq_len")
     check_dtype("--dtype", values.dtype)
-    if getattr(values, "quantize", None) not in (None, "int8"):
-        raise UsageError("--quantize", values.quantize, "is not a weight quantization mode", "pass int8 (or omit it)")
-    if getattr(values, "kv_cache_dtype", None) not in (None, "auto", "int8"):
-        raise UsageError("--kv_cache_dtype", values.kv_cache_dtype, "is not a KV cache dtype", "pass auto or int8")
+    check_quantize_flags(getattr(values, "quantize", None), getattr(values, "kv_cache_dtype", None))
     parse_seed(values.seed)
     if values.log_samples and not values.output_path:
         raise UsageError("--output_path", None, "is needed by --log_samples",

@@ -28,10 +28,12 @@ with its KV cache and a prefix-cache budget, per chip against HBM (``serving.pla
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -113,8 +115,6 @@ def topology_devices(topology: Topology, num_slices: int = 1) -> list[Any]:
 
     With ``num_slices > 1`` each device carries the ``slice_index`` of its slice, as on a multi-slice job.
     """
-    import os
-
     from jax.experimental import topologies
 
     if topology.platform == "gpu":
@@ -126,14 +126,39 @@ def topology_devices(topology: Topology, num_slices: int = 1) -> list[Any]:
         return gpu.devices(gpu.parse(topology.name))
     # Compiling needs no TPU, so several compiling processes may share libtpu (else: a lockfile error).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    chatter: list[str] = []
     try:
-        desc = topologies.get_topology_desc(topology.libtpu_name, "tpu",
-                                            **({"num_slices": num_slices} if num_slices > 1 else {}))
+        with _captured_stderr(chatter):  # libtpu's start-up lines about the absent TPU host (metadata, hostnames)
+            desc = topologies.get_topology_desc(topology.libtpu_name, "tpu",
+                                                **({"num_slices": num_slices} if num_slices > 1 else {}))
     except Exception as e:  # noqa: BLE001 - missing libtpu surfaces as various errors
-        raise RuntimeError(f"cannot describe TPU topology {topology.libtpu_name!r}: {type(e).__name__}: {e}. "
-                           "Fix: install the tpu extra (pip install 'mistral_jax[tpu]' or 'jax[tpu]') of the same "
-                           "jax version; for a libtpu lockfile error set ALLOW_MULTIPLE_LIBTPU_LOAD=1.") from e
+        said = " | ".join(line for line in "".join(chatter).splitlines()[-3:] if line.strip())
+        raise RuntimeError(f"cannot describe TPU topology {topology.libtpu_name!r}: {type(e).__name__}: {e}"
+                           f"{f' (libtpu: {said})' if said else ''}. Fix: install the tpu extra (pip install "
+                           "'mistral_jax[tpu]' or 'jax[tpu]') of the same jax version; for a libtpu lockfile error "
+                           "set ALLOW_MULTIPLE_LIBTPU_LOAD=1.") from e
     return list(desc.devices)
+
+
+@contextlib.contextmanager
+def _captured_stderr(into: list[str]) -> Iterator[None]:
+    """File descriptor 2 goes to a temporary file for the block (C++ libraries write there, past ``sys.stderr``);
+    its text is appended to ``into``, not shown."""
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            into.append(tmp.read().decode("utf-8", "replace"))
 
 
 def libtpu_available() -> bool:

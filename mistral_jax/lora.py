@@ -4,10 +4,12 @@ Legend: L layers, E experts, D model dim, N heads, K kv heads, H head_dim, F MLP
 
 ``apply_lora(model, rank, alpha, targets)`` replaces each targeted weight attribute (``attention.wq`` ...) by a
 ``LoRAWeight`` module holding the frozen base ``W`` and two adapters ``A`` [in..., R], ``B`` [R, out...] (B starts at
-zero, so the wrapped model first computes exactly what the base model did). Model code reads weights as
-``self.wq[...]``; ``LoRAWeight.__getitem__`` answers with the effective weight ``W + (alpha / R) * A @ B``. The layers
-are stacked and scanned, so each layer's effective weights are formed inside the scan body (one layer at a time)
-and its weight cotangent is never stacked over depth.
+zero, so the wrapped model first computes exactly what the base model did). The projections
+(``model.projection.weight_proj``: attention, the dense MLP) compute PEFT's unmerged ``x W + (alpha / R) (x A) B``
+(``LoRAWeight.low_rank``): the frozen ``W`` gets no gradient, so the backward pass has no weight-gradient matmul for
+it. Other readers (the Mixtral experts' grouped matmuls) index ``self.w1[...]``; ``LoRAWeight.__getitem__`` answers
+with the merged weight ``W + (alpha / R) * A @ B``. The layers are stacked and scanned, so each layer's merged
+weights are formed inside the scan body (one layer at a time) and their cotangent is never stacked over depth.
 
 Every other parameter (embedding, norms, router, untargeted projections) becomes a ``Frozen`` variable, which is
 not an ``nnx.Param``: ``nnx.state(model, nnx.Param)`` -- what the optimizer and gradients see, and what a LoRA
@@ -99,6 +101,11 @@ class LoRAWeight(nnx.Module):
     @property
     def dtype(self):
         return self.base.dtype
+
+    def low_rank(self) -> tuple[jax.Array, jax.Array, float]:
+        """``(A, B, scale)``: the projections (``model.projection.weight_proj``) compute ``x W + scale * (x A) B``
+        from them without forming the merged weight."""
+        return self.a[...], self.b[...], self.scale
 
     def delta(self) -> jax.Array:
         """``scale * A @ B`` in float32, shaped like ``W``."""

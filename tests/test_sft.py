@@ -83,7 +83,7 @@ def test_merge_equals_base_plus_scaled_update(base_models, name):
     model, base = _lora_model(base_models, name, rank=4, alpha=8.0)
     _randomise_adapters(model)
     ad = jax.tree.map(np.asarray, nnx.to_pure_dict(lora.adapter_state(model)))["layers"]
-    lora_logits = np.asarray(model(TOKENS)) if cfg.is_moe else None  # (the LoRA run test checks Mistral's logits)
+    lora_logits = np.asarray(model(TOKENS))  # Mistral's unmerged projections, Mixtral's merged experts
     lora.merge_lora(model)
     assert not lora.is_lora(model)
     merged = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
@@ -104,8 +104,33 @@ def test_merge_equals_base_plus_scaled_update(base_models, name):
     np.testing.assert_array_equal(merged["embed"], base["embed"])
     norm = ("layers", "attention_norm", "weight")
     np.testing.assert_array_equal(merged[norm[0]][norm[1]][norm[2]], base[norm[0]][norm[1]][norm[2]])
-    if lora_logits is not None:  # the merged plain model computes what the LoRA model computed
-        np.testing.assert_allclose(np.asarray(model(TOKENS)), lora_logits, atol=1e-5, rtol=0)
+    # the merged plain model computes what the LoRA model computed
+    np.testing.assert_allclose(np.asarray(model(TOKENS)), lora_logits, atol=1e-5, rtol=0)
+
+
+def test_lora_projections_are_unmerged_so_the_base_gets_no_weight_gradient(base_models):
+    """Attention and the dense MLP compute PEFT's ``x W + scale (x A) B``: the gradient program of the adapters has
+    no matmul that produces a weight-shaped [in, out] array (a merged ``W + A B`` and its gradient ``x^T dy``)."""
+    cfg = CFGS["mistral"]
+    model, _ = _lora_model(base_models, "mistral")
+    _randomise_adapters(model)
+    graphdef, adapters, rest = nnx.split(model, lora.LoRAParam, ...)
+    loss = lambda ad: nnx.merge(graphdef, ad, rest)(TOKENS).astype(jnp.float32).var()
+    shapes = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                shapes.append(tuple(eqn.outvars[0].aval.shape))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(jax.grad(loss))(adapters).jaxpr)
+    d, qh, kh, f = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim
+    weight_shapes = {(d, qh), (d, kh), (qh, d), (d, f), (f, d)}
+    assert TOKENS.size not in (d, qh, kh, f)  # token-side matmuls cannot look like weights
+    assert shapes and not weight_shapes & set(shapes), sorted(set(shapes))
+    assert (TOKENS.size, 4) in shapes  # the rank-4 projections x A
 
 
 # ------------------------------------------------------------------------------------------ runs through train.py

@@ -42,13 +42,34 @@ def adapter_rows(ids: Int[Array, " B"] | None) -> Iterator[None]:
 
 def weight_proj(spec: str, x: Array, var: Any, dtype: Any, quant: str = "none") -> Array:
     """``proj(spec, x, var[...].astype(dtype), quant=quant)`` for a weight variable; a weight with per-row adapters
-    (``row_delta``, ``lora.MultiLoRAWeight``) adds ``x A[ids] B[ids]`` for the rows' adapters (``adapter_rows``)."""
+    (``row_delta``, ``lora.MultiLoRAWeight``) adds ``x A[ids] B[ids]`` for the rows' adapters (``adapter_rows``).
+
+    A LoRA weight (``lora.LoRAWeight``: ``low_rank`` factors) is not merged: ``x W + scale * (x A) B`` (PEFT's form),
+    so the frozen ``W`` gets no gradient: the backward pass skips the weight-gradient matmul of a merged weight
+    (a third of the projection's FLOPs) and its full-size float32 buffer."""
+    low_rank = getattr(var, "low_rank", None)
+    if low_rank is not None:
+        a, b, scale = low_rank()
+        y = proj(spec, x, var.base[...].astype(dtype), quant=quant)
+        return y + (lora_proj(spec, x, a.astype(dtype), b.astype(dtype)) * scale).astype(y.dtype)
     y = proj(spec, x, var[...].astype(dtype), quant=quant)
     ids = _ADAPTER_ROWS.get()
     row_delta = getattr(var, "row_delta", None)
     if ids is not None and row_delta is not None:
         y = y + row_delta(x, ids).astype(y.dtype)
     return y
+
+
+def lora_proj(spec: str, x: Array, a: Array, b: Array) -> Array:
+    """``(x A) B`` for the projection ``spec`` of a weight ``W`` [in..., out...] with ``A`` [in..., R] and ``B``
+    [R, out...]: two projections through rank R, e.g. ``"BTD,DNH->BTNH"`` as ``BTD,DR->BTR`` then ``BTR,RNH->BTNH``."""
+    kept, n = _plan(spec)
+    inputs, out = spec.replace(" ", "").split("->")
+    xs, ws = inputs.split(",")
+    r = next(c for c in "RZYXWVUQPOJIGCA" if c not in spec)
+    lead, contracted, produced = xs[:kept], ws[:n], ws[n:]
+    h = proj(f"{xs},{contracted}{r}->{lead}{r}", x, a)
+    return proj(f"{lead}{r},{r}{produced}->{out}", h, b)
 
 
 @functools.cache

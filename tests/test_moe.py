@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -190,3 +192,72 @@ def test_expert_parallel_dispatch_equals_dense_oracle_forward_and_backward(case)
     np.testing.assert_allclose(float(got_loss), float(ref_loss), rtol=1e-5)
     for got, ref in zip(jax.tree.leaves(got_g), jax.tree.leaves(ref_g), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5)
+
+
+@pytest.mark.parametrize("case,expert_mlp", [
+    ("one_device", "ragged_dot"), ("a2a_two_experts_tensor", "ragged_dot"), ("a2a_fsdp_chunked", "ragged_dot"),
+    ("all_gather", "ragged_dot"), ("one_device", "looped"), ("a2a_fsdp_chunked", "looped")])
+@pytest.mark.heavy
+def test_lora_experts_unmerged_equal_the_merged_dense_oracle_with_adapter_grads(case, expert_mlp):
+    """LoRA on the experts (``moe.LowRank``): with an accelerator's expert MLP (``ragged_dot``: grouped matmuls, as
+    on GPU; TPU's megablox is the same ``swiglu_experts``), ``x W + (x A) B``, never the merged weight: on one
+    device and on expert-parallel meshes (8 CPU devices; F split over the tensor axis too) the block's output and
+    the adapters' gradients equal the dense oracle over merged weights ``W + scale A B``, and no [E, D, F]
+    weight-gradient matmul is in the program. CPU's fused ``looped`` MLP gets the merged weights: same numbers."""
+    import dataclasses
+
+    from mistral_jax import lora
+    from mistral_jax import sharding as sh
+
+    mesh_shape, experts, dispatch, chunk = _EP_CASES.get(case, (None, 8, "all_to_all", 0))
+    cfg = mj.ModelConfig.tiny_mixtral(num_experts=experts, moe_dispatch=dispatch, moe_chunk_tokens=chunk)
+    mesh, rules = (sh.make_mesh(**mesh_shape), sh.rules_preset("fsdp_tp_ep")) if mesh_shape else (None, None)
+    chosen = dataclasses.replace(backends.resolve(cfg.for_platform(), mesh, rules), expert_mlp=expert_mlp)
+    layer = moe.MoE(cfg, rngs=nnx.Rngs(3), backends=chosen)
+    lora.apply_lora(layer, 2, 4.0, "w1,w2,w3", seed=1)
+    rng = np.random.default_rng(5)
+    for _, node in nnx.iter_graph(layer):
+        if isinstance(node, lora.LoRAWeight):  # B = 0 at the start: give it a real update
+            node.b[...] = jnp.asarray(0.1 * rng.standard_normal(node.b.shape), jnp.float32)
+    graphdef, adapters, rest = nnx.split(layer, lora.LoRAParam, ...)
+    x = jax.random.normal(jax.random.key(4), (8, 12, cfg.dim))  # 96 tokens: no row count is D or F
+
+    def loss(ad, x, gd):
+        y, _ = nnx.merge(gd, ad, rest)(x)
+        return jnp.sum(jnp.sin(y)), y
+
+    def merged_loss(ad, x):  # the oracle: dense experts over W + scale A B, formed here
+        m = nnx.merge(graphdef, ad, rest)
+        plain = moe.MoE(cfg.replace(moe_impl="dense"), rngs=nnx.Rngs(0))
+        plain.gate = nnx.Param(m.gate[...])
+        for name in ("w1", "w3", "w2"):
+            lw = getattr(m, name)
+            setattr(plain, name, nnx.Param(lw.base[...] + lw.scale * jnp.einsum(
+                "EIR,ERO->EIO", ad[name]["a"][...], ad[name]["b"][...])))
+        y, _ = plain(x)
+        return jnp.sum(jnp.sin(y)), y
+
+    (ref_loss, ref_y), ref_g = jax.value_and_grad(merged_loss, has_aux=True)(adapters, x)
+    fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=2)
+    if mesh:  # replicated on the mesh (the program shards them)
+        adapters, rest, x = jax.device_put((adapters, rest, x), jax.sharding.NamedSharding(mesh, jax.P()))
+    with sh.use_mesh(mesh, rules) if mesh else contextlib.nullcontext():
+        (got_loss, got_y), got_g = fn(adapters, x, graphdef)
+        jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, has_aux=True), static_argnums=2)(adapters, x, graphdef)
+    np.testing.assert_allclose(np.asarray(got_y), np.asarray(ref_y), atol=1e-5)
+    np.testing.assert_allclose(float(got_loss), float(ref_loss), atol=1e-6)
+    for got, ref in zip(jax.tree.leaves(got_g), jax.tree.leaves(ref_g), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5)
+    shapes = set()
+
+    def walk(jx):
+        for eqn in jx.eqns:
+            if eqn.primitive.name in ("dot_general", "ragged_dot_general"):
+                shapes.add(tuple(eqn.outvars[0].aval.shape[-2:]))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    d, f = cfg.dim, cfg.hidden_dim // (mesh_shape or {}).get("tensor", 1)  # F per shard
+    weight_shaped = {(d, f), (f, d)} & shapes  # a merged weight or its gradient: [D, F] / [F, D]
+    assert shapes and bool(weight_shaped) == (expert_mlp == "looped"), sorted(shapes)

@@ -140,9 +140,88 @@ def combine(y: Float[Array, "A D"], a: Assignments, weights: Float[Array, "M X"]
     return (yk * weights.astype(y.dtype)[..., None]).sum(1)
 
 
+class LowRank(NamedTuple):
+    """An expert weight with a LoRA update, unmerged: ``base`` [E, in, out] (frozen), ``a`` [E, in, R], ``b``
+    [E, R, out] (the LoRA scale folded in). The grouped matmul of rows ``x`` is ``x base + (x a) b`` (three grouped
+    matmuls, two of them through rank R), so the frozen base gets no gradient: the backward pass has no
+    [E, in, out] weight-gradient matmul, nor its float32 buffer (what a merged ``base + a b`` costs)."""
+
+    base: Array
+    a: Array
+    b: Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.base.shape
+
+    def merged(self) -> Array:
+        """``base + a b`` (float32 sum) in the base's dtype: for the dense oracle path."""
+        return (self.base.astype(jnp.float32) + jnp.einsum("EIR,ERO->EIO", self.a.astype(jnp.float32),
+                                                           self.b.astype(jnp.float32))).astype(self.base.dtype)
+
+    def specs(self, spec):
+        """The ``shard_map`` specs of the three arrays for the base's ``spec`` (the rank axis unsharded)."""
+        from jax.sharding import PartitionSpec as P
+
+        return LowRank(spec, P(*spec[:-1], None), P(spec[0], None, spec[-1]))
+
+
+def expert_weight(var, dtype) -> Array | LowRank:
+    """The weight an expert path multiplies by: ``var[...]`` in ``dtype``, or for a LoRA weight (``low_rank``:
+    ``lora.LoRAWeight``) its unmerged ``LowRank`` (the adapters cast to ``dtype``, the scale folded into ``b``)."""
+    low_rank = getattr(var, "low_rank", None)
+    if low_rank is None:
+        return var[...].astype(dtype)
+    a, b, scale = low_rank()
+    return LowRank(var.base[...].astype(dtype), a.astype(dtype), (b * scale).astype(dtype))
+
+
+def _w_spec(w, spec):
+    return w.specs(spec) if isinstance(w, LowRank) else spec
+
+
+def low_rank_grouped(x: Float[Array, "A I"], a: Float[Array, "E I R"], b: Float[Array, "E R O"],
+                     group_sizes: Int[Array, " E"]) -> Float[Array, "A O"]:
+    """``(x[i] a[g]) b[g]`` for row i of group g (rows past the groups 0) as two dense matmuls through all E*R
+    adapter columns: ``x [a_0 .. a_E]`` (E*R columns, about 1 % of an expert's F), each row's other groups' columns
+    zeroed, then ``[b_0; ..; b_E]``. No grouped matmul of rank R (``ragged_dot`` with R columns lowers to far more
+    memory than this on TPU)."""
+    e, i, r = a.shape
+    rows = x.shape[0]
+    group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(rows), side="right")  # [A]; E = past the groups
+    mine = jax.nn.one_hot(group, e, dtype=x.dtype)  # [A, E]
+    h = jnp.matmul(x, jnp.swapaxes(a, 0, 1).reshape(i, e * r)).reshape(rows, e, r) * mine[:, :, None]
+    return jnp.matmul(h.reshape(rows, e * r), b.reshape(e * r, -1))  # [A, O]
+
+
+def low_rank_aware(mlp):
+    """``mlp(x, w1, w3, w2, group_sizes)`` taking ``LowRank`` weights too. Where the platform's expert MLP is
+    ``swiglu_experts`` over a grouped matmul (TPU, GPU, quantized training), LoRA weights stay unmerged:
+    ``x base + (x a) b`` with that ``gmm`` and ``low_rank_grouped``. An expert MLP without one (CPU's fused
+    ``looped_expert_mlp``, 3x faster there than ``ragged_dot``) gets the merged weights. Plain weights go to
+    ``mlp`` unchanged."""
+
+    def fn(x, w1, w3, w2, group_sizes):
+        if not any(isinstance(w, LowRank) for w in (w1, w3, w2)):
+            return mlp(x, w1, w3, w2, group_sizes)
+        base_gmm = (getattr(mlp, "keywords", None) or {}).get("gmm")
+        if getattr(mlp, "func", None) is not swiglu_experts or base_gmm is None:
+            return mlp(x, *(w.merged() if isinstance(w, LowRank) else w for w in (w1, w3, w2)), group_sizes)
+
+        def gmm(rows, w, gs):
+            if not isinstance(w, LowRank):
+                return base_gmm(rows, w, gs)
+            return base_gmm(rows, w.base, gs) + low_rank_grouped(rows, w.a, w.b, gs).astype(rows.dtype)
+
+        return swiglu_experts(x, w1, w3, w2, group_sizes, gmm=gmm)
+
+    return fn
+
+
 def dense_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "M X"], top_idx: Int[Array, "M X"]
                   ) -> Float[Array, "M D"]:
     """The oracle: all E experts on all M tokens, weighted by the routing weights (zero off the top-k)."""
+    w1, w3, w2 = (w.merged() if isinstance(w, LowRank) else w for w in (w1, w3, w2))
     gates = jnp.einsum("MX,MXE->ME", top_w, jax.nn.one_hot(top_idx, w1.shape[0], dtype=top_w.dtype))  # [M, E]
     h = jax.nn.silu(jnp.einsum("MD,EDF->MEF", x, w1)) * jnp.einsum("MD,EDF->MEF", x, w3)  # [M, E, F]
     y = jnp.einsum("MEF,EFD->MED", h, w2)  # [M, E, D]
@@ -210,7 +289,8 @@ def expert_parallel_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Arr
             return jax.lax.psum_scatter(out, ea, scatter_dimension=0, tiled=True)  # [m, D]
         return jax.lax.psum(out, ea)
 
-    fn = jax.shard_map(local, mesh=ep.mesh, in_specs=(tok_spec, w_in_spec, w_in_spec, w_out_spec, tok_spec, tok_spec),
+    fn = jax.shard_map(local, mesh=ep.mesh, in_specs=(tok_spec, _w_spec(w1, w_in_spec), _w_spec(w3, w_in_spec),
+                                                       _w_spec(w2, w_out_spec), tok_spec, tok_spec),
                        out_specs=tok_spec, check_vma=False)
     return fn(x, w1, w3, w2, top_w, top_idx)
 
@@ -283,7 +363,8 @@ def all_to_all_experts(x: Float[Array, "M D"], w1, w3, w2, top_w: Float[Array, "
             out = jax.lax.map(lambda args: body(*args), (split(xl), split(wl), split(il))).reshape(m, -1)
         return jax.lax.psum(out, ta) if ta is not None else out
 
-    fn = jax.shard_map(local, mesh=ep.mesh, in_specs=(tok_spec, w_in_spec, w_in_spec, w_out_spec, tok_spec, tok_spec),
+    fn = jax.shard_map(local, mesh=ep.mesh, in_specs=(tok_spec, _w_spec(w1, w_in_spec), _w_spec(w3, w_in_spec),
+                                                       _w_spec(w2, w_out_spec), tok_spec, tok_spec),
                        out_specs=tok_spec, check_vma=False)
     return fn(x, w1, w3, w2, top_w, top_idx)
 
@@ -300,10 +381,11 @@ def expert_mlp(backends: Backends):
     (``ModelConfig.matmul_quant``) the SwiGLU experts over qwix's quantized ``ragged_dot`` on every platform
     (``model/quantized.py``)."""
     if backends.quant == "none":
-        return backends.experts_fn()
+        return low_rank_aware(backends.experts_fn())
     from mistral_jax.model import quantized  # qwix, imported by the runs that quantize
 
-    return functools.partial(swiglu_experts, gmm=functools.partial(quantized.grouped_matmul, mode=backends.quant))
+    return low_rank_aware(functools.partial(swiglu_experts, gmm=functools.partial(quantized.grouped_matmul,
+                                                                                  mode=backends.quant)))
 
 
 # The registered paths: fn(x, w1, w3, w2, top_w, top_idx, backends, cfg) -> [M, D].
@@ -345,7 +427,7 @@ class MoE(nnx.Module):
         probs, top_w, top_idx = route(logits, cfg.num_experts_per_tok)
         valid_m = jnp.ones((b * t,), bool) if valid is None else valid.reshape(b * t)  # [M]
         stats = router_stats(logits, probs, top_idx, valid_m)
-        args = (xf, self.w1[...].astype(dt), self.w3[...].astype(dt), self.w2[...].astype(dt), top_w.astype(dt),
-                top_idx)
+        w1, w3, w2 = (expert_weight(w, dt) for w in (self.w1, self.w3, self.w2))  # LoRA: unmerged (LowRank)
+        args = (xf, w1, w3, w2, top_w.astype(dt), top_idx)
         y = MOE[self.backends.moe].fn(*args, backends=self.backends, cfg=cfg)  # [M, D]
         return sharding.constrain(y.reshape(b, t, d), ("batch", "seq", "act_embed")), stats

@@ -22,17 +22,31 @@ _spec.loader.exec_module(aot_table)
 GiB = aot_table.GiB
 
 _7B = ["--config.batch_size=32", "--config.grad_accum_steps=4"]
-_LORA = ["--config.lora.rank=16", "--config.init_from=", "--config.batch_size=8", "--config.grad_accum_steps=1",
-         "--config.data.seq_len=4096", "--config.mesh.expert=1", "--config.model.param_dtype=bfloat16"]
+_LORA_ANY = ["--config.lora.rank=16", "--config.init_from=", "--config.grad_accum_steps=1",
+             "--config.data.seq_len=4096", "--config.model.param_dtype=bfloat16"]
+_LORA = [*_LORA_ANY, "--config.batch_size=8", "--config.mesh.expert=1"]
 # (name, config, topology, overrides)
 ROWS = [
     *[(f"mistral_7b_{m}", "configs/mistral_7b.py", "v5p-8", [*_7B, f"--config.model.matmul_quant={q}"])
       for m, q in (("bf16", "none"), ("int8", "int8"), ("fp8", "fp8"))],
     *[(f"mixtral_8x7b_{m}", "configs/mixtral_8x7b.py", "v5p-128", [f"--config.model.matmul_quant={q}"])
       for m, q in (("bf16", "none"), ("int8", "int8"))],
-    ("mixtral_8x7b_lora_r16", "configs/mixtral_8x7b_instruct.py", "v5p-8", _LORA),
-    *[(f"mixtral_8x7b_qlora{bits}_r16", "configs/mixtral_8x7b_instruct.py", "v5p-8",
-       [*_LORA, f"--config.lora.quantize_base=int{bits}"]) for bits in (8, 4)],
+    # LoRA against QLoRA (int8 / int4 base) on one v5p-8: FSDP over 4 chips, the experts over 4 chips, and the
+    # experts over 4 chips at one 4096-token row per chip with 512-token MoE dispatch and loss chunks ("lean")
+    *[(f"mixtral_8x7b_{base}_r16{mesh}", "configs/mixtral_8x7b_instruct.py", "v5p-8",
+       [*(_LORA if not flags else [*_LORA_ANY, "--config.batch_size=8"] if len(flags) == 1 else _LORA_ANY), *flags,
+        *more])
+      for mesh, flags in (("", []), ("_ep4", ["--config.mesh.expert=4"]),
+                          ("_ep4_lean", ["--config.batch_size=4", "--config.mesh.expert=4",
+                                         "--config.model.moe_chunk_tokens=512", "--config.model.loss_chunk_size=512"]))
+      for base, more in (("lora", []), ("qlora8", ["--config.lora.quantize_base=int8"]),
+                         ("qlora4", ["--config.lora.quantize_base=int4"]))],
+    # the smallest v5e slice each fits (16 GiB per chip): bfloat16 LoRA needs v5e-16, int8 v5e-8, int4 v5e-4
+    *[(f"mixtral_8x7b_{base}_r16_{topo.replace('-', '')}", "configs/mixtral_8x7b_instruct.py", topo,
+       [*_LORA_ANY, f"--config.batch_size={chips}", f"--config.mesh.expert={min(chips, 8)}", *more])
+      for base, topo, chips, more in (("lora", "v5e-8", 8, []), ("lora", "v5e-16", 16, []),
+                                      ("qlora8", "v5e-8", 8, ["--config.lora.quantize_base=int8"]),
+                                      ("qlora4", "v5e-4", 4, ["--config.lora.quantize_base=int4"]))],
 ]
 _INT8_SERVE = ["--quantize", "int8", "--config.model.kv_cache_dtype=int8"]
 # serving at 32k context: Mistral 7B (window 4096: the cache holds W) and Mixtral 8x7B (no window: all 32k)

@@ -4,12 +4,12 @@ Legend: L layers, E experts, D model dim, N heads, K kv heads, H head_dim, F MLP
 
 ``apply_lora(model, rank, alpha, targets)`` replaces each targeted weight attribute (``attention.wq`` ...) by a
 ``LoRAWeight`` module holding the frozen base ``W`` and two adapters ``A`` [in..., R], ``B`` [R, out...] (B starts at
-zero, so the wrapped model first computes exactly what the base model did). The projections
-(``model.projection.weight_proj``: attention, the dense MLP) compute PEFT's unmerged ``x W + (alpha / R) (x A) B``
-(``LoRAWeight.low_rank``): the frozen ``W`` gets no gradient, so the backward pass has no weight-gradient matmul for
-it. Other readers (the Mixtral experts' grouped matmuls) index ``self.w1[...]``; ``LoRAWeight.__getitem__`` answers
-with the merged weight ``W + (alpha / R) * A @ B``. The layers are stacked and scanned, so each layer's merged
-weights are formed inside the scan body (one layer at a time) and their cotangent is never stacked over depth.
+zero, so the wrapped model first computes exactly what the base model did). The model computes PEFT's unmerged
+``x W + (alpha / R) (x A) B`` from ``LoRAWeight.low_rank``: the projections (``model.projection.weight_proj``:
+attention, the dense MLP) and Mixtral's experts (``model.moe.LowRank``, where the expert MLP is grouped matmuls),
+so the frozen ``W`` gets no gradient and the backward pass has no weight-gradient matmul for it. Other readers (CPU's
+fused expert MLP, the dense MoE oracle) index ``self.w1[...]``; ``LoRAWeight.__getitem__`` answers with the merged
+weight ``W + (alpha / R) * A @ B``, formed inside the layer scan's body (one layer at a time).
 
 Every other parameter (embedding, norms, router, untargeted projections) becomes a ``Frozen`` variable, which is
 not an ``nnx.Param``: ``nnx.state(model, nnx.Param)`` -- what the optimizer and gradients see, and what a LoRA

@@ -142,8 +142,8 @@ def combine(y: Float[Array, "A D"], a: Assignments, weights: Float[Array, "M X"]
 
 class LowRank(NamedTuple):
     """An expert weight with a LoRA update, unmerged: ``base`` [E, in, out] (frozen), ``a`` [E, in, R], ``b``
-    [E, R, out] (the LoRA scale folded in). The grouped matmul of rows ``x`` is ``x base + (x a) b`` (three grouped
-    matmuls, two of them through rank R), so the frozen base gets no gradient: the backward pass has no
+    [E, R, out] (the LoRA scale folded in). The grouped matmul of rows ``x`` is ``x base + (x a) b`` (the base's
+    grouped matmul plus ``low_rank_grouped``), so the frozen base gets no gradient: the backward pass has no
     [E, in, out] weight-gradient matmul, nor its float32 buffer (what a merged ``base + a b`` costs)."""
 
     base: Array

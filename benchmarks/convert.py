@@ -31,6 +31,8 @@ import psutil
 case, src, out = sys.argv[1:4]
 if case != "copy":
     from mistral_jax.cli import convert
+if case.startswith("hf_to_gguf"):
+    import gguf  # noqa: F401  (the writer's import, 0.4 s: it imports mistral_common; imports are not timed)
 """ + RSS_SAMPLER + """
 t0 = time.perf_counter()
 if case == "copy":

@@ -150,6 +150,55 @@ def test_hf_jax_hf_round_trip_is_bit_identical(hf_dirs, tmp_path, arch, dtype):
     assert json.load(open(os.path.join(out, "config.json")))["dtype"] == dtype
 
 
+def _sendfile_spy(monkeypatch) -> list[int]:
+    """The byte counts of every ``os.sendfile`` call from now on (the kernel copy of unchanged tensors)."""
+    sent, real = [], os.sendfile
+
+    def spy(out_fd, in_fd, offset, count):
+        n = real(out_fd, in_fd, offset, count)
+        sent.append(n)
+        return n
+
+    monkeypatch.setattr(os, "sendfile", spy)
+    return sent
+
+
+def _safetensors_files(directory) -> dict[str, bytes]:
+    return {f: open(os.path.join(directory, f), "rb").read() for f in sorted(os.listdir(directory))
+            if f.endswith(".safetensors") or f.endswith(".index.json")}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="os.sendfile to a file is Linux's")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch", sorted(HF_CONFIGS))
+def test_hf_to_hf_copies_unchanged_tensors_in_the_kernel(hf_dirs, tmp_path, monkeypatch, arch, dtype):
+    """HF -> HF in the stored dtype copies every tensor's bytes file to file (``os.sendfile``; transformers' files
+    store them in another order than the export, so one copy per run of neighbours) and writes, byte for byte, the
+    shards that exporting the loaded parameters writes through numpy; so does the copy's fallback (16 MB reads);
+    a dtype change copies nothing."""
+    from mistral_jax.convert import safetensors_io
+
+    dirs, _ = hf_dirs
+    src = dirs[arch, dtype]
+    stored = sum(t.numel() * t.element_size() for t in _torch_tensors(src).values())
+    sent = _sendfile_spy(monkeypatch)
+    mj.convert("hf", "hf", src, tmp_path / "copied", max_shard_size=20_000)
+    assert sum(sent) == stored and len(sent) > 1
+    model = mj.load_pretrained(src)
+    mj.save_hf(model, tmp_path / "written", max_shard_size=20_000)  # every tensor through numpy (a params source)
+    copied = _safetensors_files(tmp_path / "copied")
+    assert len(copied) > 2 and copied == _safetensors_files(tmp_path / "written")
+    monkeypatch.setattr(safetensors_io, "_KERNEL_COPY", False)
+    sent.clear()
+    mj.convert("hf", "hf", src, tmp_path / "fallback", max_shard_size=20_000)
+    assert sent == [] and _safetensors_files(tmp_path / "fallback") == copied
+    other = "bfloat16" if dtype == "float32" else "float32"
+    mj.convert("hf", "hf", src, tmp_path / "cast", dtype=other)
+    assert sent == []
+    _assert_bit_identical({k: v.to(getattr(torch, other)) for k, v in _torch_tensors(src).items()},
+                          _torch_tensors(str(tmp_path / "cast")))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("arch", sorted(HF_CONFIGS))
 def test_mistral_jax_mistral_round_trip_is_bit_identical(hf_dirs, tmp_path, arch, dtype):

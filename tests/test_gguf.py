@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -23,6 +25,7 @@ from mistral_jax import cli, storage
 from mistral_jax.cli.convert import GGUF_DTYPES
 from mistral_jax.cli.convert import main as convert_main
 from mistral_jax.convert import gguf as gguf_export
+from mistral_jax.convert import hf as hf_export
 from mistral_jax.convert import paths
 from mistral_jax.convert.sources import ParamsSource
 from mistral_jax.data.chat import render_prompt
@@ -228,6 +231,57 @@ def test_mixtral_q8_0_keeps_the_greedy_tokens(random_models, tokenizer_path, tmp
     step, free = _agreement(model, path, _random_prompts(model.cfg.vocab_size))
     print(f"mixtral q8_0: greedy agreement {step:.0%} per step, {free:.0%} free running")
     assert step >= 0.9  # a random model's near ties: one flip changes the rest of a free-running continuation
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="os.sendfile to a file is Linux's")
+@pytest.mark.parametrize("dtype", ["float32", "q8_0"])
+def test_export_from_hf_files_copies_unchanged_tensors_and_equals_the_array_path(random_models, tokenizer_path,
+                                                                                tmp_path, monkeypatch, dtype):
+    """From HF files, a tensor that GGUF stores as the file does (the Mistral layout's transform, the stored dtype:
+    every float32 tensor but the RoPE-permuted ``wq`` / ``wk``; each layer's experts stacked from per-expert tensors)
+    is copied file to file (``os.sendfile``). The file equals, byte for byte, the export of the same parameters held
+    in memory, where every tensor goes through numpy (q8_0 included: norms and the router stay float32)."""
+    model = random_models["mixtral"]
+    mj.save_hf(model, tmp_path / "hf")
+    sent, real = [], os.sendfile
+
+    def spy(out_fd, in_fd, offset, count):
+        sent.append(real(out_fd, in_fd, offset, count))
+        return sent[-1]
+
+    monkeypatch.setattr(os, "sendfile", spy)
+    gguf_export.export(str(tmp_path / "files"), hf_export.open_source(str(tmp_path / "hf")),
+                       tokenizer=tokenizer_path, dtype=dtype)
+    monkeypatch.undo()
+    p = params_dict(model)
+    layers, attn = p["layers"], p["layers"]["attention"]
+    if dtype == "float32":
+        copied = sum(x.size for x in jax.tree.leaves(p)) - attn["wq"].size - attn["wk"].size
+    else:  # what stays float32 in a q8_0 file
+        copied = (layers["attention_norm"]["weight"].size + layers["ffn_norm"]["weight"].size + p["norm"]["weight"].size
+                  + layers["feed_forward"]["gate"].size)
+    assert sum(sent) == 4 * copied
+    from_arrays = _export(model, str(tmp_path / "arrays"), tokenizer_path, dtype=dtype)
+    with open(os.path.join(tmp_path / "files", gguf_export.FILENAME), "rb") as a, open(from_arrays, "rb") as b:
+        assert a.read() == b.read()
+
+
+def test_q8_0_quantizer_is_ggufs_bit_for_bit():
+    """``quantize_q8_0`` (XLA for the elementwise work) equals gguf's own ``quants.quantize`` (llama.cpp's reference
+    rounding) on every block: scales from 1e-30 to 1e4, halves that round away from zero, zero blocks, the tensor
+    shapes of an export (2-D, stacked experts) and a tensor smaller and larger than one chunk."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((300, 1024)).astype(np.float32) * np.float32(10.0 ** e) for e in (-30, -3, 0, 4)]
+    halves = (rng.integers(-254, 255, (64, 1024)) / 2).astype(np.float32)
+    halves[:, ::32] = 127  # d = 1: every value is its own rounding input, half of them exact .5
+    arrays += [halves, np.zeros((3, 64), np.float32), rng.standard_normal((4, 6, 96)).astype(np.float32),
+               rng.standard_normal((1, 32)).astype(np.float32),
+               rng.standard_normal((gguf_export._Q8_BLOCKS // 8 + 5, 256)).astype(np.float32)]  # > one chunk
+    for x in arrays:
+        want = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
+        got = gguf_export.quantize_q8_0(x)
+        assert got.dtype == want.dtype and got.shape == want.shape, x.shape
+        assert np.array_equal(got, want), x.shape
 
 
 @pytest.mark.heavy

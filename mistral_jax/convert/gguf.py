@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import tempfile
 from collections.abc import Sequence
@@ -55,6 +56,7 @@ from mistral_jax import storage
 from mistral_jax.config import ModelConfig
 from mistral_jax.convert import keys as keys_lib
 from mistral_jax.convert import paths, sources, tokenizer_files
+from mistral_jax.convert import safetensors_io as st
 from mistral_jax.convert.dtypes import dtype_name
 
 KIND = "gguf"
@@ -166,19 +168,48 @@ def plan(cfg: ModelConfig, source: sources.Source, dtype: str | None) -> list[_T
     return out
 
 
-def _encode(t: _Tensor, source: sources.Source, cfg: ModelConfig) -> np.ndarray:
-    """The bytes of one GGUF tensor (as the numpy array ``GGUFWriter.write_tensor_data`` takes)."""
+class _Unchanged:
+    """A GGUF tensor whose bytes are its source's, in order (one tensor, or a layer's experts): copied file to file
+    (``safetensors_io.copy_bytes``). ``GGUFWriter.write_tensor_data`` takes it as an array: it has ``nbytes`` and
+    ``tofile``."""
+
+    def __init__(self, spans: Sequence[st.FileBytes]):
+        self.spans = tuple(spans)
+        self.nbytes = sum(s.nbytes for s in self.spans)
+
+    def tofile(self, out: Any) -> None:
+        st.copy_bytes(out, self.spans)
+
+
+def _unchanged(t: _Tensor, source: sources.Source) -> _Unchanged | None:
+    """``t`` as stored in ``source``'s local files, when GGUF's bytes are exactly those (the Mistral layout's
+    transform and the stored dtype: every matrix but the rotary-permuted ``wq`` / ``wk``, from HF or Mistral
+    files), else None."""
+    q = _gguf().GGMLQuantizationType
+    dt = {q.F32: np.dtype(np.float32), q.F16: np.dtype(np.float16), q.BF16: np.dtype(ml_dtypes.bfloat16)}.get(t.qtype)
+    if dt is None:
+        return None
+    spans = [sources.unchanged(source, e, "mistral", dt) for e in t.entries]
+    return None if any(s is None for s in spans) else _Unchanged(spans)
+
+
+def _encode(t: _Tensor, source: sources.Source, cfg: ModelConfig) -> np.ndarray | _Unchanged:
+    """The bytes of one GGUF tensor (as the numpy array ``GGUFWriter.write_tensor_data`` takes), or, for a tensor
+    stored as GGUF stores it, where they lie (:class:`_Unchanged`)."""
     gguf = _gguf()
     q = gguf.GGMLQuantizationType
+    same = _unchanged(t, source)
+    if same is not None:
+        return same
     if len(t.entries) == 1:
-        data = np.asarray(t.entries[0].to_file("mistral", source.read(t.entries[0]), cfg))
+        data = np.asarray(t.entries[0].to_file("mistral", sources.transient(source, t.entries[0]), cfg))
     else:  # a layer's experts, stacked: [E, out, in]
-        first = np.asarray(t.entries[0].to_file("mistral", source.read(t.entries[0]), cfg))
+        first = np.asarray(t.entries[0].to_file("mistral", sources.transient(source, t.entries[0]), cfg))
         data = np.empty(t.shape, first.dtype)
         data[0] = first
         del first
         for k, e in enumerate(t.entries[1:], start=1):
-            data[k] = np.asarray(e.to_file("mistral", source.read(e), cfg))
+            data[k] = np.asarray(e.to_file("mistral", sources.transient(source, e), cfg))
     if t.qtype == q.BF16:
         return np.ascontiguousarray(data.astype(ml_dtypes.bfloat16, copy=False)).view(np.uint16)
     if t.qtype == q.F16:
@@ -186,7 +217,55 @@ def _encode(t: _Tensor, source: sources.Source, cfg: ModelConfig) -> np.ndarray:
     data = np.ascontiguousarray(data.astype(np.float32, copy=False))
     if t.qtype == q.F32:
         return data
-    return gguf.quants.quantize(data, t.qtype)  # Q8_0: gguf's own quantizer (llama.cpp's reference rounding)
+    return quantize_q8_0(data)  # gguf.quants.quantize's Q8_0 (llama.cpp's reference rounding), bit for bit
+
+
+_Q8_BLOCKS = 1 << 16  # 32-value blocks per XLA call (8 MB of float32)
+
+
+@functools.cache
+def _q8_0_programs() -> tuple[Any, Any]:
+    """The two compiled halves of :func:`quantize_q8_0`: each block's absmax, and its values scaled and rounded
+    (llama.cpp's ``roundf``, half away from zero, written as ``gguf.quants.np_roundf`` writes it)."""
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def rounded(blocks, inv):
+        y = blocks * inv[:, None]
+        a = jnp.abs(y)
+        f = jnp.floor(a)
+        return (jnp.sign(y) * (f + jnp.floor(2 * (a - f)))).astype(jnp.int8)
+
+    return jax.jit(lambda blocks: jnp.max(jnp.abs(blocks), axis=1)), rounded
+
+
+def quantize_q8_0(data: np.ndarray) -> np.ndarray:
+    """``gguf.quants.quantize(data, Q8_0)`` bit for bit, about 2x faster: 32-value blocks, each stored as its
+    float16 scale ``d = absmax / 127`` and the int8 values ``roundf(x / d)``.
+
+    The elementwise work (absmax, scaling, rounding) runs in XLA over chunks of 65536 blocks (a power of two as
+    small as the tensor allows, so a few programs serve every tensor); ``d`` and ``1 / d`` are computed in numpy,
+    as gguf computes them: XLA's float32 division is not always correctly rounded (it moved 3 blocks in a million
+    by one step). ``data``: float32, the last axis a multiple of 32; returns uint8 ``[..., last // 32 * 34]``.
+    """
+    blocks = np.ascontiguousarray(data, np.float32).reshape(-1, 32)
+    n = blocks.shape[0]
+    out = np.empty((n, 34), np.uint8)
+    absmax, rounded = _q8_0_programs()
+    size = min(_Q8_BLOCKS, 1 << max(n - 1, 1).bit_length())
+    chunk = np.zeros((size, 32), np.float32)  # one aligned buffer, reused (the last chunk's tail stays zero: d = 0)
+    for start in range(0, n, size):
+        m = min(size, n - start)
+        chunk[:m] = blocks[start:start + m]
+        if m < size:
+            chunk[m:] = 0
+        d = np.asarray(absmax(chunk)) / np.float32(127)
+        with np.errstate(divide="ignore"):
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+        out[start:start + m, :2] = d[:m].astype(np.float16).view(np.uint8).reshape(m, 2)
+        out[start:start + m, 2:] = np.asarray(rounded(chunk, inv))[:m].view(np.uint8)
+    return out.reshape(*data.shape[:-1], data.shape[-1] // 32 * 34)
 
 
 # ----------------------------------------------------------------------------------------------- metadata
@@ -349,6 +428,10 @@ def write_file(path: str, source: sources.Source, *, dtype: str | None = None, t
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
+        end = w.fout[0].tell()
+        for n in [t.nbytes for t in tensors] + [4 * cfg.n_heads] * len(sinks):
+            end = w.ggml_pad(end, w.data_alignment) + n
+        st.preallocate(w.fout[0], w.ggml_pad(end, w.data_alignment))
         for t in tensors:
             w.write_tensor_data(_encode(t, source, cfg))
         for _ in sinks:

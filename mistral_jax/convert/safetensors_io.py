@@ -12,14 +12,22 @@ On a bucket (``gs://``, ``s3://``) a file is read with ranged reads, never downl
 ranged GET (two when it is longer than the first guess) and each tensor one more, so memory stays at about one
 tensor, not one shard. A file written to a bucket is streamed into the object (fsspec's multipart / resumable
 upload, a few MB buffered at a time); nothing is staged on the local disk.
+
+A tensor that leaves a conversion byte for byte as it came in (same layout, same dtype: HF -> HF, most of HF ->
+GGUF) need not pass through Python at all: ``SafetensorsFile.span`` names its bytes (a :class:`FileBytes`) and the
+writers copy them file to file in the kernel (``os.sendfile``, as ``shutil.copyfile`` does), local to local.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import mmap
 import os
 import struct
+import sys
 from collections.abc import Iterable, Sequence
+from typing import BinaryIO
 
 import ml_dtypes
 import numpy as np
@@ -127,6 +135,110 @@ class SafetensorsFile:
                              f"{got}. Fix: re-download or re-export the file.")
         return out
 
+    def view(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as a read-only array over the file's pages (``mmap`` of its byte range, unmapped when the
+        array is dropped): no copy, for a caller that transforms or writes it at once and does not keep it. A bucket
+        file (or an empty tensor) is read as :meth:`read` does."""
+        code, shape, begin, end = self.tensors[name]
+        if self.remote or end == begin:
+            return self.read(name)
+        start = self.data_start + begin
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), start - base + end - begin, access=mmap.ACCESS_READ, offset=base)
+        count = int(np.prod(shape, dtype=np.int64))
+        return np.frombuffer(mm, DTYPES[code], count=count, offset=start - base).reshape(shape)
+
+    def span(self, name: str) -> FileBytes | None:
+        """Where tensor ``name``'s bytes lie (a :class:`FileBytes`), or None for a bucket file (read it instead)."""
+        if self.remote:
+            return None
+        code, shape, begin, end = self.tensors[name]
+        return FileBytes(self.path, self.data_start + begin, end - begin, code, shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class FileBytes:
+    """A tensor's bytes as they lie in a local file: ``nbytes`` bytes at ``offset`` of ``path``, with their safetensors
+    dtype code and shape. Writers copy them unchanged (:func:`copy_bytes`) instead of reading them into an array."""
+
+    path: str
+    offset: int
+    nbytes: int
+    code: str
+    shape: tuple[int, ...]
+
+    def tofile(self, out: BinaryIO) -> None:  # the numpy name, so ``gguf.GGUFWriter.write_tensor_data`` takes one
+        copy_bytes(out, [self])
+
+
+_KERNEL_COPY = sys.platform.startswith("linux") and hasattr(os, "sendfile")  # sendfile to a regular file: Linux
+_CHUNK = 16 << 20  # the fallback's copy unit
+
+
+def _runs(spans: Sequence[FileBytes]) -> list[tuple[str, int, int]]:
+    """``spans`` as ``(path, offset, nbytes)`` runs: neighbours that lie back to back in one file are joined."""
+    runs: list[tuple[str, int, int]] = []
+    for s in spans:
+        if runs and runs[-1][0] == s.path and runs[-1][1] + runs[-1][2] == s.offset:
+            runs[-1] = (s.path, runs[-1][1], runs[-1][2] + s.nbytes)
+        elif s.nbytes:
+            runs.append((s.path, s.offset, s.nbytes))
+    return runs
+
+
+def copy_bytes(out: BinaryIO, spans: Sequence[FileBytes]) -> int:
+    """Append ``spans``' bytes, in order, to the open binary file ``out``; returns the bytes written.
+
+    A local file with a descriptor gets them by ``os.sendfile`` (page cache to page cache, no Python buffer; spans
+    back to back in one file in one call), then ``out`` is repositioned past them; anything else (a bucket object,
+    another platform) gets them in 16 MB reads.
+    """
+    try:
+        fd = out.fileno() if _KERNEL_COPY else None
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        fd = None
+    total = 0
+    if fd is not None:
+        out.flush()
+        pos = out.tell()
+    sources: dict[str, BinaryIO] = {}
+    try:
+        for path, offset, nbytes in _runs(spans):
+            src = sources.get(path) or sources.setdefault(path, open(path, "rb"))  # noqa: SIM115 - closed below
+            done = 0
+            while done < nbytes:
+                if fd is not None:
+                    n = os.sendfile(fd, src.fileno(), offset + done, nbytes - done)
+                else:
+                    src.seek(offset + done)
+                    chunk = src.read(min(_CHUNK, nbytes - done))
+                    n = len(chunk)
+                    out.write(chunk)
+                if n == 0:
+                    raise ValueError(f"{path}: truncated while copying {nbytes} bytes at offset {offset} ({done} "
+                                     "copied). Fix: re-download or re-export the file.")
+                done += n
+            total += done
+    finally:
+        for src in sources.values():
+            src.close()
+    if fd is not None:
+        out.seek(pos + total)  # sendfile moved the descriptor; the buffered writer must know
+    return total
+
+
+def preallocate(out: BinaryIO, size: int) -> None:
+    """Reserve ``size`` bytes for the local file ``out`` is writing (``posix_fallocate``, one extent allocation
+    up front: the kernel copies into it about a quarter faster than into a file grown write by write). A no-op for
+    a bucket object, a small file or a platform without it."""
+    if size < (64 << 20) or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(out.fileno(), 0, size)
+    except (AttributeError, OSError, ValueError):  # no descriptor, or a filesystem that cannot: write as usual
+        pass
+
 
 def header_bytes(specs: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> bytes:
     """The length prefix + JSON header for tensors ``(name, dtype code, shape)`` stored in this order."""
@@ -146,23 +258,35 @@ def tensor_nbytes(code: str, shape: Sequence[int]) -> int:
 
 
 def write_file(path: str | os.PathLike, specs: Sequence[tuple[str, str, tuple[int, ...]]],
-               arrays: Iterable[np.ndarray], metadata: dict[str, str] | None = None) -> int:
+               arrays: Iterable[np.ndarray | FileBytes], metadata: dict[str, str] | None = None) -> int:
     """Write a safetensors file whose tensors are produced one at a time by ``arrays`` (same order as ``specs``).
 
-    Each produced array is cast to its spec's dtype, checked against its shape, written and dropped. ``path`` may
-    be on a bucket (streamed into the object). Returns the file's size in bytes.
+    Each produced array is cast to its spec's dtype, checked against its shape, written and dropped; a produced
+    :class:`FileBytes` (same dtype code and shape as its spec) is copied file to file (:func:`copy_bytes`).
+    ``path`` may be on a bucket (streamed into the object). Returns the file's size in bytes.
     """
     path = os.fspath(path)
     with storage.path(path).open("wb") as f:
         head = header_bytes(specs, metadata)
+        preallocate(f, len(head) + sum(tensor_nbytes(code, shape) for _, code, shape in specs))
         f.write(head)
         written = len(head)
         it = iter(arrays)
+        pending: list[FileBytes] = []  # unchanged tensors not yet copied: a run of them is one kernel copy
         for name, code, shape in specs:
             try:
                 arr = next(it)
             except StopIteration:
                 raise RuntimeError(f"{path}: the producer stopped before tensor {name!r}") from None
+            if isinstance(arr, FileBytes):
+                if (arr.code, tuple(arr.shape)) != (code, tuple(shape)):
+                    raise ValueError(f"{path}: tensor {name!r} is {arr.code} {arr.shape} in {arr.path}, the header "
+                                     f"says {code} {tuple(shape)}")
+                pending.append(arr)
+                continue
+            if pending:
+                written += copy_bytes(f, pending)
+                pending = []
             arr = np.ascontiguousarray(np.asarray(arr).astype(DTYPES[code], copy=False))
             if arr.shape != tuple(shape):
                 raise ValueError(f"{path}: tensor {name!r} has shape {arr.shape}, the header says {tuple(shape)}")
@@ -170,4 +294,6 @@ def write_file(path: str | os.PathLike, specs: Sequence[tuple[str, str, tuple[in
                 f.write(arr.reshape(-1).view(np.uint8).data)
                 written += arr.nbytes
             del arr
+        if pending:
+            written += copy_bytes(f, pending)
     return written

@@ -40,6 +40,30 @@ class Source(Protocol):
     def read(self, entry: keys_lib.Entry) -> np.ndarray: ...
 
 
+def transient(source: Source, entry: keys_lib.Entry) -> np.ndarray:
+    """``source.read(entry)`` for immediate use: a read-only view of a local file's pages where the source has them
+    (``FileSource.transient``); the caller must not keep or modify it."""
+    read = getattr(source, "transient", None)
+    return read(entry) if read is not None else source.read(entry)
+
+
+def unchanged(source: Source, entry: keys_lib.Entry, fmt: keys_lib.Format, dtype: np.dtype) -> st.FileBytes | None:
+    """``entry``'s stored bytes when its ``fmt`` file tensor in ``dtype`` is exactly them, else None.
+
+    That holds when ``source`` reads local safetensors files whose format stores the entry with the same transform
+    as ``fmt`` (the transforms are exact inverses, so the round trip is the identity) and the dtype is the stored
+    one: HF -> HF in the same dtype, and every HF -> Mistral layout tensor but the rotary-permuted ``wq`` / ``wk``.
+    Writers then copy the bytes file to file (``safetensors_io.copy_bytes``) instead of reading, transforming and
+    writing an array.
+    """
+    span = getattr(source, "span", None)
+    if span is None or entry.key.transform(source.fmt) != entry.key.transform(fmt):
+        return None
+    if np.dtype(dtype) != source.dtype(entry):
+        return None
+    return span(entry)
+
+
 class TensorIndex:
     """Name -> file for a set of safetensors files; construction reads headers only and collects problems."""
 
@@ -95,6 +119,17 @@ class FileSource:
     def read(self, entry: keys_lib.Entry) -> np.ndarray:
         name = entry.name(self.fmt)
         return entry.from_file(self.fmt, self.index.where[name].read(name), self.cfg)
+
+    def transient(self, entry: keys_lib.Entry) -> np.ndarray:
+        """:meth:`read` without the copy where the file is local: a read-only view of the file's pages
+        (``SafetensorsFile.view``), for writers that transform or write the slice at once and drop it."""
+        name = entry.name(self.fmt)
+        return entry.from_file(self.fmt, self.index.where[name].view(name), self.cfg)
+
+    def span(self, entry: keys_lib.Entry) -> st.FileBytes | None:
+        """Where ``entry``'s bytes lie in its (local) file, as stored in ``self.fmt``; None on a bucket."""
+        name = entry.name(self.fmt)
+        return self.index.where[name].span(name)
 
 
 class ParamsSource:

@@ -167,15 +167,18 @@ def sentencepiece_merges(m: Any) -> list[tuple[str, str]]:
     checks the result on runs of every such character against sentencepiece itself. Other ties keep the order of
     their parts' ids.
     """
-    vocab = {p.piece: i for i, p in enumerate(m.pieces)}
+    pieces = [(p.piece, p.type, p.score) for p in m.pieces]  # each protobuf field read once (they are slow)
+    vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
     groups: dict[float, list[tuple[str, str, str]]] = {}
-    for p in m.pieces:
-        if p.type != 1:  # NORMAL pieces take part in merges (not control, user-defined, unknown or byte pieces)
+    for piece, kind, score in pieces:
+        if kind != 1:  # NORMAL pieces take part in merges (not control, user-defined, unknown or byte pieces)
             continue
-        for k in range(1, len(p.piece)):
-            left, right = p.piece[:k], p.piece[k:]
-            if left in vocab and right in vocab:
-                groups.setdefault(p.score, []).append((p.piece, left, right))
+        for k in range(1, len(piece)):
+            left = piece[:k]
+            if left in vocab:
+                right = piece[k:]
+                if right in vocab:
+                    groups.setdefault(score, []).append((piece, left, right))
     merges: list[tuple[str, str]] = []
     for score in sorted(groups, reverse=True):
         group = groups[score]

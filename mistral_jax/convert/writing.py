@@ -10,7 +10,7 @@ from mistral_jax import storage
 from mistral_jax.convert import keys as keys_lib
 from mistral_jax.convert import safetensors_io as st
 from mistral_jax.convert.dtypes import np_dtype
-from mistral_jax.convert.sources import Source
+from mistral_jax.convert.sources import Source, transient, unchanged
 
 
 def parse_size(size: int | str) -> int:
@@ -63,8 +63,9 @@ def write_tensors(out_dir: str, source: Source, fmt: keys_lib.Format, dtype: str
         fname = file_names[0] if len(groups) == 1 else f"model-{s + 1:05d}-of-{len(groups):05d}.safetensors"
 
         def produce(idx=idx):
-            for i in idx:
-                yield es[i].to_file(fmt, source.read(es[i]), cfg)
+            for i in idx:  # a tensor stored as it is written is copied file to file, never read
+                same = unchanged(source, es[i], fmt, st.DTYPES[specs[i][1]])
+                yield same if same is not None else es[i].to_file(fmt, transient(source, es[i]), cfg)
 
         sizes[fname] = st.write_file(storage.join(out_dir, fname), [specs[i] for i in idx], produce())
         weight_map.update({specs[i][0]: fname for i in idx})

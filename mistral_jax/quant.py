@@ -8,9 +8,12 @@ model's compute dtype from int8 storage: half a bfloat16 model's weight bytes (a
 embedding (a gather), the norms and the MoE router stay as they are.
 
 ``mode="int4"`` (QLoRA's base, ``BASE_QUANT_MODES``) stores 4-bit values (-7..7, two to a byte: packed here into
-uint8 along the last input axis, so every platform and Orbax hold half of int8's bytes) with one float32 scale per
+uint8 along the last input axis, so every platform and Orbax hold half of int8's bytes) with one bfloat16 scale per
 block of ``INT4_BLOCK`` = 64 input rows and output channel (group-wise absmax along that axis, as QLoRA's blocks of
-64): a quarter of bfloat16's bytes plus the scales (half a bit per weight).
+64): a quarter of bfloat16's bytes plus the scales (a quarter of a bit per weight, half of float32 scales';
+QLoRA's double quantization takes its float32 block scales from 0.5 to 0.127 bits). A bfloat16 scale is within
+0.4 % of the absmax / 7 it rounds; the values are rounded against it, so the error stays within half a step of the
+stored scale.
 
 Used by ``generate``, the server and evals through ``--quantize int8``, and by QLoRA (``config.lora.quantize_base``:
 the frozen base of a LoRA run in int8 or int4, the adapters in float32; ``lora.apply_lora`` wraps an ``Int8Weight``
@@ -35,17 +38,19 @@ _OWNERS = ("Attention", "MLP", "MoE", "Transformer")
 
 
 class QuantizedValue(nnx.Variable):
-    """int8 values or float32 scales of a quantized weight (not a ``Param``: nothing trains them)."""
+    """int8 / packed int4 values or the scales of a quantized weight (not a ``Param``: nothing trains them)."""
 
 
 class Int8Weight(nnx.Module):
-    """A weight stored as int8 (or packed int4) values and float32 scales; indexing gives ``q * scale`` (float32).
+    """A weight stored as int8 (or packed int4) values and their scales; indexing gives ``q * scale`` (float32),
+    ``dequantize(dtype)`` the same in a compute dtype.
 
     Attributes:
       q: int8 [lead..., in..., out...]; int4: uint8 of the same shape but ``block_axis`` halved, each byte two values
-        (consecutive rows of that axis, + 8, low nibble first). scale: float32, the weight's shape with the input axes
-        of size 1 (per output channel), except ``block_axis`` (int4: the last input axis, negative: counted from the
-        last axis, as the layer scan slices the stacked leading axis off) of size blocks: a scale per block of rows.
+        (row i and row i + n / 2 of that axis, + 8, row i in the low nibble). scale: float32 (int4: bfloat16), the
+        weight's shape with the input axes of size 1 (per output channel), except ``block_axis`` (int4: the last
+        input axis, negative: counted from the last axis, as the layer scan slices the stacked leading axis off) of
+        size blocks: a scale per block of rows.
     """
 
     def __init__(self, q: QuantizedValue, scale: QuantizedValue, block_axis: int | None = None):
@@ -64,15 +69,30 @@ class Int8Weight(nnx.Module):
         return jnp.float32
 
     def __getitem__(self, index: Any) -> jax.Array:
+        return self.dequantize(jnp.float32)[index]
+
+    def dequantize(self, dtype: Any) -> jax.Array:
+        """The weight ``q * scale`` in ``dtype`` (the model's readers ask for their compute dtype).
+
+        int8: computed in float32 (per-channel float32 scales), then cast. int4 (bfloat16 scales): computed in
+        ``dtype`` itself when that is bfloat16 or float32, so no float32 copy of a bfloat16 model's weight is made.
+        A value (-7..7, 3 bits) times a bfloat16 scale (8 bits) is exact in float32, so one rounding to bfloat16
+        gives what the float32 product cast to bfloat16 gives: the same bits either way.
+        """
+        dtype = jnp.dtype(dtype)
         if self.block_axis is None:
-            return (self.q[...].astype(jnp.float32) * self.scale[...])[index]
+            return (self.q[...].astype(jnp.float32) * self.scale[...]).astype(dtype)
         packed, scale = self.q[...], self.scale[...]
+        work = dtype if dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)) else jnp.dtype(jnp.float32)
+        if scale.dtype != jnp.bfloat16:  # a float32 scale (an older int4 base): its product needs float32
+            work = jnp.dtype(jnp.float32)
         a = self.block_axis % packed.ndim
-        pairs = jnp.stack([packed & 15, packed >> 4], axis=a + 1)  # [..., n / 2, 2, ...]
-        q = pairs.reshape(*packed.shape[:a], -1, *packed.shape[a + 1:]).astype(jnp.float32) - 8.0
-        blocks = scale.shape[a]
-        q = q.reshape(*q.shape[:a], blocks, q.shape[a] // blocks, *q.shape[a + 1:])
-        return (q * jnp.expand_dims(scale, a + 1)).reshape(self.shape)[index]
+        # rows [0, n/2) are the low nibbles, [n/2, n) the high ones: a concatenation, which XLA fuses with the
+        # scaling into one pass that writes only the dequantized weight (interleaved rows made it materialize the
+        # unpacked values and their blocks as well: 3 weight-sized temporaries instead of 1)
+        q = jnp.concatenate([packed & 15, packed >> 4], axis=a).astype(work) - 8
+        rows = q.shape[a] // scale.shape[a]  # each scale's rows (a broadcast of the scales, not a blocked reshape
+        return (q * jnp.repeat(scale.astype(work), rows, axis=a)).astype(dtype)  # of the weight: one fused pass)
 
     def get_metadata(self) -> dict[str, Any]:
         """The weight's metadata (its logical axes), as an ``nnx.Param``'s."""
@@ -92,8 +112,8 @@ def quantize_array(w: jax.Array, in_axes: tuple[int, ...]) -> tuple[jax.Array, j
 
 
 def quantize_array_int4(w: jax.Array, in_axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array, int]:
-    """Symmetric int4 (-7..7) of ``w`` with one scale per block of ``INT4_BLOCK`` rows of the last of ``in_axes`` and
-    per output channel, packed two values to a byte along that axis (``Int8Weight``'s int4 layout):
+    """Symmetric int4 (-7..7) of ``w`` with one bfloat16 scale per block of ``INT4_BLOCK`` rows of the last of
+    ``in_axes`` and per output channel, packed two values to a byte along that axis (``Int8Weight``'s int4 layout):
     ``(packed uint8, scale, block axis counted from the end)``; ``scale`` has ``w``'s shape with the other input axes
     of size 1 and the block axis of size blocks. The axis must have an even length."""
     wf = w.astype(jnp.float32)
@@ -103,10 +123,12 @@ def quantize_array_int4(w: jax.Array, in_axes: tuple[int, ...]) -> tuple[jax.Arr
                          f"{w.shape}). Fix: quantize it to int8.")
     block = INT4_BLOCK if n % INT4_BLOCK == 0 else n
     wb = wf.reshape(*w.shape[:a], n // block, block, *w.shape[a + 1:])  # the block axis a, its rows a + 1
-    scale = jnp.max(jnp.abs(wb), axis=(*in_axes[:-1], a + 1), keepdims=True) / 7.0
-    q = jnp.clip(jnp.round(wb / jnp.where(scale == 0, 1.0, scale)), -7, 7).reshape(w.shape)
-    u = (q + 8).astype(jnp.uint8).reshape(*w.shape[:a], n // 2, 2, *w.shape[a + 1:])
-    packed = jnp.take(u, 0, axis=a + 1) | (jnp.take(u, 1, axis=a + 1) << 4)
+    scale = (jnp.max(jnp.abs(wb), axis=(*in_axes[:-1], a + 1), keepdims=True) / 7.0).astype(jnp.bfloat16)
+    step = scale.astype(jnp.float32)  # the values are rounded against the stored (bfloat16) scale
+    q = jnp.clip(jnp.round(wb / jnp.where(step == 0, 1.0, step)), -7, 7).reshape(w.shape)
+    u = (q + 8).astype(jnp.uint8)
+    half = n // 2
+    packed = jax.lax.slice_in_dim(u, 0, half, axis=a) | (jax.lax.slice_in_dim(u, half, n, axis=a) << 4)
     return packed, jnp.squeeze(scale, a + 1), a - w.ndim
 
 

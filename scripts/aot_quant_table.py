@@ -32,13 +32,18 @@ ROWS = [
     *[(f"mixtral_8x7b_{m}", "configs/mixtral_8x7b.py", "v5p-128", [f"--config.model.matmul_quant={q}"])
       for m, q in (("bf16", "none"), ("int8", "int8"))],
     # LoRA against QLoRA (int8 / int4 base) on one v5p-8: FSDP over 4 chips, the experts over 4 chips, and the
-    # experts over 4 chips at one 4096-token row per chip with 512-token MoE dispatch and loss chunks ("lean")
+    # experts over 4 chips at one 4096-token row per chip with 512-token MoE dispatch and loss chunks ("lean"),
+    # also with the layer inputs offloaded to host memory ("offload")
     *[(f"mixtral_8x7b_{base}_r16{mesh}", "configs/mixtral_8x7b_instruct.py", "v5p-8",
        [*(_LORA if not flags else [*_LORA_ANY, "--config.batch_size=8"] if len(flags) == 1 else _LORA_ANY), *flags,
         *more])
       for mesh, flags in (("", []), ("_ep4", ["--config.mesh.expert=4"]),
                           ("_ep4_lean", ["--config.batch_size=4", "--config.mesh.expert=4",
-                                         "--config.model.moe_chunk_tokens=512", "--config.model.loss_chunk_size=512"]))
+                                         "--config.model.moe_chunk_tokens=512", "--config.model.loss_chunk_size=512"]),
+                          # the lean shape with each layer's input kept in host memory (remat "offload")
+                          ("_ep4_offload", ["--config.batch_size=4", "--config.mesh.expert=4",
+                                            "--config.model.moe_chunk_tokens=512",
+                                            "--config.model.loss_chunk_size=512", "--config.model.remat=offload"]))
       for base, more in (("lora", []), ("qlora8", ["--config.lora.quantize_base=int8"]),
                          ("qlora4", ["--config.lora.quantize_base=int4"]))],
     # the smallest v5e slice each fits (16 GiB per chip): bfloat16 LoRA needs v5e-16, int8 v5e-8, int4 v5e-4

@@ -149,22 +149,35 @@ def test_int8_weights_hold_a_quarter_of_float32_and_dequantize_within_half_a_ste
 
 
 def test_int4_weights_pack_two_to_a_byte_and_dequantize_within_half_a_step():
-    """QLoRA's int4 base (``quantize_array_int4``): uint8 bytes of two values, a float32 scale per 64 input rows and
-    output channel; the dequantized weight is numpy's round-to-nearest of each block, within half a step."""
+    """QLoRA's int4 base (``quantize_array_int4``): uint8 bytes of two values (row i and row i + n/2), a bfloat16
+    scale per 64 input rows and output channel (within 0.4 % of absmax / 7); the dequantized weight is numpy's
+    round-to-nearest of each block against that scale, within half a step. Dequantized straight into bfloat16 it
+    is the float32 weight cast to bfloat16, bit for bit."""
+    import ml_dtypes
+
     from mistral_jax import quant
 
     w = jax.random.normal(jax.random.key(0), (3, 128, 5)) * jnp.arange(1, 129)[None, :, None] / 64  # blocks differ
     packed, scale, axis = quant.quantize_array_int4(w, (1,))
     assert packed.dtype == jnp.uint8 and packed.shape == (3, 64, 5) and scale.shape == (3, 2, 5) and axis == -2
+    assert scale.dtype == jnp.bfloat16
     weight = quant.Int8Weight(quant.QuantizedValue(packed), quant.QuantizedValue(scale), axis)
     assert weight.shape == w.shape
-    wn = np.asarray(w, np.float64).reshape(3, 2, 64, 5)
-    step = np.abs(wn).max(axis=2, keepdims=True) / 7
-    expected = (np.clip(np.round(wn / step), -7, 7) * step).reshape(w.shape)
-    np.testing.assert_allclose(np.asarray(weight[...]), expected, rtol=1e-6, atol=1e-6)
+    wn = np.asarray(w, np.float32).reshape(3, 2, 64, 5)
+    exact = np.abs(wn).max(axis=2, keepdims=True) / np.float32(7)
+    step = exact.astype(ml_dtypes.bfloat16).astype(np.float64)
+    assert np.all(np.abs(step / exact - 1) <= 2.0 ** -8)
+    q = np.clip(np.round(wn / step), -7, 7)
+    np.testing.assert_allclose(np.asarray(weight[...]), (q * step).reshape(w.shape), rtol=1e-6, atol=1e-6)
     assert np.all(np.abs(np.asarray(weight[...]) - np.asarray(w)) <= np.repeat(step, 64, axis=2).reshape(w.shape) / 2
                   + 1e-6)
     assert not np.allclose(step[:, 0], step[:, 1])  # two blocks, two scales
+    u = (q.reshape(w.shape) + 8).astype(np.uint8)  # row i in the low nibble, row i + 64 in the high one
+    np.testing.assert_array_equal(np.asarray(packed), u[:, :64] | (u[:, 64:] << 4))
+    bf16 = weight.dequantize(jnp.bfloat16)
+    assert bf16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(bf16).view(np.uint16),
+                                  np.asarray(weight[...].astype(jnp.bfloat16)).view(np.uint16))
     with pytest.raises(ValueError, match=r"int4 packs two rows to a byte, but .* 7 rows .* Fix: quantize it to int8"):
         quant.quantize_array_int4(jnp.ones((7, 3)), (0,))
 

@@ -30,6 +30,7 @@ from jaxtyping import Array, Bool, Float, Int
 from mistral_jax import sharding
 from mistral_jax.model import cpu  # noqa: F401 - registers the CPU expert MLP and exchange
 from mistral_jax.model.backends import MOE, Backends, register_moe, resolve
+from mistral_jax.model.projection import weight_value
 
 
 def route(logits: Float[Array, "M E"], top_k: int
@@ -171,9 +172,9 @@ def expert_weight(var, dtype) -> Array | LowRank:
     ``lora.LoRAWeight``) its unmerged ``LowRank`` (the adapters cast to ``dtype``, the scale folded into ``b``)."""
     low_rank = getattr(var, "low_rank", None)
     if low_rank is None:
-        return var[...].astype(dtype)
+        return weight_value(var, dtype)
     a, b, scale = low_rank()
-    return LowRank(var.base[...].astype(dtype), a.astype(dtype), (b * scale).astype(dtype))
+    return LowRank(weight_value(var.base, dtype), a.astype(dtype), (b * scale).astype(dtype))
 
 
 def _w_spec(w, spec):

@@ -40,6 +40,13 @@ def adapter_rows(ids: Int[Array, " B"] | None) -> Iterator[None]:
         _ADAPTER_ROWS.reset(token)
 
 
+def weight_value(var: Any, dtype: Any) -> Array:
+    """``var[...]`` in ``dtype``; a quantized weight (``quant.Int8Weight``) dequantizes straight into ``dtype``, so
+    a bfloat16 model reading an int4 base makes no float32 copy of the weight."""
+    dequantize = getattr(var, "dequantize", None)
+    return dequantize(dtype) if dequantize is not None else var[...].astype(dtype)
+
+
 def weight_proj(spec: str, x: Array, var: Any, dtype: Any, quant: str = "none") -> Array:
     """``proj(spec, x, var[...].astype(dtype), quant=quant)`` for a weight variable; a weight with per-row adapters
     (``row_delta``, ``lora.MultiLoRAWeight``) adds ``x A[ids] B[ids]`` for the rows' adapters (``adapter_rows``).
@@ -50,9 +57,9 @@ def weight_proj(spec: str, x: Array, var: Any, dtype: Any, quant: str = "none") 
     low_rank = getattr(var, "low_rank", None)
     if low_rank is not None:
         a, b, scale = low_rank()
-        y = proj(spec, x, var.base[...].astype(dtype), quant=quant)
+        y = proj(spec, x, weight_value(var.base, dtype), quant=quant)
         return y + (lora_proj(spec, x, a.astype(dtype), b.astype(dtype)) * scale).astype(y.dtype)
-    y = proj(spec, x, var[...].astype(dtype), quant=quant)
+    y = proj(spec, x, weight_value(var, dtype), quant=quant)
     ids = _ADAPTER_ROWS.get()
     row_delta = getattr(var, "row_delta", None)
     if ids is not None and row_delta is not None:

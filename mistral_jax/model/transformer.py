@@ -34,7 +34,7 @@ from mistral_jax.model import moe as moe_lib
 from mistral_jax.model.attention import Attention, self_attention_backend
 from mistral_jax.model.backends import Backends, resolve
 from mistral_jax.model.moe import MoE
-from mistral_jax.model.projection import proj, weight_proj
+from mistral_jax.model.projection import proj, weight_proj, weight_value
 
 
 class RMSNorm(nnx.Module):
@@ -228,8 +228,13 @@ class Transformer(nnx.Module):
 
     def head_weight(self) -> Float[Array, "D V"]:
         """The LM head ``[D, V]`` as stored (param dtype): ``lm_head``, or the transposed embedding when tied.
-        ``head_logits`` casts it to the compute dtype."""
-        return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        ``head_logits`` casts it to the compute dtype. A quantized head (``quant.Int8Weight``, QLoRA's frozen base)
+        is dequantized straight into the compute dtype (``weight_value``)."""
+        if self.cfg.tie_embeddings:
+            return self.embed[...].T
+        if hasattr(self.lm_head, "dequantize"):
+            return weight_value(self.lm_head, self.cfg.jnp_dtype)
+        return self.lm_head[...]
 
     def head_logits(self, x: Float[Array, "B C D"], head: Float[Array, "D V"]) -> Float[Array, "B C V"]:
         """float32 logits of final-normed hidden states ``x`` (any ``[B, C, D]`` slice) with ``head``

@@ -512,6 +512,23 @@ def test_truncated_safetensors_and_no_partial_output(hf_dirs, tmp_path):
         mj.load_pretrained(d)
 
 
+def test_a_file_cut_after_its_header_was_read_is_an_error_not_a_crash(hf_dirs, tmp_path):
+    """Converted tensors are read as views of the file's pages (``SafetensorsFile.view``): a file cut after the
+    checks (another process truncating it) is a one-line error naming the tensor, never a SIGBUS."""
+    from mistral_jax.convert import hf as hf_export
+
+    dirs, _ = hf_dirs
+    d = _copy(dirs["mistral", "float32"], tmp_path / "cut")
+    source = hf_export.open_source(d)
+    last = max(keys_lib.entries(source.cfg), key=lambda e: source.span(e).offset)
+    np.testing.assert_array_equal(source.transient(last), source.read(last))
+    f = os.path.join(d, "model.safetensors")
+    with open(f, "r+b") as fh:
+        fh.truncate(os.path.getsize(f) - 16)
+    with pytest.raises(ValueError, match=r"truncated while reading tensor .* Fix: re-download"):
+        source.transient(last)
+
+
 def test_failure_mid_write_leaves_no_output(hf_dirs, tmp_path, monkeypatch):
     """A failure while shards are being written removes the partial output and keeps an old one intact."""
     from mistral_jax.convert import safetensors_io

@@ -145,6 +145,11 @@ class SafetensorsFile:
         start = self.data_start + begin
         base = start - start % mmap.ALLOCATIONGRANULARITY
         with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < self.data_start + end:  # cut since the header was read: reading the map would be a SIGBUS
+                raise ValueError(f"{self.path}: truncated while reading tensor {name!r}: it ends at byte "
+                                 f"{self.data_start + end} but the file now has {size}. Fix: re-download or "
+                                 "re-export the file.")
             mm = mmap.mmap(f.fileno(), start - base + end - begin, access=mmap.ACCESS_READ, offset=base)
         count = int(np.prod(shape, dtype=np.int64))
         return np.frombuffer(mm, DTYPES[code], count=count, offset=start - base).reshape(shape)

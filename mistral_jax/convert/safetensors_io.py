@@ -173,9 +173,6 @@ class FileBytes:
     code: str
     shape: tuple[int, ...]
 
-    def tofile(self, out: BinaryIO) -> None:  # the numpy name, so ``gguf.GGUFWriter.write_tensor_data`` takes one
-        copy_bytes(out, [self])
-
 
 _KERNEL_COPY = sys.platform.startswith("linux") and hasattr(os, "sendfile")  # sendfile to a regular file: Linux
 _CHUNK = 16 << 20  # the fallback's copy unit
